@@ -1,0 +1,385 @@
+//! The SPIFFE Workload API (`SpiffeWorkloadAPI`), exactly as the standard defines it.
+//!
+//! Streams send their first message at once and then the full state whenever it changes:
+//! SVID rotation at about half-life (with jitter, so a fleet does not rotate in lockstep),
+//! entry changes, bundle changes. A stream whose caller has no identity left ends with
+//! `PermissionDenied`; every stream ends promptly on shutdown.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ring::rand::SecureRandom;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::uds::PeerConn;
+use super::{NO_IDENTITY, status};
+use crate::attest::Attestation;
+use crate::issuer::{Issuer, X509Svid};
+use crate::proto::workload as pb;
+use crate::registry::Entry;
+use crate::shutdown::Shutdown;
+
+type StreamOf<T> = ReceiverStream<Result<T, Status>>;
+
+/// Serves the Workload API.
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    issuer: Arc<Issuer>,
+    shutdown: Shutdown,
+    allow_unauthenticated_verifiers: bool,
+}
+
+impl WorkloadApi {
+    /// A service over `issuer`; streams end when `shutdown` fires.
+    pub fn new(
+        issuer: Arc<Issuer>,
+        shutdown: Shutdown,
+        allow_unauthenticated_verifiers: bool,
+    ) -> Self {
+        Self {
+            issuer,
+            shutdown,
+            allow_unauthenticated_verifiers,
+        }
+    }
+
+    /// Security header check, then attestation.
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Attestation, Status> {
+        check_security_header(req)?;
+        let peer = req
+            .extensions()
+            .get::<PeerConn>()
+            .and_then(|p| p.0.as_deref());
+        self.issuer.attest(peer).await.map_err(status)
+    }
+
+    /// Callers with no identity may only verify when the operator allows it.
+    fn check_verifier(&self, caller: &Attestation) -> Result<(), Status> {
+        if self.allow_unauthenticated_verifiers || !self.issuer.identities(caller).is_empty() {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(NO_IDENTITY))
+        }
+    }
+}
+
+/// Every Workload API request must carry `workload.spiffe.io: true`; a missing header is
+/// `InvalidArgument` (a client bug, not to be retried).
+pub fn check_security_header<T>(req: &Request<T>) -> Result<(), Status> {
+    match req.metadata().get("workload.spiffe.io") {
+        Some(v) if v.as_bytes() == b"true" => Ok(()),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request: set gRPC metadata \"workload.spiffe.io: true\"",
+        )),
+    }
+}
+
+/// When to renew an SVID: half its lifetime, ±10% jitter.
+fn refresh_at(svid: &X509Svid, now: Instant) -> Instant {
+    let left = (svid.expires_at - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+    let half = left.unsigned_abs() / 2;
+    let mut b = [0u8; 2];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    let frac = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX); // 0..=1
+    let factor = 0.9 + 0.2 * frac;
+    now + half.mul_f64(factor).max(Duration::from_millis(500))
+}
+
+fn x509_response(svids: &[(X509Svid, Instant)], bundle_der: &[u8]) -> pb::X509svidResponse {
+    let mut hints = HashSet::new();
+    pb::X509svidResponse {
+        svids: svids
+            .iter()
+            .map(|(s, _)| pb::X509svid {
+                spiffe_id: s.spiffe_id.to_string(),
+                x509_svid: s.chain_der.clone(),
+                x509_svid_key: s.key_pkcs8.clone(),
+                bundle: bundle_der.to_vec(),
+                hint: unique_hint(&mut hints, s.entry.hint.as_deref()),
+            })
+            .collect(),
+        crl: Vec::new(),
+        federated_bundles: HashMap::new(),
+    }
+}
+
+/// Hints must be unique within a response; a repeated one is dropped (the first keeps it).
+fn unique_hint(seen: &mut HashSet<String>, hint: Option<&str>) -> String {
+    match hint {
+        Some(h) if seen.insert(h.to_owned()) => h.to_owned(),
+        _ => String::new(),
+    }
+}
+
+/// Same entry, same settings: an SVID minted for `old` is still right for `new`.
+fn same_grant(old: &Entry, new: &Entry) -> bool {
+    old == new
+}
+
+#[tonic::async_trait]
+impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = StreamOf<pb::X509svidResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let caller = self.caller(&req).await?;
+        let entries = self.issuer.identities(&caller);
+        if entries.is_empty() {
+            return Err(Status::permission_denied(NO_IDENTITY));
+        }
+        let now = Instant::now();
+        let mut svids = Vec::with_capacity(entries.len());
+        for e in &entries {
+            let s = self.issuer.issue_x509(&caller, e).map_err(status)?;
+            let at = refresh_at(&s, now);
+            svids.push((s, at));
+        }
+        let ca = Arc::clone(self.issuer.ca());
+        let mut bundle_rx = ca.subscribe_bundle();
+        let mut entries_rx = self.issuer.registry().subscribe();
+        let first = x509_response(&svids, &bundle_rx.borrow_and_update().x509_der);
+        entries_rx.borrow_and_update();
+
+        let (tx, rx) = mpsc::channel(2);
+        tx.try_send(Ok(first)).expect("a new channel has room");
+        let issuer = Arc::clone(&self.issuer);
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = svids.iter().map(|(_, at)| *at).min().expect("never empty");
+                tokio::select! {
+                    () = shutdown.wait() => {
+                        let _ = tx.send(Err(Status::unavailable("tesserad is shutting down"))).await;
+                        return;
+                    }
+                    () = tx.closed() => return,
+                    changed = entries_rx.changed() => {
+                        if changed.is_err() { return; }
+                        let current = crate::registry::matching(
+                            &entries_rx.borrow_and_update(), &caller, OffsetDateTime::now_utc());
+                        if current.is_empty() {
+                            let _ = tx.send(Err(Status::permission_denied(NO_IDENTITY))).await;
+                            return;
+                        }
+                        let mut old = std::mem::take(&mut svids);
+                        for e in &current {
+                            if let Some(i) = old.iter().position(|(s, _)| same_grant(&s.entry, e)) {
+                                svids.push(old.swap_remove(i));
+                            } else {
+                                match issuer.issue_x509(&caller, e) {
+                                    Ok(s) => { let at = refresh_at(&s, Instant::now()); svids.push((s, at)); }
+                                    Err(err) => { let _ = tx.send(Err(status(err))).await; return; }
+                                }
+                            }
+                        }
+                    }
+                    changed = bundle_rx.changed() => {
+                        if changed.is_err() { return; }
+                    }
+                    () = tokio::time::sleep_until(next) => {
+                        let now = Instant::now();
+                        for (s, at) in &mut svids {
+                            if *at <= now {
+                                match issuer.issue_x509(&caller, &s.entry) {
+                                    Ok(fresh) => { *at = refresh_at(&fresh, now); *s = fresh; }
+                                    Err(err) => { let _ = tx.send(Err(status(err))).await; return; }
+                                }
+                            }
+                        }
+                    }
+                }
+                let msg = x509_response(&svids, &bundle_rx.borrow().x509_der);
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type FetchX509BundlesStream = StreamOf<pb::X509BundlesResponse>;
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let caller = self.caller(&req).await?;
+        self.check_verifier(&caller)?;
+        Ok(Response::new(self.bundle_stream(caller, |b| {
+            pb::X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: HashMap::from([(b.trust_domain.id_string(), b.x509_der.clone())]),
+            }
+        })))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        let requested = (!r.spiffe_id.is_empty()).then_some(r.spiffe_id.as_str());
+        let issued = self
+            .issuer
+            .issue_jwts(&caller, &r.audience, requested)
+            .map_err(status)?;
+        let mut hints = HashSet::new();
+        Ok(Response::new(pb::JwtsvidResponse {
+            svids: issued
+                .into_iter()
+                .map(|s| pb::Jwtsvid {
+                    spiffe_id: s.spiffe_id.to_string(),
+                    hint: unique_hint(&mut hints, s.entry.hint.as_deref()),
+                    svid: s.token,
+                })
+                .collect(),
+        }))
+    }
+
+    type FetchJWTBundlesStream = StreamOf<pb::JwtBundlesResponse>;
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let caller = self.caller(&req).await?;
+        self.check_verifier(&caller)?;
+        Ok(Response::new(self.bundle_stream(caller, |b| {
+            pb::JwtBundlesResponse {
+                bundles: HashMap::from([(b.trust_domain.id_string(), b.jwt_jwks.clone())]),
+            }
+        })))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument(
+                "audience is required: the audience of the validating party",
+            ));
+        }
+        if r.svid.is_empty() {
+            return Err(Status::invalid_argument(
+                "svid is required: the JWT-SVID to validate",
+            ));
+        }
+        self.check_verifier(&caller)?;
+        let (id, claims) = self
+            .issuer
+            .ca()
+            .validate_jwt(&r.svid, &r.audience, OffsetDateTime::now_utc())
+            .map_err(|e| Status::invalid_argument(format!("JWT-SVID is not valid: {e}")))?;
+        Ok(Response::new(pb::ValidateJwtsvidResponse {
+            spiffe_id: id.to_string(),
+            claims: Some(json_to_struct(claims)),
+        }))
+    }
+
+    type FetchWITSVIDStream = StreamOf<pb::WitsvidResponse>;
+
+    async fn fetch_witsvid(
+        &self,
+        req: Request<pb::WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        check_security_header(&req)?;
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ))
+    }
+
+    type FetchWITBundlesStream = StreamOf<pb::WitBundlesResponse>;
+
+    async fn fetch_wit_bundles(
+        &self,
+        req: Request<pb::WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        check_security_header(&req)?;
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ))
+    }
+}
+
+impl WorkloadApi {
+    /// A bundle stream: first message now, then one per bundle change; ends with
+    /// `PermissionDenied` if the caller loses its last identity (unless unauthenticated
+    /// verifiers are allowed), and on shutdown.
+    fn bundle_stream<T: Send + 'static>(
+        &self,
+        caller: Attestation,
+        render: impl Fn(&crate::ca::TrustBundle) -> T + Send + 'static,
+    ) -> StreamOf<T> {
+        let mut bundle_rx = self.issuer.ca().subscribe_bundle();
+        let mut entries_rx = self.issuer.registry().subscribe();
+        entries_rx.borrow_and_update();
+        let (tx, rx) = mpsc::channel(2);
+        tx.try_send(Ok(render(&bundle_rx.borrow_and_update())))
+            .expect("a new channel has room");
+        let mut shutdown = self.shutdown.clone();
+        let allow = self.allow_unauthenticated_verifiers;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.wait() => {
+                        let _ = tx.send(Err(Status::unavailable("tesserad is shutting down"))).await;
+                        return;
+                    }
+                    () = tx.closed() => return,
+                    changed = entries_rx.changed() => {
+                        if changed.is_err() { return; }
+                        let none = crate::registry::matching(
+                            &entries_rx.borrow_and_update(), &caller, OffsetDateTime::now_utc()).is_empty();
+                        if none && !allow {
+                            let _ = tx.send(Err(Status::permission_denied(NO_IDENTITY))).await;
+                            return;
+                        }
+                        continue;
+                    }
+                    changed = bundle_rx.changed() => {
+                        if changed.is_err() { return; }
+                    }
+                }
+                let msg = render(&bundle_rx.borrow_and_update());
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+/// JSON claims to `google.protobuf.Struct`.
+pub fn json_to_struct(m: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: m.into_iter().map(|(k, v)| (k, json_to_value(v))).collect(),
+    }
+}
+
+fn json_to_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        J::String(s) => Kind::StringValue(s),
+        J::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(json_to_value).collect(),
+        }),
+        J::Object(o) => Kind::StructValue(json_to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}

@@ -1,0 +1,249 @@
+//! Application assembly: config → every part built → served → drained on shutdown.
+//!
+//! Owns start-up order and shutdown. The workload socket opens last, once the admin socket
+//! and the HTTP listener are serving, so a workload never reaches a half-started daemon.
+//! [`build`] returns the bound addresses so tests can start a real daemon on temp paths.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tonic::transport::Server;
+
+use crate::api::admin::{AdminAccess, AdminApi};
+use crate::api::workload::WorkloadApi;
+use crate::api::{http, uds};
+use crate::attest::Attestor;
+use crate::ca::{Ca, CaError};
+use crate::config::Config;
+use crate::issuer::{Issuer, IssuerSettings};
+use crate::proto;
+use crate::registry::Registry;
+use crate::shutdown::{self, Shutdown, Trigger};
+
+/// Start-up failures; each names what could not be done.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppError {
+    /// The state directory could not be prepared.
+    #[error("data_dir {path}: {source}")]
+    DataDir {
+        /// Path.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// CA problem.
+    #[error("CA: {0}")]
+    Ca(#[from] CaError),
+    /// A socket or listener could not be bound.
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Address or path.
+        addr: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// gRPC reflection setup failed.
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
+}
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Running {
+    /// Workload API socket path.
+    pub workload_socket: PathBuf,
+    /// Admin socket path.
+    pub admin_socket: PathBuf,
+    /// Bound HTTP address (the real port when the config said 0).
+    pub http_addr: SocketAddr,
+    trigger: Trigger,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+/// How long a drain may take before remaining connections are cut.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Builds every part and starts serving.
+pub async fn build(cfg: Config) -> Result<Running, AppError> {
+    crate::fsutil::ensure_private_dir(&cfg.data_dir).map_err(|source| AppError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    let ca = Arc::new(Ca::load_or_create(
+        &cfg.trust_domain,
+        &cfg.data_dir,
+        cfg.ca_files.as_ref(),
+        cfg.ca_ttl,
+    )?);
+    let registry = Arc::new(Registry::new(cfg.entries.clone()));
+    let attestor = Arc::new(Attestor::new(cfg.max_exe_hash_bytes));
+    let issuer = Arc::new(Issuer::new(
+        Arc::clone(&attestor),
+        Arc::clone(&registry),
+        Arc::clone(&ca),
+        IssuerSettings {
+            x509_svid_ttl: cfg.x509_svid_ttl,
+            jwt_svid_ttl: cfg.jwt_svid_ttl,
+        },
+    ));
+    if cfg.default_entry {
+        let e = &cfg.entries[0];
+        tracing::info!(
+            spiffe_id = %e.spiffe_id,
+            selectors = %e.selectors.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            "no entries configured: serving the built-in default entry for the user who started tesserad"
+        );
+    }
+
+    let (trigger, shutdown) = shutdown::channel();
+    let ready = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+
+    // 1. Admin socket. Owner-only unless other uids/gids were granted (the peer check in the
+    //    service is what enforces access; the mode is defence in depth).
+    let admin_mode = if cfg.admin_uids.is_empty() && cfg.admin_gids.is_empty() {
+        0o600
+    } else {
+        0o666
+    };
+    let admin_listener = bind_uds("admin socket", &cfg.admin_socket, admin_mode)?;
+    let admin = AdminApi::new(
+        Arc::clone(&issuer),
+        Arc::clone(&attestor),
+        AdminAccess::new(cfg.admin_uids.clone(), cfg.admin_gids.clone()),
+        cfg.workload_socket.display().to_string(),
+    );
+    let router =
+        Server::builder().add_service(proto::tessera::v1::admin_server::AdminServer::new(admin));
+    tasks.push((
+        "admin",
+        spawn_grpc(router, admin_listener, shutdown.clone()),
+    ));
+
+    // 2. HTTP.
+    let tcp = tokio::net::TcpListener::bind(cfg.http_listen)
+        .await
+        .map_err(|source| AppError::Bind {
+            what: "[http] listen",
+            addr: cfg.http_listen.to_string(),
+            source,
+        })?;
+    let http_addr = tcp.local_addr().map_err(|source| AppError::Bind {
+        what: "[http] listen",
+        addr: cfg.http_listen.to_string(),
+        source,
+    })?;
+    let app = http::router(Arc::clone(&ca), Arc::clone(&ready));
+    let mut sd = shutdown.clone();
+    tasks.push((
+        "http",
+        tokio::spawn(async move {
+            let r = axum::serve(tcp, app)
+                .with_graceful_shutdown(async move { sd.wait().await })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }),
+    ));
+
+    // 3. Workload API, last.
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer<WorkloadApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| AppError::Reflection(e.to_string()))?;
+    let workload = WorkloadApi::new(
+        Arc::clone(&issuer),
+        shutdown.clone(),
+        cfg.allow_unauthenticated_verifiers,
+    );
+    let router = Server::builder()
+        .add_service(
+            proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(workload),
+        )
+        .add_service(health)
+        .add_service(reflection);
+    // Any local uid must be able to connect: attestation, not file mode, decides identity.
+    let workload_listener = bind_uds("workload socket", &cfg.workload_socket, 0o666)?;
+    tasks.push((
+        "workload",
+        spawn_grpc(router, workload_listener, shutdown.clone()),
+    ));
+    ready.store(true, Ordering::Release);
+
+    tracing::info!(
+        trust_domain = %cfg.trust_domain,
+        workload_socket = %cfg.workload_socket.display(),
+        admin_socket = %cfg.admin_socket.display(),
+        http = %http_addr,
+        data_dir = %cfg.data_dir.display(),
+        "tesserad serving"
+    );
+    Ok(Running {
+        workload_socket: cfg.workload_socket,
+        admin_socket: cfg.admin_socket,
+        http_addr,
+        trigger,
+        tasks,
+    })
+}
+
+fn bind_uds(
+    what: &'static str,
+    path: &Path,
+    mode: u32,
+) -> Result<tokio::net::UnixListener, AppError> {
+    uds::bind(path, mode).map_err(|source| AppError::Bind {
+        what,
+        addr: path.display().to_string(),
+        source,
+    })
+}
+
+fn spawn_grpc(
+    router: tonic::transport::server::Router,
+    listener: tokio::net::UnixListener,
+    mut sd: Shutdown,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let r = router
+            .serve_with_incoming_shutdown(uds::incoming(listener), async move { sd.wait().await })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    })
+}
+
+impl Running {
+    /// Stops accepting, ends streams, waits up to [`DRAIN_DEADLINE`] for connections to
+    /// finish, then removes the socket files.
+    pub async fn shutdown(self) {
+        self.trigger.trigger();
+        let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
+        for (name, mut task) in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::warn!(
+                    server = name,
+                    "drain deadline passed; closing remaining connections"
+                );
+                task.abort();
+            }
+        }
+        for p in [&self.workload_socket, &self.admin_socket] {
+            let _ = std::fs::remove_file(p);
+        }
+        tracing::info!("tesserad stopped");
+    }
+}

@@ -1,0 +1,518 @@
+//! Workload attestation from the kernel.
+//!
+//! Owns: who is on the other end of a Unix socket. The kernel gives us the peer's uid, gid and
+//! pid (`SO_PEERCRED`) and, on Linux ≥ 6.5, a pidfd for that exact process (`SO_PEERPIDFD`).
+//! From `/proc/<pid>` we add supplementary groups, the executable's path and its SHA-256.
+//!
+//! PID reuse: a pid alone can name a different process by the time we read `/proc`. With a
+//! pidfd we read `/proc/<pid>` and then check the pidfd's process has not exited: a live
+//! process keeps its pid, so what we read was that process. Without a pidfd we require the
+//! process to have started before the connection was accepted and its start time to be the
+//! same before and after the reads. Anything we cannot establish is refused.
+
+pub mod selector;
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use ring::digest;
+
+pub use selector::{Selector, SelectorError};
+
+/// Attestation failures. None of them is the caller's fault in a way it could fix by retrying
+/// differently, so the API maps them all to `PermissionDenied` (fail closed).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttestError {
+    /// The peer is not visible in our pid namespace (the kernel reported pid 0).
+    #[error("caller's process is not visible to the daemon (pid 0 from SO_PEERCRED)")]
+    NoPid,
+    /// The process exited or its pid was reused while we looked at it.
+    #[error("caller's process {0} exited or was replaced during attestation")]
+    ProcessGone(i32),
+    /// `/proc/<pid>` could not be read.
+    #[error("cannot read /proc/{pid}/{what}: {source}")]
+    Proc {
+        /// Process id.
+        pid: i32,
+        /// Which file.
+        what: &'static str,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// What the kernel told us about the peer when the connection was accepted.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// Effective uid of the peer at connect time.
+    pub uid: u32,
+    /// Effective gid of the peer at connect time.
+    pub gid: u32,
+    /// Peer pid at connect time (0 if not visible in our namespace).
+    pub pid: i32,
+    /// A pidfd for the connecting process, when the kernel supports `SO_PEERPIDFD`.
+    pub pidfd: Option<Arc<OwnedFd>>,
+    /// `CLOCK_BOOTTIME` at accept, in clock ticks, to detect a pid that was reused after accept.
+    pub accepted_at_ticks: u64,
+}
+
+impl PeerInfo {
+    /// Reads the peer credentials of a connected Unix socket.
+    pub fn from_socket(fd: RawFd) -> std::io::Result<Self> {
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: `cred` and `len` are valid for writes of the sizes given.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&raw mut cred).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            uid: cred.uid,
+            gid: cred.gid,
+            pid: cred.pid,
+            pidfd: peer_pidfd(fd).map(Arc::new),
+            accepted_at_ticks: boottime_ticks(),
+        })
+    }
+}
+
+/// `SO_PEERPIDFD` (Linux 6.5). Not in every libc crate release, so defined here.
+const SO_PEERPIDFD: libc::c_int = 77;
+
+fn peer_pidfd(fd: RawFd) -> Option<OwnedFd> {
+    let mut pidfd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `pidfd` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&raw mut pidfd).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: on success the kernel handed us a new fd that nothing else owns.
+    (rc == 0 && pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) })
+}
+
+fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as u64 } else { 100 }
+}
+
+/// Time since boot (including suspend) in clock ticks: the unit of `/proc/<pid>/stat` starttime.
+fn boottime_ticks() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is valid for writes.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    let hz = clock_ticks_per_sec();
+    ts.tv_sec as u64 * hz + ts.tv_nsec as u64 * hz / 1_000_000_000
+}
+
+/// Everything known about a caller. `selectors` is what entries match against.
+#[derive(Debug, Clone)]
+pub struct Attestation {
+    /// Effective uid.
+    pub uid: u32,
+    /// Effective gid.
+    pub gid: u32,
+    /// Process id.
+    pub pid: i32,
+    /// Executable path, if readable and not deleted.
+    pub exe_path: Option<String>,
+    /// Executable SHA-256 (hex), if hashed.
+    pub exe_sha256: Option<String>,
+    /// All selectors, sorted.
+    pub selectors: BTreeSet<Selector>,
+}
+
+impl Attestation {
+    /// True when every selector in `required` is one of the caller's.
+    pub fn satisfies(&self, required: &[Selector]) -> bool {
+        required.iter().all(|s| self.selectors.contains(s))
+    }
+}
+
+/// Identity of an executable file: if any of these change, the contents may have changed.
+/// `ctime` cannot be set by users, so rewriting a file and restoring its mtime still misses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// Bounded so that a workload spawning many distinct executables cannot grow memory without end.
+const HASH_CACHE_MAX: usize = 4096;
+const NAME_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// Attests callers; holds the executable-hash and user/group-name caches.
+#[derive(Debug)]
+pub struct Attestor {
+    max_hash_bytes: u64,
+    hashes: DashMap<FileKey, Arc<str>>,
+    users: DashMap<u32, (Instant, Option<String>)>,
+    groups: DashMap<u32, (Instant, Option<String>)>,
+}
+
+impl Attestor {
+    /// `max_hash_bytes`: executables larger than this get no `sha256` selector.
+    pub fn new(max_hash_bytes: u64) -> Self {
+        Self {
+            max_hash_bytes,
+            hashes: DashMap::new(),
+            users: DashMap::new(),
+            groups: DashMap::new(),
+        }
+    }
+
+    /// Attests the peer. Blocking work (hashing a new executable) runs off the async threads.
+    pub async fn attest(self: &Arc<Self>, peer: &PeerInfo) -> Result<Attestation, AttestError> {
+        if peer.pid <= 0 {
+            return Err(AttestError::NoPid);
+        }
+        let pid = peer.pid;
+        let start_before = if peer.pidfd.is_none() {
+            let st = start_time(pid)?;
+            // A process that started after we accepted the connection cannot be the one that
+            // connected: the pid has been reused.
+            if st > peer.accepted_at_ticks {
+                return Err(AttestError::ProcessGone(pid));
+            }
+            Some(st)
+        } else {
+            None
+        };
+
+        let groups = supplementary_groups(pid)?;
+        let exe = match File::open(format!("/proc/{pid}/exe")) {
+            Ok(f) => Some(f),
+            // Not permitted (daemon is not root and the caller is another user) or a kernel
+            // thread: no path/hash selectors, so entries that need them do not match.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => None,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                return Err(AttestError::ProcessGone(pid));
+            }
+            Err(source) => {
+                return Err(AttestError::Proc {
+                    pid,
+                    what: "exe",
+                    source,
+                });
+            }
+        };
+        let exe_path = match &exe {
+            Some(_) => std::fs::read_link(format!("/proc/{pid}/exe"))
+                .ok()
+                .and_then(|p| p.into_os_string().into_string().ok())
+                // A replaced or deleted binary: the path now names something else.
+                .filter(|p| !p.ends_with(" (deleted)")),
+            None => None,
+        };
+        let exe_sha256 = match exe {
+            Some(f) => self.hash_exe(f).await,
+            None => None,
+        };
+
+        // The reads above are only good if they were of the process that connected.
+        match (&peer.pidfd, start_before) {
+            (Some(fd), _) => {
+                if process_exited(fd.as_raw_fd()) {
+                    return Err(AttestError::ProcessGone(pid));
+                }
+            }
+            (None, Some(st)) => {
+                if start_time(pid)? != st {
+                    return Err(AttestError::ProcessGone(pid));
+                }
+            }
+            (None, None) => unreachable!("start time is read whenever there is no pidfd"),
+        }
+
+        let mut selectors = BTreeSet::new();
+        selectors.insert(Selector::Uid(peer.uid));
+        selectors.insert(Selector::Gid(peer.gid));
+        if let Some(name) = self.user_name(peer.uid) {
+            selectors.insert(Selector::User(name));
+        }
+        if let Some(name) = self.group_name(peer.gid) {
+            selectors.insert(Selector::Group(name));
+        }
+        for g in groups {
+            selectors.insert(Selector::SupplementaryGid(g));
+            if let Some(name) = self.group_name(g) {
+                selectors.insert(Selector::SupplementaryGroup(name));
+            }
+        }
+        if let Some(p) = &exe_path {
+            selectors.insert(Selector::Path(p.clone()));
+        }
+        if let Some(h) = &exe_sha256 {
+            selectors.insert(Selector::Sha256(h.clone()));
+        }
+        Ok(Attestation {
+            uid: peer.uid,
+            gid: peer.gid,
+            pid,
+            exe_path,
+            exe_sha256,
+            selectors,
+        })
+    }
+
+    async fn hash_exe(self: &Arc<Self>, file: File) -> Option<String> {
+        let meta = file.metadata().ok()?;
+        let key = FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        };
+        if let Some(h) = self.hashes.get(&key) {
+            return Some(h.to_string());
+        }
+        if key.size > self.max_hash_bytes {
+            tracing::debug!(
+                size = key.size,
+                "executable over the hash size cap; no sha256 selector"
+            );
+            return None;
+        }
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let h: Arc<str> = sha256_reader(file, this.max_hash_bytes)?.into();
+            if this.hashes.len() >= HASH_CACHE_MAX {
+                this.hashes.clear();
+            }
+            this.hashes.insert(key, Arc::clone(&h));
+            Some(h.to_string())
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    fn user_name(&self, uid: u32) -> Option<String> {
+        cached_name(&self.users, uid, |id| {
+            nix::unistd::User::from_uid(id.into())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
+    }
+
+    fn group_name(&self, gid: u32) -> Option<String> {
+        cached_name(&self.groups, gid, |id| {
+            nix::unistd::Group::from_gid(id.into())
+                .ok()
+                .flatten()
+                .map(|g| g.name)
+        })
+    }
+}
+
+fn cached_name(
+    cache: &DashMap<u32, (Instant, Option<String>)>,
+    id: u32,
+    lookup: impl FnOnce(u32) -> Option<String>,
+) -> Option<String> {
+    if let Some(e) = cache.get(&id)
+        && e.0.elapsed() < NAME_CACHE_TTL
+    {
+        return e.1.clone();
+    }
+    let name = lookup(id);
+    cache.insert(id, (Instant::now(), name.clone()));
+    name
+}
+
+fn sha256_reader(mut file: File, cap: u64) -> Option<String> {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > cap {
+            return None;
+        }
+        ctx.update(&buf[..n]);
+    }
+    Some(hex::encode(ctx.finish()))
+}
+
+/// SHA-256 of a file, hex; used by the CLI and tests to write `unix:sha256` selectors.
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+    let f = File::open(path)?;
+    sha256_reader(f, u64::MAX).ok_or_else(|| std::io::Error::other("read failed"))
+}
+
+/// A pidfd polls readable once its process has exited.
+fn process_exited(pidfd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: pidfd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let rc = unsafe { libc::poll(&mut p, 1, 0) };
+    rc != 0
+}
+
+fn proc_err(pid: i32, what: &'static str, source: std::io::Error) -> AttestError {
+    if source.kind() == std::io::ErrorKind::NotFound || source.raw_os_error() == Some(libc::ESRCH) {
+        AttestError::ProcessGone(pid)
+    } else {
+        AttestError::Proc { pid, what, source }
+    }
+}
+
+/// Field 22 of `/proc/<pid>/stat`. The command name (field 2) may contain spaces and ')' so
+/// parsing starts after the last ')'.
+fn start_time(pid: i32) -> Result<u64, AttestError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| proc_err(pid, "stat", e))?;
+    parse_start_time(&stat).ok_or_else(|| AttestError::Proc {
+        pid,
+        what: "stat",
+        source: std::io::Error::other("unexpected format"),
+    })
+}
+
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    // After ')' come fields 3.. ; starttime is field 22, i.e. the 20th of these.
+    after.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
+fn supplementary_groups(pid: i32) -> Result<Vec<u32>, AttestError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| proc_err(pid, "status", e))?;
+    Ok(parse_groups(&status))
+}
+
+fn parse_groups(status: &str) -> Vec<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_ascii_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_survives_hostile_comm() {
+        // comm may contain ") " and digits; only the text after the last ')' counts.
+        let stat = "1234 (evil) 1 2 3) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 200";
+        assert_eq!(parse_start_time(stat), Some(987_654));
+        assert_eq!(parse_start_time("garbage"), None);
+        assert_eq!(parse_start_time("1 (x) S 1"), None);
+    }
+
+    #[test]
+    fn groups_parse() {
+        let s = "Name:\tx\nGroups:\t4 24 27 1000 \nNSpid:\t1\n";
+        assert_eq!(parse_groups(s), vec![4, 24, 27, 1000]);
+        assert!(parse_groups("Groups:\t\n").is_empty());
+        assert!(parse_groups("").is_empty());
+    }
+
+    #[tokio::test]
+    async fn attests_own_process_through_a_socketpair() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer = PeerInfo::from_socket(a.as_raw_fd()).unwrap();
+        assert_eq!(peer.pid as u32, std::process::id());
+        let att = Arc::new(Attestor::new(1 << 30))
+            .attest(&peer)
+            .await
+            .unwrap();
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(att.exe_path.as_deref(), exe.to_str());
+        assert_eq!(att.exe_sha256.unwrap(), sha256_file(&exe).unwrap());
+        assert!(
+            att.selectors
+                .contains(&Selector::Uid(nix::unistd::geteuid().as_raw()))
+        );
+        assert!(
+            att.selectors
+                .contains(&Selector::Path(exe.to_str().unwrap().into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pid_that_started_after_accept_is_refused() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut peer = PeerInfo::from_socket(a.as_raw_fd()).unwrap();
+        // Pretend the connection was accepted before this process existed, without a pidfd:
+        // this is what a reused pid looks like.
+        peer.pidfd = None;
+        peer.accepted_at_ticks = 0;
+        let err = Arc::new(Attestor::new(1 << 30))
+            .attest(&peer)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AttestError::ProcessGone(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_exited_process_is_refused() {
+        use std::os::unix::net::UnixStream;
+        // A child connects, then exits; its pidfd must make attestation fail.
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut child = std::process::Command::new("/bin/true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Take a pidfd for the child through pidfd_open, as SO_PEERPIDFD would give.
+        // SAFETY: plain syscall with a valid pid.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        assert!(fd >= 0);
+        child.wait().unwrap();
+        // SAFETY: fd is a fresh pidfd we own.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let mut peer = PeerInfo::from_socket(a.as_raw_fd()).unwrap();
+        peer.pid = std::process::id() as i32; // a live pid, but not the pidfd's process
+        peer.pidfd = Some(Arc::new(pidfd));
+        let err = Arc::new(Attestor::new(1 << 30))
+            .attest(&peer)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AttestError::ProcessGone(_)), "{err}");
+        drop(b);
+    }
+}

@@ -1,0 +1,79 @@
+//! `tesserad`: the Tessera daemon. Thin: parse arguments, set up logging, run the app.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tessera::config::{Config, LogFormat};
+
+/// Tessera workload-identity daemon: serves short-lived SPIFFE SVIDs over the Workload API.
+///
+/// With no --config it runs on built-in defaults and serves an identity to the user who
+/// started it.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// TOML config file (every key optional).
+    #[arg(long, short = 'c', env = "TESSERA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Check the config and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let cfg = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tesserad: {e}");
+            std::process::exit(2);
+        }
+    };
+    if args.check_config {
+        println!(
+            "config OK: trust domain {}, {} entries",
+            cfg.trust_domain,
+            cfg.entries.len()
+        );
+        return Ok(());
+    }
+    init_tracing(&cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tesserad")
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let running = tessera::app::build(cfg)
+            .await
+            .context("tesserad could not start")?;
+        wait_for_signal().await?;
+        tracing::info!("shutting down");
+        running.shutdown().await;
+        Ok(())
+    })
+}
+
+fn init_tracing(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,870 @@
+//! The certificate authority: signing keys, trust bundles, and SVID minting and validation.
+//!
+//! Owns: the X.509 CA (generated on first start, or brought by the operator), the JWT signing
+//! key, the trust bundle that publishes both, and the cryptographic halves of issuance
+//! ([`Ca::mint_x509`], [`Ca::mint_jwt`]) and JWT-SVID validation. It does not decide *who*
+//! gets an SVID; that is the issuer's job.
+//!
+//! Key material lives under `data_dir` with mode 0600 and never appears in logs or errors.
+
+pub mod der;
+pub mod x509;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::signature::{EcdsaKeyPair, KeyPair};
+use serde_json::{Map, Value, json};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::parse_x509_certificate;
+use x509_parser::x509::SubjectPublicKeyInfo;
+
+use crate::fsutil;
+use crate::jose::{self, Es256Signer, JoseError, Jwk};
+use crate::spiffe_id::{IdError, SpiffeId, TrustDomain};
+pub use x509::{CaCurve, MintedX509};
+
+/// CA failures. Messages name files and checks, never key bytes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaError {
+    /// A CA or key file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// An operator-supplied CA or key that does not meet the requirements.
+    #[error("{path}: {message}")]
+    BadCa {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Generating the CA failed.
+    #[error("cannot create the CA certificate: {0}")]
+    Generate(String),
+    /// The CA has expired; nothing can be signed.
+    #[error(
+        "the CA certificate has expired; configure a new one or remove the generated CA to create a fresh one"
+    )]
+    Expired,
+    /// A cryptographic primitive failed (should not happen).
+    #[error("cryptographic failure: {0}")]
+    Crypto(&'static str),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
+    move |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn bad_ca(path: &Path, message: impl Into<String>) -> CaError {
+    CaError::BadCa {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// One X.509 trust anchor in the bundle.
+#[derive(Debug, Clone)]
+pub struct X509Authority {
+    /// Certificate DER.
+    pub der: Vec<u8>,
+    /// Subject, for display.
+    pub subject: String,
+    /// Validity.
+    pub not_before: OffsetDateTime,
+    /// Validity.
+    pub not_after: OffsetDateTime,
+    /// True when the operator supplied this CA.
+    pub operator_supplied: bool,
+}
+
+impl X509Authority {
+    /// SHA-256 of the DER, hex.
+    pub fn fingerprint(&self) -> String {
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, &self.der))
+    }
+}
+
+/// The trust bundle of our trust domain. It holds lists so that CA and key rotation can add
+/// the next authority before the current one is retired.
+#[derive(Debug)]
+pub struct TrustBundle {
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// X.509 authorities (roots).
+    pub x509_authorities: Vec<X509Authority>,
+    /// JWT signing keys.
+    pub jwt_authorities: Vec<Jwk>,
+    /// Increases with every change (`spiffe_sequence`).
+    pub sequence: u64,
+    /// Concatenated DER of the X.509 authorities (Workload API `bundle` fields).
+    pub x509_der: Vec<u8>,
+    /// JWKS of the JWT authorities only, each with `use: jwt-svid` and a `kid`
+    /// (Workload API `FetchJWTBundles`).
+    pub jwt_jwks: Vec<u8>,
+}
+
+impl TrustBundle {
+    fn new(
+        trust_domain: TrustDomain,
+        x509_authorities: Vec<X509Authority>,
+        jwt_authorities: Vec<Jwk>,
+        sequence: u64,
+    ) -> Self {
+        let x509_der = x509_authorities
+            .iter()
+            .flat_map(|a| a.der.clone())
+            .collect();
+        let keys: Vec<Value> = jwt_authorities.iter().map(jwt_jwk).collect();
+        let jwt_jwks = serde_json::to_vec(&json!({ "keys": keys })).expect("JSON of strings");
+        Self {
+            trust_domain,
+            x509_authorities,
+            jwt_authorities,
+            sequence,
+            x509_der,
+            jwt_jwks,
+        }
+    }
+
+    /// The SPIFFE trust bundle document (federation format, served over HTTP): X.509
+    /// authorities with `use: x509-svid` and one certificate in `x5c`, JWT keys with
+    /// `use: jwt-svid` and a `kid`, plus `spiffe_sequence` and `spiffe_refresh_hint`.
+    pub fn federation_document(&self, refresh_hint: Duration) -> Value {
+        use base64::Engine;
+        let mut keys = Vec::new();
+        for a in &self.x509_authorities {
+            let mut m = x509_parser::parse_x509_certificate(&a.der)
+                .ok()
+                .and_then(|(_, c)| spki_jwk_members(c.public_key()))
+                .unwrap_or_default();
+            m.insert("use".into(), "x509-svid".into());
+            m.insert(
+                "x5c".into(),
+                json!([base64::engine::general_purpose::STANDARD.encode(&a.der)]),
+            );
+            keys.push(Value::Object(m));
+        }
+        keys.extend(self.jwt_authorities.iter().map(jwt_jwk));
+        json!({
+            "keys": keys,
+            "spiffe_sequence": self.sequence,
+            "spiffe_refresh_hint": refresh_hint.as_secs(),
+        })
+    }
+}
+
+fn jwt_jwk(k: &Jwk) -> Value {
+    let mut m = k.public_members();
+    m.insert("kid".into(), k.kid.clone().into());
+    m.insert("use".into(), "jwt-svid".into());
+    Value::Object(m)
+}
+
+/// JWK members for an EC certificate key (the only kind Tessera signs with).
+fn spki_jwk_members(spki: &SubjectPublicKeyInfo<'_>) -> Option<Map<String, Value>> {
+    let curve = spki.algorithm.parameters.as_ref()?.as_oid().ok()?;
+    let point = spki.subject_public_key.data.to_vec();
+    let key = if curve.as_bytes() == x509::oid::P256 {
+        jose::PublicKey::P256(point)
+    } else if curve.as_bytes() == x509::oid::P384 {
+        jose::PublicKey::P384(point)
+    } else {
+        return None;
+    };
+    Some(
+        Jwk {
+            kid: String::new(),
+            key,
+        }
+        .public_members(),
+    )
+}
+
+/// Why a JWT-SVID was refused (`ValidateJWTSVID` returns the message to the caller).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JwtSvidError {
+    /// Envelope, algorithm, header or signature problem.
+    #[error(transparent)]
+    Jose(#[from] JoseError),
+    /// `sub` missing or not a string.
+    #[error("token has no sub claim")]
+    MissingSubject,
+    /// `sub` is not a SPIFFE ID.
+    #[error("sub is not a valid SPIFFE ID: {0}")]
+    BadSubject(IdError),
+    /// No bundle for the subject's trust domain.
+    #[error("no JWT bundle for trust domain {0:?}")]
+    UnknownTrustDomain(String),
+    /// No `kid` header.
+    #[error("token header has no kid")]
+    MissingKeyId,
+    /// `aud` missing or malformed.
+    #[error("token has no valid aud claim")]
+    MissingAudience,
+    /// `aud` does not contain the expected audience.
+    #[error("token audience does not include {0:?}")]
+    AudienceMismatch(String),
+    /// `exp` missing or not a number.
+    #[error("token has no valid exp claim")]
+    MissingExpiry,
+    /// `exp` is in the past.
+    #[error("token has expired")]
+    Expired,
+    /// `nbf` is in the future.
+    #[error("token is not valid yet (nbf)")]
+    NotYetValid,
+}
+
+/// Small allowance for `nbf`/`iat` of tokens signed on another host whose clock runs ahead.
+const NBF_LEEWAY_SECS: i64 = 30;
+
+/// The CA: X.509 leaf signer, JWT signer and the published trust bundle.
+#[derive(Debug)]
+pub struct Ca {
+    trust_domain: TrustDomain,
+    leaf: x509::LeafTemplate,
+    jwt: Es256Signer,
+    bundle: watch::Sender<Arc<TrustBundle>>,
+    rng: SystemRandom,
+}
+
+impl Ca {
+    /// Loads the operator's CA (`ca_files`) or the one generated earlier under `data_dir`,
+    /// creating it (and the JWT key) on first start.
+    pub fn load_or_create(
+        trust_domain: &TrustDomain,
+        data_dir: &Path,
+        ca_files: Option<&(PathBuf, PathBuf)>,
+        ca_ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let now = OffsetDateTime::now_utc();
+        let (chain, key_pkcs8, key_path, operator_supplied) = match ca_files {
+            Some((cert, key)) => {
+                let (chain, pkcs8) = read_operator_ca(cert, key)?;
+                (chain, pkcs8, key.clone(), true)
+            }
+            None => {
+                let dir = data_dir.join("ca");
+                fsutil::ensure_private_dir(&dir).map_err(io_err(&dir))?;
+                let (chain, pkcs8) = load_or_generate_root(trust_domain, &dir, ca_ttl, now)?;
+                (chain, pkcs8, dir.join("root.key"), false)
+            }
+        };
+        let signer_der = &chain[0];
+        let (_, cert) = parse_x509_certificate(signer_der)
+            .map_err(|_| bad_ca(&key_path, "CA certificate does not parse"))?;
+        check_signing_cert(&cert, trust_domain).map_err(|m| bad_ca(&key_path, m))?;
+        let not_after = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
+            .map_err(|_| bad_ca(&key_path, "CA notAfter out of range"))?;
+        if not_after <= now {
+            return Err(CaError::Expired);
+        }
+        let curve = curve_of(cert.public_key())
+            .ok_or_else(|| bad_ca(&key_path, "CA key must be ECDSA P-256 or P-384"))?;
+        let rng = SystemRandom::new();
+        let key =
+            EcdsaKeyPair::from_pkcs8(curve.signing_alg(), &key_pkcs8, &rng).map_err(|_| {
+                bad_ca(
+                    &key_path,
+                    "private key is not a valid key for the CA's curve",
+                )
+            })?;
+        if key.public_key().as_ref() != cert.public_key().subject_public_key.data.as_ref() {
+            return Err(bad_ca(
+                &key_path,
+                "private key does not match the CA certificate",
+            ));
+        }
+        let aki = subject_key_id(&cert).unwrap_or_else(|| {
+            ring::digest::digest(&ring::digest::SHA256, key.public_key().as_ref()).as_ref()[..20]
+                .to_vec()
+        });
+
+        // The last certificate is the trust anchor; everything before it, except the signing
+        // certificate itself when it is that anchor, travels with every SVID.
+        let anchor = chain
+            .last()
+            .expect("chain has at least one certificate")
+            .clone();
+        let chain_tail: Vec<u8> = if chain.len() > 1 {
+            chain[..chain.len() - 1].concat()
+        } else {
+            Vec::new()
+        };
+        let leaf = x509::LeafTemplate::new(
+            key,
+            curve,
+            cert.tbs_certificate.subject.as_raw(),
+            &aki,
+            chain_tail,
+            not_after,
+        );
+        let authority = authority_info(&anchor, operator_supplied)
+            .ok_or_else(|| bad_ca(&key_path, "trust anchor certificate does not parse"))?;
+        let jwt = load_or_generate_jwt_key(data_dir)?;
+        let bundle = TrustBundle::new(trust_domain.clone(), vec![authority], vec![jwt.jwk()], 1);
+        Ok(Self {
+            trust_domain: trust_domain.clone(),
+            leaf,
+            jwt,
+            bundle: watch::channel(Arc::new(bundle)).0,
+            rng,
+        })
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The current trust bundle.
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        self.bundle.borrow().clone()
+    }
+
+    /// Notified whenever the bundle changes (rotation, CRL).
+    pub fn subscribe_bundle(&self) -> watch::Receiver<Arc<TrustBundle>> {
+        self.bundle.subscribe()
+    }
+
+    /// The CA certificate's expiry: no SVID outlives it.
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.leaf.ca_not_after()
+    }
+
+    /// Key id of the current JWT signing key.
+    pub fn jwt_kid(&self) -> &str {
+        self.jwt.kid()
+    }
+
+    /// Mints an X.509-SVID with a fresh key.
+    pub fn mint_x509(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<MintedX509, CaError> {
+        self.leaf.mint(id, ttl, now)
+    }
+
+    /// Mints a JWT-SVID. `jti` must be unique (it is the lease id). Returns the token and its
+    /// expiry.
+    pub fn mint_jwt(
+        &self,
+        id: &SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+        now: OffsetDateTime,
+        jti: &str,
+    ) -> Result<(String, OffsetDateTime), CaError> {
+        let exp = (now + ttl).min(self.not_after());
+        let claims = json!({
+            "sub": id.as_str(),
+            "aud": audience,
+            "exp": exp.unix_timestamp(),
+            "iat": now.unix_timestamp(),
+            "jti": jti,
+        });
+        let token = self
+            .jwt
+            .sign(&claims)
+            .map_err(|_| CaError::Crypto("JWT signing failed"))?;
+        Ok((token, exp))
+    }
+
+    /// A new random id, 128 bits, base64url: used for `jti` and lease ids.
+    pub fn random_id(&self) -> Result<String, CaError> {
+        let mut b = [0u8; 16];
+        self.rng
+            .fill(&mut b)
+            .map_err(|_| CaError::Crypto("random source failed"))?;
+        Ok(jose::b64_encode(&b))
+    }
+
+    /// Validates a JWT-SVID per the JWT-SVID standard: allowed algorithm, signature by a key
+    /// of the subject's trust domain bundle, `aud` containing `audience`, not expired.
+    /// Returns the subject and all claims.
+    pub fn validate_jwt(
+        &self,
+        token: &str,
+        audience: &str,
+        now: OffsetDateTime,
+    ) -> Result<(SpiffeId, Map<String, Value>), JwtSvidError> {
+        let jws = jose::decode(token)?;
+        let sub = match jws.claims.get("sub") {
+            Some(Value::String(s)) => SpiffeId::parse(s).map_err(JwtSvidError::BadSubject)?,
+            _ => return Err(JwtSvidError::MissingSubject),
+        };
+        let bundle = self.bundle();
+        if sub.trust_domain_name() != bundle.trust_domain.as_str() {
+            return Err(JwtSvidError::UnknownTrustDomain(
+                sub.trust_domain_name().to_owned(),
+            ));
+        }
+        let kid = jws.kid.as_deref().ok_or(JwtSvidError::MissingKeyId)?;
+        let key = bundle
+            .jwt_authorities
+            .iter()
+            .find(|k| k.kid == kid)
+            .ok_or_else(|| JoseError::UnknownKey(kid.chars().take(64).collect()))?;
+        key.verify(jws.alg, jws.signing_input.as_bytes(), &jws.signature)?;
+
+        let claims = jws.claims;
+        let aud_ok = match claims.get("aud") {
+            Some(Value::String(a)) => a == audience,
+            Some(Value::Array(list)) if !list.is_empty() => {
+                if !list.iter().all(Value::is_string) {
+                    return Err(JwtSvidError::MissingAudience);
+                }
+                list.iter().any(|a| a.as_str() == Some(audience))
+            }
+            _ => return Err(JwtSvidError::MissingAudience),
+        };
+        if !aud_ok {
+            return Err(JwtSvidError::AudienceMismatch(
+                audience.chars().take(128).collect(),
+            ));
+        }
+        let now_s = now.unix_timestamp();
+        match claims.get("exp").and_then(Value::as_i64) {
+            Some(exp) if now_s < exp => {}
+            Some(_) => return Err(JwtSvidError::Expired),
+            None => return Err(JwtSvidError::MissingExpiry),
+        }
+        if let Some(nbf) = claims.get("nbf") {
+            match nbf.as_i64() {
+                Some(nbf) if nbf <= now_s + NBF_LEEWAY_SECS => {}
+                _ => return Err(JwtSvidError::NotYetValid),
+            }
+        }
+        Ok((sub, claims))
+    }
+}
+
+fn authority_info(der: &[u8], operator_supplied: bool) -> Option<X509Authority> {
+    let (_, c) = parse_x509_certificate(der).ok()?;
+    Some(X509Authority {
+        der: der.to_vec(),
+        subject: c.subject().to_string(),
+        not_before: OffsetDateTime::from_unix_timestamp(c.validity().not_before.timestamp())
+            .ok()?,
+        not_after: OffsetDateTime::from_unix_timestamp(c.validity().not_after.timestamp()).ok()?,
+        operator_supplied,
+    })
+}
+
+fn curve_of(spki: &SubjectPublicKeyInfo<'_>) -> Option<CaCurve> {
+    if spki.algorithm.algorithm.as_bytes() != x509::oid::EC_PUBLIC_KEY {
+        return None;
+    }
+    let curve = spki.algorithm.parameters.as_ref()?.as_oid().ok()?;
+    match curve.as_bytes() {
+        b if b == x509::oid::P256 => Some(CaCurve::P256),
+        b if b == x509::oid::P384 => Some(CaCurve::P384),
+        _ => None,
+    }
+}
+
+fn subject_key_id(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
+    cert.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+            _ => None,
+        })
+}
+
+/// The X509-SVID standard's rules for a signing certificate.
+fn check_signing_cert(cert: &X509Certificate<'_>, td: &TrustDomain) -> Result<(), String> {
+    match cert.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => {}
+        Ok(_) => return Err("CA certificate must have basicConstraints cA=true".into()),
+        Err(_) => return Err("CA certificate has a malformed basicConstraints extension".into()),
+    }
+    match cert.key_usage() {
+        Ok(Some(ku)) if ku.value.key_cert_sign() => {}
+        Ok(Some(_)) => return Err("CA certificate keyUsage must include keyCertSign".into()),
+        Ok(None) => {
+            return Err("CA certificate must have a keyUsage extension with keyCertSign".into());
+        }
+        Err(_) => return Err("CA certificate has a malformed keyUsage extension".into()),
+    }
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name
+                && uri.starts_with("spiffe://")
+            {
+                let id = SpiffeId::parse(uri)
+                    .map_err(|e| format!("CA certificate URI SAN {uri:?} {e}"))?;
+                if id.trust_domain_name() != td.as_str() || !id.path().is_empty() {
+                    return Err(format!(
+                        "CA certificate SPIFFE ID {uri} must be the trust domain's own ID spiffe://{td} (no path)"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_pem_certs(path: &Path, text: &str) -> Result<Vec<Vec<u8>>, CaError> {
+    let pems = pem::parse_many(text).map_err(|e| bad_ca(path, format!("not PEM: {e}")))?;
+    let certs: Vec<Vec<u8>> = pems
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| p.into_contents())
+        .collect();
+    if certs.is_empty() {
+        return Err(bad_ca(path, "contains no CERTIFICATE block"));
+    }
+    Ok(certs)
+}
+
+/// Reads the operator's CA chain and key. Accepts PKCS#8 (`PRIVATE KEY`) and SEC1
+/// (`EC PRIVATE KEY`); refuses keys others can read.
+fn read_operator_ca(cert_path: &Path, key_path: &Path) -> Result<(Vec<Vec<u8>>, Vec<u8>), CaError> {
+    let text = std::fs::read_to_string(cert_path).map_err(io_err(cert_path))?;
+    let chain = parse_pem_certs(cert_path, &text)?;
+    fsutil::check_private_mode(key_path).map_err(|e| bad_ca(key_path, e.to_string()))?;
+    let key_text = std::fs::read_to_string(key_path).map_err(io_err(key_path))?;
+    let key_pem = pem::parse(&key_text).map_err(|_| bad_ca(key_path, "not a PEM private key"))?;
+    let pkcs8 = match key_pem.tag() {
+        "PRIVATE KEY" => key_pem.into_contents(),
+        "EC PRIVATE KEY" => {
+            let (_, cert) = parse_x509_certificate(&chain[0])
+                .map_err(|_| bad_ca(cert_path, "first certificate does not parse"))?;
+            let curve = match curve_of(cert.public_key()) {
+                Some(CaCurve::P256) => x509::oid::P256,
+                Some(CaCurve::P384) => x509::oid::P384,
+                None => return Err(bad_ca(cert_path, "CA key must be ECDSA P-256 or P-384")),
+            };
+            sec1_to_pkcs8(curve, key_pem.contents())
+        }
+        other => {
+            return Err(bad_ca(
+                key_path,
+                format!("unsupported PEM block {other:?}; expected PRIVATE KEY or EC PRIVATE KEY"),
+            ));
+        }
+    };
+    Ok((chain, pkcs8))
+}
+
+/// Wraps a SEC1 ECPrivateKey in a PKCS#8 PrivateKeyInfo (RFC 5915 / RFC 5208).
+fn sec1_to_pkcs8(curve_oid: &[u8], sec1: &[u8]) -> Vec<u8> {
+    use der::tag;
+    let mut out = Vec::new();
+    der::nested(&mut out, tag::SEQUENCE, |s| {
+        der::tlv(s, tag::INTEGER, &[0]);
+        der::nested(s, tag::SEQUENCE, |a| {
+            der::tlv(a, tag::OID, x509::oid::EC_PUBLIC_KEY);
+            der::tlv(a, tag::OID, curve_oid);
+        });
+        der::tlv(s, tag::OCTET_STRING, sec1);
+    });
+    out
+}
+
+/// Loads `dir/root.pem` + `dir/root.key`, or creates them. A missing half is an error, not a
+/// reason to silently replace the CA that relying parties already trust.
+fn load_or_generate_root(
+    td: &TrustDomain,
+    dir: &Path,
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<(Vec<Vec<u8>>, Vec<u8>), CaError> {
+    let cert_path = dir.join("root.pem");
+    let key_path = dir.join("root.key");
+    match (cert_path.exists(), key_path.exists()) {
+        (true, true) => {
+            let text = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+            let chain = parse_pem_certs(&cert_path, &text)?;
+            fsutil::check_private_mode(&key_path).map_err(|e| bad_ca(&key_path, e.to_string()))?;
+            let key_text = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+            let key = pem::parse(&key_text)
+                .map_err(|_| bad_ca(&key_path, "not a PEM private key"))?
+                .into_contents();
+            let (_, cert) = parse_x509_certificate(&chain[0])
+                .map_err(|_| bad_ca(&cert_path, "does not parse"))?;
+            let expired = cert.validity().not_after.timestamp() <= now.unix_timestamp();
+            let other_td = check_signing_cert(&cert, td).is_err();
+            if !expired && !other_td {
+                return Ok((chain, key));
+            }
+            // A generated CA that expired or belongs to another trust domain cannot sign
+            // anything useful; replace it, keeping the old files for the operator.
+            tracing::warn!(
+                path = %cert_path.display(),
+                expired, other_trust_domain = other_td,
+                "replacing the generated CA; the old one is kept with a .old suffix"
+            );
+            std::fs::rename(&cert_path, dir.join("root.pem.old")).map_err(io_err(&cert_path))?;
+            std::fs::rename(&key_path, dir.join("root.key.old")).map_err(io_err(&key_path))?;
+        }
+        (true, false) | (false, true) => {
+            return Err(bad_ca(
+                dir,
+                "holds only one of root.pem and root.key; restore the missing file or remove both to generate a new CA",
+            ));
+        }
+        (false, false) => {}
+    }
+    let (cert_pem, key_pem) = generate_root(td, ttl, now)?;
+    // Key first: a crash in between leaves a key without a certificate, which is reported,
+    // never a certificate whose key was lost.
+    fsutil::write_private_file(&key_path, key_pem.as_bytes()).map_err(io_err(&key_path))?;
+    fsutil::write_private_file(&cert_path, cert_pem.as_bytes()).map_err(io_err(&cert_path))?;
+    tracing::info!(path = %cert_path.display(), trust_domain = %td, "generated a new CA");
+    let chain = parse_pem_certs(&cert_path, &cert_pem)?;
+    let key = pem::parse(&key_pem)
+        .map_err(|_| CaError::Generate("key PEM".into()))?
+        .into_contents();
+    Ok((chain, key))
+}
+
+fn generate_root(
+    td: &TrustDomain,
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<(String, String), CaError> {
+    use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair};
+    let g = |e: rcgen::Error| CaError::Generate(e.to_string());
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(g)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Tessera");
+    dn.push(DnType::CommonName, format!("Tessera CA {td}"));
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        rcgen::string::Ia5String::try_from(td.id_string()).map_err(g)?,
+    )];
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + ttl;
+    let mut serial = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut serial)
+        .map_err(|_| CaError::Crypto("random source failed"))?;
+    serial[0] &= 0x7f;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    let cert = params.self_signed(&key).map_err(g)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn load_or_generate_jwt_key(data_dir: &Path) -> Result<Es256Signer, CaError> {
+    let dir = data_dir.join("jwt");
+    fsutil::ensure_private_dir(&dir).map_err(io_err(&dir))?;
+    let path = dir.join("signing.key");
+    let pkcs8 = if path.exists() {
+        fsutil::check_private_mode(&path).map_err(|e| bad_ca(&path, e.to_string()))?;
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        pem::parse(&text)
+            .map_err(|_| bad_ca(&path, "not a PEM private key"))?
+            .into_contents()
+    } else {
+        let doc = EcdsaKeyPair::generate_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &SystemRandom::new(),
+        )
+        .map_err(|_| CaError::Crypto("key generation failed"))?;
+        let text = pem::encode_config(
+            &pem::Pem::new("PRIVATE KEY", doc.as_ref().to_vec()),
+            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+        );
+        fsutil::write_private_file(&path, text.as_bytes()).map_err(io_err(&path))?;
+        doc.as_ref().to_vec()
+    };
+    Es256Signer::from_pkcs8(&pkcs8).map_err(|_| bad_ca(&path, "not a P-256 PKCS#8 key"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn td() -> TrustDomain {
+        TrustDomain::parse("example.org").unwrap()
+    }
+
+    fn ca(dir: &Path) -> Ca {
+        Ca::load_or_create(&td(), dir, None, Duration::from_secs(86400)).unwrap()
+    }
+
+    #[test]
+    fn generated_ca_is_private_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ca(dir.path());
+        for f in ["ca/root.key", "jwt/signing.key"] {
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+        let b = ca(dir.path());
+        assert_eq!(a.bundle().x509_der, b.bundle().x509_der);
+        assert_eq!(a.jwt_kid(), b.jwt_kid());
+    }
+
+    #[test]
+    fn leaf_follows_the_x509_svid_profile() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path());
+        let id = SpiffeId::parse("spiffe://example.org/workload").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let m = ca.mint_x509(&id, Duration::from_secs(600), now).unwrap();
+        let (rest, cert) = parse_x509_certificate(&m.chain_der[..m.leaf_len]).unwrap();
+        assert!(rest.is_empty());
+        assert!(!cert.basic_constraints().unwrap().unwrap().value.ca);
+        let ku = cert.key_usage().unwrap().unwrap();
+        assert!(ku.critical && ku.value.digital_signature());
+        assert!(!ku.value.key_cert_sign() && !ku.value.crl_sign());
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        let san = cert.subject_alternative_name().unwrap().unwrap().value;
+        assert_eq!(
+            san.general_names,
+            vec![GeneralName::URI("spiffe://example.org/workload")]
+        );
+        assert!(cert.validity().not_before.timestamp() < now.unix_timestamp());
+        // The signature verifies with the CA's key.
+        let bundle = ca.bundle();
+        let (_, root) = parse_x509_certificate(&bundle.x509_der).unwrap();
+        cert.verify_signature(Some(root.public_key())).unwrap();
+        assert_eq!(cert.issuer().as_raw(), root.subject().as_raw());
+    }
+
+    #[test]
+    fn svids_never_outlive_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(&td(), dir.path(), None, Duration::from_secs(7200)).unwrap();
+        let id = SpiffeId::parse("spiffe://example.org/w").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let m = ca
+            .mint_x509(&id, Duration::from_secs(30 * 86400), now)
+            .unwrap();
+        assert!(m.not_after <= ca.not_after());
+        let (_, exp) = ca
+            .mint_jwt(
+                &id,
+                &["a".into()],
+                Duration::from_secs(30 * 86400),
+                now,
+                "j",
+            )
+            .unwrap();
+        assert!(exp <= ca.not_after());
+    }
+
+    #[test]
+    fn jwt_validation_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path());
+        let id = SpiffeId::parse("spiffe://example.org/w").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let (t, _) = ca
+            .mint_jwt(&id, &["svc".into()], Duration::from_secs(60), now, "j1")
+            .unwrap();
+        let (sub, claims) = ca.validate_jwt(&t, "svc", now).unwrap();
+        assert_eq!(sub, id);
+        assert_eq!(claims["jti"], "j1");
+        assert!(matches!(
+            ca.validate_jwt(&t, "other", now),
+            Err(JwtSvidError::AudienceMismatch(_))
+        ));
+        let later = now + time::Duration::seconds(61);
+        assert_eq!(
+            ca.validate_jwt(&t, "svc", later),
+            Err(JwtSvidError::Expired)
+        );
+        // A token from another CA (same kid format, different key) is refused.
+        let dir2 = tempfile::tempdir().unwrap();
+        let other =
+            Ca::load_or_create(&td(), dir2.path(), None, Duration::from_secs(86400)).unwrap();
+        let (t2, _) = other
+            .mint_jwt(&id, &["svc".into()], Duration::from_secs(60), now, "j")
+            .unwrap();
+        assert!(matches!(
+            ca.validate_jwt(&t2, "svc", now),
+            Err(JwtSvidError::Jose(JoseError::UnknownKey(_)))
+        ));
+    }
+
+    #[test]
+    fn jwt_bundle_has_only_jwt_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path());
+        let jwks: Value = serde_json::from_slice(&ca.bundle().jwt_jwks).unwrap();
+        let keys = jwks["keys"].as_array().unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0]["use"], "jwt-svid");
+        assert_eq!(keys[0]["kid"], ca.jwt_kid());
+        let doc = ca.bundle().federation_document(Duration::from_secs(300));
+        let uses: Vec<&str> = doc["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["use"].as_str().unwrap())
+            .collect();
+        assert_eq!(uses, ["x509-svid", "jwt-svid"]);
+        assert!(doc["keys"][0].get("kid").is_none());
+    }
+
+    #[test]
+    fn half_a_generated_ca_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        ca(dir.path());
+        std::fs::remove_file(dir.path().join("ca/root.key")).unwrap();
+        let err =
+            Ca::load_or_create(&td(), dir.path(), None, Duration::from_secs(86400)).unwrap_err();
+        assert!(err.to_string().contains("only one of"), "{err}");
+    }
+
+    #[test]
+    fn operator_key_must_be_private_and_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) =
+            generate_root(&td(), Duration::from_secs(86400), OffsetDateTime::now_utc()).unwrap();
+        let cp = dir.path().join("ca.pem");
+        let kp = dir.path().join("ca.key");
+        std::fs::write(&cp, cert).unwrap();
+        std::fs::write(&kp, &key).unwrap();
+        std::fs::set_permissions(&kp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let files = (cp.clone(), kp.clone());
+        let err = Ca::load_or_create(&td(), dir.path(), Some(&files), Duration::from_secs(1))
+            .unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&kp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let ca =
+            Ca::load_or_create(&td(), dir.path(), Some(&files), Duration::from_secs(1)).unwrap();
+        assert!(ca.bundle().x509_authorities[0].operator_supplied);
+        // A key that does not belong to the certificate is refused, and never printed.
+        let (_, other_key) =
+            generate_root(&td(), Duration::from_secs(86400), OffsetDateTime::now_utc()).unwrap();
+        std::fs::write(&kp, &other_key).unwrap();
+        let err = Ca::load_or_create(&td(), dir.path(), Some(&files), Duration::from_secs(1))
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("does not match"), "{msg}");
+        assert!(!msg.contains("PRIVATE KEY"));
+    }
+}

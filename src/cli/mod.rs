@@ -1,0 +1,194 @@
+//! The `tessera` command: a client of Tessera's APIs like any other.
+//!
+//! Owns: argument parsing, finding the sockets (flags, then `SPIFFE_ENDPOINT_SOCKET` /
+//! `TESSERA_ADMIN_SOCKET`, then the same defaults the daemon uses), and output formatting:
+//! human tables by default, `--json` for machines.
+
+mod admin;
+mod workload;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::Defaults;
+
+/// Tessera command-line client.
+#[derive(Debug, Parser)]
+#[command(name = "tessera", version, about = "Tessera workload-identity CLI")]
+pub struct Cli {
+    /// Workload API socket: a path or unix:///abs/path.
+    #[arg(long, global = true, env = "SPIFFE_ENDPOINT_SOCKET")]
+    socket: Option<String>,
+    /// Admin API socket path.
+    #[arg(long, global = true, env = "TESSERA_ADMIN_SOCKET")]
+    admin_socket: Option<PathBuf>,
+    /// Print JSON instead of human-readable text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Fetch or validate SVIDs (Workload API).
+    #[command(subcommand)]
+    Svid(SvidCommand),
+    /// Show trust bundles (Workload API).
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Daemon status (admin API).
+    Status,
+    /// Registration entries (admin API).
+    #[command(subcommand)]
+    Entry(EntryCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SvidCommand {
+    /// Fetch X.509-SVIDs; print them, or write svid.pem, svid.key (0600) and bundle.pem to --out.
+    X509 {
+        /// Directory to write the files to (created if missing).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Fetch a JWT-SVID and print the token on stdout.
+    Jwt {
+        /// Audience (repeatable).
+        #[arg(long, short = 'a', required = true)]
+        audience: Vec<String>,
+        /// Only this identity.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+    },
+    /// Validate a JWT-SVID through the daemon.
+    Validate {
+        /// The audience of the validating party.
+        #[arg(long, short = 'a')]
+        audience: String,
+        /// The token.
+        token: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BundleCommand {
+    /// Print the X.509 bundle (PEM) and the JWT bundle (JWKS).
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
+enum EntryCommand {
+    /// List registration entries.
+    List,
+}
+
+/// Runs the CLI; returns the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    let result = match &cli.command {
+        Command::Svid(SvidCommand::X509 { out }) => workload::x509(&cli, out.as_deref()).await,
+        Command::Svid(SvidCommand::Jwt {
+            audience,
+            spiffe_id,
+        }) => workload::jwt(&cli, audience, spiffe_id.as_deref()).await,
+        Command::Svid(SvidCommand::Validate { audience, token }) => {
+            workload::validate(&cli, audience, token).await
+        }
+        Command::Bundle(BundleCommand::Show) => workload::bundle_show(&cli).await,
+        Command::Status => admin::status(&cli).await,
+        Command::Entry(EntryCommand::List) => admin::entry_list(&cli).await,
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("tessera: {e:#}");
+            1
+        }
+    }
+}
+
+impl Cli {
+    fn workload_socket(&self) -> anyhow::Result<PathBuf> {
+        match &self.socket {
+            None => Ok(Defaults::for_current_user().workload_socket),
+            Some(s) => parse_socket_addr(s),
+        }
+    }
+
+    fn admin_socket(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| Defaults::for_current_user().admin_socket)
+    }
+}
+
+/// Accepts `unix:///abs/path`, `unix:/abs/path` or a plain absolute path.
+fn parse_socket_addr(s: &str) -> anyhow::Result<PathBuf> {
+    let path = s
+        .strip_prefix("unix://")
+        .or_else(|| s.strip_prefix("unix:"))
+        .unwrap_or(s);
+    anyhow::ensure!(
+        path.starts_with('/'),
+        "socket {s:?} must be an absolute path or unix:///absolute/path (TCP endpoints are not supported)"
+    );
+    Ok(PathBuf::from(path))
+}
+
+/// A gRPC channel over a Unix socket.
+async fn connect(path: &Path) -> anyhow::Result<Channel> {
+    let p = path.to_owned();
+    // The URI is required by tonic but unused: the connector below decides where we go.
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = p.clone();
+            async move { tokio::net::UnixStream::connect(p).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to {}: {e} (is tesserad running?)",
+                path.display()
+            )
+        })
+}
+
+/// Formats a gRPC status for people.
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_addresses() {
+        assert_eq!(
+            parse_socket_addr("unix:///run/t.sock").unwrap(),
+            PathBuf::from("/run/t.sock")
+        );
+        assert_eq!(
+            parse_socket_addr("unix:/run/t.sock").unwrap(),
+            PathBuf::from("/run/t.sock")
+        );
+        assert_eq!(
+            parse_socket_addr("/run/t.sock").unwrap(),
+            PathBuf::from("/run/t.sock")
+        );
+        assert!(parse_socket_addr("tcp://127.0.0.1:1").is_err());
+        assert!(parse_socket_addr("relative.sock").is_err());
+    }
+
+    #[test]
+    fn global_flags_go_anywhere() {
+        let a = Cli::try_parse_from(["tessera", "--json", "entry", "list"]).unwrap();
+        let b = Cli::try_parse_from(["tessera", "entry", "list", "--json", "--admin-socket", "/x"])
+            .unwrap();
+        assert!(a.json && b.json);
+        assert_eq!(b.admin_socket.as_deref(), Some(Path::new("/x")));
+    }
+}

@@ -1,0 +1,304 @@
+//! Workload-side commands: fetch SVIDs, show bundles, validate tokens.
+
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+
+use anyhow::Context;
+use serde_json::json;
+use tonic::Request;
+use x509_parser::parse_x509_certificate;
+
+use super::{Cli, connect, status_err};
+use crate::proto::workload as pb;
+use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+
+type Client = SpiffeWorkloadApiClient<tonic::transport::Channel>;
+
+async fn client(cli: &Cli) -> anyhow::Result<Client> {
+    Ok(SpiffeWorkloadApiClient::new(
+        connect(&cli.workload_socket()?).await?,
+    ))
+}
+
+/// Every Workload API request carries the security header.
+fn req<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        "workload.spiffe.io",
+        "true".parse().expect("static header value"),
+    );
+    r
+}
+
+/// Splits concatenated DER certificates.
+fn split_der(mut der: &[u8]) -> anyhow::Result<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    while !der.is_empty() {
+        let (rest, _) = parse_x509_certificate(der)
+            .map_err(|e| anyhow::anyhow!("bad certificate from the daemon: {e}"))?;
+        out.push(&der[..der.len() - rest.len()]);
+        der = rest;
+    }
+    Ok(out)
+}
+
+/// PEM with Unix line endings (the pem crate defaults to CRLF).
+pub(crate) fn pem_lf(p: &pem::Pem) -> String {
+    pem::encode_config(
+        p,
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
+
+fn pem_certs(der: &[u8]) -> anyhow::Result<String> {
+    Ok(split_der(der)?
+        .into_iter()
+        .map(|c| pem_lf(&pem::Pem::new("CERTIFICATE", c.to_vec())))
+        .collect())
+}
+
+fn expiry(chain: &[u8]) -> anyhow::Result<(String, i64)> {
+    let (_, c) =
+        parse_x509_certificate(chain).map_err(|e| anyhow::anyhow!("bad certificate: {e}"))?;
+    let na = c.validity().not_after;
+    Ok((
+        na.to_datetime()
+            .format(&time::format_description::well_known::Rfc3339)?,
+        na.timestamp(),
+    ))
+}
+
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    // Create with the final mode: a key must never exist on disk with looser permissions.
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+pub(super) async fn x509(cli: &Cli, out: Option<&Path>) -> anyhow::Result<()> {
+    let mut c = client(cli).await?;
+    let mut stream = c
+        .fetch_x509svid(req(pb::X509svidRequest {}))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let resp = stream
+        .message()
+        .await
+        .map_err(status_err)?
+        .context("the daemon closed the stream without sending SVIDs")?;
+    anyhow::ensure!(!resp.svids.is_empty(), "the daemon sent no SVIDs");
+    let mut summary = Vec::new();
+    for (i, s) in resp.svids.iter().enumerate() {
+        let (exp, exp_ts) = expiry(&s.x509_svid)?;
+        let suffix = if i == 0 {
+            String::new()
+        } else {
+            format!(".{i}")
+        };
+        if let Some(dir) = out {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+            write_file(
+                &dir.join(format!("svid{suffix}.pem")),
+                pem_certs(&s.x509_svid)?.as_bytes(),
+                0o644,
+            )?;
+            let key = pem_lf(&pem::Pem::new("PRIVATE KEY", s.x509_svid_key.clone()));
+            write_file(
+                &dir.join(format!("svid{suffix}.key")),
+                key.as_bytes(),
+                0o600,
+            )?;
+            if i == 0 {
+                write_file(
+                    &dir.join("bundle.pem"),
+                    pem_certs(&s.bundle)?.as_bytes(),
+                    0o644,
+                )?;
+            }
+        }
+        summary.push(json!({
+            "spiffe_id": s.spiffe_id,
+            "expires_at": exp,
+            "expires_at_unix": exp_ts,
+            "hint": (!s.hint.is_empty()).then_some(&s.hint),
+            "files": out.map(|d| json!({
+                "certificate": d.join(format!("svid{suffix}.pem")),
+                "key": d.join(format!("svid{suffix}.key")),
+                "bundle": d.join("bundle.pem"),
+            })),
+        }));
+    }
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    for (s, raw) in summary.iter().zip(&resp.svids) {
+        println!(
+            "SPIFFE ID:  {}",
+            s["spiffe_id"].as_str().unwrap_or_default()
+        );
+        println!(
+            "Expires:    {}",
+            s["expires_at"].as_str().unwrap_or_default()
+        );
+        if let Some(h) = s["hint"].as_str() {
+            println!("Hint:       {h}");
+        }
+        match &s["files"] {
+            serde_json::Value::Null => print!("{}", pem_certs(&raw.x509_svid)?),
+            f => {
+                for k in ["certificate", "key", "bundle"] {
+                    println!("Wrote:      {}", f[k].as_str().unwrap_or_default());
+                }
+            }
+        }
+    }
+    if out.is_none() {
+        eprintln!(
+            "(private key not printed; use --out DIR to write svid.pem, svid.key and bundle.pem)"
+        );
+    }
+    Ok(())
+}
+
+pub(super) async fn jwt(
+    cli: &Cli,
+    audience: &[String],
+    spiffe_id: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut c = client(cli).await?;
+    let resp = c
+        .fetch_jwtsvid(req(pb::JwtsvidRequest {
+            audience: audience.to_vec(),
+            spiffe_id: spiffe_id.unwrap_or_default().to_owned(),
+        }))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let first = resp.svids.first().context("the daemon sent no JWT-SVIDs")?;
+    if cli.json {
+        let all: Vec<_> = resp
+            .svids
+            .iter()
+            .map(|s| json!({"spiffe_id": s.spiffe_id, "token": s.svid, "hint": s.hint}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        // Token alone on stdout so that TOKEN=$(tessera svid jwt -a x) works.
+        eprintln!("SPIFFE ID: {}", first.spiffe_id);
+        println!("{}", first.svid);
+    }
+    Ok(())
+}
+
+pub(super) async fn validate(cli: &Cli, audience: &str, token: &str) -> anyhow::Result<()> {
+    let mut c = client(cli).await?;
+    let resp = c
+        .validate_jwtsvid(req(pb::ValidateJwtsvidRequest {
+            audience: audience.to_owned(),
+            svid: token.to_owned(),
+        }))
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let claims = resp.claims.map(struct_to_json).unwrap_or_default();
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"spiffe_id": resp.spiffe_id, "claims": claims}))?
+        );
+    } else {
+        println!("valid: {}", resp.spiffe_id);
+        println!("{}", serde_json::to_string_pretty(&claims)?);
+    }
+    Ok(())
+}
+
+pub(super) async fn bundle_show(cli: &Cli) -> anyhow::Result<()> {
+    let mut c = client(cli).await?;
+    let x = c
+        .fetch_x509_bundles(req(pb::X509BundlesRequest {}))
+        .await
+        .map_err(status_err)?
+        .into_inner()
+        .message()
+        .await
+        .map_err(status_err)?
+        .context("no X.509 bundle message")?;
+    let j = c
+        .fetch_jwt_bundles(req(pb::JwtBundlesRequest {}))
+        .await
+        .map_err(status_err)?
+        .into_inner()
+        .message()
+        .await
+        .map_err(status_err)?
+        .context("no JWT bundle message")?;
+    let mut tds: Vec<&String> = x.bundles.keys().chain(j.bundles.keys()).collect();
+    tds.sort();
+    tds.dedup();
+    if cli.json {
+        let mut out = serde_json::Map::new();
+        for td in tds {
+            out.insert(
+                td.clone(),
+                json!({
+                    "x509_authorities": x.bundles.get(td).map(|d| pem_certs(d)).transpose()?,
+                    "jwt_authorities": j.bundles.get(td).map(|b| serde_json::from_slice::<serde_json::Value>(b)).transpose()?,
+                }),
+            );
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    for td in tds {
+        println!("# Trust domain {td}");
+        if let Some(d) = x.bundles.get(td) {
+            println!("## X.509 authorities");
+            print!("{}", pem_certs(d)?);
+        }
+        if let Some(b) = j.bundles.get(td) {
+            println!("## JWT authorities (JWKS)");
+            let v: serde_json::Value = serde_json::from_slice(b)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+    }
+    Ok(())
+}
+
+fn struct_to_json(s: prost_types::Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        s.fields
+            .into_iter()
+            .map(|(k, v)| (k, value_to_json(v)))
+            .collect(),
+    )
+}
+
+fn value_to_json(v: prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => b.into(),
+        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9e15 => (n as i64).into(),
+        Some(Kind::NumberValue(n)) => n.into(),
+        Some(Kind::StringValue(s)) => s.into(),
+        Some(Kind::ListValue(l)) => l.values.into_iter().map(value_to_json).collect(),
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+    }
+}

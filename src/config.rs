@@ -1,0 +1,680 @@
+//! Typed daemon configuration.
+//!
+//! Owns: the TOML file format (the key names are a contract with operators, tests and deploy
+//! files), the built-in defaults that make a zero-config start work for root and non-root
+//! users alike, and validation. A bad config never gets past [`Config::load`]; every error
+//! names the key and what is wrong.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use time::OffsetDateTime;
+
+use crate::attest::Selector;
+use crate::registry::{Entry, Risk};
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+
+/// Trust domain used when none is configured.
+pub const DEFAULT_TRUST_DOMAIN: &str = "tessera.internal";
+/// HTTP listener used when none is configured.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8780";
+/// X.509-SVID lifetime when neither the entry nor `[ca]` sets one.
+pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(15 * 60);
+/// JWT-SVID lifetime when neither the entry nor `[ca]` sets one.
+pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(5 * 60);
+/// Lifetime of a CA that Tessera generates itself.
+pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Shortest SVID lifetime accepted: rotation at half-life needs room for clock skew.
+pub const MIN_SVID_TTL: Duration = Duration::from_secs(2);
+
+/// A config error: which key, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key or a wrong type (the message carries line and key).
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// File path.
+        path: PathBuf,
+        /// Parser message.
+        message: String,
+    },
+    /// A value that parses but is not acceptable.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// Dotted key, e.g. `entries[2].selectors`.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+// ---- File format (serde) -------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    trust_domain: Option<String>,
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    workload_api: RawWorkloadApi,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
+    ca: RawCa,
+    #[serde(default)]
+    attestation: RawAttestation,
+    #[serde(default)]
+    entries: Vec<RawEntry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkloadApi {
+    socket: Option<PathBuf>,
+    allow_unauthenticated_verifiers: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    socket: Option<PathBuf>,
+    #[serde(default)]
+    allowed_uids: Vec<u32>,
+    #[serde(default)]
+    allowed_gids: Vec<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCa {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    x509_svid_ttl: Option<String>,
+    jwt_svid_ttl: Option<String>,
+    ca_ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAttestation {
+    max_exe_hash_mib: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntry {
+    spiffe_id: Option<String>,
+    #[serde(default)]
+    selectors: Vec<String>,
+    x509_svid_ttl: Option<String>,
+    jwt_svid_ttl: Option<String>,
+    owner: Option<String>,
+    purpose: Option<String>,
+    risk: Option<String>,
+    expires_at: Option<String>,
+    hint: Option<String>,
+}
+
+// ---- Validated config ----------------------------------------------------------------------
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Trust domain of every SVID issued.
+    pub trust_domain: TrustDomain,
+    /// State directory (CA keys, later leases and audit log). Created 0700.
+    pub data_dir: PathBuf,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter (tracing `EnvFilter` syntax).
+    pub log_level: String,
+    /// Workload API socket path.
+    pub workload_socket: PathBuf,
+    /// Serve bundles and validation to callers with no identity.
+    pub allow_unauthenticated_verifiers: bool,
+    /// Admin socket path.
+    pub admin_socket: PathBuf,
+    /// Extra uids allowed on the admin socket (root and the daemon's uid always are).
+    pub admin_uids: Vec<u32>,
+    /// Extra gids allowed on the admin socket.
+    pub admin_gids: Vec<u32>,
+    /// HTTP listen address.
+    pub http_listen: SocketAddr,
+    /// Operator-supplied CA certificate (PEM chain) and key, if any.
+    pub ca_files: Option<(PathBuf, PathBuf)>,
+    /// Lifetime of a generated CA.
+    pub ca_ttl: Duration,
+    /// Default X.509-SVID lifetime.
+    pub x509_svid_ttl: Duration,
+    /// Default JWT-SVID lifetime.
+    pub jwt_svid_ttl: Duration,
+    /// Executables larger than this are not hashed.
+    pub max_exe_hash_bytes: u64,
+    /// Registration entries, in match order.
+    pub entries: Vec<Entry>,
+    /// True when `entries` is the built-in default entry for the daemon's own uid.
+    pub default_entry: bool,
+}
+
+/// Default locations, chosen so that a newcomer can start the daemon without root:
+/// root uses the FHS system paths; anyone else uses XDG directories under their home.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    /// State directory.
+    pub data_dir: PathBuf,
+    /// Workload API socket.
+    pub workload_socket: PathBuf,
+    /// Admin socket.
+    pub admin_socket: PathBuf,
+}
+
+impl Defaults {
+    /// Defaults for the current user. The CLI uses the same function to find the daemon.
+    pub fn for_current_user() -> Self {
+        let uid = nix::unistd::geteuid().as_raw();
+        if uid == 0 {
+            return Self {
+                data_dir: "/var/lib/tessera".into(),
+                workload_socket: "/run/tessera/workload.sock".into(),
+                admin_socket: "/run/tessera/admin.sock".into(),
+            };
+        }
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let data_dir = std::env::var_os("XDG_DATA_HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| home.map(|h| h.join(".local/share")))
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("tessera-{uid}-data")))
+            .join("tessera");
+        let run_dir = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .map(|p| p.join("tessera"))
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("tessera-{uid}")));
+        Self {
+            data_dir,
+            workload_socket: run_dir.join("workload.sock"),
+            admin_socket: run_dir.join("admin.sock"),
+        }
+    }
+}
+
+impl Config {
+    /// Loads and validates a config file; `None` means built-in defaults only.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            None => Self::from_toml("", Path::new("<defaults>")),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                Self::from_toml(&text, p)
+            }
+        }
+    }
+
+    /// Parses and validates TOML text; `origin` is used in messages.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        Self::validate(raw, &Defaults::for_current_user())
+    }
+
+    fn validate(raw: RawConfig, defaults: &Defaults) -> Result<Self, ConfigError> {
+        let trust_domain =
+            TrustDomain::parse(raw.trust_domain.as_deref().unwrap_or(DEFAULT_TRUST_DOMAIN))
+                .map_err(|e| invalid("trust_domain", e.to_string()))?;
+
+        let data_dir = absolute("data_dir", raw.data_dir, &defaults.data_dir)?;
+        let workload_socket = absolute(
+            "workload_api.socket",
+            raw.workload_api.socket,
+            &defaults.workload_socket,
+        )?;
+        let admin_socket = absolute("admin.socket", raw.admin.socket, &defaults.admin_socket)?;
+        if workload_socket == admin_socket {
+            return Err(invalid(
+                "admin.socket",
+                "must differ from workload_api.socket: the admin API must not be reachable by workloads",
+            ));
+        }
+
+        let log_format = match raw.log.format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    format!("{other:?} is not \"text\" or \"json\""),
+                ));
+            }
+        };
+        let log_level = raw.log.level.unwrap_or_else(|| "info".into());
+        tracing_subscriber::EnvFilter::try_new(&log_level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+
+        let listen = raw.http.listen.as_deref().unwrap_or(DEFAULT_HTTP_LISTEN);
+        let http_listen: SocketAddr = listen.parse().map_err(|_| {
+            invalid(
+                "http.listen",
+                format!("{listen:?} is not an IP:port address such as \"127.0.0.1:8780\""),
+            )
+        })?;
+
+        let ca_files = match (raw.ca.cert, raw.ca.key) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some((
+                absolute("ca.cert", Some(c), Path::new(""))?,
+                absolute("ca.key", Some(k), Path::new(""))?,
+            )),
+            (Some(_), None) => {
+                return Err(invalid("ca.key", "ca.cert is set, so ca.key is required"));
+            }
+            (None, Some(_)) => {
+                return Err(invalid("ca.cert", "ca.key is set, so ca.cert is required"));
+            }
+        };
+        let ca_ttl = duration("ca.ca_ttl", raw.ca.ca_ttl.as_deref(), DEFAULT_CA_TTL)?;
+        if ca_ttl < Duration::from_secs(3600) {
+            return Err(invalid("ca.ca_ttl", "must be at least 1h"));
+        }
+        let x509_svid_ttl = svid_ttl(
+            "ca.x509_svid_ttl",
+            raw.ca.x509_svid_ttl.as_deref(),
+            DEFAULT_X509_SVID_TTL,
+        )?;
+        let jwt_svid_ttl = svid_ttl(
+            "ca.jwt_svid_ttl",
+            raw.ca.jwt_svid_ttl.as_deref(),
+            DEFAULT_JWT_SVID_TTL,
+        )?;
+
+        let max_exe_hash_bytes = match raw.attestation.max_exe_hash_mib {
+            None => 512 << 20,
+            Some(0) => {
+                return Err(invalid(
+                    "attestation.max_exe_hash_mib",
+                    "must be at least 1",
+                ));
+            }
+            Some(m) if m > 64 << 10 => {
+                return Err(invalid(
+                    "attestation.max_exe_hash_mib",
+                    "must be at most 65536",
+                ));
+            }
+            Some(m) => m << 20,
+        };
+
+        let mut entries = Vec::with_capacity(raw.entries.len());
+        for (i, e) in raw.entries.into_iter().enumerate() {
+            entries.push(validate_entry(i, e, &trust_domain)?);
+        }
+        let default_entry = entries.is_empty();
+        if default_entry {
+            entries.push(default_entry_for_current_user(&trust_domain));
+        }
+
+        Ok(Self {
+            trust_domain,
+            data_dir,
+            log_format,
+            log_level,
+            workload_socket,
+            allow_unauthenticated_verifiers: raw
+                .workload_api
+                .allow_unauthenticated_verifiers
+                .unwrap_or(false),
+            admin_socket,
+            admin_uids: raw.admin.allowed_uids,
+            admin_gids: raw.admin.allowed_gids,
+            http_listen,
+            ca_files,
+            ca_ttl,
+            x509_svid_ttl,
+            jwt_svid_ttl,
+            max_exe_hash_bytes,
+            entries,
+            default_entry,
+        })
+    }
+}
+
+/// The entry served when none are configured: the uid that started the daemon gets
+/// `spiffe://<td>/unix/uid/<uid>`, so `tessera svid x509` works right after start.
+fn default_entry_for_current_user(td: &TrustDomain) -> Entry {
+    let uid = nix::unistd::geteuid().as_raw();
+    Entry {
+        id: "default".into(),
+        spiffe_id: SpiffeId::new(td, &format!("/unix/uid/{uid}"))
+            .expect("a decimal uid is a valid path segment"),
+        selectors: vec![Selector::Uid(uid)],
+        x509_svid_ttl: None,
+        jwt_svid_ttl: None,
+        owner: Some(
+            nix::unistd::User::from_uid(uid.into())
+                .ok()
+                .flatten()
+                .map_or_else(|| format!("uid {uid}"), |u| u.name),
+        ),
+        purpose: Some("built-in default entry for the user who started tesserad".into()),
+        risk: Some(Risk::Low),
+        expires_at: None,
+        hint: None,
+    }
+}
+
+fn absolute(key: &str, v: Option<PathBuf>, default: &Path) -> Result<PathBuf, ConfigError> {
+    let p = v.unwrap_or_else(|| default.to_owned());
+    if p.as_os_str().is_empty() {
+        return Err(invalid(key, "is empty"));
+    }
+    if !p.is_absolute() {
+        return Err(invalid(
+            key,
+            format!("{} is not an absolute path", p.display()),
+        ));
+    }
+    Ok(p)
+}
+
+/// Parses a duration such as `"10m"`, `"30s"` or `"1h 30m"`.
+pub fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s).map_err(|e| {
+        invalid(
+            key,
+            format!("{s:?} is not a duration like \"30s\", \"10m\" or \"1h\" ({e})"),
+        )
+    })
+}
+
+fn duration(key: &str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    v.map_or(Ok(default), |s| parse_duration(key, s))
+}
+
+fn svid_ttl(key: &str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    let d = duration(key, v, default)?;
+    if d < MIN_SVID_TTL {
+        return Err(invalid(
+            key,
+            format!(
+                "must be at least {}",
+                humantime::format_duration(MIN_SVID_TTL)
+            ),
+        ));
+    }
+    if d > Duration::from_secs(30 * 24 * 3600) {
+        return Err(invalid(
+            key,
+            "must be at most 30d: SVIDs are meant to be short-lived",
+        ));
+    }
+    Ok(d)
+}
+
+fn non_empty(key: String, v: Option<String>) -> Result<Option<String>, ConfigError> {
+    match v {
+        Some(s) if s.trim().is_empty() => Err(invalid(key, "is empty; omit the key instead")),
+        Some(s) if s.chars().any(char::is_control) => {
+            Err(invalid(key, "contains a control character"))
+        }
+        other => Ok(other),
+    }
+}
+
+fn validate_entry(i: usize, e: RawEntry, td: &TrustDomain) -> Result<Entry, ConfigError> {
+    let k = |field: &str| format!("entries[{i}].{field}");
+    let raw_id = e
+        .spiffe_id
+        .ok_or_else(|| invalid(k("spiffe_id"), "is required"))?;
+    let spiffe_id = SpiffeId::parse(&raw_id)
+        .map_err(|err| invalid(k("spiffe_id"), format!("{raw_id:?} {err}")))?;
+    if spiffe_id.trust_domain_name() != td.as_str() {
+        return Err(invalid(
+            k("spiffe_id"),
+            format!("{raw_id} is not in this daemon's trust domain {td:?}; it cannot be issued"),
+        ));
+    }
+    if spiffe_id.path().is_empty() {
+        return Err(invalid(
+            k("spiffe_id"),
+            "an SVID's SPIFFE ID must have a path (the bare trust domain ID is reserved for the CA)",
+        ));
+    }
+    if e.selectors.is_empty() {
+        return Err(invalid(
+            k("selectors"),
+            "is empty; an entry with no selectors would match every caller. Add at least one, e.g. \"unix:uid:1000\"",
+        ));
+    }
+    let mut selectors = Vec::with_capacity(e.selectors.len());
+    for (j, s) in e.selectors.iter().enumerate() {
+        let sel = Selector::parse(s)
+            .map_err(|err| invalid(format!("entries[{i}].selectors[{j}]"), err.to_string()))?;
+        if !selectors.contains(&sel) {
+            selectors.push(sel);
+        }
+    }
+    let x509_svid_ttl = e
+        .x509_svid_ttl
+        .as_deref()
+        .map(|s| svid_ttl(&k("x509_svid_ttl"), Some(s), DEFAULT_X509_SVID_TTL))
+        .transpose()?;
+    let jwt_svid_ttl = e
+        .jwt_svid_ttl
+        .as_deref()
+        .map(|s| svid_ttl(&k("jwt_svid_ttl"), Some(s), DEFAULT_JWT_SVID_TTL))
+        .transpose()?;
+    let risk = e
+        .risk
+        .as_deref()
+        .map(|r| {
+            Risk::parse(r).ok_or_else(|| {
+                invalid(
+                    k("risk"),
+                    format!("{r:?} is not \"low\", \"medium\" or \"high\""),
+                )
+            })
+        })
+        .transpose()?;
+    let expires_at = e
+        .expires_at
+        .as_deref()
+        .map(|s| {
+            OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(
+                |err| {
+                    invalid(
+                        k("expires_at"),
+                        format!(
+                            "{s:?} is not an RFC 3339 time like \"2027-01-31T00:00:00Z\" ({err})"
+                        ),
+                    )
+                },
+            )
+        })
+        .transpose()?;
+    let hint = non_empty(k("hint"), e.hint)?;
+    Ok(Entry {
+        id: format!("entry-{i}"),
+        spiffe_id,
+        selectors,
+        x509_svid_ttl,
+        jwt_svid_ttl,
+        owner: non_empty(k("owner"), e.owner)?,
+        purpose: non_empty(k("purpose"), e.purpose)?,
+        risk,
+        expires_at,
+        hint,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    fn err(text: &str) -> String {
+        load(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn empty_config_gives_working_defaults() {
+        let c = load("").unwrap();
+        assert_eq!(c.trust_domain.as_str(), DEFAULT_TRUST_DOMAIN);
+        assert!(c.default_entry);
+        assert_eq!(c.entries.len(), 1);
+        let uid = nix::unistd::geteuid().as_raw();
+        assert_eq!(c.entries[0].selectors, vec![Selector::Uid(uid)]);
+        assert!(
+            c.entries[0]
+                .spiffe_id
+                .as_str()
+                .ends_with(&format!("/unix/uid/{uid}"))
+        );
+        assert_eq!(c.x509_svid_ttl, DEFAULT_X509_SVID_TTL);
+        assert!(c.workload_socket.is_absolute() && c.data_dir.is_absolute());
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = load(
+            r#"
+            trust_domain = "example.org"
+            data_dir = "/tmp/x"
+            [workload_api]
+            socket = "/tmp/x/w.sock"
+            [admin]
+            socket = "/tmp/x/a.sock"
+            allowed_uids = [1000]
+            [http]
+            listen = "127.0.0.1:0"
+            [ca]
+            x509_svid_ttl = "10m"
+            jwt_svid_ttl = "30s"
+            [[entries]]
+            spiffe_id = "spiffe://example.org/agent"
+            selectors = ["unix:uid:1000", "unix:path:/usr/bin/agent"]
+            x509_svid_ttl = "1m"
+            owner = "team"
+            purpose = "ci"
+            risk = "high"
+            expires_at = "2030-01-01T00:00:00Z"
+            hint = "internal"
+            "#,
+        )
+        .unwrap();
+        assert!(!c.default_entry);
+        assert_eq!(c.jwt_svid_ttl, Duration::from_secs(30));
+        let e = &c.entries[0];
+        assert_eq!(e.x509_svid_ttl, Some(Duration::from_secs(60)));
+        assert_eq!(e.risk, Some(Risk::High));
+        assert_eq!(e.selectors.len(), 2);
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        let cases = [
+            ("trust_domain = \"Bad Domain\"", "`trust_domain`"),
+            ("bogus = 1", "unknown field `bogus`"),
+            ("[ca]\nx509_svid_ttl = \"soon\"", "`ca.x509_svid_ttl`"),
+            ("[ca]\nx509_svid_ttl = \"1s\"", "at least"),
+            ("[ca]\ncert = \"/a.pem\"", "`ca.key`"),
+            ("[http]\nlisten = \"localhost\"", "`http.listen`"),
+            ("data_dir = \"relative\"", "`data_dir`"),
+            ("[log]\nformat = \"xml\"", "`log.format`"),
+            (
+                "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/a\"",
+                "`entries[0].selectors`: is empty; an entry with no selectors would match every caller",
+            ),
+            (
+                "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/a\"\nselectors = []",
+                "would match every caller",
+            ),
+            (
+                "[[entries]]\nselectors = [\"unix:uid:1\"]",
+                "`entries[0].spiffe_id`: is required",
+            ),
+            (
+                "[[entries]]\nspiffe_id = \"spiffe://other.org/a\"\nselectors = [\"unix:uid:1\"]",
+                "not in this daemon's trust domain",
+            ),
+            (
+                "[[entries]]\nspiffe_id = \"spiffe://tessera.internal\"\nselectors = [\"unix:uid:1\"]",
+                "must have a path",
+            ),
+            (
+                "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/a\"\nselectors = [\"unix:uid:x\"]",
+                "`entries[0].selectors[0]`",
+            ),
+            (
+                "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/a\"\nselectors = [\"unix:uid:1\"]\nrisk = \"extreme\"",
+                "`entries[0].risk`",
+            ),
+            (
+                "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/a\"\nselectors = [\"unix:uid:1\"]\nexpires_at = \"tomorrow\"",
+                "`entries[0].expires_at`",
+            ),
+            (
+                "[workload_api]\nsocket = \"/tmp/s\"\n[admin]\nsocket = \"/tmp/s\"",
+                "`admin.socket`",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = err(text);
+            assert!(
+                e.contains(want),
+                "config {text:?}\n  error {e:?}\n  wanted {want:?}"
+            );
+        }
+    }
+}

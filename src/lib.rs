@@ -1,0 +1,27 @@
+//! Tessera: a workload-identity credential broker.
+//!
+//! Module map, in the order a credential travels (imports point down this list only):
+//!
+//! - [`app`]: config → every part built → served → drained on shutdown.
+//! - [`api`]: adapters (Workload API, admin, HTTP); the one place domain errors become
+//!   gRPC status codes.
+//! - [`issuer`]: THE issuance path: attest → match entry → mint → hand out.
+//! - [`config`], [`registry`]: typed configuration; entries (the inventory) and matching.
+//! - [`attest`], [`ca`]: kernel attestation; the CA, bundles, SVID minting and validation.
+//! - [`spiffe_id`], [`jose`], [`shutdown`], [`fsutil`], [`proto`]: leaves.
+//! - [`cli`]: the `tessera` command, a client of the APIs like any other.
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod app;
+pub mod attest;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod fsutil;
+pub mod issuer;
+pub mod jose;
+pub mod proto;
+pub mod registry;
+pub mod shutdown;
+pub mod spiffe_id;

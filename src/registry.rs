@@ -1,0 +1,193 @@
+//! Registration entries: which callers get which SPIFFE IDs. Entries double as the inventory
+//! (owner, purpose, risk tier, expiry).
+//!
+//! Owns: the current set of entries and selector matching. The set is published through a
+//! `watch` channel so that live Workload API streams see changes at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::attest::{Attestation, Selector};
+use crate::spiffe_id::SpiffeId;
+
+/// Risk tier of an identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Risk {
+    /// Low risk.
+    Low,
+    /// Medium risk.
+    Medium,
+    /// High risk.
+    High,
+}
+
+impl Risk {
+    /// Parses `"low"`, `"medium"` or `"high"`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "low" => Some(Self::Low),
+            "medium" => Some(Self::Medium),
+            "high" => Some(Self::High),
+            _ => None,
+        }
+    }
+
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Low => "low",
+            Self::Medium => "medium",
+            Self::High => "high",
+        }
+    }
+}
+
+/// One registration entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// Stable id.
+    pub id: String,
+    /// The identity granted.
+    pub spiffe_id: SpiffeId,
+    /// All must be among the caller's selectors. Never empty.
+    pub selectors: Vec<Selector>,
+    /// Overrides the daemon's X.509-SVID lifetime.
+    pub x509_svid_ttl: Option<Duration>,
+    /// Overrides the daemon's JWT-SVID lifetime.
+    pub jwt_svid_ttl: Option<Duration>,
+    /// Who is accountable for this identity.
+    pub owner: Option<String>,
+    /// What it is for.
+    pub purpose: Option<String>,
+    /// Risk tier.
+    pub risk: Option<Risk>,
+    /// After this instant the entry grants nothing.
+    pub expires_at: Option<OffsetDateTime>,
+    /// Workload API `hint`.
+    pub hint: Option<String>,
+}
+
+impl Entry {
+    /// True when the entry can grant at `now`.
+    pub fn is_live(&self, now: OffsetDateTime) -> bool {
+        self.expires_at.is_none_or(|t| now < t)
+    }
+}
+
+/// An immutable set of entries, in match order (the first match is the default identity).
+pub type Entries = Arc<Vec<Arc<Entry>>>;
+
+/// The entry set, shared and observable.
+#[derive(Debug)]
+pub struct Registry {
+    tx: watch::Sender<Entries>,
+}
+
+impl Registry {
+    /// A registry holding `entries`.
+    pub fn new(entries: Vec<Entry>) -> Self {
+        let (tx, _) = watch::channel(Arc::new(entries.into_iter().map(Arc::new).collect()));
+        Self { tx }
+    }
+
+    /// The current entries.
+    pub fn snapshot(&self) -> Entries {
+        self.tx.borrow().clone()
+    }
+
+    /// A receiver that is notified whenever the entry set changes.
+    pub fn subscribe(&self) -> watch::Receiver<Entries> {
+        self.tx.subscribe()
+    }
+
+    /// Replaces the entry set and notifies every subscriber.
+    pub fn replace(&self, entries: Vec<Entry>) {
+        self.tx
+            .send_replace(Arc::new(entries.into_iter().map(Arc::new).collect()));
+    }
+
+    /// Live entries whose selectors the caller satisfies, in match order.
+    pub fn matching(&self, caller: &Attestation, now: OffsetDateTime) -> Vec<Arc<Entry>> {
+        matching(&self.snapshot(), caller, now)
+    }
+}
+
+/// Live entries of `entries` whose selectors the caller satisfies, in order.
+pub fn matching(entries: &Entries, caller: &Attestation, now: OffsetDateTime) -> Vec<Arc<Entry>> {
+    entries
+        .iter()
+        .filter(|e| e.is_live(now) && caller.satisfies(&e.selectors))
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn entry(id: &str, sels: &[&str], expires_at: Option<OffsetDateTime>) -> Entry {
+        Entry {
+            id: id.into(),
+            spiffe_id: SpiffeId::parse(&format!("spiffe://td/{id}")).unwrap(),
+            selectors: sels.iter().map(|s| Selector::parse(s).unwrap()).collect(),
+            x509_svid_ttl: None,
+            jwt_svid_ttl: None,
+            owner: None,
+            purpose: None,
+            risk: None,
+            expires_at,
+            hint: None,
+        }
+    }
+
+    fn caller(sels: &[&str]) -> Attestation {
+        Attestation {
+            uid: 1000,
+            gid: 1000,
+            pid: 1,
+            exe_path: None,
+            exe_sha256: None,
+            selectors: sels
+                .iter()
+                .map(|s| Selector::parse(s).unwrap())
+                .collect::<BTreeSet<_>>(),
+        }
+    }
+
+    #[test]
+    fn all_selectors_must_match_and_order_is_kept() {
+        let now = OffsetDateTime::now_utc();
+        let r = Registry::new(vec![
+            entry("a", &["unix:uid:1000"], None),
+            entry("b", &["unix:uid:1000", "unix:path:/bin/agent"], None),
+            entry("c", &["unix:uid:1001"], None),
+            entry(
+                "d",
+                &["unix:uid:1000"],
+                Some(now - time::Duration::seconds(1)),
+            ),
+        ]);
+        let ids = |c: &Attestation| -> Vec<String> {
+            r.matching(c, now).iter().map(|e| e.id.clone()).collect()
+        };
+        assert_eq!(ids(&caller(&["unix:uid:1000", "unix:gid:1000"])), ["a"]);
+        assert_eq!(
+            ids(&caller(&["unix:uid:1000", "unix:path:/bin/agent"])),
+            ["a", "b"]
+        );
+        assert!(ids(&caller(&["unix:uid:7"])).is_empty());
+    }
+
+    #[tokio::test]
+    async fn subscribers_see_replacements() {
+        let r = Registry::new(vec![entry("a", &["unix:uid:1"], None)]);
+        let mut rx = r.subscribe();
+        r.replace(vec![]);
+        rx.changed().await.unwrap();
+        assert!(rx.borrow().is_empty());
+    }
+}

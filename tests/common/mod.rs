@@ -1,0 +1,226 @@
+//! Test support: start the real `tesserad` binary on temp paths and talk to it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+/// Path of the daemon binary built by cargo for this test run.
+pub fn tesserad_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tesserad"))
+}
+
+/// Path of the CLI binary.
+pub fn tessera_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tessera"))
+}
+
+/// This process's effective uid.
+pub fn my_uid() -> u32 {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// A running daemon with its own temp directory, stopped (SIGKILL) on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub admin_socket: PathBuf,
+    pub data_dir: PathBuf,
+    pub config_path: PathBuf,
+    pub http: SocketAddr,
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+/// A temp directory that other uids can traverse (so that tests can connect as them).
+pub fn open_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("tessera-test")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+impl Daemon {
+    /// Starts the daemon with `extra` TOML appended to a config that puts every path in a temp
+    /// directory and lets the kernel pick the HTTP port. Panics if it does not become ready.
+    pub fn start(extra: &str) -> Self {
+        Self::start_in(open_tempdir(), extra)
+    }
+
+    /// Same, reusing an existing directory (restart with the same state).
+    pub fn start_in(dir: tempfile::TempDir, extra: &str) -> Self {
+        let config_path = dir.path().join("tesserad.toml");
+        let socket = dir.path().join("run/workload.sock");
+        let admin_socket = dir.path().join("run/admin.sock");
+        let data_dir = dir.path().join("data");
+        let base = format!(
+            // Dotted keys, no table headers: tests add `[ca]`, `[[entries]]` or dotted keys
+            // such as `admin.allowed_uids` without clashing.
+            "data_dir = {data:?}\nlog.format = \"json\"\nlog.level = \"info,tessera=debug\"\nworkload_api.socket = {sock:?}\nadmin.socket = {admin:?}\nhttp.listen = \"127.0.0.1:0\"\n",
+            data = data_dir,
+            sock = socket,
+            admin = admin_socket
+        );
+        std::fs::write(&config_path, merge_toml(&base, extra)).unwrap();
+        let mut child = Command::new(tesserad_bin())
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tesserad");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("tesserad serving") {
+                    let _ = tx.send(line.clone());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "tesserad did not become ready:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let http = v["fields"]["http"].as_str().unwrap().parse().unwrap();
+        Self {
+            child: Some(child),
+            dir,
+            socket,
+            admin_socket,
+            data_dir,
+            config_path,
+            http,
+            logs,
+        }
+    }
+
+    /// `unix:///...` endpoint for SPIFFE clients.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// A connected `spiffe` crate client.
+    pub async fn client(&self) -> spiffe::WorkloadApiClient {
+        spiffe::WorkloadApiClient::connect_to(self.endpoint())
+            .await
+            .expect("connect")
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// True while the daemon process is alive.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().unwrap().try_wait(), Ok(None))
+    }
+
+    /// Sends a signal and waits for exit (up to `timeout`).
+    pub fn signal_and_wait(&mut self, sig: i32, timeout: Duration) -> ExitStatus {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.pid(), sig) };
+        self.wait_exit(timeout)
+    }
+
+    /// Waits for the daemon to exit (up to `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "tesserad did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the daemon and hands back its directory, for a restart on the same state.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        self.signal_and_wait(libc::SIGTERM, Duration::from_secs(10));
+        self.child = None;
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(tessera_bin())
+            .args(args)
+            .env("SPIFFE_ENDPOINT_SOCKET", self.endpoint())
+            .env("TESSERA_ADMIN_SOCKET", &self.admin_socket)
+            .output()
+            .unwrap()
+    }
+
+    /// All log lines so far.
+    pub fn log_text(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Puts `extra`'s top-level keys before the base config's tables, so both parse as one file.
+fn merge_toml(base: &str, extra: &str) -> String {
+    let (top, tables): (Vec<&str>, Vec<&str>) = {
+        let mut top = Vec::new();
+        let mut rest = Vec::new();
+        let mut in_table = false;
+        for l in extra.lines() {
+            if l.trim_start().starts_with('[') {
+                in_table = true;
+            }
+            if in_table { rest.push(l) } else { top.push(l) }
+        }
+        (top, rest)
+    };
+    format!("{}\n{}\n{}\n", top.join("\n"), base, tables.join("\n"))
+}
+
+/// An entry for `uid`, as TOML.
+pub fn entry_for_uid(id: &str, uid: u32, extra: &str) -> String {
+    format!(
+        "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/{id}\"\nselectors = [\"unix:uid:{uid}\"]\n{extra}\n"
+    )
+}
+
+/// Path of the test binary that is running (its `unix:path` selector).
+pub fn current_exe() -> PathBuf {
+    std::env::current_exe().unwrap()
+}
+
+/// Exists so tests can pass `&Path` around without importing.
+pub fn p(s: &str) -> &Path {
+    Path::new(s)
+}

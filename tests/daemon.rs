@@ -1,0 +1,418 @@
+//! Start-up, configuration, other users, the admin socket and HTTP: the real daemon binary.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Daemon, entry_for_uid, my_uid, open_tempdir, tessera_bin, tesserad_bin};
+
+/// Runs tesserad with `config` and expects it to refuse to start, naming `key`.
+fn refuses(config: &str, wanted: &str) {
+    let dir = open_tempdir();
+    let path = dir.path().join("bad.toml");
+    let full = format!(
+        "data_dir = {:?}\nworkload_api.socket = {:?}\nadmin.socket = {:?}\nhttp.listen = \"127.0.0.1:0\"\n{config}",
+        dir.path().join("data"),
+        dir.path().join("w.sock"),
+        dir.path().join("a.sock")
+    );
+    std::fs::write(&path, full).unwrap();
+    let out = Command::new(tesserad_bin())
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "config {config:?} was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(wanted),
+        "config {config:?}: error {err:?} does not mention {wanted:?}"
+    );
+    assert!(
+        !dir.path().join("w.sock").exists(),
+        "nothing is served from a bad config"
+    );
+}
+
+#[test]
+fn bad_configs_stop_startup_with_the_key_named() {
+    refuses(
+        "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/x\"\nselectors = []\n",
+        "entries[0].selectors",
+    );
+    refuses(
+        "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/x\"\n",
+        "would match every caller",
+    );
+    refuses("trust_domain = \"UPPER.case\"\n", "trust_domain");
+    refuses(
+        "[ca]\nx509_svid_ttl = \"ten minutes\"\n",
+        "ca.x509_svid_ttl",
+    );
+    refuses("[ca]\ncert = \"/nonexistent.pem\"\n", "ca.key");
+    refuses("unknown_key = 1\n", "unknown_key");
+    refuses(
+        "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/x\"\nselectors = [\"unix:uid:abc\"]\n",
+        "entries[0].selectors[0]",
+    );
+    refuses(
+        "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/x/\"\nselectors = [\"unix:uid:1\"]\n",
+        "entries[0].spiffe_id",
+    );
+}
+
+#[test]
+fn unreadable_operator_ca_stops_startup() {
+    let dir = open_tempdir();
+    let cert = dir.path().join("ca.pem");
+    std::fs::write(&cert, "not a certificate").unwrap();
+    let key = dir.path().join("ca.key");
+    std::fs::write(&key, "x").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let d = std::panic::catch_unwind(|| {
+        Daemon::start(&format!("[ca]\ncert = {cert:?}\nkey = {key:?}\n"))
+    });
+    assert!(
+        d.is_err(),
+        "a daemon with a garbage CA must not become ready"
+    );
+}
+
+/// Runs `cmd` as `uid`/`gid` when we are root; returns false when we cannot switch users.
+fn as_user(cmd: &mut Command, uid: u32) -> bool {
+    if my_uid() != 0 {
+        return false;
+    }
+    // std drops supplementary groups itself when root switches uid.
+    cmd.uid(uid).gid(uid);
+    true
+}
+
+#[test]
+fn zero_config_start_serves_the_user_who_started_it() {
+    // As root this runs the daemon and the CLI as an unprivileged uid with a fresh HOME and no
+    // XDG variables, which is exactly a newcomer's first run. As a normal user it runs as that
+    // user, with the same fresh HOME.
+    let home = open_tempdir();
+    let uid = if my_uid() == 0 { 47_001 } else { my_uid() };
+    std::os::unix::fs::chown(home.path(), Some(uid), Some(uid)).ok();
+    let env = |c: &mut Command| {
+        c.env_clear()
+            .env("HOME", home.path())
+            .env("PATH", "/usr/bin:/bin")
+            .env("TMPDIR", home.path());
+    };
+    let mut daemon = Command::new(tesserad_bin());
+    env(&mut daemon);
+    as_user(&mut daemon, uid);
+    let mut child = daemon
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sock = home.path().join(format!("tessera-{uid}/workload.sock"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "daemon did not start: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut cli = Command::new(tessera_bin());
+    env(&mut cli);
+    as_user(&mut cli, uid);
+    let out = cli.args(["svid", "x509"]).output().unwrap();
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let daemon_out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&daemon_out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("spiffe://tessera.internal/unix/uid/{uid}")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("BEGIN CERTIFICATE"), "{stdout}");
+    assert!(daemon_out.status.success());
+    let log = String::from_utf8_lossy(&daemon_out.stderr);
+    assert!(
+        log.contains("built-in default entry"),
+        "default entry is logged at start: {log}"
+    );
+    // State went to the XDG default under HOME, with private permissions.
+    use std::os::unix::fs::PermissionsExt;
+    let key = home.path().join(".local/share/tessera/ca/root.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
+
+#[test]
+fn other_users_are_attested_by_uid() {
+    if my_uid() != 0 {
+        eprintln!("skipped: needs root to run clients as other uids");
+        return;
+    }
+    let d = Daemon::start(&entry_for_uid("alice", 47_002, ""));
+    let run = |uid: u32| {
+        let mut c = Command::new(tessera_bin());
+        c.env("SPIFFE_ENDPOINT_SOCKET", d.endpoint())
+            .args(["svid", "x509"]);
+        as_user(&mut c, uid);
+        c.output().unwrap()
+    };
+    let alice = run(47_002);
+    assert!(
+        alice.status.success(),
+        "{}",
+        String::from_utf8_lossy(&alice.stderr)
+    );
+    assert!(String::from_utf8_lossy(&alice.stdout).contains("spiffe://tessera.internal/alice"));
+    let mallory = run(47_003);
+    assert!(!mallory.status.success());
+    assert!(String::from_utf8_lossy(&mallory.stderr).contains("no identity issued"));
+}
+
+#[test]
+fn admin_socket_is_for_root_and_named_uids_only() {
+    let d = Daemon::start(&format!(
+        "admin.allowed_uids = [47004]\n{}",
+        entry_for_uid("me", my_uid(), "owner = \"team-a\"\nrisk = \"high\"")
+    ));
+    // The daemon's own uid (and root) may operate.
+    let me = d.cli(&["entry", "list", "--json"]);
+    assert!(
+        me.status.success(),
+        "{}",
+        String::from_utf8_lossy(&me.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&me.stdout).unwrap();
+    assert_eq!(v[0]["spiffe_id"], "spiffe://tessera.internal/me");
+    assert_eq!(v[0]["owner"], "team-a");
+    assert_eq!(v[0]["risk"], "high");
+    let st = d.cli(&["status"]);
+    assert!(String::from_utf8_lossy(&st.stdout).contains("tessera.internal"));
+    if my_uid() != 0 {
+        eprintln!("skipped the other-uid half: needs root");
+        return;
+    }
+    let run = |uid: u32| {
+        let mut c = Command::new(tessera_bin());
+        c.env("TESSERA_ADMIN_SOCKET", &d.admin_socket)
+            .args(["status"]);
+        as_user(&mut c, uid);
+        c.output().unwrap()
+    };
+    let allowed = run(47_004);
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    let refused = run(47_005);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("PermissionDenied"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}
+
+#[test]
+fn admin_socket_is_owner_only_without_extra_grants() {
+    let d = Daemon::start(&entry_for_uid("me", my_uid(), ""));
+    use std::os::unix::fs::PermissionsExt;
+    let admin = std::fs::metadata(&d.admin_socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    let workload = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(admin, 0o600);
+    assert_eq!(workload, 0o666, "workloads of any uid can connect");
+    let data = std::fs::metadata(&d.data_dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(data, 0o700);
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let code = buf[9..12].parse().unwrap();
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (code, body)
+}
+
+#[test]
+fn http_serves_health_and_the_spiffe_bundle_document() {
+    let d = Daemon::start(&entry_for_uid("me", my_uid(), ""));
+    assert_eq!(http_get(d.http, "/healthz").0, 200);
+    assert_eq!(http_get(d.http, "/readyz").0, 200);
+    let (code, body) = http_get(d.http, "/bundle");
+    assert_eq!(code, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(doc["spiffe_sequence"].as_u64().unwrap() >= 1);
+    assert!(doc["spiffe_refresh_hint"].as_u64().unwrap() > 0);
+    let keys = doc["keys"].as_array().unwrap();
+    let x509: Vec<_> = keys.iter().filter(|k| k["use"] == "x509-svid").collect();
+    let jwt: Vec<_> = keys.iter().filter(|k| k["use"] == "jwt-svid").collect();
+    assert_eq!(x509.len(), 1);
+    assert_eq!(x509[0]["x5c"].as_array().unwrap().len(), 1);
+    assert!(jwt.iter().all(|k| k["kid"].is_string()));
+    assert_eq!(http_get(d.http, "/nope").0, 404);
+}
+
+#[test]
+fn operator_ca_chain_is_served_with_intermediates() {
+    // An operator CA that is an intermediate under an offline root: SVIDs carry the
+    // intermediate, the bundle carries the root, and openssl verifies the chain.
+    let dir = open_tempdir();
+    let sh = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.path().join("ext.cnf"),
+        "[root]\nbasicConstraints=critical,CA:true\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\nsubjectAltName=URI:spiffe://tessera.internal\n\
+         [inter]\nbasicConstraints=critical,CA:true,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\nsubjectAltName=URI:spiffe://tessera.internal\n",
+    )
+    .unwrap();
+    sh(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "root.key",
+    ]);
+    sh(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "root.key",
+        "-subj",
+        "/O=Lab/CN=Lab Root",
+        "-days",
+        "30",
+        "-extensions",
+        "root",
+        "-config",
+        "ext.cnf",
+        "-out",
+        "root.pem",
+    ]);
+    sh(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "inter.key",
+    ]);
+    sh(&[
+        "req",
+        "-new",
+        "-key",
+        "inter.key",
+        "-subj",
+        "/O=Lab/CN=Lab Intermediate",
+        "-out",
+        "inter.csr",
+    ]);
+    sh(&[
+        "x509",
+        "-req",
+        "-in",
+        "inter.csr",
+        "-CA",
+        "root.pem",
+        "-CAkey",
+        "root.key",
+        "-CAcreateserial",
+        "-days",
+        "20",
+        "-extfile",
+        "ext.cnf",
+        "-extensions",
+        "inter",
+        "-out",
+        "inter.pem",
+    ]);
+    let chain = format!(
+        "{}{}",
+        std::fs::read_to_string(dir.path().join("inter.pem")).unwrap(),
+        std::fs::read_to_string(dir.path().join("root.pem")).unwrap()
+    );
+    std::fs::write(dir.path().join("chain.pem"), chain).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    // The SEC1 ("EC PRIVATE KEY") form is accepted, at 0600 only.
+    std::fs::set_permissions(
+        dir.path().join("inter.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let d = Daemon::start(&format!(
+        "[ca]\ncert = {:?}\nkey = {:?}\n{}",
+        dir.path().join("chain.pem"),
+        dir.path().join("inter.key"),
+        entry_for_uid("me", my_uid(), "")
+    ));
+    let out = d.dir.path().join("svid");
+    let o = d.cli(&["svid", "x509", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let svid = std::fs::read_to_string(out.join("svid.pem")).unwrap();
+    assert_eq!(
+        svid.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "leaf + intermediate"
+    );
+    let bundle = std::fs::read_to_string(out.join("bundle.pem")).unwrap();
+    assert_eq!(
+        bundle.trim(),
+        std::fs::read_to_string(dir.path().join("root.pem"))
+            .unwrap()
+            .trim()
+    );
+    let v = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(out.join("bundle.pem"))
+        .arg("-untrusted")
+        .arg(out.join("svid.pem"))
+        .arg(out.join("svid.pem"))
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    let st = d.cli(&["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(s["x509_authorities"][0]["operator_supplied"], true);
+}

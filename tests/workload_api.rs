@@ -1,0 +1,686 @@
+//! The real daemon, on a temp socket, driven by the `spiffe` crate's `WorkloadApiClient`
+//! (a client nobody here wrote) and by raw gRPC where the client would hide the wire.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use common::{Daemon, entry_for_uid, my_uid};
+use ring::signature::KeyPair;
+use spiffe::{JwtSvid, SpiffeId, TrustDomain, WorkloadApiError};
+use tessera::proto::workload as pb;
+use tessera::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use tokio_stream::StreamExt;
+use x509_parser::prelude::*;
+
+fn me_entry() -> String {
+    entry_for_uid("me", my_uid(), "hint = \"internal\"")
+}
+
+/// A raw tonic client over the daemon's socket, for requests the spiffe crate will not send.
+async fn raw_client(d: &Daemon) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
+    let path = d.socket.clone();
+    let ch = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(p)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .unwrap();
+    SpiffeWorkloadApiClient::new(ch)
+}
+
+fn with_header<T>(m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    r
+}
+
+#[tokio::test]
+async fn x509_svid_passes_the_spiffe_client_and_profile_checks() {
+    let d = Daemon::start(&me_entry());
+    let client = d.client().await;
+    // The spiffe crate validates the leaf (URI SAN, cA=false, keyUsage) and the key on parse.
+    let svid = client.fetch_x509_svid().await.unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://tessera.internal/me");
+    assert_eq!(svid.hint(), Some("internal"));
+    let leaf_der = svid.leaf().as_ref();
+    let (_, leaf) = parse_x509_certificate(leaf_der).unwrap();
+
+    // Profile: exactly one URI SAN, critical keyUsage with digitalSignature only, EKU, CA:false.
+    let san = leaf.subject_alternative_name().unwrap().unwrap().value;
+    assert_eq!(san.general_names.len(), 1);
+    let ku = leaf.key_usage().unwrap().unwrap();
+    assert!(
+        ku.critical
+            && ku.value.digital_signature()
+            && !ku.value.key_cert_sign()
+            && !ku.value.crl_sign()
+    );
+    let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.server_auth && eku.client_auth);
+    let bc = leaf.basic_constraints().unwrap().unwrap();
+    assert!(bc.critical && !bc.value.ca);
+    let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+    assert!(
+        lifetime <= 15 * 60 + 30 + 1,
+        "default TTL is minutes, got {lifetime}s"
+    );
+
+    // Chain: signed by the CA in the bundle; the CA is a proper signing certificate.
+    let bundles = client.fetch_x509_bundles().await.unwrap();
+    let td = TrustDomain::new("tessera.internal").unwrap();
+    let bundle = bundles.get(&td).unwrap();
+    let ca_der = bundle.authorities()[0].as_ref();
+    let (_, ca) = parse_x509_certificate(ca_der).unwrap();
+    leaf.verify_signature(Some(ca.public_key())).unwrap();
+    assert!(ca.basic_constraints().unwrap().unwrap().value.ca);
+    assert!(ca.key_usage().unwrap().unwrap().value.key_cert_sign());
+    assert!(leaf.validity().not_after.timestamp() <= ca.validity().not_after.timestamp());
+
+    // The private key belongs to the certificate.
+    let rng = ring::rand::SystemRandom::new();
+    let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        svid.private_key().as_ref(),
+        &rng,
+    )
+    .unwrap();
+    assert_eq!(
+        key.public_key().as_ref(),
+        leaf.public_key().subject_public_key.data.as_ref()
+    );
+}
+
+#[tokio::test]
+async fn every_fetch_gets_a_fresh_key() {
+    let d = Daemon::start(&me_entry());
+    let a = d.client().await.fetch_x509_svid().await.unwrap();
+    let b = d.client().await.fetch_x509_svid().await.unwrap();
+    let c = d.client().await.fetch_x509_svid().await.unwrap();
+    assert_ne!(a.private_key().as_ref(), b.private_key().as_ref());
+    assert_ne!(b.private_key().as_ref(), c.private_key().as_ref());
+    assert_ne!(a.leaf().as_ref(), b.leaf().as_ref());
+}
+
+#[tokio::test]
+async fn openssl_accepts_what_the_cli_writes() {
+    let d = Daemon::start(&me_entry());
+    let out = d.dir.path().join("svid-out/nested");
+    let o = d.cli(&["svid", "x509", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("spiffe://tessera.internal/me"), "{stdout}");
+    assert!(stdout.contains("Expires:"), "{stdout}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out.join("svid.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let verify = std::process::Command::new("openssl")
+        .args(["verify", "-purpose", "sslclient", "-CAfile"])
+        .arg(out.join("bundle.pem"))
+        .arg(out.join("svid.pem"))
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    // openssl reads the key and finds it matches the certificate.
+    let key_pub = std::process::Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(out.join("svid.key"))
+        .output()
+        .unwrap();
+    let cert_pub = std::process::Command::new("openssl")
+        .args(["x509", "-pubkey", "-noout", "-in"])
+        .arg(out.join("svid.pem"))
+        .output()
+        .unwrap();
+    assert!(key_pub.status.success());
+    assert_eq!(key_pub.stdout, cert_pub.stdout);
+}
+
+#[tokio::test]
+async fn jwt_svid_validates_offline_and_through_the_daemon() {
+    let d = Daemon::start(&me_entry());
+    let client = d.client().await;
+    let jwt = client.fetch_jwt_svid(["backend"], None).await.unwrap();
+    assert_eq!(jwt.spiffe_id().to_string(), "spiffe://tessera.internal/me");
+    let token = jwt.token().to_owned();
+
+    // Header and claims exactly as the issue and the JWT-SVID standard ask.
+    let parts: Vec<&str> = token.split('.').collect();
+    use base64::Engine;
+    let dec = |s: &str| -> serde_json::Value {
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(s)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let (h, c) = (dec(parts[0]), dec(parts[1]));
+    assert_eq!(h["alg"], "ES256");
+    assert_eq!(h["typ"], "JWT");
+    assert!(h["kid"].is_string());
+    assert_eq!(c["sub"], "spiffe://tessera.internal/me");
+    assert_eq!(c["aud"], serde_json::json!(["backend"]));
+    assert!(c["exp"].as_i64().unwrap() > c["iat"].as_i64().unwrap());
+    assert!(c["jti"].as_str().unwrap().len() >= 16);
+
+    // Offline validation by the spiffe crate against the JWT bundle from FetchJWTBundles.
+    let bundles = client.fetch_jwt_bundles().await.unwrap();
+    let checked = JwtSvid::parse_and_validate(&token, &bundles, &["backend"]).unwrap();
+    assert_eq!(checked.spiffe_id(), jwt.spiffe_id());
+    assert!(JwtSvid::parse_and_validate(&token, &bundles, &["other"]).is_err());
+
+    // The bundle carries only jwt-svid keys, each with a kid.
+    let raw = raw_client(&d)
+        .await
+        .fetch_jwt_bundles(with_header(pb::JwtBundlesRequest {}))
+        .await
+        .unwrap();
+    let msg = raw.into_inner().message().await.unwrap().unwrap();
+    let jwks: serde_json::Value =
+        serde_json::from_slice(&msg.bundles["spiffe://tessera.internal"]).unwrap();
+    for k in jwks["keys"].as_array().unwrap() {
+        assert_eq!(k["use"], "jwt-svid");
+        assert!(k["kid"].is_string());
+    }
+
+    // ValidateJWTSVID through the daemon.
+    let validated = client.validate_jwt_token("backend", &token).await.unwrap();
+    assert_eq!(validated.spiffe_id(), jwt.spiffe_id());
+
+    // Each token has its own jti.
+    let again = client.fetch_jwt_svid(["backend"], None).await.unwrap();
+    let c2 = dec(again.token().split('.').nth(1).unwrap());
+    assert_ne!(c["jti"], c2["jti"]);
+}
+
+#[tokio::test]
+async fn bad_jwts_are_rejected_by_validate() {
+    let d = Daemon::start(&me_entry());
+    let client = d.client().await;
+    let token = client
+        .fetch_jwt_svid(["backend"], None)
+        .await
+        .unwrap()
+        .token()
+        .to_owned();
+    let mut raw = raw_client(&d).await;
+    let validate = |aud: &str, svid: String| pb::ValidateJwtsvidRequest {
+        audience: aud.into(),
+        svid,
+    };
+
+    let wrong_aud = raw
+        .validate_jwtsvid(with_header(validate("elsewhere", token.clone())))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong_aud.code(), tonic::Code::InvalidArgument);
+    assert!(
+        wrong_aud.message().contains("audience"),
+        "{}",
+        wrong_aud.message()
+    );
+
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut claims: serde_json::Value =
+        serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+    claims["sub"] = "spiffe://tessera.internal/admin".into();
+    let tampered = format!(
+        "{}.{}.{}",
+        parts[0],
+        b64.encode(claims.to_string()),
+        parts[2]
+    );
+    let e = raw
+        .validate_jwtsvid(with_header(validate("backend", tampered)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("signature"), "{}", e.message());
+
+    let none_header = b64.encode(r#"{"alg":"none","typ":"JWT"}"#);
+    let alg_none = format!("{none_header}.{}.", parts[1]);
+    let e = raw
+        .validate_jwtsvid(with_header(validate("backend", alg_none)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("none"), "{}", e.message());
+
+    let hs_header = b64.encode(r#"{"alg":"HS256","typ":"JWT","kid":"x"}"#);
+    let hs = format!("{hs_header}.{}.{}", parts[1], parts[2]);
+    let e = raw
+        .validate_jwtsvid(with_header(validate("backend", hs)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    for garbage in ["", "not-a-jwt", "a.b.c"] {
+        let e = raw
+            .validate_jwtsvid(with_header(validate("backend", garbage.into())))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{garbage:?}");
+    }
+    let e = raw
+        .validate_jwtsvid(with_header(validate("", token.clone())))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("audience is required"));
+
+    // Still serving, and the genuine token still validates.
+    assert!(client.validate_jwt_token("backend", &token).await.is_ok());
+}
+
+#[tokio::test]
+async fn missing_security_header_is_invalid_argument_on_every_rpc() {
+    let d = Daemon::start(&me_entry());
+    let mut raw = raw_client(&d).await;
+    let codes = [
+        raw.fetch_x509svid(pb::X509svidRequest {})
+            .await
+            .err()
+            .map(|e| e.code()),
+        raw.fetch_x509_bundles(pb::X509BundlesRequest {})
+            .await
+            .err()
+            .map(|e| e.code()),
+        raw.fetch_jwtsvid(pb::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        })
+        .await
+        .err()
+        .map(|e| e.code()),
+        raw.fetch_jwt_bundles(pb::JwtBundlesRequest {})
+            .await
+            .err()
+            .map(|e| e.code()),
+        raw.validate_jwtsvid(pb::ValidateJwtsvidRequest {
+            audience: "a".into(),
+            svid: "x".into(),
+        })
+        .await
+        .err()
+        .map(|e| e.code()),
+    ];
+    for c in codes {
+        assert_eq!(c, Some(tonic::Code::InvalidArgument));
+    }
+    // A wrong header value is the same as none.
+    let mut r = tonic::Request::new(pb::X509svidRequest {});
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "yes".parse().unwrap());
+    assert_eq!(
+        raw.fetch_x509svid(r).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+}
+
+#[tokio::test]
+async fn caller_without_entry_gets_permission_denied() {
+    // The only entry is for another uid.
+    let other = my_uid().wrapping_add(4242);
+    let d = Daemon::start(&entry_for_uid("someone-else", other, ""));
+    let client = d.client().await;
+    assert!(matches!(
+        client.fetch_x509_svid().await,
+        Err(WorkloadApiError::NoIdentityIssued)
+    ));
+    assert!(matches!(
+        client.fetch_jwt_svid(["a"], None).await,
+        Err(WorkloadApiError::NoIdentityIssued)
+    ));
+    assert!(matches!(
+        client.fetch_x509_bundles().await,
+        Err(WorkloadApiError::NoIdentityIssued)
+    ));
+    assert!(matches!(
+        client.fetch_jwt_bundles().await,
+        Err(WorkloadApiError::NoIdentityIssued)
+    ));
+}
+
+#[tokio::test]
+async fn unauthenticated_verifiers_can_be_allowed() {
+    let other = my_uid().wrapping_add(4242);
+    let d = Daemon::start(&format!(
+        "workload_api.allow_unauthenticated_verifiers = true\n{}",
+        entry_for_uid("someone-else", other, "")
+    ));
+    let client = d.client().await;
+    assert!(client.fetch_x509_bundles().await.is_ok());
+    assert!(client.fetch_jwt_bundles().await.is_ok());
+    assert!(matches!(
+        client.fetch_x509_svid().await,
+        Err(WorkloadApiError::NoIdentityIssued)
+    ));
+}
+
+#[tokio::test]
+async fn jwt_requests_are_checked() {
+    let d = Daemon::start(&format!(
+        "{}{}",
+        me_entry(),
+        entry_for_uid("me-too", my_uid(), "")
+    ));
+    let mut raw = raw_client(&d).await;
+    let e = raw
+        .fetch_jwtsvid(with_header(pb::JwtsvidRequest {
+            audience: vec![],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("audience is required"),
+        "{}",
+        e.message()
+    );
+    let e = raw
+        .fetch_jwtsvid(with_header(pb::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: "not an id".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = raw
+        .fetch_jwtsvid(with_header(pb::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: "spiffe://tessera.internal/not-mine".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+
+    // Two identities: one token each, default first; asking for one gives only that one.
+    let all = raw
+        .fetch_jwtsvid(with_header(pb::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = all.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "spiffe://tessera.internal/me",
+            "spiffe://tessera.internal/me-too"
+        ]
+    );
+    let one = raw
+        .fetch_jwtsvid(with_header(pb::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: "spiffe://tessera.internal/me-too".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.svids.len(), 1);
+    assert_eq!(one.svids[0].spiffe_id, "spiffe://tessera.internal/me-too");
+    let id = SpiffeId::new("spiffe://tessera.internal/me-too").unwrap();
+    let via_client = d
+        .client()
+        .await
+        .fetch_jwt_svid(["a"], Some(&id))
+        .await
+        .unwrap();
+    assert_eq!(via_client.spiffe_id(), &id);
+}
+
+#[tokio::test]
+async fn several_identities_arrive_in_one_message_with_unique_hints() {
+    let d = Daemon::start(&format!(
+        "{}{}{}",
+        entry_for_uid("a", my_uid(), "hint = \"same\""),
+        entry_for_uid("b", my_uid(), "hint = \"same\""),
+        entry_for_uid("c", my_uid(), "hint = \"other\"")
+    ));
+    let all = d.client().await.fetch_all_x509_svids().await.unwrap();
+    let ids: Vec<String> = all.iter().map(|s| s.spiffe_id().to_string()).collect();
+    assert_eq!(
+        ids,
+        [
+            "spiffe://tessera.internal/a",
+            "spiffe://tessera.internal/b",
+            "spiffe://tessera.internal/c"
+        ]
+    );
+    let hints: Vec<Option<&str>> = all.iter().map(|s| s.hint()).collect();
+    assert_eq!(hints, [Some("same"), None, Some("other")]);
+    // Different identities never share a key.
+    assert_ne!(all[0].private_key().as_ref(), all[1].private_key().as_ref());
+}
+
+#[tokio::test]
+async fn path_and_hash_selectors_match_the_calling_executable() {
+    let exe = common::current_exe();
+    let hash = tessera::attest::sha256_file(&exe).unwrap();
+    let d = Daemon::start(&format!(
+        "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/by-path\"\nselectors = [\"unix:uid:{uid}\", \"unix:path:{path}\"]\n\
+         [[entries]]\nspiffe_id = \"spiffe://tessera.internal/by-hash\"\nselectors = [\"unix:sha256:{hash}\"]\n\
+         [[entries]]\nspiffe_id = \"spiffe://tessera.internal/wrong-path\"\nselectors = [\"unix:path:/usr/bin/true\"]\n\
+         [[entries]]\nspiffe_id = \"spiffe://tessera.internal/wrong-hash\"\nselectors = [\"unix:sha256:{zero}\"]\n",
+        uid = my_uid(),
+        path = exe.display(),
+        zero = "0".repeat(64)
+    ));
+    let all = d.client().await.fetch_all_x509_svids().await.unwrap();
+    let ids: Vec<String> = all.iter().map(|s| s.spiffe_id().to_string()).collect();
+    assert_eq!(
+        ids,
+        [
+            "spiffe://tessera.internal/by-path",
+            "spiffe://tessera.internal/by-hash"
+        ]
+    );
+    // The CLI is a different executable: it gets only what its own hash/path allow (nothing).
+    let o = d.cli(&["svid", "x509"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no identity issued"));
+}
+
+#[tokio::test]
+async fn stream_rotates_at_half_life_with_fresh_keys() {
+    let d = Daemon::start(&entry_for_uid("short", my_uid(), "x509_svid_ttl = \"4s\""));
+    let client = d.client().await;
+    let mut stream = client.stream_x509_svids().await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    let t0 = std::time::Instant::now();
+    let second = tokio::time::timeout(Duration::from_secs(6), stream.next())
+        .await
+        .expect("rotation within TTL")
+        .unwrap()
+        .unwrap();
+    let waited = t0.elapsed();
+    // Half of the 4s lifetime, ±10% jitter, measured from issuance (the leaf is backdated
+    // 30s for skew, which does not count toward rotation).
+    assert!(
+        waited >= Duration::from_millis(1500) && waited <= Duration::from_millis(3000),
+        "rotated after {waited:?}"
+    );
+    assert_eq!(first.spiffe_id(), second.spiffe_id());
+    assert_ne!(first.private_key().as_ref(), second.private_key().as_ref());
+    assert_ne!(first.leaf().as_ref(), second.leaf().as_ref());
+}
+
+#[tokio::test]
+async fn garbage_on_the_socket_does_not_stop_the_daemon() {
+    let d = Daemon::start(&me_entry());
+    let mut rng_state = 0x1234_5678_u64;
+    for round in 0..20 {
+        let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        let mut buf = vec![0u8; 64 + round * 97];
+        for b in &mut buf {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            *b = rng_state as u8;
+        }
+        if round % 2 == 0 {
+            // A valid HTTP/2 preface followed by nonsense frames.
+            let _ = s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        }
+        let _ = s.write_all(&buf);
+        drop(s);
+    }
+    // Half-open connection that never speaks.
+    let _idle = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    let svid = d.client().await.fetch_x509_svid().await.unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://tessera.internal/me");
+}
+
+#[tokio::test]
+async fn wit_profile_is_unimplemented() {
+    let d = Daemon::start(&me_entry());
+    let mut raw = raw_client(&d).await;
+    let e = raw
+        .fetch_witsvid(with_header(pb::WitsvidRequest {
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    let e = raw
+        .fetch_wit_bundles(with_header(pb::WitBundlesRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented);
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    let d = Daemon::start(&me_entry());
+    let path = d.socket.clone();
+    let ch = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(p)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "SpiffeWorkloadAPI".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse,
+    };
+    let mut refl = ServerReflectionClient::new(ch);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = refl
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = resp.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("unexpected reflection answer")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"SpiffeWorkloadAPI".to_string()),
+        "{names:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_open_streams_promptly() {
+    let mut d = Daemon::start(&me_entry());
+    let client = d.client().await;
+    let mut stream = client.stream_x509_svids().await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    let t0 = std::time::Instant::now();
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(d.pid(), libc::SIGTERM) };
+    // The stream ends (Unavailable or EOF) at once; it does not hang until the drain deadline.
+    let end = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .expect("stream ended");
+    assert!(!matches!(end, Some(Ok(_))));
+    drop((stream, client));
+    let status = tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(4)));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?}",
+        t0.elapsed()
+    );
+    assert!(!d.socket.exists(), "socket removed on shutdown");
+}
+
+#[tokio::test]
+async fn restart_reuses_the_ca_and_replaces_a_stale_socket() {
+    let d = Daemon::start(&me_entry());
+    let before = d.client().await.fetch_x509_bundles().await.unwrap();
+    // kill -9 leaves the socket file behind; the next start must replace it.
+    let pid = d.pid();
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(d.socket.exists());
+    let mut d = d;
+    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
+    drop(d);
+    let d2 = Daemon::start_in(dir, &me_entry());
+    let after = d2.client().await.fetch_x509_bundles().await.unwrap();
+    let td = TrustDomain::new("tessera.internal").unwrap();
+    assert_eq!(
+        before.get(&td).unwrap().authorities()[0].as_ref(),
+        after.get(&td).unwrap().authorities()[0].as_ref()
+    );
+}
+
+#[tokio::test]
+async fn a_second_daemon_on_the_same_socket_refuses_to_start() {
+    let d = Daemon::start(&me_entry());
+    let out = std::process::Command::new(common::tesserad_bin())
+        .arg("--config")
+        .arg(&d.config_path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use"), "{err}");
+    assert!(d.client().await.fetch_x509_svid().await.is_ok());
+}
