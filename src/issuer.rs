@@ -131,7 +131,7 @@ impl Issuer {
     }
 
     /// Step 1: who is calling.
-    pub async fn attest(&self, peer: Option<&PeerInfo>) -> Result<Attestation, IssueError> {
+    pub async fn attest(&self, peer: Option<&PeerInfo>) -> Result<Arc<Attestation>, IssueError> {
         let peer = peer.ok_or(AttestError::NoPid)?;
         Ok(self.attestor.attest(peer).await?)
     }

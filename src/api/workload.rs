@@ -9,11 +9,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{self, Stream, StreamExt};
 use ring::rand::SecureRandom;
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::uds::PeerConn;
@@ -21,10 +21,11 @@ use super::{NO_IDENTITY, status};
 use crate::attest::Attestation;
 use crate::issuer::{Issuer, X509Svid};
 use crate::proto::workload as pb;
-use crate::registry::Entry;
 use crate::shutdown::Shutdown;
 
-type StreamOf<T> = ReceiverStream<Result<T, Status>>;
+/// Streams are state machines polled by the connection that carries them: no task or channel
+/// per stream, and when the client goes away the stream is simply dropped.
+type StreamOf<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Serves the Workload API.
 #[derive(Debug, Clone)]
@@ -49,7 +50,7 @@ impl WorkloadApi {
     }
 
     /// Security header check, then attestation.
-    async fn caller<T>(&self, req: &Request<T>) -> Result<Attestation, Status> {
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Arc<Attestation>, Status> {
         check_security_header(req)?;
         let peer = req
             .extensions()
@@ -116,11 +117,6 @@ fn unique_hint(seen: &mut HashSet<String>, hint: Option<&str>) -> String {
     }
 }
 
-/// Same entry, same settings: an SVID minted for `old` is still right for `new`.
-fn same_grant(old: &Entry, new: &Entry) -> bool {
-    old == new
-}
-
 #[tonic::async_trait]
 impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     type FetchX509SVIDStream = StreamOf<pb::X509svidResponse>;
@@ -141,67 +137,20 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             let at = refresh_at(&s, now);
             svids.push((s, at));
         }
-        let ca = Arc::clone(self.issuer.ca());
-        let mut bundle_rx = ca.subscribe_bundle();
-        let mut entries_rx = self.issuer.registry().subscribe();
-        let first = x509_response(&svids, &bundle_rx.borrow_and_update().x509_der);
-        entries_rx.borrow_and_update();
-
-        let (tx, rx) = mpsc::channel(2);
-        tx.try_send(Ok(first)).expect("a new channel has room");
-        let issuer = Arc::clone(&self.issuer);
-        let mut shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                let next = svids.iter().map(|(_, at)| *at).min().expect("never empty");
-                tokio::select! {
-                    () = shutdown.wait() => {
-                        let _ = tx.send(Err(Status::unavailable("tesserad is shutting down"))).await;
-                        return;
-                    }
-                    () = tx.closed() => return,
-                    changed = entries_rx.changed() => {
-                        if changed.is_err() { return; }
-                        let current = crate::registry::matching(
-                            &entries_rx.borrow_and_update(), &caller, OffsetDateTime::now_utc());
-                        if current.is_empty() {
-                            let _ = tx.send(Err(Status::permission_denied(NO_IDENTITY))).await;
-                            return;
-                        }
-                        let mut old = std::mem::take(&mut svids);
-                        for e in &current {
-                            if let Some(i) = old.iter().position(|(s, _)| same_grant(&s.entry, e)) {
-                                svids.push(old.swap_remove(i));
-                            } else {
-                                match issuer.issue_x509(&caller, e) {
-                                    Ok(s) => { let at = refresh_at(&s, Instant::now()); svids.push((s, at)); }
-                                    Err(err) => { let _ = tx.send(Err(status(err))).await; return; }
-                                }
-                            }
-                        }
-                    }
-                    changed = bundle_rx.changed() => {
-                        if changed.is_err() { return; }
-                    }
-                    () = tokio::time::sleep_until(next) => {
-                        let now = Instant::now();
-                        for (s, at) in &mut svids {
-                            if *at <= now {
-                                match issuer.issue_x509(&caller, &s.entry) {
-                                    Ok(fresh) => { *at = refresh_at(&fresh, now); *s = fresh; }
-                                    Err(err) => { let _ = tx.send(Err(status(err))).await; return; }
-                                }
-                            }
-                        }
-                    }
-                }
-                let msg = x509_response(&svids, &bundle_rx.borrow().x509_der);
-                if tx.send(Ok(msg)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let mut watch = X509Watch {
+            issuer: Arc::clone(&self.issuer),
+            bundle_rx: self.issuer.ca().subscribe_bundle(),
+            entries_rx: self.issuer.registry().subscribe(),
+            shutdown: self.shutdown.clone(),
+            caller,
+            svids,
+        };
+        watch.entries_rx.borrow_and_update();
+        let first = x509_response(&watch.svids, &watch.bundle_rx.borrow_and_update().x509_der);
+        let updates = stream::unfold(Some(watch), |w| async move { w?.next().await });
+        Ok(Response::new(
+            stream::once(async { Ok(first) }).chain(updates).boxed(),
+        ))
     }
 
     type FetchX509BundlesStream = StreamOf<pb::X509BundlesResponse>;
@@ -312,52 +261,121 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     }
 }
 
+/// State of one `FetchX509SVID` stream after its first message.
+struct X509Watch {
+    issuer: Arc<Issuer>,
+    caller: Arc<Attestation>,
+    svids: Vec<(X509Svid, Instant)>,
+    bundle_rx: watch::Receiver<Arc<crate::ca::TrustBundle>>,
+    entries_rx: watch::Receiver<crate::registry::Entries>,
+    shutdown: Shutdown,
+}
+
+/// The next stream item and the state after it; `None` state ends the stream.
+type Step<T, S> = Option<(Result<T, Status>, Option<S>)>;
+
+impl X509Watch {
+    /// Waits for the next change (rotation due, entries, bundle, shutdown) and returns the
+    /// full new state, or a final error.
+    async fn next(mut self) -> Step<pb::X509svidResponse, Self> {
+        let end = |s: Status| Some((Err(s), None));
+        let next = self.svids.iter().map(|(_, at)| *at).min()?;
+        tokio::select! {
+            () = self.shutdown.wait() => return end(Status::unavailable("tesserad is shutting down")),
+            changed = self.entries_rx.changed() => {
+                changed.ok()?;
+                let current = crate::registry::matching(
+                    &self.entries_rx.borrow_and_update(), &self.caller, OffsetDateTime::now_utc());
+                if current.is_empty() {
+                    return end(Status::permission_denied(NO_IDENTITY));
+                }
+                let mut old = std::mem::take(&mut self.svids);
+                for e in &current {
+                    // Same entry, same settings: the SVID already issued is still right.
+                    if let Some(i) = old.iter().position(|(s, _)| *s.entry == **e) {
+                        self.svids.push(old.swap_remove(i));
+                    } else {
+                        match self.issuer.issue_x509(&self.caller, e) {
+                            Ok(s) => { let at = refresh_at(&s, Instant::now()); self.svids.push((s, at)); }
+                            Err(err) => return end(status(err)),
+                        }
+                    }
+                }
+            }
+            changed = self.bundle_rx.changed() => { changed.ok()?; }
+            () = tokio::time::sleep_until(next) => {
+                let now = Instant::now();
+                for (s, at) in &mut self.svids {
+                    if *at <= now {
+                        match self.issuer.issue_x509(&self.caller, &s.entry) {
+                            Ok(fresh) => { *at = refresh_at(&fresh, now); *s = fresh; }
+                            Err(err) => return end(status(err)),
+                        }
+                    }
+                }
+            }
+        }
+        let msg = x509_response(&self.svids, &self.bundle_rx.borrow_and_update().x509_der);
+        Some((Ok(msg), Some(self)))
+    }
+}
+
+/// State of one bundle stream after its first message.
+struct BundleWatch<F> {
+    caller: Arc<Attestation>,
+    allow_unauthenticated: bool,
+    bundle_rx: watch::Receiver<Arc<crate::ca::TrustBundle>>,
+    entries_rx: watch::Receiver<crate::registry::Entries>,
+    shutdown: Shutdown,
+    render: F,
+}
+
+impl<T, F: Fn(&crate::ca::TrustBundle) -> T> BundleWatch<F> {
+    async fn next(mut self) -> Step<T, Self> {
+        loop {
+            tokio::select! {
+                () = self.shutdown.wait() => {
+                    return Some((Err(Status::unavailable("tesserad is shutting down")), None));
+                }
+                changed = self.entries_rx.changed() => {
+                    changed.ok()?;
+                    let none = crate::registry::matching(
+                        &self.entries_rx.borrow_and_update(), &self.caller, OffsetDateTime::now_utc()).is_empty();
+                    if none && !self.allow_unauthenticated {
+                        return Some((Err(Status::permission_denied(NO_IDENTITY)), None));
+                    }
+                }
+                changed = self.bundle_rx.changed() => {
+                    changed.ok()?;
+                    let msg = (self.render)(&self.bundle_rx.borrow_and_update());
+                    return Some((Ok(msg), Some(self)));
+                }
+            }
+        }
+    }
+}
+
 impl WorkloadApi {
     /// A bundle stream: first message now, then one per bundle change; ends with
     /// `PermissionDenied` if the caller loses its last identity (unless unauthenticated
     /// verifiers are allowed), and on shutdown.
     fn bundle_stream<T: Send + 'static>(
         &self,
-        caller: Attestation,
-        render: impl Fn(&crate::ca::TrustBundle) -> T + Send + 'static,
+        caller: Arc<Attestation>,
+        render: impl Fn(&crate::ca::TrustBundle) -> T + Send + Sync + 'static,
     ) -> StreamOf<T> {
-        let mut bundle_rx = self.issuer.ca().subscribe_bundle();
-        let mut entries_rx = self.issuer.registry().subscribe();
-        entries_rx.borrow_and_update();
-        let (tx, rx) = mpsc::channel(2);
-        tx.try_send(Ok(render(&bundle_rx.borrow_and_update())))
-            .expect("a new channel has room");
-        let mut shutdown = self.shutdown.clone();
-        let allow = self.allow_unauthenticated_verifiers;
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = shutdown.wait() => {
-                        let _ = tx.send(Err(Status::unavailable("tesserad is shutting down"))).await;
-                        return;
-                    }
-                    () = tx.closed() => return,
-                    changed = entries_rx.changed() => {
-                        if changed.is_err() { return; }
-                        let none = crate::registry::matching(
-                            &entries_rx.borrow_and_update(), &caller, OffsetDateTime::now_utc()).is_empty();
-                        if none && !allow {
-                            let _ = tx.send(Err(Status::permission_denied(NO_IDENTITY))).await;
-                            return;
-                        }
-                        continue;
-                    }
-                    changed = bundle_rx.changed() => {
-                        if changed.is_err() { return; }
-                    }
-                }
-                let msg = render(&bundle_rx.borrow_and_update());
-                if tx.send(Ok(msg)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        ReceiverStream::new(rx)
+        let mut w = BundleWatch {
+            caller,
+            allow_unauthenticated: self.allow_unauthenticated_verifiers,
+            bundle_rx: self.issuer.ca().subscribe_bundle(),
+            entries_rx: self.issuer.registry().subscribe(),
+            shutdown: self.shutdown.clone(),
+            render,
+        };
+        w.entries_rx.borrow_and_update();
+        let first = (w.render)(&w.bundle_rx.borrow_and_update());
+        let updates = stream::unfold(Some(w), |w| async move { w?.next().await });
+        stream::once(async { Ok(first) }).chain(updates).boxed()
     }
 }
 

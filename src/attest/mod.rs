@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -48,8 +48,9 @@ pub enum AttestError {
     },
 }
 
-/// What the kernel told us about the peer when the connection was accepted.
-#[derive(Debug, Clone)]
+/// What the kernel told us about the peer when the connection was accepted, plus the
+/// connection's last attestation.
+#[derive(Debug)]
 pub struct PeerInfo {
     /// Effective uid of the peer at connect time.
     pub uid: u32,
@@ -61,7 +62,23 @@ pub struct PeerInfo {
     pub pidfd: Option<Arc<OwnedFd>>,
     /// `CLOCK_BOOTTIME` at accept, in clock ticks, to detect a pid that was reused after accept.
     pub accepted_at_ticks: u64,
+    /// The last full attestation of this connection's process.
+    cache: Mutex<Option<Cached>>,
 }
+
+/// A full attestation, reused for later requests on the same connection while the process is
+/// provably the same one running the same executable.
+#[derive(Debug)]
+struct Cached {
+    attestation: Arc<Attestation>,
+    exe: Option<FileKey>,
+    start_time: Option<u64>,
+    at: Instant,
+}
+
+/// How long a connection's attestation is reused before it is done again in full, so that
+/// changes the cheap re-check cannot see (user or group renames) still arrive.
+const ATTESTATION_REUSE: Duration = Duration::from_secs(30);
 
 impl PeerInfo {
     /// Reads the peer credentials of a connected Unix socket.
@@ -91,6 +108,7 @@ impl PeerInfo {
             pid: cred.pid,
             pidfd: peer_pidfd(fd).map(Arc::new),
             accepted_at_ticks: boottime_ticks(),
+            cache: Mutex::new(None),
         })
     }
 }
@@ -168,6 +186,18 @@ struct FileKey {
     ctime: (i64, i64),
 }
 
+impl FileKey {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
 /// Bounded so that a workload spawning many distinct executables cannot grow memory without end.
 const HASH_CACHE_MAX: usize = 4096;
 const NAME_CACHE_TTL: Duration = Duration::from_secs(60);
@@ -193,10 +223,59 @@ impl Attestor {
     }
 
     /// Attests the peer. Blocking work (hashing a new executable) runs off the async threads.
-    pub async fn attest(self: &Arc<Self>, peer: &PeerInfo) -> Result<Attestation, AttestError> {
+    ///
+    /// The first request on a connection is attested in full. Later ones reuse that result
+    /// after two cheap checks: the connecting process is still alive (pidfd, or an unchanged
+    /// start time) and `/proc/<pid>/exe` is still the same file (an `exec` changes it).
+    pub async fn attest(
+        self: &Arc<Self>,
+        peer: &PeerInfo,
+    ) -> Result<Arc<Attestation>, AttestError> {
         if peer.pid <= 0 {
             return Err(AttestError::NoPid);
         }
+        if let Some(a) = self.reuse(peer)? {
+            return Ok(a);
+        }
+        let (att, exe, start_time) = self.attest_fully(peer).await?;
+        let att = Arc::new(att);
+        *peer.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
+            attestation: Arc::clone(&att),
+            exe,
+            start_time,
+            at: Instant::now(),
+        });
+        Ok(att)
+    }
+
+    fn reuse(&self, peer: &PeerInfo) -> Result<Option<Arc<Attestation>>, AttestError> {
+        let guard = peer.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(c) = guard
+            .as_ref()
+            .filter(|c| c.at.elapsed() < ATTESTATION_REUSE)
+        else {
+            return Ok(None);
+        };
+        let pid = peer.pid;
+        match (&peer.pidfd, c.start_time) {
+            (Some(fd), _) if process_exited(fd.as_raw_fd()) => {
+                return Err(AttestError::ProcessGone(pid));
+            }
+            (None, Some(st)) if start_time(pid)? != st => {
+                return Err(AttestError::ProcessGone(pid));
+            }
+            _ => {}
+        }
+        let exe_now = std::fs::metadata(format!("/proc/{pid}/exe"))
+            .ok()
+            .map(|m| FileKey::of(&m));
+        Ok((exe_now == c.exe).then(|| Arc::clone(&c.attestation)))
+    }
+
+    async fn attest_fully(
+        self: &Arc<Self>,
+        peer: &PeerInfo,
+    ) -> Result<(Attestation, Option<FileKey>, Option<u64>), AttestError> {
         let pid = peer.pid;
         let start_before = if peer.pidfd.is_none() {
             let st = start_time(pid)?;
@@ -235,9 +314,13 @@ impl Attestor {
                 .filter(|p| !p.ends_with(" (deleted)")),
             None => None,
         };
-        let exe_sha256 = match exe {
-            Some(f) => self.hash_exe(f).await,
-            None => None,
+        let exe_key = exe
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| FileKey::of(&m));
+        let exe_sha256 = match (exe, exe_key) {
+            (Some(f), Some(key)) => self.hash_exe(f, key).await,
+            _ => None,
         };
 
         // The reads above are only good if they were of the process that connected.
@@ -276,25 +359,18 @@ impl Attestor {
         if let Some(h) = &exe_sha256 {
             selectors.insert(Selector::Sha256(h.clone()));
         }
-        Ok(Attestation {
+        let att = Attestation {
             uid: peer.uid,
             gid: peer.gid,
             pid,
             exe_path,
             exe_sha256,
             selectors,
-        })
+        };
+        Ok((att, exe_key, start_before))
     }
 
-    async fn hash_exe(self: &Arc<Self>, file: File) -> Option<String> {
-        let meta = file.metadata().ok()?;
-        let key = FileKey {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        };
+    async fn hash_exe(self: &Arc<Self>, file: File, key: FileKey) -> Option<String> {
         if let Some(h) = self.hashes.get(&key) {
             return Some(h.to_string());
         }
@@ -465,7 +541,10 @@ mod tests {
             .unwrap();
         let exe = std::env::current_exe().unwrap();
         assert_eq!(att.exe_path.as_deref(), exe.to_str());
-        assert_eq!(att.exe_sha256.unwrap(), sha256_file(&exe).unwrap());
+        assert_eq!(
+            att.exe_sha256.as_deref(),
+            Some(sha256_file(&exe).unwrap().as_str())
+        );
         assert!(
             att.selectors
                 .contains(&Selector::Uid(nix::unistd::geteuid().as_raw()))
@@ -514,5 +593,54 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, AttestError::ProcessGone(_)), "{err}");
         drop(b);
+    }
+
+    #[tokio::test]
+    async fn exec_after_connect_is_seen_on_the_next_request() {
+        // A process connects as python3, then execs sleep while keeping the connection:
+        // the cached attestation must not outlive the exec.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let script = format!(
+            "import socket,os,time\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})\nos.set_inheritable(s.fileno(),True)\ntime.sleep(0.5)\nos.execv('/bin/sleep',['sleep','5'])",
+            path.to_str().unwrap()
+        );
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .spawn()
+            .unwrap();
+        let (conn, _) = listener.accept().unwrap();
+        let peer = PeerInfo::from_socket(conn.as_raw_fd()).unwrap();
+        let attestor = Arc::new(Attestor::new(1 << 30));
+        let before = attestor.attest(&peer).await.unwrap();
+        assert!(
+            before.exe_path.as_deref().unwrap().contains("python"),
+            "{before:?}"
+        );
+        // Reused while nothing changed.
+        assert!(Arc::ptr_eq(&before, &attestor.attest(&peer).await.unwrap()));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let exe = std::fs::read_link(format!("/proc/{}/exe", peer.pid)).unwrap();
+            if exe.to_string_lossy().contains("sleep") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "child never exec'd");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let after = attestor.attest(&peer).await.unwrap();
+        assert!(
+            after.exe_path.as_deref().unwrap().ends_with("sleep"),
+            "{after:?}"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // The process is gone: no identity at all.
+        assert!(matches!(
+            attestor.attest(&peer).await,
+            Err(AttestError::ProcessGone(_))
+        ));
     }
 }

@@ -3,6 +3,11 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+
+// Issuance allocates many small short-lived buffers per request (DER, protobuf, HTTP/2
+// frames); mimalloc's thread-local free lists measurably cut that cost (see the benchmark).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use tessera::config::{Config, LogFormat};
 

@@ -68,6 +68,17 @@ impl Daemon {
             sock = socket,
             admin = admin_socket
         );
+        // A key the test sets itself replaces the base's.
+        let base: String = base
+            .lines()
+            .filter(|l| {
+                let key = l.split('=').next().unwrap_or_default().trim();
+                !extra
+                    .lines()
+                    .any(|e| e.split('=').next().unwrap_or_default().trim() == key)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
         std::fs::write(&config_path, merge_toml(&base, extra)).unwrap();
         let mut child = Command::new(tesserad_bin())
             .arg("--config")
