@@ -7,7 +7,9 @@
 //!   gRPC status codes.
 //! - [`issuer`]: THE issuance path: attest → match entry → mint → hand out.
 //! - [`config`], [`registry`]: typed configuration; entries (the inventory) and matching.
+//! - [`lease`]: every credential as a lease: table, durable store, reaper, kill list.
 //! - [`attest`], [`ca`]: kernel attestation; the CA, bundles, SVID minting and validation.
+//! - [`audit`]: the hash-chained audit log.
 //! - [`spiffe_id`], [`jose`], [`shutdown`], [`fsutil`], [`proto`]: leaves.
 //! - [`cli`]: the `tessera` command, a client of the APIs like any other.
 #![warn(missing_docs)]
@@ -15,12 +17,14 @@
 pub mod api;
 pub mod app;
 pub mod attest;
+pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod fsutil;
 pub mod issuer;
 pub mod jose;
+pub mod lease;
 pub mod proto;
 pub mod registry;
 pub mod shutdown;

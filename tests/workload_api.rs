@@ -509,12 +509,19 @@ async fn stream_rotates_at_half_life_with_fresh_keys() {
     let mut stream = client.stream_x509_svids().await.unwrap();
     let first = stream.next().await.unwrap().unwrap();
     let t0 = std::time::Instant::now();
-    let second = tokio::time::timeout(Duration::from_secs(8), stream.next()).await.expect("rotation within TTL").unwrap().unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(8), stream.next())
+        .await
+        .expect("rotation within TTL")
+        .unwrap()
+        .unwrap();
     let waited = t0.elapsed();
     // Half of the remaining lifetime, ±10% jitter. notAfter is whole seconds (rounded down),
     // so a 6s TTL leaves 5 to 6s: rotation falls between 0.9 × 2.5s and 1.1 × 3s. The leaf's
     // 30s backdating for clock skew does not count toward rotation.
-    assert!(waited >= Duration::from_millis(2150) && waited <= Duration::from_millis(3400), "rotated after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(2150) && waited <= Duration::from_millis(3400),
+        "rotated after {waited:?}"
+    );
     assert_eq!(first.spiffe_id(), second.spiffe_id());
     assert_ne!(first.private_key().as_ref(), second.private_key().as_ref());
     assert_ne!(first.leaf().as_ref(), second.leaf().as_ref());

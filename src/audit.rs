@@ -1,0 +1,512 @@
+//! Tamper-evident audit log: one JSON object per line in `data_dir/audit.jsonl`.
+//!
+//! Owns: the record format, the hash chain and its verification. Every record carries
+//! `seq` (consecutive), `prev` (the previous record's hash) and `hash`, the SHA-256 of the
+//! record's own bytes up to the hash field. Any edit, deletion or reordering breaks the chain
+//! at the first affected line; truncating the tail is caught by comparing with the chain head
+//! that the lease store commits after each batch. A rotated file starts from the recorded hash
+//! of the file before it, so each file verifies on its own.
+//!
+//! Records never contain key material or whole tokens: only ids, names and reasons.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use ring::digest;
+use serde_json::{Map, Value};
+
+/// `prev` of the very first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+const HASH_SUFFIX_LEN: usize = r#","hash":""}"#.len() + 64;
+
+/// Who caused an event.
+#[derive(Debug, Clone)]
+pub enum Actor {
+    /// A workload, as attested.
+    Workload {
+        /// uid.
+        uid: u32,
+        /// pid.
+        pid: i32,
+        /// Executable path, if known.
+        exe: Option<String>,
+    },
+    /// An operator on the admin socket.
+    Operator {
+        /// uid.
+        uid: u32,
+    },
+    /// The daemon itself (expiry, restore).
+    Daemon,
+}
+
+impl Actor {
+    fn to_json(&self) -> Value {
+        match self {
+            Self::Workload { uid, pid, exe } => {
+                serde_json::json!({"uid": uid, "pid": pid, "exe": exe})
+            }
+            Self::Operator { uid } => serde_json::json!({"operator_uid": uid}),
+            Self::Daemon => Value::String("tesserad".into()),
+        }
+    }
+
+    /// Short form for lease records (`uid:0`, `tesserad`).
+    pub fn label(&self) -> String {
+        match self {
+            Self::Workload { uid, pid, .. } => format!("workload uid:{uid} pid:{pid}"),
+            Self::Operator { uid } => format!("operator uid:{uid}"),
+            Self::Daemon => "tesserad".into(),
+        }
+    }
+}
+
+/// One event to record; the writer adds `seq`, `prev` and `hash`.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Unix time in milliseconds.
+    pub at_ms: i64,
+    /// `issue`, `deny`, `revoke`, `kill`, `restore`, `entry_create`, ...
+    pub event: &'static str,
+    /// Who.
+    pub actor: Actor,
+    /// Which identity.
+    pub spiffe_id: Option<String>,
+    /// Which lease.
+    pub lease_id: Option<String>,
+    /// Why.
+    pub reason: Option<String>,
+    /// Anything else worth keeping (kind, serial, counts, entry fields).
+    pub detail: Map<String, Value>,
+}
+
+impl Event {
+    /// An event happening now.
+    pub fn now(event: &'static str, actor: Actor) -> Self {
+        Self {
+            at_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
+            event,
+            actor,
+            spiffe_id: None,
+            lease_id: None,
+            reason: None,
+            detail: Map::new(),
+        }
+    }
+
+    /// Builder: identity.
+    pub fn spiffe_id(mut self, id: impl Into<String>) -> Self {
+        self.spiffe_id = Some(id.into());
+        self
+    }
+
+    /// Builder: lease.
+    pub fn lease(mut self, id: impl Into<String>) -> Self {
+        self.lease_id = Some(id.into());
+        self
+    }
+
+    /// Builder: reason.
+    pub fn reason(mut self, r: impl Into<String>) -> Self {
+        self.reason = Some(r.into());
+        self
+    }
+
+    /// Builder: one detail field.
+    pub fn detail(mut self, k: &str, v: impl Into<Value>) -> Self {
+        self.detail.insert(k.into(), v.into());
+        self
+    }
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(digest::digest(&digest::SHA256, b))
+}
+
+/// Appends records to the current audit file, keeping the chain.
+#[derive(Debug)]
+pub struct AuditWriter {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    max_size: u64,
+    seq: u64,
+    prev: String,
+    buf: Vec<u8>,
+}
+
+/// Audit file errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// I/O on the audit file.
+    #[error("audit log {path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The last complete record does not parse: the file was damaged.
+    #[error("audit log {0}: last record is not a valid audit record; run `tessera audit verify`")]
+    Damaged(PathBuf),
+}
+
+impl AuditWriter {
+    /// Opens (or creates, 0600) the audit file and continues its chain. A partial last line
+    /// left by a crash mid-write is cut off: it was never acknowledged.
+    pub fn open(path: &Path, max_size: u64) -> Result<Self, AuditError> {
+        let io = |source| AuditError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
+        let (seq, prev, good_len) = last_record(&mut file)
+            .map_err(io)?
+            .ok_or_else(|| AuditError::Damaged(path.to_owned()))?;
+        let len = file.metadata().map_err(io)?.len();
+        if good_len < len {
+            file.set_len(good_len).map_err(io)?;
+            file.sync_data().map_err(io)?;
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            size: good_len,
+            max_size,
+            seq,
+            prev,
+            buf: Vec::with_capacity(1 << 16),
+        })
+    }
+
+    /// The chain head: next sequence number and the last hash.
+    pub fn head(&self) -> (u64, &str) {
+        (self.seq, &self.prev)
+    }
+
+    /// Formats `ev` as the next record into the pending buffer.
+    pub fn push(&mut self, ev: &Event) {
+        let mut m = Map::new();
+        m.insert("seq".into(), self.seq.into());
+        let ts = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ev.at_ms) * 1_000_000)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+        m.insert("time".into(), ts.into());
+        m.insert("event".into(), ev.event.into());
+        m.insert("actor".into(), ev.actor.to_json());
+        if let Some(s) = &ev.spiffe_id {
+            m.insert("spiffe_id".into(), s.clone().into());
+        }
+        if let Some(s) = &ev.lease_id {
+            m.insert("lease_id".into(), s.clone().into());
+        }
+        if let Some(s) = &ev.reason {
+            m.insert("reason".into(), s.clone().into());
+        }
+        if !ev.detail.is_empty() {
+            m.insert("detail".into(), Value::Object(ev.detail.clone()));
+        }
+        m.insert("prev".into(), self.prev.clone().into());
+        let body = Value::Object(m).to_string();
+        let hash = sha256_hex(body.as_bytes());
+        self.buf
+            .extend_from_slice(&body.as_bytes()[..body.len() - 1]);
+        self.buf.extend_from_slice(br#","hash":""#);
+        self.buf.extend_from_slice(hash.as_bytes());
+        self.buf.extend_from_slice(b"\"}\n");
+        self.seq += 1;
+        self.prev = hash;
+    }
+
+    /// Writes the pending records and makes them durable (fdatasync). Rotates first when the
+    /// file is over its size limit; the new file continues the same chain.
+    pub fn flush(&mut self) -> Result<(), AuditError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let io = |p: &Path| {
+            let p = p.to_owned();
+            move |source| AuditError::Io { path: p, source }
+        };
+        if self.size > 0 && self.size + self.buf.len() as u64 > self.max_size {
+            let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+            let rotated = self.path.with_extension(format!("{stamp}.jsonl"));
+            std::fs::rename(&self.path, &rotated).map_err(io(&self.path))?;
+            use std::os::unix::fs::OpenOptionsExt;
+            self.file = OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(&self.path)
+                .map_err(io(&self.path))?;
+            self.size = 0;
+        }
+        self.file.write_all(&self.buf).map_err(io(&self.path))?;
+        self.file.sync_data().map_err(io(&self.path))?;
+        self.size += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+/// Reads the last complete line: `(next seq, its hash, byte length up to and including it)`.
+/// An empty file gives `(0, GENESIS, 0)`. `None` if the last complete line is not a record.
+fn last_record(file: &mut File) -> std::io::Result<Option<(u64, String, u64)>> {
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(Some((0, GENESIS.into(), 0)));
+    }
+    // Read backwards in chunks until we hold the last complete line.
+    let mut tail = Vec::new();
+    let mut pos = len;
+    loop {
+        let step = (64 * 1024u64).min(pos);
+        pos -= step;
+        let mut chunk = vec![0u8; step as usize];
+        file.seek(SeekFrom::Start(pos))?;
+        file.read_exact(&mut chunk)?;
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+        // Last newline = end of the last complete line.
+        if let Some(end) = tail.iter().rposition(|b| *b == b'\n') {
+            let start = tail[..end].iter().rposition(|b| *b == b'\n').map(|i| i + 1);
+            if start.is_some() || pos == 0 {
+                let line = &tail[start.unwrap_or(0)..end];
+                let good_len = pos + end as u64 + 1;
+                return Ok(parse_head(line).map(|(seq, hash)| (seq + 1, hash, good_len)));
+            }
+        } else if pos == 0 {
+            // Not a single complete line: everything is a torn first write.
+            return Ok(Some((0, GENESIS.into(), 0)));
+        }
+    }
+}
+
+fn parse_head(line: &[u8]) -> Option<(u64, String)> {
+    let v: Value = serde_json::from_slice(line).ok()?;
+    Some((v.get("seq")?.as_u64()?, v.get("hash")?.as_str()?.to_owned()))
+}
+
+/// Why verification failed: the first bad line (1-based) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {why}")]
+pub struct VerifyError {
+    /// 1-based line number (0 when the problem is the file as a whole).
+    pub line: u64,
+    /// What is wrong.
+    pub why: String,
+}
+
+/// Summary of a good file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// Records checked.
+    pub records: u64,
+    /// Hash of the last record.
+    pub head: String,
+    /// `seq` of the last record.
+    pub last_seq: Option<u64>,
+}
+
+/// Verifies a file on its own. `expected_head` (next seq and last hash recorded by the store)
+/// also catches a truncated tail.
+pub fn verify(path: &Path, expected_head: Option<(u64, &str)>) -> Result<Verified, VerifyError> {
+    let file = File::open(path).map_err(|e| VerifyError {
+        line: 0,
+        why: format!("cannot open {}: {e}", path.display()),
+    })?;
+    let mut prev: Option<String> = None;
+    let mut next_seq: Option<u64> = None;
+    let mut n = 0u64;
+    for line in BufReader::new(file).split(b'\n') {
+        n += 1;
+        let bad = |why: String| VerifyError { line: n, why };
+        let line = line.map_err(|e| bad(format!("read error: {e}")))?;
+        if line.len() < HASH_SUFFIX_LEN + 2 || !line.ends_with(b"\"}") {
+            return Err(bad("not a complete audit record".into()));
+        }
+        let hash_start = line.len() - 2 - 64;
+        let claimed = std::str::from_utf8(&line[hash_start..line.len() - 2])
+            .map_err(|_| bad("hash is not text".into()))?;
+        if &line[hash_start - 9..hash_start] != br#","hash":""# {
+            return Err(bad("hash field missing or not last".into()));
+        }
+        let mut body = line[..hash_start - 9].to_vec();
+        body.push(b'}');
+        if sha256_hex(&body) != claimed {
+            return Err(bad(
+                "record was modified (hash does not match its contents)".into(),
+            ));
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(|_| bad("not JSON".into()))?;
+        let seq = v
+            .get("seq")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("no seq".into()))?;
+        let rec_prev = v
+            .get("prev")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("no prev".into()))?;
+        if let Some(p) = &prev {
+            if rec_prev != p {
+                return Err(bad("chain broken: prev does not match the previous record (a record was removed, inserted or reordered)".into()));
+            }
+        }
+        if let Some(s) = next_seq {
+            if seq != s {
+                return Err(bad(format!("sequence jumps from {} to {seq}", s - 1)));
+            }
+        }
+        next_seq = Some(seq + 1);
+        prev = Some(claimed.to_owned());
+    }
+    if let Some((head_seq, head_hash)) = expected_head {
+        let have = next_seq.unwrap_or(0);
+        if have < head_seq {
+            return Err(VerifyError {
+                line: n + 1,
+                why: format!(
+                    "file ends at record {} but the store recorded {} records: the tail was deleted",
+                    have, head_seq
+                ),
+            });
+        }
+        if have == head_seq && head_seq > 0 && prev.as_deref() != Some(head_hash) {
+            return Err(VerifyError {
+                line: n,
+                why: "last record differs from the one the store recorded".into(),
+            });
+        }
+    }
+    Ok(Verified {
+        records: n,
+        head: prev.unwrap_or_else(|| GENESIS.into()),
+        last_seq: next_seq.map(|s| s - 1),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, n: usize) -> PathBuf {
+        let p = dir.join("audit.jsonl");
+        let mut w = AuditWriter::open(&p, u64::MAX).unwrap();
+        for i in 0..n {
+            w.push(
+                &Event::now(
+                    "issue",
+                    Actor::Workload {
+                        uid: 1,
+                        pid: i as i32,
+                        exe: Some("/bin/x".into()),
+                    },
+                )
+                .spiffe_id("spiffe://td/a")
+                .lease(format!("l{i}")),
+            );
+        }
+        w.flush().unwrap();
+        p
+    }
+
+    fn lines(p: &Path) -> Vec<String> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    fn put(p: &Path, l: &[String]) {
+        std::fs::write(p, l.iter().map(|x| format!("{x}\n")).collect::<String>()).unwrap();
+    }
+
+    #[test]
+    fn a_good_chain_verifies_and_continues_after_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), 5);
+        let mut w = AuditWriter::open(&p, u64::MAX).unwrap();
+        assert_eq!(w.head().0, 5);
+        w.push(&Event::now("kill", Actor::Operator { uid: 0 }).reason("test"));
+        w.flush().unwrap();
+        let v = verify(&p, Some((6, w.head().1))).unwrap();
+        assert_eq!(v.records, 6);
+        assert_eq!(v.last_seq, Some(5));
+    }
+
+    #[test]
+    fn edits_deletions_and_reordering_name_the_first_bad_line() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), 6);
+        let orig = lines(&p);
+
+        let mut edited = orig.clone();
+        edited[2] = edited[2].replace("\"uid\":1", "\"uid\":0");
+        put(&p, &edited);
+        assert_eq!(verify(&p, None).unwrap_err().line, 3);
+
+        let mut deleted = orig.clone();
+        deleted.remove(3);
+        put(&p, &deleted);
+        assert_eq!(verify(&p, None).unwrap_err().line, 4);
+
+        let mut swapped = orig.clone();
+        swapped.swap(1, 2);
+        put(&p, &swapped);
+        assert_eq!(verify(&p, None).unwrap_err().line, 2);
+
+        // Tail deletion is only visible against the recorded head.
+        put(&p, &orig[..4]);
+        assert!(verify(&p, None).is_ok());
+        let head = orig[5].rsplit("\"hash\":\"").next().unwrap()[..64].to_owned();
+        let e = verify(&p, Some((6, &head))).unwrap_err();
+        assert!(e.why.contains("tail was deleted"), "{e}");
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_on_open() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), 3);
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"{\"seq\":3,\"time\":\"half").unwrap();
+        drop(f);
+        let w = AuditWriter::open(&p, u64::MAX).unwrap();
+        assert_eq!(w.head().0, 3);
+        assert!(verify(&p, None).is_ok());
+    }
+
+    #[test]
+    fn rotation_starts_the_new_file_from_the_recorded_hash() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.jsonl");
+        let mut w = AuditWriter::open(&p, 600).unwrap();
+        for i in 0..10 {
+            w.push(&Event::now("issue", Actor::Daemon).lease(format!("{i}")));
+            w.flush().unwrap();
+        }
+        let files: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(files.len() > 2, "{files:?}");
+        for f in &files {
+            verify(f, None).unwrap();
+        }
+        let v = verify(&p, Some((10, w.head().1))).unwrap();
+        assert_eq!(v.last_seq, Some(9));
+    }
+}

@@ -1,0 +1,661 @@
+//! Leases: every credential Tessera hands out is a lease that can be listed, traced to its
+//! holder and revoked before it expires.
+//!
+//! Owns: the in-memory lease table (live and not-yet-expired revoked leases) with its indexes
+//! by identity and by task, the expiry queue the reaper works from, the set of revoked
+//! certificate serials the CRL is built from, and the kill list. Durability lives in
+//! [`store`]; the background expiry in [`reaper`].
+
+pub mod reaper;
+pub mod store;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+
+use dashmap::DashMap;
+use tokio::sync::{Notify, watch};
+
+use crate::spiffe_id::SpiffeId;
+
+/// A lease id: 128 random bits, written as 22 base64url characters. It is also the JWT `jti`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId(pub [u8; 16]);
+
+impl LeaseId {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        let mut b = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+            .expect("the system random source works");
+        Self(b)
+    }
+
+    /// Parses the base64url form.
+    pub fn parse(s: &str) -> Option<Self> {
+        use base64::Engine;
+        let v = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(s)
+            .ok()?;
+        Some(Self(v.try_into().ok()?))
+    }
+}
+
+impl std::fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::jose::b64_encode(&self.0))
+    }
+}
+
+/// What kind of credential a lease stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Kind {
+    /// An X.509-SVID.
+    X509 = 1,
+    /// A JWT-SVID.
+    Jwt = 2,
+    /// A task token (token exchange).
+    Task = 3,
+}
+
+impl Kind {
+    /// Display and filter name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::X509 => "x509-svid",
+            Self::Jwt => "jwt-svid",
+            Self::Task => "task-token",
+        }
+    }
+
+    /// Parses [`Kind::as_str`] output (and short forms).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "x509-svid" | "x509" => Some(Self::X509),
+            "jwt-svid" | "jwt" => Some(Self::Jwt),
+            "task-token" | "task" => Some(Self::Task),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn from_u8(v: u8) -> Option<Self> {
+        [Self::X509, Self::Jwt, Self::Task]
+            .into_iter()
+            .find(|k| *k as u8 == v)
+    }
+}
+
+/// Lease state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// Valid.
+    Active = 1,
+    /// Revoked before its expiry.
+    Revoked = 2,
+    /// Past its expiry.
+    Expired = 3,
+}
+
+impl State {
+    /// Display and filter name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+        }
+    }
+
+    /// Parses [`State::as_str`] output.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(Self::Active),
+            "revoked" => Some(Self::Revoked),
+            "expired" => Some(Self::Expired),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn from_u8(v: u8) -> Option<Self> {
+        [Self::Active, Self::Revoked, Self::Expired]
+            .into_iter()
+            .find(|k| *k as u8 == v)
+    }
+}
+
+/// Who revoked a lease, when and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// Actor label (`operator uid:0`, `kill`, ...).
+    pub by: String,
+    /// Reason given.
+    pub reason: String,
+}
+
+/// One lease. Strings are shared `Arc<str>`s: thousands of leases of one identity, entry or
+/// process point at the same bytes, which keeps a live lease small.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Id (JWT `jti`).
+    pub id: LeaseId,
+    /// Credential kind.
+    pub kind: Kind,
+    /// State.
+    pub state: State,
+    /// Holder uid.
+    pub uid: u32,
+    /// Holder pid.
+    pub pid: i32,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Identity.
+    pub spiffe_id: Arc<str>,
+    /// Entry that granted it.
+    pub entry_id: Arc<str>,
+    /// Holder executable.
+    pub exe: Option<Arc<str>>,
+    /// Task, for task-scoped credentials.
+    pub task_id: Option<Arc<str>>,
+    /// X.509 serial.
+    pub serial: Option<[u8; 16]>,
+    /// Set when revoked.
+    pub revocation: Option<Box<Revocation>>,
+}
+
+/// A kill-list entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kill {
+    /// The identity (and everything under its path).
+    pub spiffe_id: String,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// Actor label.
+    pub by: String,
+    /// Reason.
+    pub reason: String,
+}
+
+/// A revoked certificate still inside its validity: a CRL entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevokedSerial {
+    /// Serial.
+    pub serial: [u8; 16],
+    /// Unix seconds.
+    pub revoked_at: i64,
+    /// Unix seconds (the certificate's notAfter).
+    pub expires_at: i64,
+}
+
+/// The in-memory lease table.
+#[derive(Debug)]
+pub struct LeaseTable {
+    leases: DashMap<LeaseId, Lease>,
+    by_identity: DashMap<Arc<str>, HashSet<LeaseId>>,
+    by_task: DashMap<Arc<str>, HashSet<LeaseId>>,
+    expiry: Mutex<BinaryHeap<Reverse<(i64, LeaseId)>>>,
+    expiry_changed: Notify,
+    revoked_serials: Mutex<BTreeMap<LeaseId, RevokedSerial>>,
+    kills: RwLock<HashMap<String, Kill>>,
+    /// Bumped on every revocation, kill and restore: streams and the CRL publisher re-check.
+    changes: watch::Sender<u64>,
+}
+
+impl Default for LeaseTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Filters for [`LeaseTable::list`].
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Exact identity, or with `prefix` everything under it.
+    pub spiffe_id: Option<SpiffeId>,
+    /// Match identities under `spiffe_id` too.
+    pub prefix: bool,
+    /// Task.
+    pub task_id: Option<String>,
+    /// State.
+    pub state: Option<State>,
+    /// Kind.
+    pub kind: Option<Kind>,
+}
+
+impl LeaseTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self {
+            leases: DashMap::new(),
+            by_identity: DashMap::new(),
+            by_task: DashMap::new(),
+            expiry: Mutex::new(BinaryHeap::new()),
+            expiry_changed: Notify::new(),
+            revoked_serials: Mutex::new(BTreeMap::new()),
+            kills: RwLock::new(HashMap::new()),
+            changes: watch::channel(0).0,
+        }
+    }
+
+    /// The shared `Arc<str>` for an identity, so that leases of one identity share its bytes.
+    pub fn intern_identity(&self, id: &str) -> Arc<str> {
+        match self.by_identity.get(id) {
+            Some(e) => Arc::clone(e.key()),
+            None => Arc::from(id),
+        }
+    }
+
+    /// Adds a lease (active or revoked).
+    pub fn insert(&self, lease: Lease) {
+        let (id, exp) = (lease.id, lease.expires_at);
+        if lease.state == State::Active {
+            self.by_identity
+                .entry(Arc::clone(&lease.spiffe_id))
+                .or_default()
+                .insert(id);
+            if let Some(t) = &lease.task_id {
+                self.by_task.entry(Arc::clone(t)).or_default().insert(id);
+            }
+        } else if let (Some(serial), Some(r)) = (lease.serial, &lease.revocation) {
+            self.revoked_serials
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    id,
+                    RevokedSerial {
+                        serial,
+                        revoked_at: r.at_ms / 1000,
+                        expires_at: exp,
+                    },
+                );
+        }
+        self.leases.insert(id, lease);
+        let mut heap = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+        let sooner = heap.peek().is_none_or(|Reverse((t, _))| exp < *t);
+        heap.push(Reverse((exp, id)));
+        drop(heap);
+        if sooner {
+            self.expiry_changed.notify_one();
+        }
+    }
+
+    /// Number of leases held (active and revoked-not-expired).
+    pub fn len(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// True when no lease is held.
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+
+    /// Number of active leases.
+    pub fn active_count(&self) -> usize {
+        self.by_identity.iter().map(|e| e.value().len()).sum()
+    }
+
+    /// A copy of a lease.
+    pub fn get(&self, id: &LeaseId) -> Option<Lease> {
+        self.leases.get(id).map(|l| l.clone())
+    }
+
+    /// True when the lease exists, is active and has not reached its expiry.
+    pub fn is_active(&self, id: &LeaseId, now_s: i64) -> bool {
+        self.leases
+            .get(id)
+            .is_some_and(|l| l.state == State::Active && now_s < l.expires_at)
+    }
+
+    /// Ids of the active leases of `id` and, if `tree`, of every identity under its path.
+    /// Costs time in the number of identities and leases returned, not the table size.
+    pub fn active_of_identity(&self, id: &SpiffeId, tree: bool) -> Vec<LeaseId> {
+        if !tree {
+            return self
+                .by_identity
+                .get(id.as_str())
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
+        }
+        let mut out = Vec::new();
+        for e in &self.by_identity {
+            if SpiffeId::parse(e.key()).is_ok_and(|k| k.is_within(id)) {
+                out.extend(e.value().iter().copied());
+            }
+        }
+        out
+    }
+
+    /// Ids of the active leases of a task.
+    pub fn active_of_task(&self, task: &str) -> Vec<LeaseId> {
+        self.by_task
+            .get(task)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Marks leases revoked in memory; returns those that were active. Durability is the
+    /// caller's job (it writes first, then calls this).
+    pub fn revoke(&self, ids: &[LeaseId], rev: &Revocation) -> Vec<Lease> {
+        let mut done = Vec::with_capacity(ids.len());
+        let mut serials = Vec::new();
+        for id in ids {
+            let Some(mut l) = self.leases.get_mut(id) else {
+                continue;
+            };
+            if l.state != State::Active {
+                continue;
+            }
+            l.state = State::Revoked;
+            l.revocation = Some(Box::new(rev.clone()));
+            if let Some(s) = l.serial {
+                serials.push((
+                    *id,
+                    RevokedSerial {
+                        serial: s,
+                        revoked_at: rev.at_ms / 1000,
+                        expires_at: l.expires_at,
+                    },
+                ));
+            }
+            let snapshot = l.clone();
+            drop(l);
+            self.unindex(&snapshot);
+            done.push(snapshot);
+        }
+        if !serials.is_empty() {
+            self.revoked_serials
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(serials);
+        }
+        if !done.is_empty() {
+            self.changes.send_modify(|v| *v += 1);
+        }
+        done
+    }
+
+    fn unindex(&self, l: &Lease) {
+        if let Some(mut set) = self.by_identity.get_mut(&l.spiffe_id) {
+            set.remove(&l.id);
+            let empty = set.is_empty();
+            drop(set);
+            if empty {
+                self.by_identity
+                    .remove_if(&l.spiffe_id, |_, s| s.is_empty());
+            }
+        }
+        if let Some(t) = &l.task_id
+            && let Some(mut set) = self.by_task.get_mut(t)
+        {
+            set.remove(&l.id);
+            let empty = set.is_empty();
+            drop(set);
+            if empty {
+                self.by_task.remove_if(t, |_, s| s.is_empty());
+            }
+        }
+    }
+
+    /// Removes every lease whose expiry is at or before `now_s`; returns their ids and
+    /// whether any revoked certificate left the CRL.
+    pub fn expire_due(&self, now_s: i64) -> (Vec<LeaseId>, bool) {
+        let mut due = Vec::new();
+        {
+            let mut heap = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+            while let Some(Reverse((t, id))) = heap.peek().copied() {
+                if t > now_s {
+                    break;
+                }
+                heap.pop();
+                due.push(id);
+            }
+        }
+        let mut crl_changed = false;
+        let mut removed = Vec::with_capacity(due.len());
+        for id in due {
+            if let Some((_, l)) = self.leases.remove(&id) {
+                if l.state == State::Active {
+                    self.unindex(&l);
+                } else if l.serial.is_some() {
+                    crl_changed |= self
+                        .revoked_serials
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id)
+                        .is_some();
+                }
+                removed.push(id);
+            }
+        }
+        if crl_changed {
+            self.changes.send_modify(|v| *v += 1);
+        }
+        (removed, crl_changed)
+    }
+
+    /// The soonest expiry in the queue.
+    pub fn next_deadline(&self) -> Option<i64> {
+        self.expiry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .peek()
+            .map(|Reverse((t, _))| *t)
+    }
+
+    /// Resolves when a lease with an earlier expiry than any before it was added.
+    pub async fn deadline_changed(&self) {
+        self.expiry_changed.notified().await;
+    }
+
+    /// Revoked certificates still within their validity, latest expiry first.
+    pub fn revoked_serials(&self) -> Vec<RevokedSerial> {
+        let mut v: Vec<_> = self
+            .revoked_serials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .copied()
+            .collect();
+        v.sort_by_key(|r| Reverse(r.expires_at));
+        v
+    }
+
+    /// Active leases matching `f`, sorted by issue time then id. Cost is proportional to the
+    /// table for an unfiltered list; identity and task filters use the indexes.
+    pub fn list(&self, f: &Filter) -> Vec<Lease> {
+        let mut out: Vec<Lease> = match (&f.spiffe_id, &f.task_id, f.state) {
+            (Some(id), _, Some(State::Active)) => self
+                .active_of_identity(id, f.prefix)
+                .iter()
+                .filter_map(|i| self.get(i))
+                .collect(),
+            (None, Some(t), Some(State::Active)) => self
+                .active_of_task(t)
+                .iter()
+                .filter_map(|i| self.get(i))
+                .collect(),
+            _ => self.leases.iter().map(|l| l.clone()).collect(),
+        };
+        out.retain(|l| {
+            f.kind.is_none_or(|k| l.kind == k)
+                && f.state.is_none_or(|s| l.state == s)
+                && f.task_id
+                    .as_deref()
+                    .is_none_or(|t| l.task_id.as_deref() == Some(t))
+                && f.spiffe_id.as_ref().is_none_or(|id| {
+                    &*l.spiffe_id == id.as_str()
+                        || (f.prefix
+                            && SpiffeId::parse(&l.spiffe_id).is_ok_and(|x| x.is_within(id)))
+                })
+        });
+        out.sort_by(|a, b| (a.issued_at, a.id).cmp(&(b.issued_at, b.id)));
+        out
+    }
+
+    /// True when `id` or an identity above it (by whole path segments) is killed.
+    pub fn is_killed(&self, id: &SpiffeId) -> bool {
+        let kills = self.kills.read().unwrap_or_else(|e| e.into_inner());
+        if kills.is_empty() {
+            return false;
+        }
+        let s = id.as_str();
+        let root = s.len() - id.path().len();
+        if kills.contains_key(s) {
+            return true;
+        }
+        // Walk up: spiffe://td/a/b/c → /a/b → /a.
+        s[root..]
+            .match_indices('/')
+            .any(|(i, _)| i > 0 && kills.contains_key(&s[..root + i]))
+    }
+
+    /// Adds to the kill list.
+    pub fn add_kill(&self, k: Kill) {
+        self.kills
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(k.spiffe_id.clone(), k);
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// Removes from the kill list; returns whether it was there.
+    pub fn remove_kill(&self, id: &str) -> bool {
+        let had = self
+            .kills
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+            .is_some();
+        if had {
+            self.changes.send_modify(|v| *v += 1);
+        }
+        had
+    }
+
+    /// The kill list, sorted by identity.
+    pub fn kills(&self) -> Vec<Kill> {
+        let mut v: Vec<Kill> = self
+            .kills
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        v
+    }
+
+    /// Notified on every revocation, kill and restore.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn lease(t: &LeaseTable, id: &str, task: Option<&str>, exp: i64) -> Lease {
+        Lease {
+            id: LeaseId::random(),
+            kind: Kind::X509,
+            state: State::Active,
+            uid: 1,
+            pid: 2,
+            issued_at: 0,
+            expires_at: exp,
+            spiffe_id: t.intern_identity(id),
+            entry_id: "e".into(),
+            exe: None,
+            task_id: task.map(Arc::from),
+            serial: Some([7; 16]),
+            revocation: None,
+        }
+    }
+
+    #[test]
+    fn lease_ids_round_trip() {
+        let id = LeaseId::random();
+        assert_eq!(LeaseId::parse(&id.to_string()), Some(id));
+        assert_eq!(id.to_string().len(), 22);
+        assert!(LeaseId::parse("short").is_none());
+    }
+
+    #[test]
+    fn kill_matches_whole_segments_up_the_path() {
+        let t = LeaseTable::new();
+        t.add_kill(Kill {
+            spiffe_id: "spiffe://td/a/agent".into(),
+            at_ms: 0,
+            by: "x".into(),
+            reason: "r".into(),
+        });
+        let id = |s: &str| SpiffeId::parse(s).unwrap();
+        assert!(t.is_killed(&id("spiffe://td/a/agent")));
+        assert!(t.is_killed(&id("spiffe://td/a/agent/task/7")));
+        assert!(!t.is_killed(&id("spiffe://td/a/agent2")));
+        assert!(!t.is_killed(&id("spiffe://td/a")));
+        assert!(!t.is_killed(&id("spiffe://other/a/agent")));
+        assert!(t.remove_kill("spiffe://td/a/agent"));
+        assert!(!t.is_killed(&id("spiffe://td/a/agent/task/7")));
+    }
+
+    #[test]
+    fn revoke_and_expire_keep_indexes_and_crl_consistent() {
+        let t = LeaseTable::new();
+        let a = lease(&t, "spiffe://td/a", Some("t1"), 100);
+        let b = lease(&t, "spiffe://td/a/task/t1", Some("t1"), 200);
+        let c = lease(&t, "spiffe://td/a2", None, 300);
+        for l in [&a, &b, &c] {
+            t.insert(l.clone());
+        }
+        let tree = t.active_of_identity(&SpiffeId::parse("spiffe://td/a").unwrap(), true);
+        assert_eq!(tree.len(), 2, "a and its task identity, not a2");
+        assert_eq!(t.active_of_task("t1").len(), 2);
+        let rev = Revocation {
+            at_ms: 50_000,
+            by: "op".into(),
+            reason: "test".into(),
+        };
+        assert_eq!(t.revoke(&[a.id, a.id], &rev).len(), 1);
+        assert!(!t.is_active(&a.id, 60));
+        assert_eq!(t.active_of_task("t1"), vec![b.id]);
+        assert_eq!(t.revoked_serials().len(), 1);
+        // Revoked stays listed until its own expiry, then leaves memory and the CRL.
+        assert_eq!(t.get(&a.id).unwrap().state, State::Revoked);
+        let (gone, crl) = t.expire_due(150);
+        assert_eq!(gone, vec![a.id]);
+        assert!(crl);
+        assert!(t.revoked_serials().is_empty());
+        assert_eq!(t.next_deadline(), Some(200));
+        assert_eq!(t.active_count(), 2);
+    }
+
+    #[test]
+    fn list_filters() {
+        let t = LeaseTable::new();
+        for i in 0..5 {
+            t.insert(lease(
+                &t,
+                &format!("spiffe://td/w{}", i % 2),
+                None,
+                1000 + i,
+            ));
+        }
+        let f = Filter {
+            spiffe_id: Some(SpiffeId::parse("spiffe://td/w1").unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(t.list(&f).len(), 2);
+        let f = Filter {
+            state: Some(State::Revoked),
+            ..Default::default()
+        };
+        assert!(t.list(&f).is_empty());
+    }
+}

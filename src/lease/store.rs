@@ -1,0 +1,568 @@
+//! Durable lease store.
+//!
+//! Owns: what survives a crash. [`Store`] is the interface the issuance path writes through
+//! (a PostgreSQL backend can implement it for several replicas); [`SqliteStore`] is the
+//! embedded default: SQLite in WAL mode with `synchronous=FULL`, written by one thread that
+//! commits everything queued since its last commit in one transaction (group commit), so an
+//! fsync is shared by every request waiting on it. A submit resolves only after its commit
+//! has returned, i.e. after the data is on disk.
+//!
+//! The audit log is written by the same thread in the same batch, before the commit, and the
+//! chain head is stored in the same transaction so a truncated audit tail is detectable.
+//!
+//! A kill is stored as one row in `kills` rather than an update of every lease it revokes:
+//! at load, a lease issued before a kill that covers its identity is revoked. That keeps the
+//! kill switch O(1) on disk however many leases the identity holds.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::{Kill, Kind, Lease, LeaseId, Revocation, State};
+use crate::audit::{AuditWriter, Event};
+
+/// Store failures. Issuance maps them to `Unavailable`: nothing is handed out unrecorded.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Database error.
+    #[error("lease store: {0}")]
+    Db(String),
+    /// Audit log error.
+    #[error("audit log: {0}")]
+    Audit(String),
+    /// The writer has stopped (shutdown or a fatal error).
+    #[error("lease store is closed")]
+    Closed,
+}
+
+/// One durable change.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Insert a lease.
+    PutLease(Lease),
+    /// Mark leases revoked.
+    Revoke(Vec<LeaseId>, Revocation),
+    /// Forget leases (expired).
+    Delete(Vec<LeaseId>),
+    /// Add to the kill list.
+    Kill(Kill),
+    /// Take off the kill list.
+    Restore {
+        /// Identity.
+        spiffe_id: String,
+        /// Unix ms.
+        at_ms: i64,
+        /// Actor label.
+        by: String,
+    },
+    /// Create or replace a stored entry (JSON of the entry spec).
+    PutEntry {
+        /// Entry id.
+        id: String,
+        /// JSON.
+        spec: String,
+    },
+    /// Delete a stored entry.
+    DeleteEntry(String),
+    /// Append an audit record.
+    Audit(Event),
+}
+
+/// What [`Store::load`] restores at start.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Leases not yet expired at load time, with kills applied.
+    pub leases: Vec<Lease>,
+    /// Ids of leases found expired (to delete).
+    pub expired: Vec<LeaseId>,
+    /// The kill list.
+    pub kills: Vec<Kill>,
+    /// Stored entries `(id, spec JSON)`.
+    pub entries: Vec<(String, String)>,
+    /// Audit chain head `(next seq, last hash)` as of the last commit.
+    pub audit_head: Option<(u64, String)>,
+}
+
+/// The durability interface of the issuance path.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Queues `ops` to be committed together; the receiver resolves once they are durable.
+    fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>>;
+}
+
+/// Commits `ops` and waits until they are durable.
+pub async fn commit(store: &dyn Store, ops: Vec<Op>) -> Result<(), StoreError> {
+    store.submit(ops).await.unwrap_or(Err(StoreError::Closed))
+}
+
+type Job = (Vec<Op>, oneshot::Sender<Result<(), StoreError>>);
+
+/// SQLite (WAL) lease store with a single group-committing writer thread.
+#[derive(Debug)]
+pub struct SqliteStore {
+    tx: mpsc::Sender<Job>,
+    path: PathBuf,
+}
+
+/// Most operations one transaction takes before committing, so a huge backlog still sees
+/// acknowledgements in bounded time.
+const MAX_BATCH_OPS: usize = 50_000;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS leases(
+  id BLOB PRIMARY KEY, kind INTEGER NOT NULL, spiffe_id TEXT NOT NULL, entry_id TEXT NOT NULL,
+  uid INTEGER NOT NULL, pid INTEGER NOT NULL, exe TEXT, task_id TEXT,
+  issued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, serial BLOB,
+  state INTEGER NOT NULL, revoked_at INTEGER, revoked_by TEXT, reason TEXT
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kills(
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, spiffe_id TEXT NOT NULL, killed_at INTEGER NOT NULL,
+  killed_by TEXT NOT NULL, reason TEXT NOT NULL, restored_at INTEGER, restored_by TEXT
+);
+CREATE TABLE IF NOT EXISTS entries(id TEXT PRIMARY KEY, spec TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+";
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+fn open_db(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(db_err)?;
+    // FULL: the WAL is fsync'd at every commit, so an acknowledged lease survives power loss.
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;",
+    )
+    .map_err(db_err)?;
+    conn.execute_batch(SCHEMA).map_err(db_err)?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating, 0600) `dir/tessera.db` and `dir/audit.jsonl`, loads the snapshot, and
+    /// starts the writer thread.
+    pub fn open(
+        dir: &Path,
+        audit_max_bytes: u64,
+        now_s: i64,
+    ) -> Result<(Self, Snapshot), StoreError> {
+        let path = dir.join("tessera.db");
+        if !path.exists() {
+            // Create with owner-only permissions before SQLite touches it.
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(db_err)?;
+        }
+        let conn = open_db(&path)?;
+        let mut snapshot = load(&conn, now_s)?;
+        let audit = AuditWriter::open(&dir.join("audit.jsonl"), audit_max_bytes)
+            .map_err(|e| StoreError::Audit(e.to_string()))?;
+        if let Some((seq, _)) = &snapshot.audit_head
+            && audit.head().0 < *seq
+        {
+            tracing::error!(
+                recorded = seq,
+                in_file = audit.head().0,
+                "audit log is shorter than the store recorded: records were deleted; run `tessera audit verify`"
+            );
+        }
+        snapshot.audit_head = Some((audit.head().0, audit.head().1.to_owned()));
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("tessera-store".into())
+            .spawn(move || writer(conn, audit, rx))
+            .map_err(db_err)?;
+        Ok((Self { tx, path }, snapshot))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Store for SqliteStore {
+    fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>> {
+        let (done, rx) = oneshot::channel();
+        if let Err(mpsc::SendError((_, done))) = self.tx.send((ops, done)) {
+            let _ = done.send(Err(StoreError::Closed));
+        }
+        rx
+    }
+}
+
+fn writer(mut conn: Connection, mut audit: AuditWriter, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        let mut n = jobs[0].0.len();
+        while n < MAX_BATCH_OPS {
+            match rx.try_recv() {
+                Ok(j) => {
+                    n += j.0.len();
+                    jobs.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        let result = apply(&mut conn, &mut audit, &jobs);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, ops = n, "lease store commit failed");
+        }
+        for (_, done) in jobs {
+            let _ = done.send(result.clone());
+        }
+    }
+}
+
+fn apply(conn: &mut Connection, audit: &mut AuditWriter, jobs: &[Job]) -> Result<(), StoreError> {
+    let tx = conn.transaction().map_err(db_err)?;
+    let mut audited = false;
+    {
+        let mut put = tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO leases(id,kind,spiffe_id,entry_id,uid,pid,exe,task_id,issued_at,expires_at,serial,state,revoked_at,revoked_by,reason)
+                 VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)",
+            )
+            .map_err(db_err)?;
+        let mut revoke = tx
+            .prepare_cached("UPDATE leases SET state=?2, revoked_at=?3, revoked_by=?4, reason=?5 WHERE id=?1 AND state=?6")
+            .map_err(db_err)?;
+        let mut delete = tx
+            .prepare_cached("DELETE FROM leases WHERE id=?1")
+            .map_err(db_err)?;
+        for (ops, _) in jobs {
+            for op in ops {
+                match op {
+                    Op::PutLease(l) => {
+                        let r = l.revocation.as_deref();
+                        put.execute(params![
+                            &l.id.0[..],
+                            l.kind as u8,
+                            &*l.spiffe_id,
+                            &*l.entry_id,
+                            l.uid,
+                            l.pid,
+                            l.exe.as_deref(),
+                            l.task_id.as_deref(),
+                            l.issued_at,
+                            l.expires_at,
+                            l.serial.as_ref().map(|s| &s[..]),
+                            l.state as u8,
+                            r.map(|r| r.at_ms),
+                            r.map(|r| r.by.as_str()),
+                            r.map(|r| r.reason.as_str()),
+                        ])
+                        .map_err(db_err)?;
+                    }
+                    Op::Revoke(ids, r) => {
+                        for id in ids {
+                            revoke
+                                .execute(params![
+                                    &id.0[..],
+                                    State::Revoked as u8,
+                                    r.at_ms,
+                                    r.by,
+                                    r.reason,
+                                    State::Active as u8
+                                ])
+                                .map_err(db_err)?;
+                        }
+                    }
+                    Op::Delete(ids) => {
+                        for id in ids {
+                            delete.execute(params![&id.0[..]]).map_err(db_err)?;
+                        }
+                    }
+                    Op::Kill(k) => {
+                        tx.execute(
+                            "INSERT INTO kills(spiffe_id,killed_at,killed_by,reason) VALUES(?1,?2,?3,?4)",
+                            params![k.spiffe_id, k.at_ms, k.by, k.reason],
+                        )
+                        .map_err(db_err)?;
+                    }
+                    Op::Restore {
+                        spiffe_id,
+                        at_ms,
+                        by,
+                    } => {
+                        tx.execute(
+                            "UPDATE kills SET restored_at=?2, restored_by=?3 WHERE spiffe_id=?1 AND restored_at IS NULL",
+                            params![spiffe_id, at_ms, by],
+                        )
+                        .map_err(db_err)?;
+                    }
+                    Op::PutEntry { id, spec } => {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO entries(id,spec) VALUES(?1,?2)",
+                            params![id, spec],
+                        )
+                        .map_err(db_err)?;
+                    }
+                    Op::DeleteEntry(id) => {
+                        tx.execute("DELETE FROM entries WHERE id=?1", params![id])
+                            .map_err(db_err)?;
+                    }
+                    Op::Audit(ev) => {
+                        audit.push(ev);
+                        audited = true;
+                    }
+                }
+            }
+        }
+    }
+    if audited {
+        // Audit first: the head recorded in the database never runs ahead of the file.
+        audit
+            .flush()
+            .map_err(|e| StoreError::Audit(e.to_string()))?;
+        let (seq, hash) = audit.head();
+        tx.execute(
+            "INSERT OR REPLACE INTO meta(key,value) VALUES('audit_head', ?1)",
+            params![format!("{seq} {hash}")],
+        )
+        .map_err(db_err)?;
+    }
+    tx.commit().map_err(db_err)
+}
+
+fn load(conn: &Connection, now_s: i64) -> Result<Snapshot, StoreError> {
+    let mut snap = Snapshot::default();
+    // Kill history, oldest first: (identity, killed_at ms, by, reason, still active).
+    let mut history: Vec<(String, i64, String, String, bool)> = Vec::new();
+    {
+        let mut st = conn
+            .prepare("SELECT spiffe_id, killed_at, killed_by, reason, restored_at IS NULL FROM kills ORDER BY seq")
+            .map_err(db_err)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                ))
+            })
+            .map_err(db_err)?;
+        for r in rows {
+            history.push(r.map_err(db_err)?);
+        }
+    }
+    for (id, at, by, reason, active) in &history {
+        if *active {
+            snap.kills.push(Kill {
+                spiffe_id: id.clone(),
+                at_ms: *at,
+                by: by.clone(),
+                reason: reason.clone(),
+            });
+        }
+    }
+    let mut interned: std::collections::HashMap<String, Arc<str>> =
+        std::collections::HashMap::new();
+    let mut intern = |s: String| -> Arc<str> {
+        Arc::clone(interned.entry(s.clone()).or_insert_with(|| Arc::from(s)))
+    };
+    let mut st = conn
+        .prepare(
+            "SELECT id,kind,spiffe_id,entry_id,uid,pid,exe,task_id,issued_at,expires_at,serial,state,revoked_at,revoked_by,reason FROM leases",
+        )
+        .map_err(db_err)?;
+    let mut rows = st.query([]).map_err(db_err)?;
+    while let Some(r) = rows.next().map_err(db_err)? {
+        let id: Vec<u8> = r.get(0).map_err(db_err)?;
+        let Ok(id) = <[u8; 16]>::try_from(id) else {
+            continue;
+        };
+        let id = LeaseId(id);
+        let expires_at: i64 = r.get(9).map_err(db_err)?;
+        if expires_at <= now_s {
+            snap.expired.push(id);
+            continue;
+        }
+        let kind =
+            Kind::from_u8(r.get(1).map_err(db_err)?).ok_or_else(|| db_err("bad lease kind"))?;
+        let mut state =
+            State::from_u8(r.get(11).map_err(db_err)?).ok_or_else(|| db_err("bad lease state"))?;
+        let spiffe_id: String = r.get(2).map_err(db_err)?;
+        let issued_at: i64 = r.get(8).map_err(db_err)?;
+        let mut revocation = match r.get::<_, Option<i64>>(12).map_err(db_err)? {
+            Some(at_ms) => Some(Box::new(Revocation {
+                at_ms,
+                by: r
+                    .get::<_, Option<String>>(13)
+                    .map_err(db_err)?
+                    .unwrap_or_default(),
+                reason: r
+                    .get::<_, Option<String>>(14)
+                    .map_err(db_err)?
+                    .unwrap_or_default(),
+            })),
+            None => None,
+        };
+        if state == State::Active
+            && let Some((_, at, by, reason, _)) = history.iter().find(|(k, at, ..)| {
+                *at / 1000 >= issued_at
+                    && (spiffe_id == *k
+                        || spiffe_id
+                            .strip_prefix(k.as_str())
+                            .is_some_and(|rest| rest.starts_with('/')))
+            })
+        {
+            state = State::Revoked;
+            revocation = Some(Box::new(Revocation {
+                at_ms: *at,
+                by: format!("kill by {by}"),
+                reason: reason.clone(),
+            }));
+        }
+        let serial: Option<Vec<u8>> = r.get(10).map_err(db_err)?;
+        snap.leases.push(Lease {
+            id,
+            kind,
+            state,
+            uid: r.get(4).map_err(db_err)?,
+            pid: r.get(5).map_err(db_err)?,
+            issued_at,
+            expires_at,
+            spiffe_id: intern(spiffe_id),
+            entry_id: intern(r.get(3).map_err(db_err)?),
+            exe: r
+                .get::<_, Option<String>>(6)
+                .map_err(db_err)?
+                .map(&mut intern),
+            task_id: r
+                .get::<_, Option<String>>(7)
+                .map_err(db_err)?
+                .map(&mut intern),
+            serial: serial.and_then(|s| s.try_into().ok()),
+            revocation,
+        });
+    }
+    drop(rows);
+    let mut st = conn
+        .prepare("SELECT id, spec FROM entries ORDER BY rowid")
+        .map_err(db_err)?;
+    snap.entries = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(db_err)?
+        .collect::<Result<_, _>>()
+        .map_err(db_err)?;
+    snap.audit_head = conn
+        .query_row("SELECT value FROM meta WHERE key='audit_head'", [], |r| {
+            r.get::<_, String>(0)
+        })
+        .optional()
+        .map_err(db_err)?
+        .and_then(|v| {
+            let (s, h) = v.split_once(' ')?;
+            Some((s.parse().ok()?, h.to_owned()))
+        });
+    Ok(snap)
+}
+
+/// Reads the recorded audit chain head of the store in `dir` without starting a writer
+/// (for `tessera audit verify`).
+pub fn recorded_audit_head(dir: &Path) -> Option<(u64, String)> {
+    let conn = Connection::open_with_flags(
+        dir.join("tessera.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .ok()?;
+    conn.query_row("SELECT value FROM meta WHERE key='audit_head'", [], |r| {
+        r.get::<_, String>(0)
+    })
+    .ok()
+    .and_then(|v| {
+        let (s, h) = v.split_once(' ')?;
+        Some((s.parse().ok()?, h.to_owned()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Actor;
+
+    fn lease(id: &str, issued: i64, exp: i64) -> Lease {
+        Lease {
+            id: LeaseId::random(),
+            kind: Kind::Jwt,
+            state: State::Active,
+            uid: 1,
+            pid: 2,
+            issued_at: issued,
+            expires_at: exp,
+            spiffe_id: id.into(),
+            entry_id: "e".into(),
+            exe: Some("/bin/x".into()),
+            task_id: None,
+            serial: None,
+            revocation: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn committed_leases_kills_and_revocations_come_back() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, snap) = SqliteStore::open(d.path(), u64::MAX, 100).unwrap();
+        assert!(snap.leases.is_empty());
+        let a = lease("spiffe://td/a", 100, 1000);
+        let b = lease("spiffe://td/a/task/1", 100, 1000);
+        let c = lease("spiffe://td/a2", 100, 1000);
+        let old = lease("spiffe://td/z", 10, 50);
+        let r = Revocation {
+            at_ms: 150_000,
+            by: "op".into(),
+            reason: "why".into(),
+        };
+        commit(
+            &s,
+            vec![
+                Op::PutLease(a.clone()),
+                Op::PutLease(b.clone()),
+                Op::PutLease(c.clone()),
+                Op::PutLease(old.clone()),
+            ],
+        )
+        .await
+        .unwrap();
+        commit(
+            &s,
+            vec![
+                Op::Revoke(vec![c.id], r.clone()),
+                Op::Audit(Event::now("revoke", Actor::Daemon)),
+            ],
+        )
+        .await
+        .unwrap();
+        commit(
+            &s,
+            vec![Op::Kill(Kill {
+                spiffe_id: "spiffe://td/a".into(),
+                at_ms: 200_000,
+                by: "op".into(),
+                reason: "k".into(),
+            })],
+        )
+        .await
+        .unwrap();
+        drop(s);
+        let (_s, snap) = SqliteStore::open(d.path(), u64::MAX, 300).unwrap();
+        assert_eq!(snap.expired, vec![old.id]);
+        let get = |id: LeaseId| snap.leases.iter().find(|l| l.id == id).unwrap().clone();
+        assert_eq!(get(a.id).state, State::Revoked, "killed after issue");
+        assert_eq!(get(b.id).state, State::Revoked, "under the killed path");
+        assert_eq!(get(c.id).state, State::Revoked);
+        assert_eq!(get(c.id).revocation.as_deref(), Some(&r));
+        assert_eq!(snap.kills.len(), 1);
+        assert_eq!(snap.audit_head.unwrap().0, 1);
+    }
+}
