@@ -20,6 +20,9 @@ use crate::attest::Attestor;
 use crate::ca::{Ca, CaError};
 use crate::config::Config;
 use crate::issuer::{Issuer, IssuerSettings};
+use crate::lease::store::{Op, SqliteStore, Store, StoreError};
+use crate::lease::{LeaseTable, reaper};
+use crate::metrics::Metrics;
 use crate::proto;
 use crate::registry::Registry;
 use crate::shutdown::{self, Shutdown, Trigger};
@@ -52,6 +55,9 @@ pub enum AppError {
     /// gRPC reflection setup failed.
     #[error("gRPC reflection: {0}")]
     Reflection(String),
+    /// The lease store could not be opened or restored.
+    #[error("{0}")]
+    Store(#[from] StoreError),
 }
 
 /// A running daemon.
@@ -82,19 +88,68 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         cfg.ca_files.as_ref(),
         cfg.ca_ttl,
     )?);
-    let registry = Arc::new(Registry::new(cfg.entries.clone()));
+    let started = std::time::Instant::now();
+    let now_s = time::OffsetDateTime::now_utc().unix_timestamp();
+    // Restore before any socket opens: leases, revocations, the kill list and stored entries.
+    let (store, snapshot) = SqliteStore::open(&cfg.data_dir, cfg.audit_max_bytes, now_s)?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let leases = Arc::new(LeaseTable::new());
+    let restored = snapshot.leases.len();
+    for l in snapshot.leases {
+        leases.insert(l);
+    }
+    for k in snapshot.kills {
+        leases.add_kill(k);
+    }
+    if !snapshot.expired.is_empty() {
+        drop(store.submit(vec![Op::Delete(snapshot.expired)]));
+    }
+    let mut stored_entries = Vec::new();
+    for (id, json) in snapshot.entries {
+        let parsed = serde_json::from_str::<crate::config::EntrySpec>(&json)
+            .map_err(|e| e.to_string())
+            .and_then(|spec| {
+                spec.validate(&id, "", &cfg.trust_domain)
+                    .map(|e| (e, spec))
+                    .map_err(|e| e.to_string())
+            });
+        match parsed {
+            Ok(pair) => stored_entries.push(pair),
+            Err(e) => {
+                tracing::error!(entry = %id, error = %e, "stored entry no longer valid; it grants nothing until fixed or deleted")
+            }
+        }
+    }
+    tracing::info!(
+        leases = restored,
+        killed = leases.kills().len(),
+        stored_entries = stored_entries.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "state restored"
+    );
+    let metrics = Arc::new(Metrics::default());
+    let registry = Arc::new(Registry::new(Vec::new()));
     let attestor = Arc::new(Attestor::new(cfg.max_exe_hash_bytes));
     let issuer = Arc::new(Issuer::new(
         Arc::clone(&attestor),
         Arc::clone(&registry),
         Arc::clone(&ca),
+        Arc::clone(&leases),
+        Arc::clone(&store),
+        Arc::clone(&metrics),
         IssuerSettings {
+            trust_domain: cfg.trust_domain.clone(),
             x509_svid_ttl: cfg.x509_svid_ttl,
             jwt_svid_ttl: cfg.jwt_svid_ttl,
         },
+        cfg.entries.clone(),
+        stored_entries,
     ));
-    if cfg.default_entry {
-        let e = &cfg.entries[0];
+    if let Some((e, _)) = issuer
+        .entries()
+        .into_iter()
+        .find(|(e, _)| &*e.id == "default")
+    {
         tracing::info!(
             spiffe_id = %e.spiffe_id,
             selectors = %e.selectors.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
@@ -105,6 +160,25 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     let (trigger, shutdown) = shutdown::channel();
     let ready = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
+    tasks.push((
+        "reaper",
+        tokio::spawn(reaper::run(
+            Arc::clone(&leases),
+            Arc::clone(&store),
+            reaper::system_clock(),
+            Arc::clone(&metrics.reaper_lag_ms),
+            shutdown.clone(),
+        )),
+    ));
+    publish_crl(&ca, &leases);
+    tasks.push((
+        "crl",
+        tokio::spawn(crl_publisher(
+            Arc::clone(&ca),
+            Arc::clone(&leases),
+            shutdown.clone(),
+        )),
+    ));
 
     // 1. Admin socket. Owner-only unless other uids/gids were granted (the peer check in the
     //    service is what enforces access; the mode is defence in depth).
@@ -140,7 +214,12 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         addr: cfg.http_listen.to_string(),
         source,
     })?;
-    let app = http::router(Arc::clone(&ca), Arc::clone(&ready));
+    let app = http::router(
+        Arc::clone(&ca),
+        Arc::clone(&ready),
+        Arc::clone(&leases),
+        Arc::clone(&metrics),
+    );
     let mut sd = shutdown.clone();
     tasks.push((
         "http",
@@ -197,6 +276,53 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         trigger,
         tasks,
     })
+}
+
+/// Signs and publishes a CRL of the revoked certificates still within their validity.
+fn publish_crl(ca: &Ca, leases: &LeaseTable) {
+    let serials = leases.revoked_serials();
+    match ca.publish_crl(&serials, time::OffsetDateTime::now_utc()) {
+        Ok(0) => {}
+        Ok(left_out) => tracing::warn!(
+            left_out,
+            listed = crate::ca::MAX_CRL_ENTRIES,
+            "more revoked certificates than one CRL may list; those expiring soonest were left out"
+        ),
+        Err(e) => tracing::error!(error = %e, "cannot sign the CRL"),
+    }
+}
+
+/// Re-publishes the CRL when the set of revoked serials changes (coalescing bursts such as a
+/// kill) and at least every 20 minutes, well before its one-hour `nextUpdate`.
+async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, mut sd: Shutdown) {
+    let fingerprint = |l: &LeaseTable| {
+        let s = l.revoked_serials();
+        (
+            s.len(),
+            s.iter().fold(0u64, |a, r| {
+                a ^ u64::from_le_bytes(r.serial[..8].try_into().unwrap_or_default())
+            }),
+        )
+    };
+    let mut rx = leases.subscribe();
+    let mut last = fingerprint(&leases);
+    let mut refresh = tokio::time::interval(Duration::from_secs(20 * 60));
+    refresh.tick().await;
+    loop {
+        let forced = tokio::select! {
+            () = sd.wait() => return,
+            r = rx.changed() => { if r.is_err() { return; } false }
+            _ = refresh.tick() => true,
+        };
+        // Let a burst of revocations settle into one CRL.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        rx.borrow_and_update();
+        let now = fingerprint(&leases);
+        if forced || now != last {
+            publish_crl(&ca, &leases);
+            last = now;
+        }
+    }
 }
 
 fn bind_uds(

@@ -86,7 +86,9 @@ struct RawConfig {
     #[serde(default)]
     attestation: RawAttestation,
     #[serde(default)]
-    entries: Vec<RawEntry>,
+    audit: RawAudit,
+    #[serde(default)]
+    entries: Vec<EntrySpec>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -131,23 +133,47 @@ struct RawCa {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawAttestation {
-    max_exe_hash_mib: Option<u64>,
+struct RawAudit {
+    max_file_mib: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawEntry {
-    spiffe_id: Option<String>,
+struct RawAttestation {
+    max_exe_hash_mib: Option<u64>,
+}
+
+/// A registration entry as written by people: in the config file, through the admin API, and
+/// as stored. [`EntrySpec::validate`] turns it into an [`Entry`] or says which field is wrong.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntrySpec {
+    /// The identity granted.
+    pub spiffe_id: Option<String>,
+    /// `unix:...` selectors; all must match. Never empty.
     #[serde(default)]
-    selectors: Vec<String>,
-    x509_svid_ttl: Option<String>,
-    jwt_svid_ttl: Option<String>,
-    owner: Option<String>,
-    purpose: Option<String>,
-    risk: Option<String>,
-    expires_at: Option<String>,
-    hint: Option<String>,
+    pub selectors: Vec<String>,
+    /// Duration such as `"10m"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub x509_svid_ttl: Option<String>,
+    /// Duration such as `"5m"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_svid_ttl: Option<String>,
+    /// Who is accountable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// What it is for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+    /// `low`, `medium` or `high`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub risk: Option<String>,
+    /// RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// Workload API hint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
 }
 
 // ---- Validated config ----------------------------------------------------------------------
@@ -194,10 +220,11 @@ pub struct Config {
     pub jwt_svid_ttl: Duration,
     /// Executables larger than this are not hashed.
     pub max_exe_hash_bytes: u64,
-    /// Registration entries, in match order.
+    /// Registration entries from the file, in match order (entries created through the admin
+    /// API are stored in the lease store and follow these).
     pub entries: Vec<Entry>,
-    /// True when `entries` is the built-in default entry for the daemon's own uid.
-    pub default_entry: bool,
+    /// Largest audit file before it is rotated.
+    pub audit_max_bytes: u64,
 }
 
 /// Default locations, chosen so that a newcomer can start the daemon without root:
@@ -355,11 +382,11 @@ impl Config {
 
         let mut entries = Vec::with_capacity(raw.entries.len());
         for (i, e) in raw.entries.into_iter().enumerate() {
-            entries.push(validate_entry(i, e, &trust_domain)?);
-        }
-        let default_entry = entries.is_empty();
-        if default_entry {
-            entries.push(default_entry_for_current_user(&trust_domain));
+            entries.push(e.validate(
+                &format!("config-{i}"),
+                &format!("entries[{i}]."),
+                &trust_domain,
+            )?);
         }
 
         Ok(Self {
@@ -382,14 +409,15 @@ impl Config {
             jwt_svid_ttl,
             max_exe_hash_bytes,
             entries,
-            default_entry,
+            audit_max_bytes: raw.audit.max_file_mib.unwrap_or(256).max(1) << 20,
         })
     }
 }
 
-/// The entry served when none are configured: the uid that started the daemon gets
-/// `spiffe://<td>/unix/uid/<uid>`, so `tessera svid x509` works right after start.
-fn default_entry_for_current_user(td: &TrustDomain) -> Entry {
+/// The entry served when none are configured (in the file or through the admin API): the uid
+/// that started the daemon gets `spiffe://<td>/unix/uid/<uid>`, so `tessera svid x509` works
+/// right after start.
+pub fn default_entry_for_current_user(td: &TrustDomain) -> Entry {
     let uid = nix::unistd::geteuid().as_raw();
     Entry {
         id: "default".into(),
@@ -469,8 +497,26 @@ fn non_empty(key: String, v: Option<String>) -> Result<Option<String>, ConfigErr
     }
 }
 
-fn validate_entry(i: usize, e: RawEntry, td: &TrustDomain) -> Result<Entry, ConfigError> {
-    let k = |field: &str| format!("entries[{i}].{field}");
+impl EntrySpec {
+    /// Validates into an entry with id `id`; error keys are prefixed with `key_prefix`
+    /// (`entries[2].` in the config file, empty for the admin API).
+    pub fn validate(
+        &self,
+        id: &str,
+        key_prefix: &str,
+        td: &TrustDomain,
+    ) -> Result<Entry, ConfigError> {
+        validate_entry(id, key_prefix, self.clone(), td)
+    }
+}
+
+fn validate_entry(
+    id: &str,
+    key_prefix: &str,
+    e: EntrySpec,
+    td: &TrustDomain,
+) -> Result<Entry, ConfigError> {
+    let k = |field: &str| format!("{key_prefix}{field}");
     let raw_id = e
         .spiffe_id
         .ok_or_else(|| invalid(k("spiffe_id"), "is required"))?;
@@ -497,7 +543,7 @@ fn validate_entry(i: usize, e: RawEntry, td: &TrustDomain) -> Result<Entry, Conf
     let mut selectors = Vec::with_capacity(e.selectors.len());
     for (j, s) in e.selectors.iter().enumerate() {
         let sel = Selector::parse(s)
-            .map_err(|err| invalid(format!("entries[{i}].selectors[{j}]"), err.to_string()))?;
+            .map_err(|err| invalid(format!("{key_prefix}selectors[{j}]"), err.to_string()))?;
         if !selectors.contains(&sel) {
             selectors.push(sel);
         }
@@ -542,7 +588,7 @@ fn validate_entry(i: usize, e: RawEntry, td: &TrustDomain) -> Result<Entry, Conf
         .transpose()?;
     let hint = non_empty(k("hint"), e.hint)?;
     Ok(Entry {
-        id: format!("entry-{i}"),
+        id: id.into(),
         spiffe_id,
         selectors,
         x509_svid_ttl,
@@ -571,16 +617,11 @@ mod tests {
     fn empty_config_gives_working_defaults() {
         let c = load("").unwrap();
         assert_eq!(c.trust_domain.as_str(), DEFAULT_TRUST_DOMAIN);
-        assert!(c.default_entry);
-        assert_eq!(c.entries.len(), 1);
+        assert!(c.entries.is_empty());
+        let d = default_entry_for_current_user(&c.trust_domain);
         let uid = nix::unistd::geteuid().as_raw();
-        assert_eq!(c.entries[0].selectors, vec![Selector::Uid(uid)]);
-        assert!(
-            c.entries[0]
-                .spiffe_id
-                .as_str()
-                .ends_with(&format!("/unix/uid/{uid}"))
-        );
+        assert_eq!(d.selectors, vec![Selector::Uid(uid)]);
+        assert!(d.spiffe_id.as_str().ends_with(&format!("/unix/uid/{uid}")));
         assert_eq!(c.x509_svid_ttl, DEFAULT_X509_SVID_TTL);
         assert!(c.workload_socket.is_absolute() && c.data_dir.is_absolute());
     }
@@ -613,7 +654,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert!(!c.default_entry);
+        assert_eq!(c.entries[0].id.as_ref(), "config-0");
         assert_eq!(c.jwt_svid_ttl, Duration::from_secs(30));
         let e = &c.entries[0];
         assert_eq!(e.x509_svid_ttl, Some(Duration::from_secs(60)));

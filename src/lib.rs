@@ -25,6 +25,7 @@ pub mod fsutil;
 pub mod issuer;
 pub mod jose;
 pub mod lease;
+pub mod metrics;
 pub mod proto;
 pub mod registry;
 pub mod shutdown;

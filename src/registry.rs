@@ -48,8 +48,8 @@ impl Risk {
 /// One registration entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
-    /// Stable id.
-    pub id: String,
+    /// Stable id (`config-N` for entries from the file).
+    pub id: std::sync::Arc<str>,
     /// The identity granted.
     pub spiffe_id: SpiffeId,
     /// All must be among the caller's selectors. Never empty.
@@ -172,7 +172,10 @@ mod tests {
             ),
         ]);
         let ids = |c: &Attestation| -> Vec<String> {
-            r.matching(c, now).iter().map(|e| e.id.clone()).collect()
+            r.matching(c, now)
+                .iter()
+                .map(|e| e.id.to_string())
+                .collect()
         };
         assert_eq!(ids(&caller(&["unix:uid:1000", "unix:gid:1000"])), ["a"]);
         assert_eq!(

@@ -8,11 +8,16 @@ use std::time::SystemTime;
 
 use tonic::{Request, Response, Status};
 
+use super::status;
 use super::uds::PeerConn;
 use crate::attest::{Attestor, Selector};
+use crate::audit::Actor;
+use crate::config::EntrySpec;
 use crate::issuer::Issuer;
+use crate::lease::{Filter, Kind, Lease, LeaseId, State};
 use crate::proto::tessera::v1 as pb;
 use crate::registry::Entry;
+use crate::spiffe_id::SpiffeId;
 
 /// Who may use the admin socket.
 #[derive(Debug, Clone)]
@@ -61,7 +66,8 @@ impl AdminApi {
         }
     }
 
-    async fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+    /// Checks access and returns the operator, for audit records.
+    async fn authorize<T>(&self, req: &Request<T>) -> Result<Actor, Status> {
         let denied = || {
             Status::permission_denied(
                 "the admin API is open to root and to uids/gids named in [admin] only",
@@ -72,8 +78,9 @@ impl AdminApi {
             .get::<PeerConn>()
             .and_then(|p| p.0.clone())
             .ok_or_else(denied)?;
+        let actor = Actor::Operator { uid: peer.uid };
         if self.access.uids.contains(&peer.uid) || self.access.gids.contains(&peer.gid) {
-            return Ok(());
+            return Ok(actor);
         }
         if self.access.gids.is_empty() {
             return Err(denied());
@@ -85,7 +92,7 @@ impl AdminApi {
             .selectors
             .iter()
             .any(|s| matches!(s, Selector::SupplementaryGid(g) if self.access.gids.contains(g)));
-        if in_group { Ok(()) } else { Err(denied()) }
+        if in_group { Ok(actor) } else { Err(denied()) }
     }
 }
 
@@ -93,10 +100,15 @@ fn unix(t: time::OffsetDateTime) -> i64 {
     t.unix_timestamp()
 }
 
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 /// Domain entry to protobuf.
-pub fn entry_to_pb(e: &Entry) -> pb::Entry {
+pub fn entry_to_pb(e: &Entry, from_config: bool) -> pb::Entry {
     pb::Entry {
-        id: e.id.clone(),
+        id: e.id.to_string(),
         spiffe_id: e.spiffe_id.to_string(),
         selectors: e.selectors.iter().map(ToString::to_string).collect(),
         x509_svid_ttl_seconds: e.x509_svid_ttl.map_or(0, |d| d.as_secs() as i64),
@@ -104,15 +116,62 @@ pub fn entry_to_pb(e: &Entry) -> pb::Entry {
         owner: e.owner.clone().unwrap_or_default(),
         purpose: e.purpose.clone().unwrap_or_default(),
         risk: e.risk.map(|r| r.as_str().to_owned()).unwrap_or_default(),
-        expires_at: e
-            .expires_at
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_default(),
+        expires_at: e.expires_at.map(rfc3339).unwrap_or_default(),
         hint: e.hint.clone().unwrap_or_default(),
+        from_config,
     }
+}
+
+/// Protobuf entry to the spec people write (validation happens in the issuer).
+fn entry_spec(e: pb::Entry) -> EntrySpec {
+    let opt = |s: String| (!s.is_empty()).then_some(s);
+    let ttl = |n: i64| (n > 0).then(|| format!("{n}s"));
+    EntrySpec {
+        spiffe_id: opt(e.spiffe_id),
+        selectors: e.selectors,
+        x509_svid_ttl: ttl(e.x509_svid_ttl_seconds),
+        jwt_svid_ttl: ttl(e.jwt_svid_ttl_seconds),
+        owner: opt(e.owner),
+        purpose: opt(e.purpose),
+        risk: opt(e.risk),
+        expires_at: opt(e.expires_at),
+        hint: opt(e.hint),
+    }
+}
+
+/// Domain lease to protobuf.
+pub fn lease_to_pb(l: &Lease) -> pb::Lease {
+    let r = l.revocation.as_deref();
+    pb::Lease {
+        id: l.id.to_string(),
+        kind: l.kind.as_str().into(),
+        spiffe_id: l.spiffe_id.to_string(),
+        entry_id: l.entry_id.to_string(),
+        uid: l.uid,
+        pid: l.pid,
+        exe: l.exe.as_deref().unwrap_or_default().into(),
+        task_id: l.task_id.as_deref().unwrap_or_default().into(),
+        issued_at: l.issued_at,
+        expires_at: l.expires_at,
+        serial: l.serial.map(hex::encode).unwrap_or_default(),
+        state: l.state.as_str().into(),
+        revoked_at_ms: r.map_or(0, |r| r.at_ms),
+        revoked_by: r.map(|r| r.by.clone()).unwrap_or_default(),
+        revoke_reason: r.map(|r| r.reason.clone()).unwrap_or_default(),
+    }
+}
+
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+fn page_token(l: &Lease) -> String {
+    format!("{}.{}", l.issued_at, l.id)
+}
+
+fn parse_page_token(t: &str) -> Result<(i64, LeaseId), Status> {
+    t.split_once('.')
+        .and_then(|(a, b)| Some((a.parse().ok()?, LeaseId::parse(b)?)))
+        .ok_or_else(|| Status::invalid_argument("page_token is not one this server returned"))
 }
 
 #[tonic::async_trait]
@@ -160,10 +219,223 @@ impl pb::admin_server::Admin for AdminApi {
         Ok(Response::new(pb::ListEntriesResponse {
             entries: self
                 .issuer
-                .registry()
-                .snapshot()
+                .entries()
                 .iter()
-                .map(|e| entry_to_pb(e))
+                .map(|(e, cfg)| entry_to_pb(e, *cfg))
+                .collect(),
+        }))
+    }
+
+    async fn create_entry(
+        &self,
+        req: Request<pb::CreateEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let actor = self.authorize(&req).await?;
+        let e = req
+            .into_inner()
+            .entry
+            .ok_or_else(|| Status::invalid_argument("entry is required"))?;
+        let created = self
+            .issuer
+            .create_entry(entry_spec(e), actor)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(entry_to_pb(&created, false)))
+    }
+
+    async fn update_entry(
+        &self,
+        req: Request<pb::UpdateEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let actor = self.authorize(&req).await?;
+        let e = req
+            .into_inner()
+            .entry
+            .ok_or_else(|| Status::invalid_argument("entry is required"))?;
+        if e.id.is_empty() {
+            return Err(Status::invalid_argument("entry.id is required"));
+        }
+        let id = e.id.clone();
+        let updated = self
+            .issuer
+            .update_entry(&id, entry_spec(e), actor)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(entry_to_pb(&updated, false)))
+    }
+
+    async fn delete_entry(
+        &self,
+        req: Request<pb::DeleteEntryRequest>,
+    ) -> Result<Response<pb::DeleteEntryResponse>, Status> {
+        let actor = self.authorize(&req).await?;
+        self.issuer
+            .delete_entry(&req.into_inner().id, actor)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DeleteEntryResponse {}))
+    }
+
+    async fn list_leases(
+        &self,
+        req: Request<pb::ListLeasesRequest>,
+    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        self.authorize(&req).await?;
+        let r = req.into_inner();
+        let mut f = Filter {
+            prefix: r.prefix,
+            ..Default::default()
+        };
+        if !r.spiffe_id.is_empty() {
+            f.spiffe_id = Some(SpiffeId::parse(&r.spiffe_id).map_err(|e| {
+                Status::invalid_argument(format!("spiffe_id {:?} {e}", r.spiffe_id))
+            })?);
+        }
+        if !r.task_id.is_empty() {
+            f.task_id = Some(r.task_id);
+        }
+        if !r.state.is_empty() {
+            f.state = Some(State::parse(&r.state).ok_or_else(|| {
+                Status::invalid_argument("state must be \"active\" or \"revoked\"")
+            })?);
+        }
+        if !r.kind.is_empty() {
+            f.kind = Some(Kind::parse(&r.kind).ok_or_else(|| {
+                Status::invalid_argument(
+                    "kind must be \"x509-svid\", \"jwt-svid\" or \"task-token\"",
+                )
+            })?);
+        }
+        let size = match r.page_size as usize {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let after = if r.page_token.is_empty() {
+            None
+        } else {
+            Some(parse_page_token(&r.page_token)?)
+        };
+        let all = self.issuer.leases().list(&f);
+        let start = after.map_or(0, |cursor| {
+            all.partition_point(|l| (l.issued_at, l.id) <= cursor)
+        });
+        let page: Vec<&Lease> = all[start..].iter().take(size).collect();
+        let next = if start + page.len() < all.len() {
+            page.last().map(|l| page_token(l)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListLeasesResponse {
+            leases: page.into_iter().map(lease_to_pb).collect(),
+            next_page_token: next,
+        }))
+    }
+
+    async fn get_lease(
+        &self,
+        req: Request<pb::GetLeaseRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        self.authorize(&req).await?;
+        let id = req.into_inner().id;
+        let lid = LeaseId::parse(&id).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{id:?} is not a lease id (22 base64url characters)"
+            ))
+        })?;
+        let l = self.issuer.leases().get(&lid).ok_or_else(|| {
+            Status::not_found(format!("no live lease {id} (unknown, or already expired)"))
+        })?;
+        Ok(Response::new(lease_to_pb(&l)))
+    }
+
+    async fn revoke_lease(
+        &self,
+        req: Request<pb::RevokeLeaseRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let actor = self.authorize(&req).await?;
+        let r = req.into_inner();
+        let reason = if r.reason.is_empty() {
+            "revoked by operator".to_owned()
+        } else {
+            r.reason
+        };
+        let l = self
+            .issuer
+            .revoke_lease(&r.id, actor, &reason)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(lease_to_pb(&l)))
+    }
+
+    async fn revoke_task(
+        &self,
+        req: Request<pb::RevokeTaskRequest>,
+    ) -> Result<Response<pb::RevokeTaskResponse>, Status> {
+        let actor = self.authorize(&req).await?;
+        let r = req.into_inner();
+        let reason = if r.reason.is_empty() {
+            "task revoked by operator".to_owned()
+        } else {
+            r.reason
+        };
+        let n = self
+            .issuer
+            .revoke_task(&r.task_id, actor, &reason)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::RevokeTaskResponse { revoked: n as u32 }))
+    }
+
+    async fn kill_identity(
+        &self,
+        req: Request<pb::KillIdentityRequest>,
+    ) -> Result<Response<pb::KillIdentityResponse>, Status> {
+        let actor = self.authorize(&req).await?;
+        let r = req.into_inner();
+        let reason = if r.reason.is_empty() {
+            "killed by operator".to_owned()
+        } else {
+            r.reason
+        };
+        let n = self
+            .issuer
+            .kill(&r.spiffe_id, actor, &reason)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::KillIdentityResponse {
+            revoked: n as u32,
+        }))
+    }
+
+    async fn restore_identity(
+        &self,
+        req: Request<pb::RestoreIdentityRequest>,
+    ) -> Result<Response<pb::RestoreIdentityResponse>, Status> {
+        let actor = self.authorize(&req).await?;
+        self.issuer
+            .restore(&req.into_inner().spiffe_id, actor)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::RestoreIdentityResponse {}))
+    }
+
+    async fn list_killed(
+        &self,
+        req: Request<pb::ListKilledRequest>,
+    ) -> Result<Response<pb::ListKilledResponse>, Status> {
+        self.authorize(&req).await?;
+        Ok(Response::new(pb::ListKilledResponse {
+            killed: self
+                .issuer
+                .leases()
+                .kills()
+                .into_iter()
+                .map(|k| pb::Killed {
+                    spiffe_id: k.spiffe_id,
+                    killed_at_ms: k.at_ms,
+                    killed_by: k.by,
+                    reason: k.reason,
+                })
                 .collect(),
         }))
     }

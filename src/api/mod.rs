@@ -29,6 +29,14 @@ pub fn status(e: IssueError) -> Status {
             Status::permission_denied(format!("caller is not entitled to {id}"))
         }
         IssueError::InvalidArgument(m) => Status::invalid_argument(m),
+        // A killed identity is, to the workload, an identity it does not have.
+        IssueError::Killed(_) => Status::permission_denied(NO_IDENTITY),
+        IssueError::NotFound(m) => Status::not_found(m),
+        IssueError::FailedPrecondition(m) => Status::failed_precondition(m),
+        IssueError::Store(err) => {
+            tracing::error!(error = %err, "lease store unavailable; refusing to issue unrecorded credentials");
+            Status::unavailable("credentials cannot be recorded right now")
+        }
         IssueError::Ca(err) => {
             tracing::error!(error = %err, "CA cannot sign");
             Status::unavailable("the CA cannot sign right now")

@@ -2,8 +2,8 @@
 //!
 //! Streams send their first message at once and then the full state whenever it changes:
 //! SVID rotation at about half-life (with jitter, so a fleet does not rotate in lockstep),
-//! entry changes, bundle changes. A stream whose caller has no identity left ends with
-//! `PermissionDenied`; every stream ends promptly on shutdown.
+//! entry changes, revocations and kills, bundle or CRL changes. A stream whose caller has no
+//! identity left ends with `PermissionDenied`; every stream ends promptly on shutdown.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -19,7 +19,9 @@ use tonic::{Request, Response, Status};
 use super::uds::PeerConn;
 use super::{NO_IDENTITY, status};
 use crate::attest::Attestation;
+use crate::ca::TrustBundle;
 use crate::issuer::{Issuer, X509Svid};
+use crate::lease::Kind;
 use crate::proto::workload as pb;
 use crate::shutdown::Shutdown;
 
@@ -60,12 +62,11 @@ impl WorkloadApi {
     }
 
     /// Callers with no identity may only verify when the operator allows it.
-    fn check_verifier(&self, caller: &Attestation) -> Result<(), Status> {
-        if self.allow_unauthenticated_verifiers || !self.issuer.identities(caller).is_empty() {
-            Ok(())
-        } else {
-            Err(Status::permission_denied(NO_IDENTITY))
+    fn check_verifier(&self, caller: &Attestation, kind: Kind) -> Result<(), Status> {
+        if self.allow_unauthenticated_verifiers {
+            return Ok(());
         }
+        self.issuer.entitled(caller, kind).map(drop).map_err(status)
     }
 }
 
@@ -80,18 +81,27 @@ pub fn check_security_header<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
-/// When to renew an SVID: half its lifetime, ±10% jitter.
+/// When to renew an SVID: half its remaining lifetime, ±10% jitter.
 fn refresh_at(svid: &X509Svid, now: Instant) -> Instant {
     let left = (svid.expires_at - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
     let half = left.unsigned_abs() / 2;
     let mut b = [0u8; 2];
     let _ = ring::rand::SystemRandom::new().fill(&mut b);
     let frac = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX); // 0..=1
-    let factor = 0.9 + 0.2 * frac;
-    now + half.mul_f64(factor).max(Duration::from_millis(500))
+    now + half
+        .mul_f64(0.9 + 0.2 * frac)
+        .max(Duration::from_millis(500))
 }
 
-fn x509_response(svids: &[(X509Svid, Instant)], bundle_der: &[u8]) -> pb::X509svidResponse {
+fn crl_of(b: &TrustBundle) -> Vec<Vec<u8>> {
+    if b.crl.is_empty() {
+        Vec::new()
+    } else {
+        vec![b.crl.clone()]
+    }
+}
+
+fn x509_response(svids: &[(X509Svid, Instant)], bundle: &TrustBundle) -> pb::X509svidResponse {
     let mut hints = HashSet::new();
     pb::X509svidResponse {
         svids: svids
@@ -100,11 +110,11 @@ fn x509_response(svids: &[(X509Svid, Instant)], bundle_der: &[u8]) -> pb::X509sv
                 spiffe_id: s.spiffe_id.to_string(),
                 x509_svid: s.chain_der.clone(),
                 x509_svid_key: s.key_pkcs8.clone(),
-                bundle: bundle_der.to_vec(),
+                bundle: bundle.x509_der.clone(),
                 hint: unique_hint(&mut hints, s.entry.hint.as_deref()),
             })
             .collect(),
-        crl: Vec::new(),
+        crl: crl_of(bundle),
         federated_bundles: HashMap::new(),
     }
 }
@@ -125,29 +135,30 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let t0 = std::time::Instant::now();
         let caller = self.caller(&req).await?;
-        let entries = self.issuer.identities(&caller);
-        if entries.is_empty() {
-            return Err(Status::permission_denied(NO_IDENTITY));
-        }
+        let entries = self.issuer.entitled(&caller, Kind::X509).map_err(status)?;
         let now = Instant::now();
         let mut svids = Vec::with_capacity(entries.len());
         for e in &entries {
-            let s = self.issuer.issue_x509(&caller, e).map_err(status)?;
+            let s = self.issuer.issue_x509(&caller, e).await.map_err(status)?;
             let at = refresh_at(&s, now);
             svids.push((s, at));
         }
-        let mut watch = X509Watch {
+        let mut w = X509Watch {
             issuer: Arc::clone(&self.issuer),
             bundle_rx: self.issuer.ca().subscribe_bundle(),
             entries_rx: self.issuer.registry().subscribe(),
+            leases_rx: self.issuer.leases().subscribe(),
             shutdown: self.shutdown.clone(),
             caller,
             svids,
         };
-        watch.entries_rx.borrow_and_update();
-        let first = x509_response(&watch.svids, &watch.bundle_rx.borrow_and_update().x509_der);
-        let updates = stream::unfold(Some(watch), |w| async move { w?.next().await });
+        w.entries_rx.borrow_and_update();
+        w.leases_rx.borrow_and_update();
+        let first = x509_response(&w.svids, &w.bundle_rx.borrow_and_update());
+        self.issuer.metrics().observe("FetchX509SVID", t0.elapsed());
+        let updates = stream::unfold(Some(w), |w| async move { w?.next().await });
         Ok(Response::new(
             stream::once(async { Ok(first) }).chain(updates).boxed(),
         ))
@@ -159,29 +170,34 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let t0 = std::time::Instant::now();
         let caller = self.caller(&req).await?;
-        self.check_verifier(&caller)?;
-        Ok(Response::new(self.bundle_stream(caller, |b| {
-            pb::X509BundlesResponse {
-                crl: Vec::new(),
-                bundles: HashMap::from([(b.trust_domain.id_string(), b.x509_der.clone())]),
-            }
-        })))
+        self.check_verifier(&caller, Kind::X509)?;
+        let s = self.bundle_stream(caller, |b| pb::X509BundlesResponse {
+            crl: crl_of(b),
+            bundles: HashMap::from([(b.trust_domain.id_string(), b.x509_der.clone())]),
+        });
+        self.issuer
+            .metrics()
+            .observe("FetchX509Bundles", t0.elapsed());
+        Ok(Response::new(s))
     }
 
     async fn fetch_jwtsvid(
         &self,
         req: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        let t0 = std::time::Instant::now();
         let caller = self.caller(&req).await?;
         let r = req.into_inner();
         let requested = (!r.spiffe_id.is_empty()).then_some(r.spiffe_id.as_str());
         let issued = self
             .issuer
             .issue_jwts(&caller, &r.audience, requested)
+            .await
             .map_err(status)?;
         let mut hints = HashSet::new();
-        Ok(Response::new(pb::JwtsvidResponse {
+        let resp = pb::JwtsvidResponse {
             svids: issued
                 .into_iter()
                 .map(|s| pb::Jwtsvid {
@@ -190,7 +206,9 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                     svid: s.token,
                 })
                 .collect(),
-        }))
+        };
+        self.issuer.metrics().observe("FetchJWTSVID", t0.elapsed());
+        Ok(Response::new(resp))
     }
 
     type FetchJWTBundlesStream = StreamOf<pb::JwtBundlesResponse>;
@@ -199,19 +217,23 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let t0 = std::time::Instant::now();
         let caller = self.caller(&req).await?;
-        self.check_verifier(&caller)?;
-        Ok(Response::new(self.bundle_stream(caller, |b| {
-            pb::JwtBundlesResponse {
-                bundles: HashMap::from([(b.trust_domain.id_string(), b.jwt_jwks.clone())]),
-            }
-        })))
+        self.check_verifier(&caller, Kind::Jwt)?;
+        let s = self.bundle_stream(caller, |b| pb::JwtBundlesResponse {
+            bundles: HashMap::from([(b.trust_domain.id_string(), b.jwt_jwks.clone())]),
+        });
+        self.issuer
+            .metrics()
+            .observe("FetchJWTBundles", t0.elapsed());
+        Ok(Response::new(s))
     }
 
     async fn validate_jwtsvid(
         &self,
         req: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        let t0 = std::time::Instant::now();
         let caller = self.caller(&req).await?;
         let r = req.into_inner();
         if r.audience.is_empty() {
@@ -224,12 +246,14 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                 "svid is required: the JWT-SVID to validate",
             ));
         }
-        self.check_verifier(&caller)?;
+        self.check_verifier(&caller, Kind::Jwt)?;
         let (id, claims) = self
             .issuer
-            .ca()
-            .validate_jwt(&r.svid, &r.audience, OffsetDateTime::now_utc())
-            .map_err(|e| Status::invalid_argument(format!("JWT-SVID is not valid: {e}")))?;
+            .validate_jwt(&r.svid, &r.audience)
+            .map_err(status)?;
+        self.issuer
+            .metrics()
+            .observe("ValidateJWTSVID", t0.elapsed());
         Ok(Response::new(pb::ValidateJwtsvidResponse {
             spiffe_id: id.to_string(),
             claims: Some(json_to_struct(claims)),
@@ -261,76 +285,110 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     }
 }
 
+/// The next stream item and the state after it; `None` state ends the stream.
+type Step<T, S> = Option<(Result<T, Status>, Option<S>)>;
+
 /// State of one `FetchX509SVID` stream after its first message.
 struct X509Watch {
     issuer: Arc<Issuer>,
     caller: Arc<Attestation>,
     svids: Vec<(X509Svid, Instant)>,
-    bundle_rx: watch::Receiver<Arc<crate::ca::TrustBundle>>,
+    bundle_rx: watch::Receiver<Arc<TrustBundle>>,
     entries_rx: watch::Receiver<crate::registry::Entries>,
+    leases_rx: watch::Receiver<u64>,
     shutdown: Shutdown,
 }
 
-/// The next stream item and the state after it; `None` state ends the stream.
-type Step<T, S> = Option<(Result<T, Status>, Option<S>)>;
-
 impl X509Watch {
-    /// Waits for the next change (rotation due, entries, bundle, shutdown) and returns the
-    /// full new state, or a final error.
+    /// Waits for the next change that affects this stream (rotation due, entries, a
+    /// revocation or kill touching its SVIDs, bundle or CRL, shutdown) and returns the full
+    /// new state, or a final error.
     async fn next(mut self) -> Step<pb::X509svidResponse, Self> {
         let end = |s: Status| Some((Err(s), None));
-        let next = self.svids.iter().map(|(_, at)| *at).min()?;
-        tokio::select! {
-            () = self.shutdown.wait() => return end(Status::unavailable("tesserad is shutting down")),
-            changed = self.entries_rx.changed() => {
-                changed.ok()?;
-                let current = crate::registry::matching(
-                    &self.entries_rx.borrow_and_update(), &self.caller, OffsetDateTime::now_utc());
-                if current.is_empty() {
-                    return end(Status::permission_denied(NO_IDENTITY));
+        loop {
+            let next = self.svids.iter().map(|(_, at)| *at).min()?;
+            tokio::select! {
+                () = self.shutdown.wait() => return end(Status::unavailable("tesserad is shutting down")),
+                changed = self.entries_rx.changed() => {
+                    changed.ok()?;
+                    self.entries_rx.borrow_and_update();
+                    if let Err(s) = self.reconcile().await { return end(s); }
                 }
-                let mut old = std::mem::take(&mut self.svids);
-                for e in &current {
-                    // Same entry, same settings: the SVID already issued is still right.
-                    if let Some(i) = old.iter().position(|(s, _)| *s.entry == **e) {
-                        self.svids.push(old.swap_remove(i));
-                    } else {
-                        match self.issuer.issue_x509(&self.caller, e) {
-                            Ok(s) => { let at = refresh_at(&s, Instant::now()); self.svids.push((s, at)); }
-                            Err(err) => return end(status(err)),
+                changed = self.leases_rx.changed() => {
+                    changed.ok()?;
+                    self.leases_rx.borrow_and_update();
+                    let now = OffsetDateTime::now_utc().unix_timestamp();
+                    let leases = self.issuer.leases();
+                    let touched = self.svids.iter().any(|(s, _)| {
+                        !leases.is_active(&s.lease_id, now) || leases.is_killed(&s.spiffe_id)
+                    });
+                    if !touched {
+                        continue;
+                    }
+                    if let Err(s) = self.reconcile().await { return end(s); }
+                }
+                changed = self.bundle_rx.changed() => { changed.ok()?; }
+                () = tokio::time::sleep_until(next) => {
+                    let now = Instant::now();
+                    for (s, at) in &mut self.svids {
+                        if *at <= now {
+                            match self.issuer.issue_x509(&self.caller, &s.entry).await {
+                                Ok(fresh) => { *at = refresh_at(&fresh, now); *s = fresh; }
+                                Err(err) => return end(status(err)),
+                            }
                         }
                     }
                 }
             }
-            changed = self.bundle_rx.changed() => { changed.ok()?; }
-            () = tokio::time::sleep_until(next) => {
-                let now = Instant::now();
-                for (s, at) in &mut self.svids {
-                    if *at <= now {
-                        match self.issuer.issue_x509(&self.caller, &s.entry) {
-                            Ok(fresh) => { *at = refresh_at(&fresh, now); *s = fresh; }
-                            Err(err) => return end(status(err)),
-                        }
-                    }
-                }
+            let msg = x509_response(&self.svids, &self.bundle_rx.borrow_and_update());
+            return Some((Ok(msg), Some(self)));
+        }
+    }
+
+    /// Brings the SVID set in line with the caller's identities now: drops identities that
+    /// are gone or killed, replaces revoked SVIDs, mints for new identities. No identity left
+    /// ends the stream with `PermissionDenied`.
+    async fn reconcile(&mut self) -> Result<(), Status> {
+        let current = self.issuer.identities(&self.caller);
+        if current.is_empty() {
+            return Err(Status::permission_denied(NO_IDENTITY));
+        }
+        let now_s = OffsetDateTime::now_utc().unix_timestamp();
+        let mut old = std::mem::take(&mut self.svids);
+        for e in &current {
+            // Same entry, same settings, lease still active: the SVID already issued is right.
+            let keep = old.iter().position(|(s, _)| {
+                *s.entry == **e && self.issuer.leases().is_active(&s.lease_id, now_s)
+            });
+            if let Some(i) = keep {
+                self.svids.push(old.swap_remove(i));
+            } else {
+                let s = self
+                    .issuer
+                    .issue_x509(&self.caller, e)
+                    .await
+                    .map_err(status)?;
+                let at = refresh_at(&s, Instant::now());
+                self.svids.push((s, at));
             }
         }
-        let msg = x509_response(&self.svids, &self.bundle_rx.borrow_and_update().x509_der);
-        Some((Ok(msg), Some(self)))
+        Ok(())
     }
 }
 
 /// State of one bundle stream after its first message.
 struct BundleWatch<F> {
+    issuer: Arc<Issuer>,
     caller: Arc<Attestation>,
     allow_unauthenticated: bool,
-    bundle_rx: watch::Receiver<Arc<crate::ca::TrustBundle>>,
+    bundle_rx: watch::Receiver<Arc<TrustBundle>>,
     entries_rx: watch::Receiver<crate::registry::Entries>,
+    leases_rx: watch::Receiver<u64>,
     shutdown: Shutdown,
     render: F,
 }
 
-impl<T, F: Fn(&crate::ca::TrustBundle) -> T> BundleWatch<F> {
+impl<T, F: Fn(&TrustBundle) -> T> BundleWatch<F> {
     async fn next(mut self) -> Step<T, Self> {
         loop {
             tokio::select! {
@@ -339,11 +397,11 @@ impl<T, F: Fn(&crate::ca::TrustBundle) -> T> BundleWatch<F> {
                 }
                 changed = self.entries_rx.changed() => {
                     changed.ok()?;
-                    let none = crate::registry::matching(
-                        &self.entries_rx.borrow_and_update(), &self.caller, OffsetDateTime::now_utc()).is_empty();
-                    if none && !self.allow_unauthenticated {
-                        return Some((Err(Status::permission_denied(NO_IDENTITY)), None));
-                    }
+                    self.entries_rx.borrow_and_update();
+                }
+                changed = self.leases_rx.changed() => {
+                    changed.ok()?;
+                    self.leases_rx.borrow_and_update();
                 }
                 changed = self.bundle_rx.changed() => {
                     changed.ok()?;
@@ -351,28 +409,34 @@ impl<T, F: Fn(&crate::ca::TrustBundle) -> T> BundleWatch<F> {
                     return Some((Ok(msg), Some(self)));
                 }
             }
+            if !self.allow_unauthenticated && self.issuer.identities(&self.caller).is_empty() {
+                return Some((Err(Status::permission_denied(NO_IDENTITY)), None));
+            }
         }
     }
 }
 
 impl WorkloadApi {
-    /// A bundle stream: first message now, then one per bundle change; ends with
+    /// A bundle stream: first message now, then one per bundle or CRL change; ends with
     /// `PermissionDenied` if the caller loses its last identity (unless unauthenticated
     /// verifiers are allowed), and on shutdown.
     fn bundle_stream<T: Send + 'static>(
         &self,
         caller: Arc<Attestation>,
-        render: impl Fn(&crate::ca::TrustBundle) -> T + Send + Sync + 'static,
+        render: impl Fn(&TrustBundle) -> T + Send + Sync + 'static,
     ) -> StreamOf<T> {
         let mut w = BundleWatch {
+            issuer: Arc::clone(&self.issuer),
             caller,
             allow_unauthenticated: self.allow_unauthenticated_verifiers,
             bundle_rx: self.issuer.ca().subscribe_bundle(),
             entries_rx: self.issuer.registry().subscribe(),
+            leases_rx: self.issuer.leases().subscribe(),
             shutdown: self.shutdown.clone(),
             render,
         };
         w.entries_rx.borrow_and_update();
+        w.leases_rx.borrow_and_update();
         let first = (w.render)(&w.bundle_rx.borrow_and_update());
         let updates = stream::unfold(Some(w), |w| async move { w?.next().await });
         stream::once(async { Ok(first) }).chain(updates).boxed()

@@ -161,7 +161,7 @@ pub struct Attestation {
     /// Process id.
     pub pid: i32,
     /// Executable path, if readable and not deleted.
-    pub exe_path: Option<String>,
+    pub exe_path: Option<Arc<str>>,
     /// Executable SHA-256 (hex), if hashed.
     pub exe_sha256: Option<String>,
     /// All selectors, sorted.
@@ -306,12 +306,13 @@ impl Attestor {
                 });
             }
         };
-        let exe_path = match &exe {
+        let exe_path: Option<Arc<str>> = match &exe {
             Some(_) => std::fs::read_link(format!("/proc/{pid}/exe"))
                 .ok()
                 .and_then(|p| p.into_os_string().into_string().ok())
                 // A replaced or deleted binary: the path now names something else.
-                .filter(|p| !p.ends_with(" (deleted)")),
+                .filter(|p| !p.ends_with(" (deleted)"))
+                .map(Arc::from),
             None => None,
         };
         let exe_key = exe
@@ -354,7 +355,7 @@ impl Attestor {
             }
         }
         if let Some(p) = &exe_path {
-            selectors.insert(Selector::Path(p.clone()));
+            selectors.insert(Selector::Path(p.to_string()));
         }
         if let Some(h) = &exe_sha256 {
             selectors.insert(Selector::Sha256(h.clone()));

@@ -115,6 +115,8 @@ pub struct TrustBundle {
     /// JWKS of the JWT authorities only, each with `use: jwt-svid` and a `kid`
     /// (Workload API `FetchJWTBundles`).
     pub jwt_jwks: Vec<u8>,
+    /// The current CRL (DER), signed by the CA; empty before the first publication.
+    pub crl: Vec<u8>,
 }
 
 impl TrustBundle {
@@ -137,6 +139,7 @@ impl TrustBundle {
             sequence,
             x509_der,
             jwt_jwks,
+            crl: Vec::new(),
         }
     }
 
@@ -229,6 +232,12 @@ pub enum JwtSvidError {
     #[error("token is not valid yet (nbf)")]
     NotYetValid,
 }
+
+/// Most serials one CRL lists: 60 000 entries of about 36 bytes keep a Workload API message
+/// (CRL plus SVIDs and bundle) well under the 4 MiB default gRPC message limit.
+pub const MAX_CRL_ENTRIES: usize = 60_000;
+/// CRL `nextUpdate` distance; the CRL is re-signed well before (see `app`).
+pub const CRL_VALIDITY: time::Duration = time::Duration::hours(1);
 
 /// Small allowance for `nbf`/`iat` of tokens signed on another host whose clock runs ahead.
 const NBF_LEEWAY_SECS: i64 = 30;
@@ -340,6 +349,46 @@ impl Ca {
     /// Notified whenever the bundle changes (rotation, CRL).
     pub fn subscribe_bundle(&self) -> watch::Receiver<Arc<TrustBundle>> {
         self.bundle.subscribe()
+    }
+
+    /// Signs a CRL for `revoked` and publishes it in the bundle (every stream sends it).
+    ///
+    /// Bounded: a Workload API message must stay under a client's default 4 MiB limit, so at
+    /// most [`MAX_CRL_ENTRIES`] serials (about 2.2 MB) are listed, those that expire last
+    /// first. Returns how many revoked serials did not fit (0 normally).
+    pub fn publish_crl(
+        &self,
+        revoked: &[crate::lease::RevokedSerial],
+        now: OffsetDateTime,
+    ) -> Result<usize, CaError> {
+        let listed: Vec<([u8; 16], OffsetDateTime)> = revoked
+            .iter()
+            .take(MAX_CRL_ENTRIES)
+            .map(|r| {
+                (
+                    r.serial,
+                    OffsetDateTime::from_unix_timestamp(r.revoked_at).unwrap_or(now),
+                )
+            })
+            .collect();
+        let left_out = revoked.len() - listed.len();
+        let current = self.bundle();
+        let sequence = current.sequence + 1;
+        let crl = self.leaf.sign_crl(
+            &listed,
+            now - time::Duration::seconds(30),
+            now + CRL_VALIDITY,
+            sequence,
+        )?;
+        let mut next = TrustBundle::new(
+            current.trust_domain.clone(),
+            current.x509_authorities.clone(),
+            current.jwt_authorities.clone(),
+            sequence,
+        );
+        next.crl = crl;
+        self.bundle.send_replace(Arc::new(next));
+        Ok(left_out)
     }
 
     /// The CA certificate's expiry: no SVID outlives it.
@@ -827,6 +876,29 @@ mod tests {
             .collect();
         assert_eq!(uses, ["x509-svid", "jwt-svid"]);
         assert!(doc["keys"][0].get("kid").is_none());
+    }
+
+    #[test]
+    fn crl_lists_revoked_serials_and_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path());
+        let now = OffsetDateTime::now_utc();
+        let revoked: Vec<_> = (0..3u8)
+            .map(|i| crate::lease::RevokedSerial {
+                serial: [0x40 | i; 16],
+                revoked_at: now.unix_timestamp(),
+                expires_at: 0,
+            })
+            .collect();
+        assert_eq!(ca.publish_crl(&revoked, now).unwrap(), 0);
+        let b = ca.bundle();
+        assert_eq!(b.sequence, 2);
+        let (rest, crl) = x509_parser::parse_x509_crl(&b.crl).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(crl.iter_revoked_certificates().count(), 3);
+        assert_eq!(crl.crl_number().map(|n| n.to_string()), Some("2".into()));
+        let (_, root) = parse_x509_certificate(&b.x509_der).unwrap();
+        crl.verify_signature(root.public_key()).unwrap();
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub(crate) mod oid {
     pub const SUBJECT_ALT_NAME: &[u8] = &[0x55, 0x1d, 0x11];
     pub const SERVER_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];
     pub const CLIENT_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02];
+    pub const CRL_NUMBER: &[u8] = &[0x55, 0x1d, 0x14];
 }
 
 /// Clock-skew allowance: peers whose clocks are a little behind still accept a new SVID.
@@ -104,6 +105,8 @@ pub struct LeafTemplate {
     static_exts: Vec<u8>,
     /// Intermediates to append after the leaf (the signing cert when it is not the root).
     chain_tail: Vec<u8>,
+    /// The CA's key identifier (authorityKeyIdentifier of leaves and CRLs).
+    aki: Vec<u8>,
     ca_not_after: OffsetDateTime,
     rng: SystemRandom,
 }
@@ -183,9 +186,57 @@ impl LeafTemplate {
             spki_alg,
             static_exts,
             chain_tail,
+            aki: authority_key_id.to_vec(),
             ca_not_after,
             rng: SystemRandom::new(),
         }
+    }
+
+    /// Signs a version 2 CRL listing `revoked` (serial, revocation time), with a CRL number
+    /// and the authority key identifier (RFC 5280 section 5).
+    pub fn sign_crl(
+        &self,
+        revoked: &[([u8; 16], OffsetDateTime)],
+        this_update: OffsetDateTime,
+        next_update: OffsetDateTime,
+        number: u64,
+    ) -> Result<Vec<u8>, CaError> {
+        let mut tbs = Vec::with_capacity(200 + revoked.len() * 40);
+        der::nested(&mut tbs, tag::SEQUENCE, |t| {
+            der::uint(t, &[1]); // v2
+            t.extend_from_slice(&self.sig_alg);
+            t.extend_from_slice(&self.issuer);
+            der::time(t, this_update);
+            der::time(t, next_update);
+            if !revoked.is_empty() {
+                der::nested(t, tag::SEQUENCE, |list| {
+                    for (serial, at) in revoked {
+                        der::nested(list, tag::SEQUENCE, |e| {
+                            der::uint(e, serial);
+                            der::time(e, *at);
+                        });
+                    }
+                });
+            }
+            der::nested(t, 0xa0, |x| {
+                der::nested(x, tag::SEQUENCE, |exts| {
+                    extension(exts, oid::AUTHORITY_KEY_ID, false, |v| {
+                        der::nested(v, tag::SEQUENCE, |s| der::tlv(s, 0x80, &self.aki));
+                    });
+                    extension(exts, oid::CRL_NUMBER, false, |v| {
+                        der::uint(v, &number.to_be_bytes())
+                    });
+                });
+            });
+        });
+        let sig = self.sign(&tbs)?;
+        let mut crl = Vec::with_capacity(tbs.len() + 100);
+        der::nested(&mut crl, tag::SEQUENCE, |c| {
+            c.extend_from_slice(&tbs);
+            c.extend_from_slice(&self.sig_alg);
+            der::bit_string(c, &sig);
+        });
+        Ok(crl)
     }
 
     /// The CA certificate's expiry; no SVID outlives it.

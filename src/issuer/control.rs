@@ -1,0 +1,315 @@
+//! Operator control: revocation, the kill switch, and registration entries.
+//!
+//! Every action is made durable (with its audit record) before it takes effect in memory, and
+//! takes the issuance barrier exclusively so that no credential slips past it.
+
+use std::sync::Arc;
+
+use super::{IssueError, Issuer, now_ms};
+use crate::audit::{Actor, Event};
+use crate::config::EntrySpec;
+use crate::lease::store::{Op, commit};
+use crate::lease::{Kill, Kind, Lease, LeaseId, Revocation, State};
+use crate::registry::Entry;
+use crate::spiffe_id::SpiffeId;
+
+fn count_by_kind(m: &crate::metrics::Metrics, revoked: &[Lease]) {
+    for k in [Kind::X509, Kind::Jwt, Kind::Task] {
+        let n = revoked.iter().filter(|l| l.kind == k).count() as u64;
+        if n > 0 {
+            m.revoked(k, n);
+        }
+    }
+}
+
+impl Issuer {
+    /// Revokes one lease. Unknown id → `NotFound`; not active → `FailedPrecondition`.
+    pub async fn revoke_lease(
+        &self,
+        id: &str,
+        actor: Actor,
+        reason: &str,
+    ) -> Result<Lease, IssueError> {
+        let lease_id = LeaseId::parse(id).ok_or_else(|| {
+            IssueError::InvalidArgument(format!(
+                "{id:?} is not a lease id (22 base64url characters)"
+            ))
+        })?;
+        let _excl = self.barrier.write().await;
+        let l = self.leases.get(&lease_id).ok_or_else(|| {
+            IssueError::NotFound(format!("no live lease {id} (unknown, or already expired)"))
+        })?;
+        if l.state != State::Active {
+            return Err(IssueError::FailedPrecondition(format!(
+                "lease {id} is already {}",
+                l.state.as_str()
+            )));
+        }
+        let rev = Revocation {
+            at_ms: now_ms(),
+            by: actor.label(),
+            reason: reason.to_owned(),
+        };
+        let ev = Event::now("revoke", actor)
+            .spiffe_id(&*l.spiffe_id)
+            .lease(id)
+            .reason(reason)
+            .detail("kind", l.kind.as_str());
+        commit(
+            &*self.store,
+            vec![Op::Revoke(vec![lease_id], rev.clone()), Op::Audit(ev)],
+        )
+        .await?;
+        let done = self.leases.revoke(&[lease_id], &rev);
+        count_by_kind(&self.metrics, &done);
+        Ok(done.into_iter().next().unwrap_or(l))
+    }
+
+    /// Revokes every active lease of a task; returns how many.
+    pub async fn revoke_task(
+        &self,
+        task: &str,
+        actor: Actor,
+        reason: &str,
+    ) -> Result<usize, IssueError> {
+        if task.is_empty() {
+            return Err(IssueError::InvalidArgument("task_id is required".into()));
+        }
+        let _excl = self.barrier.write().await;
+        let ids = self.leases.active_of_task(task);
+        let rev = Revocation {
+            at_ms: now_ms(),
+            by: actor.label(),
+            reason: reason.to_owned(),
+        };
+        let ev = Event::now("revoke", actor)
+            .reason(reason)
+            .detail("task_id", task)
+            .detail("count", ids.len());
+        commit(
+            &*self.store,
+            vec![Op::Revoke(ids.clone(), rev.clone()), Op::Audit(ev)],
+        )
+        .await?;
+        let done = self.leases.revoke(&ids, &rev);
+        count_by_kind(&self.metrics, &done);
+        Ok(done.len())
+    }
+
+    /// Kill switch: revokes every lease of `id` and of identities under its path, and refuses
+    /// them new credentials until [`Issuer::restore`]. Live streams drop the identity at once
+    /// (they watch the lease table). Returns how many leases were revoked.
+    pub async fn kill(&self, id: &str, actor: Actor, reason: &str) -> Result<usize, IssueError> {
+        let id = SpiffeId::parse(id)
+            .map_err(|e| IssueError::InvalidArgument(format!("spiffe_id {id:?} {e}")))?;
+        if reason.trim().is_empty() {
+            return Err(IssueError::InvalidArgument(
+                "a reason is required for a kill: it goes to the audit log".into(),
+            ));
+        }
+        let _excl = self.barrier.write().await;
+        let at_ms = now_ms();
+        let ids = self.leases.active_of_identity(&id, true);
+        let kill = Kill {
+            spiffe_id: id.to_string(),
+            at_ms,
+            by: actor.label(),
+            reason: reason.to_owned(),
+        };
+        let ev = Event::now("kill", actor.clone())
+            .spiffe_id(id.as_str())
+            .reason(reason)
+            .detail("revoked", ids.len());
+        // One row for the kill, however many leases it revokes: at load, leases issued before
+        // a kill that covers them come back revoked.
+        commit(&*self.store, vec![Op::Kill(kill.clone()), Op::Audit(ev)]).await?;
+        self.leases.add_kill(kill);
+        let rev = Revocation {
+            at_ms,
+            by: format!("kill by {}", actor.label()),
+            reason: reason.to_owned(),
+        };
+        let done = self.leases.revoke(&ids, &rev);
+        count_by_kind(&self.metrics, &done);
+        tracing::warn!(spiffe_id = %id, revoked = done.len(), reason, "identity killed");
+        Ok(done.len())
+    }
+
+    /// Takes an identity off the kill list. Its revoked leases stay revoked.
+    pub async fn restore(&self, id: &str, actor: Actor) -> Result<(), IssueError> {
+        let id = SpiffeId::parse(id)
+            .map_err(|e| IssueError::InvalidArgument(format!("spiffe_id {id:?} {e}")))?;
+        let _excl = self.barrier.write().await;
+        if !self
+            .leases
+            .kills()
+            .iter()
+            .any(|k| k.spiffe_id == id.as_str())
+        {
+            return Err(IssueError::NotFound(format!(
+                "{id} is not on the kill list"
+            )));
+        }
+        let ev = Event::now("restore", actor.clone()).spiffe_id(id.as_str());
+        commit(
+            &*self.store,
+            vec![
+                Op::Restore {
+                    spiffe_id: id.to_string(),
+                    at_ms: now_ms(),
+                    by: actor.label(),
+                },
+                Op::Audit(ev),
+            ],
+        )
+        .await?;
+        self.leases.remove_kill(id.as_str());
+        tracing::info!(spiffe_id = %id, "identity restored");
+        Ok(())
+    }
+
+    /// All entries: config file first, then stored, or the built-in default if there are none.
+    pub fn entries(&self) -> Vec<(Arc<Entry>, bool)> {
+        self.registry
+            .snapshot()
+            .iter()
+            .map(|e| {
+                (
+                    Arc::clone(e),
+                    self.config_entries.iter().any(|c| c.id == e.id),
+                )
+            })
+            .collect()
+    }
+
+    pub(super) fn publish_entries(&self) {
+        let stored = self
+            .stored_entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<Entry> = self.config_entries.clone();
+        all.extend(stored.iter().map(|(e, _)| e.clone()));
+        if all.is_empty() {
+            all.push(crate::config::default_entry_for_current_user(
+                &self.settings.trust_domain,
+            ));
+        }
+        self.registry.replace(all);
+    }
+
+    fn validate_spec(&self, id: &str, spec: &EntrySpec) -> Result<Entry, IssueError> {
+        spec.validate(id, "", &self.settings.trust_domain)
+            .map_err(|e| match e {
+                crate::config::ConfigError::Invalid { key, message } => {
+                    IssueError::InvalidArgument(format!("{key}: {message}"))
+                }
+                other => IssueError::InvalidArgument(other.to_string()),
+            })
+    }
+
+    /// Creates a stored entry; live streams see it at once.
+    pub async fn create_entry(
+        &self,
+        spec: EntrySpec,
+        actor: Actor,
+    ) -> Result<Arc<Entry>, IssueError> {
+        let id = format!("e-{}", LeaseId::random());
+        let entry = self.validate_spec(&id, &spec)?;
+        self.put_entry(entry, spec, actor, "entry_create").await
+    }
+
+    /// Replaces a stored entry. Entries from the config file are changed in the file.
+    pub async fn update_entry(
+        &self,
+        id: &str,
+        spec: EntrySpec,
+        actor: Actor,
+    ) -> Result<Arc<Entry>, IssueError> {
+        self.check_editable(id)?;
+        let entry = self.validate_spec(id, &spec)?;
+        self.put_entry(entry, spec, actor, "entry_update").await
+    }
+
+    fn check_editable(&self, id: &str) -> Result<(), IssueError> {
+        if self.config_entries.iter().any(|e| &*e.id == id) {
+            return Err(IssueError::FailedPrecondition(format!(
+                "entry {id} comes from the config file; change it there"
+            )));
+        }
+        if !self
+            .stored_entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(e, _)| &*e.id == id)
+        {
+            return Err(IssueError::NotFound(format!("no entry {id}")));
+        }
+        Ok(())
+    }
+
+    async fn put_entry(
+        &self,
+        entry: Entry,
+        spec: EntrySpec,
+        actor: Actor,
+        what: &'static str,
+    ) -> Result<Arc<Entry>, IssueError> {
+        let json =
+            serde_json::to_string(&spec).map_err(|e| IssueError::InvalidArgument(e.to_string()))?;
+        let ev = Event::now(what, actor)
+            .spiffe_id(entry.spiffe_id.as_str())
+            .detail("entry", &*entry.id)
+            .detail("spec", serde_json::to_value(&spec).unwrap_or_default());
+        commit(
+            &*self.store,
+            vec![
+                Op::PutEntry {
+                    id: entry.id.to_string(),
+                    spec: json,
+                },
+                Op::Audit(ev),
+            ],
+        )
+        .await?;
+        {
+            let mut stored = self
+                .stored_entries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match stored.iter_mut().find(|(e, _)| e.id == entry.id) {
+                Some(slot) => *slot = (entry.clone(), spec),
+                None => stored.push((entry.clone(), spec)),
+            }
+        }
+        self.publish_entries();
+        Ok(Arc::new(entry))
+    }
+
+    /// Deletes a stored entry; streams that held only its identity end with PermissionDenied.
+    pub async fn delete_entry(&self, id: &str, actor: Actor) -> Result<(), IssueError> {
+        self.check_editable(id)?;
+        let ev = Event::now("entry_delete", actor).detail("entry", id);
+        commit(
+            &*self.store,
+            vec![Op::DeleteEntry(id.to_owned()), Op::Audit(ev)],
+        )
+        .await?;
+        self.stored_entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(e, _)| &*e.id != id);
+        self.publish_entries();
+        Ok(())
+    }
+
+    /// The spec an entry was created from (stored entries only).
+    pub fn entry_spec(&self, id: &str) -> Option<EntrySpec> {
+        self.stored_entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(e, _)| &*e.id == id)
+            .map(|(_, s)| s.clone())
+    }
+}

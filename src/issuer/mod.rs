@@ -1,0 +1,468 @@
+//! THE issuance path. Every credential Tessera hands out, whichever API asked, comes from here:
+//!
+//! attest the caller → match registration entries (minus the kill list) → mint → lease
+//! committed to the store (with its audit record) → lease live in memory → hand out.
+//!
+//! Keeping one path means a new endpoint cannot skip a step. The API adapters only translate
+//! requests and errors; they never mint or match on their own. Operator actions (revocation,
+//! kill switch, entries) live in [`control`] and share this module's barrier.
+//!
+//! The barrier: issuance holds it shared from the kill-list check until the lease is in the
+//! table; a kill holds it exclusively. So a kill either sees a credential's lease (and revokes
+//! it) or the credential was never handed out.
+
+pub mod control;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::RwLock;
+
+use crate::attest::{AttestError, Attestation, Attestor, PeerInfo};
+use crate::audit::{Actor, Event};
+use crate::ca::{Ca, CaError};
+use crate::config::EntrySpec;
+use crate::lease::store::{Op, Store, StoreError, commit};
+use crate::lease::{Kind, Lease, LeaseId, LeaseTable, State};
+use crate::metrics::Metrics;
+use crate::registry::{Entry, Registry};
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+
+/// Issuance failures, in domain terms. `api` maps them to gRPC status codes in one place.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IssueError {
+    /// The caller could not be attested; we fail closed.
+    #[error("caller attestation failed: {0}")]
+    Attestation(#[from] AttestError),
+    /// No entry grants the caller an identity.
+    #[error("no identity issued")]
+    NoIdentity,
+    /// The caller asked for an identity it is not entitled to.
+    #[error("caller is not entitled to {0}")]
+    NotEntitled(String),
+    /// A request field is missing or malformed; the message says which and how.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The identity is on the kill list.
+    #[error("{0} is killed: it gets no credentials until an operator restores it")]
+    Killed(String),
+    /// Something named in the request does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request cannot apply to the current state (e.g. editing a config-file entry).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The CA cannot sign.
+    #[error("CA unavailable: {0}")]
+    Ca(#[from] CaError),
+    /// The lease could not be made durable, so nothing was handed out.
+    #[error("lease store unavailable: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// An X.509-SVID ready to hand out.
+pub struct X509Svid {
+    /// Its lease.
+    pub lease_id: LeaseId,
+    /// The identity.
+    pub spiffe_id: SpiffeId,
+    /// Leaf then intermediates, DER.
+    pub chain_der: Vec<u8>,
+    /// Unencrypted PKCS#8 DER private key, fresh for this SVID.
+    pub key_pkcs8: Vec<u8>,
+    /// Certificate serial (hex).
+    pub serial: String,
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
+    /// End of validity.
+    pub expires_at: OffsetDateTime,
+    /// Lifetime the SVID was minted with (rotation is planned from it).
+    pub ttl: Duration,
+    /// The entry that granted it.
+    pub entry: Arc<Entry>,
+}
+
+impl std::fmt::Debug for X509Svid {
+    // Never print the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("X509Svid")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("serial", &self.serial)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A JWT-SVID ready to hand out.
+#[derive(Debug)]
+pub struct JwtSvid {
+    /// The identity.
+    pub spiffe_id: SpiffeId,
+    /// Compact JWS.
+    pub token: String,
+    /// `jti`.
+    pub id: String,
+    /// `exp`.
+    pub expires_at: OffsetDateTime,
+    /// The entry that granted it.
+    pub entry: Arc<Entry>,
+}
+
+/// Daemon-wide issuance settings.
+#[derive(Debug, Clone)]
+pub struct IssuerSettings {
+    /// Trust domain (for entries created through the admin API).
+    pub trust_domain: TrustDomain,
+    /// Default X.509-SVID lifetime.
+    pub x509_svid_ttl: Duration,
+    /// Default JWT-SVID lifetime.
+    pub jwt_svid_ttl: Duration,
+}
+
+/// Maximum audiences per JWT request, and maximum length of one: bounds token size.
+const MAX_AUDIENCES: usize = 16;
+const MAX_AUDIENCE_LEN: usize = 512;
+
+/// The issuance path and the parts it needs.
+#[derive(Debug)]
+pub struct Issuer {
+    attestor: Arc<Attestor>,
+    registry: Arc<Registry>,
+    ca: Arc<Ca>,
+    leases: Arc<LeaseTable>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    settings: IssuerSettings,
+    barrier: RwLock<()>,
+    /// Entries from the config file (read-only) and from the store (editable).
+    config_entries: Vec<Entry>,
+    stored_entries: std::sync::Mutex<Vec<(Entry, EntrySpec)>>,
+}
+
+fn now_ms() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn workload_actor(c: &Attestation) -> Actor {
+    Actor::Workload {
+        uid: c.uid,
+        pid: c.pid,
+        exe: c.exe_path.as_deref().map(str::to_owned),
+    }
+}
+
+impl Issuer {
+    /// Assembles the path. `stored_entries` come from the lease store.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        attestor: Arc<Attestor>,
+        registry: Arc<Registry>,
+        ca: Arc<Ca>,
+        leases: Arc<LeaseTable>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        settings: IssuerSettings,
+        config_entries: Vec<Entry>,
+        stored_entries: Vec<(Entry, EntrySpec)>,
+    ) -> Self {
+        let this = Self {
+            attestor,
+            registry,
+            ca,
+            leases,
+            store,
+            metrics,
+            settings,
+            barrier: RwLock::new(()),
+            config_entries,
+            stored_entries: std::sync::Mutex::new(stored_entries),
+        };
+        this.publish_entries();
+        this
+    }
+
+    /// The CA (bundles, validation).
+    pub fn ca(&self) -> &Arc<Ca> {
+        &self.ca
+    }
+
+    /// The registry (entries and their change feed).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The lease table.
+    pub fn leases(&self) -> &Arc<LeaseTable> {
+        &self.leases
+    }
+
+    /// Metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Step 1: who is calling. A failure is recorded as a denial.
+    pub async fn attest(&self, peer: Option<&PeerInfo>) -> Result<Arc<Attestation>, IssueError> {
+        let result = match peer {
+            Some(p) => self.attestor.attest(p).await.map_err(IssueError::from),
+            None => Err(AttestError::NoPid.into()),
+        };
+        if let Err(e) = &result {
+            let (uid, pid) = peer.map_or((u32::MAX, 0), |p| (p.uid, p.pid));
+            self.audit_only(
+                Event::now(
+                    "deny",
+                    Actor::Workload {
+                        uid,
+                        pid,
+                        exe: None,
+                    },
+                )
+                .reason(e.to_string()),
+            );
+        }
+        result
+    }
+
+    /// Step 2: which identities the caller holds now, in match order (first is the default),
+    /// without killed ones.
+    pub fn identities(&self, caller: &Attestation) -> Vec<Arc<Entry>> {
+        let mut v = self.registry.matching(caller, OffsetDateTime::now_utc());
+        v.retain(|e| !self.leases.is_killed(&e.spiffe_id));
+        v
+    }
+
+    /// Like [`Issuer::identities`], but no identity is an error, recorded as a denial of `kind`.
+    pub fn entitled(
+        &self,
+        caller: &Attestation,
+        kind: Kind,
+    ) -> Result<Vec<Arc<Entry>>, IssueError> {
+        let v = self.identities(caller);
+        if v.is_empty() {
+            self.deny(caller, kind, "no identity issued");
+            return Err(IssueError::NoIdentity);
+        }
+        Ok(v)
+    }
+
+    /// Records a refusal (audit and metrics), without waiting for the disk.
+    pub fn deny(&self, caller: &Attestation, kind: Kind, reason: &str) {
+        self.metrics.denied(kind);
+        self.audit_only(
+            Event::now("deny", workload_actor(caller))
+                .reason(reason)
+                .detail("kind", kind.as_str()),
+        );
+    }
+
+    fn audit_only(&self, ev: Event) {
+        // Fire and forget: a denial must not wait for an fsync, and losing the last few
+        // denials in a crash loses no credential.
+        drop(self.store.submit(vec![Op::Audit(ev)]));
+    }
+
+    fn new_lease(
+        &self,
+        caller: &Attestation,
+        entry: &Entry,
+        kind: Kind,
+        issued_at: i64,
+        expires_at: i64,
+    ) -> Lease {
+        Lease {
+            id: LeaseId::random(),
+            kind,
+            state: State::Active,
+            uid: caller.uid,
+            pid: caller.pid,
+            issued_at,
+            expires_at,
+            spiffe_id: self.leases.intern_identity(entry.spiffe_id.as_str()),
+            entry_id: Arc::clone(&entry.id),
+            exe: caller.exe_path.clone(),
+            task_id: None,
+            serial: None,
+            revocation: None,
+        }
+    }
+
+    /// Steps 3–5 for X.509: mint one SVID with a fresh key for `entry`, commit its lease,
+    /// hand it out.
+    pub async fn issue_x509(
+        &self,
+        caller: &Attestation,
+        entry: &Arc<Entry>,
+    ) -> Result<X509Svid, IssueError> {
+        let _shared = self.barrier.read().await;
+        if self.leases.is_killed(&entry.spiffe_id) {
+            self.deny(caller, Kind::X509, "identity is killed");
+            return Err(IssueError::Killed(entry.spiffe_id.to_string()));
+        }
+        let now = OffsetDateTime::now_utc();
+        let ttl = entry.x509_svid_ttl.unwrap_or(self.settings.x509_svid_ttl);
+        let m = self.ca.mint_x509(&entry.spiffe_id, ttl, now)?;
+        let serial = hex::encode(m.serial);
+        let mut lease = self.new_lease(
+            caller,
+            entry,
+            Kind::X509,
+            now.unix_timestamp(),
+            m.not_after.unix_timestamp(),
+        );
+        lease.serial = Some(m.serial);
+        let ev = Event::now("issue", workload_actor(caller))
+            .spiffe_id(entry.spiffe_id.as_str())
+            .lease(lease.id.to_string())
+            .detail("kind", Kind::X509.as_str())
+            .detail("serial", serial.clone())
+            .detail("entry", &*entry.id)
+            .detail("expires_at", lease.expires_at);
+        let lease_id = lease.id;
+        commit(
+            &*self.store,
+            vec![Op::PutLease(lease.clone()), Op::Audit(ev)],
+        )
+        .await?;
+        self.leases.insert(lease);
+        self.metrics.issued(Kind::X509, 1);
+        Ok(X509Svid {
+            lease_id,
+            spiffe_id: entry.spiffe_id.clone(),
+            chain_der: m.chain_der,
+            key_pkcs8: m.key_pkcs8.as_ref().to_vec(),
+            serial,
+            not_before: m.not_before,
+            expires_at: m.not_after,
+            ttl,
+            entry: Arc::clone(entry),
+        })
+    }
+
+    /// Steps 2–5 for JWT: one JWT-SVID per identity (or only `requested`), for `audience`.
+    /// All tokens' leases are committed together before any token is returned.
+    pub async fn issue_jwts(
+        &self,
+        caller: &Attestation,
+        audience: &[String],
+        requested: Option<&str>,
+    ) -> Result<Vec<JwtSvid>, IssueError> {
+        if audience.is_empty() {
+            return Err(IssueError::InvalidArgument(
+                "audience is required: give at least one audience the JWT-SVID is for".into(),
+            ));
+        }
+        if audience.len() > MAX_AUDIENCES {
+            return Err(IssueError::InvalidArgument(format!(
+                "at most {MAX_AUDIENCES} audiences per request"
+            )));
+        }
+        for a in audience {
+            if a.is_empty() || a.len() > MAX_AUDIENCE_LEN || a.chars().any(char::is_control) {
+                return Err(IssueError::InvalidArgument(format!(
+                    "each audience must be 1 to {MAX_AUDIENCE_LEN} printable characters"
+                )));
+            }
+        }
+        let wanted = requested
+            .map(|s| {
+                SpiffeId::parse(s).map_err(|e| {
+                    IssueError::InvalidArgument(format!(
+                        "spiffe_id {:?} {e}",
+                        s.chars().take(80).collect::<String>()
+                    ))
+                })
+            })
+            .transpose()?;
+        let mut entries = self.entitled(caller, Kind::Jwt)?;
+        if let Some(w) = &wanted {
+            entries.retain(|e| &e.spiffe_id == w);
+            entries.truncate(1);
+            if entries.is_empty() {
+                self.deny(caller, Kind::Jwt, "not entitled to the requested identity");
+                return Err(IssueError::NotEntitled(w.to_string()));
+            }
+        } else {
+            // One token per identity, not per entry: two entries granting the same ID would
+            // otherwise produce indistinguishable duplicates.
+            let mut seen = std::collections::HashSet::new();
+            entries.retain(|e| seen.insert(e.spiffe_id.clone()));
+        }
+        let _shared = self.barrier.read().await;
+        entries.retain(|e| !self.leases.is_killed(&e.spiffe_id));
+        if entries.is_empty() {
+            return Err(IssueError::NoIdentity);
+        }
+        let now = OffsetDateTime::now_utc();
+        let mut out = Vec::with_capacity(entries.len());
+        let mut ops = Vec::with_capacity(entries.len() * 2);
+        let mut leases = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            let ttl = entry.jwt_svid_ttl.unwrap_or(self.settings.jwt_svid_ttl);
+            let lease_id = LeaseId::random();
+            let jti = lease_id.to_string();
+            let (token, exp) = self
+                .ca
+                .mint_jwt(&entry.spiffe_id, audience, ttl, now, &jti)?;
+            let mut lease = self.new_lease(
+                caller,
+                entry,
+                Kind::Jwt,
+                now.unix_timestamp(),
+                exp.unix_timestamp(),
+            );
+            lease.id = lease_id;
+            ops.push(Op::PutLease(lease.clone()));
+            ops.push(Op::Audit(
+                Event::now("issue", workload_actor(caller))
+                    .spiffe_id(entry.spiffe_id.as_str())
+                    .lease(jti.clone())
+                    .detail("kind", Kind::Jwt.as_str())
+                    .detail("audience", audience.to_vec())
+                    .detail("entry", &*entry.id)
+                    .detail("expires_at", lease.expires_at),
+            ));
+            leases.push(lease);
+            out.push(JwtSvid {
+                spiffe_id: entry.spiffe_id.clone(),
+                token,
+                id: jti,
+                expires_at: exp,
+                entry: Arc::clone(entry),
+            });
+        }
+        commit(&*self.store, ops).await?;
+        for l in leases {
+            self.leases.insert(l);
+        }
+        self.metrics.issued(Kind::Jwt, out.len() as u64);
+        Ok(out)
+    }
+
+    /// Validates a JWT-SVID: signature, audience and expiry (the standard), and that its lease
+    /// is still active (Tessera's revocation).
+    pub fn validate_jwt(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<(SpiffeId, serde_json::Map<String, serde_json::Value>), IssueError> {
+        let now = OffsetDateTime::now_utc();
+        let (id, claims) = self
+            .ca
+            .validate_jwt(token, audience, now)
+            .map_err(|e| IssueError::InvalidArgument(format!("JWT-SVID is not valid: {e}")))?;
+        let active = claims
+            .get("jti")
+            .and_then(|v| v.as_str())
+            .and_then(LeaseId::parse)
+            .is_some_and(|l| self.leases.is_active(&l, now.unix_timestamp()));
+        if !active {
+            return Err(IssueError::InvalidArgument(
+                "JWT-SVID is not valid: it has been revoked".into(),
+            ));
+        }
+        Ok((id, claims))
+    }
+}
