@@ -360,15 +360,15 @@ pub fn verify(path: &Path, expected_head: Option<(u64, &str)>) -> Result<Verifie
             .get("prev")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("no prev".into()))?;
-        if let Some(p) = &prev {
-            if rec_prev != p {
-                return Err(bad("chain broken: prev does not match the previous record (a record was removed, inserted or reordered)".into()));
-            }
+        if let Some(p) = &prev
+            && rec_prev != p
+        {
+            return Err(bad("chain broken: prev does not match the previous record (a record was removed, inserted or reordered)".into()));
         }
-        if let Some(s) = next_seq {
-            if seq != s {
-                return Err(bad(format!("sequence jumps from {} to {seq}", s - 1)));
-            }
+        if let Some(s) = next_seq
+            && seq != s
+        {
+            return Err(bad(format!("sequence jumps from {} to {seq}", s - 1)));
         }
         next_seq = Some(seq + 1);
         prev = Some(claimed.to_owned());

@@ -94,6 +94,7 @@ pub(super) async fn entry_list(cli: &Cli) -> anyhow::Result<()> {
                     "risk": opt(&e.risk),
                     "expires_at": opt(&e.expires_at),
                     "hint": opt(&e.hint),
+                    "from_config": e.from_config,
                 })
             })
             .collect();
@@ -123,4 +124,337 @@ pub(super) async fn entry_list(cli: &Cli) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn lease_json(l: &pb::Lease) -> serde_json::Value {
+    let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    json!({
+        "id": l.id,
+        "kind": l.kind,
+        "spiffe_id": l.spiffe_id,
+        "task_id": opt(&l.task_id),
+        "issued_at": rfc3339(l.issued_at),
+        "expires_at": rfc3339(l.expires_at),
+        "state": l.state,
+        "entry_id": l.entry_id,
+        "holder": {"uid": l.uid, "pid": l.pid, "exe": opt(&l.exe)},
+        "serial": opt(&l.serial),
+        "revoked_at": (l.revoked_at_ms > 0).then(|| rfc3339(l.revoked_at_ms / 1000)),
+        "revoked_by": opt(&l.revoked_by),
+        "revoke_reason": opt(&l.revoke_reason),
+    })
+}
+
+pub(super) async fn lease_list(
+    cli: &Cli,
+    mut req: pb::ListLeasesRequest,
+    limit: Option<usize>,
+) -> anyhow::Result<()> {
+    let mut c = client(cli).await?;
+    let mut all = Vec::new();
+    loop {
+        let page = c
+            .list_leases(req.clone())
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        all.extend(page.leases);
+        if page.next_page_token.is_empty() || limit.is_some_and(|l| all.len() >= l) {
+            break;
+        }
+        req.page_token = page.next_page_token;
+    }
+    if let Some(l) = limit {
+        all.truncate(l);
+    }
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&all.iter().map(lease_json).collect::<Vec<_>>())?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<22}  {:<10} {:<8} {:<20} {:<20} {:<12} SPIFFE ID",
+        "ID", "KIND", "STATE", "ISSUED", "EXPIRES", "TASK"
+    );
+    for l in &all {
+        println!(
+            "{:<22}  {:<10} {:<8} {:<20} {:<20} {:<12} {}",
+            l.id,
+            l.kind,
+            l.state,
+            rfc3339(l.issued_at),
+            rfc3339(l.expires_at),
+            if l.task_id.is_empty() {
+                "-"
+            } else {
+                &l.task_id
+            },
+            l.spiffe_id
+        );
+    }
+    eprintln!("{} lease(s)", all.len());
+    Ok(())
+}
+
+fn print_lease(cli: &Cli, l: &pb::Lease) -> anyhow::Result<()> {
+    let v = lease_json(l);
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for (k, v) in v.as_object().into_iter().flatten() {
+            if !v.is_null() {
+                println!(
+                    "{k:<14} {}",
+                    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn lease_show(cli: &Cli, id: &str) -> anyhow::Result<()> {
+    let l = client(cli)
+        .await?
+        .get_lease(pb::GetLeaseRequest { id: id.into() })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    print_lease(cli, &l)
+}
+
+pub(super) async fn lease_revoke(cli: &Cli, id: &str, reason: &str) -> anyhow::Result<()> {
+    let l = client(cli)
+        .await?
+        .revoke_lease(pb::RevokeLeaseRequest {
+            id: id.into(),
+            reason: reason.into(),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    print_lease(cli, &l)
+}
+
+pub(super) async fn task_revoke(cli: &Cli, task: &str, reason: &str) -> anyhow::Result<()> {
+    let r = client(cli)
+        .await?
+        .revoke_task(pb::RevokeTaskRequest {
+            task_id: task.into(),
+            reason: reason.into(),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if cli.json {
+        println!("{}", json!({"task_id": task, "revoked": r.revoked}));
+    } else {
+        println!("revoked {} lease(s) of task {task}", r.revoked);
+    }
+    Ok(())
+}
+
+pub(super) async fn kill(cli: &Cli, id: &str, reason: &str) -> anyhow::Result<()> {
+    let r = client(cli)
+        .await?
+        .kill_identity(pb::KillIdentityRequest {
+            spiffe_id: id.into(),
+            reason: reason.into(),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if cli.json {
+        println!("{}", json!({"spiffe_id": id, "revoked": r.revoked}));
+    } else {
+        println!(
+            "killed {id}: revoked {} lease(s); it gets no credentials until `tessera restore {id}`",
+            r.revoked
+        );
+    }
+    Ok(())
+}
+
+pub(super) async fn restore(cli: &Cli, id: &str) -> anyhow::Result<()> {
+    client(cli)
+        .await?
+        .restore_identity(pb::RestoreIdentityRequest {
+            spiffe_id: id.into(),
+        })
+        .await
+        .map_err(status_err)?;
+    if cli.json {
+        println!("{}", json!({"spiffe_id": id, "restored": true}));
+    } else {
+        println!("restored {id}");
+    }
+    Ok(())
+}
+
+pub(super) async fn killed(cli: &Cli) -> anyhow::Result<()> {
+    let r = client(cli)
+        .await?
+        .list_killed(pb::ListKilledRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if cli.json {
+        let v: Vec<_> = r
+            .killed
+            .iter()
+            .map(|k| json!({"spiffe_id": k.spiffe_id, "killed_at": rfc3339(k.killed_at_ms / 1000), "killed_by": k.killed_by, "reason": k.reason}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<50} {:<21} {:<20} REASON",
+        "SPIFFE ID", "KILLED AT", "BY"
+    );
+    for k in &r.killed {
+        println!(
+            "{:<50} {:<21} {:<20} {}",
+            k.spiffe_id,
+            rfc3339(k.killed_at_ms / 1000),
+            k.killed_by,
+            k.reason
+        );
+    }
+    Ok(())
+}
+
+fn apply_args(e: &mut pb::Entry, a: &super::EntryArgs) -> anyhow::Result<()> {
+    let secs = |s: &str| -> anyhow::Result<i64> {
+        Ok(humantime::parse_duration(s)
+            .map_err(|err| anyhow::anyhow!("{s:?} is not a duration like 10m: {err}"))?
+            .as_secs() as i64)
+    };
+    if let Some(v) = &a.spiffe_id {
+        e.spiffe_id = v.clone();
+    }
+    if !a.selectors.is_empty() {
+        e.selectors = a.selectors.clone();
+    }
+    if let Some(v) = &a.x509_ttl {
+        e.x509_svid_ttl_seconds = secs(v)?;
+    }
+    if let Some(v) = &a.jwt_ttl {
+        e.jwt_svid_ttl_seconds = secs(v)?;
+    }
+    for (field, v) in [
+        (&mut e.owner, &a.owner),
+        (&mut e.purpose, &a.purpose),
+        (&mut e.risk, &a.risk),
+        (&mut e.expires_at, &a.expires_at),
+        (&mut e.hint, &a.hint),
+    ] {
+        if let Some(v) = v {
+            *field = v.clone();
+        }
+    }
+    Ok(())
+}
+
+fn print_entry(cli: &Cli, e: &pb::Entry) -> anyhow::Result<()> {
+    if cli.json {
+        println!(
+            "{}",
+            json!({"id": e.id, "spiffe_id": e.spiffe_id, "selectors": e.selectors})
+        );
+    } else {
+        println!(
+            "entry {}: {} [{}]",
+            e.id,
+            e.spiffe_id,
+            e.selectors.join(",")
+        );
+    }
+    Ok(())
+}
+
+pub(super) async fn entry_create(cli: &Cli, a: &super::EntryArgs) -> anyhow::Result<()> {
+    let mut e = pb::Entry::default();
+    apply_args(&mut e, a)?;
+    let created = client(cli)
+        .await?
+        .create_entry(pb::CreateEntryRequest { entry: Some(e) })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    print_entry(cli, &created)
+}
+
+pub(super) async fn entry_update(cli: &Cli, id: &str, a: &super::EntryArgs) -> anyhow::Result<()> {
+    let mut c = client(cli).await?;
+    let list = c
+        .list_entries(pb::ListEntriesRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let mut e = list
+        .entries
+        .into_iter()
+        .find(|e| e.id == id)
+        .ok_or_else(|| anyhow::anyhow!("no entry {id}"))?;
+    apply_args(&mut e, a)?;
+    let updated = c
+        .update_entry(pb::UpdateEntryRequest { entry: Some(e) })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    print_entry(cli, &updated)
+}
+
+pub(super) async fn entry_delete(cli: &Cli, id: &str) -> anyhow::Result<()> {
+    client(cli)
+        .await?
+        .delete_entry(pb::DeleteEntryRequest { id: id.into() })
+        .await
+        .map_err(status_err)?;
+    if !cli.json {
+        println!("deleted entry {id}");
+    }
+    Ok(())
+}
+
+pub(super) fn audit_verify(cli: &Cli, file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let path = file.map_or_else(
+        || {
+            crate::config::Defaults::for_current_user()
+                .data_dir
+                .join("audit.jsonl")
+        },
+        std::path::Path::to_path_buf,
+    );
+    // The store beside the file records the chain head: that also catches a deleted tail.
+    let head = path
+        .parent()
+        .and_then(crate::lease::store::recorded_audit_head);
+    let is_current = path.file_name().is_some_and(|n| n == "audit.jsonl");
+    let expected = if is_current {
+        head.as_ref().map(|(s, h)| (*s, h.as_str()))
+    } else {
+        None
+    };
+    match crate::audit::verify(&path, expected) {
+        Ok(v) => {
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"file": path, "ok": true, "records": v.records, "head": v.head})
+                );
+            } else {
+                println!(
+                    "{}: OK, {} records, chain head {}",
+                    path.display(),
+                    v.records,
+                    v.head
+                );
+            }
+            Ok(())
+        }
+        Err(e) => anyhow::bail!("{}: {e}", path.display()),
+    }
 }

@@ -42,9 +42,124 @@ enum Command {
     Bundle(BundleCommand),
     /// Daemon status (admin API).
     Status,
-    /// Registration entries (admin API).
+    /// Registration entries: the inventory (admin API).
     #[command(subcommand)]
     Entry(EntryCommand),
+    /// Leases: every credential handed out (admin API).
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+    /// Task-scoped credentials (admin API).
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Kill switch: revoke everything an identity holds and refuse it new credentials.
+    Kill {
+        /// The identity; identities under its path are killed too.
+        spiffe_id: String,
+        /// Why (recorded in the audit log).
+        #[arg(long, default_value = "killed by operator")]
+        reason: String,
+    },
+    /// Take an identity off the kill list (its revoked credentials stay revoked).
+    Restore {
+        /// The identity.
+        spiffe_id: String,
+    },
+    /// List killed identities.
+    Killed,
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum LeaseCommand {
+    /// List leases (active and revoked; expired leases are gone).
+    List {
+        /// Only this identity.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// With --spiffe-id: identities under its path too.
+        #[arg(long)]
+        prefix: bool,
+        /// Only this task.
+        #[arg(long)]
+        task: Option<String>,
+        /// active or revoked.
+        #[arg(long)]
+        state: Option<String>,
+        /// x509-svid, jwt-svid or task-token.
+        #[arg(long)]
+        kind: Option<String>,
+        /// At most this many (default: all).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Show one lease.
+    Show {
+        /// Lease id.
+        id: String,
+    },
+    /// Revoke one lease.
+    Revoke {
+        /// Lease id.
+        id: String,
+        /// Why (recorded in the audit log).
+        #[arg(long, default_value = "revoked by operator")]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TaskCommand {
+    /// Revoke every credential of a task.
+    Revoke {
+        /// Task id.
+        task_id: String,
+        /// Why.
+        #[arg(long, default_value = "task revoked by operator")]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain; exits non-zero naming the first bad line.
+    Verify {
+        /// The audit file (default: the daemon's, in its default data directory).
+        file: Option<PathBuf>,
+    },
+}
+
+/// Fields of an entry, for create and update.
+#[derive(Debug, Clone, clap::Args)]
+struct EntryArgs {
+    /// SPIFFE ID granted.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// Selector, repeatable (e.g. unix:uid:1000); all must match.
+    #[arg(long = "selector")]
+    selectors: Vec<String>,
+    /// X.509-SVID lifetime (e.g. 10m).
+    #[arg(long)]
+    x509_ttl: Option<String>,
+    /// JWT-SVID lifetime.
+    #[arg(long)]
+    jwt_ttl: Option<String>,
+    /// Accountable owner.
+    #[arg(long)]
+    owner: Option<String>,
+    /// Purpose.
+    #[arg(long)]
+    purpose: Option<String>,
+    /// low, medium or high.
+    #[arg(long)]
+    risk: Option<String>,
+    /// RFC 3339 time after which the entry grants nothing.
+    #[arg(long)]
+    expires_at: Option<String>,
+    /// Workload API hint.
+    #[arg(long)]
+    hint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,6 +199,20 @@ enum BundleCommand {
 enum EntryCommand {
     /// List registration entries.
     List,
+    /// Create an entry (stored by the daemon; survives restarts).
+    Create(EntryArgs),
+    /// Change a stored entry: given fields replace the current ones.
+    Update {
+        /// Entry id.
+        id: String,
+        #[command(flatten)]
+        args: EntryArgs,
+    },
+    /// Delete a stored entry.
+    Delete {
+        /// Entry id.
+        id: String,
+    },
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -100,6 +229,41 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Bundle(BundleCommand::Show) => workload::bundle_show(&cli).await,
         Command::Status => admin::status(&cli).await,
         Command::Entry(EntryCommand::List) => admin::entry_list(&cli).await,
+        Command::Entry(EntryCommand::Create(a)) => admin::entry_create(&cli, a).await,
+        Command::Entry(EntryCommand::Update { id, args }) => {
+            admin::entry_update(&cli, id, args).await
+        }
+        Command::Entry(EntryCommand::Delete { id }) => admin::entry_delete(&cli, id).await,
+        Command::Lease(LeaseCommand::List {
+            spiffe_id,
+            prefix,
+            task,
+            state,
+            kind,
+            limit,
+        }) => {
+            let req = crate::proto::tessera::v1::ListLeasesRequest {
+                spiffe_id: spiffe_id.clone().unwrap_or_default(),
+                prefix: *prefix,
+                task_id: task.clone().unwrap_or_default(),
+                state: state.clone().unwrap_or_default(),
+                kind: kind.clone().unwrap_or_default(),
+                page_size: 1000,
+                page_token: String::new(),
+            };
+            admin::lease_list(&cli, req, *limit).await
+        }
+        Command::Lease(LeaseCommand::Show { id }) => admin::lease_show(&cli, id).await,
+        Command::Lease(LeaseCommand::Revoke { id, reason }) => {
+            admin::lease_revoke(&cli, id, reason).await
+        }
+        Command::Task(TaskCommand::Revoke { task_id, reason }) => {
+            admin::task_revoke(&cli, task_id, reason).await
+        }
+        Command::Kill { spiffe_id, reason } => admin::kill(&cli, spiffe_id, reason).await,
+        Command::Restore { spiffe_id } => admin::restore(&cli, spiffe_id).await,
+        Command::Killed => admin::killed(&cli).await,
+        Command::Audit(AuditCommand::Verify { file }) => admin::audit_verify(&cli, file.as_deref()),
     };
     match result {
         Ok(()) => 0,
@@ -181,6 +345,49 @@ mod tests {
         );
         assert!(parse_socket_addr("tcp://127.0.0.1:1").is_err());
         assert!(parse_socket_addr("relative.sock").is_err());
+    }
+
+    #[test]
+    fn operator_commands_parse() {
+        let c = Cli::try_parse_from([
+            "tessera",
+            "lease",
+            "list",
+            "--spiffe-id",
+            "spiffe://td/a",
+            "--state",
+            "active",
+            "--json",
+        ])
+        .unwrap();
+        assert!(c.json);
+        let c = Cli::try_parse_from([
+            "tessera",
+            "kill",
+            "spiffe://td/a",
+            "--reason",
+            "compromised",
+            "--admin-socket",
+            "/s",
+        ])
+        .unwrap();
+        assert!(matches!(c.command, Command::Kill { ref reason, .. } if reason == "compromised"));
+        let c = Cli::try_parse_from([
+            "tessera",
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://td/a",
+            "--selector",
+            "unix:uid:1",
+            "--selector",
+            "unix:gid:2",
+        ])
+        .unwrap();
+        let Command::Entry(EntryCommand::Create(a)) = c.command else {
+            panic!()
+        };
+        assert_eq!(a.selectors.len(), 2);
     }
 
     #[test]

@@ -493,7 +493,7 @@ impl LeaseTable {
                             && SpiffeId::parse(&l.spiffe_id).is_ok_and(|x| x.is_within(id)))
                 })
         });
-        out.sort_by(|a, b| (a.issued_at, a.id).cmp(&(b.issued_at, b.id)));
+        out.sort_by_key(|l| (l.issued_at, l.id));
         out
     }
 

@@ -156,6 +156,7 @@ impl SqliteStore {
             std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
+                .truncate(false)
                 .mode(0o600)
                 .open(&path)
                 .map_err(db_err)?;

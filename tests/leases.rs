@@ -1,0 +1,586 @@
+//! Leases, revocation, the kill switch, the admin API and the audit log, on the real daemon.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Daemon, entry_for_uid, my_uid};
+use spiffe::WorkloadApiError;
+use tessera::proto::tessera::v1 as admin_pb;
+use tessera::proto::tessera::v1::admin_client::AdminClient;
+use tessera::proto::workload as pb;
+use tokio_stream::StreamExt;
+
+fn two_identities() -> String {
+    format!(
+        "{}{}",
+        entry_for_uid("agent", my_uid(), ""),
+        entry_for_uid("other", my_uid(), "")
+    )
+}
+
+async fn channel(path: &std::path::Path) -> tonic::transport::Channel {
+    let p = path.to_owned();
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = p.clone();
+            async move {
+                tokio::net::UnixStream::connect(p)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+async fn admin(d: &Daemon) -> AdminClient<tonic::transport::Channel> {
+    AdminClient::new(channel(&d.admin_socket).await)
+}
+
+fn serial_hex(cert_der: &[u8]) -> String {
+    let (_, c) = x509_parser::parse_x509_certificate(cert_der).unwrap();
+    let raw = c.raw_serial();
+    // Our serials are 16 bytes, positive, with no leading zero byte to strip.
+    hex::encode(&raw[raw.len() - 16..])
+}
+
+fn jti(token: &str) -> String {
+    use base64::Engine;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    claims["jti"].as_str().unwrap().to_owned()
+}
+
+fn lease_list(d: &Daemon, args: &[&str]) -> Vec<serde_json::Value> {
+    let mut a = vec!["lease", "list", "--json"];
+    a.extend_from_slice(args);
+    let o = d.cli(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice::<serde_json::Value>(&o.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_lease_revocation_or_kill() {
+    let d = Daemon::start(&two_identities());
+    let client = d.client().await;
+    let mut serials = Vec::new();
+    let mut jtis = Vec::new();
+    let mut tokens = Vec::new();
+    for _ in 0..10 {
+        let all = client.fetch_all_x509_svids().await.unwrap();
+        serials.extend(all.iter().map(|s| serial_hex(s.leaf().as_ref())));
+        let agent = spiffe::SpiffeId::new("spiffe://tessera.internal/agent").unwrap();
+        let t = client
+            .fetch_jwt_svid(["svc"], Some(&agent))
+            .await
+            .unwrap()
+            .token()
+            .to_owned();
+        jtis.push(jti(&t));
+        tokens.push(t);
+    }
+    assert_eq!(serials.len(), 20);
+    // Revoke one JWT lease and kill the second identity.
+    let o = d.cli(&["lease", "revoke", &jtis[0], "--reason", "test revoke"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = d.cli(&[
+        "kill",
+        "spiffe://tessera.internal/other",
+        "--reason",
+        "compromised",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("revoked 10 lease(s)"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+
+    // Crash: no shutdown path runs.
+    let mut d = d;
+    let status = d.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
+    assert!(!status.success());
+    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
+    drop(d);
+    let d = Daemon::start_in(dir, &two_identities());
+
+    let leases = lease_list(&d, &[]);
+    let listed_serials: Vec<&str> = leases.iter().filter_map(|l| l["serial"].as_str()).collect();
+    for s in &serials {
+        assert!(
+            listed_serials.contains(&s.as_str()),
+            "X.509 lease {s} lost in the crash"
+        );
+    }
+    for j in &jtis {
+        let l = leases
+            .iter()
+            .find(|l| l["id"] == j.as_str())
+            .unwrap_or_else(|| panic!("JWT lease {j} lost in the crash"));
+        assert_eq!(l["kind"], "jwt-svid");
+        assert!(l["task_id"].is_null(), "task_id is present and null");
+    }
+    let revoked = leases.iter().find(|l| l["id"] == jtis[0].as_str()).unwrap();
+    assert_eq!(revoked["state"], "revoked");
+    assert_eq!(revoked["revoke_reason"], "test revoke");
+    let others: Vec<_> = leases
+        .iter()
+        .filter(|l| l["spiffe_id"] == "spiffe://tessera.internal/other")
+        .collect();
+    assert_eq!(others.len(), 10);
+    assert!(
+        others.iter().all(|l| l["state"] == "revoked"),
+        "killed identity's leases stay revoked"
+    );
+    // Still killed: the agent gets only its own identity, the kill list survived.
+    let all = d.client().await.fetch_all_x509_svids().await.unwrap();
+    let ids: Vec<String> = all.iter().map(|s| s.spiffe_id().to_string()).collect();
+    assert_eq!(ids, ["spiffe://tessera.internal/agent"]);
+    let killed = d.cli(&["killed", "--json"]);
+    let killed: serde_json::Value = serde_json::from_slice(&killed.stdout).unwrap();
+    assert_eq!(killed[0]["spiffe_id"], "spiffe://tessera.internal/other");
+    assert_eq!(killed[0]["reason"], "compromised");
+    // The revoked JWT does not validate after the restart either; the others still do.
+    let c = d.client().await;
+    let e = c.validate_jwt_token("svc", &tokens[0]).await.unwrap_err();
+    assert!(e.to_string().contains("revoked"), "{e}");
+    assert!(c.validate_jwt_token("svc", &tokens[1]).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_ends_a_live_stream_and_restore_reopens() {
+    let d = Daemon::start(&entry_for_uid("agent", my_uid(), ""));
+    let client = d.client().await;
+    let mut stream = client.stream_x509_svids().await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    let t0 = std::time::Instant::now();
+    let o = d.cli(&[
+        "kill",
+        "spiffe://tessera.internal/agent",
+        "--reason",
+        "incident 42",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let end = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .expect("stream reacts at once");
+    assert!(
+        matches!(end, Some(Err(WorkloadApiError::NoIdentityIssued))),
+        "{end:?}"
+    );
+    eprintln!(
+        "stream ended {:?} after the kill command started",
+        t0.elapsed()
+    );
+    assert!(matches!(
+        client.fetch_x509_svid().await,
+        Err(WorkloadApiError::NoIdentityIssued)
+    ));
+    assert!(matches!(
+        client.fetch_jwt_svid(["a"], None).await,
+        Err(WorkloadApiError::NoIdentityIssued)
+    ));
+    let o = d.cli(&["restore", "spiffe://tessera.internal/agent"]);
+    assert!(o.status.success());
+    assert!(client.fetch_x509_svid().await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_identity_updates_a_stream_that_has_others() {
+    let d = Daemon::start(&two_identities());
+    let mut stream = d.client().await.stream_x509_contexts().await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.svids().len(), 2);
+    // Kill matches whole path segments: killing /agen touches neither /agent nor /other.
+    assert!(
+        d.cli(&["kill", "spiffe://tessera.internal/agen"])
+            .status
+            .success()
+    );
+    assert!(
+        d.cli(&["kill", "spiffe://tessera.internal/other"])
+            .status
+            .success()
+    );
+    let next = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let ids: Vec<String> = next
+        .svids()
+        .iter()
+        .map(|s| s.spiffe_id().to_string())
+        .collect();
+    assert_eq!(ids, ["spiffe://tessera.internal/agent"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_svid_is_replaced_at_once_and_listed_in_the_crl() {
+    let d = Daemon::start(&entry_for_uid("agent", my_uid(), ""));
+    let mut raw =
+        tessera::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+            channel(&d.socket).await,
+        );
+    let mut req = tonic::Request::new(pb::X509svidRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let mut stream = raw.fetch_x509svid(req).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let serial = serial_hex(&first.svids[0].x509_svid);
+    let lease = lease_list(&d, &["--kind", "x509-svid"])
+        .into_iter()
+        .find(|l| l["serial"] == serial.as_str())
+        .unwrap();
+    let o = d.cli(&[
+        "lease",
+        "revoke",
+        lease["id"].as_str().unwrap(),
+        "--reason",
+        "key leaked",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The stream gets a fresh SVID; a following message (or the same) carries the CRL.
+    let mut crl = Vec::new();
+    let mut replaced = false;
+    for _ in 0..3 {
+        let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_secs(2), stream.message()).await
+        else {
+            break;
+        };
+        replaced |= serial_hex(&m.svids[0].x509_svid) != serial;
+        if let Some(c) = m.crl.first() {
+            crl = c.clone();
+        }
+        if replaced && !crl.is_empty() && listed(&crl, &serial) {
+            break;
+        }
+    }
+    assert!(replaced, "the stream received a fresh SVID");
+    assert!(
+        listed(&crl, &serial),
+        "the revoked serial is in the CRL sent on the stream"
+    );
+    // The CRL over HTTP is the same kind of document, signed by the CA.
+    let body = http_get_bytes(d.http, "/crl");
+    assert!(listed(&body, &serial));
+    let (_, parsed) = x509_parser::parse_x509_crl(&body).unwrap();
+    let (_, ca) = x509_parser::parse_x509_certificate(&first.svids[0].bundle).unwrap();
+    parsed.verify_signature(ca.public_key()).unwrap();
+}
+
+fn listed(crl: &[u8], serial: &str) -> bool {
+    let Ok((_, c)) = x509_parser::parse_x509_crl(crl) else {
+        return false;
+    };
+    c.iter_revoked_certificates().any(|r| {
+        let raw = r.raw_serial();
+        hex::encode(&raw[raw.len().saturating_sub(16)..]) == serial
+    })
+}
+
+fn http_get_bytes(addr: std::net::SocketAddr, path: &str) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let at = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    buf[at..].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_jwt_no_longer_validates() {
+    let d = Daemon::start(&entry_for_uid("agent", my_uid(), ""));
+    let client = d.client().await;
+    let token = client
+        .fetch_jwt_svid(["svc"], None)
+        .await
+        .unwrap()
+        .token()
+        .to_owned();
+    assert!(client.validate_jwt_token("svc", &token).await.is_ok());
+    let o = d.cli(&["lease", "revoke", &jti(&token)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = client.validate_jwt_token("svc", &token).await.unwrap_err();
+    assert!(e.to_string().contains("revoked"), "{e}");
+    // Revoking again is a clear error that changes nothing.
+    let o = d.cli(&["lease", "revoke", &jti(&token)]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already revoked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_refuses_bad_input_and_changes_nothing() {
+    let d = Daemon::start(&entry_for_uid("agent", my_uid(), ""));
+    let mut a = admin(&d).await;
+    let e = a
+        .revoke_lease(admin_pb::RevokeLeaseRequest {
+            id: "AAAAAAAAAAAAAAAAAAAAAA".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = a
+        .revoke_lease(admin_pb::RevokeLeaseRequest {
+            id: "not-a-lease".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = a
+        .kill_identity(admin_pb::KillIdentityRequest {
+            spiffe_id: "spiffe://Bad/ID".into(),
+            reason: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("trust domain"), "{}", e.message());
+    let e = a
+        .restore_identity(admin_pb::RestoreIdentityRequest {
+            spiffe_id: "spiffe://tessera.internal/never-killed".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = a
+        .list_leases(admin_pb::ListLeasesRequest {
+            state: "zombie".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let no_selectors = admin_pb::Entry {
+        spiffe_id: "spiffe://tessera.internal/x".into(),
+        ..Default::default()
+    };
+    let e = a
+        .create_entry(admin_pb::CreateEntryRequest {
+            entry: Some(no_selectors),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("selectors"), "{}", e.message());
+    let bad_sel = admin_pb::Entry {
+        spiffe_id: "spiffe://tessera.internal/x".into(),
+        selectors: vec!["unix:uid:-1".into()],
+        ..Default::default()
+    };
+    assert_eq!(
+        a.create_entry(admin_pb::CreateEntryRequest {
+            entry: Some(bad_sel)
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        tonic::Code::InvalidArgument
+    );
+    let e = a
+        .update_entry(admin_pb::UpdateEntryRequest {
+            entry: Some(admin_pb::Entry {
+                id: "config-0".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    // Nothing was changed by any of that.
+    assert_eq!(
+        a.list_entries(admin_pb::ListEntriesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .len(),
+        1
+    );
+    assert!(
+        a.list_killed(admin_pb::ListKilledRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .killed
+            .is_empty()
+    );
+    assert!(
+        d.client().await.fetch_x509_svid().await.is_ok(),
+        "still serving"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_changes_reach_live_streams_and_survive_restart() {
+    let d = Daemon::start(&entry_for_uid("agent", my_uid(), ""));
+    let mut stream = d.client().await.stream_x509_contexts().await.unwrap();
+    assert_eq!(stream.next().await.unwrap().unwrap().svids().len(), 1);
+    let uid_sel = format!("unix:uid:{}", my_uid());
+    let o = d.cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://tessera.internal/added",
+        "--selector",
+        &uid_sel,
+        "--owner",
+        "ops",
+        "--risk",
+        "medium",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let created: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let next = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.svids().len(), 2);
+    // Update reaches the stream too (new hint → new SVID set).
+    assert!(
+        d.cli(&["entry", "update", &id, "--hint", "extra"])
+            .status
+            .success()
+    );
+    let next = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.svids()[1].hint(), Some("extra"));
+
+    let dir = d.stop();
+    let d = Daemon::start_in(dir, &entry_for_uid("agent", my_uid(), ""));
+    let list = d.cli(&["entry", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let added = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == id.as_str())
+        .expect("stored entry survives restart");
+    assert_eq!(added["owner"], "ops");
+    assert_eq!(added["hint"], "extra");
+    assert!(d.cli(&["entry", "delete", &id]).status.success());
+    assert_eq!(
+        d.client().await.fetch_all_x509_svids().await.unwrap().len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_log_records_everything_and_detects_tampering() {
+    let d = Daemon::start(&entry_for_uid("agent", my_uid(), ""));
+    let client = d.client().await;
+    client.fetch_x509_svid().await.unwrap();
+    let token = client
+        .fetch_jwt_svid(["svc"], None)
+        .await
+        .unwrap()
+        .token()
+        .to_owned();
+    assert!(d.cli(&["lease", "revoke", &jti(&token)]).status.success());
+    assert!(
+        d.cli(&[
+            "kill",
+            "spiffe://tessera.internal/agent",
+            "--reason",
+            "drill"
+        ])
+        .status
+        .success()
+    );
+    assert!(client.fetch_x509_svid().await.is_err());
+    assert!(
+        d.cli(&["restore", "spiffe://tessera.internal/agent"])
+            .status
+            .success()
+    );
+    let dir = d.stop();
+    let audit = dir.path().join("data/audit.jsonl");
+    let text = std::fs::read_to_string(&audit).unwrap();
+    for ev in [
+        "\"issue\"",
+        "\"revoke\"",
+        "\"kill\"",
+        "\"restore\"",
+        "\"deny\"",
+    ] {
+        assert!(text.contains(ev), "audit has an {ev} record");
+    }
+    assert!(!text.contains(&token), "never whole tokens");
+    assert!(!text.contains("PRIVATE KEY"));
+    let verify = |file: &std::path::Path| {
+        std::process::Command::new(common::tessera_bin())
+            .args(["audit", "verify"])
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let ok = verify(&audit);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    let original = lines.clone();
+    lines[1] = lines[1].replace("\"issue\"", "\"isuse\"");
+    std::fs::write(&audit, lines.join("\n") + "\n").unwrap();
+    let bad = verify(&audit);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("line 2"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    // Deleting the last record is caught against the head the store committed.
+    std::fs::write(&audit, original[..original.len() - 1].join("\n") + "\n").unwrap();
+    let bad = verify(&audit);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("tail was deleted"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened() {
+    let d = Daemon::start(&entry_for_uid("agent", my_uid(), ""));
+    let client = d.client().await;
+    for _ in 0..3 {
+        client.fetch_x509_svid().await.unwrap();
+    }
+    client.fetch_jwt_svid(["a"], None).await.unwrap();
+    let body = String::from_utf8(http_get_bytes(d.http, "/metrics")).unwrap();
+    assert!(
+        body.contains("tessera_issued_total{kind=\"x509-svid\"} 3"),
+        "{body}"
+    );
+    assert!(body.contains("tessera_issued_total{kind=\"jwt-svid\"} 1"));
+    assert!(body.contains("tessera_leases{state=\"active\"} 4"));
+    assert!(body.contains("tessera_request_duration_seconds_count{rpc=\"FetchX509SVID\"} 3"));
+    assert!(body.contains("tessera_reaper_lag_seconds"));
+}
