@@ -13,13 +13,14 @@ use crate::lease::{Kill, Kind, Lease, LeaseId, Revocation, State};
 use crate::registry::Entry;
 use crate::spiffe_id::SpiffeId;
 
-fn count_by_kind(m: &crate::metrics::Metrics, revoked: &[Lease]) {
+fn count_by_kind(m: &crate::metrics::Metrics, counts: [usize; 3]) -> usize {
     for k in [Kind::X509, Kind::Jwt, Kind::Task] {
-        let n = revoked.iter().filter(|l| l.kind == k).count() as u64;
+        let n = counts[k as usize - 1] as u64;
         if n > 0 {
             m.revoked(k, n);
         }
     }
+    counts.iter().sum()
 }
 
 impl Issuer {
@@ -60,9 +61,11 @@ impl Issuer {
             vec![Op::Revoke(vec![lease_id], rev.clone()), Op::Audit(ev)],
         )
         .await?;
-        let done = self.leases.revoke(&[lease_id], &rev);
-        count_by_kind(&self.metrics, &done);
-        Ok(done.into_iter().next().unwrap_or(l))
+        count_by_kind(
+            &self.metrics,
+            self.leases.revoke(&[lease_id], &Arc::new(rev)),
+        );
+        Ok(self.leases.get(&lease_id).unwrap_or(l))
     }
 
     /// Revokes every active lease of a task; returns how many.
@@ -91,9 +94,10 @@ impl Issuer {
             vec![Op::Revoke(ids.clone(), rev.clone()), Op::Audit(ev)],
         )
         .await?;
-        let done = self.leases.revoke(&ids, &rev);
-        count_by_kind(&self.metrics, &done);
-        Ok(done.len())
+        Ok(count_by_kind(
+            &self.metrics,
+            self.leases.revoke(&ids, &Arc::new(rev)),
+        ))
     }
 
     /// Kill switch: revokes every lease of `id` and of identities under its path, and refuses
@@ -107,9 +111,11 @@ impl Issuer {
                 "a reason is required for a kill: it goes to the audit log".into(),
             ));
         }
+        let t0 = std::time::Instant::now();
         let _excl = self.barrier.write().await;
         let at_ms = now_ms();
         let ids = self.leases.active_of_identity(&id, true);
+        let t_found = t0.elapsed();
         let kill = Kill {
             spiffe_id: id.to_string(),
             at_ms,
@@ -123,16 +129,23 @@ impl Issuer {
         // One row for the kill, however many leases it revokes: at load, leases issued before
         // a kill that covers them come back revoked.
         commit(&*self.store, vec![Op::Kill(kill.clone()), Op::Audit(ev)]).await?;
+        let t_durable = t0.elapsed();
         self.leases.add_kill(kill);
         let rev = Revocation {
             at_ms,
             by: format!("kill by {}", actor.label()),
             reason: reason.to_owned(),
         };
-        let done = self.leases.revoke(&ids, &rev);
-        count_by_kind(&self.metrics, &done);
-        tracing::warn!(spiffe_id = %id, revoked = done.len(), reason, "identity killed");
-        Ok(done.len())
+        let revoked = count_by_kind(
+            &self.metrics,
+            self.leases.revoke_identity_tree(&id, &Arc::new(rev)),
+        );
+        tracing::warn!(
+            spiffe_id = %id, revoked, reason,
+            found_us = t_found.as_micros() as u64, durable_us = t_durable.as_micros() as u64,
+            total_us = t0.elapsed().as_micros() as u64, "identity killed"
+        );
+        Ok(revoked)
     }
 
     /// Takes an identity off the kill list. Its revoked leases stay revoked.

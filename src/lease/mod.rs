@@ -10,7 +10,7 @@ pub mod reaper;
 pub mod store;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
 use dashmap::DashMap;
@@ -18,15 +18,21 @@ use tokio::sync::{Notify, watch};
 
 use crate::spiffe_id::SpiffeId;
 
-/// A lease id: 128 random bits, written as 22 base64url characters. It is also the JWT `jti`.
+/// A lease id, written as 22 base64url characters; it is also the JWT `jti`.
+///
+/// 48 bits of Unix milliseconds, then 80 random bits (the ULID layout). The time prefix makes
+/// ids of new leases sort after old ones, so the store appends to the right edge of its
+/// B-tree instead of touching a random page per lease; 80 random bits keep ids unguessable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LeaseId(pub [u8; 16]);
 
 impl LeaseId {
-    /// A fresh random id.
+    /// A fresh id for now.
     pub fn random() -> Self {
         let mut b = [0u8; 16];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        let ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64;
+        b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b[6..])
             .expect("the system random source works");
         Self(b)
     }
@@ -165,7 +171,8 @@ pub struct Lease {
     /// X.509 serial.
     pub serial: Option<[u8; 16]>,
     /// Set when revoked.
-    pub revocation: Option<Box<Revocation>>,
+    /// Set when revoked; one kill shares one record among all the leases it revoked.
+    pub revocation: Option<Arc<Revocation>>,
 }
 
 /// A kill-list entry.
@@ -195,12 +202,14 @@ pub struct RevokedSerial {
 /// The in-memory lease table.
 #[derive(Debug)]
 pub struct LeaseTable {
-    leases: DashMap<LeaseId, Lease>,
+    /// Boxed: a hash table keeps up to half its slots empty after growing, and an empty slot
+    /// then costs a pointer instead of a whole lease.
+    leases: DashMap<LeaseId, Box<Lease>>,
     by_identity: DashMap<Arc<str>, HashSet<LeaseId>>,
     by_task: DashMap<Arc<str>, HashSet<LeaseId>>,
     expiry: Mutex<BinaryHeap<Reverse<(i64, LeaseId)>>>,
     expiry_changed: Notify,
-    revoked_serials: Mutex<BTreeMap<LeaseId, RevokedSerial>>,
+    revoked_serials: Mutex<HashMap<LeaseId, RevokedSerial>>,
     kills: RwLock<HashMap<String, Kill>>,
     /// Bumped on every revocation, kill and restore: streams and the CRL publisher re-check.
     changes: watch::Sender<u64>,
@@ -236,7 +245,7 @@ impl LeaseTable {
             by_task: DashMap::new(),
             expiry: Mutex::new(BinaryHeap::new()),
             expiry_changed: Notify::new(),
-            revoked_serials: Mutex::new(BTreeMap::new()),
+            revoked_serials: Mutex::new(HashMap::new()),
             kills: RwLock::new(HashMap::new()),
             changes: watch::channel(0).0,
         }
@@ -274,7 +283,7 @@ impl LeaseTable {
                     },
                 );
         }
-        self.leases.insert(id, lease);
+        self.leases.insert(id, Box::new(lease));
         let mut heap = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
         let sooner = heap.peek().is_none_or(|Reverse((t, _))| exp < *t);
         heap.push(Reverse((exp, id)));
@@ -301,7 +310,7 @@ impl LeaseTable {
 
     /// A copy of a lease.
     pub fn get(&self, id: &LeaseId) -> Option<Lease> {
-        self.leases.get(id).map(|l| l.clone())
+        self.leases.get(id).map(|l| Lease::clone(&l))
     }
 
     /// True when the lease exists, is active and has not reached its expiry.
@@ -338,11 +347,16 @@ impl LeaseTable {
             .unwrap_or_default()
     }
 
-    /// Marks leases revoked in memory; returns those that were active. Durability is the
-    /// caller's job (it writes first, then calls this).
-    pub fn revoke(&self, ids: &[LeaseId], rev: &Revocation) -> Vec<Lease> {
-        let mut done = Vec::with_capacity(ids.len());
+    /// Marks leases revoked in memory; returns how many of each kind were active (indexed by
+    /// `Kind as usize - 1`). Durability is the caller's job (it writes first, then calls this).
+    ///
+    /// Cost is linear in `ids` with one index update per distinct identity and task, so a kill
+    /// of 100k leases of one identity touches the identity index once.
+    pub fn revoke(&self, ids: &[LeaseId], rev: &Arc<Revocation>) -> [usize; 3] {
+        let mut counts = [0usize; 3];
         let mut serials = Vec::new();
+        let mut by_identity: HashMap<Arc<str>, Vec<LeaseId>> = HashMap::new();
+        let mut by_task: HashMap<Arc<str>, Vec<LeaseId>> = HashMap::new();
         for id in ids {
             let Some(mut l) = self.leases.get_mut(id) else {
                 continue;
@@ -351,7 +365,8 @@ impl LeaseTable {
                 continue;
             }
             l.state = State::Revoked;
-            l.revocation = Some(Box::new(rev.clone()));
+            l.revocation = Some(Arc::clone(rev));
+            counts[l.kind as usize - 1] += 1;
             if let Some(s) = l.serial {
                 serials.push((
                     *id,
@@ -362,10 +377,32 @@ impl LeaseTable {
                     },
                 ));
             }
-            let snapshot = l.clone();
-            drop(l);
-            self.unindex(&snapshot);
-            done.push(snapshot);
+            by_identity
+                .entry(Arc::clone(&l.spiffe_id))
+                .or_default()
+                .push(*id);
+            if let Some(t) = &l.task_id {
+                by_task.entry(Arc::clone(t)).or_default().push(*id);
+            }
+        }
+        for (index, groups) in [(&self.by_identity, by_identity), (&self.by_task, by_task)] {
+            for (key, ids) in groups {
+                if let Some(mut set) = index.get_mut(&key) {
+                    // A kill revokes an identity's whole set: drop it instead of emptying it.
+                    if set.len() == ids.len() {
+                        set.clear();
+                    } else {
+                        for id in &ids {
+                            set.remove(id);
+                        }
+                    }
+                    let empty = set.is_empty();
+                    drop(set);
+                    if empty {
+                        index.remove_if(&key, |_, s| s.is_empty());
+                    }
+                }
+            }
         }
         if !serials.is_empty() {
             self.revoked_serials
@@ -373,32 +410,134 @@ impl LeaseTable {
                 .unwrap_or_else(|e| e.into_inner())
                 .extend(serials);
         }
-        if !done.is_empty() {
+        if counts.iter().any(|c| *c > 0) {
             self.changes.send_modify(|v| *v += 1);
         }
-        done
+        counts
     }
 
     fn unindex(&self, l: &Lease) {
-        if let Some(mut set) = self.by_identity.get_mut(&l.spiffe_id) {
-            set.remove(&l.id);
-            let empty = set.is_empty();
-            drop(set);
-            if empty {
+        for (index, key) in [
+            (&self.by_identity, Some(&l.spiffe_id)),
+            (&self.by_task, l.task_id.as_ref()),
+        ] {
+            let Some(key) = key else { continue };
+            if let Some(mut set) = index.get_mut(key) {
+                set.remove(&l.id);
+                let empty = set.is_empty();
+                drop(set);
+                if empty {
+                    index.remove_if(key, |_, s| s.is_empty());
+                }
+            }
+        }
+    }
+
+    /// Kill-switch revocation: every active lease of `id` and of identities under its path.
+    /// Takes each identity's whole index set in one removal and touches only those leases,
+    /// so the cost is the number of leases revoked (no per-lease index bookkeeping).
+    pub fn revoke_identity_tree(&self, id: &SpiffeId, rev: &Arc<Revocation>) -> [usize; 3] {
+        let keys: Vec<Arc<str>> = self
+            .by_identity
+            .iter()
+            .filter(|e| SpiffeId::parse(e.key()).is_ok_and(|k| k.is_within(id)))
+            .map(|e| Arc::clone(e.key()))
+            .collect();
+        let mut counts = [0usize; 3];
+        let mut serials = Vec::new();
+        let mut by_task: HashMap<Arc<str>, Vec<LeaseId>> = HashMap::new();
+        for key in keys {
+            let Some((_, set)) = self.by_identity.remove(&key) else {
+                continue;
+            };
+            for lid in set {
+                let Some(mut l) = self.leases.get_mut(&lid) else {
+                    continue;
+                };
+                if l.state != State::Active {
+                    continue;
+                }
+                l.state = State::Revoked;
+                l.revocation = Some(Arc::clone(rev));
+                counts[l.kind as usize - 1] += 1;
+                if let Some(s) = l.serial {
+                    serials.push((
+                        lid,
+                        RevokedSerial {
+                            serial: s,
+                            revoked_at: rev.at_ms / 1000,
+                            expires_at: l.expires_at,
+                        },
+                    ));
+                }
+                if let Some(t) = &l.task_id {
+                    by_task.entry(Arc::clone(t)).or_default().push(lid);
+                }
+            }
+        }
+        for (key, ids) in by_task {
+            if let Some(mut set) = self.by_task.get_mut(&key) {
+                for id in &ids {
+                    set.remove(id);
+                }
+                let empty = set.is_empty();
+                drop(set);
+                if empty {
+                    self.by_task.remove_if(&key, |_, s| s.is_empty());
+                }
+            }
+        }
+        if !serials.is_empty() {
+            self.revoked_serials
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(serials);
+        }
+        if counts.iter().any(|c| *c > 0) {
+            self.changes.send_modify(|v| *v += 1);
+        }
+        counts
+    }
+
+    /// Adds many leases at once (restore at start): one heap build instead of n pushes.
+    pub fn insert_many(&self, leases: Vec<Lease>) {
+        let mut heap: Vec<Reverse<(i64, LeaseId)>> = Vec::with_capacity(leases.len());
+        let mut revoked = Vec::new();
+        for lease in leases {
+            heap.push(Reverse((lease.expires_at, lease.id)));
+            if lease.state == State::Active {
                 self.by_identity
-                    .remove_if(&l.spiffe_id, |_, s| s.is_empty());
+                    .entry(Arc::clone(&lease.spiffe_id))
+                    .or_default()
+                    .insert(lease.id);
+                if let Some(t) = &lease.task_id {
+                    self.by_task
+                        .entry(Arc::clone(t))
+                        .or_default()
+                        .insert(lease.id);
+                }
+            } else if let (Some(serial), Some(r)) = (lease.serial, &lease.revocation) {
+                revoked.push((
+                    lease.id,
+                    RevokedSerial {
+                        serial,
+                        revoked_at: r.at_ms / 1000,
+                        expires_at: lease.expires_at,
+                    },
+                ));
             }
+            self.leases.insert(lease.id, Box::new(lease));
         }
-        if let Some(t) = &l.task_id
-            && let Some(mut set) = self.by_task.get_mut(t)
-        {
-            set.remove(&l.id);
-            let empty = set.is_empty();
-            drop(set);
-            if empty {
-                self.by_task.remove_if(t, |_, s| s.is_empty());
-            }
-        }
+        self.revoked_serials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(revoked);
+        // BinaryHeap::extend rebuilds in O(n) when that is cheaper than pushing one by one.
+        self.expiry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(heap);
+        self.expiry_changed.notify_one();
     }
 
     /// Removes every lease whose expiry is at or before `now_s`; returns their ids and
@@ -479,7 +618,7 @@ impl LeaseTable {
                 .iter()
                 .filter_map(|i| self.get(i))
                 .collect(),
-            _ => self.leases.iter().map(|l| l.clone()).collect(),
+            _ => self.leases.iter().map(|l| Lease::clone(&l)).collect(),
         };
         out.retain(|l| {
             f.kind.is_none_or(|k| l.kind == k)
@@ -622,7 +761,8 @@ mod tests {
             by: "op".into(),
             reason: "test".into(),
         };
-        assert_eq!(t.revoke(&[a.id, a.id], &rev).len(), 1);
+        let rev = Arc::new(rev);
+        assert_eq!(t.revoke(&[a.id, a.id], &rev), [1, 0, 0]);
         assert!(!t.is_active(&a.id, 60));
         assert_eq!(t.active_of_task("t1"), vec![b.id]);
         assert_eq!(t.revoked_serials().len(), 1);
@@ -634,6 +774,30 @@ mod tests {
         assert!(t.revoked_serials().is_empty());
         assert_eq!(t.next_deadline(), Some(200));
         assert_eq!(t.active_count(), 2);
+    }
+
+    #[test]
+    fn kill_revocation_takes_the_identity_tree_only() {
+        let t = LeaseTable::new();
+        let a = lease(&t, "spiffe://td/a", Some("t1"), 100);
+        let b = lease(&t, "spiffe://td/a/task/t1", Some("t1"), 100);
+        let c = lease(&t, "spiffe://td/a2", Some("t1"), 100);
+        for l in [&a, &b, &c] {
+            t.insert(l.clone());
+        }
+        let rev = Arc::new(Revocation {
+            at_ms: 1,
+            by: "kill".into(),
+            reason: "r".into(),
+        });
+        assert_eq!(
+            t.revoke_identity_tree(&SpiffeId::parse("spiffe://td/a").unwrap(), &rev),
+            [2, 0, 0]
+        );
+        assert_eq!(t.active_of_task("t1"), vec![c.id], "task index updated");
+        assert!(t.is_active(&c.id, 0));
+        assert_eq!(t.revoked_serials().len(), 2);
+        assert_eq!(t.active_count(), 1);
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub fn system_clock() -> Clock {
     Arc::new(|| time::OffsetDateTime::now_utc().unix_timestamp())
 }
 
+/// Expired leases deleted per store commit.
+const DELETE_CHUNK: usize = 2_000;
+
 /// How often the reaper wakes even with nothing due: bounds the effect of a wall-clock jump.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 
@@ -56,8 +59,13 @@ pub async fn run(
             tracing::debug!(count = removed.len(), "expired leases retired");
             // Forgetting expired rows is housekeeping: on failure they are found expired and
             // deleted again at the next start.
-            if let Err(e) = commit(&*store, vec![Op::Delete(removed)]).await {
-                tracing::warn!(error = %e, "could not delete expired leases from the store");
+            // In chunks: the store's single writer serves issuance between them, so a mass
+            // expiry does not stall credentials waiting to be committed.
+            for chunk in removed.chunks(DELETE_CHUNK) {
+                if let Err(e) = commit(&*store, vec![Op::Delete(chunk.to_vec())]).await {
+                    tracing::warn!(error = %e, "could not delete expired leases from the store");
+                    break;
+                }
             }
         }
     }

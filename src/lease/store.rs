@@ -75,8 +75,8 @@ pub enum Op {
 /// What [`Store::load`] restores at start.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// Leases not yet expired at load time, with kills applied.
-    pub leases: Vec<Lease>,
+    /// How many leases (not yet expired, kills applied) were handed to the sink.
+    pub restored: usize,
     /// Ids of leases found expired (to delete).
     pub expired: Vec<LeaseId>,
     /// The kill list.
@@ -148,6 +148,7 @@ impl SqliteStore {
         dir: &Path,
         audit_max_bytes: u64,
         now_s: i64,
+        sink: &mut dyn FnMut(Vec<Lease>),
     ) -> Result<(Self, Snapshot), StoreError> {
         let path = dir.join("tessera.db");
         if !path.exists() {
@@ -162,7 +163,7 @@ impl SqliteStore {
                 .map_err(db_err)?;
         }
         let conn = open_db(&path)?;
-        let mut snapshot = load(&conn, now_s)?;
+        let mut snapshot = load(&conn, now_s, sink)?;
         let audit = AuditWriter::open(&dir.join("audit.jsonl"), audit_max_bytes)
             .map_err(|e| StoreError::Audit(e.to_string()))?;
         if let Some((seq, _)) = &snapshot.audit_head
@@ -333,7 +334,15 @@ fn apply(conn: &mut Connection, audit: &mut AuditWriter, jobs: &[Job]) -> Result
     tx.commit().map_err(db_err)
 }
 
-fn load(conn: &Connection, now_s: i64) -> Result<Snapshot, StoreError> {
+/// Leases go to `sink` in chunks as they are read, so the caller can index one chunk while
+/// the next is read.
+fn load(
+    conn: &Connection,
+    now_s: i64,
+    sink: &mut dyn FnMut(Vec<Lease>),
+) -> Result<Snapshot, StoreError> {
+    const CHUNK: usize = 32_768;
+    let mut chunk: Vec<Lease> = Vec::with_capacity(CHUNK);
     let mut snap = Snapshot::default();
     // Kill history, oldest first: (identity, killed_at ms, by, reason, still active).
     let mut history: Vec<(String, i64, String, String, bool)> = Vec::new();
@@ -366,10 +375,16 @@ fn load(conn: &Connection, now_s: i64) -> Result<Snapshot, StoreError> {
             });
         }
     }
-    let mut interned: std::collections::HashMap<String, Arc<str>> =
-        std::collections::HashMap::new();
-    let mut intern = |s: String| -> Arc<str> {
-        Arc::clone(interned.entry(s.clone()).or_insert_with(|| Arc::from(s)))
+    // Thousands of rows share an identity, entry and executable: intern from the borrowed
+    // column text so that loading allocates each distinct string once.
+    let mut interned: std::collections::HashSet<Arc<str>> = std::collections::HashSet::new();
+    let mut intern = |s: &str| -> Arc<str> {
+        if let Some(a) = interned.get(s) {
+            return Arc::clone(a);
+        }
+        let a: Arc<str> = Arc::from(s);
+        interned.insert(Arc::clone(&a));
+        a
     };
     let mut st = conn
         .prepare(
@@ -392,10 +407,10 @@ fn load(conn: &Connection, now_s: i64) -> Result<Snapshot, StoreError> {
             Kind::from_u8(r.get(1).map_err(db_err)?).ok_or_else(|| db_err("bad lease kind"))?;
         let mut state =
             State::from_u8(r.get(11).map_err(db_err)?).ok_or_else(|| db_err("bad lease state"))?;
-        let spiffe_id: String = r.get(2).map_err(db_err)?;
+        let spiffe_id: &str = r.get_ref(2).map_err(db_err)?.as_str().map_err(db_err)?;
         let issued_at: i64 = r.get(8).map_err(db_err)?;
         let mut revocation = match r.get::<_, Option<i64>>(12).map_err(db_err)? {
-            Some(at_ms) => Some(Box::new(Revocation {
+            Some(at_ms) => Some(Arc::new(Revocation {
                 at_ms,
                 by: r
                     .get::<_, Option<String>>(13)
@@ -411,21 +426,22 @@ fn load(conn: &Connection, now_s: i64) -> Result<Snapshot, StoreError> {
         if state == State::Active
             && let Some((_, at, by, reason, _)) = history.iter().find(|(k, at, ..)| {
                 *at / 1000 >= issued_at
-                    && (spiffe_id == *k
+                    && (spiffe_id == k.as_str()
                         || spiffe_id
                             .strip_prefix(k.as_str())
                             .is_some_and(|rest| rest.starts_with('/')))
             })
         {
             state = State::Revoked;
-            revocation = Some(Box::new(Revocation {
+            revocation = Some(Arc::new(Revocation {
                 at_ms: *at,
                 by: format!("kill by {by}"),
                 reason: reason.clone(),
             }));
         }
         let serial: Option<Vec<u8>> = r.get(10).map_err(db_err)?;
-        snap.leases.push(Lease {
+        snap.restored += 1;
+        chunk.push(Lease {
             id,
             kind,
             state,
@@ -434,20 +450,30 @@ fn load(conn: &Connection, now_s: i64) -> Result<Snapshot, StoreError> {
             issued_at,
             expires_at,
             spiffe_id: intern(spiffe_id),
-            entry_id: intern(r.get(3).map_err(db_err)?),
+            entry_id: intern(r.get_ref(3).map_err(db_err)?.as_str().map_err(db_err)?),
             exe: r
-                .get::<_, Option<String>>(6)
+                .get_ref(6)
+                .map_err(db_err)?
+                .as_str_or_null()
                 .map_err(db_err)?
                 .map(&mut intern),
             task_id: r
-                .get::<_, Option<String>>(7)
+                .get_ref(7)
+                .map_err(db_err)?
+                .as_str_or_null()
                 .map_err(db_err)?
                 .map(&mut intern),
             serial: serial.and_then(|s| s.try_into().ok()),
             revocation,
         });
+        if chunk.len() == CHUNK {
+            sink(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
+        }
     }
     drop(rows);
+    if !chunk.is_empty() {
+        sink(chunk);
+    }
     let mut st = conn
         .prepare("SELECT id, spec FROM entries ORDER BY rowid")
         .map_err(db_err)?;
@@ -513,8 +539,8 @@ mod tests {
     #[tokio::test]
     async fn committed_leases_kills_and_revocations_come_back() {
         let d = tempfile::tempdir().unwrap();
-        let (s, snap) = SqliteStore::open(d.path(), u64::MAX, 100).unwrap();
-        assert!(snap.leases.is_empty());
+        let (s, snap) = SqliteStore::open(d.path(), u64::MAX, 100, &mut |_| {}).unwrap();
+        assert_eq!(snap.restored, 0);
         let a = lease("spiffe://td/a", 100, 1000);
         let b = lease("spiffe://td/a/task/1", 100, 1000);
         let c = lease("spiffe://td/a2", 100, 1000);
@@ -556,9 +582,11 @@ mod tests {
         .await
         .unwrap();
         drop(s);
-        let (_s, snap) = SqliteStore::open(d.path(), u64::MAX, 300).unwrap();
+        let mut leases = Vec::new();
+        let (_s, snap) =
+            SqliteStore::open(d.path(), u64::MAX, 300, &mut |c| leases.extend(c)).unwrap();
         assert_eq!(snap.expired, vec![old.id]);
-        let get = |id: LeaseId| snap.leases.iter().find(|l| l.id == id).unwrap().clone();
+        let get = |id: LeaseId| leases.iter().find(|l| l.id == id).unwrap().clone();
         assert_eq!(get(a.id).state, State::Revoked, "killed after issue");
         assert_eq!(get(b.id).state, State::Revoked, "under the killed path");
         assert_eq!(get(c.id).state, State::Revoked);
