@@ -1,8 +1,9 @@
 //! Lease benchmark: memory per live lease, restart-to-serving with 1M leases, issuance latency
 //! while 1M leases expire at once, and kill-switch time on an identity holding 100k leases.
 //!
-//! `cargo bench --bench leases` (env: `TESSERA_BENCH_LEASES`, default 1000000). Prints a table
-//! and writes `target/bench/leases.json`. The daemon is the real binary, started on a data
+//! `cargo bench --bench leases` (env: `TESSERA_BENCH_LEASES`, default 1000000;
+//! `TESSERA_BENCH_SECS`, each latency window, default 4). Prints a table and writes
+//! `target/bench/leases.json`. The daemon is the real binary, started on a data
 //! directory whose lease store this benchmark fills beforehand.
 
 #[path = "../tests/common/mod.rs"]
@@ -161,7 +162,8 @@ fn main() {
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     // Far enough ahead for the restart and a baseline measurement to finish first.
-    let mass_expiry = now + 40 + (n as i64 / 100_000) * 3;
+    let secs: f64 = std::env::var("TESSERA_BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(4.0);
+    let mass_expiry = now + 8 + secs as i64 + (n as i64 / 100_000) * 3;
     eprintln!("[2/5] writing {} leases into the store ...", n + bulk);
     let t = Instant::now();
     rt.block_on(async {
@@ -215,14 +217,14 @@ fn main() {
 
     let (baseline, during, kill_ms, kill_revoked, lag) = rt.block_on(async {
         eprintln!("[4/5] issuance latency: baseline, then while {n} leases expire at once ...");
-        let baseline = jwt_load(&d, 16, 4.0).await;
+        let baseline = jwt_load(&d, 16, secs).await;
         let wait = mass_expiry - time::OffsetDateTime::now_utc().unix_timestamp() - 1;
         assert!(
             wait >= 0,
             "the restart took too long to measure a baseline before the mass expiry"
         );
         tokio::time::sleep(Duration::from_secs(wait as u64)).await;
-        let during = jwt_load(&d, 16, 4.0).await;
+        let during = jwt_load(&d, 16, secs).await;
         let metrics = reqwest_free_get(d.http, "/metrics");
         let lag = metrics
             .lines()
