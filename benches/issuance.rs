@@ -111,18 +111,7 @@ async fn drive_raw(d: &common::Daemon, clients: usize, secs: f64) -> Load {
     let conns = clients.div_ceil(4);
     let mut pool = Vec::new();
     for _ in 0..conns {
-        let p = d.socket.clone();
-        let ch = tonic::transport::Endpoint::from_static("http://localhost")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let p = p.clone();
-                async move {
-                    tokio::net::UnixStream::connect(p)
-                        .await
-                        .map(hyper_util::rt::TokioIo::new)
-                }
-            }))
-            .await
-            .unwrap();
+        let ch = common::channel(&d.socket).await;
         pool.push(SpiffeWorkloadApiClient::new(ch));
     }
     let start = Instant::now();

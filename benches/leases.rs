@@ -162,7 +162,10 @@ fn main() {
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     // Far enough ahead for the restart and a baseline measurement to finish first.
-    let secs: f64 = std::env::var("TESSERA_BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(4.0);
+    let secs: f64 = std::env::var("TESSERA_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4.0);
     let mass_expiry = now + 8 + secs as i64 + (n as i64 / 100_000) * 3;
     eprintln!("[2/5] writing {} leases into the store ...", n + bulk);
     let t = Instant::now();
@@ -225,7 +228,7 @@ fn main() {
         );
         tokio::time::sleep(Duration::from_secs(wait as u64)).await;
         let during = jwt_load(&d, 16, secs).await;
-        let metrics = reqwest_free_get(d.http, "/metrics");
+        let metrics = String::from_utf8(common::http_get(d.http, "/metrics").1).unwrap_or_default();
         let lag = metrics
             .lines()
             .find(|l| l.starts_with("tessera_reaper_lag_seconds"))
@@ -234,7 +237,7 @@ fn main() {
 
         eprintln!("[5/5] kill switch on an identity with {bulk} leases ...");
         let mut admin = tessera::proto::tessera::v1::admin_client::AdminClient::new(
-            channel(&d.admin_socket).await,
+            common::channel(&d.admin_socket).await,
         );
         let t = Instant::now();
         let r = admin
@@ -336,32 +339,4 @@ fn main() {
     )
     .unwrap();
     println!("wrote {}", out.join("leases.json").display());
-}
-
-async fn channel(path: &std::path::Path) -> tonic::transport::Channel {
-    let p = path.to_owned();
-    tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move {
-                tokio::net::UnixStream::connect(p)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
-        .await
-        .unwrap()
-}
-
-fn reqwest_free_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    buf
 }

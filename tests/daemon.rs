@@ -248,18 +248,8 @@ fn admin_socket_is_owner_only_without_extra_grants() {
 }
 
 fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    let code = buf[9..12].parse().unwrap();
-    let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-    (code, body)
+    let (code, body) = common::http_get(addr, path);
+    (code, String::from_utf8(body).unwrap())
 }
 
 #[test]

@@ -19,23 +19,8 @@ fn two_identities() -> String {
     )
 }
 
-async fn channel(path: &std::path::Path) -> tonic::transport::Channel {
-    let p = path.to_owned();
-    tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move {
-                tokio::net::UnixStream::connect(p)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
-        .await
-        .unwrap()
-}
-
 async fn admin(d: &Daemon) -> AdminClient<tonic::transport::Channel> {
-    AdminClient::new(channel(&d.admin_socket).await)
+    AdminClient::new(common::channel(&d.admin_socket).await)
 }
 
 fn serial_hex(cert_der: &[u8]) -> String {
@@ -229,7 +214,7 @@ async fn revoked_svid_is_replaced_at_once_and_listed_in_the_crl() {
     let d = Daemon::start(&entry_for_uid("agent", my_uid(), ""));
     let mut raw =
         tessera::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
-            channel(&d.socket).await,
+            common::channel(&d.socket).await,
         );
     let mut req = tonic::Request::new(pb::X509svidRequest {});
     req.metadata_mut()
@@ -271,7 +256,7 @@ async fn revoked_svid_is_replaced_at_once_and_listed_in_the_crl() {
         "the revoked serial is in the CRL sent on the stream"
     );
     // The CRL over HTTP is the same kind of document, signed by the CA.
-    let body = http_get_bytes(d.http, "/crl");
+    let body = common::http_get(d.http, "/crl").1;
     assert!(listed(&body, &serial));
     let (_, parsed) = x509_parser::parse_x509_crl(&body).unwrap();
     let (_, ca) = x509_parser::parse_x509_certificate(&first.svids[0].bundle).unwrap();
@@ -286,20 +271,6 @@ fn listed(crl: &[u8], serial: &str) -> bool {
         let raw = r.raw_serial();
         hex::encode(&raw[raw.len().saturating_sub(16)..]) == serial
     })
-}
-
-fn http_get_bytes(addr: std::net::SocketAddr, path: &str) -> Vec<u8> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).unwrap();
-    let at = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    buf[at..].to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -574,7 +545,7 @@ async fn metrics_count_what_happened() {
         client.fetch_x509_svid().await.unwrap();
     }
     client.fetch_jwt_svid(["a"], None).await.unwrap();
-    let body = String::from_utf8(http_get_bytes(d.http, "/metrics")).unwrap();
+    let body = String::from_utf8(common::http_get(d.http, "/metrics").1).unwrap();
     assert!(
         body.contains("tessera_issued_total{kind=\"x509-svid\"} 3"),
         "{body}"

@@ -20,19 +20,7 @@ fn me_entry() -> String {
 
 /// A raw tonic client over the daemon's socket, for requests the spiffe crate will not send.
 async fn raw_client(d: &Daemon) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
-    let path = d.socket.clone();
-    let ch = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                tokio::net::UnixStream::connect(p)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
-        .await
-        .unwrap();
-    SpiffeWorkloadApiClient::new(ch)
+    SpiffeWorkloadApiClient::new(common::channel(&d.socket).await)
 }
 
 fn with_header<T>(m: T) -> tonic::Request<T> {
@@ -574,18 +562,7 @@ async fn wit_profile_is_unimplemented() {
 #[tokio::test]
 async fn health_and_reflection_are_served() {
     let d = Daemon::start(&me_entry());
-    let path = d.socket.clone();
-    let ch = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                tokio::net::UnixStream::connect(p)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
-        .await
-        .unwrap();
+    let ch = common::channel(&d.socket).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
     let r = health
         .check(tonic_health::pb::HealthCheckRequest {

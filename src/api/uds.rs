@@ -135,6 +135,22 @@ impl IsSocket for std::fs::FileType {
     }
 }
 
+/// A gRPC client channel to a Unix socket (used by the CLI, tests and benchmarks).
+pub async fn channel(path: &Path) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let p = path.to_owned();
+    // The URI is required by tonic but unused: the connector decides where we go.
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = p.clone();
+            async move {
+                UnixStream::connect(p)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+}
+
 /// The accepted connections of `listener`, each with its peer credentials read at accept.
 pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<UdsConn>> {
     futures_util::stream::unfold(listener, |listener| async move {

@@ -10,8 +10,7 @@ mod workload;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::Defaults;
 
@@ -302,22 +301,14 @@ fn parse_socket_addr(s: &str) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
-/// A gRPC channel over a Unix socket.
+/// A gRPC channel over a Unix socket, with an error that says what to check.
 async fn connect(path: &Path) -> anyhow::Result<Channel> {
-    let p = path.to_owned();
-    // The URI is required by tonic but unused: the connector below decides where we go.
-    Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move { tokio::net::UnixStream::connect(p).await.map(TokioIo::new) }
-        }))
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot connect to {}: {e} (is tesserad running?)",
-                path.display()
-            )
-        })
+    crate::api::uds::channel(path).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to {}: {e} (is tesserad running?)",
+            path.display()
+        )
+    })
 }
 
 /// Formats a gRPC status for people.

@@ -235,3 +235,29 @@ pub fn current_exe() -> PathBuf {
 pub fn p(s: &str) -> &Path {
     Path::new(s)
 }
+
+/// A gRPC channel to a Unix socket.
+pub async fn channel(path: &Path) -> tonic::transport::Channel {
+    tessera::api::uds::channel(path)
+        .await
+        .expect("connect to the socket")
+}
+
+/// A plain HTTP/1.1 GET on loopback: (status code, body bytes).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let code = std::str::from_utf8(&buf[9..12]).unwrap().parse().unwrap();
+    let at = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(buf.len(), |i| i + 4);
+    (code, buf[at..].to_vec())
+}
