@@ -488,10 +488,13 @@ impl LeaseTable {
             }
         }
         if !serials.is_empty() {
-            self.revoked_serials
+            // Reserve first: a kill can add 100k serials, and growing step by step rehashes.
+            let mut set = self
+                .revoked_serials
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(serials);
+                .unwrap_or_else(|e| e.into_inner());
+            set.reserve(serials.len());
+            set.extend(serials);
         }
         if counts.iter().any(|c| *c > 0) {
             self.changes.send_modify(|v| *v += 1);
