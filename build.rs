@@ -4,7 +4,11 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/workload.proto", "proto/tessera/v1/admin.proto"];
+    let protos = [
+        "proto/workload.proto",
+        "proto/tessera/v1/admin.proto",
+        "proto/tessera/v1/tasks.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

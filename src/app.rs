@@ -14,15 +14,20 @@ use tokio::task::JoinHandle;
 use tonic::transport::Server;
 
 use crate::api::admin::{AdminAccess, AdminApi};
+use crate::api::tasks::TasksApi;
 use crate::api::workload::WorkloadApi;
 use crate::api::{http, uds};
 use crate::attest::Attestor;
 use crate::ca::{Ca, CaError};
 use crate::config::Config;
+use crate::exchange::approvals::Approvals;
+use crate::exchange::{self, Exchanger};
 use crate::issuer::{Issuer, IssuerSettings};
 use crate::lease::store::{Op, SqliteStore, Store, StoreError};
 use crate::lease::{LeaseTable, reaper};
 use crate::metrics::Metrics;
+use crate::oidc::Verifier;
+use crate::policy::Engine;
 use crate::proto;
 use crate::registry::Registry;
 use crate::shutdown::{self, Shutdown, Trigger};
@@ -58,6 +63,12 @@ pub enum AppError {
     /// The lease store could not be opened or restored.
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// The policy file or schema is not valid.
+    #[error("{0}")]
+    Policy(#[from] crate::policy::PolicyError),
+    /// TLS for the HTTP listener could not be set up.
+    #[error("[http] TLS: {0}")]
+    Tls(String),
 }
 
 /// A running daemon.
@@ -69,6 +80,9 @@ pub struct Running {
     pub admin_socket: PathBuf,
     /// Bound HTTP address (the real port when the config said 0).
     pub http_addr: SocketAddr,
+    /// Tessera's OAuth issuer URL.
+    pub issuer_url: String,
+    reload: tokio::sync::mpsc::Sender<()>,
     trigger: Trigger,
     tasks: Vec<(&'static str, JoinHandle<()>)>,
 }
@@ -113,6 +127,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     for k in snapshot.kills {
         leases.add_kill(k);
     }
+    leases.load_tasks(snapshot.tasks);
     if !snapshot.expired.is_empty() {
         drop(store.submit(vec![Op::Delete(snapshot.expired)]));
     }
@@ -154,10 +169,23 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
             trust_domain: cfg.trust_domain.clone(),
             x509_svid_ttl: cfg.x509_svid_ttl,
             jwt_svid_ttl: cfg.jwt_svid_ttl,
+            idle_after: cfg.idle_after,
+            refuse_idle: cfg.refuse_idle,
         },
         cfg.entries.clone(),
         stored_entries,
     ));
+    issuer.init_activity(snapshot.entry_activity);
+    let policy = Arc::new(Engine::load(
+        cfg.policy_file.as_deref(),
+        cfg.policy_schema.as_deref(),
+    )?);
+    match policy.path() {
+        Some(p) => tracing::info!(file = %p.display(), policies = policy.len(), "policy loaded"),
+        None => tracing::info!("no [policy] file: every token exchange is denied (default deny)"),
+    }
+    let oidc = Arc::new(Verifier::new(&cfg.oidc_issuers));
+    let approvals = Arc::new(Approvals::new(cfg.approval_ttl));
     if let Some((e, _)) = issuer
         .entries()
         .into_iter()
@@ -203,6 +231,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     let admin_listener = bind_uds("admin socket", &cfg.admin_socket, admin_mode)?;
     let admin = AdminApi::new(
         Arc::clone(&issuer),
+        Arc::clone(&approvals),
         Arc::clone(&attestor),
         AdminAccess::new(cfg.admin_uids.clone(), cfg.admin_gids.clone()),
         cfg.workload_socket.display().to_string(),
@@ -227,23 +256,72 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         addr: cfg.http_listen.to_string(),
         source,
     })?;
+    let scheme = if cfg.http_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let issuer_url = cfg
+        .http_issuer
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{http_addr}"));
+    let exchanger = Arc::new(Exchanger::new(
+        Arc::clone(&issuer),
+        Arc::clone(&oidc),
+        Arc::clone(&policy),
+        Arc::clone(&approvals),
+        exchange::Settings {
+            token_ttl: cfg.task_ttl,
+            max_ttl: cfg.task_max_ttl,
+            issuer_url: issuer_url.clone(),
+        },
+    ));
     let app = http::router(
         Arc::clone(&ca),
         Arc::clone(&ready),
         Arc::clone(&leases),
         Arc::clone(&metrics),
+        Arc::clone(&exchanger),
     );
     let mut sd = shutdown.clone();
+    match &cfg.http_tls {
+        None => tasks.push((
+            "http",
+            tokio::spawn(async move {
+                let r = axum::serve(tcp, app)
+                    .with_graceful_shutdown(async move { sd.wait().await })
+                    .await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            }),
+        )),
+        Some(tls) => {
+            let tls_cfg = http::tls::server_config(tls, &ca).map_err(AppError::Tls)?;
+            tasks.push((
+                "https",
+                tokio::spawn(http::tls::serve(tcp, app, tls_cfg, sd)),
+            ));
+        }
+    }
+
+    // Background: OIDC keys (now and every 15 minutes), policy reloads (SIGHUP, file change).
     tasks.push((
-        "http",
-        tokio::spawn(async move {
-            let r = axum::serve(tcp, app)
-                .with_graceful_shutdown(async move { sd.wait().await })
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        }),
+        "oidc",
+        tokio::spawn(refresh_oidc(Arc::clone(&oidc), shutdown.clone())),
+    ));
+    let (reload, reload_rx) = tokio::sync::mpsc::channel(4);
+    let audit_issuer = Arc::clone(&issuer);
+    tasks.push((
+        "policy",
+        tokio::spawn(crate::policy::watch(
+            Arc::clone(&policy),
+            reload_rx,
+            shutdown.clone(),
+            Duration::from_secs(1),
+            Duration::from_millis(300),
+            move |r| report_policy(&audit_issuer, r),
+        )),
     ));
 
     // 3. Workload API, last.
@@ -264,6 +342,9 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         .add_service(
             proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(workload),
         )
+        .add_service(proto::tessera::v1::tasks_server::TasksServer::new(
+            TasksApi::new(Arc::clone(&exchanger)),
+        ))
         .add_service(health)
         .add_service(reflection);
     // Any local uid must be able to connect: attestation, not file mode, decides identity.
@@ -279,6 +360,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         workload_socket = %cfg.workload_socket.display(),
         admin_socket = %cfg.admin_socket.display(),
         http = %http_addr,
+        issuer = %issuer_url,
         data_dir = %cfg.data_dir.display(),
         "tesserad serving"
     );
@@ -286,9 +368,58 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         workload_socket: cfg.workload_socket,
         admin_socket: cfg.admin_socket,
         http_addr,
+        issuer_url,
+        reload,
         trigger,
         tasks,
     })
+}
+
+/// Fetches every OIDC issuer's keys at start and every 15 minutes, so a key an issuer
+/// withdrew stops being trusted (new keys are also fetched on an unknown `kid`).
+async fn refresh_oidc(oidc: Arc<Verifier>, mut sd: Shutdown) {
+    if oidc.is_empty() {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(15 * 60));
+    loop {
+        tokio::select! {
+            () = sd.wait() => return,
+            _ = tick.tick() => {}
+        }
+        for (issuer, r) in oidc.refresh_all().await {
+            match r {
+                Ok(n) => tracing::info!(%issuer, keys = n, "OIDC issuer keys fetched"),
+                Err(e) => {
+                    tracing::warn!(%issuer, error = %e, "cannot fetch OIDC issuer keys; will retry")
+                }
+            }
+        }
+    }
+}
+
+fn report_policy(issuer: &Issuer, r: Result<Option<usize>, &crate::policy::PolicyError>) {
+    match r {
+        Ok(Some(n)) => {
+            tracing::info!(policies = n, "policy reloaded");
+            issuer.record(
+                "policy_reload",
+                crate::audit::Actor::Daemon,
+                "",
+                vec![("policies", n.into())],
+            );
+        }
+        Ok(None) => tracing::info!("policy file unchanged"),
+        Err(e) => {
+            tracing::error!(error = %e, "policy file rejected; the previous policy stays in force");
+            issuer.record(
+                "policy_rejected",
+                crate::audit::Actor::Daemon,
+                "",
+                vec![("error", e.to_string().into())],
+            );
+        }
+    }
 }
 
 /// Signs and publishes a CRL of the revoked certificates still within their validity.
@@ -366,6 +497,11 @@ fn spawn_grpc(
 }
 
 impl Running {
+    /// Asks for a policy reload (what SIGHUP does).
+    pub fn reload(&self) {
+        let _ = self.reload.try_send(());
+    }
+
     /// Stops accepting, ends streams, waits up to [`DRAIN_DEADLINE`] for connections to
     /// finish, then removes the socket files.
     pub async fn shutdown(self) {

@@ -37,6 +37,11 @@ pub enum Actor {
         /// uid.
         uid: u32,
     },
+    /// An agent authenticated by its JWT-SVID (HTTP endpoints).
+    Agent {
+        /// Its SPIFFE ID.
+        spiffe_id: String,
+    },
     /// The daemon itself (expiry, restore).
     Daemon,
 }
@@ -48,6 +53,7 @@ impl Actor {
                 serde_json::json!({"uid": uid, "pid": pid, "exe": exe})
             }
             Self::Operator { uid } => serde_json::json!({"operator_uid": uid}),
+            Self::Agent { spiffe_id } => serde_json::json!({"agent": spiffe_id}),
             Self::Daemon => Value::String("tesserad".into()),
         }
     }
@@ -57,6 +63,7 @@ impl Actor {
         match self {
             Self::Workload { uid, pid, .. } => format!("workload uid:{uid} pid:{pid}"),
             Self::Operator { uid } => format!("operator uid:{uid}"),
+            Self::Agent { spiffe_id } => format!("agent {spiffe_id}"),
             Self::Daemon => "tesserad".into(),
         }
     }

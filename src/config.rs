@@ -24,6 +24,14 @@ pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8780";
 pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(15 * 60);
 /// JWT-SVID lifetime when neither the entry nor `[ca]` sets one.
 pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(5 * 60);
+/// Default `[tasks] token_ttl`.
+pub const DEFAULT_TASK_TTL: Duration = Duration::from_secs(5 * 60);
+/// Default `[tasks] max_ttl`.
+pub const DEFAULT_TASK_MAX_TTL: Duration = Duration::from_secs(3600);
+/// Default `[tasks] approval_ttl`.
+pub const DEFAULT_APPROVAL_TTL: Duration = Duration::from_secs(15 * 60);
+/// Default `[inventory] idle_after`.
+pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Lifetime of a CA that Tessera generates itself.
 pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Shortest SVID lifetime accepted: rotation at half-life needs room for clock skew.
@@ -89,6 +97,46 @@ struct RawConfig {
     audit: RawAudit,
     #[serde(default)]
     entries: Vec<EntrySpec>,
+    #[serde(default)]
+    oidc_issuers: Vec<RawOidcIssuer>,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
+    tasks: RawTasks,
+    #[serde(default)]
+    inventory: RawInventory,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOidcIssuer {
+    issuer: Option<String>,
+    #[serde(default)]
+    audiences: Vec<String>,
+    jwks_uri: Option<String>,
+    jwks_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    file: Option<PathBuf>,
+    schema: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTasks {
+    token_ttl: Option<String>,
+    max_ttl: Option<String>,
+    approval_ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInventory {
+    idle_after: Option<String>,
+    refuse_idle: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +167,10 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     listen: Option<String>,
+    issuer: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_svid: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -174,6 +226,10 @@ pub struct EntrySpec {
     /// Workload API hint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hint: Option<String>,
+    /// Longest lifetime of this agent's task credentials, e.g. `"10m"` (the daemon's
+    /// `[tasks] max_ttl` still applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_task_ttl: Option<String>,
 }
 
 // ---- Validated config ----------------------------------------------------------------------
@@ -225,6 +281,81 @@ pub struct Config {
     pub entries: Vec<Entry>,
     /// Largest audit file before it is rotated.
     pub audit_max_bytes: u64,
+    /// Tessera's OAuth issuer URL (`[http] issuer`); `None` = derived from the bound address.
+    pub http_issuer: Option<String>,
+    /// TLS on the HTTP listener.
+    pub http_tls: Option<HttpTls>,
+    /// OIDC issuers whose tokens may be exchanged.
+    pub oidc_issuers: Vec<OidcIssuerConfig>,
+    /// Cedar policy file; `None` = no policy, so every exchange is denied.
+    pub policy_file: Option<PathBuf>,
+    /// Cedar schema the policies are validated against; `None` = the built-in one.
+    pub policy_schema: Option<PathBuf>,
+    /// Task token lifetime when the request does not ask for less.
+    pub task_ttl: Duration,
+    /// No task credential lives longer than this.
+    pub task_max_ttl: Duration,
+    /// How long a pending or approved high-risk request waits.
+    pub approval_ttl: Duration,
+    /// An entry with no issuance for this long is idle.
+    pub idle_after: Duration,
+    /// Idle entries get nothing until an operator reviews them.
+    pub refuse_idle: bool,
+}
+
+/// TLS for the HTTP listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpTls {
+    /// Operator-supplied certificate chain and key (PEM).
+    Files {
+        /// Certificate chain, leaf first.
+        cert: PathBuf,
+        /// Private key (0600).
+        key: PathBuf,
+    },
+    /// The daemon's own X.509-SVID (`spiffe://<td>/tesserad`), rotated automatically.
+    Svid,
+}
+
+/// Where an OIDC issuer's signing keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `<issuer>/.well-known/openid-configuration`, then its `jwks_uri`.
+    Discovery,
+    /// A configured JWKS URL.
+    JwksUri(String),
+    /// A local JWKS file (air-gapped sites).
+    JwksFile(PathBuf),
+}
+
+/// One `[[oidc_issuers]]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcIssuerConfig {
+    /// Exact `iss` value.
+    pub issuer: String,
+    /// Accepted `aud` values (one must be in the token).
+    pub audiences: Vec<String>,
+    /// Key source.
+    pub keys: KeySource,
+}
+
+/// Is `url` acceptable for fetching keys: `https`, or `http` to a loopback host.
+pub fn url_allowed(url: &str) -> Result<(), String> {
+    let u = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL ({e})"))?;
+    let loopback = match u.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => return Err(format!("{url:?} has no host")),
+    };
+    match u.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err(format!(
+            "{url:?} must use https (plain http is allowed only for loopback hosts)"
+        )),
+        other => Err(format!("{url:?}: scheme {other:?} is not https")),
+    }
 }
 
 /// Default locations, chosen so that a newcomer can start the daemon without root:
@@ -380,6 +511,143 @@ impl Config {
             Some(m) => m << 20,
         };
 
+        let http_issuer = match raw.http.issuer {
+            None => None,
+            Some(i) => {
+                let u = reqwest::Url::parse(&i)
+                    .map_err(|e| invalid("http.issuer", format!("{i:?} is not a URL ({e})")))?;
+                if !matches!(u.scheme(), "http" | "https")
+                    || u.query().is_some()
+                    || u.fragment().is_some()
+                {
+                    return Err(invalid(
+                        "http.issuer",
+                        "must be an http(s) URL with no query or fragment (RFC 8414)",
+                    ));
+                }
+                Some(i.trim_end_matches('/').to_owned())
+            }
+        };
+        let http_tls = match (raw.http.tls_cert, raw.http.tls_key, raw.http.tls_svid) {
+            (None, None, None | Some(false)) => None,
+            (None, None, Some(true)) => Some(HttpTls::Svid),
+            (Some(c), Some(k), None | Some(false)) => Some(HttpTls::Files {
+                cert: absolute("http.tls_cert", Some(c), Path::new(""))?,
+                key: absolute("http.tls_key", Some(k), Path::new(""))?,
+            }),
+            (Some(_), Some(_), Some(true)) => {
+                return Err(invalid(
+                    "http.tls_svid",
+                    "cannot be combined with http.tls_cert/tls_key; choose one",
+                ));
+            }
+            (Some(_), None, _) => {
+                return Err(invalid(
+                    "http.tls_key",
+                    "http.tls_cert is set, so tls_key is required",
+                ));
+            }
+            (None, Some(_), _) => {
+                return Err(invalid(
+                    "http.tls_cert",
+                    "http.tls_key is set, so tls_cert is required",
+                ));
+            }
+        };
+
+        let mut oidc_issuers = Vec::with_capacity(raw.oidc_issuers.len());
+        for (i, o) in raw.oidc_issuers.into_iter().enumerate() {
+            let k = |f: &str| format!("oidc_issuers[{i}].{f}");
+            let issuer = o
+                .issuer
+                .ok_or_else(|| invalid(k("issuer"), "is required"))?;
+            url_allowed(&issuer).map_err(|m| invalid(k("issuer"), m))?;
+            if oidc_issuers
+                .iter()
+                .any(|x: &OidcIssuerConfig| x.issuer == issuer)
+            {
+                return Err(invalid(k("issuer"), format!("{issuer} is listed twice")));
+            }
+            if o.audiences.is_empty() || o.audiences.iter().any(String::is_empty) {
+                return Err(invalid(
+                    k("audiences"),
+                    "list at least one audience; tokens must be meant for Tessera (e.g. [\"tessera\"])",
+                ));
+            }
+            let keys = match (o.jwks_uri, o.jwks_file) {
+                (None, None) => KeySource::Discovery,
+                (Some(u), None) => {
+                    url_allowed(&u).map_err(|m| invalid(k("jwks_uri"), m))?;
+                    KeySource::JwksUri(u)
+                }
+                (None, Some(f)) => {
+                    KeySource::JwksFile(absolute(&k("jwks_file"), Some(f), Path::new(""))?)
+                }
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        k("jwks_file"),
+                        "set jwks_uri or jwks_file, not both",
+                    ));
+                }
+            };
+            oidc_issuers.push(OidcIssuerConfig {
+                issuer,
+                audiences: o.audiences,
+                keys,
+            });
+        }
+        let policy_file = raw
+            .policy
+            .file
+            .map(|f| absolute("policy.file", Some(f), Path::new("")))
+            .transpose()?;
+        let policy_schema = raw
+            .policy
+            .schema
+            .map(|f| absolute("policy.schema", Some(f), Path::new("")))
+            .transpose()?;
+        let task_ttl = duration(
+            "tasks.token_ttl",
+            raw.tasks.token_ttl.as_deref(),
+            DEFAULT_TASK_TTL,
+        )?;
+        let task_max_ttl = duration(
+            "tasks.max_ttl",
+            raw.tasks.max_ttl.as_deref(),
+            DEFAULT_TASK_MAX_TTL,
+        )?;
+        if task_ttl < Duration::from_secs(10) || task_max_ttl < Duration::from_secs(10) {
+            return Err(invalid(
+                "tasks.token_ttl",
+                "task lifetimes must be at least 10s",
+            ));
+        }
+        if task_ttl > task_max_ttl {
+            return Err(invalid("tasks.token_ttl", "must not exceed tasks.max_ttl"));
+        }
+        if task_max_ttl > Duration::from_secs(24 * 3600) {
+            return Err(invalid(
+                "tasks.max_ttl",
+                "must be at most 24h: task credentials are short-lived by design",
+            ));
+        }
+        let approval_ttl = duration(
+            "tasks.approval_ttl",
+            raw.tasks.approval_ttl.as_deref(),
+            DEFAULT_APPROVAL_TTL,
+        )?;
+        if approval_ttl < Duration::from_secs(10) {
+            return Err(invalid("tasks.approval_ttl", "must be at least 10s"));
+        }
+        let idle_after = duration(
+            "inventory.idle_after",
+            raw.inventory.idle_after.as_deref(),
+            DEFAULT_IDLE_AFTER,
+        )?;
+        if idle_after < Duration::from_secs(1) {
+            return Err(invalid("inventory.idle_after", "must be at least 1s"));
+        }
+
         let mut entries = Vec::with_capacity(raw.entries.len());
         for (i, e) in raw.entries.into_iter().enumerate() {
             entries.push(e.validate(
@@ -410,6 +678,16 @@ impl Config {
             max_exe_hash_bytes,
             entries,
             audit_max_bytes: raw.audit.max_file_mib.unwrap_or(256).max(1) << 20,
+            http_issuer,
+            http_tls,
+            oidc_issuers,
+            policy_file,
+            policy_schema,
+            task_ttl,
+            task_max_ttl,
+            approval_ttl,
+            idle_after,
+            refuse_idle: raw.inventory.refuse_idle.unwrap_or(false),
         })
     }
 }
@@ -436,6 +714,7 @@ pub fn default_entry_for_current_user(td: &TrustDomain) -> Entry {
         risk: Some(Risk::Low),
         expires_at: None,
         hint: None,
+        max_task_ttl: None,
     }
 }
 
@@ -587,6 +866,11 @@ fn validate_entry(
         })
         .transpose()?;
     let hint = non_empty(k("hint"), e.hint)?;
+    let max_task_ttl = e
+        .max_task_ttl
+        .as_deref()
+        .map(|s| svid_ttl(&k("max_task_ttl"), Some(s), DEFAULT_TASK_TTL))
+        .transpose()?;
     Ok(Entry {
         id: id.into(),
         spiffe_id,
@@ -598,6 +882,7 @@ fn validate_entry(
         risk,
         expires_at,
         hint,
+        max_task_ttl,
     })
 }
 

@@ -191,12 +191,24 @@ impl Jwk {
 
     /// RFC 7638 thumbprint (SHA-256, base64url): a stable `kid` for a key.
     pub fn thumbprint(key: &PublicKey) -> String {
-        let tmp = Jwk {
-            kid: String::new(),
-            key: key.clone(),
+        // RFC 7638 §3: the required members only, in lexicographic order, no whitespace.
+        // Written out by hand: serde_json's map order depends on crate features.
+        let json = match key {
+            PublicKey::P256(p) | PublicKey::P384(p) => {
+                let half = (p.len() - 1) / 2;
+                let crv = if half == 32 { "P-256" } else { "P-384" };
+                format!(
+                    r#"{{"crv":"{crv}","kty":"EC","x":"{}","y":"{}"}}"#,
+                    b64_encode(&p[1..1 + half]),
+                    b64_encode(&p[1 + half..])
+                )
+            }
+            PublicKey::Rsa { n, e } => format!(
+                r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#,
+                b64_encode(e),
+                b64_encode(n)
+            ),
         };
-        // serde_json's Map is ordered by key, which is exactly RFC 7638's required member order.
-        let json = Value::Object(tmp.public_members()).to_string();
         b64_encode(ring::digest::digest(&ring::digest::SHA256, json.as_bytes()).as_ref())
     }
 

@@ -52,12 +52,13 @@ impl Histogram {
 }
 
 /// RPCs whose latency is recorded.
-pub const RPCS: [&str; 5] = [
+pub const RPCS: [&str; 6] = [
     "FetchX509SVID",
     "FetchJWTSVID",
     "ValidateJWTSVID",
     "FetchX509Bundles",
     "FetchJWTBundles",
+    "TokenExchange",
 ];
 
 /// All daemon metrics.
@@ -68,7 +69,7 @@ pub struct Metrics {
     denied: [AtomicU64; 3],
     /// Milliseconds between a lease's expiry and the reaper retiring it, last batch.
     pub reaper_lag_ms: std::sync::Arc<AtomicI64>,
-    latency: [Histogram; 5],
+    latency: [Histogram; 6],
 }
 
 fn idx(k: Kind) -> usize {

@@ -68,6 +68,8 @@ pub struct Entry {
     pub expires_at: Option<OffsetDateTime>,
     /// Workload API `hint`.
     pub hint: Option<String>,
+    /// Cap on this agent's task credential lifetime.
+    pub max_task_ttl: Option<Duration>,
 }
 
 impl Entry {
@@ -141,6 +143,7 @@ mod tests {
             risk: None,
             expires_at,
             hint: None,
+            max_task_ttl: None,
         }
     }
 

@@ -13,6 +13,7 @@ use super::uds::PeerConn;
 use crate::attest::{Attestor, Selector};
 use crate::audit::Actor;
 use crate::config::EntrySpec;
+use crate::exchange::approvals::{Approval, ApprovalError, Approvals, Status as ApprovalStatus};
 use crate::issuer::Issuer;
 use crate::lease::{Filter, Kind, Lease, LeaseId, State};
 use crate::proto::tessera::v1 as pb;
@@ -43,6 +44,7 @@ impl AdminAccess {
 #[derive(Debug, Clone)]
 pub struct AdminApi {
     issuer: Arc<Issuer>,
+    approvals: Arc<Approvals>,
     attestor: Arc<Attestor>,
     access: AdminAccess,
     started_at: SystemTime,
@@ -53,12 +55,14 @@ impl AdminApi {
     /// A service over `issuer`.
     pub fn new(
         issuer: Arc<Issuer>,
+        approvals: Arc<Approvals>,
         attestor: Arc<Attestor>,
         access: AdminAccess,
         workload_socket: String,
     ) -> Self {
         Self {
             issuer,
+            approvals,
             attestor,
             access,
             started_at: SystemTime::now(),
@@ -96,6 +100,49 @@ impl AdminApi {
     }
 }
 
+impl AdminApi {
+    /// An entry with its inventory state.
+    fn entry_pb(&self, e: &Entry, from_config: bool) -> pb::Entry {
+        let mut p = entry_to_pb(e, from_config);
+        p.last_active = self.issuer.last_active(&e.id).map_or(0, |ms| ms / 1000);
+        p.idle = self.issuer.is_idle(e, now_ms());
+        p
+    }
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn approval_to_pb(a: &Approval) -> pb::ApprovalRequest {
+    let (status, by) = match &a.status {
+        ApprovalStatus::Pending => ("pending", String::new()),
+        ApprovalStatus::Approved { by } => ("approved", by.clone()),
+        ApprovalStatus::Denied { by } => ("denied", by.clone()),
+    };
+    pb::ApprovalRequest {
+        id: a.id.clone(),
+        agent: a.agent.clone(),
+        task_id: a.task_id.clone(),
+        subject_iss: a.subject_iss.clone(),
+        subject_sub: a.subject_sub.clone(),
+        audience: a.audience.clone(),
+        scopes: a.scopes.clone(),
+        ttl_seconds: a.ttl_seconds,
+        created_at: a.created_ms / 1000,
+        expires_at: a.expires_ms / 1000,
+        status: status.into(),
+        decided_by: by,
+    }
+}
+
+fn approval_status(e: ApprovalError) -> Status {
+    match e {
+        ApprovalError::NotFound(_) => Status::not_found(e.to_string()),
+        _ => Status::failed_precondition(e.to_string()),
+    }
+}
+
 fn unix(t: time::OffsetDateTime) -> i64 {
     t.unix_timestamp()
 }
@@ -119,6 +166,9 @@ pub fn entry_to_pb(e: &Entry, from_config: bool) -> pb::Entry {
         expires_at: e.expires_at.map(rfc3339).unwrap_or_default(),
         hint: e.hint.clone().unwrap_or_default(),
         from_config,
+        max_task_ttl_seconds: e.max_task_ttl.map_or(0, |d| d.as_secs() as i64),
+        last_active: 0,
+        idle: false,
     }
 }
 
@@ -136,6 +186,7 @@ fn entry_spec(e: pb::Entry) -> EntrySpec {
         risk: opt(e.risk),
         expires_at: opt(e.expires_at),
         hint: opt(e.hint),
+        max_task_ttl: ttl(e.max_task_ttl_seconds),
     }
 }
 
@@ -221,7 +272,7 @@ impl pb::admin_server::Admin for AdminApi {
                 .issuer
                 .entries()
                 .iter()
-                .map(|(e, cfg)| entry_to_pb(e, *cfg))
+                .map(|(e, cfg)| self.entry_pb(e, *cfg))
                 .collect(),
         }))
     }
@@ -240,7 +291,7 @@ impl pb::admin_server::Admin for AdminApi {
             .create_entry(entry_spec(e), actor)
             .await
             .map_err(status)?;
-        Ok(Response::new(entry_to_pb(&created, false)))
+        Ok(Response::new(self.entry_pb(&created, false)))
     }
 
     async fn update_entry(
@@ -261,7 +312,7 @@ impl pb::admin_server::Admin for AdminApi {
             .update_entry(&id, entry_spec(e), actor)
             .await
             .map_err(status)?;
-        Ok(Response::new(entry_to_pb(&updated, false)))
+        Ok(Response::new(self.entry_pb(&updated, false)))
     }
 
     async fn delete_entry(
@@ -417,6 +468,97 @@ impl pb::admin_server::Admin for AdminApi {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::RestoreIdentityResponse {}))
+    }
+
+    async fn complete_task(
+        &self,
+        req: Request<pb::CompleteTaskRequest>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let actor = self.authorize(&req).await?;
+        let n = self
+            .issuer
+            .complete_task(&req.into_inner().task_id, None, actor)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::CompleteTaskResponse {
+            revoked: n as u32,
+        }))
+    }
+
+    async fn list_approvals(
+        &self,
+        req: Request<pb::ListApprovalsRequest>,
+    ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
+        self.authorize(&req).await?;
+        Ok(Response::new(pb::ListApprovalsResponse {
+            requests: self
+                .approvals
+                .list(now_ms())
+                .iter()
+                .map(approval_to_pb)
+                .collect(),
+        }))
+    }
+
+    async fn approve(
+        &self,
+        req: Request<pb::DecideApprovalRequest>,
+    ) -> Result<Response<pb::ApprovalRequest>, Status> {
+        let actor = self.authorize(&req).await?;
+        let id = req.into_inner().id;
+        let a = self
+            .approvals
+            .approve(&id, actor.label(), now_ms())
+            .map_err(approval_status)?;
+        self.issuer.record(
+            "approve",
+            actor,
+            &a.agent,
+            vec![
+                ("request_id", a.id.clone().into()),
+                ("task_id", a.task_id.clone().into()),
+                ("audience", a.audience.clone().into()),
+                ("scopes", a.scopes.clone().into()),
+            ],
+        );
+        Ok(Response::new(approval_to_pb(&a)))
+    }
+
+    async fn deny(
+        &self,
+        req: Request<pb::DecideApprovalRequest>,
+    ) -> Result<Response<pb::ApprovalRequest>, Status> {
+        let actor = self.authorize(&req).await?;
+        let id = req.into_inner().id;
+        let a = self
+            .approvals
+            .deny(&id, actor.label(), now_ms())
+            .map_err(approval_status)?;
+        self.issuer.record(
+            "deny_approval",
+            actor,
+            &a.agent,
+            vec![
+                ("request_id", a.id.clone().into()),
+                ("task_id", a.task_id.clone().into()),
+            ],
+        );
+        Ok(Response::new(approval_to_pb(&a)))
+    }
+
+    async fn review_entry(
+        &self,
+        req: Request<pb::ReviewEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let actor = self.authorize(&req).await?;
+        let id = req.into_inner().id;
+        let e = self.issuer.review_entry(&id, actor).await.map_err(status)?;
+        let from_config = self
+            .issuer
+            .entries()
+            .iter()
+            .any(|(x, cfg)| x.id == e.id && *cfg);
+        Ok(Response::new(self.entry_pb(&e, from_config)))
     }
 
     async fn list_killed(

@@ -1,22 +1,36 @@
 //! HTTP endpoints on `[http] listen`: health, readiness, the SPIFFE trust bundle, the CRL
-//! (DER) and Prometheus metrics.
+//! (DER), Prometheus metrics, and the OAuth side of task credentials: discovery (OIDC and
+//! RFC 8414), Tessera's JWKS, the RFC 8693 token endpoint, RFC 7662 introspection and
+//! RFC 7009 revocation.
+//!
+//! Owns only translation: form bodies ⇄ [`crate::exchange`] types, and exchange errors to
+//! RFC 6749 §5.2 JSON errors. TLS (operator certificate or the daemon's own SVID) is set up
+//! in [`tls`].
+
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Map, Value, json};
 
+use crate::audit::Actor;
 use crate::ca::Ca;
+use crate::exchange::{self, ActorRef, ExchangeError, Exchanger};
 use crate::lease::LeaseTable;
 use crate::metrics::Metrics;
 
 /// How often relying parties should refetch the bundle (`spiffe_refresh_hint`).
 const REFRESH_HINT: Duration = Duration::from_secs(300);
+/// Largest form body accepted (tokens are at most 16 KiB each).
+const MAX_FORM_BYTES: usize = 64 * 1024;
 
 #[derive(Clone)]
 struct HttpState {
@@ -24,6 +38,7 @@ struct HttpState {
     ready: Arc<AtomicBool>,
     leases: Arc<LeaseTable>,
     metrics: Arc<Metrics>,
+    exchanger: Arc<Exchanger>,
 }
 
 /// The router. `ready` turns true once the workload socket is serving.
@@ -32,6 +47,7 @@ pub fn router(
     ready: Arc<AtomicBool>,
     leases: Arc<LeaseTable>,
     metrics: Arc<Metrics>,
+    exchanger: Arc<Exchanger>,
 ) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -39,11 +55,19 @@ pub fn router(
         .route("/bundle", get(bundle))
         .route("/crl", get(crl))
         .route("/metrics", get(metrics_text))
+        .route("/.well-known/openid-configuration", get(discovery))
+        .route("/.well-known/oauth-authorization-server", get(discovery))
+        .route("/jwks", get(jwks))
+        .route("/token", post(token))
+        .route("/introspect", post(introspect))
+        .route("/revoke", post(revoke))
+        .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
         .with_state(HttpState {
             ca,
             ready,
             leases,
             metrics,
+            exchanger,
         })
 }
 
@@ -73,4 +97,300 @@ async fn bundle(State(s): State<HttpState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "application/json")],
         serde_json::to_vec(&doc).unwrap_or_default(),
     )
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response {
+    let mut r = (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(v).unwrap_or_default(),
+    )
+        .into_response();
+    // RFC 6749 §5.1: token responses must not be cached.
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    r
+}
+
+fn oauth_error(status: StatusCode, code: &str, description: &str) -> Response {
+    json_response(
+        status,
+        &json!({"error": code, "error_description": description}),
+    )
+}
+
+async fn discovery(State(s): State<HttpState>) -> Response {
+    let iss = s.exchanger.issuer_url();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "issuer": iss,
+            "jwks_uri": format!("{iss}/jwks"),
+            "token_endpoint": format!("{iss}/token"),
+            "introspection_endpoint": format!("{iss}/introspect"),
+            "revocation_endpoint": format!("{iss}/revoke"),
+            "grant_types_supported": [exchange::GRANT_TYPE],
+            "response_types_supported": ["none"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["ES256"],
+            "token_endpoint_auth_methods_supported": ["none"],
+            "introspection_endpoint_auth_methods_supported": ["bearer_jwt_svid"],
+            "revocation_endpoint_auth_methods_supported": ["bearer_jwt_svid"],
+        }),
+    )
+}
+
+async fn jwks(State(s): State<HttpState>) -> Response {
+    let keys: Vec<Value> =
+        s.ca.bundle()
+            .jwt_authorities
+            .iter()
+            .map(|k| {
+                let mut m = k.public_members();
+                m.insert("kid".into(), k.kid.clone().into());
+                m.insert("use".into(), "sig".into());
+                if m.get("crv").and_then(Value::as_str) == Some("P-256") {
+                    m.insert("alg".into(), "ES256".into());
+                }
+                Value::Object(m)
+            })
+            .collect();
+    json_response(StatusCode::OK, &json!({ "keys": keys }))
+}
+
+/// Parses an `application/x-www-form-urlencoded` body. RFC 6749 §3.2: parameters must not
+/// repeat, so a repeated one is an error rather than silently picking one.
+fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<Map<String, Value>, String> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        return Err("the body must be application/x-www-form-urlencoded".into());
+    }
+    let mut m = Map::new();
+    for (k, v) in url::form_urlencoded::parse(body) {
+        if m.insert(k.to_string(), Value::String(v.into_owned()))
+            .is_some()
+        {
+            return Err(format!("parameter {k:?} appears more than once"));
+        }
+    }
+    Ok(m)
+}
+
+fn field(m: &Map<String, Value>, k: &str) -> Option<String> {
+    m.get(k).and_then(Value::as_str).map(str::to_owned)
+}
+
+async fn token(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = std::time::Instant::now();
+    let form = match parse_form(&headers, &body) {
+        Ok(f) => f,
+        Err(e) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e),
+    };
+    match field(&form, "grant_type").as_deref() {
+        Some(exchange::GRANT_TYPE) => {}
+        None | Some("") => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!("grant_type is required ({})", exchange::GRANT_TYPE),
+            );
+        }
+        Some(_) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                &format!("only {} is supported", exchange::GRANT_TYPE),
+            );
+        }
+    }
+    if form.contains_key("resource") {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_target",
+            "resource is not supported; name the tool or API with audience",
+        );
+    }
+    let actor_token = field(&form, "actor_token").unwrap_or_default();
+    let actor_token_type = field(&form, "actor_token_type");
+    let req = exchange::Request {
+        subject_token: field(&form, "subject_token"),
+        subject_token_type: field(&form, "subject_token_type"),
+        audience: field(&form, "audience"),
+        scope: field(&form, "scope"),
+        task_id: field(&form, "task_id"),
+        expires_in: field(&form, "expires_in"),
+        requested_token_type: field(&form, "requested_token_type"),
+        x509: false,
+    };
+    let actor = ActorRef::Token {
+        token: &actor_token,
+        token_type: actor_token_type.as_deref(),
+    };
+    match s.exchanger.exchange(req, actor).await {
+        Ok(g) => {
+            s.metrics.observe("TokenExchange", started.elapsed());
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "access_token": g.access_token,
+                    "issued_token_type": g.issued_token_type,
+                    "token_type": "Bearer",
+                    "expires_in": g.expires_in,
+                    "scope": g.scope,
+                }),
+            )
+        }
+        Err(e) => exchange_error(&e),
+    }
+}
+
+fn exchange_error(e: &ExchangeError) -> Response {
+    let mut body = json!({"error": e.oauth_code(), "error_description": e.to_string()});
+    let status = match e {
+        ExchangeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    if let ExchangeError::AuthorizationPending(id) | ExchangeError::AccessDenied(id) = e {
+        body["request_id"] = id.clone().into();
+    }
+    if let ExchangeError::InvalidScope(denied) = e {
+        body["denied_scopes"] = denied.clone().into();
+    }
+    json_response(status, &body)
+}
+
+/// Authenticates the caller of introspection and revocation: a JWT-SVID of this trust domain
+/// whose audience is Tessera's issuer, as a Bearer token.
+fn bearer_agent(s: &HttpState, headers: &HeaderMap) -> Result<String, Box<Response>> {
+    let unauthorized = |desc: &str| {
+        let mut r = oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", desc);
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"tessera\""),
+        );
+        Box::new(r)
+    };
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let token = match auth.split_once(' ') {
+        Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
+        _ => {
+            return Err(unauthorized(
+                "authenticate with a JWT-SVID whose audience is Tessera's issuer, as a Bearer token",
+            ));
+        }
+    };
+    s.exchanger
+        .authenticate_agent(token)
+        .map(|(e, _)| e.spiffe_id.to_string())
+        .map_err(|e| unauthorized(&format!("the Bearer JWT-SVID is not accepted: {e}")))
+}
+
+async fn introspect(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = bearer_agent(&s, &headers) {
+        return *r;
+    }
+    let form = match parse_form(&headers, &body) {
+        Ok(f) => f,
+        Err(e) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e),
+    };
+    let Some(token) = field(&form, "token").filter(|t| !t.is_empty()) else {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "token is required",
+        );
+    };
+    let inactive = || json_response(StatusCode::OK, &json!({"active": false}));
+    let Some(t) = s.exchanger.issuer().verify_own_token(&token) else {
+        return inactive();
+    };
+    if !t.active {
+        return inactive();
+    }
+    let mut out = Map::new();
+    out.insert("active".into(), true.into());
+    out.insert("token_type".into(), "Bearer".into());
+    for k in [
+        "scope", "sub", "aud", "iss", "exp", "iat", "nbf", "jti", "act", "txn",
+    ] {
+        if let Some(v) = t.claims.get(k) {
+            out.insert(k.into(), v.clone());
+        }
+    }
+    // The acting agent is the party the token was issued to.
+    if let Some(agent) = t
+        .claims
+        .get("act")
+        .and_then(|a| a.get("sub"))
+        .and_then(Value::as_str)
+    {
+        out.insert("client_id".into(), agent.into());
+    }
+    json_response(StatusCode::OK, &Value::Object(out))
+}
+
+async fn revoke(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    let caller = match bearer_agent(&s, &headers) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let form = match parse_form(&headers, &body) {
+        Ok(f) => f,
+        Err(e) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e),
+    };
+    let Some(token) = field(&form, "token").filter(|t| !t.is_empty()) else {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "token is required",
+        );
+    };
+    let ok = || json_response(StatusCode::OK, &json!({}));
+    let issuer = s.exchanger.issuer();
+    // RFC 7009 §2.2: an invalid or unknown token is not an error.
+    let Some(t) = issuer.verify_own_token(&token) else {
+        return ok();
+    };
+    // Task tokens belong to their actor; JWT-SVIDs to their subject.
+    let holder = t
+        .claims
+        .get("act")
+        .and_then(|a| a.get("sub"))
+        .or_else(|| t.claims.get("sub"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if holder != caller {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            "this token was not issued to the authenticated agent",
+        );
+    }
+    if !t.active {
+        return ok();
+    }
+    match issuer
+        .revoke_lease(
+            &t.lease_id.to_string(),
+            Actor::Agent { spiffe_id: caller },
+            "revoked by its agent (RFC 7009)",
+        )
+        .await
+    {
+        Ok(_) | Err(crate::issuer::IssueError::FailedPrecondition(_)) => ok(),
+        Err(e @ crate::issuer::IssueError::Store(_)) => oauth_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            &e.to_string(),
+        ),
+        Err(e) => oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
+    }
 }

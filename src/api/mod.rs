@@ -5,12 +5,39 @@
 
 pub mod admin;
 pub mod http;
+pub mod tasks;
 pub mod uds;
 pub mod workload;
 
 use tonic::Status;
 
+use crate::exchange::ExchangeError;
 use crate::issuer::IssueError;
+
+/// Maps an exchange refusal to a gRPC status: the RFC 6749/8693 error code leads the message
+/// and is repeated in `tessera-oauth-error` metadata (and the approval id in
+/// `tessera-request-id`), so gRPC clients can act on it like HTTP clients do.
+pub fn exchange_status(e: ExchangeError) -> Status {
+    let code = e.oauth_code();
+    let msg = format!("{code}: {e}");
+    let (mut s, request_id) = match e {
+        ExchangeError::NoIdentity(i) | ExchangeError::Unavailable(i) => return status(i),
+        ExchangeError::InvalidRequest(_) | ExchangeError::InvalidTarget(_) => {
+            (Status::invalid_argument(msg), None)
+        }
+        ExchangeError::InvalidScope(_) | ExchangeError::AccessDenied(_) => {
+            (Status::permission_denied(msg), None)
+        }
+        ExchangeError::AuthorizationPending(id) => (Status::failed_precondition(msg), Some(id)),
+    };
+    if let Ok(v) = code.parse() {
+        s.metadata_mut().insert("tessera-oauth-error", v);
+    }
+    if let Some(v) = request_id.and_then(|id| id.parse().ok()) {
+        s.metadata_mut().insert("tessera-request-id", v);
+    }
+    s
+}
 
 /// The message SPIFFE clients string-match when a caller has no identity.
 pub const NO_IDENTITY: &str = "no identity issued";
@@ -32,7 +59,9 @@ pub fn status(e: IssueError) -> Status {
         // A killed identity is, to the workload, an identity it does not have.
         IssueError::Killed(_) => Status::permission_denied(NO_IDENTITY),
         IssueError::NotFound(m) => Status::not_found(m),
-        IssueError::FailedPrecondition(m) => Status::failed_precondition(m),
+        IssueError::FailedPrecondition(m) | IssueError::TaskConflict(m) => {
+            Status::failed_precondition(m)
+        }
         IssueError::Store(err) => {
             tracing::error!(error = %err, "lease store unavailable; refusing to issue unrecorded credentials");
             Status::unavailable("credentials cannot be recorded right now")

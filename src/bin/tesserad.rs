@@ -36,10 +36,22 @@ fn main() -> anyhow::Result<()> {
         }
     };
     if args.check_config {
+        let policy = match tessera::policy::Engine::load(
+            cfg.policy_file.as_deref(),
+            cfg.policy_schema.as_deref(),
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("tesserad: {e}");
+                std::process::exit(2);
+            }
+        };
         println!(
-            "config OK: trust domain {}, {} entries",
+            "config OK: trust domain {}, {} entries, {} OIDC issuers, {} policies",
             cfg.trust_domain,
-            cfg.entries.len()
+            cfg.entries.len(),
+            cfg.oidc_issuers.len(),
+            policy.len()
         );
         return Ok(());
     }
@@ -53,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         let running = tessera::app::build(cfg)
             .await
             .context("tesserad could not start")?;
-        wait_for_signal().await?;
+        wait_for_signal(&running).await?;
         tracing::info!("shutting down");
         running.shutdown().await;
         Ok(())
@@ -72,13 +84,20 @@ fn init_tracing(cfg: &Config) {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT; SIGHUP reloads the policy file meanwhile.
+async fn wait_for_signal(running: &tessera::app::Running) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the policy file");
+                running.reload();
+            }
+        }
     }
-    Ok(())
 }

@@ -436,6 +436,14 @@ impl Ca {
         Ok((token, exp))
     }
 
+    /// Signs arbitrary JWT claims with the JWT key (task tokens). The caller sets every
+    /// claim, including `exp` within the CA's validity.
+    pub fn sign_jwt_claims(&self, claims: &Value) -> Result<String, CaError> {
+        self.jwt
+            .sign(claims)
+            .map_err(|_| CaError::Crypto("JWT signing failed"))
+    }
+
     /// A new random id, 128 bits, base64url: used for `jti` and lease ids.
     pub fn random_id(&self) -> Result<String, CaError> {
         let mut b = [0u8; 16];

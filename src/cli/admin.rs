@@ -94,7 +94,10 @@ pub(super) async fn entry_list(cli: &Cli) -> anyhow::Result<()> {
                     "risk": opt(&e.risk),
                     "expires_at": opt(&e.expires_at),
                     "hint": opt(&e.hint),
+                    "max_task_ttl_seconds": (e.max_task_ttl_seconds > 0).then_some(e.max_task_ttl_seconds),
                     "from_config": e.from_config,
+                    "last_active": (e.last_active > 0).then(|| rfc3339(e.last_active)),
+                    "idle": e.idle,
                 })
             })
             .collect();
@@ -102,8 +105,8 @@ pub(super) async fn entry_list(cli: &Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<10} {:<44} {:<7} {:<16} {:<21} SELECTORS",
-        "ID", "SPIFFE ID", "RISK", "OWNER", "EXPIRES"
+        "{:<10} {:<44} {:<7} {:<16} {:<21} {:<11} SELECTORS",
+        "ID", "SPIFFE ID", "RISK", "OWNER", "EXPIRES", "ACTIVE"
     );
     let dash = |s: &str| {
         if s.is_empty() {
@@ -113,13 +116,21 @@ pub(super) async fn entry_list(cli: &Cli) -> anyhow::Result<()> {
         }
     };
     for e in &r.entries {
+        let active = if e.idle {
+            "IDLE".to_owned()
+        } else if e.last_active > 0 {
+            rfc3339(e.last_active).get(..10).unwrap_or("-").to_owned()
+        } else {
+            "-".to_owned()
+        };
         println!(
-            "{:<10} {:<44} {:<7} {:<16} {:<21} {}",
+            "{:<10} {:<44} {:<7} {:<16} {:<21} {:<11} {}",
             e.id,
             e.spiffe_id,
             dash(&e.risk),
             dash(&e.owner),
             dash(&e.expires_at),
+            active,
             e.selectors.join(",")
         );
     }
@@ -256,6 +267,118 @@ pub(super) async fn task_revoke(cli: &Cli, task: &str, reason: &str) -> anyhow::
     Ok(())
 }
 
+pub(super) async fn task_complete(cli: &Cli, task: &str) -> anyhow::Result<()> {
+    let r = client(cli)
+        .await?
+        .complete_task(pb::CompleteTaskRequest {
+            task_id: task.into(),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if cli.json {
+        println!("{}", json!({"task_id": task, "revoked": r.revoked}));
+    } else {
+        println!("task {task} complete: revoked {} lease(s)", r.revoked);
+    }
+    Ok(())
+}
+
+fn approval_json(a: &pb::ApprovalRequest) -> serde_json::Value {
+    json!({
+        "id": a.id,
+        "status": a.status,
+        "agent": a.agent,
+        "task_id": a.task_id,
+        "subject": {"iss": a.subject_iss, "sub": a.subject_sub},
+        "audience": a.audience,
+        "scopes": a.scopes,
+        "ttl_seconds": a.ttl_seconds,
+        "created_at": rfc3339(a.created_at),
+        "expires_at": rfc3339(a.expires_at),
+        "decided_by": (!a.decided_by.is_empty()).then(|| a.decided_by.clone()),
+    })
+}
+
+pub(super) async fn approvals(cli: &Cli) -> anyhow::Result<()> {
+    let r = client(cli)
+        .await?
+        .list_approvals(pb::ListApprovalsRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if cli.json {
+        let v: Vec<_> = r.requests.iter().map(approval_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if r.requests.is_empty() {
+        println!("no requests waiting for approval");
+        return Ok(());
+    }
+    println!(
+        "{:<22} {:<8} {:<40} {:<16} {:<24} {:<28} SCOPES",
+        "ID", "STATUS", "AGENT", "TASK", "SUBJECT", "AUDIENCE"
+    );
+    for a in &r.requests {
+        println!(
+            "{:<22} {:<8} {:<40} {:<16} {:<24} {:<28} {}",
+            a.id,
+            a.status,
+            a.agent,
+            a.task_id,
+            a.subject_sub,
+            a.audience,
+            a.scopes.join(" ")
+        );
+    }
+    Ok(())
+}
+
+pub(super) async fn decide(cli: &Cli, id: &str, approve: bool) -> anyhow::Result<()> {
+    let mut c = client(cli).await?;
+    let req = pb::DecideApprovalRequest { id: id.into() };
+    let a = if approve {
+        c.approve(req).await
+    } else {
+        c.deny(req).await
+    }
+    .map_err(status_err)?
+    .into_inner();
+    if cli.json {
+        println!("{}", approval_json(&a));
+    } else {
+        println!(
+            "{} request {} ({} for task {} of {}); it expires at {}",
+            a.status,
+            a.id,
+            a.scopes.join(" "),
+            a.task_id,
+            a.agent,
+            rfc3339(a.expires_at)
+        );
+    }
+    Ok(())
+}
+
+pub(super) async fn entry_review(cli: &Cli, id: &str) -> anyhow::Result<()> {
+    let e = client(cli)
+        .await?
+        .review_entry(pb::ReviewEntryRequest { id: id.into() })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if cli.json {
+        println!(
+            "{}",
+            json!({"id": e.id, "spiffe_id": e.spiffe_id, "last_active": rfc3339(e.last_active), "idle": e.idle})
+        );
+    } else {
+        println!("entry {} reviewed: {} is active again", e.id, e.spiffe_id);
+    }
+    Ok(())
+}
+
 pub(super) async fn kill(cli: &Cli, id: &str, reason: &str) -> anyhow::Result<()> {
     let r = client(cli)
         .await?
@@ -342,6 +465,9 @@ fn apply_args(e: &mut pb::Entry, a: &super::EntryArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = &a.jwt_ttl {
         e.jwt_svid_ttl_seconds = secs(v)?;
+    }
+    if let Some(v) = &a.max_task_ttl {
+        e.max_task_ttl_seconds = secs(v)?;
     }
     for (field, v) in [
         (&mut e.owner, &a.owner),

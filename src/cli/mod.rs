@@ -47,9 +47,21 @@ enum Command {
     /// Leases: every credential handed out (admin API).
     #[command(subcommand)]
     Lease(LeaseCommand),
-    /// Task-scoped credentials (admin API).
+    /// Task-scoped credentials: exchange (Workload API), complete and revoke.
     #[command(subcommand)]
     Task(TaskCommand),
+    /// High-risk token exchanges waiting for an operator (admin API).
+    Approvals,
+    /// Approve a pending request; the agent's next identical exchange gets its token, once.
+    Approve {
+        /// Request id (from `tessera approvals`).
+        id: String,
+    },
+    /// Deny a pending request.
+    Deny {
+        /// Request id.
+        id: String,
+    },
     /// Kill switch: revoke everything an identity holds and refuse it new credentials.
     Kill {
         /// The identity; identities under its path are killed too.
@@ -110,6 +122,43 @@ enum LeaseCommand {
 
 #[derive(Debug, Subcommand)]
 enum TaskCommand {
+    /// Exchange a user's or pipeline's OIDC token for a task token, as the calling agent
+    /// (tessera.v1.Tasks on the Workload API socket).
+    Exchange {
+        /// The subject token (or `-` to read it from stdin).
+        #[arg(long)]
+        subject_token: String,
+        /// Its type.
+        #[arg(long, default_value = crate::exchange::TOKEN_TYPE_ID_TOKEN)]
+        subject_token_type: String,
+        /// The tool or API the token is for.
+        #[arg(long)]
+        audience: String,
+        /// A scope; repeat for several.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Task id ([A-Za-z0-9_-], 1 to 128 characters).
+        #[arg(long)]
+        task: String,
+        /// Lifetime in seconds (can only shorten the default).
+        #[arg(long)]
+        expires_in: Option<u64>,
+        /// Also fetch a task X.509-SVID and write svid.pem, svid_key.pem, bundle.pem here.
+        #[arg(long)]
+        x509_out: Option<std::path::PathBuf>,
+        /// Act as this one of the caller's identities.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+    },
+    /// Complete a task: revoke all its credentials and refuse it more. As an agent (the
+    /// task's owner) over the Workload API, or with --operator over the admin API.
+    Complete {
+        /// Task id.
+        task_id: String,
+        /// Use the admin API (operators).
+        #[arg(long)]
+        operator: bool,
+    },
     /// Revoke every credential of a task.
     Revoke {
         /// Task id.
@@ -159,6 +208,9 @@ struct EntryArgs {
     /// Workload API hint.
     #[arg(long)]
     hint: Option<String>,
+    /// Longest lifetime of this agent's task credentials (e.g. 10m).
+    #[arg(long)]
+    max_task_ttl: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,6 +264,11 @@ enum EntryCommand {
         /// Entry id.
         id: String,
     },
+    /// Mark an entry reviewed: its idle clock restarts.
+    Review {
+        /// Entry id.
+        id: String,
+    },
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -233,6 +290,43 @@ pub async fn run(cli: Cli) -> i32 {
             admin::entry_update(&cli, id, args).await
         }
         Command::Entry(EntryCommand::Delete { id }) => admin::entry_delete(&cli, id).await,
+        Command::Entry(EntryCommand::Review { id }) => admin::entry_review(&cli, id).await,
+        Command::Approvals => admin::approvals(&cli).await,
+        Command::Approve { id } => admin::decide(&cli, id, true).await,
+        Command::Deny { id } => admin::decide(&cli, id, false).await,
+        Command::Task(TaskCommand::Complete {
+            task_id,
+            operator: true,
+        }) => admin::task_complete(&cli, task_id).await,
+        Command::Task(TaskCommand::Complete {
+            task_id,
+            operator: false,
+        }) => workload::task_complete(&cli, task_id).await,
+        Command::Task(TaskCommand::Exchange {
+            subject_token,
+            subject_token_type,
+            audience,
+            scopes,
+            task,
+            expires_in,
+            x509_out,
+            spiffe_id,
+        }) => {
+            workload::task_exchange(
+                &cli,
+                workload::ExchangeArgs {
+                    subject_token,
+                    subject_token_type,
+                    audience,
+                    scopes,
+                    task,
+                    expires_in: *expires_in,
+                    x509_out: x509_out.as_deref(),
+                    spiffe_id: spiffe_id.as_deref(),
+                },
+            )
+            .await
+        }
         Command::Lease(LeaseCommand::List {
             spiffe_id,
             prefix,

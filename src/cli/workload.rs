@@ -302,3 +302,124 @@ fn value_to_json(v: prost_types::Value) -> serde_json::Value {
         Some(Kind::StructValue(s)) => struct_to_json(s),
     }
 }
+
+/// Arguments of `tessera task exchange`.
+#[derive(Debug)]
+pub(super) struct ExchangeArgs<'a> {
+    pub subject_token: &'a str,
+    pub subject_token_type: &'a str,
+    pub audience: &'a str,
+    pub scopes: &'a [String],
+    pub task: &'a str,
+    pub expires_in: Option<u64>,
+    pub x509_out: Option<&'a Path>,
+    pub spiffe_id: Option<&'a str>,
+}
+
+async fn tasks_client(
+    cli: &Cli,
+) -> anyhow::Result<crate::proto::tessera::v1::tasks_client::TasksClient<tonic::transport::Channel>>
+{
+    Ok(crate::proto::tessera::v1::tasks_client::TasksClient::new(
+        connect(&cli.workload_socket()?).await?,
+    ))
+}
+
+pub(super) async fn task_exchange(cli: &Cli, a: ExchangeArgs<'_>) -> anyhow::Result<()> {
+    use crate::proto::tessera::v1 as tpb;
+    let subject_token = if a.subject_token == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .context("reading the subject token from stdin")?;
+        s.trim().to_owned()
+    } else {
+        a.subject_token.to_owned()
+    };
+    let r = tasks_client(cli)
+        .await?
+        .exchange(tpb::ExchangeRequest {
+            subject_token,
+            subject_token_type: a.subject_token_type.into(),
+            audience: a.audience.into(),
+            scopes: a.scopes.to_vec(),
+            task_id: a.task.into(),
+            expires_in: a.expires_in.unwrap_or(0),
+            x509_svid: a.x509_out.is_some(),
+            spiffe_id: a.spiffe_id.unwrap_or_default().into(),
+            requested_token_type: String::new(),
+        })
+        .await
+        .map_err(|s| {
+            let id = s
+                .metadata()
+                .get("tessera-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            match id {
+                Some(id) => anyhow::anyhow!(
+                    "{}\nan operator can approve it with: tessera approve {id}",
+                    s.message()
+                ),
+                None => status_err(s),
+            }
+        })?
+        .into_inner();
+    if let (Some(dir), Some(s)) = (a.x509_out, &r.x509_svid) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        write_file(
+            &dir.join("svid.pem"),
+            pem_certs(&s.x509_svid)?.as_bytes(),
+            0o644,
+        )?;
+        let key = pem_lf(&pem::Pem::new("PRIVATE KEY", s.x509_svid_key.clone()));
+        write_file(&dir.join("svid.key"), key.as_bytes(), 0o600)?;
+        write_file(
+            &dir.join("bundle.pem"),
+            pem_certs(&s.bundle)?.as_bytes(),
+            0o644,
+        )?;
+    }
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "access_token": r.access_token,
+                "issued_token_type": r.issued_token_type,
+                "token_type": r.token_type,
+                "expires_in": r.expires_in,
+                "scope": r.scopes.join(" "),
+                "lease_id": r.lease_id,
+                "agent": r.agent,
+                "x509_svid": r.x509_svid.as_ref().map(|s| json!({
+                    "spiffe_id": s.spiffe_id,
+                    "lease_id": s.lease_id,
+                    "expires_at": s.expires_at,
+                })),
+            }))?
+        );
+    } else {
+        println!("{}", r.access_token);
+    }
+    Ok(())
+}
+
+pub(super) async fn task_complete(cli: &Cli, task: &str) -> anyhow::Result<()> {
+    let r = tasks_client(cli)
+        .await?
+        .complete(crate::proto::tessera::v1::CompleteRequest {
+            task_id: task.into(),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if cli.json {
+        println!("{}", json!({"task_id": task, "revoked": r.revoked}));
+    } else {
+        println!("task {task} complete: revoked {} lease(s)", r.revoked);
+    }
+    Ok(())
+}

@@ -13,7 +13,7 @@ use crate::lease::{Kill, Kind, Lease, LeaseId, Revocation, State};
 use crate::registry::Entry;
 use crate::spiffe_id::SpiffeId;
 
-fn count_by_kind(m: &crate::metrics::Metrics, counts: [usize; 3]) -> usize {
+pub(super) fn count_by_kind(m: &crate::metrics::Metrics, counts: [usize; 3]) -> usize {
     for k in [Kind::X509, Kind::Jwt, Kind::Task] {
         let n = counts[k as usize - 1] as u64;
         if n > 0 {
@@ -274,17 +274,26 @@ impl Issuer {
             .spiffe_id(entry.spiffe_id.as_str())
             .detail("entry", &*entry.id)
             .detail("spec", serde_json::to_value(&spec).unwrap_or_default());
-        commit(
-            &*self.store,
-            vec![
-                Op::PutEntry {
-                    id: entry.id.to_string(),
-                    spec: json,
-                },
-                Op::Audit(ev),
-            ],
-        )
-        .await?;
+        let mut ops = vec![
+            Op::PutEntry {
+                id: entry.id.to_string(),
+                spec: json,
+            },
+            Op::Audit(ev),
+        ];
+        // A new entry's idle clock starts at its creation.
+        let now = now_ms();
+        let fresh = !self.activity.contains_key(&entry.id);
+        if fresh {
+            ops.push(Op::EntryActive {
+                id: entry.id.to_string(),
+                at_ms: now,
+            });
+        }
+        commit(&*self.store, ops).await?;
+        if fresh {
+            self.activity.insert(Arc::clone(&entry.id), (now, now));
+        }
         {
             let mut stored = self
                 .stored_entries
@@ -314,6 +323,35 @@ impl Issuer {
             .retain(|(e, _)| &*e.id != id);
         self.publish_entries();
         Ok(())
+    }
+
+    /// Marks an entry reviewed: its idle clock restarts, so `refuse_idle` lets it issue again.
+    pub async fn review_entry(&self, id: &str, actor: Actor) -> Result<Arc<Entry>, IssueError> {
+        let entry = self
+            .registry
+            .snapshot()
+            .iter()
+            .find(|e| &*e.id == id)
+            .cloned()
+            .ok_or_else(|| IssueError::NotFound(format!("no entry {id}")))?;
+        let now = now_ms();
+        let ev = Event::now("entry_review", actor)
+            .spiffe_id(entry.spiffe_id.as_str())
+            .detail("entry", id)
+            .detail("was_idle", self.is_idle(&entry, now));
+        commit(
+            &*self.store,
+            vec![
+                Op::EntryActive {
+                    id: id.to_owned(),
+                    at_ms: now,
+                },
+                Op::Audit(ev),
+            ],
+        )
+        .await?;
+        self.activity.insert(Arc::clone(&entry.id), (now, now));
+        Ok(entry)
     }
 
     /// The spec an entry was created from (stored entries only).

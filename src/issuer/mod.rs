@@ -12,6 +12,7 @@
 //! it) or the credential was never handed out.
 
 pub mod control;
+pub mod task;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +58,9 @@ pub enum IssueError {
     /// The CA cannot sign.
     #[error("CA unavailable: {0}")]
     Ca(#[from] CaError),
+    /// The task belongs to another agent, or is complete.
+    #[error("{0}")]
+    TaskConflict(String),
     /// The lease could not be made durable, so nothing was handed out.
     #[error("lease store unavailable: {0}")]
     Store(#[from] StoreError),
@@ -119,7 +123,15 @@ pub struct IssuerSettings {
     pub x509_svid_ttl: Duration,
     /// Default JWT-SVID lifetime.
     pub jwt_svid_ttl: Duration,
+    /// An entry with no issuance for this long is idle.
+    pub idle_after: Duration,
+    /// Idle entries grant nothing until reviewed.
+    pub refuse_idle: bool,
 }
+
+/// Entry activity is made durable at most this often per entry: enough resolution for an
+/// idle period measured in days, without a write per credential.
+const ACTIVITY_RESOLUTION_MS: i64 = 3600 * 1000;
 
 /// Maximum audiences per JWT request, and maximum length of one: bounds token size.
 const MAX_AUDIENCES: usize = 16;
@@ -139,6 +151,8 @@ pub struct Issuer {
     /// Entries from the config file (read-only) and from the store (editable).
     config_entries: Vec<Entry>,
     stored_entries: std::sync::Mutex<Vec<(Entry, EntrySpec)>>,
+    /// Per entry id: last issuance or review, and when that was last made durable (Unix ms).
+    activity: dashmap::DashMap<Arc<str>, (i64, i64)>,
 }
 
 fn now_ms() -> i64 {
@@ -178,9 +192,60 @@ impl Issuer {
             barrier: RwLock::new(()),
             config_entries,
             stored_entries: std::sync::Mutex::new(stored_entries),
+            activity: dashmap::DashMap::new(),
         };
         this.publish_entries();
         this
+    }
+
+    /// Restores entry activity at start; entries never seen before start their idle clock
+    /// now (recorded, so a restart does not reset it).
+    pub fn init_activity(&self, recorded: Vec<(String, i64)>) {
+        for (id, ms) in recorded {
+            self.activity.insert(Arc::from(id.as_str()), (ms, ms));
+        }
+        let now = now_ms();
+        let mut ops = Vec::new();
+        for (e, _) in self.entries() {
+            if !self.activity.contains_key(&e.id) {
+                self.activity.insert(Arc::clone(&e.id), (now, now));
+                ops.push(Op::EntryActive {
+                    id: e.id.to_string(),
+                    at_ms: now,
+                });
+            }
+        }
+        if !ops.is_empty() {
+            drop(self.store.submit(ops));
+        }
+    }
+
+    /// Records activity of `entry` (adding a durable record to `ops` at most hourly).
+    fn touch(&self, entry: &Entry, now_ms: i64, ops: &mut Vec<Op>) {
+        let mut slot = self.activity.entry(Arc::clone(&entry.id)).or_insert((0, 0));
+        slot.0 = slot.0.max(now_ms);
+        if now_ms - slot.1 >= ACTIVITY_RESOLUTION_MS {
+            slot.1 = now_ms;
+            ops.push(Op::EntryActive {
+                id: entry.id.to_string(),
+                at_ms: now_ms,
+            });
+        }
+    }
+
+    /// Last issuance or review of an entry, Unix ms.
+    pub fn last_active(&self, entry_id: &str) -> Option<i64> {
+        self.activity.get(entry_id).map(|v| v.0)
+    }
+
+    /// Idle: no issuance or review for `[inventory] idle_after`.
+    pub fn is_idle(&self, entry: &Entry, now_ms: i64) -> bool {
+        self.last_active(&entry.id)
+            .is_some_and(|t| now_ms - t > self.settings.idle_after.as_millis() as i64)
+    }
+
+    fn is_idle_refused(&self, entry: &Entry, now_ms: i64) -> bool {
+        self.settings.refuse_idle && self.is_idle(entry, now_ms)
     }
 
     /// The CA (bundles, validation).
@@ -230,7 +295,8 @@ impl Issuer {
     /// without killed ones.
     pub fn identities(&self, caller: &Attestation) -> Vec<Arc<Entry>> {
         let mut v = self.registry.matching(caller, OffsetDateTime::now_utc());
-        v.retain(|e| !self.leases.is_killed(&e.spiffe_id));
+        let now = now_ms();
+        v.retain(|e| !self.leases.is_killed(&e.spiffe_id) && !self.is_idle_refused(e, now));
         v
     }
 
@@ -256,6 +322,44 @@ impl Issuer {
                 .reason(reason)
                 .detail("kind", kind.as_str()),
         );
+    }
+
+    /// Records a refusal by an actor other than an attested caller (token exchange).
+    pub fn deny_actor(
+        &self,
+        actor: Actor,
+        spiffe_id: &str,
+        kind: Kind,
+        reason: &str,
+        details: Vec<(&'static str, serde_json::Value)>,
+    ) {
+        self.metrics.denied(kind);
+        let mut ev = Event::now("deny", actor)
+            .spiffe_id(spiffe_id)
+            .reason(reason)
+            .detail("kind", kind.as_str());
+        for (k, v) in details {
+            ev = ev.detail(k, v);
+        }
+        self.audit_only(ev);
+    }
+
+    /// Records an event that hands out nothing (approval requests and decisions).
+    pub fn record(
+        &self,
+        event: &'static str,
+        actor: Actor,
+        spiffe_id: &str,
+        details: Vec<(&'static str, serde_json::Value)>,
+    ) {
+        let mut ev = Event::now(event, actor);
+        if !spiffe_id.is_empty() {
+            ev = ev.spiffe_id(spiffe_id);
+        }
+        for (k, v) in details {
+            ev = ev.detail(k, v);
+        }
+        self.audit_only(ev);
     }
 
     fn audit_only(&self, ev: Event) {
@@ -321,11 +425,9 @@ impl Issuer {
             .detail("entry", &*entry.id)
             .detail("expires_at", lease.expires_at);
         let lease_id = lease.id;
-        commit(
-            &*self.store,
-            vec![Op::PutLease(lease.clone()), Op::Audit(ev)],
-        )
-        .await?;
+        let mut ops = vec![Op::PutLease(lease.clone()), Op::Audit(ev)];
+        self.touch(entry, now_ms(), &mut ops);
+        commit(&*self.store, ops).await?;
         self.leases.insert(lease);
         self.metrics.issued(Kind::X509, 1);
         Ok(X509Svid {
@@ -432,6 +534,10 @@ impl Issuer {
                 expires_at: exp,
                 entry: Arc::clone(entry),
             });
+        }
+        let now_ms = now_ms();
+        for entry in &entries {
+            self.touch(entry, now_ms, &mut ops);
         }
         commit(&*self.store, ops).await?;
         for l in leases {

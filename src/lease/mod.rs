@@ -199,6 +199,33 @@ pub struct RevokedSerial {
     pub expires_at: i64,
 }
 
+/// A task: the unit task-scoped credentials belong to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    /// Task id (`[A-Za-z0-9_-]{1,128}`).
+    pub id: Arc<str>,
+    /// SPIFFE ID of the agent that first used it; only it may use it again.
+    pub agent: Arc<str>,
+    /// First use, Unix ms.
+    pub created_ms: i64,
+    /// When it was completed, if it was.
+    pub completed_ms: Option<i64>,
+}
+
+/// Outcome of [`LeaseTable::claim_task`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskClaim {
+    /// First use: the caller must make the task durable (and [`LeaseTable::unclaim_task`]
+    /// if it cannot).
+    New(Task),
+    /// Already the caller's, still open.
+    Existing,
+    /// Another agent's.
+    Foreign,
+    /// Completed: no more credentials.
+    Completed,
+}
+
 /// The in-memory lease table.
 #[derive(Debug)]
 pub struct LeaseTable {
@@ -211,6 +238,7 @@ pub struct LeaseTable {
     expiry_changed: Notify,
     revoked_serials: Mutex<HashMap<LeaseId, RevokedSerial>>,
     kills: RwLock<HashMap<String, Kill>>,
+    tasks: DashMap<Arc<str>, Task>,
     /// Bumped on every revocation, kill and restore: streams and the CRL publisher re-check.
     changes: watch::Sender<u64>,
 }
@@ -247,7 +275,66 @@ impl LeaseTable {
             expiry_changed: Notify::new(),
             revoked_serials: Mutex::new(HashMap::new()),
             kills: RwLock::new(HashMap::new()),
+            tasks: DashMap::new(),
             changes: watch::channel(0).0,
+        }
+    }
+
+    /// Restores task records at start.
+    pub fn load_tasks(&self, tasks: Vec<Task>) {
+        for t in tasks {
+            self.tasks.insert(Arc::clone(&t.id), t);
+        }
+    }
+
+    /// A task's record.
+    pub fn task(&self, id: &str) -> Option<Task> {
+        self.tasks.get(id).map(|t| t.clone())
+    }
+
+    /// Claims `id` for `agent` atomically: of two agents racing for a new task id, exactly one
+    /// gets [`TaskClaim::New`].
+    pub fn claim_task(&self, id: &str, agent: &str, now_ms: i64) -> TaskClaim {
+        use dashmap::mapref::entry::Entry as E;
+        match self.tasks.entry(Arc::from(id)) {
+            E::Occupied(o) => {
+                let t = o.get();
+                if &*t.agent != agent {
+                    TaskClaim::Foreign
+                } else if t.completed_ms.is_some() {
+                    TaskClaim::Completed
+                } else {
+                    TaskClaim::Existing
+                }
+            }
+            E::Vacant(v) => {
+                let t = Task {
+                    id: Arc::clone(v.key()),
+                    agent: Arc::from(agent),
+                    created_ms: now_ms,
+                    completed_ms: None,
+                };
+                v.insert(t.clone());
+                TaskClaim::New(t)
+            }
+        }
+    }
+
+    /// Undoes a [`TaskClaim::New`] whose record could not be made durable.
+    pub fn unclaim_task(&self, t: &Task) {
+        self.tasks.remove_if(&*t.id, |_, v| {
+            v.created_ms == t.created_ms && v.agent == t.agent
+        });
+    }
+
+    /// Marks a task completed. Returns false if it was unknown.
+    pub fn complete_task(&self, id: &str, at_ms: i64) -> bool {
+        match self.tasks.get_mut(id) {
+            Some(mut t) => {
+                t.completed_ms.get_or_insert(at_ms);
+                true
+            }
+            None => false,
         }
     }
 

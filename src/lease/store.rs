@@ -21,7 +21,7 @@ use std::sync::mpsc;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use super::{Kill, Kind, Lease, LeaseId, Revocation, State};
+use super::{Kill, Kind, Lease, LeaseId, Revocation, State, Task};
 use crate::audit::{AuditWriter, Event};
 
 /// Store failures. Issuance maps them to `Unavailable`: nothing is handed out unrecorded.
@@ -68,6 +68,24 @@ pub enum Op {
     },
     /// Delete a stored entry.
     DeleteEntry(String),
+    /// A task's first use: it belongs to `agent` from now on.
+    PutTask(Task),
+    /// A task was completed: its leases are revoked and it gets no more.
+    CompleteTask {
+        /// Task id.
+        id: String,
+        /// Unix ms.
+        at_ms: i64,
+        /// Actor label.
+        by: String,
+    },
+    /// An entry issued a credential or was reviewed at `at_ms` (inventory idleness).
+    EntryActive {
+        /// Entry id.
+        id: String,
+        /// Unix ms.
+        at_ms: i64,
+    },
     /// Append an audit record.
     Audit(Event),
 }
@@ -83,6 +101,10 @@ pub struct Snapshot {
     pub kills: Vec<Kill>,
     /// Stored entries `(id, spec JSON)`.
     pub entries: Vec<(String, String)>,
+    /// Tasks seen in the retention period.
+    pub tasks: Vec<Task>,
+    /// Last activity per entry id, Unix ms.
+    pub entry_activity: Vec<(String, i64)>,
     /// Audit chain head `(next seq, last hash)` as of the last commit.
     pub audit_head: Option<(u64, String)>,
 }
@@ -124,7 +146,17 @@ CREATE TABLE IF NOT EXISTS kills(
 );
 CREATE TABLE IF NOT EXISTS entries(id TEXT PRIMARY KEY, spec TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks(
+  id TEXT PRIMARY KEY, agent TEXT NOT NULL, created_ms INTEGER NOT NULL,
+  completed_ms INTEGER, completed_by TEXT
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entry_activity(id TEXT PRIMARY KEY, active_ms INTEGER NOT NULL);
 ";
+
+/// Task records are kept this long after their first use, so a task id cannot be taken over
+/// by another agent while any credential of the task could still exist (task credentials
+/// live at most 24 h).
+pub const TASK_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
@@ -311,6 +343,28 @@ fn apply(conn: &mut Connection, audit: &mut AuditWriter, jobs: &[Job]) -> Result
                         tx.execute("DELETE FROM entries WHERE id=?1", params![id])
                             .map_err(db_err)?;
                     }
+                    Op::PutTask(t) => {
+                        tx.execute(
+                            "INSERT OR IGNORE INTO tasks(id,agent,created_ms) VALUES(?1,?2,?3)",
+                            params![&*t.id, &*t.agent, t.created_ms],
+                        )
+                        .map_err(db_err)?;
+                    }
+                    Op::CompleteTask { id, at_ms, by } => {
+                        tx.execute(
+                            "UPDATE tasks SET completed_ms=?2, completed_by=?3 WHERE id=?1 AND completed_ms IS NULL",
+                            params![id, at_ms, by],
+                        )
+                        .map_err(db_err)?;
+                    }
+                    Op::EntryActive { id, at_ms } => {
+                        tx.execute(
+                            "INSERT INTO entry_activity(id,active_ms) VALUES(?1,?2)
+                             ON CONFLICT(id) DO UPDATE SET active_ms=max(active_ms, excluded.active_ms)",
+                            params![id, at_ms],
+                        )
+                        .map_err(db_err)?;
+                    }
                     Op::Audit(ev) => {
                         audit.push(ev);
                         audited = true;
@@ -478,6 +532,34 @@ fn load(
         .prepare("SELECT id, spec FROM entries ORDER BY rowid")
         .map_err(db_err)?;
     snap.entries = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(db_err)?
+        .collect::<Result<_, _>>()
+        .map_err(db_err)?;
+    conn.execute(
+        "DELETE FROM tasks WHERE created_ms < ?1",
+        params![now_s * 1000 - TASK_RETENTION_MS],
+    )
+    .map_err(db_err)?;
+    let mut st = conn
+        .prepare("SELECT id, agent, created_ms, completed_ms FROM tasks")
+        .map_err(db_err)?;
+    snap.tasks = st
+        .query_map([], |r| {
+            Ok(Task {
+                id: r.get::<_, String>(0)?.into(),
+                agent: r.get::<_, String>(1)?.into(),
+                created_ms: r.get(2)?,
+                completed_ms: r.get(3)?,
+            })
+        })
+        .map_err(db_err)?
+        .collect::<Result<_, _>>()
+        .map_err(db_err)?;
+    let mut st = conn
+        .prepare("SELECT id, active_ms FROM entry_activity")
+        .map_err(db_err)?;
+    snap.entry_activity = st
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .map_err(db_err)?
         .collect::<Result<_, _>>()

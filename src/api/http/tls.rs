@@ -1,0 +1,168 @@
+//! TLS for the HTTP listener: an operator certificate, or the daemon's own X.509-SVID
+//! (`spiffe://<td>/tesserad`) minted from its CA and renewed at half its lifetime.
+//!
+//! Owns the rustls server configuration and the accept loop (handshakes run per connection,
+//! so a slow client cannot stall others; connections drain on shutdown).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::ca::Ca;
+use crate::config::HttpTls;
+use crate::shutdown::Shutdown;
+use crate::spiffe_id::SpiffeId;
+
+/// Lifetime of the daemon's own serving SVID.
+const SVID_TTL: Duration = Duration::from_secs(3600);
+/// A TLS handshake must finish in this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Splits concatenated DER certificates.
+fn split_der(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let mut out = Vec::new();
+    while !der.is_empty() {
+        let (rest, _) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("bad certificate in chain: {e}"))?;
+        let len = der.len() - rest.len();
+        out.push(CertificateDer::from(der[..len].to_vec()));
+        der = rest;
+    }
+    Ok(out)
+}
+
+/// Serves the daemon's own SVID, re-minting it when half its life has passed.
+#[derive(Debug)]
+struct SvidResolver {
+    ca: Arc<Ca>,
+    id: SpiffeId,
+    current: ArcSwap<(Arc<CertifiedKey>, Instant)>,
+}
+
+impl SvidResolver {
+    fn mint(ca: &Ca, id: &SpiffeId) -> Result<(Arc<CertifiedKey>, Instant), String> {
+        let m = ca
+            .mint_x509(id, SVID_TTL, time::OffsetDateTime::now_utc())
+            .map_err(|e| e.to_string())?;
+        let chain = split_der(&m.chain_der)?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(m.key_pkcs8.as_ref().to_vec()));
+        let signing = provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| format!("cannot use the SVID key: {e}"))?;
+        Ok((
+            Arc::new(CertifiedKey::new(chain, signing)),
+            Instant::now() + SVID_TTL / 2,
+        ))
+    }
+}
+
+impl ResolvesServerCert for SvidResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let cur = self.current.load();
+        if Instant::now() < cur.1 {
+            return Some(Arc::clone(&cur.0));
+        }
+        match Self::mint(&self.ca, &self.id) {
+            Ok(next) => {
+                let key = Arc::clone(&next.0);
+                self.current.store(Arc::new(next));
+                Some(key)
+            }
+            Err(e) => {
+                // Keep serving the current one (still valid for half its life).
+                tracing::error!(error = %e, "cannot renew the HTTP serving SVID");
+                Some(Arc::clone(&cur.0))
+            }
+        }
+    }
+}
+
+/// Builds the rustls server configuration for `tls`.
+pub fn server_config(tls: &HttpTls, ca: &Arc<Ca>) -> Result<Arc<rustls::ServerConfig>, String> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth();
+    let mut cfg = match tls {
+        HttpTls::Files { cert, key } => {
+            crate::fsutil::check_private_mode(key)
+                .map_err(|e| format!("{}: {e}", key.display()))?;
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| format!("{}: {e}", cert.display()))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("{}: {e}", cert.display()))?;
+            if certs.is_empty() {
+                return Err(format!("{}: no certificate found", cert.display()));
+            }
+            // The key's bytes never reach an error message.
+            let k = PrivateKeyDer::from_pem_file(key)
+                .map_err(|_| format!("{}: not a PEM private key", key.display()))?;
+            builder
+                .with_single_cert(certs, k)
+                .map_err(|e| format!("certificate and key do not form a usable pair: {e}"))?
+        }
+        HttpTls::Svid => {
+            let id = SpiffeId::new(ca.trust_domain(), "/tesserad").map_err(|e| e.to_string())?;
+            let first = SvidResolver::mint(ca, &id)?;
+            builder.with_cert_resolver(Arc::new(SvidResolver {
+                ca: Arc::clone(ca),
+                id,
+                current: ArcSwap::from_pointee(first),
+            }))
+        }
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Accepts TLS connections and serves `app` until shutdown, then lets open connections
+/// finish (the caller bounds that with the drain deadline).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    cfg: Arc<rustls::ServerConfig>,
+    mut sd: Shutdown,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, _) = tokio::select! {
+            () = sd.wait() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "HTTPS accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let svc = TowerToHyperService::new(app.clone());
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            let _ = watcher.watch(conn.into_owned()).await;
+        });
+    }
+    graceful.shutdown().await;
+}

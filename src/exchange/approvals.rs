@@ -1,0 +1,291 @@
+//! Human approval of high-risk exchanges.
+//!
+//! Owns: pending, approved and denied requests, keyed by what was asked (agent, task,
+//! subject, audience, scopes) so the agent's retry of the same request finds its approval.
+//! An approval is single-use: the exchange that uses it consumes it. Everything expires after
+//! `[tasks] approval_ttl`. Held in memory: a restart drops pending requests and the agent's
+//! next try files a new one (no credential depends on them).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Where a request stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Waiting for an operator.
+    Pending,
+    /// Approved by `by`; the next identical exchange uses it.
+    Approved {
+        /// Operator label.
+        by: String,
+    },
+    /// Denied by `by`.
+    Denied {
+        /// Operator label.
+        by: String,
+    },
+}
+
+/// One request for approval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approval {
+    /// Id operators approve or deny.
+    pub id: String,
+    /// Agent SPIFFE ID.
+    pub agent: String,
+    /// Task.
+    pub task_id: String,
+    /// Subject `iss`.
+    pub subject_iss: String,
+    /// Subject `sub`.
+    pub subject_sub: String,
+    /// Audience.
+    pub audience: String,
+    /// Scopes, sorted.
+    pub scopes: Vec<String>,
+    /// Lifetime the token would get, seconds.
+    pub ttl_seconds: u64,
+    /// Unix ms.
+    pub created_ms: i64,
+    /// Unix ms; after this the request is forgotten.
+    pub expires_ms: i64,
+    /// State.
+    pub status: Status,
+}
+
+impl Approval {
+    fn key(&self) -> String {
+        // NUL cannot occur in any of these fields (they are validated printable text).
+        format!(
+            "{}\0{}\0{}\0{}\0{}\0{}",
+            self.agent,
+            self.task_id,
+            self.subject_iss,
+            self.subject_sub,
+            self.audience,
+            self.scopes.join(" ")
+        )
+    }
+}
+
+/// The answer to an exchange that needs approval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// Filed now; tell the agent to wait.
+    Filed(String),
+    /// Still waiting.
+    Pending(String),
+    /// Approved: consumed by this call; go ahead (and [`Approvals::put_back`] on failure).
+    Approved(Approval),
+    /// Denied.
+    Denied(String),
+}
+
+/// Operator-facing errors.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApprovalError {
+    /// Unknown or expired id.
+    #[error("no pending request {0:?} (it may have expired or been used)")]
+    NotFound(String),
+    /// Already decided.
+    #[error("request {0:?} was already decided")]
+    Decided(String),
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_id: HashMap<String, Approval>,
+    by_key: HashMap<String, String>,
+}
+
+impl Inner {
+    fn purge(&mut self, now_ms: i64) {
+        let expired: Vec<String> = self
+            .by_id
+            .values()
+            .filter(|a| a.expires_ms <= now_ms)
+            .map(|a| a.id.clone())
+            .collect();
+        for id in expired {
+            if let Some(a) = self.by_id.remove(&id) {
+                self.by_key.remove(&a.key());
+            }
+        }
+    }
+}
+
+/// Pending and decided requests.
+#[derive(Debug)]
+pub struct Approvals {
+    ttl: Duration,
+    inner: Mutex<Inner>,
+}
+
+/// Most requests held at once: a flood of distinct high-risk requests must not grow memory
+/// without bound. Beyond it new requests are refused until some expire.
+const MAX_PENDING: usize = 10_000;
+
+impl Approvals {
+    /// Requests expire `ttl` after filing (or after approval).
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Looks up the request `proto` describes (its `id`, times and status are ignored),
+    /// filing it if new. `None` when too many requests are pending.
+    pub fn check(&self, mut proto: Approval, now_ms: i64, new_id: String) -> Option<Check> {
+        proto.scopes.sort();
+        let mut g = self.lock();
+        g.purge(now_ms);
+        let key = proto.key();
+        if let Some(id) = g.by_key.get(&key).cloned() {
+            let a = g.by_id.get(&id)?.clone();
+            return Some(match a.status {
+                Status::Pending => Check::Pending(id),
+                Status::Denied { .. } => Check::Denied(id),
+                Status::Approved { .. } => {
+                    g.by_id.remove(&id);
+                    g.by_key.remove(&key);
+                    Check::Approved(a)
+                }
+            });
+        }
+        if g.by_id.len() >= MAX_PENDING {
+            return None;
+        }
+        proto.id = new_id.clone();
+        proto.created_ms = now_ms;
+        proto.expires_ms = now_ms + self.ttl.as_millis() as i64;
+        proto.status = Status::Pending;
+        g.by_key.insert(key, new_id.clone());
+        g.by_id.insert(new_id.clone(), proto);
+        Some(Check::Filed(new_id))
+    }
+
+    /// Returns a consumed approval whose exchange then failed (store or CA unavailable), so
+    /// the agent's retry can use it.
+    pub fn put_back(&self, a: Approval) {
+        let mut g = self.lock();
+        g.by_key.insert(a.key(), a.id.clone());
+        g.by_id.insert(a.id.clone(), a);
+    }
+
+    /// Every live request, oldest first.
+    pub fn list(&self, now_ms: i64) -> Vec<Approval> {
+        let mut g = self.lock();
+        g.purge(now_ms);
+        let mut v: Vec<Approval> = g.by_id.values().cloned().collect();
+        v.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        v
+    }
+
+    /// Approves a pending request; it stays usable for the approval period.
+    pub fn approve(&self, id: &str, by: String, now_ms: i64) -> Result<Approval, ApprovalError> {
+        self.decide(id, Status::Approved { by }, now_ms)
+    }
+
+    /// Denies a pending request.
+    pub fn deny(&self, id: &str, by: String, now_ms: i64) -> Result<Approval, ApprovalError> {
+        self.decide(id, Status::Denied { by }, now_ms)
+    }
+
+    fn decide(&self, id: &str, status: Status, now_ms: i64) -> Result<Approval, ApprovalError> {
+        let mut g = self.lock();
+        g.purge(now_ms);
+        let a = g
+            .by_id
+            .get_mut(id)
+            .ok_or_else(|| ApprovalError::NotFound(id.chars().take(64).collect()))?;
+        if a.status != Status::Pending {
+            return Err(ApprovalError::Decided(id.to_owned()));
+        }
+        a.status = status;
+        a.expires_ms = now_ms + self.ttl.as_millis() as i64;
+        Ok(a.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(scopes: &[&str]) -> Approval {
+        Approval {
+            id: String::new(),
+            agent: "spiffe://td/a".into(),
+            task_id: "t".into(),
+            subject_iss: "https://idp".into(),
+            subject_sub: "ann".into(),
+            audience: "api".into(),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            ttl_seconds: 60,
+            created_ms: 0,
+            expires_ms: 0,
+            status: Status::Pending,
+        }
+    }
+
+    #[test]
+    fn file_approve_consume_once() {
+        let a = Approvals::new(Duration::from_secs(60));
+        let Some(Check::Filed(id)) = a.check(req(&["b", "a"]), 0, "r1".into()) else {
+            panic!()
+        };
+        // Same request (scope order does not matter): same id, still pending.
+        assert_eq!(
+            a.check(req(&["a", "b"]), 1, "r2".into()),
+            Some(Check::Pending(id.clone()))
+        );
+        // A different request is separate.
+        assert!(matches!(
+            a.check(req(&["a"]), 1, "r3".into()),
+            Some(Check::Filed(_))
+        ));
+        a.approve(&id, "op".into(), 2).unwrap();
+        assert_eq!(
+            a.approve(&id, "op".into(), 2),
+            Err(ApprovalError::Decided(id.clone()))
+        );
+        let Some(Check::Approved(got)) = a.check(req(&["a", "b"]), 3, "r4".into()) else {
+            panic!()
+        };
+        assert_eq!(got.id, id);
+        // Single use: the next identical request files anew.
+        assert_eq!(
+            a.check(req(&["a", "b"]), 4, "r5".into()),
+            Some(Check::Filed("r5".into()))
+        );
+    }
+
+    #[test]
+    fn deny_and_expiry() {
+        let a = Approvals::new(Duration::from_secs(1));
+        let Some(Check::Filed(id)) = a.check(req(&["x"]), 0, "r1".into()) else {
+            panic!()
+        };
+        a.deny(&id, "op".into(), 10).unwrap();
+        assert_eq!(
+            a.check(req(&["x"]), 20, "r2".into()),
+            Some(Check::Denied(id.clone()))
+        );
+        // Expired (1 s after the decision): forgotten, so a retry files a new request.
+        assert_eq!(
+            a.check(req(&["x"]), 1_011, "r3".into()),
+            Some(Check::Filed("r3".into()))
+        );
+        assert!(matches!(
+            a.approve("nope", "op".into(), 0),
+            Err(ApprovalError::NotFound(_))
+        ));
+        assert_eq!(a.list(1_012).len(), 1);
+    }
+}

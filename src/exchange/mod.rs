@@ -1,0 +1,658 @@
+//! RFC 8693 token exchange: an agent trades its user's (or pipeline's) token for a
+//! credential scoped to one task.
+//!
+//! Owns the exchange rules, in order: request checks → the acting agent (attested caller, or
+//! its JWT-SVID as `actor_token`) → the subject token (trusted OIDC issuer) → lifetime →
+//! task ownership → policy, each scope on its own → approval for high-risk agents. What is
+//! decided is then minted by [`crate::issuer`], the one issuance path. Adapters (HTTP form,
+//! gRPC `tessera.v1.Tasks`) only translate to and from [`Request`] and [`ExchangeError`].
+
+pub mod approvals;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+
+use crate::attest::Attestation;
+use crate::audit::Actor;
+use crate::issuer::task::{Holder, TaskCredentials, TaskGrant};
+use crate::issuer::{IssueError, Issuer};
+use crate::lease::Kind;
+use crate::oidc::{Subject, Verifier};
+use crate::policy::{self, Engine};
+use crate::registry::{Entry, Risk};
+use crate::spiffe_id::SpiffeId;
+use approvals::{Approval, Approvals, Check, Status};
+
+/// `grant_type` of a token exchange.
+pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// Token type URI: a JWT.
+pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// Token type URI: an OIDC ID token.
+pub const TOKEN_TYPE_ID_TOKEN: &str = "urn:ietf:params:oauth:token-type:id_token";
+/// Token type URI: an access token.
+pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+const MAX_SCOPES: usize = 32;
+const MAX_SCOPE_LEN: usize = 256;
+const MAX_AUDIENCE_LEN: usize = 512;
+const MAX_TASK_ID_LEN: usize = 128;
+
+/// An exchange request, as received (every field optional so that a missing one gets its own
+/// error message).
+#[derive(Debug, Default, Clone)]
+pub struct Request {
+    /// The user's or pipeline's token.
+    pub subject_token: Option<String>,
+    /// Its type URI.
+    pub subject_token_type: Option<String>,
+    /// The tool or API.
+    pub audience: Option<String>,
+    /// Space-separated scopes.
+    pub scope: Option<String>,
+    /// Task id.
+    pub task_id: Option<String>,
+    /// Requested lifetime in seconds (can only shorten).
+    pub expires_in: Option<String>,
+    /// `requested_token_type`.
+    pub requested_token_type: Option<String>,
+    /// Also mint a task X.509-SVID (gRPC only).
+    pub x509: bool,
+}
+
+/// Who is acting.
+#[derive(Debug, Clone, Copy)]
+pub enum ActorRef<'a> {
+    /// An attested caller on the Workload API socket, optionally choosing one of its
+    /// identities.
+    Attested {
+        /// The caller.
+        caller: &'a Attestation,
+        /// One of its SPIFFE IDs; `None` = its default identity.
+        spiffe_id: Option<&'a str>,
+    },
+    /// A JWT-SVID presented as `actor_token` (HTTP).
+    Token {
+        /// The token.
+        token: &'a str,
+        /// `actor_token_type`.
+        token_type: Option<&'a str>,
+    },
+}
+
+/// A successful exchange.
+#[derive(Debug)]
+pub struct Grant {
+    /// The task token.
+    pub access_token: String,
+    /// `issued_token_type`.
+    pub issued_token_type: &'static str,
+    /// Seconds until it expires.
+    pub expires_in: u64,
+    /// Granted scopes (exactly those requested), space-separated.
+    pub scope: String,
+    /// The acting agent.
+    pub agent: SpiffeId,
+    /// Leases and the task X.509-SVID.
+    pub credentials: TaskCredentials,
+}
+
+/// Why an exchange was refused, in RFC 6749/8693 terms.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExchangeError {
+    /// Missing or malformed parameter, or a bad or unacceptable subject or actor token.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The audience is refused.
+    #[error("{0}")]
+    InvalidTarget(String),
+    /// Policy denied these scopes (or they are malformed).
+    #[error("scopes denied by policy: {}", .0.join(" "))]
+    InvalidScope(Vec<String>),
+    /// A high-risk agent's request waits for an operator.
+    #[error("an operator must approve this request; retry the same request later (request_id {0})")]
+    AuthorizationPending(String),
+    /// An operator denied the request.
+    #[error("an operator denied this request (request_id {0})")]
+    AccessDenied(String),
+    /// The attested caller has no identity (gRPC only).
+    #[error("{0}")]
+    NoIdentity(IssueError),
+    /// The store or CA cannot record or sign now.
+    #[error("{0}")]
+    Unavailable(IssueError),
+}
+
+impl ExchangeError {
+    /// The RFC 6749 §5.2 / RFC 8693 `error` code.
+    pub fn oauth_code(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest(_) | Self::NoIdentity(_) => "invalid_request",
+            Self::InvalidTarget(_) => "invalid_target",
+            Self::InvalidScope(_) => "invalid_scope",
+            Self::AuthorizationPending(_) => "authorization_pending",
+            Self::AccessDenied(_) => "access_denied",
+            Self::Unavailable(_) => "temporarily_unavailable",
+        }
+    }
+}
+
+fn bad(m: impl Into<String>) -> ExchangeError {
+    ExchangeError::InvalidRequest(m.into())
+}
+
+/// Settings from `[tasks]`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Default task token lifetime.
+    pub token_ttl: Duration,
+    /// Daemon-wide cap.
+    pub max_ttl: Duration,
+    /// Tessera's issuer URL (`iss` of task tokens, audience of actor tokens).
+    pub issuer_url: String,
+}
+
+/// The token exchange service.
+#[derive(Debug)]
+pub struct Exchanger {
+    issuer: Arc<Issuer>,
+    oidc: Arc<Verifier>,
+    policy: Arc<Engine>,
+    approvals: Arc<Approvals>,
+    settings: Settings,
+}
+
+/// `[A-Za-z0-9_-]`, 1 to 128 characters: always a valid SPIFFE path segment.
+pub fn validate_task_id(t: &str) -> Result<(), String> {
+    if t.is_empty() || t.len() > MAX_TASK_ID_LEN {
+        return Err(format!("task_id must be 1 to {MAX_TASK_ID_LEN} characters"));
+    }
+    if !t
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err("task_id may contain only letters, digits, '_' and '-'".into());
+    }
+    Ok(())
+}
+
+/// Splits and checks an RFC 6749 §3.3 scope string; duplicates are dropped, order kept.
+pub fn parse_scopes(s: &str) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::new();
+    for tok in s.split(' ').filter(|t| !t.is_empty()) {
+        if tok.len() > MAX_SCOPE_LEN {
+            return Err(format!(
+                "each scope must be at most {MAX_SCOPE_LEN} characters"
+            ));
+        }
+        // scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+        if !tok
+            .bytes()
+            .all(|b| b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b))
+        {
+            return Err(format!(
+                "scope {:?} has a character RFC 6749 does not allow (no quotes, backslashes or control characters)",
+                tok.chars().take(64).collect::<String>()
+            ));
+        }
+        if !out.iter().any(|o| o == tok) {
+            out.push(tok.to_owned());
+        }
+    }
+    if out.is_empty() {
+        return Err("scope is required: list the space-separated scopes the task needs".into());
+    }
+    if out.len() > MAX_SCOPES {
+        return Err(format!("at most {MAX_SCOPES} scopes per request"));
+    }
+    Ok(out)
+}
+
+impl Exchanger {
+    /// Assembles the service.
+    pub fn new(
+        issuer: Arc<Issuer>,
+        oidc: Arc<Verifier>,
+        policy: Arc<Engine>,
+        approvals: Arc<Approvals>,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            issuer,
+            oidc,
+            policy,
+            approvals,
+            settings,
+        }
+    }
+
+    /// Tessera's issuer URL.
+    pub fn issuer_url(&self) -> &str {
+        &self.settings.issuer_url
+    }
+
+    /// The issuance path (for introspection and revocation).
+    pub fn issuer(&self) -> &Arc<Issuer> {
+        &self.issuer
+    }
+
+    /// Pending and decided approvals.
+    pub fn approvals(&self) -> &Arc<Approvals> {
+        &self.approvals
+    }
+
+    /// Authenticates an agent by a JWT-SVID whose audience is Tessera's issuer (actor tokens
+    /// and the Bearer token of introspection and revocation). Returns its entry and lease
+    /// holder details.
+    pub fn authenticate_agent(&self, token: &str) -> Result<(Arc<Entry>, Holder), String> {
+        let (id, claims) = self
+            .issuer
+            .validate_jwt(token, &self.settings.issuer_url)
+            .map_err(|e| e.to_string())?;
+        let lease = claims
+            .get("jti")
+            .and_then(Value::as_str)
+            .and_then(crate::lease::LeaseId::parse)
+            .ok_or("JWT-SVID has no jti")?;
+        let (l, entry) = self
+            .issuer
+            .entry_of_lease(&lease)
+            .filter(|(l, _)| l.kind == Kind::Jwt)
+            .ok_or_else(|| format!("{id} is no longer registered, has expired or is idle"))?;
+        Ok((
+            entry,
+            Holder {
+                uid: l.uid,
+                pid: l.pid,
+                exe: l.exe.clone(),
+                actor: Actor::Agent {
+                    spiffe_id: id.to_string(),
+                },
+            },
+        ))
+    }
+
+    /// Runs an exchange.
+    pub async fn exchange(
+        &self,
+        req: Request,
+        actor: ActorRef<'_>,
+    ) -> Result<Grant, ExchangeError> {
+        // 1. The request itself.
+        let subject_token = req
+            .subject_token
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| bad("subject_token is required: the OIDC token of the user or pipeline the agent acts for"))?;
+        match req.subject_token_type.as_deref() {
+            Some(TOKEN_TYPE_JWT | TOKEN_TYPE_ID_TOKEN | TOKEN_TYPE_ACCESS_TOKEN) => {}
+            None | Some("") => {
+                return Err(bad(format!(
+                    "subject_token_type is required (e.g. {TOKEN_TYPE_ID_TOKEN})"
+                )));
+            }
+            Some(other) => {
+                return Err(bad(format!(
+                    "subject_token_type {:?} is not supported; use {TOKEN_TYPE_ID_TOKEN}, {TOKEN_TYPE_JWT} or {TOKEN_TYPE_ACCESS_TOKEN} (a JWT)",
+                    other.chars().take(100).collect::<String>()
+                )));
+            }
+        }
+        let issued_token_type = match req.requested_token_type.as_deref() {
+            None | Some("") | Some(TOKEN_TYPE_ACCESS_TOKEN) => TOKEN_TYPE_ACCESS_TOKEN,
+            Some(TOKEN_TYPE_JWT) => TOKEN_TYPE_JWT,
+            Some(other) => {
+                return Err(bad(format!(
+                    "requested_token_type {:?} cannot be issued; Tessera issues {TOKEN_TYPE_ACCESS_TOKEN} (a JWT)",
+                    other.chars().take(100).collect::<String>()
+                )));
+            }
+        };
+        let task_id = req
+            .task_id
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| bad("task_id is required: the id of the task this credential is for ([A-Za-z0-9_-], 1 to 128 characters)"))?;
+        validate_task_id(&task_id).map_err(bad)?;
+        let audience = req
+            .audience
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| bad("audience is required: the tool or API the token is for"))?;
+        if audience.len() > MAX_AUDIENCE_LEN || audience.chars().any(char::is_control) {
+            return Err(ExchangeError::InvalidTarget(format!(
+                "audience must be at most {MAX_AUDIENCE_LEN} printable characters"
+            )));
+        }
+        let scopes = parse_scopes(req.scope.as_deref().unwrap_or("")).map_err(bad)?;
+        let expires_in = match req.expires_in.as_deref() {
+            None | Some("") => None,
+            Some(s) => match s.parse::<u64>() {
+                Ok(n) if n > 0 => Some(Duration::from_secs(n)),
+                _ => {
+                    return Err(bad(
+                        "expires_in must be a positive number of seconds (it can only shorten the token's lifetime)",
+                    ));
+                }
+            },
+        };
+
+        // 2. The acting agent.
+        let (entry, holder) = self.agent(actor)?;
+
+        // 3. The subject.
+        let subject = self.oidc.validate(&subject_token).await.map_err(|e| {
+            self.refuse(
+                &holder,
+                &entry,
+                &task_id,
+                format!("subject_token is not valid: {e}"),
+            )
+        })?;
+
+        // 4. Lifetime: the default, shortened by the request, the entry, the daemon's cap,
+        //    and never past the subject token itself.
+        let mut ttl = self.settings.token_ttl.min(self.settings.max_ttl);
+        if let Some(e) = expires_in {
+            ttl = ttl.min(e);
+        }
+        if let Some(m) = entry.max_task_ttl {
+            ttl = ttl.min(m);
+        }
+        let now_s = time::OffsetDateTime::now_utc().unix_timestamp();
+        let subject_left = u64::try_from(subject.exp - now_s).unwrap_or(0).max(1);
+        ttl = ttl.min(Duration::from_secs(subject_left));
+
+        // 5. Task ownership (binding claim happens at issuance; this gives the early answer).
+        if let Some(t) = self.issuer.leases().task(&task_id) {
+            if *t.agent != *entry.spiffe_id.as_str() {
+                return Err(self.refuse(
+                    &holder,
+                    &entry,
+                    &task_id,
+                    format!("task_id {task_id:?} belongs to another agent; use a new task id"),
+                ));
+            }
+            if t.completed_ms.is_some() {
+                return Err(self.refuse(
+                    &holder,
+                    &entry,
+                    &task_id,
+                    format!("task {task_id:?} is complete; it gets no more credentials"),
+                ));
+            }
+        }
+
+        // 6. Policy: each scope on its own.
+        let input = policy::Input {
+            agent: entry.spiffe_id.as_str(),
+            owner: entry.owner.as_deref().unwrap_or(""),
+            purpose: entry.purpose.as_deref().unwrap_or(""),
+            risk: entry.risk.map_or("", Risk::as_str),
+            audience: &audience,
+            task_id: &task_id,
+            ttl_seconds: ttl.as_secs() as i64,
+            subject: &subject.string_claims,
+        };
+        let decisions = self.policy.decide(&input, &scopes);
+        let mut deciding: Vec<String> = Vec::new();
+        for d in &decisions {
+            for p in &d.policies {
+                if !deciding.contains(p) {
+                    deciding.push(p.clone());
+                }
+            }
+        }
+        let denied: Vec<String> = decisions
+            .iter()
+            .filter(|d| !d.allowed)
+            .map(|d| d.scope.clone())
+            .collect();
+        let audit_details = vec![
+            ("subject", json!({"iss": subject.iss, "sub": subject.sub})),
+            ("audience", Value::from(audience.clone())),
+            ("scopes", Value::from(scopes.clone())),
+            ("policies", Value::from(deciding.clone())),
+            ("ttl_seconds", Value::from(ttl.as_secs())),
+        ];
+        if !denied.is_empty() {
+            let errors: Vec<String> = decisions.iter().flat_map(|d| d.errors.clone()).collect();
+            let mut details = audit_details.clone();
+            details.push(("denied_scopes", Value::from(denied.clone())));
+            if !errors.is_empty() {
+                details.push(("policy_errors", Value::from(errors)));
+            }
+            self.issuer.deny_actor(
+                holder.actor.clone(),
+                entry.spiffe_id.as_str(),
+                Kind::Task,
+                "scopes denied by policy",
+                details,
+            );
+            return Err(ExchangeError::InvalidScope(denied));
+        }
+
+        // 7. A human in the loop for high-risk agents.
+        let mut approval = None;
+        if entry.risk == Some(Risk::High) {
+            let proto = Approval {
+                id: String::new(),
+                agent: entry.spiffe_id.to_string(),
+                task_id: task_id.clone(),
+                subject_iss: subject.iss.clone(),
+                subject_sub: subject.sub.clone(),
+                audience: audience.clone(),
+                scopes: scopes.clone(),
+                ttl_seconds: ttl.as_secs(),
+                created_ms: 0,
+                expires_ms: 0,
+                status: Status::Pending,
+            };
+            let new_id = crate::lease::LeaseId::random().to_string();
+            match self.approvals.check(proto, now_s * 1000, new_id) {
+                None => {
+                    return Err(ExchangeError::Unavailable(IssueError::FailedPrecondition(
+                        "too many requests are waiting for approval".into(),
+                    )));
+                }
+                Some(Check::Filed(id)) => {
+                    let mut details = audit_details.clone();
+                    details.push(("request_id", Value::from(id.clone())));
+                    self.issuer.record(
+                        "approval_requested",
+                        holder.actor.clone(),
+                        entry.spiffe_id.as_str(),
+                        details,
+                    );
+                    return Err(ExchangeError::AuthorizationPending(id));
+                }
+                Some(Check::Pending(id)) => return Err(ExchangeError::AuthorizationPending(id)),
+                Some(Check::Denied(id)) => return Err(ExchangeError::AccessDenied(id)),
+                Some(Check::Approved(a)) => approval = Some(a),
+            }
+        }
+
+        // 8. Mint, through the one issuance path.
+        let claims = task_claims(
+            &self.settings.issuer_url,
+            &subject,
+            &entry.spiffe_id,
+            &audience,
+            &scopes,
+            &task_id,
+        );
+        let mut details = audit_details;
+        if let Some(a) = &approval {
+            details.push((
+                "approval",
+                json!({"request_id": a.id, "status": format!("{:?}", a.status)}),
+            ));
+        }
+        let grant = TaskGrant {
+            holder: holder.clone(),
+            entry: Arc::clone(&entry),
+            task_id: &task_id,
+            ttl,
+            claims,
+            x509: req.x509,
+            audit: details,
+        };
+        match self.issuer.issue_task(grant).await {
+            Ok(c) => {
+                let expires_in =
+                    u64::try_from(c.expires_at.unix_timestamp() - c.issued_at.unix_timestamp())
+                        .unwrap_or(0);
+                Ok(Grant {
+                    access_token: c.token.clone(),
+                    issued_token_type,
+                    expires_in,
+                    scope: scopes.join(" "),
+                    agent: entry.spiffe_id.clone(),
+                    credentials: c,
+                })
+            }
+            Err(e) => {
+                if let Some(a) = approval
+                    && matches!(e, IssueError::Store(_) | IssueError::Ca(_))
+                {
+                    self.approvals.put_back(a);
+                }
+                Err(match e {
+                    e @ (IssueError::Store(_) | IssueError::Ca(_)) => ExchangeError::Unavailable(e),
+                    IssueError::Killed(id) => self.refuse(
+                        &holder,
+                        &entry,
+                        &task_id,
+                        format!("agent {id} is killed: it gets no credentials until an operator restores it"),
+                    ),
+                    other => self.refuse(&holder, &entry, &task_id, other.to_string()),
+                })
+            }
+        }
+    }
+
+    /// Records a refusal of the request and returns it as `invalid_request`.
+    fn refuse(
+        &self,
+        holder: &Holder,
+        entry: &Entry,
+        task_id: &str,
+        reason: String,
+    ) -> ExchangeError {
+        self.issuer.deny_actor(
+            holder.actor.clone(),
+            entry.spiffe_id.as_str(),
+            Kind::Task,
+            &reason,
+            vec![("task_id", Value::from(task_id))],
+        );
+        ExchangeError::InvalidRequest(reason)
+    }
+
+    fn agent(&self, actor: ActorRef<'_>) -> Result<(Arc<Entry>, Holder), ExchangeError> {
+        match actor {
+            ActorRef::Attested { caller, spiffe_id } => {
+                let mut entries = self
+                    .issuer
+                    .entitled(caller, Kind::Task)
+                    .map_err(ExchangeError::NoIdentity)?;
+                if let Some(want) = spiffe_id.filter(|s| !s.is_empty()) {
+                    entries.retain(|e| e.spiffe_id.as_str() == want);
+                    if entries.is_empty() {
+                        return Err(ExchangeError::NoIdentity(IssueError::NotEntitled(
+                            want.chars().take(200).collect(),
+                        )));
+                    }
+                }
+                let entry = Arc::clone(&entries[0]);
+                Ok((
+                    entry,
+                    Holder {
+                        uid: caller.uid,
+                        pid: caller.pid,
+                        exe: caller.exe_path.clone(),
+                        actor: Actor::Workload {
+                            uid: caller.uid,
+                            pid: caller.pid,
+                            exe: caller.exe_path.as_deref().map(str::to_owned),
+                        },
+                    },
+                ))
+            }
+            ActorRef::Token { token, token_type } => {
+                if token.is_empty() {
+                    return Err(bad(
+                        "actor_token is required: the agent's JWT-SVID whose audience is Tessera's issuer",
+                    ));
+                }
+                match token_type {
+                    Some(TOKEN_TYPE_JWT) => {}
+                    None | Some("") => {
+                        return Err(bad(format!(
+                            "actor_token_type is required with actor_token ({TOKEN_TYPE_JWT})"
+                        )));
+                    }
+                    Some(other) => {
+                        return Err(bad(format!(
+                            "actor_token_type {:?} is not supported; use {TOKEN_TYPE_JWT}",
+                            other.chars().take(100).collect::<String>()
+                        )));
+                    }
+                }
+                self.authenticate_agent(token)
+                    .map_err(|e| bad(format!("actor_token is not valid: {e}")))
+            }
+        }
+    }
+}
+
+/// The task token's claims (without `iat`, `exp`, `jti`).
+fn task_claims(
+    iss: &str,
+    subject: &Subject,
+    agent: &SpiffeId,
+    audience: &str,
+    scopes: &[String],
+    task_id: &str,
+) -> Map<String, Value> {
+    let mut act = Map::new();
+    act.insert("sub".into(), agent.as_str().into());
+    // RFC 8693 §4.1: a prior actor chain nests beneath the current actor.
+    if let Some(prev) = &subject.act {
+        act.insert("act".into(), prev.clone());
+    }
+    let mut m = Map::new();
+    m.insert("iss".into(), iss.into());
+    m.insert("sub".into(), subject.sub.clone().into());
+    m.insert("act".into(), Value::Object(act));
+    m.insert("aud".into(), audience.into());
+    m.insert("scope".into(), scopes.join(" ").into());
+    m.insert("txn".into(), task_id.into());
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids() {
+        for ok in ["a", "task-1_B", &"x".repeat(128)] {
+            validate_task_id(ok).unwrap();
+        }
+        for bad in ["", "a b", "a/b", "ü", ".", &"x".repeat(129)] {
+            assert!(validate_task_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn scopes() {
+        assert_eq!(parse_scopes("b a  b").unwrap(), ["b", "a"]);
+        assert!(parse_scopes("").is_err());
+        assert!(parse_scopes("   ").is_err());
+        assert!(parse_scopes("a\"b").is_err());
+        assert!(parse_scopes("a\\b").is_err());
+        assert!(parse_scopes("a\tb").is_err());
+        let many: Vec<String> = (0..33).map(|i| format!("s{i}")).collect();
+        assert!(parse_scopes(&many.join(" ")).is_err());
+    }
+}

@@ -1,0 +1,331 @@
+//! Task credentials on the issuance path: a task token (and optionally a task X.509-SVID)
+//! minted for an agent, leased to its task, committed before it is handed out; task
+//! completion; and the checks on tokens Tessera signed (introspection, revocation).
+//!
+//! The exchange rules (subject token, policy, approvals, TTL) are decided before this point by
+//! [`crate::exchange`]; this module only mints what was decided, under the same barrier and
+//! kill list as every other credential.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use super::{IssueError, Issuer, X509Svid, now_ms};
+use crate::audit::{Actor, Event};
+use crate::jose;
+use crate::lease::store::{Op, commit};
+use crate::lease::{Kind, Lease, LeaseId, Revocation, State, TaskClaim};
+use crate::registry::Entry;
+use crate::spiffe_id::SpiffeId;
+
+/// Who holds a task credential, for its lease and audit records.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    /// uid of the agent process.
+    pub uid: u32,
+    /// pid of the agent process.
+    pub pid: i32,
+    /// Its executable, if known.
+    pub exe: Option<Arc<str>>,
+    /// Audit actor.
+    pub actor: Actor,
+}
+
+/// What to mint: decided by the exchange.
+#[derive(Debug)]
+pub struct TaskGrant<'a> {
+    /// The agent.
+    pub holder: Holder,
+    /// The agent's entry.
+    pub entry: Arc<Entry>,
+    /// Task id (already validated).
+    pub task_id: &'a str,
+    /// Lifetime (already capped).
+    pub ttl: Duration,
+    /// Token claims except `iat`, `exp` and `jti`, which are set here.
+    pub claims: Map<String, Value>,
+    /// Also mint a task X.509-SVID.
+    pub x509: bool,
+    /// Extra audit details (subject, audience, scopes, deciding policies).
+    pub audit: Vec<(&'static str, Value)>,
+}
+
+/// What was minted.
+#[derive(Debug)]
+pub struct TaskCredentials {
+    /// Compact JWS.
+    pub token: String,
+    /// Its lease (= `jti`).
+    pub lease_id: LeaseId,
+    /// `iat`.
+    pub issued_at: OffsetDateTime,
+    /// `exp`.
+    pub expires_at: OffsetDateTime,
+    /// Task X.509-SVID, when asked for.
+    pub x509: Option<X509Svid>,
+}
+
+/// A token Tessera signed, with its signature verified.
+#[derive(Debug, Clone)]
+pub struct OwnToken {
+    /// Its claims.
+    pub claims: Map<String, Value>,
+    /// Its lease (`jti`).
+    pub lease_id: LeaseId,
+    /// Active right now: not expired and its lease active.
+    pub active: bool,
+}
+
+/// The SPIFFE ID of a task X.509-SVID: `<agent id>/task/<task id>`.
+pub fn task_spiffe_id(agent: &SpiffeId, task_id: &str) -> Result<SpiffeId, IssueError> {
+    SpiffeId::parse(&format!("{}/task/{task_id}", agent.as_str())).map_err(|e| {
+        IssueError::InvalidArgument(format!(
+            "task X.509-SVID ID for task {task_id:?} is not valid: {e}"
+        ))
+    })
+}
+
+impl Issuer {
+    /// Mints a task token (and task X.509-SVID) for `g`, claiming the task for the agent on
+    /// first use. Nothing is handed out until the leases and the task record are durable.
+    pub async fn issue_task(&self, g: TaskGrant<'_>) -> Result<TaskCredentials, IssueError> {
+        let agent = g.entry.spiffe_id.as_str();
+        let new_task = match self.leases.claim_task(g.task_id, agent, now_ms()) {
+            TaskClaim::New(t) => Some(t),
+            TaskClaim::Existing => None,
+            TaskClaim::Foreign => {
+                return Err(IssueError::TaskConflict(format!(
+                    "task_id {:?} belongs to another agent; use a new task id",
+                    g.task_id
+                )));
+            }
+            TaskClaim::Completed => {
+                return Err(IssueError::TaskConflict(format!(
+                    "task {:?} is complete; it gets no more credentials",
+                    g.task_id
+                )));
+            }
+        };
+        let r = self.mint_task(&g, new_task.clone()).await;
+        if r.is_err()
+            && let Some(t) = &new_task
+        {
+            self.leases.unclaim_task(t);
+        }
+        r
+    }
+
+    async fn mint_task(
+        &self,
+        g: &TaskGrant<'_>,
+        new_task: Option<crate::lease::Task>,
+    ) -> Result<TaskCredentials, IssueError> {
+        let entry = &g.entry;
+        let _shared = self.barrier.read().await;
+        if self.leases.is_killed(&entry.spiffe_id) {
+            return Err(IssueError::Killed(entry.spiffe_id.to_string()));
+        }
+        // Checked under the barrier: completion holds it exclusively, so a token is either
+        // minted before completion (and revoked by it) or refused.
+        if self
+            .leases
+            .task(g.task_id)
+            .is_some_and(|t| t.completed_ms.is_some())
+        {
+            return Err(IssueError::TaskConflict(format!(
+                "task {:?} is complete; it gets no more credentials",
+                g.task_id
+            )));
+        }
+        let now = OffsetDateTime::now_utc();
+        let exp = (now + g.ttl).min(self.ca.not_after());
+        let lease_id = LeaseId::random();
+        let jti = lease_id.to_string();
+        let mut claims = g.claims.clone();
+        claims.insert("iat".into(), now.unix_timestamp().into());
+        claims.insert("exp".into(), exp.unix_timestamp().into());
+        claims.insert("jti".into(), jti.clone().into());
+        let token = self.ca.sign_jwt_claims(&Value::Object(claims))?;
+        let task: Arc<str> = Arc::from(g.task_id);
+        let lease = |id: LeaseId, kind: Kind, spiffe_id: &str, exp: i64| Lease {
+            id,
+            kind,
+            state: State::Active,
+            uid: g.holder.uid,
+            pid: g.holder.pid,
+            issued_at: now.unix_timestamp(),
+            expires_at: exp,
+            spiffe_id: self.leases.intern_identity(spiffe_id),
+            entry_id: Arc::clone(&entry.id),
+            exe: g.holder.exe.clone(),
+            task_id: Some(Arc::clone(&task)),
+            serial: None,
+            revocation: None,
+        };
+        let mut leases = vec![lease(
+            lease_id,
+            Kind::Task,
+            entry.spiffe_id.as_str(),
+            exp.unix_timestamp(),
+        )];
+        let mut ops = Vec::with_capacity(6);
+        if let Some(t) = new_task {
+            ops.push(Op::PutTask(t));
+        }
+        let mut ev = Event::now("exchange", g.holder.actor.clone())
+            .spiffe_id(entry.spiffe_id.as_str())
+            .lease(jti)
+            .detail("kind", Kind::Task.as_str())
+            .detail("task_id", g.task_id)
+            .detail("entry", &*entry.id)
+            .detail("expires_at", exp.unix_timestamp());
+        for (k, v) in &g.audit {
+            ev = ev.detail(k, v.clone());
+        }
+        let x509 = if g.x509 {
+            let id = task_spiffe_id(&entry.spiffe_id, g.task_id)?;
+            let m = self.ca.mint_x509(&id, g.ttl, now)?;
+            let mut l = lease(
+                LeaseId::random(),
+                Kind::X509,
+                id.as_str(),
+                m.not_after.unix_timestamp(),
+            );
+            l.serial = Some(m.serial);
+            let serial = hex::encode(m.serial);
+            ev = ev
+                .detail("x509_lease", l.id.to_string())
+                .detail("x509_serial", serial.clone());
+            let svid = X509Svid {
+                lease_id: l.id,
+                spiffe_id: id,
+                chain_der: m.chain_der,
+                key_pkcs8: m.key_pkcs8.as_ref().to_vec(),
+                serial,
+                not_before: m.not_before,
+                expires_at: m.not_after,
+                ttl: g.ttl,
+                entry: Arc::clone(entry),
+            };
+            leases.push(l);
+            Some(svid)
+        } else {
+            None
+        };
+        for l in &leases {
+            ops.push(Op::PutLease(l.clone()));
+        }
+        ops.push(Op::Audit(ev));
+        self.touch(entry, now_ms(), &mut ops);
+        commit(&*self.store, ops).await?;
+        let n_x509 = u64::from(x509.is_some());
+        for l in leases {
+            self.leases.insert(l);
+        }
+        self.metrics.issued(Kind::Task, 1);
+        if n_x509 > 0 {
+            self.metrics.issued(Kind::X509, n_x509);
+        }
+        Ok(TaskCredentials {
+            token,
+            lease_id,
+            issued_at: now,
+            expires_at: exp,
+            x509,
+        })
+    }
+
+    /// Completes a task: every lease of it is revoked and it gets no more credentials.
+    /// `owner`, when given, must be the task's agent (agents complete their own tasks;
+    /// operators pass `None`). Returns how many leases were revoked. Completing a completed
+    /// task is not an error.
+    pub async fn complete_task(
+        &self,
+        task: &str,
+        owner: Option<&[SpiffeId]>,
+        actor: Actor,
+    ) -> Result<usize, IssueError> {
+        let Some(t) = self.leases.task(task) else {
+            return Err(IssueError::NotFound(format!(
+                "no task {:?}",
+                task.chars().take(128).collect::<String>()
+            )));
+        };
+        if let Some(ids) = owner
+            && !ids.iter().any(|i| i.as_str() == &*t.agent)
+        {
+            return Err(IssueError::NotEntitled(format!("task {task:?}")));
+        }
+        let _excl = self.barrier.write().await;
+        let at_ms = now_ms();
+        let ids = self.leases.active_of_task(task);
+        let rev = Revocation {
+            at_ms,
+            by: actor.label(),
+            reason: "task completed".into(),
+        };
+        let ev = Event::now("complete", actor)
+            .spiffe_id(&*t.agent)
+            .detail("task_id", task)
+            .detail("count", ids.len());
+        commit(
+            &*self.store,
+            vec![
+                Op::CompleteTask {
+                    id: task.to_owned(),
+                    at_ms,
+                    by: rev.by.clone(),
+                },
+                Op::Revoke(ids.clone(), rev.clone()),
+                Op::Audit(ev),
+            ],
+        )
+        .await?;
+        self.leases.complete_task(task, at_ms);
+        Ok(super::control::count_by_kind(
+            &self.metrics,
+            self.leases.revoke(&ids, &Arc::new(rev)),
+        ))
+    }
+
+    /// Verifies that `token` is a JWT Tessera signed (task token or JWT-SVID) and says whether
+    /// it is active. `None` for anything else: malformed, foreign, bad signature, no `jti`.
+    pub fn verify_own_token(&self, token: &str) -> Option<OwnToken> {
+        let jws = jose::decode(token).ok()?;
+        let kid = jws.kid.as_deref()?;
+        let bundle = self.ca.bundle();
+        let key = bundle.jwt_authorities.iter().find(|k| k.kid == kid)?;
+        key.verify(jws.alg, jws.signing_input.as_bytes(), &jws.signature)
+            .ok()?;
+        let lease_id = jws
+            .claims
+            .get("jti")
+            .and_then(Value::as_str)
+            .and_then(LeaseId::parse)?;
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let exp = jws.claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
+        let active = exp > now && self.leases.is_active(&lease_id, now);
+        Some(OwnToken {
+            claims: jws.claims,
+            lease_id,
+            active,
+        })
+    }
+
+    /// The lease behind an active JWT-SVID's `jti`, and the entry that granted it (if the
+    /// entry still exists and is live).
+    pub fn entry_of_lease(&self, id: &LeaseId) -> Option<(Lease, Arc<Entry>)> {
+        let l = self.leases.get(id)?;
+        let now = OffsetDateTime::now_utc();
+        let entries = self.registry.snapshot();
+        let e = entries
+            .iter()
+            .find(|e| e.id == l.entry_id && e.spiffe_id.as_str() == &*l.spiffe_id)?;
+        if !e.is_live(now) || self.is_idle_refused(e, now_ms()) {
+            return None;
+        }
+        Some((l, Arc::clone(e)))
+    }
+}

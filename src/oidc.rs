@@ -1,0 +1,454 @@
+//! Trusted OIDC issuers: validation of the subject tokens agents exchange.
+//!
+//! Owns: each configured issuer's signing keys (from discovery, a `jwks_uri` or a local
+//! `jwks_file`), their refresh (at start, periodically, and on an unknown `kid` with a rate
+//! limit), and token validation: allowed algorithm (never `none` or HS*), signature, `iss`,
+//! `aud`, `exp`, `nbf`, `iat` with a small leeway, and a `sub`.
+//!
+//! Keys are fetched over HTTPS only (plain HTTP only for loopback issuers), without following
+//! redirects, with a size cap and a timeout.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use serde_json::{Map, Value};
+
+use crate::config::{KeySource, OidcIssuerConfig, url_allowed};
+use crate::jose::{self, JoseError, Jwk};
+
+/// Clock skew tolerated on `exp`, `nbf` and `iat`.
+pub const LEEWAY_S: i64 = 30;
+/// An unknown `kid` triggers at most one key fetch per issuer in this period.
+const MIN_REFETCH: Duration = Duration::from_secs(30);
+/// Largest JWKS or discovery document accepted.
+const MAX_DOC_BYTES: usize = 1 << 20;
+/// Validated tokens remembered (by SHA-256) so an agent reusing its user's token does not pay
+/// for a signature check each time. Bounded; expiry is still checked on every use.
+const CACHE_CAP: usize = 100_000;
+
+/// Why a subject token was refused. Messages never contain the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OidcError {
+    /// Structure, algorithm or signature.
+    #[error("{0}")]
+    Jose(#[from] JoseError),
+    /// `iss` is not a configured issuer.
+    #[error("issuer {0:?} is not trusted")]
+    UnknownIssuer(String),
+    /// A required claim is missing or has the wrong type.
+    #[error("claim {0:?} is missing or not valid")]
+    Claim(&'static str),
+    /// Past `exp`.
+    #[error("token has expired")]
+    Expired,
+    /// Before `nbf`, or `iat` in the future.
+    #[error("token is not valid yet")]
+    NotYetValid,
+    /// `aud` has none of the configured audiences.
+    #[error("token audience is not one Tessera accepts")]
+    Audience,
+    /// No key with that `kid` even after refetching the issuer's keys.
+    #[error("no key with kid {0:?} among the issuer's keys")]
+    UnknownKey(String),
+    /// The issuer's keys could not be fetched.
+    #[error("the issuer's keys are unavailable: {0}")]
+    KeysUnavailable(String),
+}
+
+/// A validated subject token.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    /// `iss`.
+    pub iss: String,
+    /// `sub`.
+    pub sub: String,
+    /// `exp`, Unix seconds.
+    pub exp: i64,
+    /// `iss`, `sub` and every other top-level string claim (for policy).
+    pub string_claims: Vec<(String, String)>,
+    /// The token's own `act` claim, to nest beneath ours.
+    pub act: Option<Value>,
+}
+
+struct Trusted {
+    cfg: OidcIssuerConfig,
+    keys: ArcSwap<Vec<Jwk>>,
+    /// Serializes fetches and remembers the last on-demand attempt (rate limit). Scheduled
+    /// refreshes do not count, so a key rotated in just after one is found at once.
+    fetch: tokio::sync::Mutex<Option<Instant>>,
+}
+
+/// The configured issuers.
+pub struct Verifier {
+    issuers: Vec<Arc<Trusted>>,
+    http: reqwest::Client,
+    cache: DashMap<[u8; 32], Arc<Subject>>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field(
+                "issuers",
+                &self
+                    .issuers
+                    .iter()
+                    .map(|t| &t.cfg.issuer)
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses a JWKS document. Keys without a `kid` get their RFC 7638 thumbprint; encryption
+/// keys and key types we cannot verify with are skipped.
+pub fn parse_jwks(doc: &Value) -> Result<Vec<Jwk>, String> {
+    let keys = doc
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or("not a JWKS document (no \"keys\" array)")?;
+    let mut out = Vec::new();
+    for k in keys {
+        if k.get("use")
+            .and_then(Value::as_str)
+            .is_some_and(|u| u != "sig")
+        {
+            continue;
+        }
+        let mut k = k.clone();
+        if k.get("kid").is_none()
+            && let Some(obj) = k.as_object_mut()
+        {
+            obj.insert("kid".into(), "".into());
+            if let Some(j) = Jwk::from_json(&Value::Object(obj.clone())) {
+                obj.insert("kid".into(), Jwk::thumbprint(&j.key).into());
+            }
+        }
+        if let Some(j) = Jwk::from_json(&k) {
+            out.push(j);
+        }
+    }
+    Ok(out)
+}
+
+fn now_s() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+impl Verifier {
+    /// Builds the verifier; keys are not fetched yet (see [`Verifier::refresh_all`]).
+    pub fn new(issuers: &[OidcIssuerConfig]) -> Self {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(5))
+            .user_agent(concat!("tesserad/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("the HTTP client builds with static settings");
+        Self {
+            issuers: issuers
+                .iter()
+                .map(|c| {
+                    Arc::new(Trusted {
+                        cfg: c.clone(),
+                        keys: ArcSwap::from_pointee(Vec::new()),
+                        fetch: tokio::sync::Mutex::new(None),
+                    })
+                })
+                .collect(),
+            http,
+            cache: DashMap::new(),
+        }
+    }
+
+    /// True when no issuer is configured (every exchange fails).
+    pub fn is_empty(&self) -> bool {
+        self.issuers.is_empty()
+    }
+
+    /// Fetches every issuer's keys. Failures are returned per issuer (and logged by the
+    /// caller); an issuer whose keys are unavailable is retried on its next token.
+    pub async fn refresh_all(&self) -> Vec<(String, Result<usize, String>)> {
+        let mut out = Vec::new();
+        for t in &self.issuers {
+            let r = self.refresh(t, true).await;
+            out.push((t.cfg.issuer.clone(), r));
+        }
+        out
+    }
+
+    async fn refresh(&self, t: &Trusted, force: bool) -> Result<usize, String> {
+        let mut last = t.fetch.lock().await;
+        if !force {
+            if last.is_some_and(|at| at.elapsed() < MIN_REFETCH) {
+                return Ok(t.keys.load().len());
+            }
+            *last = Some(Instant::now());
+        }
+        let keys = self.fetch_keys(&t.cfg).await?;
+        let n = keys.len();
+        t.keys.store(Arc::new(keys));
+        Ok(n)
+    }
+
+    async fn get_json(&self, url: &str) -> Result<Value, String> {
+        url_allowed(url)?;
+        let resp = self
+            .http
+            .get(url)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("GET {url}: HTTP {}", resp.status()));
+        }
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_DOC_BYTES as u64)
+        {
+            return Err(format!("GET {url}: document larger than 1 MiB"));
+        }
+        let body = resp.bytes().await.map_err(|e| format!("GET {url}: {e}"))?;
+        if body.len() > MAX_DOC_BYTES {
+            return Err(format!("GET {url}: document larger than 1 MiB"));
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("GET {url}: not JSON ({e})"))
+    }
+
+    async fn fetch_keys(&self, cfg: &OidcIssuerConfig) -> Result<Vec<Jwk>, String> {
+        let doc = match &cfg.keys {
+            KeySource::JwksFile(p) => {
+                let text = tokio::fs::read(p)
+                    .await
+                    .map_err(|e| format!("{}: {e}", p.display()))?;
+                serde_json::from_slice(&text)
+                    .map_err(|e| format!("{}: not JSON ({e})", p.display()))?
+            }
+            KeySource::JwksUri(u) => self.get_json(u).await?,
+            KeySource::Discovery => {
+                let url = format!(
+                    "{}/.well-known/openid-configuration",
+                    cfg.issuer.trim_end_matches('/')
+                );
+                let d = self.get_json(&url).await?;
+                // OpenID Connect Discovery 1.0 §4.3: the document's issuer MUST be identical
+                // to the issuer it was fetched for.
+                if d.get("issuer").and_then(Value::as_str) != Some(cfg.issuer.as_str()) {
+                    return Err(format!(
+                        "{url}: \"issuer\" does not match {:?} exactly",
+                        cfg.issuer
+                    ));
+                }
+                let jwks = d
+                    .get("jwks_uri")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| format!("{url}: no \"jwks_uri\""))?;
+                self.get_json(jwks).await?
+            }
+        };
+        parse_jwks(&doc)
+    }
+
+    /// Validates a subject token.
+    pub async fn validate(&self, token: &str) -> Result<Arc<Subject>, OidcError> {
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes");
+        let now = now_s();
+        if let Some(s) = self.cache.get(&digest) {
+            if now > s.exp + LEEWAY_S {
+                return Err(OidcError::Expired);
+            }
+            return Ok(Arc::clone(&s));
+        }
+        let subject = Arc::new(self.validate_uncached(token, now).await?);
+        if self.cache.len() >= CACHE_CAP {
+            self.cache.retain(|_, s| s.exp + LEEWAY_S >= now);
+            if self.cache.len() >= CACHE_CAP {
+                self.cache.clear();
+            }
+        }
+        self.cache.insert(digest, Arc::clone(&subject));
+        Ok(subject)
+    }
+
+    async fn validate_uncached(&self, token: &str, now: i64) -> Result<Subject, OidcError> {
+        let jws = jose::decode(token)?;
+        let iss = match jws.claims.get("iss") {
+            Some(Value::String(s)) => s.clone(),
+            _ => return Err(OidcError::Claim("iss")),
+        };
+        let t = self
+            .issuers
+            .iter()
+            .find(|t| t.cfg.issuer == iss)
+            .ok_or_else(|| OidcError::UnknownIssuer(iss.chars().take(200).collect()))?;
+        // Keys: the cached set, refetched (rate-limited) when the kid is unknown or no key
+        // has been fetched yet.
+        let mut keys = t.keys.load_full();
+        let has_kid = |keys: &[Jwk]| match &jws.kid {
+            Some(k) => keys.iter().any(|j| &j.kid == k),
+            None => !keys.is_empty(),
+        };
+        if !has_kid(&keys) {
+            if let Err(e) = self.refresh(t, false).await
+                && keys.is_empty()
+            {
+                return Err(OidcError::KeysUnavailable(e));
+            }
+            keys = t.keys.load_full();
+        }
+        let input = jws.signing_input.as_bytes();
+        match &jws.kid {
+            Some(kid) => {
+                let key = keys
+                    .iter()
+                    .find(|j| &j.kid == kid)
+                    .ok_or_else(|| OidcError::UnknownKey(kid.chars().take(64).collect()))?;
+                key.verify(jws.alg, input, &jws.signature)?;
+            }
+            None => {
+                // No kid: some issuers publish one key. Try each that fits the algorithm.
+                let ok = keys
+                    .iter()
+                    .any(|k| k.verify(jws.alg, input, &jws.signature).is_ok());
+                if !ok {
+                    return Err(JoseError::BadSignature.into());
+                }
+            }
+        }
+        check_claims(&jws.claims, &t.cfg.audiences, now)?;
+        let sub = match jws.claims.get("sub") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => return Err(OidcError::Claim("sub")),
+        };
+        let exp = jws.claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
+        let mut string_claims: Vec<(String, String)> = jws
+            .claims
+            .iter()
+            .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
+            .filter(|(k, _)| k != "aud")
+            .collect();
+        // Booleans such as email_verified are useful in policy; pass them as strings.
+        for (k, v) in &jws.claims {
+            if let Value::Bool(b) = v {
+                string_claims.push((k.clone(), b.to_string()));
+            }
+        }
+        Ok(Subject {
+            iss,
+            sub,
+            exp,
+            string_claims,
+            act: jws.claims.get("act").cloned(),
+        })
+    }
+}
+
+/// Time and audience checks (RFC 7519 §4.1, OIDC Core §3.1.3.7).
+fn check_claims(
+    claims: &Map<String, Value>,
+    audiences: &[String],
+    now: i64,
+) -> Result<(), OidcError> {
+    let num = |k: &'static str| -> Result<Option<i64>, OidcError> {
+        match claims.get(k) {
+            None => Ok(None),
+            Some(v) => v
+                .as_i64()
+                .or_else(|| v.as_f64().map(|f| f as i64))
+                .map(Some)
+                .ok_or(OidcError::Claim(k)),
+        }
+    };
+    let exp = num("exp")?.ok_or(OidcError::Claim("exp"))?;
+    if now > exp + LEEWAY_S {
+        return Err(OidcError::Expired);
+    }
+    if num("nbf")?.is_some_and(|nbf| nbf > now + LEEWAY_S) {
+        return Err(OidcError::NotYetValid);
+    }
+    if num("iat")?.is_some_and(|iat| iat > now + LEEWAY_S) {
+        return Err(OidcError::NotYetValid);
+    }
+    let ok = match claims.get("aud") {
+        Some(Value::String(a)) => audiences.contains(a),
+        Some(Value::Array(list)) => list
+            .iter()
+            .any(|a| a.as_str().is_some_and(|a| audiences.iter().any(|x| x == a))),
+        _ => return Err(OidcError::Claim("aud")),
+    };
+    if !ok {
+        return Err(OidcError::Audience);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn claim_checks() {
+        let aud = vec!["tessera".to_owned()];
+        let now = 1_000_000;
+        let ok = json!({"exp": now + 60, "aud": ["x", "tessera"], "iat": now});
+        check_claims(ok.as_object().unwrap(), &aud, now).unwrap();
+        let cases = [
+            (json!({"aud": "tessera"}), OidcError::Claim("exp")),
+            (
+                json!({"exp": now - 31, "aud": "tessera"}),
+                OidcError::Expired,
+            ),
+            (
+                json!({"exp": now + 60, "aud": "other"}),
+                OidcError::Audience,
+            ),
+            (json!({"exp": now + 60}), OidcError::Claim("aud")),
+            (
+                json!({"exp": now + 60, "aud": "tessera", "nbf": now + 100}),
+                OidcError::NotYetValid,
+            ),
+            (
+                json!({"exp": now + 60, "aud": "tessera", "iat": now + 100}),
+                OidcError::NotYetValid,
+            ),
+            (
+                json!({"exp": "soon", "aud": "tessera"}),
+                OidcError::Claim("exp"),
+            ),
+        ];
+        for (c, want) in cases {
+            assert_eq!(
+                check_claims(c.as_object().unwrap(), &aud, now),
+                Err(want),
+                "{c}"
+            );
+        }
+        // Within the leeway.
+        let skew = json!({"exp": now - 10, "aud": "tessera", "nbf": now + 10});
+        check_claims(skew.as_object().unwrap(), &aud, now).unwrap();
+    }
+
+    #[test]
+    fn jwks_parsing_skips_encryption_keys_and_names_kidless_keys() {
+        let doc = json!({"keys": [
+            {"kty": "EC", "crv": "P-256", "use": "enc", "kid": "e",
+             "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+             "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"},
+            {"kty": "EC", "crv": "P-256",
+             "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+             "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"},
+            {"kty": "oct", "kid": "h", "k": "c2VjcmV0"}
+        ]});
+        let keys = parse_jwks(&doc).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].kid, Jwk::thumbprint(&keys[0].key));
+        assert!(parse_jwks(&json!({"nokeys": []})).is_err());
+    }
+}

@@ -1,0 +1,581 @@
+//! Policy as code: Cedar policies decide every token exchange at request time.
+//!
+//! Owns: loading and validating the policy file against the schema, the policy in force
+//! (swapped atomically on reload; a broken file never replaces a good one), and decisions.
+//! Default deny: with no policy file, or no `permit` matching, nothing is allowed; a `forbid`
+//! always wins over a `permit` (Cedar's semantics).
+//!
+//! Names operators write policies against (the shipped schema, `deploy/policy/`):
+//! principal `Tessera::Agent::"<SPIFFE ID>"` with `owner`, `purpose`, `risk` from its entry;
+//! action `Tessera::Action::"exchange"`; resource `Tessera::Audience::"<audience>"`; context
+//! `scope`, `task_id`, `ttl_seconds`, `subject` (`iss`, `sub` and the subject token's other
+//! string claims).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
+    EntityUid, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+
+/// The built-in schema (the same file `deploy/policy/` ships for operators to extend).
+pub const BUILTIN_SCHEMA: &str = include_str!("../deploy/policy/tessera.cedarschema");
+
+/// Largest policy file accepted: a policy set is code people review, not data.
+const MAX_POLICY_BYTES: u64 = 4 << 20;
+
+/// Why a policy could not be loaded. The previous policy stays in force.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// The file could not be read.
+    #[error("policy file {path}: {source}")]
+    Read {
+        /// Path.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// Cedar syntax error.
+    #[error("policy file {path}: {message}")]
+    Parse {
+        /// Path.
+        path: PathBuf,
+        /// Cedar's message (with line and column).
+        message: String,
+    },
+    /// The schema could not be parsed.
+    #[error("policy schema {origin}: {message}")]
+    Schema {
+        /// Path or "built-in".
+        origin: String,
+        /// Cedar's message.
+        message: String,
+    },
+    /// The policies do not type-check against the schema (e.g. a misspelt attribute).
+    #[error("policy file {path} does not validate against the schema: {message}")]
+    Invalid {
+        /// Path.
+        path: PathBuf,
+        /// Every validation error, one per line.
+        message: String,
+    },
+}
+
+/// What one decision needs to know. Built once per exchange; each scope is decided on its own.
+#[derive(Debug, Clone)]
+pub struct Input<'a> {
+    /// The acting agent's SPIFFE ID.
+    pub agent: &'a str,
+    /// Its entry's owner (empty when unset).
+    pub owner: &'a str,
+    /// Its entry's purpose (empty when unset).
+    pub purpose: &'a str,
+    /// Its entry's risk tier, `low`/`medium`/`high` (empty when unset).
+    pub risk: &'a str,
+    /// The audience asked for.
+    pub audience: &'a str,
+    /// The task id.
+    pub task_id: &'a str,
+    /// The lifetime the token would get.
+    pub ttl_seconds: i64,
+    /// `iss`, `sub` and the subject token's other string claims.
+    pub subject: &'a [(String, String)],
+}
+
+/// The outcome for one scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The scope decided.
+    pub scope: String,
+    /// Allowed?
+    pub allowed: bool,
+    /// Ids of the policies that decided it (the `@id` annotation when present).
+    pub policies: Vec<String>,
+    /// Policy evaluation errors (a policy that errors does not apply; Cedar skips it).
+    pub errors: Vec<String>,
+}
+
+struct Loaded {
+    set: PolicySet,
+    /// Cedar's policy id → the id operators see (`@id("...")` or Cedar's).
+    names: HashMap<String, String>,
+    /// Digest of the source, so an unchanged file is not reloaded.
+    digest: [u8; 32],
+    count: usize,
+}
+
+/// The policy in force.
+pub struct Engine {
+    path: Option<PathBuf>,
+    schema: Schema,
+    current: ArcSwap<Loaded>,
+    authorizer: Authorizer,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("path", &self.path)
+            .field("policies", &self.current.load().count)
+            .finish_non_exhaustive()
+    }
+}
+
+fn digest(b: &[u8]) -> [u8; 32] {
+    ring::digest::digest(&ring::digest::SHA256, b)
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
+}
+
+fn type_name(s: &str) -> EntityTypeName {
+    EntityTypeName::from_str(s).expect("static Cedar type names parse")
+}
+
+/// Parses a schema in Cedar's human-readable format.
+fn parse_schema(text: &str, origin: &str) -> Result<Schema, PolicyError> {
+    Schema::from_cedarschema_str(text)
+        .map(|(s, _warnings)| s)
+        .map_err(|e| PolicyError::Schema {
+            origin: origin.into(),
+            message: e.to_string(),
+        })
+}
+
+impl Engine {
+    /// Loads `path` (or nothing: default deny) validated against `schema_path` (or the
+    /// built-in schema).
+    pub fn load(path: Option<&Path>, schema_path: Option<&Path>) -> Result<Self, PolicyError> {
+        let schema = match schema_path {
+            None => parse_schema(BUILTIN_SCHEMA, "built-in")?,
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| PolicyError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                parse_schema(&text, &p.display().to_string())?
+            }
+        };
+        let empty = Loaded {
+            set: PolicySet::new(),
+            names: HashMap::new(),
+            digest: digest(b""),
+            count: 0,
+        };
+        let this = Self {
+            path: path.map(Path::to_owned),
+            schema,
+            current: ArcSwap::from_pointee(empty),
+            authorizer: Authorizer::new(),
+        };
+        if path.is_some() {
+            this.reload()?;
+        }
+        Ok(this)
+    }
+
+    /// The policy file, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Number of policies in force.
+    pub fn len(&self) -> usize {
+        self.current.load().count
+    }
+
+    /// True when no policy is in force (everything is denied).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Parses and validates `text` as the policy file's content.
+    fn compile(&self, text: &str, path: &Path) -> Result<Loaded, PolicyError> {
+        let set = PolicySet::from_str(text).map_err(|e| PolicyError::Parse {
+            path: path.to_owned(),
+            message: miette_free(&e),
+        })?;
+        let result = Validator::new(self.schema.clone()).validate(&set, ValidationMode::Strict);
+        if !result.validation_passed() {
+            let message = result
+                .validation_errors()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n");
+            return Err(PolicyError::Invalid {
+                path: path.to_owned(),
+                message,
+            });
+        }
+        let mut names = HashMap::new();
+        let mut count = 0;
+        for p in set.policies() {
+            count += 1;
+            let name = p
+                .annotation("id")
+                .map_or_else(|| p.id().to_string(), str::to_owned);
+            names.insert(p.id().to_string(), name);
+        }
+        Ok(Loaded {
+            set,
+            names,
+            digest: digest(text.as_bytes()),
+            count,
+        })
+    }
+
+    /// Re-reads the policy file. On any error the policy in force is kept and the error
+    /// returned for the caller to report. Returns `Ok(None)` when the file is unchanged.
+    pub fn reload(&self) -> Result<Option<usize>, PolicyError> {
+        let Some(path) = &self.path else {
+            return Ok(None);
+        };
+        let read_err = |source| PolicyError::Read {
+            path: path.clone(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(read_err)?;
+        if meta.len() > MAX_POLICY_BYTES {
+            return Err(PolicyError::Read {
+                path: path.clone(),
+                source: std::io::Error::other(format!(
+                    "larger than {} MiB",
+                    MAX_POLICY_BYTES >> 20
+                )),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read_err)?;
+        if digest(text.as_bytes()) == self.current.load().digest && !self.is_empty() {
+            return Ok(None);
+        }
+        let loaded = self.compile(&text, path)?;
+        let n = loaded.count;
+        self.current.store(Arc::new(loaded));
+        Ok(Some(n))
+    }
+
+    /// Decides each scope on its own. The result has one [`Decision`] per scope, in order.
+    pub fn decide(&self, input: &Input<'_>, scopes: &[String]) -> Vec<Decision> {
+        let loaded = self.current.load();
+        let deny_all = |reason: &str| {
+            scopes
+                .iter()
+                .map(|s| Decision {
+                    scope: s.clone(),
+                    allowed: false,
+                    policies: Vec::new(),
+                    errors: vec![reason.to_owned()],
+                })
+                .collect()
+        };
+        if loaded.count == 0 {
+            return deny_all("no policy in force (default deny)");
+        }
+        let principal = EntityUid::from_type_name_and_id(
+            type_name("Tessera::Agent"),
+            EntityId::new(input.agent),
+        );
+        let action = EntityUid::from_type_name_and_id(
+            type_name("Tessera::Action"),
+            EntityId::new("exchange"),
+        );
+        let resource = EntityUid::from_type_name_and_id(
+            type_name("Tessera::Audience"),
+            EntityId::new(input.audience),
+        );
+        let attrs = HashMap::from([
+            (
+                "owner".to_owned(),
+                RestrictedExpression::new_string(input.owner.to_owned()),
+            ),
+            (
+                "purpose".to_owned(),
+                RestrictedExpression::new_string(input.purpose.to_owned()),
+            ),
+            (
+                "risk".to_owned(),
+                RestrictedExpression::new_string(input.risk.to_owned()),
+            ),
+        ]);
+        let entities = Entity::new(principal.clone(), attrs, HashSet::new())
+            .map_err(|e| e.to_string())
+            .and_then(|agent| {
+                Entities::from_entities(
+                    [
+                        agent,
+                        Entity::new_no_attrs(resource.clone(), HashSet::new()),
+                    ],
+                    None,
+                )
+                .map_err(|e| e.to_string())
+            });
+        let entities = match entities {
+            Ok(e) => e,
+            Err(e) => return deny_all(&format!("cannot build the request: {e}")),
+        };
+        let subject = RestrictedExpression::new_record(
+            input
+                .subject
+                .iter()
+                .map(|(k, v)| (k.clone(), RestrictedExpression::new_string(v.clone()))),
+        );
+        let subject = match subject {
+            Ok(s) => s,
+            Err(e) => return deny_all(&format!("cannot build the subject record: {e}")),
+        };
+        scopes
+            .iter()
+            .map(|scope| {
+                let context = Context::from_pairs([
+                    (
+                        "scope".to_owned(),
+                        RestrictedExpression::new_string(scope.clone()),
+                    ),
+                    (
+                        "task_id".to_owned(),
+                        RestrictedExpression::new_string(input.task_id.to_owned()),
+                    ),
+                    (
+                        "ttl_seconds".to_owned(),
+                        RestrictedExpression::new_long(input.ttl_seconds),
+                    ),
+                    ("subject".to_owned(), subject.clone()),
+                ]);
+                let request = context.map_err(|e| e.to_string()).and_then(|c| {
+                    Request::new(principal.clone(), action.clone(), resource.clone(), c, None)
+                        .map_err(|e| e.to_string())
+                });
+                match request {
+                    Err(e) => Decision {
+                        scope: scope.clone(),
+                        allowed: false,
+                        policies: Vec::new(),
+                        errors: vec![e],
+                    },
+                    Ok(r) => {
+                        let resp = self.authorizer.is_authorized(&r, &loaded.set, &entities);
+                        let d = resp.diagnostics();
+                        Decision {
+                            scope: scope.clone(),
+                            allowed: resp.decision() == CedarDecision::Allow,
+                            policies: d
+                                .reason()
+                                .map(|id| {
+                                    let id = id.to_string();
+                                    loaded.names.get(&id).cloned().unwrap_or(id)
+                                })
+                                .collect(),
+                            errors: d.errors().map(ToString::to_string).collect(),
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// Cedar's parse errors render their detail through `Display` of each error; collect them
+/// into one line per error so logs and `--check-config` stay readable.
+fn miette_free(e: &cedar_policy::ParseErrors) -> String {
+    e.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Reloads the policy when its file changes or on demand (SIGHUP).
+///
+/// Changes are debounced: the file must stay the same (size, mtime) for `settle` before it is
+/// read, so an editor's half-written save is not loaded. A file that fails to load is
+/// reported once per change and the previous policy stays in force.
+pub async fn watch(
+    engine: Arc<Engine>,
+    mut hup: tokio::sync::mpsc::Receiver<()>,
+    mut sd: crate::shutdown::Shutdown,
+    poll: Duration,
+    settle: Duration,
+    on_result: impl Fn(Result<Option<usize>, &PolicyError>) + Send + 'static,
+) {
+    let Some(path) = engine.path().map(Path::to_owned) else {
+        // No file: nothing to watch; SIGHUP has nothing to reload.
+        sd.wait().await;
+        return;
+    };
+    let stamp = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok(), file_inode(&m)))
+    };
+    let mut seen = stamp(&path);
+    let mut tick = tokio::time::interval(poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            () = sd.wait() => return,
+            h = hup.recv() => { if h.is_none() { return; } true }
+            _ = tick.tick() => false,
+        };
+        let now = stamp(&path);
+        if !forced && now == seen {
+            continue;
+        }
+        // Wait until the file stops changing.
+        let mut last = now;
+        loop {
+            tokio::select! {
+                () = sd.wait() => return,
+                () = tokio::time::sleep(settle) => {}
+            }
+            let again = stamp(&path);
+            if again == last {
+                break;
+            }
+            last = again;
+        }
+        seen = last;
+        let engine = Arc::clone(&engine);
+        let r = tokio::task::spawn_blocking(move || engine.reload())
+            .await
+            .unwrap_or(Ok(None));
+        match &r {
+            Ok(n) => on_result(Ok(*n)),
+            Err(e) => on_result(Err(e)),
+        }
+        if forced && matches!(r, Ok(None)) {
+            on_result(Ok(None));
+        }
+    }
+}
+
+fn file_inode(m: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    m.ino()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input<'a>(subject: &'a [(String, String)], risk: &'a str) -> Input<'a> {
+        Input {
+            agent: "spiffe://td/agent/a",
+            owner: "team-a",
+            purpose: "tests",
+            risk,
+            audience: "https://tools.example/api",
+            task_id: "t1",
+            ttl_seconds: 300,
+            subject,
+        }
+    }
+
+    fn engine(text: &str) -> Result<Engine, PolicyError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.cedar");
+        std::fs::write(&p, text).unwrap();
+        let e = Engine::load(Some(&p), None);
+        drop(dir);
+        e
+    }
+
+    #[test]
+    fn default_deny_without_policies() {
+        let e = Engine::load(None, None).unwrap();
+        let subj = vec![("iss".into(), "i".into()), ("sub".into(), "u".into())];
+        let d = e.decide(&input(&subj, "low"), &["read".into()]);
+        assert!(!d[0].allowed);
+    }
+
+    #[test]
+    fn each_scope_decided_alone_and_forbid_wins() {
+        let e = engine(
+            r#"
+            @id("readers")
+            permit(principal, action == Tessera::Action::"exchange", resource)
+              when { context.scope == "read" || context.scope == "write" };
+            @id("no-writes-for-high-risk")
+            forbid(principal, action, resource)
+              when { context.scope == "write" && principal.risk == "high" };
+            "#,
+        )
+        .unwrap();
+        assert_eq!(e.len(), 2);
+        let subj = vec![("iss".into(), "i".into()), ("sub".into(), "u".into())];
+        let scopes = ["read".to_owned(), "write".to_owned(), "admin".to_owned()];
+        let d = e.decide(&input(&subj, "low"), &scopes);
+        assert_eq!(
+            d.iter().map(|d| d.allowed).collect::<Vec<_>>(),
+            [true, true, false]
+        );
+        assert_eq!(d[0].policies, ["readers"]);
+        let d = e.decide(&input(&subj, "high"), &scopes);
+        assert_eq!(
+            d.iter().map(|d| d.allowed).collect::<Vec<_>>(),
+            [true, false, false]
+        );
+        assert_eq!(d[1].policies, ["no-writes-for-high-risk"]);
+    }
+
+    #[test]
+    fn subject_claims_and_ttl_reach_the_context() {
+        let e = engine(
+            r#"permit(principal, action, resource)
+                 when { context.subject has email && context.subject.email like "*@example.com"
+                        && context.ttl_seconds <= 600 };"#,
+        )
+        .unwrap();
+        let ok = vec![
+            ("iss".into(), "i".into()),
+            ("sub".into(), "u".into()),
+            ("email".into(), "ann@example.com".into()),
+        ];
+        let bad = vec![("iss".into(), "i".into()), ("sub".into(), "u".into())];
+        assert!(e.decide(&input(&ok, "low"), &["x".into()])[0].allowed);
+        assert!(!e.decide(&input(&bad, "low"), &["x".into()])[0].allowed);
+        let mut long = input(&ok, "low");
+        long.ttl_seconds = 601;
+        assert!(!e.decide(&long, &["x".into()])[0].allowed);
+    }
+
+    #[test]
+    fn broken_or_invalid_files_are_refused() {
+        assert!(matches!(
+            engine("permit(principal, action, resource"),
+            Err(PolicyError::Parse { .. })
+        ));
+        // Type error against the schema: `principal.team` does not exist.
+        assert!(matches!(
+            engine(r#"permit(principal, action, resource) when { principal.team == "x" };"#),
+            Err(PolicyError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn shipped_example_validates() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/policy/tessera.cedar");
+        let e = Engine::load(Some(&p), None).unwrap();
+        assert_eq!(e.len(), 4);
+    }
+
+    #[test]
+    fn reload_keeps_the_previous_policy_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.cedar");
+        std::fs::write(&p, "permit(principal, action, resource);").unwrap();
+        let e = Engine::load(Some(&p), None).unwrap();
+        assert_eq!(e.reload().unwrap(), None, "unchanged file is not reloaded");
+        std::fs::write(&p, "permit(principal, action, resource").unwrap();
+        assert!(e.reload().is_err());
+        let subj = vec![("iss".into(), "i".into()), ("sub".into(), "u".into())];
+        assert!(e.decide(&input(&subj, "low"), &["x".into()])[0].allowed);
+        std::fs::write(&p, "forbid(principal, action, resource);").unwrap();
+        assert_eq!(e.reload().unwrap(), Some(1));
+        assert!(!e.decide(&input(&subj, "low"), &["x".into()])[0].allowed);
+    }
+}

@@ -1,0 +1,1024 @@
+//! Task credentials end to end: a real OIDC issuer started here (real RSA and P-256 keys,
+//! discovery and JWKS over loopback HTTP), the real daemon, RFC 8693 exchanges over HTTP and
+//! gRPC, Cedar policy (with reloads), approvals, introspection, revocation, completion and the
+//! kill switch. Issued tokens are checked with the `jsonwebtoken` crate, not our own code.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use common::{Daemon, form, http_get, http_post, my_uid, open_tempdir};
+use ring::signature::{self, KeyPair};
+use serde_json::{Value, json};
+use tessera::proto::tessera::v1 as pb;
+
+const TT_ID: &str = "urn:ietf:params:oauth:token-type:id_token";
+const TT_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+const GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const TICKETS: &str = "https://tickets.example";
+
+const POLICY: &str = r#"
+@id("read-tickets")
+permit(principal, action == Tessera::Action::"exchange", resource == Tessera::Audience::"https://tickets.example")
+when { context.scope == "tickets:read" && context.subject has email && context.subject.email like "*@example.com" };
+
+@id("write-short")
+permit(principal, action == Tessera::Action::"exchange", resource == Tessera::Audience::"https://tickets.example")
+when { context.scope == "tickets:write" && context.ttl_seconds <= 120 };
+
+@id("never-delete")
+forbid(principal, action, resource) when { context.scope == "tickets:delete" };
+"#;
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// A minimal OIDC issuer: discovery and JWKS over loopback HTTP, with an RSA key (RS256) and
+/// a P-256 key (ES256); signs whatever the test asks.
+struct Idp {
+    issuer: String,
+    rsa: signature::RsaKeyPair,
+    ec: signature::EcdsaKeyPair,
+    /// Keys published at /jwks (tests add keys to simulate rotation).
+    jwks: Arc<Mutex<Vec<Value>>>,
+    /// How many times /jwks was fetched.
+    fetches: Arc<AtomicUsize>,
+    rng: ring::rand::SystemRandom,
+}
+
+fn rsa_key() -> signature::RsaKeyPair {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("rsa.der");
+    let st = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-outform",
+            "DER",
+            "-out",
+        ])
+        .arg(&p)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is installed (.ci/run installs it)");
+    assert!(st.success());
+    // OpenSSL writes PKCS#8 or PKCS#1 DER depending on its version.
+    let der = std::fs::read(&p).unwrap();
+    signature::RsaKeyPair::from_pkcs8(&der)
+        .or_else(|_| signature::RsaKeyPair::from_der(&der))
+        .unwrap()
+}
+
+impl Idp {
+    async fn start() -> Self {
+        let rng = ring::rand::SystemRandom::new();
+        let rsa = rsa_key();
+        let ec_doc = signature::EcdsaKeyPair::generate_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &rng,
+        )
+        .unwrap();
+        let ec = signature::EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            ec_doc.as_ref(),
+            &rng,
+        )
+        .unwrap();
+        let pubkey: ring::rsa::PublicKeyComponents<Vec<u8>> = rsa.public().into();
+        let rsa_jwk = json!({
+            "kty": "RSA", "kid": "rsa-1", "use": "sig", "alg": "RS256",
+            "n": B64.encode(&pubkey.n),
+            "e": B64.encode(&pubkey.e),
+        });
+        let p = ec.public_key().as_ref();
+        let ec_jwk = json!({
+            "kty": "EC", "crv": "P-256", "kid": "ec-1", "use": "sig", "alg": "ES256",
+            "x": B64.encode(&p[1..33]), "y": B64.encode(&p[33..65]),
+        });
+        let jwks = Arc::new(Mutex::new(vec![rsa_jwk, ec_jwk]));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer = format!("http://{}", listener.local_addr().unwrap());
+        let (iss, keys, count) = (issuer.clone(), Arc::clone(&jwks), Arc::clone(&fetches));
+        let app = axum::Router::new()
+            .route(
+                "/.well-known/openid-configuration",
+                axum::routing::get(move || {
+                    let iss = iss.clone();
+                    async move {
+                        axum::Json(json!({
+                            "issuer": iss,
+                            "jwks_uri": format!("{iss}/jwks"),
+                            "id_token_signing_alg_values_supported": ["RS256", "ES256"],
+                        }))
+                    }
+                }),
+            )
+            .route(
+                "/jwks",
+                axum::routing::get(move || {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let k = keys.lock().unwrap().clone();
+                    async move { axum::Json(json!({ "keys": k })) }
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self {
+            issuer,
+            rsa,
+            ec,
+            jwks,
+            fetches,
+            rng,
+        }
+    }
+
+    fn claims(&self, sub: &str) -> Value {
+        json!({
+            "iss": self.issuer, "sub": sub, "aud": "tessera",
+            "email": format!("{sub}@example.com"), "iat": now(), "exp": now() + 600,
+        })
+    }
+
+    /// Signs `claims` with `alg` (RS256, ES256, or a forgery: none, HS256).
+    fn sign(&self, alg: &str, kid: Option<&str>, claims: &Value) -> String {
+        let mut h = json!({"alg": alg, "typ": "JWT"});
+        if let Some(k) = kid {
+            h["kid"] = k.into();
+        }
+        let input = format!(
+            "{}.{}",
+            B64.encode(h.to_string()),
+            B64.encode(claims.to_string())
+        );
+        let sig = match alg {
+            "RS256" => {
+                let mut sig = vec![0; self.rsa.public().modulus_len()];
+                self.rsa
+                    .sign(
+                        &signature::RSA_PKCS1_SHA256,
+                        &self.rng,
+                        input.as_bytes(),
+                        &mut sig,
+                    )
+                    .unwrap();
+                sig
+            }
+            "ES256" => self
+                .ec
+                .sign(&self.rng, input.as_bytes())
+                .unwrap()
+                .as_ref()
+                .to_vec(),
+            "HS256" => {
+                let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"tessera");
+                ring::hmac::sign(&k, input.as_bytes()).as_ref().to_vec()
+            }
+            _ => Vec::new(),
+        };
+        format!("{input}.{}", B64.encode(sig))
+    }
+
+    fn token(&self, sub: &str) -> String {
+        self.sign("RS256", Some("rsa-1"), &self.claims(sub))
+    }
+}
+
+/// Starts the daemon trusting `idp`, with `POLICY` (or `policy`) in force and two agent
+/// entries for this uid: `agents/a` (default) and `agents/b`.
+fn daemon(idp: &Idp, policy: &str, agent_extra: &str, extra: &str) -> Daemon {
+    let dir = open_tempdir();
+    let policy_path = dir.path().join("policy.cedar");
+    std::fs::write(&policy_path, policy).unwrap();
+    let uid = my_uid();
+    Daemon::start_in(
+        dir,
+        &format!(
+            "policy.file = {policy_path:?}\n{extra}\n\
+             [[oidc_issuers]]\nissuer = {iss:?}\naudiences = [\"tessera\"]\n\
+             [[entries]]\nspiffe_id = \"spiffe://tessera.internal/agents/a\"\nselectors = [\"unix:uid:{uid}\"]\nowner = \"platform\"\n{agent_extra}\n\
+             [[entries]]\nspiffe_id = \"spiffe://tessera.internal/agents/b\"\nselectors = [\"unix:uid:{uid}\"]\n",
+            iss = idp.issuer
+        ),
+    )
+}
+
+fn issuer_url(d: &Daemon) -> String {
+    format!("http://{}", d.http)
+}
+
+/// The agent's JWT-SVID for Tessera's issuer (its actor token), from the spiffe crate's client.
+async fn actor_token(d: &Daemon, agent: &str) -> String {
+    let c = d.client().await;
+    let id: spiffe::SpiffeId = format!("spiffe://tessera.internal/agents/{agent}")
+        .parse()
+        .unwrap();
+    c.fetch_jwt_svid(&[issuer_url(d)], Some(&id))
+        .await
+        .unwrap()
+        .token()
+        .to_owned()
+}
+
+/// POSTs a token exchange: (status, JSON body).
+fn exchange(d: &Daemon, fields: &[(&str, &str)]) -> (u16, Value) {
+    let (code, head, body) = http_post(
+        d.http,
+        "/token",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        &form(fields),
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("cache-control: no-store"),
+        "{head}"
+    );
+    (code, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+fn base_fields<'a>(
+    subject: &'a str,
+    actor: &'a str,
+    task: &'a str,
+    scope: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("grant_type", GRANT),
+        ("subject_token", subject),
+        ("subject_token_type", TT_ID),
+        ("actor_token", actor),
+        ("actor_token_type", TT_JWT),
+        ("audience", TICKETS),
+        ("scope", scope),
+        ("task_id", task),
+    ]
+}
+
+fn post_auth(d: &Daemon, path: &str, bearer: Option<&str>, token: &str) -> (u16, Value) {
+    let auth = bearer.map(|b| format!("Bearer {b}"));
+    let mut headers = vec![("Content-Type", "application/x-www-form-urlencoded")];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a.as_str()));
+    }
+    let (code, _, body) = http_post(d.http, path, &headers, &form(&[("token", token)]));
+    (code, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+/// Verifies a task token with the `jsonwebtoken` crate against Tessera's published JWKS.
+fn verify_independently(d: &Daemon, token: &str) -> Value {
+    let (code, body) = http_get(d.http, "/jwks");
+    assert_eq!(code, 200);
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&body).unwrap();
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    let jwk = set
+        .find(header.kid.as_deref().unwrap())
+        .expect("kid is in /jwks");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.set_audience(&[TICKETS]);
+    v.set_issuer(&[issuer_url(d)]);
+    jsonwebtoken::decode::<Value>(token, &key, &v)
+        .unwrap()
+        .claims
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_exchange_full_flow() {
+    let idp = Idp::start().await;
+    let d = daemon(&idp, POLICY, "", "");
+    let iss = issuer_url(&d);
+
+    // Discovery lists every endpoint under the issuer.
+    for path in [
+        "/.well-known/openid-configuration",
+        "/.well-known/oauth-authorization-server",
+    ] {
+        let (code, body) = http_get(d.http, path);
+        assert_eq!(code, 200);
+        let doc: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(doc["issuer"], iss);
+        for (k, suffix) in [
+            ("jwks_uri", "/jwks"),
+            ("token_endpoint", "/token"),
+            ("introspection_endpoint", "/introspect"),
+            ("revocation_endpoint", "/revoke"),
+        ] {
+            assert_eq!(doc[k], format!("{iss}{suffix}"), "{k}");
+        }
+        assert_eq!(doc["grant_types_supported"], json!([GRANT]));
+    }
+
+    let actor = actor_token(&d, "a").await;
+    let subject = idp.token("alice");
+    let (code, r) = exchange(&d, &base_fields(&subject, &actor, "task-1", "tickets:read"));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(
+        r["issued_token_type"],
+        "urn:ietf:params:oauth:token-type:access_token"
+    );
+    assert_eq!(r["token_type"], "Bearer");
+    assert_eq!(r["scope"], "tickets:read");
+    let expires_in = r["expires_in"].as_u64().unwrap();
+    assert!(
+        (295..=300).contains(&expires_in),
+        "default 5 minutes, got {expires_in}"
+    );
+    let token = r["access_token"].as_str().unwrap().to_owned();
+
+    let c = verify_independently(&d, &token);
+    assert_eq!(c["iss"], iss);
+    assert_eq!(c["sub"], "alice");
+    assert_eq!(
+        c["act"],
+        json!({"sub": "spiffe://tessera.internal/agents/a"})
+    );
+    assert_eq!(c["aud"], TICKETS);
+    assert_eq!(c["scope"], "tickets:read");
+    assert_eq!(c["txn"], "task-1");
+    assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 300);
+    let jti = c["jti"].as_str().unwrap().to_owned();
+
+    // The token is a lease of the task, listed for operators.
+    let out = d.cli(&["--json", "lease", "list", "--task", "task-1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let leases: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(leases.as_array().unwrap().len(), 1);
+    assert_eq!(leases[0]["id"], jti);
+    assert_eq!(leases[0]["kind"], "task-token");
+
+    // An ES256 subject token with a prior actor: the chain nests beneath the agent.
+    let mut claims = idp.claims("bob");
+    claims["act"] = json!({"sub": "pipeline-7"});
+    let subject2 = idp.sign("ES256", Some("ec-1"), &claims);
+    let mut f = base_fields(&subject2, &actor, "task-1", "tickets:read tickets:write");
+    f.push(("expires_in", "60"));
+    let (code, r2) = exchange(&d, &f);
+    assert_eq!(code, 200, "{r2}");
+    assert!(r2["expires_in"].as_u64().unwrap() <= 60);
+    let c2 = verify_independently(&d, r2["access_token"].as_str().unwrap());
+    assert_eq!(
+        c2["act"],
+        json!({"sub": "spiffe://tessera.internal/agents/a", "act": {"sub": "pipeline-7"}})
+    );
+    assert_eq!(c2["scope"], "tickets:read tickets:write");
+
+    // Introspection needs an authenticated caller.
+    let (code, _) = post_auth(&d, "/introspect", None, &token);
+    assert_eq!(code, 401);
+    let (code, _) = post_auth(&d, "/introspect", Some("not-a-jwt"), &token);
+    assert_eq!(code, 401);
+    let relying_party = actor_token(&d, "b").await;
+    let (code, i) = post_auth(&d, "/introspect", Some(&relying_party), &token);
+    assert_eq!(code, 200);
+    assert_eq!(i["active"], true, "{i}");
+    assert_eq!(i["sub"], "alice");
+    assert_eq!(i["scope"], "tickets:read");
+    assert_eq!(i["client_id"], "spiffe://tessera.internal/agents/a");
+    assert_eq!(i["jti"], jti);
+    let (_, i) = post_auth(&d, "/introspect", Some(&relying_party), "garbage");
+    assert_eq!(i, json!({"active": false}));
+
+    // Revocation: only the agent the token was issued to; unknown tokens are fine (200).
+    let (code, e) = post_auth(&d, "/revoke", Some(&relying_party), &token);
+    assert_eq!(
+        (code, e["error"].as_str()),
+        (400, Some("unauthorized_client"))
+    );
+    let (code, _) = post_auth(&d, "/revoke", Some(&actor), "garbage");
+    assert_eq!(code, 200);
+    let (code, _) = post_auth(&d, "/revoke", Some(&actor), &token);
+    assert_eq!(code, 200);
+    let (_, i) = post_auth(&d, "/introspect", Some(&relying_party), &token);
+    assert_eq!(i, json!({"active": false}));
+    // The other token of the task is untouched.
+    let (_, i) = post_auth(
+        &d,
+        "/introspect",
+        Some(&relying_party),
+        r2["access_token"].as_str().unwrap(),
+    );
+    assert_eq!(i["active"], true);
+
+    // The audit log has the exchange with the deciding policy.
+    let audit = std::fs::read_to_string(d.data_dir.join("audit.jsonl")).unwrap();
+    let ev: Value = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["event"] == "exchange" && e["lease_id"] == jti)
+        .expect("exchange audited");
+    assert_eq!(ev["detail"]["policies"], json!(["read-tickets"]), "{ev}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_are_rfc_errors_and_change_nothing() {
+    let idp = Idp::start().await;
+    let d = daemon(&idp, POLICY, "", "");
+    let actor = actor_token(&d, "a").await;
+    let good = idp.token("alice");
+    let mut c = idp.claims("alice");
+
+    let expired = {
+        c["exp"] = (now() - 120).into();
+        c["iat"] = (now() - 720).into();
+        idp.sign("RS256", Some("rsa-1"), &c)
+    };
+    let mut wrong_iss = idp.claims("alice");
+    wrong_iss["iss"] = "https://evil.example".into();
+    let wrong_iss = idp.sign("RS256", Some("rsa-1"), &wrong_iss);
+    let mut wrong_aud = idp.claims("alice");
+    wrong_aud["aud"] = "someone-else".into();
+    let wrong_aud = idp.sign("RS256", Some("rsa-1"), &wrong_aud);
+    let unknown_kid = idp.sign("RS256", Some("rsa-9"), &idp.claims("alice"));
+    let alg_none = idp.sign("none", Some("rsa-1"), &idp.claims("alice"));
+    let hs256 = idp.sign("HS256", Some("rsa-1"), &idp.claims("alice"));
+    let mut tampered = good.clone();
+    tampered.insert(good.find('.').unwrap() + 2, 'x');
+    // A JWT-SVID for the wrong audience is not an actor token.
+    let client = d.client().await;
+    let wrong_aud_svid = client
+        .fetch_jwt_svid(&["https://not-tessera"], None)
+        .await
+        .unwrap()
+        .token()
+        .to_owned();
+
+    let fetches_before = idp.fetches.load(Ordering::SeqCst);
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "expired subject",
+            base_fields(&expired, &actor, "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "wrong issuer",
+            base_fields(&wrong_iss, &actor, "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "wrong audience",
+            base_fields(&wrong_aud, &actor, "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "unknown key",
+            base_fields(&unknown_kid, &actor, "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "alg none",
+            base_fields(&alg_none, &actor, "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "HS256",
+            base_fields(&hs256, &actor, "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "bad signature",
+            base_fields(&tampered, &actor, "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "missing actor token",
+            base_fields(&good, "", "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "invalid actor token",
+            base_fields(&good, "abc.def.ghi", "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "actor token for another audience",
+            base_fields(&good, &wrong_aud_svid, "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "subject token as actor",
+            base_fields(&good, &good, "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "missing task_id",
+            base_fields(&good, &actor, "", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "bad task_id",
+            base_fields(&good, &actor, "a/b", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "missing scope",
+            base_fields(&good, &actor, "t1", ""),
+            "invalid_request",
+        ),
+        (
+            "denied scope",
+            base_fields(&good, &actor, "t1", "tickets:read tickets:delete"),
+            "invalid_scope",
+        ),
+        (
+            "unknown scope",
+            base_fields(&good, &actor, "t1", "tickets:admin"),
+            "invalid_scope",
+        ),
+        (
+            "ttl too long for policy",
+            base_fields(&good, &actor, "t1", "tickets:write"),
+            "invalid_scope",
+        ),
+    ];
+    for (name, fields, want) in &cases {
+        let (code, r) = exchange(&d, fields);
+        assert_eq!(code, 400, "{name}: {r}");
+        assert_eq!(
+            r["error"].as_str().unwrap_or_default(),
+            *want,
+            "{name}: {r}"
+        );
+        assert!(
+            !r["error_description"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty(),
+            "{name}"
+        );
+        assert!(!r.to_string().contains(&good), "{name}: no token echoed");
+    }
+    // Denied scopes are named, and only those.
+    let (_, r) = exchange(
+        &d,
+        &base_fields(&good, &actor, "t1", "tickets:read tickets:delete"),
+    );
+    assert_eq!(r["denied_scopes"], json!(["tickets:delete"]));
+    assert!(
+        r["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("tickets:delete")
+    );
+    // The unknown kid caused at most one (rate-limited) refetch of the issuer's keys.
+    let after = idp.fetches.load(Ordering::SeqCst);
+    assert!(after - fetches_before <= 1, "{fetches_before} -> {after}");
+
+    // Malformed requests.
+    let mut f = base_fields(&good, &actor, "t1", "tickets:read");
+    f[0].1 = "client_credentials";
+    assert_eq!(exchange(&d, &f).1["error"], "unsupported_grant_type");
+    let mut f = base_fields(&good, &actor, "t1", "tickets:read");
+    f.push(("audience", "https://other"));
+    assert_eq!(exchange(&d, &f).1["error"], "invalid_request");
+    let mut f = base_fields(&good, &actor, "t1", "tickets:read");
+    f[2].1 = "urn:x:unknown";
+    assert_eq!(exchange(&d, &f).1["error"], "invalid_request");
+    let (code, _, body) = http_post(
+        d.http,
+        "/token",
+        &[("Content-Type", "application/json")],
+        b"{}",
+    );
+    assert_eq!(code, 400);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["error"],
+        "invalid_request"
+    );
+
+    // Nothing was issued by any refusal, and no task was claimed: agent b can take t1.
+    let out = d.cli(&["--json", "lease", "list", "--kind", "task-token"]);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        json!([])
+    );
+    let actor_b = actor_token(&d, "b").await;
+    let (code, r) = exchange(&d, &base_fields(&good, &actor_b, "t1", "tickets:read"));
+    assert_eq!(code, 200, "{r}");
+    // Now t1 is b's: a cannot use it.
+    let (code, r) = exchange(&d, &base_fields(&good, &actor, "t1", "tickets:read"));
+    assert_eq!(
+        (code, r["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{r}"
+    );
+    assert!(
+        r["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("another agent")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotated_issuer_keys_are_fetched_on_first_sight_with_a_rate_limit() {
+    let idp = Idp::start().await;
+    let d = daemon(&idp, POLICY, "", "");
+    let actor = actor_token(&d, "a").await;
+    // Wait for the start-up fetch, then rotate: the issuer publishes its key under a new kid.
+    let (code, _) = exchange(
+        &d,
+        &base_fields(&idp.token("a1"), &actor, "r1", "tickets:read"),
+    );
+    assert_eq!(code, 200);
+    let before = idp.fetches.load(Ordering::SeqCst);
+    let mut rotated = idp.jwks.lock().unwrap()[0].clone();
+    rotated["kid"] = "rsa-2".into();
+    idp.jwks.lock().unwrap().push(rotated);
+    let t = idp.sign("RS256", Some("rsa-2"), &idp.claims("a1"));
+    let (code, r) = exchange(&d, &base_fields(&t, &actor, "r1", "tickets:read"));
+    assert_eq!(code, 200, "new kid fetched on first sight: {r}");
+    assert_eq!(idp.fetches.load(Ordering::SeqCst), before + 1);
+    // Unknown kids right after do not make the daemon hammer the issuer.
+    for i in 0..5 {
+        let t = idp.sign("RS256", Some(&format!("nope-{i}")), &idp.claims("a1"));
+        let (_, r) = exchange(&d, &base_fields(&t, &actor, "r1", "tickets:read"));
+        assert_eq!(r["error"], "invalid_request");
+    }
+    assert_eq!(idp.fetches.load(Ordering::SeqCst), before + 1);
+}
+
+fn tasks_req(subject: &str, task: &str, scopes: &[&str], x509: bool) -> pb::ExchangeRequest {
+    pb::ExchangeRequest {
+        subject_token: subject.into(),
+        subject_token_type: TT_ID.into(),
+        audience: TICKETS.into(),
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        task_id: task.into(),
+        expires_in: 0,
+        x509_svid: x509,
+        spiffe_id: String::new(),
+        requested_token_type: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_exchange_task_svid_complete_and_kill() {
+    let idp = Idp::start().await;
+    let d = daemon(&idp, POLICY, "", "");
+    let rp = actor_token(&d, "b").await;
+    let mut tasks = pb::tasks_client::TasksClient::new(common::channel(&d.socket).await);
+    let subject = idp.token("carol");
+
+    let r = tasks
+        .exchange(tasks_req(&subject, "job-42", &["tickets:read"], true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.agent, "spiffe://tessera.internal/agents/a");
+    assert_eq!(r.token_type, "Bearer");
+    let svid = r.x509_svid.clone().expect("task X.509-SVID");
+    assert_eq!(
+        svid.spiffe_id,
+        "spiffe://tessera.internal/agents/a/task/job-42"
+    );
+    // The certificate carries exactly that URI SAN and verifies against the bundle (openssl).
+    let dir = tempfile::tempdir().unwrap();
+    let to_pem = |der: &[u8]| {
+        let mut out = String::new();
+        let mut rest = der;
+        while !rest.is_empty() {
+            let (r2, _) = x509_parser::parse_x509_certificate(rest).unwrap();
+            let one = &rest[..rest.len() - r2.len()];
+            out.push_str(&pem::encode(&pem::Pem::new("CERTIFICATE", one.to_vec())));
+            rest = r2;
+        }
+        out
+    };
+    std::fs::write(dir.path().join("leaf.pem"), to_pem(&svid.x509_svid)).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), to_pem(&svid.bundle)).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(dir.path().join("ca.pem"))
+        .arg(dir.path().join("leaf.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let (_, cert) = x509_parser::parse_x509_certificate(&svid.x509_svid).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    assert_eq!(
+        format!("{:?}", san.value.general_names),
+        format!("[URI({:?})]", svid.spiffe_id)
+    );
+
+    // Errors carry the OAuth code.
+    let err = tasks
+        .exchange(tasks_req(&subject, "", &["tickets:read"], false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("invalid_request:"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        err.metadata().get("tessera-oauth-error").unwrap(),
+        "invalid_request"
+    );
+    let err = tasks
+        .exchange(tasks_req(&subject, "job-x", &["tickets:delete"], false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message().starts_with("invalid_scope:"),
+        "{}",
+        err.message()
+    );
+
+    // Completing the task makes its token inactive at once and revokes the task SVID.
+    let n = tasks
+        .complete(pb::CompleteRequest {
+            task_id: "job-42".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revoked;
+    assert_eq!(n, 2);
+    let (_, i) = post_auth(&d, "/introspect", Some(&rp), &r.access_token);
+    assert_eq!(i, json!({"active": false}));
+    let out = d.cli(&["--json", "lease", "show", &svid.lease_id]);
+    let l: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(l["state"], "revoked");
+    // A completed task gets nothing more.
+    let err = tasks
+        .exchange(tasks_req(&subject, "job-42", &["tickets:read"], false))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("complete"), "{}", err.message());
+    // Unknown task.
+    let err = tasks
+        .complete(pb::CompleteRequest {
+            task_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // Kill switch: the agent's live task token goes inactive, and it gets nothing new.
+    let r = tasks
+        .exchange(tasks_req(&subject, "job-43", &["tickets:read"], false))
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, i) = post_auth(&d, "/introspect", Some(&rp), &r.access_token);
+    assert_eq!(i["active"], true);
+    let out = d.cli(&[
+        "kill",
+        "spiffe://tessera.internal/agents/a",
+        "--reason",
+        "test",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, i) = post_auth(&d, "/introspect", Some(&rp), &r.access_token);
+    assert_eq!(i, json!({"active": false}));
+    // The caller's default identity is now b (a is killed); ask for a explicitly.
+    let mut req = tasks_req(&subject, "job-44", &["tickets:read"], false);
+    req.spiffe_id = "spiffe://tessera.internal/agents/a".into();
+    let err = tasks.exchange(req).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::PermissionDenied,
+        "{}",
+        err.message()
+    );
+
+    // Operators complete tasks through the admin API too.
+    let r = tasks
+        .exchange(tasks_req(&subject, "job-45", &["tickets:read"], false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.agent, "spiffe://tessera.internal/agents/b");
+    let out = d.cli(&["task", "complete", "--operator", "job-45"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, i) = post_auth(&d, "/introspect", Some(&rp), &r.access_token);
+    assert_eq!(i, json!({"active": false}));
+}
+
+/// Polls until `f` holds (policy reloads are asynchronous).
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_reloads_good_files_and_keeps_the_last_good_one() {
+    let idp = Idp::start().await;
+    let read_only =
+        r#"permit(principal, action, resource) when { context.scope == "tickets:read" };"#;
+    let d = daemon(&idp, read_only, "", "");
+    let policy_path = d.dir.path().join("policy.cedar");
+    let actor = actor_token(&d, "a").await;
+    let subject = idp.token("dave");
+    let scope_ok = |scope: &str, task: &str| {
+        let (code, r) = exchange(&d, &base_fields(&subject, &actor, task, scope));
+        (code == 200, r)
+    };
+    assert!(scope_ok("tickets:read", "p1").0);
+    assert!(!scope_ok("tickets:write", "p1").0);
+
+    // A new good file is picked up on change.
+    std::fs::write(
+        &policy_path,
+        r#"permit(principal, action, resource) when { context.scope like "tickets:*" };"#,
+    )
+    .unwrap();
+    eventually("the new policy is in force", || {
+        scope_ok("tickets:write", "p1").0
+    })
+    .await;
+
+    // A broken file is reported and the previous policy stays in force.
+    std::fs::write(&policy_path, "permit(principal, action, resource").unwrap();
+    eventually("the broken file is reported", || {
+        d.log_text().contains("policy file rejected")
+    })
+    .await;
+    assert!(scope_ok("tickets:write", "p1").0);
+    // So is a file that parses but does not match the schema.
+    std::fs::write(
+        &policy_path,
+        r#"permit(principal, action, resource) when { principal.team == "x" };"#,
+    )
+    .unwrap();
+    eventually("the invalid file is reported", || {
+        d.log_text().matches("policy file rejected").count() >= 2
+    })
+    .await;
+    assert!(scope_ok("tickets:write", "p1").0);
+
+    // SIGHUP reloads too.
+    std::fs::write(&policy_path, "forbid(principal, action, resource);").unwrap();
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(d.pid(), libc::SIGHUP) };
+    eventually("the forbid-all policy is in force", || {
+        !scope_ok("tickets:read", "p1").0
+    })
+    .await;
+    let (_, r) = scope_ok("tickets:read", "p1");
+    assert_eq!(r["error"], "invalid_scope");
+    let audit = std::fs::read_to_string(d.data_dir.join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"policy_reload\""));
+    assert!(audit.contains("\"policy_rejected\""));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn high_risk_agents_wait_for_a_single_use_approval() {
+    let idp = Idp::start().await;
+    let d = daemon(&idp, POLICY, "risk = \"high\"", "");
+    let actor = actor_token(&d, "a").await;
+    let subject = idp.token("erin");
+    let f = base_fields(&subject, &actor, "deploy-1", "tickets:read");
+
+    let (code, r) = exchange(&d, &f);
+    assert_eq!(
+        (code, r["error"].as_str()),
+        (400, Some("authorization_pending")),
+        "{r}"
+    );
+    let id = r["request_id"].as_str().unwrap().to_owned();
+    // The same request waits on the same approval.
+    let (_, r) = exchange(&d, &f);
+    assert_eq!(r["request_id"], id);
+
+    let out = d.cli(&["--json", "approvals"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["id"], id);
+    assert_eq!(list[0]["status"], "pending");
+    assert_eq!(list[0]["agent"], "spiffe://tessera.internal/agents/a");
+    assert_eq!(list[0]["scopes"], json!(["tickets:read"]));
+    assert_eq!(list[0]["subject"]["sub"], "erin");
+
+    let out = d.cli(&["approve", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Approving twice is an error.
+    assert!(!d.cli(&["approve", &id]).status.success());
+    // A different request (other scopes) is not covered by the approval.
+    let other = base_fields(&subject, &actor, "deploy-1", "tickets:read tickets:write");
+    let mut other = other;
+    other.push(("expires_in", "60"));
+    let (_, r) = exchange(&d, &other);
+    assert_eq!(r["error"], "authorization_pending");
+    let other_id = r["request_id"].as_str().unwrap().to_owned();
+    assert_ne!(other_id, id);
+
+    let (code, r) = exchange(&d, &f);
+    assert_eq!(code, 200, "{r}");
+    let audit = std::fs::read_to_string(d.data_dir.join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"approval_requested\""));
+    assert!(audit.contains("\"approve\""));
+    // Single use: the next identical request waits again, under a new id.
+    let (_, r) = exchange(&d, &f);
+    assert_eq!(r["error"], "authorization_pending");
+    assert_ne!(r["request_id"], id);
+
+    // Denied requests are answered access_denied.
+    let out = d.cli(&["deny", &other_id]);
+    assert!(out.status.success());
+    let (code, r) = exchange(&d, &other);
+    assert_eq!(
+        (code, r["error"].as_str()),
+        (400, Some("access_denied")),
+        "{r}"
+    );
+    assert!(!d.cli(&["approve", "no-such-request"]).status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inventory_expired_and_idle_entries_get_nothing() {
+    let idp = Idp::start().await;
+    let d = daemon(
+        &idp,
+        POLICY,
+        "expires_at = \"2020-01-01T00:00:00Z\"",
+        "inventory.idle_after = \"4s\"\ninventory.refuse_idle = true",
+    );
+    let c = d.client().await;
+    // agents/a expired: only agents/b is served.
+    let svids = c
+        .fetch_all_jwt_svids(&[issuer_url(&d)], None)
+        .await
+        .unwrap();
+    let ids: Vec<String> = svids.iter().map(|s| s.spiffe_id().to_string()).collect();
+    assert_eq!(ids, ["spiffe://tessera.internal/agents/b"]);
+
+    let out = d.cli(&["--json", "entry", "list"]);
+    let entries: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["spiffe_id"] == "spiffe://tessera.internal/agents/b")
+        .unwrap()
+        .clone();
+    assert_eq!(b["idle"], false);
+    assert!(b["last_active"].is_string());
+
+    // Idle for longer than idle_after: flagged and refused.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let out = d.cli(&["--json", "entry", "list"]);
+    let entries: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b2 = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == b["id"])
+        .unwrap()
+        .clone();
+    assert_eq!(b2["idle"], true, "{b2}");
+    let out = d.cli(&["entry", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("IDLE"));
+    let c = d.client().await;
+    assert!(
+        c.fetch_jwt_svid(&["x"], None).await.is_err(),
+        "idle entry refused"
+    );
+    // Reviewing it lets it issue again.
+    let out = d.cli(&["entry", "review", b["id"].as_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(c.fetch_jwt_svid(&["x"], None).await.is_ok());
+}
