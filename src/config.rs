@@ -1003,4 +1003,37 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn shipped_systemd_config_is_valid() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd/tesserad.toml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        let c = Config::from_toml(&text, &p).unwrap();
+        assert_eq!(c.oidc_issuers.len(), 2);
+        assert_eq!(c.oidc_issuers[0].keys, KeySource::Discovery);
+        assert!(c.policy_file.is_some());
+    }
+
+    #[test]
+    fn oidc_issuers_must_use_https_except_loopback() {
+        let bad = "[[oidc_issuers]]\nissuer = \"http://idp.example.com\"\naudiences = [\"t\"]\n";
+        let e = Config::from_toml(bad, Path::new("t"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("oidc_issuers[0].issuer") && e.contains("https"),
+            "{e}"
+        );
+        let ok = "[[oidc_issuers]]\nissuer = \"http://127.0.0.1:9000\"\naudiences = [\"t\"]\n";
+        Config::from_toml(ok, Path::new("t")).unwrap();
+        let no_aud = "[[oidc_issuers]]\nissuer = \"https://idp.example.com\"\n";
+        let e = Config::from_toml(no_aud, Path::new("t"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("audiences"), "{e}");
+        let both = "[[oidc_issuers]]\nissuer = \"https://i.example\"\naudiences = [\"t\"]\njwks_uri = \"https://i.example/k\"\njwks_file = \"/k.json\"\n";
+        assert!(Config::from_toml(both, Path::new("t")).is_err());
+        let ttl = "[tasks]\ntoken_ttl = \"2h\"\n";
+        assert!(Config::from_toml(ttl, Path::new("t")).is_err());
+    }
 }

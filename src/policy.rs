@@ -116,7 +116,16 @@ pub struct Engine {
     schema: Schema,
     current: ArcSwap<Loaded>,
     authorizer: Authorizer,
+    /// Parsed once: building Cedar names from strings on every request showed up in profiles.
+    agent_type: EntityTypeName,
+    audience_type: EntityTypeName,
+    action: EntityUid,
+    /// The principal entity per agent, rebuilt when its entry's attributes change.
+    principals: dashmap::DashMap<String, Arc<(String, String, String, Entities)>>,
 }
+
+/// Bound on cached principal entities (one per agent in use).
+const PRINCIPAL_CACHE_CAP: usize = 10_000;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -173,6 +182,13 @@ impl Engine {
             schema,
             current: ArcSwap::from_pointee(empty),
             authorizer: Authorizer::new(),
+            agent_type: type_name("Tessera::Agent"),
+            audience_type: type_name("Tessera::Audience"),
+            action: EntityUid::from_type_name_and_id(
+                type_name("Tessera::Action"),
+                EntityId::new("exchange"),
+            ),
+            principals: dashmap::DashMap::new(),
         };
         if path.is_some() {
             this.reload()?;
@@ -277,45 +293,14 @@ impl Engine {
         if loaded.count == 0 {
             return deny_all("no policy in force (default deny)");
         }
-        let principal = EntityUid::from_type_name_and_id(
-            type_name("Tessera::Agent"),
-            EntityId::new(input.agent),
-        );
-        let action = EntityUid::from_type_name_and_id(
-            type_name("Tessera::Action"),
-            EntityId::new("exchange"),
-        );
+        let principal =
+            EntityUid::from_type_name_and_id(self.agent_type.clone(), EntityId::new(input.agent));
+        let action = &self.action;
         let resource = EntityUid::from_type_name_and_id(
-            type_name("Tessera::Audience"),
+            self.audience_type.clone(),
             EntityId::new(input.audience),
         );
-        let attrs = HashMap::from([
-            (
-                "owner".to_owned(),
-                RestrictedExpression::new_string(input.owner.to_owned()),
-            ),
-            (
-                "purpose".to_owned(),
-                RestrictedExpression::new_string(input.purpose.to_owned()),
-            ),
-            (
-                "risk".to_owned(),
-                RestrictedExpression::new_string(input.risk.to_owned()),
-            ),
-        ]);
-        let entities = Entity::new(principal.clone(), attrs, HashSet::new())
-            .map_err(|e| e.to_string())
-            .and_then(|agent| {
-                Entities::from_entities(
-                    [
-                        agent,
-                        Entity::new_no_attrs(resource.clone(), HashSet::new()),
-                    ],
-                    None,
-                )
-                .map_err(|e| e.to_string())
-            });
-        let entities = match entities {
+        let entities = match self.principal_entities(&principal, input) {
             Ok(e) => e,
             Err(e) => return deny_all(&format!("cannot build the request: {e}")),
         };
@@ -359,7 +344,7 @@ impl Engine {
                         errors: vec![e],
                     },
                     Ok(r) => {
-                        let resp = self.authorizer.is_authorized(&r, &loaded.set, &entities);
+                        let resp = self.authorizer.is_authorized(&r, &loaded.set, &entities.3);
                         let d = resp.diagnostics();
                         Decision {
                             scope: scope.clone(),
@@ -377,6 +362,53 @@ impl Engine {
                 }
             })
             .collect()
+    }
+}
+
+impl Engine {
+    /// The agent as a Cedar entity (the audience needs none: it has no attributes), cached
+    /// per agent and rebuilt when its entry's owner, purpose or risk changes.
+    fn principal_entities(
+        &self,
+        principal: &EntityUid,
+        input: &Input<'_>,
+    ) -> Result<Arc<(String, String, String, Entities)>, String> {
+        if let Some(e) = self.principals.get(input.agent)
+            && e.0 == input.owner
+            && e.1 == input.purpose
+            && e.2 == input.risk
+        {
+            return Ok(Arc::clone(&e));
+        }
+        let attrs = HashMap::from([
+            (
+                "owner".to_owned(),
+                RestrictedExpression::new_string(input.owner.to_owned()),
+            ),
+            (
+                "purpose".to_owned(),
+                RestrictedExpression::new_string(input.purpose.to_owned()),
+            ),
+            (
+                "risk".to_owned(),
+                RestrictedExpression::new_string(input.risk.to_owned()),
+            ),
+        ]);
+        let agent =
+            Entity::new(principal.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?;
+        let entities = Entities::from_entities([agent], None).map_err(|e| e.to_string())?;
+        let v = Arc::new((
+            input.owner.to_owned(),
+            input.purpose.to_owned(),
+            input.risk.to_owned(),
+            entities,
+        ));
+        if self.principals.len() >= PRINCIPAL_CACHE_CAP {
+            self.principals.clear();
+        }
+        self.principals
+            .insert(input.agent.to_owned(), Arc::clone(&v));
+        Ok(v)
     }
 }
 

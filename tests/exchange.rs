@@ -5,14 +5,11 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use common::idp::{Idp, now};
 use common::{Daemon, form, http_get, http_post, my_uid, open_tempdir};
-use ring::signature::{self, KeyPair};
 use serde_json::{Value, json};
 use tessera::proto::tessera::v1 as pb;
 
@@ -34,164 +31,6 @@ when { context.scope == "tickets:write" && context.ttl_seconds <= 120 };
 forbid(principal, action, resource) when { context.scope == "tickets:delete" };
 "#;
 
-fn now() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
-
-/// A minimal OIDC issuer: discovery and JWKS over loopback HTTP, with an RSA key (RS256) and
-/// a P-256 key (ES256); signs whatever the test asks.
-struct Idp {
-    issuer: String,
-    rsa: signature::RsaKeyPair,
-    ec: signature::EcdsaKeyPair,
-    /// Keys published at /jwks (tests add keys to simulate rotation).
-    jwks: Arc<Mutex<Vec<Value>>>,
-    /// How many times /jwks was fetched.
-    fetches: Arc<AtomicUsize>,
-    rng: ring::rand::SystemRandom,
-}
-
-fn rsa_key() -> signature::RsaKeyPair {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("rsa.der");
-    let st = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-outform",
-            "DER",
-            "-out",
-        ])
-        .arg(&p)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl is installed (.ci/run installs it)");
-    assert!(st.success());
-    // OpenSSL writes PKCS#8 or PKCS#1 DER depending on its version.
-    let der = std::fs::read(&p).unwrap();
-    signature::RsaKeyPair::from_pkcs8(&der)
-        .or_else(|_| signature::RsaKeyPair::from_der(&der))
-        .unwrap()
-}
-
-impl Idp {
-    async fn start() -> Self {
-        let rng = ring::rand::SystemRandom::new();
-        let rsa = rsa_key();
-        let ec_doc = signature::EcdsaKeyPair::generate_pkcs8(
-            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            &rng,
-        )
-        .unwrap();
-        let ec = signature::EcdsaKeyPair::from_pkcs8(
-            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            ec_doc.as_ref(),
-            &rng,
-        )
-        .unwrap();
-        let pubkey: ring::rsa::PublicKeyComponents<Vec<u8>> = rsa.public().into();
-        let rsa_jwk = json!({
-            "kty": "RSA", "kid": "rsa-1", "use": "sig", "alg": "RS256",
-            "n": B64.encode(&pubkey.n),
-            "e": B64.encode(&pubkey.e),
-        });
-        let p = ec.public_key().as_ref();
-        let ec_jwk = json!({
-            "kty": "EC", "crv": "P-256", "kid": "ec-1", "use": "sig", "alg": "ES256",
-            "x": B64.encode(&p[1..33]), "y": B64.encode(&p[33..65]),
-        });
-        let jwks = Arc::new(Mutex::new(vec![rsa_jwk, ec_jwk]));
-        let fetches = Arc::new(AtomicUsize::new(0));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let issuer = format!("http://{}", listener.local_addr().unwrap());
-        let (iss, keys, count) = (issuer.clone(), Arc::clone(&jwks), Arc::clone(&fetches));
-        let app = axum::Router::new()
-            .route(
-                "/.well-known/openid-configuration",
-                axum::routing::get(move || {
-                    let iss = iss.clone();
-                    async move {
-                        axum::Json(json!({
-                            "issuer": iss,
-                            "jwks_uri": format!("{iss}/jwks"),
-                            "id_token_signing_alg_values_supported": ["RS256", "ES256"],
-                        }))
-                    }
-                }),
-            )
-            .route(
-                "/jwks",
-                axum::routing::get(move || {
-                    count.fetch_add(1, Ordering::SeqCst);
-                    let k = keys.lock().unwrap().clone();
-                    async move { axum::Json(json!({ "keys": k })) }
-                }),
-            );
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self {
-            issuer,
-            rsa,
-            ec,
-            jwks,
-            fetches,
-            rng,
-        }
-    }
-
-    fn claims(&self, sub: &str) -> Value {
-        json!({
-            "iss": self.issuer, "sub": sub, "aud": "tessera",
-            "email": format!("{sub}@example.com"), "iat": now(), "exp": now() + 600,
-        })
-    }
-
-    /// Signs `claims` with `alg` (RS256, ES256, or a forgery: none, HS256).
-    fn sign(&self, alg: &str, kid: Option<&str>, claims: &Value) -> String {
-        let mut h = json!({"alg": alg, "typ": "JWT"});
-        if let Some(k) = kid {
-            h["kid"] = k.into();
-        }
-        let input = format!(
-            "{}.{}",
-            B64.encode(h.to_string()),
-            B64.encode(claims.to_string())
-        );
-        let sig = match alg {
-            "RS256" => {
-                let mut sig = vec![0; self.rsa.public().modulus_len()];
-                self.rsa
-                    .sign(
-                        &signature::RSA_PKCS1_SHA256,
-                        &self.rng,
-                        input.as_bytes(),
-                        &mut sig,
-                    )
-                    .unwrap();
-                sig
-            }
-            "ES256" => self
-                .ec
-                .sign(&self.rng, input.as_bytes())
-                .unwrap()
-                .as_ref()
-                .to_vec(),
-            "HS256" => {
-                let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"tessera");
-                ring::hmac::sign(&k, input.as_bytes()).as_ref().to_vec()
-            }
-            _ => Vec::new(),
-        };
-        format!("{input}.{}", B64.encode(sig))
-    }
-
-    fn token(&self, sub: &str) -> String {
-        self.sign("RS256", Some("rsa-1"), &self.claims(sub))
-    }
-}
-
 /// Starts the daemon trusting `idp`, with `POLICY` (or `policy`) in force and two agent
 /// entries for this uid: `agents/a` (default) and `agents/b`.
 fn daemon(idp: &Idp, policy: &str, agent_extra: &str, extra: &str) -> Daemon {
@@ -209,6 +48,19 @@ fn daemon(idp: &Idp, policy: &str, agent_extra: &str, extra: &str) -> Daemon {
             iss = idp.issuer
         ),
     )
+}
+
+/// Runs the CLI with `--json`, asserts success, parses stdout.
+fn cli_json(d: &Daemon, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = d.cli(&all);
+    assert!(
+        out.status.success(),
+        "tessera {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn issuer_url(d: &Daemon) -> String {
@@ -347,13 +199,7 @@ async fn http_exchange_full_flow() {
     let jti = c["jti"].as_str().unwrap().to_owned();
 
     // The token is a lease of the task, listed for operators.
-    let out = d.cli(&["--json", "lease", "list", "--task", "task-1"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let leases: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let leases = cli_json(&d, &["lease", "list", "--task", "task-1"]);
     assert_eq!(leases.as_array().unwrap().len(), 1);
     assert_eq!(leases[0]["id"], jti);
     assert_eq!(leases[0]["kind"], "task-token");
@@ -755,8 +601,7 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
     assert_eq!(n, 2);
     let (_, i) = post_auth(&d, "/introspect", Some(&rp), &r.access_token);
     assert_eq!(i, json!({"active": false}));
-    let out = d.cli(&["--json", "lease", "show", &svid.lease_id]);
-    let l: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let l = cli_json(&d, &["lease", "show", &svid.lease_id]);
     assert_eq!(l["state"], "revoked");
     // A completed task gets nothing more.
     let err = tasks
@@ -911,13 +756,7 @@ async fn high_risk_agents_wait_for_a_single_use_approval() {
     let (_, r) = exchange(&d, &f);
     assert_eq!(r["request_id"], id);
 
-    let out = d.cli(&["--json", "approvals"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = cli_json(&d, &["approvals"]);
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["id"], id);
     assert_eq!(list[0]["status"], "pending");
@@ -982,8 +821,7 @@ async fn inventory_expired_and_idle_entries_get_nothing() {
     let ids: Vec<String> = svids.iter().map(|s| s.spiffe_id().to_string()).collect();
     assert_eq!(ids, ["spiffe://tessera.internal/agents/b"]);
 
-    let out = d.cli(&["--json", "entry", "list"]);
-    let entries: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entries = cli_json(&d, &["entry", "list"]);
     let b = entries
         .as_array()
         .unwrap()
@@ -996,8 +834,7 @@ async fn inventory_expired_and_idle_entries_get_nothing() {
 
     // Idle for longer than idle_after: flagged and refused.
     tokio::time::sleep(Duration::from_millis(4500)).await;
-    let out = d.cli(&["--json", "entry", "list"]);
-    let entries: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entries = cli_json(&d, &["entry", "list"]);
     let b2 = entries
         .as_array()
         .unwrap()

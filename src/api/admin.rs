@@ -101,6 +101,34 @@ impl AdminApi {
 }
 
 impl AdminApi {
+    /// Approves or denies a pending high-risk exchange, and records who did.
+    async fn decide(
+        &self,
+        req: Request<pb::DecideApprovalRequest>,
+        approve: bool,
+    ) -> Result<Response<pb::ApprovalRequest>, Status> {
+        let actor = self.authorize(&req).await?;
+        let id = req.into_inner().id;
+        let a = if approve {
+            self.approvals.approve(&id, actor.label(), now_ms())
+        } else {
+            self.approvals.deny(&id, actor.label(), now_ms())
+        }
+        .map_err(approval_status)?;
+        self.issuer.record(
+            if approve { "approve" } else { "deny_approval" },
+            actor,
+            &a.agent,
+            vec![
+                ("request_id", a.id.clone().into()),
+                ("task_id", a.task_id.clone().into()),
+                ("audience", a.audience.clone().into()),
+                ("scopes", a.scopes.clone().into()),
+            ],
+        );
+        Ok(Response::new(approval_to_pb(&a)))
+    }
+
     /// An entry with its inventory state.
     fn entry_pb(&self, e: &Entry, from_config: bool) -> pb::Entry {
         let mut p = entry_to_pb(e, from_config);
@@ -504,46 +532,14 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::DecideApprovalRequest>,
     ) -> Result<Response<pb::ApprovalRequest>, Status> {
-        let actor = self.authorize(&req).await?;
-        let id = req.into_inner().id;
-        let a = self
-            .approvals
-            .approve(&id, actor.label(), now_ms())
-            .map_err(approval_status)?;
-        self.issuer.record(
-            "approve",
-            actor,
-            &a.agent,
-            vec![
-                ("request_id", a.id.clone().into()),
-                ("task_id", a.task_id.clone().into()),
-                ("audience", a.audience.clone().into()),
-                ("scopes", a.scopes.clone().into()),
-            ],
-        );
-        Ok(Response::new(approval_to_pb(&a)))
+        self.decide(req, true).await
     }
 
     async fn deny(
         &self,
         req: Request<pb::DecideApprovalRequest>,
     ) -> Result<Response<pb::ApprovalRequest>, Status> {
-        let actor = self.authorize(&req).await?;
-        let id = req.into_inner().id;
-        let a = self
-            .approvals
-            .deny(&id, actor.label(), now_ms())
-            .map_err(approval_status)?;
-        self.issuer.record(
-            "deny_approval",
-            actor,
-            &a.agent,
-            vec![
-                ("request_id", a.id.clone().into()),
-                ("task_id", a.task_id.clone().into()),
-            ],
-        );
-        Ok(Response::new(approval_to_pb(&a)))
+        self.decide(req, false).await
     }
 
     async fn review_entry(

@@ -162,7 +162,22 @@ pub struct Exchanger {
     policy: Arc<Engine>,
     approvals: Arc<Approvals>,
     settings: Settings,
+    /// Agent JWT-SVIDs whose signature, audience and subject were verified, by SHA-256 of the
+    /// token: an agent presents the same JWT-SVID for many exchanges, and an ECDSA
+    /// verification is most of an exchange's CPU. Expiry and the lease (revocation, kill) are
+    /// still checked on every use.
+    actors: dashmap::DashMap<[u8; 32], VerifiedActor>,
 }
+
+#[derive(Debug, Clone)]
+struct VerifiedActor {
+    id: SpiffeId,
+    lease: crate::lease::LeaseId,
+    exp: i64,
+}
+
+/// Bound on remembered actor tokens.
+const ACTOR_CACHE_CAP: usize = 100_000;
 
 /// `[A-Za-z0-9_-]`, 1 to 128 characters: always a valid SPIFFE path segment.
 pub fn validate_task_id(t: &str) -> Result<(), String> {
@@ -225,6 +240,7 @@ impl Exchanger {
             policy,
             approvals,
             settings,
+            actors: dashmap::DashMap::new(),
         }
     }
 
@@ -247,15 +263,42 @@ impl Exchanger {
     /// and the Bearer token of introspection and revocation). Returns its entry and lease
     /// holder details.
     pub fn authenticate_agent(&self, token: &str) -> Result<(Arc<Entry>, Holder), String> {
-        let (id, claims) = self
-            .issuer
-            .validate_jwt(token, &self.settings.issuer_url)
-            .map_err(|e| e.to_string())?;
-        let lease = claims
-            .get("jti")
-            .and_then(Value::as_str)
-            .and_then(crate::lease::LeaseId::parse)
-            .ok_or("JWT-SVID has no jti")?;
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let cached = self.actors.get(&digest).map(|v| v.clone());
+        let VerifiedActor { id, lease, exp } = match cached {
+            Some(v) => v,
+            None => {
+                let (id, claims) = self
+                    .issuer
+                    .validate_jwt(token, &self.settings.issuer_url)
+                    .map_err(|e| e.to_string())?;
+                let lease = claims
+                    .get("jti")
+                    .and_then(Value::as_str)
+                    .and_then(crate::lease::LeaseId::parse)
+                    .ok_or("JWT-SVID has no jti")?;
+                let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
+                let v = VerifiedActor { id, lease, exp };
+                if self.actors.len() >= ACTOR_CACHE_CAP {
+                    self.actors.retain(|_, a| a.exp > now);
+                    if self.actors.len() >= ACTOR_CACHE_CAP {
+                        self.actors.clear();
+                    }
+                }
+                self.actors.insert(digest, v.clone());
+                v
+            }
+        };
+        if exp <= now {
+            return Err("JWT-SVID is not valid: it has expired".into());
+        }
+        if !self.issuer.leases().is_active(&lease, now) {
+            return Err("JWT-SVID is not valid: it has been revoked".into());
+        }
         let (l, entry) = self
             .issuer
             .entry_of_lease(&lease)

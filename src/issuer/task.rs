@@ -90,7 +90,7 @@ pub fn task_spiffe_id(agent: &SpiffeId, task_id: &str) -> Result<SpiffeId, Issue
 impl Issuer {
     /// Mints a task token (and task X.509-SVID) for `g`, claiming the task for the agent on
     /// first use. Nothing is handed out until the leases and the task record are durable.
-    pub async fn issue_task(&self, g: TaskGrant<'_>) -> Result<TaskCredentials, IssueError> {
+    pub async fn issue_task(&self, mut g: TaskGrant<'_>) -> Result<TaskCredentials, IssueError> {
         let agent = g.entry.spiffe_id.as_str();
         let new_task = match self.leases.claim_task(g.task_id, agent, now_ms()) {
             TaskClaim::New(t) => Some(t),
@@ -108,7 +108,7 @@ impl Issuer {
                 )));
             }
         };
-        let r = self.mint_task(&g, new_task.clone()).await;
+        let r = self.mint_task(&mut g, new_task.clone()).await;
         if r.is_err()
             && let Some(t) = &new_task
         {
@@ -119,7 +119,7 @@ impl Issuer {
 
     async fn mint_task(
         &self,
-        g: &TaskGrant<'_>,
+        g: &mut TaskGrant<'_>,
         new_task: Option<crate::lease::Task>,
     ) -> Result<TaskCredentials, IssueError> {
         let entry = &g.entry;
@@ -143,7 +143,8 @@ impl Issuer {
         let exp = (now + g.ttl).min(self.ca.not_after());
         let lease_id = LeaseId::random();
         let jti = lease_id.to_string();
-        let mut claims = g.claims.clone();
+        // Taken, not cloned: the grant is not used after minting.
+        let mut claims = std::mem::take(&mut g.claims);
         claims.insert("iat".into(), now.unix_timestamp().into());
         claims.insert("exp".into(), exp.unix_timestamp().into());
         claims.insert("jti".into(), jti.clone().into());
@@ -181,8 +182,8 @@ impl Issuer {
             .detail("task_id", g.task_id)
             .detail("entry", &*entry.id)
             .detail("expires_at", exp.unix_timestamp());
-        for (k, v) in &g.audit {
-            ev = ev.detail(k, v.clone());
+        for (k, v) in std::mem::take(&mut g.audit) {
+            ev = ev.detail(k, v);
         }
         let x509 = if g.x509 {
             let id = task_spiffe_id(&entry.spiffe_id, g.task_id)?;

@@ -344,10 +344,10 @@ fn apply(conn: &mut Connection, audit: &mut AuditWriter, jobs: &[Job]) -> Result
                             .map_err(db_err)?;
                     }
                     Op::PutTask(t) => {
-                        tx.execute(
+                        tx.prepare_cached(
                             "INSERT OR IGNORE INTO tasks(id,agent,created_ms) VALUES(?1,?2,?3)",
-                            params![&*t.id, &*t.agent, t.created_ms],
                         )
+                        .and_then(|mut st| st.execute(params![&*t.id, &*t.agent, t.created_ms]))
                         .map_err(db_err)?;
                     }
                     Op::CompleteTask { id, at_ms, by } => {
@@ -358,11 +358,11 @@ fn apply(conn: &mut Connection, audit: &mut AuditWriter, jobs: &[Job]) -> Result
                         .map_err(db_err)?;
                     }
                     Op::EntryActive { id, at_ms } => {
-                        tx.execute(
+                        tx.prepare_cached(
                             "INSERT INTO entry_activity(id,active_ms) VALUES(?1,?2)
                              ON CONFLICT(id) DO UPDATE SET active_ms=max(active_ms, excluded.active_ms)",
-                            params![id, at_ms],
                         )
+                        .and_then(|mut st| st.execute(params![id, at_ms]))
                         .map_err(db_err)?;
                     }
                     Op::Audit(ev) => {

@@ -1,6 +1,8 @@
 //! Test support: start the real `tesserad` binary on temp paths and talk to it.
 #![allow(dead_code)]
 
+pub mod idp;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
