@@ -618,6 +618,27 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 
+    // The CLI does the same for agents (as this uid, over the Workload API socket).
+    let g = cli_json(
+        &d,
+        &[
+            "task",
+            "exchange",
+            "--subject-token",
+            &subject,
+            "--audience",
+            TICKETS,
+            "--scope",
+            "tickets:read",
+            "--task",
+            "cli-1",
+        ],
+    );
+    assert_eq!(g["agent"], "spiffe://tessera.internal/agents/a");
+    assert_eq!(g["scope"], "tickets:read");
+    let done = cli_json(&d, &["task", "complete", "cli-1"]);
+    assert_eq!(done["revoked"], 1);
+
     // Kill switch: the agent's live task token goes inactive, and it gets nothing new.
     let r = tasks
         .exchange(tasks_req(&subject, "job-43", &["tickets:read"], false))
@@ -858,4 +879,160 @@ async fn inventory_expired_and_idle_entries_get_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(c.fetch_jwt_svid(&["x"], None).await.is_ok());
+}
+
+/// Sends one HTTP request through `openssl s_client` (an independent TLS client) trusting
+/// `ca`; returns everything it printed (handshake summary and the HTTP response).
+fn https_via_openssl(addr: std::net::SocketAddr, ca: &std::path::Path, path: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-verify_return_error",
+            "-CAfile",
+        ])
+        .arg(ca)
+        .args(["-quiet", "-ign_eof"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    write!(
+        child.stdin.as_mut().unwrap(),
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_with_the_daemons_own_svid_and_with_operator_files() {
+    // The daemon's own SVID, verified against the trust bundle from the Workload API.
+    let d = Daemon::start("http.tls_svid = true");
+    let c = d.client().await;
+    let bundle = c.fetch_x509_context().await.unwrap();
+    let td: spiffe::TrustDomain = "tessera.internal".parse().unwrap();
+    let roots = bundle.bundle_set().get(&td).unwrap();
+    let ca = d.dir.path().join("bundle.pem");
+    let pem_text: String = roots
+        .authorities()
+        .iter()
+        .map(|a| pem::encode(&pem::Pem::new("CERTIFICATE", a.as_ref().to_vec())))
+        .collect();
+    std::fs::write(&ca, pem_text).unwrap();
+    let out = https_via_openssl(d.http, &ca, "/.well-known/openid-configuration");
+    assert!(out.contains("HTTP/1.1 200"), "{out}");
+    assert!(
+        out.contains(&format!("\"issuer\":\"https://{}\"", d.http)),
+        "{out}"
+    );
+    // Plain HTTP is not served on a TLS listener.
+    let plain = std::panic::catch_unwind(|| http_get(d.http, "/healthz"));
+    assert!(plain.is_err() || plain.unwrap().0 != 200);
+    drop(d);
+
+    // An operator certificate and key from files (the key must be 0600).
+    let dir = open_tempdir();
+    let (cert, key) = (dir.path().join("tls.pem"), dir.path().join("tls.key"));
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=tessera-test",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let d = Daemon::start_in(
+        dir,
+        &format!(
+            "http.tls_cert = {cert:?}\nhttp.tls_key = {key:?}\nhttp.issuer = \"https://tessera.example:8443\""
+        ),
+    );
+    let out = https_via_openssl(d.http, &cert, "/.well-known/oauth-authorization-server");
+    assert!(out.contains("HTTP/1.1 200"), "{out}");
+    assert!(
+        out.contains("\"token_endpoint\":\"https://tessera.example:8443/token\""),
+        "{out}"
+    );
+}
+
+#[test]
+fn tls_key_readable_by_others_is_refused_at_start() {
+    let dir = open_tempdir();
+    let (cert, key) = (dir.path().join("tls.pem"), dir.path().join("tls.key"));
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=t",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\nworkload_api.socket = {:?}\nadmin.socket = {:?}\nhttp.listen = \"127.0.0.1:0\"\nhttp.tls_cert = {cert:?}\nhttp.tls_key = {key:?}\n",
+            dir.path().join("data"),
+            dir.path().join("w.sock"),
+            dir.path().join("a.sock")
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::tesserad_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tls.key") && err.contains("TLS"), "{err}");
+    assert!(
+        !err.contains("PRIVATE KEY"),
+        "no key material in errors: {err}"
+    );
+    // And nothing was left listening.
+    assert!(!dir.path().join("w.sock").exists());
 }
