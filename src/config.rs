@@ -516,13 +516,16 @@ impl Config {
             Some(i) => {
                 let u = reqwest::Url::parse(&i)
                     .map_err(|e| invalid("http.issuer", format!("{i:?} is not a URL ({e})")))?;
+                // RFC 8414 §3: with no path in the issuer, metadata and endpoints live at the
+                // host root, which is where Tessera serves them.
                 if !matches!(u.scheme(), "http" | "https")
                     || u.query().is_some()
                     || u.fragment().is_some()
+                    || !u.path().trim_end_matches('/').is_empty()
                 {
                     return Err(invalid(
                         "http.issuer",
-                        "must be an http(s) URL with no query or fragment (RFC 8414)",
+                        "must be an http(s) URL with no path, query or fragment, e.g. \"https://tessera.example:8780\"",
                     ));
                 }
                 Some(i.trim_end_matches('/').to_owned())

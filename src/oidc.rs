@@ -26,7 +26,8 @@ const MIN_REFETCH: Duration = Duration::from_secs(30);
 const MAX_DOC_BYTES: usize = 1 << 20;
 /// Validated tokens remembered (by SHA-256) so an agent reusing its user's token does not pay
 /// for a signature check each time. Bounded; expiry is still checked on every use.
-const CACHE_CAP: usize = 100_000;
+/// (10k tokens of at most 16 KiB of claims each bounds it at about 160 MiB.)
+const CACHE_CAP: usize = 10_000;
 
 /// Why a subject token was refused. Messages never contain the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -211,9 +212,14 @@ impl Verifier {
         {
             return Err(format!("GET {url}: document larger than 1 MiB"));
         }
-        let body = resp.bytes().await.map_err(|e| format!("GET {url}: {e}"))?;
-        if body.len() > MAX_DOC_BYTES {
-            return Err(format!("GET {url}: document larger than 1 MiB"));
+        // Read chunk by chunk: a chunked response has no length to check up front.
+        let mut resp = resp;
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("GET {url}: {e}"))? {
+            if body.len() + chunk.len() > MAX_DOC_BYTES {
+                return Err(format!("GET {url}: document larger than 1 MiB"));
+            }
+            body.extend_from_slice(&chunk);
         }
         serde_json::from_slice(&body).map_err(|e| format!("GET {url}: not JSON ({e})"))
     }
@@ -321,12 +327,11 @@ impl Verifier {
                 }
             }
         }
-        check_claims(&jws.claims, &t.cfg.audiences, now)?;
+        let exp = check_claims(&jws.claims, &t.cfg.audiences, now)?;
         let sub = match jws.claims.get("sub") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             _ => return Err(OidcError::Claim("sub")),
         };
-        let exp = jws.claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
         let mut string_claims: Vec<(String, String)> = jws
             .claims
             .iter()
@@ -349,12 +354,12 @@ impl Verifier {
     }
 }
 
-/// Time and audience checks (RFC 7519 §4.1, OIDC Core §3.1.3.7).
+/// Time and audience checks (RFC 7519 §4.1, OIDC Core §3.1.3.7). Returns `exp`.
 fn check_claims(
     claims: &Map<String, Value>,
     audiences: &[String],
     now: i64,
-) -> Result<(), OidcError> {
+) -> Result<i64, OidcError> {
     let num = |k: &'static str| -> Result<Option<i64>, OidcError> {
         match claims.get(k) {
             None => Ok(None),
@@ -375,17 +380,19 @@ fn check_claims(
     if num("iat")?.is_some_and(|iat| iat > now + LEEWAY_S) {
         return Err(OidcError::NotYetValid);
     }
+    // OIDC Core §3.1.3.7 (3): Tessera must be an audience, and a token that also names
+    // audiences Tessera does not trust is rejected.
     let ok = match claims.get("aud") {
         Some(Value::String(a)) => audiences.contains(a),
-        Some(Value::Array(list)) => list
+        Some(Value::Array(list)) if !list.is_empty() => list
             .iter()
-            .any(|a| a.as_str().is_some_and(|a| audiences.iter().any(|x| x == a))),
+            .all(|a| a.as_str().is_some_and(|a| audiences.iter().any(|x| x == a))),
         _ => return Err(OidcError::Claim("aud")),
     };
     if !ok {
         return Err(OidcError::Audience);
     }
-    Ok(())
+    Ok(exp)
 }
 
 #[cfg(test)]
@@ -397,8 +404,16 @@ mod tests {
     fn claim_checks() {
         let aud = vec!["tessera".to_owned()];
         let now = 1_000_000;
-        let ok = json!({"exp": now + 60, "aud": ["x", "tessera"], "iat": now});
-        check_claims(ok.as_object().unwrap(), &aud, now).unwrap();
+        let ok = json!({"exp": now + 60, "aud": ["tessera"], "iat": now});
+        assert_eq!(
+            check_claims(ok.as_object().unwrap(), &aud, now),
+            Ok(now + 60)
+        );
+        let fractional = json!({"exp": (now + 60) as f64 + 0.5, "aud": "tessera"});
+        assert_eq!(
+            check_claims(fractional.as_object().unwrap(), &aud, now),
+            Ok(now + 60)
+        );
         let cases = [
             (json!({"aud": "tessera"}), OidcError::Claim("exp")),
             (

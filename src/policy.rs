@@ -97,7 +97,7 @@ pub struct Decision {
     pub allowed: bool,
     /// Ids of the policies that decided it (the `@id` annotation when present).
     pub policies: Vec<String>,
-    /// Policy evaluation errors (a policy that errors does not apply; Cedar skips it).
+    /// Policy evaluation errors; any error denies the scope (fail closed).
     pub errors: Vec<String>,
 }
 
@@ -266,7 +266,15 @@ impl Engine {
                 )),
             });
         }
-        let text = std::fs::read_to_string(path).map_err(read_err)?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(
+                std::fs::File::open(path).map_err(read_err)?,
+                MAX_POLICY_BYTES,
+            ),
+            &mut text,
+        )
+        .map_err(read_err)?;
         if digest(text.as_bytes()) == self.current.load().digest && !self.is_empty() {
             return Ok(None);
         }
@@ -346,9 +354,13 @@ impl Engine {
                     Ok(r) => {
                         let resp = self.authorizer.is_authorized(&r, &loaded.set, &entities.3);
                         let d = resp.diagnostics();
+                        // Cedar skips a policy whose evaluation errors (e.g. a `forbid` that
+                        // reads a claim the token lacks) and may still allow. Fail closed:
+                        // any evaluation error denies the scope.
+                        let clean = d.errors().next().is_none();
                         Decision {
                             scope: scope.clone(),
-                            allowed: resp.decision() == CedarDecision::Allow,
+                            allowed: clean && resp.decision() == CedarDecision::Allow,
                             policies: d
                                 .reason()
                                 .map(|id| {
@@ -472,15 +484,16 @@ pub async fn watch(
         }
         seen = last;
         let engine = Arc::clone(&engine);
-        let r = tokio::task::spawn_blocking(move || engine.reload())
-            .await
-            .unwrap_or(Ok(None));
+        let r = match tokio::task::spawn_blocking(move || engine.reload()).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "policy reload panicked; the previous policy stays in force");
+                continue;
+            }
+        };
         match &r {
             Ok(n) => on_result(Ok(*n)),
             Err(e) => on_result(Err(e)),
-        }
-        if forced && matches!(r, Ok(None)) {
-            on_result(Ok(None));
         }
     }
 }
@@ -573,6 +586,37 @@ mod tests {
         let mut long = input(&ok, "low");
         long.ttl_seconds = 601;
         assert!(!e.decide(&long, &["x".into()])[0].allowed);
+    }
+
+    #[test]
+    fn a_forbid_that_errors_denies() {
+        // `groups` is not in every token: the forbid errors when it is absent, and that must
+        // not let the permit through.
+        let dir = tempfile::tempdir().unwrap();
+        let schema = dir.path().join("s.cedarschema");
+        std::fs::write(
+            &schema,
+            BUILTIN_SCHEMA.replace("email?: String,", "email?: String,\n    groups: String,"),
+        )
+        .unwrap();
+        let p = dir.path().join("p.cedar");
+        std::fs::write(
+            &p,
+            r#"permit(principal, action, resource);
+               forbid(principal, action, resource) when { context.subject.groups == "contractors" };"#,
+        )
+        .unwrap();
+        let e = Engine::load(Some(&p), Some(&schema)).unwrap();
+        let without = vec![("iss".into(), "i".into()), ("sub".into(), "u".into())];
+        let d = e.decide(&input(&without, "low"), &["x".into()]);
+        assert!(!d[0].allowed, "{d:?}");
+        assert!(!d[0].errors.is_empty());
+        let staff = vec![
+            ("iss".into(), "i".into()),
+            ("sub".into(), "u".into()),
+            ("groups".into(), "staff".into()),
+        ];
+        assert!(e.decide(&input(&staff, "low"), &["x".into()])[0].allowed);
     }
 
     #[test]

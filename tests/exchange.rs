@@ -287,6 +287,12 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
     wrong_aud["aud"] = "someone-else".into();
     let wrong_aud = idp.sign("RS256", Some("rsa-1"), &wrong_aud);
     let unknown_kid = idp.sign("RS256", Some("rsa-9"), &idp.claims("alice"));
+    let mut extra_aud = idp.claims("alice");
+    extra_aud["aud"] = json!(["tessera", "untrusted-client"]);
+    let extra_aud = idp.sign("RS256", Some("rsa-1"), &extra_aud);
+    let mut bad_act = idp.claims("alice");
+    bad_act["act"] = json!("pipeline");
+    let bad_act = idp.sign("RS256", Some("rsa-1"), &bad_act);
     let alg_none = idp.sign("none", Some("rsa-1"), &idp.claims("alice"));
     let hs256 = idp.sign("HS256", Some("rsa-1"), &idp.claims("alice"));
     let mut tampered = good.clone();
@@ -321,6 +327,16 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
         (
             "unknown key",
             base_fields(&unknown_kid, &actor, "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "untrusted extra audience",
+            base_fields(&extra_aud, &actor, "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "act that is not an object",
+            base_fields(&bad_act, &actor, "t1", "tickets:read"),
             "invalid_request",
         ),
         (
@@ -371,7 +387,12 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
         (
             "missing scope",
             base_fields(&good, &actor, "t1", ""),
-            "invalid_request",
+            "invalid_scope",
+        ),
+        (
+            "malformed scope",
+            base_fields(&good, &actor, "t1", "a\"b"),
+            "invalid_scope",
         ),
         (
             "denied scope",
@@ -397,12 +418,13 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
             *want,
             "{name}: {r}"
         );
+        let desc = r["error_description"].as_str().unwrap_or_default();
+        assert!(!desc.is_empty(), "{name}");
+        // RFC 6749 §5.2 character set.
         assert!(
-            !r["error_description"]
-                .as_str()
-                .unwrap_or_default()
-                .is_empty(),
-            "{name}"
+            desc.bytes()
+                .all(|b| matches!(b, 0x20 | 0x21 | 0x23..=0x5b | 0x5d..=0x7e)),
+            "{name}: {desc}"
         );
         assert!(!r.to_string().contains(&good), "{name}: no token echoed");
     }
@@ -428,6 +450,9 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
     assert_eq!(exchange(&d, &f).1["error"], "unsupported_grant_type");
     let mut f = base_fields(&good, &actor, "t1", "tickets:read");
     f.push(("audience", "https://other"));
+    assert_eq!(exchange(&d, &f).1["error"], "invalid_target");
+    let mut f = base_fields(&good, &actor, "t1", "tickets:read");
+    f.push(("task_id", "t2"));
     assert_eq!(exchange(&d, &f).1["error"], "invalid_request");
     let mut f = base_fields(&good, &actor, "t1", "tickets:read");
     f[2].1 = "urn:x:unknown";
@@ -772,6 +797,7 @@ async fn high_risk_agents_wait_for_a_single_use_approval() {
         (400, Some("authorization_pending")),
         "{r}"
     );
+    assert_eq!(r["interval"], 5);
     let id = r["request_id"].as_str().unwrap().to_owned();
     // The same request waits on the same approval.
     let (_, r) = exchange(&d, &f);

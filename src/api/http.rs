@@ -113,10 +113,24 @@ fn json_response(status: StatusCode, v: &Value) -> Response {
     r
 }
 
-fn oauth_error(status: StatusCode, code: &str, description: &str) -> Response {
+/// RFC 6749 §5.2: `error_description` may hold only %x20-21 / %x23-5B / %x5D-7E. Quotes and
+/// backslashes become `'` and `/`, anything else `?`; long messages are cut.
+fn description(s: &str) -> String {
+    s.chars()
+        .take(400)
+        .map(|c| match c {
+            '"' => '\'',
+            '\\' => '/',
+            ' '..='~' => c,
+            _ => '?',
+        })
+        .collect()
+}
+
+fn oauth_error(status: StatusCode, code: &str, desc: &str) -> Response {
     json_response(
         status,
-        &json!({"error": code, "error_description": description}),
+        &json!({"error": code, "error_description": description(desc)}),
     )
 }
 
@@ -175,7 +189,15 @@ fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<Map<String, Value>, St
         if m.insert(k.to_string(), Value::String(v.into_owned()))
             .is_some()
         {
-            return Err(format!("parameter {k:?} appears more than once"));
+            return Err(if k == "audience" || k == "resource" {
+                // RFC 8693 allows several; Tessera issues a token for one audience.
+                "one audience per exchange: ask for a token per tool".to_owned()
+            } else {
+                format!(
+                    "parameter {} appears more than once",
+                    k.chars().take(40).collect::<String>()
+                )
+            });
         }
     }
     Ok(m)
@@ -189,6 +211,9 @@ async fn token(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> R
     let started = std::time::Instant::now();
     let form = match parse_form(&headers, &body) {
         Ok(f) => f,
+        Err(e) if e.starts_with("one audience") => {
+            return oauth_error(StatusCode::BAD_REQUEST, "invalid_target", &e);
+        }
         Err(e) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e),
     };
     match field(&form, "grant_type").as_deref() {
@@ -250,13 +275,22 @@ async fn token(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> R
 }
 
 fn exchange_error(e: &ExchangeError) -> Response {
-    let mut body = json!({"error": e.oauth_code(), "error_description": e.to_string()});
+    let mut body = json!({
+        "error": e.oauth_code(),
+        "error_description": description(&e.to_string()),
+    });
     let status = match e {
-        ExchangeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ExchangeError::Unavailable(_) | ExchangeError::IssuerUnavailable(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         _ => StatusCode::BAD_REQUEST,
     };
     if let ExchangeError::AuthorizationPending(id) | ExchangeError::AccessDenied(id) = e {
         body["request_id"] = id.clone().into();
+    }
+    if matches!(e, ExchangeError::AuthorizationPending(_)) {
+        // As in RFC 8628 §3.5: how many seconds to wait before retrying.
+        body["interval"] = 5.into();
     }
     if let ExchangeError::InvalidScope(denied) = e {
         body["denied_scopes"] = denied.clone().into();
@@ -267,11 +301,12 @@ fn exchange_error(e: &ExchangeError) -> Response {
 /// Authenticates the caller of introspection and revocation: a JWT-SVID of this trust domain
 /// whose audience is Tessera's issuer, as a Bearer token.
 fn bearer_agent(s: &HttpState, headers: &HeaderMap) -> Result<String, Box<Response>> {
-    let unauthorized = |desc: &str| {
+    // RFC 6750 §3: no credentials → a bare challenge; bad credentials → invalid_token.
+    let unauthorized = |desc: &str, challenge: &'static str| {
         let mut r = oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", desc);
         r.headers_mut().insert(
             header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"tessera\""),
+            HeaderValue::from_static(challenge),
         );
         Box::new(r)
     };
@@ -284,13 +319,19 @@ fn bearer_agent(s: &HttpState, headers: &HeaderMap) -> Result<String, Box<Respon
         _ => {
             return Err(unauthorized(
                 "authenticate with a JWT-SVID whose audience is Tessera's issuer, as a Bearer token",
+                "Bearer realm=\"tessera\"",
             ));
         }
     };
     s.exchanger
         .authenticate_agent(token)
         .map(|(e, _)| e.spiffe_id.to_string())
-        .map_err(|e| unauthorized(&format!("the Bearer JWT-SVID is not accepted: {e}")))
+        .map_err(|e| {
+            unauthorized(
+                &format!("the Bearer JWT-SVID is not accepted: {e}"),
+                "Bearer realm=\"tessera\", error=\"invalid_token\"",
+            )
+        })
 }
 
 async fn introspect(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {

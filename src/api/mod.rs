@@ -28,6 +28,8 @@ pub fn exchange_status(e: ExchangeError) -> Status {
         ExchangeError::InvalidScope(_) | ExchangeError::AccessDenied(_) => {
             (Status::permission_denied(msg), None)
         }
+        ExchangeError::MalformedScope(_) => (Status::invalid_argument(msg), None),
+        ExchangeError::IssuerUnavailable(_) => (Status::unavailable(msg), None),
         ExchangeError::AuthorizationPending(id) => (Status::failed_precondition(msg), Some(id)),
     };
     if let Ok(v) = code.parse() {

@@ -108,9 +108,15 @@ pub enum ExchangeError {
     /// The audience is refused.
     #[error("{0}")]
     InvalidTarget(String),
-    /// Policy denied these scopes (or they are malformed).
+    /// Policy denied these scopes.
     #[error("scopes denied by policy: {}", .0.join(" "))]
     InvalidScope(Vec<String>),
+    /// The scope parameter is missing or malformed (RFC 6749 §3.3: `invalid_scope`).
+    #[error("{0}")]
+    MalformedScope(String),
+    /// A trusted OIDC issuer's keys cannot be fetched right now.
+    #[error("{0}")]
+    IssuerUnavailable(String),
     /// A high-risk agent's request waits for an operator.
     #[error("an operator must approve this request; retry the same request later (request_id {0})")]
     AuthorizationPending(String),
@@ -131,7 +137,8 @@ impl ExchangeError {
         match self {
             Self::InvalidRequest(_) | Self::NoIdentity(_) => "invalid_request",
             Self::InvalidTarget(_) => "invalid_target",
-            Self::InvalidScope(_) => "invalid_scope",
+            Self::InvalidScope(_) | Self::MalformedScope(_) => "invalid_scope",
+            Self::IssuerUnavailable(_) => "temporarily_unavailable",
             Self::AuthorizationPending(_) => "authorization_pending",
             Self::AccessDenied(_) => "access_denied",
             Self::Unavailable(_) => "temporarily_unavailable",
@@ -366,7 +373,8 @@ impl Exchanger {
                 "audience must be at most {MAX_AUDIENCE_LEN} printable characters"
             )));
         }
-        let scopes = parse_scopes(req.scope.as_deref().unwrap_or("")).map_err(bad)?;
+        let scopes = parse_scopes(req.scope.as_deref().unwrap_or(""))
+            .map_err(ExchangeError::MalformedScope)?;
         let expires_in = match req.expires_in.as_deref() {
             None | Some("") => None,
             Some(s) => match s.parse::<u64>() {
@@ -383,14 +391,33 @@ impl Exchanger {
         let (entry, holder) = self.agent(actor)?;
 
         // 3. The subject.
-        let subject = self.oidc.validate(&subject_token).await.map_err(|e| {
-            self.refuse(
+        let subject = match self.oidc.validate(&subject_token).await {
+            Ok(s) => s,
+            Err(crate::oidc::OidcError::KeysUnavailable(e)) => {
+                return Err(ExchangeError::IssuerUnavailable(format!(
+                    "the subject token's issuer keys cannot be fetched right now: {e}"
+                )));
+            }
+            Err(e) => {
+                return Err(self.refuse(
+                    &holder,
+                    &entry,
+                    &task_id,
+                    format!("subject_token is not valid: {e}"),
+                ));
+            }
+        };
+        // RFC 8693 §4.1: a prior `act` must be an object naming its actor to be nested.
+        if let Some(prev) = &subject.act
+            && !prev.get("sub").is_some_and(Value::is_string)
+        {
+            return Err(self.refuse(
                 &holder,
                 &entry,
                 &task_id,
-                format!("subject_token is not valid: {e}"),
-            )
-        })?;
+                "subject_token has an act claim that is not an object with a sub".into(),
+            ));
+        }
 
         // 4. Lifetime: the default, shortened by the request, the entry, the daemon's cap,
         //    and never past the subject token itself.
