@@ -1062,3 +1062,60 @@ fn tls_key_readable_by_others_is_refused_at_start() {
     // And nothing was left listening.
     assert!(!dir.path().join("w.sock").exists());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn task_ownership_and_completion_survive_a_restart() {
+    let idp = Idp::start().await;
+    let d = daemon(&idp, POLICY, "", "");
+    let actor_a = actor_token(&d, "a").await;
+    let subject = idp.token("frank");
+    let (code, r) = exchange(
+        &d,
+        &base_fields(&subject, &actor_a, "owned", "tickets:read"),
+    );
+    assert_eq!(code, 200, "{r}");
+    let (code, _) = exchange(&d, &base_fields(&subject, &actor_a, "done", "tickets:read"));
+    assert_eq!(code, 200);
+    let done = cli_json(&d, &["task", "complete", "done"]);
+    assert_eq!(done["revoked"], 1);
+    let token = r["access_token"].as_str().unwrap().to_owned();
+
+    // kill -9: no graceful shutdown.
+    let mut d = d;
+    d.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
+    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
+    drop(d);
+    let config = std::fs::read_to_string(dir.path().join("tesserad.toml")).unwrap();
+    let d = Daemon::start_in(dir, &config);
+
+    let actor_a = actor_token(&d, "a").await;
+    let actor_b = actor_token(&d, "b").await;
+    // The task still belongs to a; the completed task stays complete.
+    let (_, r) = exchange(
+        &d,
+        &base_fields(&subject, &actor_b, "owned", "tickets:read"),
+    );
+    assert_eq!(r["error"], "invalid_request", "{r}");
+    assert!(
+        r["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("another agent")
+    );
+    let (_, r) = exchange(&d, &base_fields(&subject, &actor_a, "done", "tickets:read"));
+    assert!(
+        r["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("complete"),
+        "{r}"
+    );
+    let (code, _) = exchange(
+        &d,
+        &base_fields(&subject, &actor_a, "owned", "tickets:read"),
+    );
+    assert_eq!(code, 200);
+    // The token from before the crash is still a live lease.
+    let (_, i) = post_auth(&d, "/introspect", Some(&actor_b), &token);
+    assert_eq!(i["active"], true, "{i}");
+}
