@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod exchange;
 pub mod fsutil;
+pub mod fuzzing;
 pub mod issuer;
 pub mod jose;
 pub mod lease;

@@ -184,6 +184,12 @@ fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<Map<String, Value>, St
     if !mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
         return Err("the body must be application/x-www-form-urlencoded".into());
     }
+    parse_form_body(body)
+}
+
+/// Decodes a form body into parameters; a repeated parameter is an error. Pure, so it is
+/// fuzzed directly.
+pub fn parse_form_body(body: &[u8]) -> Result<Map<String, Value>, String> {
     let mut m = Map::new();
     for (k, v) in url::form_urlencoded::parse(body) {
         if m.insert(k.to_string(), Value::String(v.into_owned()))

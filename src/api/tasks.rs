@@ -26,6 +26,21 @@ impl TasksApi {
     }
 }
 
+/// Protobuf exchange request to the domain request (`spiffe_id`, the acting identity, is
+/// handled by the caller).
+pub fn request_from_pb(r: pb::ExchangeRequest) -> exchange::Request {
+    exchange::Request {
+        subject_token: Some(r.subject_token),
+        subject_token_type: Some(r.subject_token_type),
+        audience: Some(r.audience),
+        scope: Some(r.scopes.join(" ")),
+        task_id: Some(r.task_id),
+        expires_in: (r.expires_in > 0).then(|| r.expires_in.to_string()),
+        requested_token_type: Some(r.requested_token_type),
+        x509: r.x509_svid,
+    }
+}
+
 #[tonic::async_trait]
 impl pb::tasks_server::Tasks for TasksApi {
     async fn exchange(
@@ -36,20 +51,12 @@ impl pb::tasks_server::Tasks for TasksApi {
         let issuer = self.exchanger.issuer();
         let peer = req.extensions().get::<PeerConn>().and_then(|p| p.0.clone());
         let caller = issuer.attest(peer.as_deref()).await.map_err(status)?;
-        let r = req.into_inner();
-        let request = exchange::Request {
-            subject_token: Some(r.subject_token),
-            subject_token_type: Some(r.subject_token_type),
-            audience: Some(r.audience),
-            scope: Some(r.scopes.join(" ")),
-            task_id: Some(r.task_id),
-            expires_in: (r.expires_in > 0).then(|| r.expires_in.to_string()),
-            requested_token_type: Some(r.requested_token_type),
-            x509: r.x509_svid,
-        };
+        let mut r = req.into_inner();
+        let spiffe_id = std::mem::take(&mut r.spiffe_id);
+        let request = request_from_pb(r);
         let actor = ActorRef::Attested {
             caller: &caller,
-            spiffe_id: Some(r.spiffe_id.as_str()),
+            spiffe_id: Some(spiffe_id.as_str()),
         };
         let g = self
             .exchanger

@@ -232,6 +232,102 @@ pub fn parse_scopes(s: &str) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
+/// A token type parameter must be present and one of `allowed`.
+fn check_token_type(
+    name: &str,
+    value: Option<&str>,
+    allowed: &[&str],
+) -> Result<(), ExchangeError> {
+    match value {
+        Some(v) if allowed.contains(&v) => Ok(()),
+        None | Some("") => Err(bad(format!("{name} is required (e.g. {})", allowed[0]))),
+        Some(other) => Err(bad(format!(
+            "{name} {:?} is not supported; use {} (a JWT)",
+            other.chars().take(100).collect::<String>(),
+            allowed.join(", ")
+        ))),
+    }
+}
+
+/// A request whose parameters passed [`check_request`].
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// The subject token (not yet validated).
+    pub subject_token: String,
+    /// What will be issued.
+    pub issued_token_type: &'static str,
+    /// Valid task id.
+    pub task_id: String,
+    /// Audience.
+    pub audience: String,
+    /// Scopes, deduplicated, in order.
+    pub scopes: Vec<String>,
+    /// Requested lifetime.
+    pub expires_in: Option<Duration>,
+    /// Task X.509-SVID wanted.
+    pub x509: bool,
+}
+
+/// Step 1 of an exchange: the parameters alone, before any token or state is looked at.
+/// Pure, so it is fuzzed directly.
+pub fn check_request(req: Request) -> Result<Checked, ExchangeError> {
+    let subject_token = req.subject_token.filter(|s| !s.is_empty()).ok_or_else(|| {
+        bad("subject_token is required: the OIDC token of the user or pipeline the agent acts for")
+    })?;
+    check_token_type(
+        "subject_token_type",
+        req.subject_token_type.as_deref(),
+        &[TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_JWT, TOKEN_TYPE_ACCESS_TOKEN],
+    )?;
+    let issued_token_type = match req.requested_token_type.as_deref() {
+        None | Some("") | Some(TOKEN_TYPE_ACCESS_TOKEN) => TOKEN_TYPE_ACCESS_TOKEN,
+        Some(TOKEN_TYPE_JWT) => TOKEN_TYPE_JWT,
+        Some(other) => {
+            return Err(bad(format!(
+                "requested_token_type {:?} cannot be issued; Tessera issues {TOKEN_TYPE_ACCESS_TOKEN} (a JWT)",
+                other.chars().take(100).collect::<String>()
+            )));
+        }
+    };
+    let task_id = req
+            .task_id
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| bad("task_id is required: the id of the task this credential is for ([A-Za-z0-9_-], 1 to 128 characters)"))?;
+    validate_task_id(&task_id).map_err(bad)?;
+    let audience = req
+        .audience
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad("audience is required: the tool or API the token is for"))?;
+    if audience.len() > MAX_AUDIENCE_LEN || audience.chars().any(char::is_control) {
+        return Err(ExchangeError::InvalidTarget(format!(
+            "audience must be at most {MAX_AUDIENCE_LEN} printable characters"
+        )));
+    }
+    let scopes =
+        parse_scopes(req.scope.as_deref().unwrap_or("")).map_err(ExchangeError::MalformedScope)?;
+    let expires_in = match req.expires_in.as_deref() {
+        None | Some("") => None,
+        Some(s) => match s.parse::<u64>() {
+            Ok(n) if n > 0 => Some(Duration::from_secs(n)),
+            _ => {
+                return Err(bad(
+                    "expires_in must be a positive number of seconds (it can only shorten the token's lifetime)",
+                ));
+            }
+        },
+    };
+
+    Ok(Checked {
+        subject_token,
+        issued_token_type,
+        task_id,
+        audience,
+        scopes,
+        expires_in,
+        x509: req.x509,
+    })
+}
+
 impl Exchanger {
     /// Assembles the service.
     pub fn new(
@@ -331,61 +427,15 @@ impl Exchanger {
         actor: ActorRef<'_>,
     ) -> Result<Grant, ExchangeError> {
         // 1. The request itself.
-        let subject_token = req
-            .subject_token
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| bad("subject_token is required: the OIDC token of the user or pipeline the agent acts for"))?;
-        match req.subject_token_type.as_deref() {
-            Some(TOKEN_TYPE_JWT | TOKEN_TYPE_ID_TOKEN | TOKEN_TYPE_ACCESS_TOKEN) => {}
-            None | Some("") => {
-                return Err(bad(format!(
-                    "subject_token_type is required (e.g. {TOKEN_TYPE_ID_TOKEN})"
-                )));
-            }
-            Some(other) => {
-                return Err(bad(format!(
-                    "subject_token_type {:?} is not supported; use {TOKEN_TYPE_ID_TOKEN}, {TOKEN_TYPE_JWT} or {TOKEN_TYPE_ACCESS_TOKEN} (a JWT)",
-                    other.chars().take(100).collect::<String>()
-                )));
-            }
-        }
-        let issued_token_type = match req.requested_token_type.as_deref() {
-            None | Some("") | Some(TOKEN_TYPE_ACCESS_TOKEN) => TOKEN_TYPE_ACCESS_TOKEN,
-            Some(TOKEN_TYPE_JWT) => TOKEN_TYPE_JWT,
-            Some(other) => {
-                return Err(bad(format!(
-                    "requested_token_type {:?} cannot be issued; Tessera issues {TOKEN_TYPE_ACCESS_TOKEN} (a JWT)",
-                    other.chars().take(100).collect::<String>()
-                )));
-            }
-        };
-        let task_id = req
-            .task_id
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| bad("task_id is required: the id of the task this credential is for ([A-Za-z0-9_-], 1 to 128 characters)"))?;
-        validate_task_id(&task_id).map_err(bad)?;
-        let audience = req
-            .audience
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| bad("audience is required: the tool or API the token is for"))?;
-        if audience.len() > MAX_AUDIENCE_LEN || audience.chars().any(char::is_control) {
-            return Err(ExchangeError::InvalidTarget(format!(
-                "audience must be at most {MAX_AUDIENCE_LEN} printable characters"
-            )));
-        }
-        let scopes = parse_scopes(req.scope.as_deref().unwrap_or(""))
-            .map_err(ExchangeError::MalformedScope)?;
-        let expires_in = match req.expires_in.as_deref() {
-            None | Some("") => None,
-            Some(s) => match s.parse::<u64>() {
-                Ok(n) if n > 0 => Some(Duration::from_secs(n)),
-                _ => {
-                    return Err(bad(
-                        "expires_in must be a positive number of seconds (it can only shorten the token's lifetime)",
-                    ));
-                }
-            },
-        };
+        let Checked {
+            subject_token,
+            issued_token_type,
+            task_id,
+            audience,
+            scopes,
+            expires_in,
+            x509,
+        } = check_request(req)?;
 
         // 2. The acting agent.
         let (entry, holder) = self.agent(actor)?;
@@ -563,7 +613,7 @@ impl Exchanger {
             task_id: &task_id,
             ttl,
             claims,
-            x509: req.x509,
+            x509,
             audit: details,
         };
         match self.issuer.issue_task(grant).await {
@@ -654,20 +704,7 @@ impl Exchanger {
                         "actor_token is required: the agent's JWT-SVID whose audience is Tessera's issuer",
                     ));
                 }
-                match token_type {
-                    Some(TOKEN_TYPE_JWT) => {}
-                    None | Some("") => {
-                        return Err(bad(format!(
-                            "actor_token_type is required with actor_token ({TOKEN_TYPE_JWT})"
-                        )));
-                    }
-                    Some(other) => {
-                        return Err(bad(format!(
-                            "actor_token_type {:?} is not supported; use {TOKEN_TYPE_JWT}",
-                            other.chars().take(100).collect::<String>()
-                        )));
-                    }
-                }
+                check_token_type("actor_token_type", token_type, &[TOKEN_TYPE_JWT])?;
                 self.authenticate_agent(token)
                     .map_err(|e| bad(format!("actor_token is not valid: {e}")))
             }

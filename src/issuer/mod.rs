@@ -137,6 +137,41 @@ const ACTIVITY_RESOLUTION_MS: i64 = 3600 * 1000;
 const MAX_AUDIENCES: usize = 16;
 const MAX_AUDIENCE_LEN: usize = 512;
 
+/// The parameters of a JWT-SVID request alone: audiences present, bounded and printable; the
+/// requested SPIFFE ID, if any, well-formed. Pure, so it is fuzzed directly.
+pub fn check_jwt_request(
+    audience: &[String],
+    requested: Option<&str>,
+) -> Result<Option<SpiffeId>, IssueError> {
+    if audience.is_empty() {
+        return Err(IssueError::InvalidArgument(
+            "audience is required: give at least one audience the JWT-SVID is for".into(),
+        ));
+    }
+    if audience.len() > MAX_AUDIENCES {
+        return Err(IssueError::InvalidArgument(format!(
+            "at most {MAX_AUDIENCES} audiences per request"
+        )));
+    }
+    for a in audience {
+        if a.is_empty() || a.len() > MAX_AUDIENCE_LEN || a.chars().any(char::is_control) {
+            return Err(IssueError::InvalidArgument(format!(
+                "each audience must be 1 to {MAX_AUDIENCE_LEN} printable characters"
+            )));
+        }
+    }
+    requested
+        .map(|s| {
+            SpiffeId::parse(s).map_err(|e| {
+                IssueError::InvalidArgument(format!(
+                    "spiffe_id {:?} {e}",
+                    s.chars().take(80).collect::<String>()
+                ))
+            })
+        })
+        .transpose()
+}
+
 /// The issuance path and the parts it needs.
 #[derive(Debug)]
 pub struct Issuer {
@@ -451,33 +486,7 @@ impl Issuer {
         audience: &[String],
         requested: Option<&str>,
     ) -> Result<Vec<JwtSvid>, IssueError> {
-        if audience.is_empty() {
-            return Err(IssueError::InvalidArgument(
-                "audience is required: give at least one audience the JWT-SVID is for".into(),
-            ));
-        }
-        if audience.len() > MAX_AUDIENCES {
-            return Err(IssueError::InvalidArgument(format!(
-                "at most {MAX_AUDIENCES} audiences per request"
-            )));
-        }
-        for a in audience {
-            if a.is_empty() || a.len() > MAX_AUDIENCE_LEN || a.chars().any(char::is_control) {
-                return Err(IssueError::InvalidArgument(format!(
-                    "each audience must be 1 to {MAX_AUDIENCE_LEN} printable characters"
-                )));
-            }
-        }
-        let wanted = requested
-            .map(|s| {
-                SpiffeId::parse(s).map_err(|e| {
-                    IssueError::InvalidArgument(format!(
-                        "spiffe_id {:?} {e}",
-                        s.chars().take(80).collect::<String>()
-                    ))
-                })
-            })
-            .transpose()?;
+        let wanted = check_jwt_request(audience, requested)?;
         let mut entries = self.entitled(caller, Kind::Jwt)?;
         if let Some(w) = &wanted {
             entries.retain(|e| &e.spiffe_id == w);
