@@ -22,13 +22,6 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const TT_ID: &str = "urn:ietf:params:oauth:token-type:id_token";
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// A keep-alive HTTP/1.1 connection that posts forms and reads `Content-Length` bodies:
 /// as little client work as possible, since the load generator shares the daemon's cores.
 struct Conn {
@@ -220,8 +213,8 @@ async fn drive_grpc(d: &common::Daemon, subject: &str, clients: usize, secs: f64
 }
 
 fn main() {
-    let secs = env_num("TESSERA_BENCH_SECS", 5) as f64;
-    let clients = env_num("TESSERA_BENCH_CLIENTS", 32) as usize;
+    let secs = common::env_num("TESSERA_BENCH_SECS", 5) as f64;
+    let clients = common::env_num("TESSERA_BENCH_CLIENTS", 32) as usize;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!("exchange benchmark: {cores} cores, {clients} concurrent clients, {secs}s per phase");
     let rt = tokio::runtime::Builder::new_multi_thread()

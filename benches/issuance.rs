@@ -17,13 +17,6 @@ use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
 use serde_json::json;
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Key generation + one ECDSA signature over a certificate-sized message, on every core.
 fn raw_limit(secs: f64, threads: usize) -> f64 {
     let rng = SystemRandom::new();
@@ -161,8 +154,8 @@ async fn collect(tasks: Vec<tokio::task::JoinHandle<(Vec<u64>, u64)>>, start: In
 }
 
 fn main() {
-    let secs = env_num("TESSERA_BENCH_SECS", 5) as f64;
-    let clients = env_num("TESSERA_BENCH_CLIENTS", 64) as usize;
+    let secs = common::env_num("TESSERA_BENCH_SECS", 5) as f64;
+    let clients = common::env_num("TESSERA_BENCH_CLIENTS", 64) as usize;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!("issuance benchmark: {cores} cores, {clients} concurrent clients, {secs}s per phase");
 

@@ -207,6 +207,11 @@ const NAME_CACHE_TTL: Duration = Duration::from_secs(60);
 pub struct Attestor {
     max_hash_bytes: u64,
     hashes: DashMap<FileKey, Arc<str>>,
+    /// One lock per executable being hashed, so that many first connections from the same
+    /// binary (sidecars starting together after a reboot) hash it once, not once each.
+    hashing: DashMap<FileKey, Arc<tokio::sync::Mutex<()>>>,
+    /// Executables read and hashed in full, for the single-flight test and debugging.
+    files_hashed: std::sync::atomic::AtomicU64,
     users: DashMap<u32, (Instant, Option<String>)>,
     groups: DashMap<u32, (Instant, Option<String>)>,
 }
@@ -217,6 +222,8 @@ impl Attestor {
         Self {
             max_hash_bytes,
             hashes: DashMap::new(),
+            hashing: DashMap::new(),
+            files_hashed: Default::default(),
             users: DashMap::new(),
             groups: DashMap::new(),
         }
@@ -382,8 +389,16 @@ impl Attestor {
             );
             return None;
         }
+        let gate = Arc::clone(self.hashing.entry(key).or_default().value());
+        let _hashing = gate.lock().await;
+        // Whoever held the lock before us may have hashed this very file.
+        if let Some(h) = self.hashes.get(&key) {
+            return Some(h.to_string());
+        }
         let this = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
+        let hashed = tokio::task::spawn_blocking(move || {
+            this.files_hashed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let h: Arc<str> = sha256_reader(file, this.max_hash_bytes)?.into();
             if this.hashes.len() >= HASH_CACHE_MAX {
                 this.hashes.clear();
@@ -393,7 +408,9 @@ impl Attestor {
         })
         .await
         .ok()
-        .flatten()
+        .flatten();
+        self.hashing.remove(&key);
+        hashed
     }
 
     fn user_name(&self, uid: u32) -> Option<String> {
@@ -529,6 +546,32 @@ mod tests {
         assert_eq!(parse_groups(s), vec![4, 24, 27, 1000]);
         assert!(parse_groups("Groups:\t\n").is_empty());
         assert!(parse_groups("").is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_connections_hash_an_executable_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent");
+        std::fs::write(&path, vec![0xA5u8; 8 << 20]).unwrap();
+        let key = FileKey::of(&std::fs::metadata(&path).unwrap());
+        let attestor = Arc::new(Attestor::new(1 << 30));
+        let calls = (0..16).map(|_| {
+            let a = Arc::clone(&attestor);
+            let f = File::open(&path).unwrap();
+            tokio::spawn(async move { a.hash_exe(f, key).await })
+        });
+        let results = futures_util::future::join_all(calls).await;
+        let want = sha256_file(&path).unwrap();
+        for r in results {
+            assert_eq!(r.unwrap().as_deref(), Some(want.as_str()));
+        }
+        assert_eq!(
+            attestor
+                .files_hashed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert!(attestor.hashing.is_empty(), "gates are removed after use");
     }
 
     #[tokio::test]

@@ -11,6 +11,14 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+/// A numeric knob for benchmarks, e.g. `TESSERA_BENCH_SECS`.
+pub fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Path of the daemon binary built by cargo for this test run.
 pub fn tesserad_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tesserad"))

@@ -1,0 +1,283 @@
+//! Crash test: under load, `kill -9` the daemon again and again; after each restart every
+//! credential a client received must be in the lease store, every revocation the operator saw
+//! acknowledged must still be revoked, and the kill list must still hold.
+//!
+//! Clients keep a ledger of what they received (JWT-SVID `jti`s, X.509-SVID serials) and of
+//! acknowledged revocations; nothing counts until the client has the full response.
+//!
+//! `cargo bench --bench crash` (env: `TESSERA_CRASH_ROUNDS`, default 20;
+//! `TESSERA_BENCH_CLIENTS`, default 16). Prints a table, writes `target/bench/crash.json`, and
+//! exits non-zero if anything was lost.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tessera::proto::tessera::v1 as apb;
+use tessera::proto::workload as wpb;
+
+#[derive(Default)]
+struct Ledger {
+    jtis: Vec<String>,
+    serials: Vec<String>,
+    revoked: Vec<String>,
+}
+
+fn serial_hex(cert_der: &[u8]) -> Option<String> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let raw = c.raw_serial();
+    Some(hex::encode(&raw[raw.len().saturating_sub(16)..]))
+}
+
+fn jti(token: &str) -> Option<String> {
+    use base64::Engine;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1)?)
+            .ok()?,
+    )
+    .ok()?;
+    claims["jti"].as_str().map(str::to_owned)
+}
+
+fn req<T>(m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    r
+}
+
+/// Drives load until the daemon dies: JWT-SVIDs and X.509-SVIDs from `clients` tasks, and an
+/// operator revoking a received JWT-SVID every few milliseconds.
+async fn load_until_crash(d: &common::Daemon, clients: usize, ledger: Arc<Mutex<Ledger>>) {
+    use wpb::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        // One connection per client, as separate workloads would have.
+        let mut c = SpiffeWorkloadApiClient::new(common::channel(&d.socket).await);
+        let ledger = Arc::clone(&ledger);
+        tasks.push(tokio::spawn(async move {
+            let mut failures = 0;
+            while failures < 3 {
+                let ok = if i % 2 == 0 {
+                    // A request to a dead daemon may wait on reconnection forever; bound it.
+                    match tokio::time::timeout(
+                        Duration::from_secs(2),
+                        c.fetch_jwtsvid(req(wpb::JwtsvidRequest {
+                            audience: vec!["crash".into()],
+                            spiffe_id: String::new(),
+                        })),
+                    )
+                    .await
+                    {
+                        Ok(Ok(r)) => {
+                            let mut l = ledger.lock().unwrap();
+                            for s in r.into_inner().svids {
+                                l.jtis.extend(jti(&s.svid));
+                            }
+                            true
+                        }
+                        _ => false,
+                    }
+                } else {
+                    let first = async {
+                        let s = c.fetch_x509svid(req(wpb::X509svidRequest {})).await?;
+                        s.into_inner().message().await
+                    };
+                    match tokio::time::timeout(Duration::from_secs(2), first).await {
+                        Ok(Ok(Some(m))) => {
+                            let mut l = ledger.lock().unwrap();
+                            for s in m.svids {
+                                l.serials.extend(serial_hex(&s.x509_svid));
+                            }
+                            true
+                        }
+                        _ => false,
+                    }
+                };
+                if ok {
+                    failures = 0;
+                } else {
+                    failures += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }));
+    }
+    let mut admin = apb::admin_client::AdminClient::new(common::channel(&d.admin_socket).await);
+    let revoker_ledger = Arc::clone(&ledger);
+    tasks.push(tokio::spawn(async move {
+        let mut failures = 0;
+        while failures < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let pick = {
+                let l = revoker_ledger.lock().unwrap();
+                l.jtis.get(l.jtis.len().saturating_sub(3)).cloned()
+            };
+            let Some(id) = pick else { continue };
+            let revoke = admin.revoke_lease(apb::RevokeLeaseRequest {
+                id: id.clone(),
+                reason: "crash test".into(),
+            });
+            match tokio::time::timeout(Duration::from_secs(2), revoke).await {
+                Ok(Ok(_)) => {
+                    failures = 0;
+                    revoker_ledger.lock().unwrap().revoked.push(id);
+                }
+                Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition => {}
+                _ => failures += 1,
+            }
+        }
+    }));
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// Every lease in the store, by id and serial.
+async fn store_contents(d: &common::Daemon) -> (HashMap<String, String>, HashMap<String, String>) {
+    let mut admin = apb::admin_client::AdminClient::new(common::channel(&d.admin_socket).await);
+    let (mut by_id, mut by_serial) = (HashMap::new(), HashMap::new());
+    let mut token = String::new();
+    loop {
+        let r = admin
+            .list_leases(apb::ListLeasesRequest {
+                page_size: 1000,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for l in r.leases {
+            if !l.serial.is_empty() {
+                by_serial.insert(l.serial.clone(), l.state.clone());
+            }
+            by_id.insert(l.id, l.state);
+        }
+        if r.next_page_token.is_empty() {
+            return (by_id, by_serial);
+        }
+        token = r.next_page_token;
+    }
+}
+
+fn config() -> String {
+    let uid = common::my_uid();
+    format!(
+        "log.level = \"info\"\n{}{}",
+        common::entry_for_uid("crash/agent", uid, ""),
+        common::entry_for_uid("crash/killed", uid, "")
+    )
+}
+
+fn main() {
+    let rounds = common::env_num("TESSERA_CRASH_ROUNDS", 20);
+    let clients = common::env_num("TESSERA_BENCH_CLIENTS", 16) as usize;
+    eprintln!("crash test: {rounds} rounds of load + kill -9, {clients} clients");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let report = rt.block_on(async {
+        let mut d = common::Daemon::start(&config());
+        // A kill before the first crash must hold through every restart.
+        let o = d.cli(&["kill", "spiffe://tessera.internal/crash/killed", "--reason", "crash test"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let (mut lost_leases, mut lost_revocations, mut lost_kills) = (0usize, 0usize, 0usize);
+        let started = Instant::now();
+        for round in 0..rounds {
+            let pid = d.pid();
+            // Crash after a random 200–700 ms of load.
+            let delay = 200 + (rand_u64() % 500);
+            let killer = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(delay));
+                // SAFETY: kill(2) on our child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            });
+            load_until_crash(&d, clients, Arc::clone(&ledger)).await;
+            killer.join().unwrap();
+            d.wait_exit(Duration::from_secs(10));
+            let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
+            drop(d);
+            d = common::Daemon::start_in(dir, &config());
+            let (by_id, by_serial) = store_contents(&d).await;
+            let l = ledger.lock().unwrap();
+            let missing_jwt = l.jtis.iter().filter(|j| !by_id.contains_key(*j)).count();
+            let missing_x509 = l
+                .serials
+                .iter()
+                .filter(|s| !by_serial.contains_key(*s))
+                .count();
+            let unrevoked = l
+                .revoked
+                .iter()
+                .filter(|r| by_id.get(*r).map(String::as_str) != Some("revoked"))
+                .count();
+            let killed = d.cli(&["--json", "killed"]);
+            let still_killed = String::from_utf8_lossy(&killed.stdout)
+                .contains("spiffe://tessera.internal/crash/killed");
+            lost_leases += missing_jwt + missing_x509;
+            lost_revocations += unrevoked;
+            lost_kills += usize::from(!still_killed);
+            eprintln!(
+                "round {:>3}: {} JWT + {} X.509 received so far, {} revocations; lost {} leases, {} revocations, kill held: {}",
+                round + 1,
+                l.jtis.len(),
+                l.serials.len(),
+                l.revoked.len(),
+                missing_jwt + missing_x509,
+                unrevoked,
+                still_killed
+            );
+        }
+        let l = ledger.lock().unwrap();
+        json!({
+            "rounds": rounds,
+            "clients": clients,
+            "seconds": started.elapsed().as_secs_f64(),
+            "jwt_svids_received": l.jtis.len(),
+            "x509_svids_received": l.serials.len(),
+            "revocations_acknowledged": l.revoked.len(),
+            "lost_leases": lost_leases,
+            "lost_revocations": lost_revocations,
+            "lost_kills": lost_kills,
+        })
+    });
+    println!();
+    println!("{:<40} {:>10}", "measure", "count");
+    for k in [
+        "rounds",
+        "jwt_svids_received",
+        "x509_svids_received",
+        "revocations_acknowledged",
+        "lost_leases",
+        "lost_revocations",
+        "lost_kills",
+    ] {
+        println!("{k:<40} {:>10}", report[k]);
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("crash.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
+    println!("wrote {}", path.display());
+    let lost = report["lost_leases"].as_u64().unwrap()
+        + report["lost_revocations"].as_u64().unwrap()
+        + report["lost_kills"].as_u64().unwrap();
+    if lost > 0 {
+        eprintln!("LOST RECORDS: {lost}");
+        std::process::exit(1);
+    }
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).unwrap();
+    u64::from_le_bytes(b)
+}
