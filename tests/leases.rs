@@ -179,6 +179,74 @@ async fn kill_ends_a_live_stream_and_restore_reopens() {
     assert!(client.fetch_x509_svid().await.is_ok());
 }
 
+/// The kill answers once it is durable and marks leases one by one afterwards; a restore sent
+/// at once must not bring any of them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_right_after_a_kill_leaves_every_lease_revoked() {
+    let d = Daemon::start(&two_identities());
+    let client = std::sync::Arc::new(d.client().await);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let c = std::sync::Arc::clone(&client);
+            tokio::spawn(async move {
+                let mut jtis = Vec::new();
+                for _ in 0..100 {
+                    let svid = c
+                        .fetch_jwt_svid(
+                            ["a"],
+                            Some(&"spiffe://tessera.internal/agent".parse().unwrap()),
+                        )
+                        .await
+                        .unwrap();
+                    jtis.push(jti(svid.token()));
+                }
+                jtis
+            })
+        })
+        .collect();
+    let mut issued = Vec::new();
+    for t in tasks {
+        issued.extend(t.await.unwrap());
+    }
+    let other = client
+        .fetch_jwt_svid(
+            ["a"],
+            Some(&"spiffe://tessera.internal/other".parse().unwrap()),
+        )
+        .await
+        .unwrap();
+    let mut a = admin(&d).await;
+    let killed = a
+        .kill_identity(admin_pb::KillIdentityRequest {
+            spiffe_id: "spiffe://tessera.internal/agent".into(),
+            reason: "incident 43".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(killed.revoked as usize, issued.len());
+    a.restore_identity(admin_pb::RestoreIdentityRequest {
+        spiffe_id: "spiffe://tessera.internal/agent".into(),
+    })
+    .await
+    .unwrap();
+    let states: std::collections::HashMap<_, _> = common::all_leases(&d.admin_socket)
+        .await
+        .into_iter()
+        .map(|l| (l.id, l.state))
+        .collect();
+    for j in &issued {
+        assert_eq!(states.get(j).map(String::as_str), Some("revoked"), "{j}");
+    }
+    assert_eq!(
+        states.get(&jti(other.token())).map(String::as_str),
+        Some("active"),
+        "another identity is untouched"
+    );
+    // Restored: new credentials again.
+    client.fetch_jwt_svid(["a"], None).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_one_identity_updates_a_stream_that_has_others() {
     let d = Daemon::start(&two_identities());

@@ -183,6 +183,9 @@ pub struct Issuer {
     metrics: Arc<Metrics>,
     settings: IssuerSettings,
     barrier: RwLock<()>,
+    /// Held shared while a kill marks its leases in the background; a restore takes it
+    /// exclusively so that it never lifts a kill whose leases are not yet marked revoked.
+    kill_marking: Arc<RwLock<()>>,
     /// Entries from the config file (read-only) and from the store (editable).
     config_entries: Vec<Entry>,
     stored_entries: std::sync::Mutex<Vec<(Entry, EntrySpec)>>,
@@ -225,6 +228,7 @@ impl Issuer {
             metrics,
             settings,
             barrier: RwLock::new(()),
+            kill_marking: Arc::new(RwLock::new(())),
             config_entries,
             stored_entries: std::sync::Mutex::new(stored_entries),
             activity: dashmap::DashMap::new(),

@@ -397,14 +397,36 @@ impl LeaseTable {
 
     /// A copy of a lease.
     pub fn get(&self, id: &LeaseId) -> Option<Lease> {
-        self.leases.get(id).map(|l| Lease::clone(&l))
+        let l = Lease::clone(&*self.leases.get(id)?);
+        let kills = self.kills.read().unwrap_or_else(|e| e.into_inner());
+        Some(with_kill(l, &kills))
+    }
+
+    /// True when a kill covers `spiffe_id`; cheap when the kill list is empty.
+    fn kill_covers(&self, spiffe_id: &str) -> bool {
+        let kills = self.kills.read().unwrap_or_else(|e| e.into_inner());
+        !kills.is_empty() && covering_kill(&kills, spiffe_id).is_some()
+    }
+
+    /// How many active leases `id` and the identities under its path hold, without touching
+    /// the leases: the kill switch reports it before marking them.
+    pub fn active_in_tree(&self, id: &SpiffeId) -> usize {
+        self.by_identity
+            .iter()
+            .filter(|e| SpiffeId::parse(e.key()).is_ok_and(|k| k.is_within(id)))
+            .map(|e| e.value().len())
+            .sum()
     }
 
     /// True when the lease exists, is active and has not reached its expiry.
+    ///
+    /// A lease under a kill counts as revoked from the moment the kill is in the kill list,
+    /// before [`LeaseTable::revoke_identity_tree`] has marked it, so that the kill switch
+    /// takes effect in the time of one durable write, not of one update per lease.
     pub fn is_active(&self, id: &LeaseId, now_s: i64) -> bool {
-        self.leases
-            .get(id)
-            .is_some_and(|l| l.state == State::Active && now_s < l.expires_at)
+        self.leases.get(id).is_some_and(|l| {
+            l.state == State::Active && now_s < l.expires_at && !self.kill_covers(&l.spiffe_id)
+        })
     }
 
     /// Ids of the active leases of `id` and, if `tree`, of every identity under its path.
@@ -708,7 +730,13 @@ impl LeaseTable {
                 .iter()
                 .filter_map(|i| self.get(i))
                 .collect(),
-            _ => self.leases.iter().map(|l| Lease::clone(&l)).collect(),
+            _ => {
+                let kills = self.kills.read().unwrap_or_else(|e| e.into_inner());
+                self.leases
+                    .iter()
+                    .map(|l| with_kill(Lease::clone(&l), &kills))
+                    .collect()
+            }
         };
         out.retain(|l| {
             f.kind.is_none_or(|k| l.kind == k)
@@ -728,19 +756,7 @@ impl LeaseTable {
 
     /// True when `id` or an identity above it (by whole path segments) is killed.
     pub fn is_killed(&self, id: &SpiffeId) -> bool {
-        let kills = self.kills.read().unwrap_or_else(|e| e.into_inner());
-        if kills.is_empty() {
-            return false;
-        }
-        let s = id.as_str();
-        let root = s.len() - id.path().len();
-        if kills.contains_key(s) {
-            return true;
-        }
-        // Walk up: spiffe://td/a/b/c → /a/b → /a.
-        s[root..]
-            .match_indices('/')
-            .any(|(i, _)| i > 0 && kills.contains_key(&s[..root + i]))
+        self.kill_covers(id.as_str())
     }
 
     /// Adds to the kill list.
@@ -783,6 +799,40 @@ impl LeaseTable {
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
+}
+
+/// The kill on `spiffe_id` or on an identity above it (by whole path segments), if any.
+fn covering_kill<'a>(kills: &'a HashMap<String, Kill>, spiffe_id: &str) -> Option<&'a Kill> {
+    if let Some(k) = kills.get(spiffe_id) {
+        return Some(k);
+    }
+    // Walk up: spiffe://td/a/b/c → /a/b → /a. The path starts at the first '/' after the
+    // scheme and trust domain.
+    let root = spiffe_id
+        .strip_prefix("spiffe://")
+        .and_then(|rest| rest.find('/'))
+        .map(|i| i + "spiffe://".len())?;
+    spiffe_id[root..]
+        .match_indices('/')
+        .filter(|(i, _)| *i > 0)
+        .find_map(|(i, _)| kills.get(&spiffe_id[..root + i]))
+}
+
+/// A lease as readers must see it: active leases under a kill are revoked by it, even before
+/// the kill has marked them one by one.
+fn with_kill(mut l: Lease, kills: &HashMap<String, Kill>) -> Lease {
+    if l.state == State::Active
+        && !kills.is_empty()
+        && let Some(k) = covering_kill(kills, &l.spiffe_id)
+    {
+        l.state = State::Revoked;
+        l.revocation = Some(Arc::new(Revocation {
+            at_ms: k.at_ms,
+            by: format!("kill by {}", k.by),
+            reason: k.reason.clone(),
+        }));
+    }
+    l
 }
 
 #[cfg(test)]
@@ -888,6 +938,61 @@ mod tests {
         assert!(t.is_active(&c.id, 0));
         assert_eq!(t.revoked_serials().len(), 2);
         assert_eq!(t.active_count(), 1);
+    }
+
+    #[test]
+    fn a_kill_revokes_for_every_reader_before_its_leases_are_marked() {
+        let t = LeaseTable::new();
+        let a = lease(&t, "spiffe://td/a", None, 100);
+        let b = lease(&t, "spiffe://td/a/task/t1", Some("t1"), 100);
+        let c = lease(&t, "spiffe://td/a2", None, 100);
+        for l in [&a, &b, &c] {
+            t.insert(l.clone());
+        }
+        assert_eq!(
+            t.active_in_tree(&SpiffeId::parse("spiffe://td/a").unwrap()),
+            2
+        );
+        t.add_kill(Kill {
+            spiffe_id: "spiffe://td/a".into(),
+            at_ms: 7,
+            by: "operator uid:0".into(),
+            reason: "incident".into(),
+        });
+        for id in [a.id, b.id] {
+            assert!(!t.is_active(&id, 0));
+            let got = t.get(&id).unwrap();
+            assert_eq!(got.state, State::Revoked);
+            let rev = got.revocation.unwrap();
+            assert_eq!((rev.at_ms, rev.reason.as_str()), (7, "incident"));
+            assert_eq!(rev.by, "kill by operator uid:0");
+        }
+        assert!(
+            t.is_active(&c.id, 0),
+            "a sibling path is not under the kill"
+        );
+        let active = t.list(&Filter {
+            state: Some(State::Active),
+            ..Default::default()
+        });
+        assert_eq!(active.iter().map(|l| l.id).collect::<Vec<_>>(), vec![c.id]);
+        let under = t.list(&Filter {
+            spiffe_id: Some(SpiffeId::parse("spiffe://td/a").unwrap()),
+            prefix: true,
+            state: Some(State::Active),
+            ..Default::default()
+        });
+        assert!(under.is_empty());
+        // Lifting the kill before marking would bring them back: restores wait for marking.
+        let rev = Arc::new(Revocation {
+            at_ms: 7,
+            by: "kill".into(),
+            reason: "incident".into(),
+        });
+        t.revoke_identity_tree(&SpiffeId::parse("spiffe://td/a").unwrap(), &rev);
+        t.remove_kill("spiffe://td/a");
+        assert!(!t.is_active(&a.id, 0) && !t.is_active(&b.id, 0));
+        assert_eq!(t.revoked_serials().len(), 2);
     }
 
     #[test]

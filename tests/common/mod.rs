@@ -310,3 +310,26 @@ pub fn form(fields: &[(&str, &str)]) -> Vec<u8> {
     }
     s.finish().into_bytes()
 }
+
+/// Every lease the daemon holds, read page by page through the admin API.
+pub async fn all_leases(admin_socket: &Path) -> Vec<tessera::proto::tessera::v1::Lease> {
+    use tessera::proto::tessera::v1 as apb;
+    let mut admin = apb::admin_client::AdminClient::new(channel(admin_socket).await);
+    let (mut out, mut token) = (Vec::new(), String::new());
+    loop {
+        let r = admin
+            .list_leases(apb::ListLeasesRequest {
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .expect("list leases")
+            .into_inner();
+        out.extend(r.leases);
+        if r.next_page_token.is_empty() {
+            return out;
+        }
+        token = r.next_page_token;
+    }
+}

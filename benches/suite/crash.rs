@@ -4,13 +4,6 @@
 //!
 //! Clients keep a ledger of what they received (JWT-SVID `jti`s, X.509-SVID serials) and of
 //! acknowledged revocations; nothing counts until the client has the full response.
-//!
-//! `cargo bench --bench crash` (env: `TESSERA_CRASH_ROUNDS`, default 20;
-//! `TESSERA_BENCH_CLIENTS`, default 16). Prints a table, writes `target/bench/crash.json`, and
-//! exits non-zero if anything was lost.
-
-#[path = "../tests/common/mod.rs"]
-mod common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,6 +12,9 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tessera::proto::tessera::v1 as apb;
 use tessera::proto::workload as wpb;
+
+use super::{Report, Target, workload_req as req};
+use crate::common;
 
 #[derive(Default)]
 struct Ledger {
@@ -42,13 +38,6 @@ fn jti(token: &str) -> Option<String> {
     )
     .ok()?;
     claims["jti"].as_str().map(str::to_owned)
-}
-
-fn req<T>(m: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(m);
-    r.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
-    r
 }
 
 /// Drives load until the daemon dies: JWT-SVIDs and X.509-SVIDs from `clients` tasks, and an
@@ -140,30 +129,14 @@ async fn load_until_crash(d: &common::Daemon, clients: usize, ledger: Arc<Mutex<
 
 /// Every lease in the store, by id and serial.
 async fn store_contents(d: &common::Daemon) -> (HashMap<String, String>, HashMap<String, String>) {
-    let mut admin = apb::admin_client::AdminClient::new(common::channel(&d.admin_socket).await);
     let (mut by_id, mut by_serial) = (HashMap::new(), HashMap::new());
-    let mut token = String::new();
-    loop {
-        let r = admin
-            .list_leases(apb::ListLeasesRequest {
-                page_size: 1000,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        for l in r.leases {
-            if !l.serial.is_empty() {
-                by_serial.insert(l.serial.clone(), l.state.clone());
-            }
-            by_id.insert(l.id, l.state);
+    for l in common::all_leases(&d.admin_socket).await {
+        if !l.serial.is_empty() {
+            by_serial.insert(l.serial.clone(), l.state.clone());
         }
-        if r.next_page_token.is_empty() {
-            return (by_id, by_serial);
-        }
-        token = r.next_page_token;
+        by_id.insert(l.id, l.state);
     }
+    (by_id, by_serial)
 }
 
 fn config() -> String {
@@ -175,15 +148,12 @@ fn config() -> String {
     )
 }
 
-fn main() {
-    let rounds = common::env_num("TESSERA_CRASH_ROUNDS", 20);
-    let clients = common::env_num("TESSERA_BENCH_CLIENTS", 16) as usize;
-    eprintln!("crash test: {rounds} rounds of load + kill -9, {clients} clients");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let report = rt.block_on(async {
+/// Returns the number of lost records (leases, revocations and kills).
+pub async fn run(o: &super::Opts, r: &mut Report) -> u64 {
+    let rounds = o.crash_rounds;
+    let clients = o.clients.min(16);
+    eprintln!("[crash] {rounds} rounds of load + kill -9, {clients} clients ...");
+    let report = async {
         let mut d = common::Daemon::start(&config());
         // A kill before the first crash must hold through every restart.
         let o = d.cli(&["kill", "spiffe://tessera.internal/crash/killed", "--reason", "crash test"]);
@@ -248,32 +218,35 @@ fn main() {
             "lost_revocations": lost_revocations,
             "lost_kills": lost_kills,
         })
-    });
-    println!();
-    println!("{:<40} {:>10}", "measure", "count");
-    for k in [
-        "rounds",
-        "jwt_svids_received",
-        "x509_svids_received",
-        "revocations_acknowledged",
-        "lost_leases",
-        "lost_revocations",
-        "lost_kills",
-    ] {
-        println!("{k:<40} {:>10}", report[k]);
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("crash.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
-    println!("wrote {}", path.display());
+    .await;
     let lost = report["lost_leases"].as_u64().unwrap()
         + report["lost_revocations"].as_u64().unwrap()
         + report["lost_kills"].as_u64().unwrap();
-    if lost > 0 {
-        eprintln!("LOST RECORDS: {lost}");
-        std::process::exit(1);
-    }
+    r.figure(
+        "crash_credentials_received",
+        &format!("crash: credentials received over {rounds} kill -9 rounds"),
+        (report["jwt_svids_received"].as_u64().unwrap()
+            + report["x509_svids_received"].as_u64().unwrap()) as f64,
+        "count",
+        Target::None,
+    );
+    r.figure(
+        "crash_revocations_acknowledged",
+        "  revocations acknowledged",
+        report["revocations_acknowledged"].as_u64().unwrap() as f64,
+        "count",
+        Target::None,
+    );
+    r.figure(
+        "crash_lost_records",
+        "  lost leases, revocations and kills",
+        lost as f64,
+        "count",
+        Target::AtMost(0.0),
+    );
+    r.detail("crash", report);
+    lost
 }
 
 fn rand_u64() -> u64 {

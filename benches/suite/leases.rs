@@ -1,0 +1,273 @@
+//! Lease phases: memory per live lease, restart-to-serving with 1M leases, issuance latency
+//! while 1M leases expire at once, and kill-switch time on an identity holding 100k leases.
+//! The daemon is the real binary, started on a data directory this phase fills beforehand.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tessera::lease::store::{Op, SqliteStore, commit};
+use tessera::lease::{Kind, Lease, LeaseId, LeaseTable, State};
+
+use super::{Load, Opts, Outcome, Report, Target, drive};
+use crate::common;
+
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+fn lease(
+    spiffe_id: &Arc<str>,
+    entry: &Arc<str>,
+    exe: &Arc<str>,
+    kind: Kind,
+    now: i64,
+    exp: i64,
+) -> Lease {
+    let id = LeaseId::random();
+    Lease {
+        id,
+        kind,
+        state: State::Active,
+        uid: 1000,
+        pid: 4242,
+        issued_at: now,
+        expires_at: exp,
+        spiffe_id: Arc::clone(spiffe_id),
+        entry_id: Arc::clone(entry),
+        exe: Some(Arc::clone(exe)),
+        task_id: None,
+        serial: (kind == Kind::X509).then_some(id.0),
+        revocation: None,
+    }
+}
+
+/// Bytes of resident memory per live lease in the lease table (indexes and expiry queue
+/// included), for a mix of 1000 identities.
+fn memory_per_lease(n: usize) -> f64 {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let ids: Vec<Arc<str>> = (0..1000)
+        .map(|i| Arc::from(format!("spiffe://tessera.internal/agent/{i}")))
+        .collect();
+    let entry: Arc<str> = Arc::from("config-0");
+    let exe: Arc<str> = Arc::from("/usr/local/bin/agent");
+    // Build the leases first so that only the table's own memory is measured.
+    let leases: Vec<Lease> = (0..n)
+        .map(|i| {
+            lease(
+                &ids[i % ids.len()],
+                &entry,
+                &exe,
+                if i % 2 == 0 { Kind::X509 } else { Kind::Jwt },
+                now,
+                now + 3600 + (i % 600) as i64,
+            )
+        })
+        .collect();
+    let before = rss();
+    let table = LeaseTable::new();
+    for l in leases {
+        table.insert(l);
+    }
+    let after = rss();
+    // The Vec the leases came from was freed while inserting; its pages may still count in
+    // `before` but not in `after`, which can only make this figure larger, never smaller.
+    let per = (after.saturating_sub(before)) as f64 / n as f64;
+    assert_eq!(table.len(), n);
+    per
+}
+
+async fn jwt_load(d: &common::Daemon, label: &str, clients: usize, secs: f64) -> Load {
+    let mut pool = Vec::new();
+    for _ in 0..clients.div_ceil(4) {
+        pool.push(Arc::new(d.client().await));
+    }
+    let all = (0..clients)
+        .map(|i| Arc::clone(&pool[i % pool.len()]))
+        .collect();
+    drive(label, all, secs, None, |c, _, _| async move {
+        let ok = c.fetch_jwt_svid(["bench"], None).await.is_ok();
+        (c, if ok { Outcome::Ok } else { Outcome::Err })
+    })
+    .await
+}
+
+pub async fn run(o: &Opts, r: &mut Report) {
+    let n = o.leases;
+    let bulk = o.kill_leases;
+    eprintln!("[leases] memory per live lease, {n} leases in the table ...");
+    let per_lease = tokio::task::spawn_blocking(move || memory_per_lease(n))
+        .await
+        .unwrap();
+
+    // A data directory holding n leases that all expire at the same second, plus `bulk`
+    // long-lived X.509 leases of one identity for the kill switch.
+    let dir = common::open_tempdir();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let secs = o.secs.max(1.0);
+    // Far enough ahead for the restart and a baseline measurement to finish first.
+    let mass_expiry = now + 8 + secs as i64 + (n as i64 / 100_000) * 3;
+    eprintln!("[leases] writing {} leases into the store ...", n + bulk);
+    let t = Instant::now();
+    {
+        let (store, _) = SqliteStore::open(&data, u64::MAX, now, &mut |_| {}).unwrap();
+        let entry: Arc<str> = Arc::from("config-0");
+        let exe: Arc<str> = Arc::from("/usr/local/bin/agent");
+        let ids: Vec<Arc<str>> = (0..1000)
+            .map(|i| Arc::from(format!("spiffe://tessera.internal/mass/{i}")))
+            .collect();
+        let bulk_id: Arc<str> = Arc::from("spiffe://tessera.internal/bulk");
+        let mut ops = Vec::with_capacity(50_000);
+        for i in 0..n + bulk {
+            let l = if i < n {
+                lease(
+                    &ids[i % ids.len()],
+                    &entry,
+                    &exe,
+                    Kind::Jwt,
+                    now,
+                    mass_expiry,
+                )
+            } else {
+                lease(&bulk_id, &entry, &exe, Kind::X509, now, now + 3600)
+            };
+            ops.push(Op::PutLease(l));
+            if ops.len() == 50_000 {
+                commit(&store, std::mem::take(&mut ops)).await.unwrap();
+            }
+        }
+        commit(&store, ops).await.unwrap();
+    }
+    eprintln!("      written in {:.1}s", t.elapsed().as_secs_f64());
+
+    eprintln!("[leases] restart to serving with {} leases ...", n + bulk);
+    let config = format!(
+        "log.level = \"info\"\n{}",
+        common::entry_for_uid("bench", common::my_uid(), "jwt_svid_ttl = \"10m\"")
+    );
+    let t = Instant::now();
+    let d = tokio::task::spawn_blocking(move || common::Daemon::start_in(dir, &config))
+        .await
+        .unwrap();
+    let restart = t.elapsed().as_secs_f64();
+    let restored = d
+        .log_text()
+        .lines()
+        .find(|l| l.contains("state restored"))
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+    let restored_ms = restored.as_ref().and_then(|v| v["fields"]["ms"].as_u64());
+    let load_ms = restored
+        .as_ref()
+        .and_then(|v| v["fields"]["load_ms"].as_u64());
+
+    eprintln!("[leases] JWT issue latency: baseline, then while {n} leases expire at once ...");
+    let baseline = jwt_load(&d, "baseline", 16, secs).await;
+    let wait = mass_expiry - time::OffsetDateTime::now_utc().unix_timestamp() - 1;
+    assert!(
+        wait >= 0,
+        "the restart took too long to measure a baseline before the mass expiry"
+    );
+    tokio::time::sleep(Duration::from_secs(wait as u64)).await;
+    let during = jwt_load(&d, "mass expiry", 16, secs).await;
+    let metrics = String::from_utf8(common::http_get(d.http, "/metrics").1).unwrap_or_default();
+    let lag: Option<f64> = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tessera_reaper_lag_seconds "))
+        .and_then(|v| v.trim().parse().ok());
+
+    eprintln!("[leases] kill switch on an identity with {bulk} leases ...");
+    let mut admin = tessera::proto::tessera::v1::admin_client::AdminClient::new(
+        common::channel(&d.admin_socket).await,
+    );
+    let t = Instant::now();
+    let killed = admin
+        .kill_identity(tessera::proto::tessera::v1::KillIdentityRequest {
+            spiffe_id: "spiffe://tessera.internal/bulk".into(),
+            reason: "benchmark".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let kill_ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(
+        killed.revoked as usize, bulk,
+        "the kill switch revoked every lease"
+    );
+    // The daemon's own split of the kill: finding the leases, the durable write, in memory.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let kill_log = d
+        .log_text()
+        .lines()
+        .find(|l| l.contains("identity killed"))
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["fields"].clone());
+    if let Some(f) = &kill_log {
+        eprintln!(
+            "      daemon: found {} us, durable {} us, total {} us",
+            f["found_us"], f["durable_us"], f["total_us"]
+        );
+    }
+    drop(d);
+
+    let kill_per_100k = kill_ms * 100_000.0 / bulk.max(1) as f64;
+    let ratio = during.p99_ms / baseline.p99_ms;
+    r.figure(
+        "memory_per_lease_bytes",
+        "memory per live lease",
+        per_lease,
+        "bytes",
+        Target::AtMost(300.0),
+    );
+    r.figure(
+        "restart_s",
+        &format!("restart to serving, {} leases", n + bulk),
+        restart,
+        "s",
+        Target::AtMost(2.0),
+    );
+    r.figure(
+        "kill_switch_ms",
+        &format!("kill switch, {bulk} leases revoked"),
+        kill_ms,
+        "ms",
+        Target::None,
+    );
+    r.figure(
+        "kill_switch_ms_per_100k",
+        "  kill switch per 100k leases",
+        kill_per_100k,
+        "ms",
+        Target::AtMost(50.0),
+    );
+    r.figure(
+        "mass_expiry_p99_ms",
+        &format!("JWT p99 while {n} leases expire"),
+        during.p99_ms,
+        "ms",
+        Target::None,
+    );
+    r.figure(
+        "mass_expiry_p99_ratio",
+        "  p99 ratio to baseline",
+        ratio,
+        "ratio",
+        Target::AtMost(2.0),
+    );
+    r.detail(
+        "leases",
+        json!({
+            "leases": n, "kill_leases": bulk,
+            "restore_state_s": restored_ms.map(|m| m as f64 / 1000.0),
+            "read_store_s": load_ms.map(|m| m as f64 / 1000.0),
+            "baseline": baseline.json(), "mass_expiry": during.json(),
+            "reaper_lag_seconds": lag,
+        "kill_daemon_split": kill_log,
+        }),
+    );
+}

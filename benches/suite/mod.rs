@@ -1,0 +1,373 @@
+//! Shared parts of the benchmark suite: the load driver (closed or open loop), percentiles,
+//! progress lines for long phases, and the results table with its targets and JSON.
+
+pub mod cfssl;
+pub mod crash;
+pub mod exchange;
+pub mod issuance;
+pub mod leases;
+pub mod soak;
+
+use std::future::Future;
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value, json};
+
+/// Knobs shared by every phase.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// Seconds of measured load per phase.
+    pub secs: f64,
+    /// Concurrent clients for the maximum-rate phases.
+    pub clients: usize,
+    /// Leases in the store for the restart and mass-expiry phases.
+    pub leases: usize,
+    /// Leases held by the identity the kill switch cuts off.
+    pub kill_leases: usize,
+    pub crash_rounds: u64,
+}
+
+/// What one request came to. `Shed` is the daemon refusing load on purpose (gRPC
+/// `Unavailable`, HTTP 503), which the overload target allows; `Err` is anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Shed,
+    Err,
+}
+
+/// Throughput and latency of one phase.
+#[derive(Debug, Clone, Default)]
+pub struct Load {
+    pub rate: f64,
+    pub ok: u64,
+    pub shed: u64,
+    pub errors: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Load {
+    fn from_latencies(mut lat_us: Vec<u64>, shed: u64, errors: u64, elapsed: f64) -> Self {
+        lat_us.sort_unstable();
+        let pct = |p: f64| {
+            lat_us
+                .get(((lat_us.len() as f64 * p) as usize).min(lat_us.len().saturating_sub(1)))
+                .map_or(0.0, |&us| us as f64 / 1000.0)
+        };
+        Load {
+            rate: lat_us.len() as f64 / elapsed,
+            ok: lat_us.len() as u64,
+            shed,
+            errors,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            max_ms: lat_us.last().map_or(0.0, |&us| us as f64 / 1000.0),
+        }
+    }
+
+    /// Errors (not counting shed requests) as a fraction of all requests.
+    pub fn error_ratio(&self) -> f64 {
+        let all = self.ok + self.shed + self.errors;
+        if all == 0 {
+            return 1.0;
+        }
+        self.errors as f64 / all as f64
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "per_sec": self.rate, "ok": self.ok, "shed": self.shed, "errors": self.errors,
+            "p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "max_ms": self.max_ms,
+        })
+    }
+}
+
+/// Runs one loop per element of `clients` for `secs`. Each loop owns its client state and gets
+/// it back from `op` with the outcome, so HTTP connections and gRPC clients fit alike.
+/// With `pace`, each loop sends one request per `pace` (open loop) and latency counts from
+/// the scheduled send time, so a stalled daemon is not hidden by requests never sent.
+pub async fn drive<C, F, Fut>(
+    label: &str,
+    clients: Vec<C>,
+    secs: f64,
+    pace: Option<Duration>,
+    op: F,
+) -> Load
+where
+    C: Send + 'static,
+    F: Fn(C, usize, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = (C, Outcome)> + Send,
+{
+    let n = clients.len().max(1);
+    let progress = Progress::start(label, secs);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(c, mut client)| {
+            let op = op.clone();
+            let done = Arc::clone(&progress.done);
+            tokio::spawn(async move {
+                let (mut lat, mut shed, mut errors) = (Vec::with_capacity(8192), 0u64, 0u64);
+                // Spread paced clients over the interval instead of firing them together.
+                let mut next = Instant::now() + pace.unwrap_or_default() * c as u32 / n as u32;
+                let mut i = 0u64;
+                while Instant::now() < deadline {
+                    let t = match pace {
+                        Some(p) => {
+                            tokio::time::sleep_until(next.into()).await;
+                            let t = next;
+                            next += p;
+                            t
+                        }
+                        None => Instant::now(),
+                    };
+                    let (back, outcome) = op(client, c, i).await;
+                    client = back;
+                    i += 1;
+                    match outcome {
+                        Outcome::Ok => {
+                            lat.push(t.elapsed().as_micros() as u64);
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Outcome::Shed => shed += 1,
+                        Outcome::Err => errors += 1,
+                    }
+                }
+                (lat, shed, errors)
+            })
+        })
+        .collect();
+    let (mut all, mut shed, mut errors) = (Vec::new(), 0, 0);
+    for t in tasks {
+        let (l, s, e) = t.await.expect("load task panicked");
+        all.extend(l);
+        shed += s;
+        errors += e;
+    }
+    progress.finish();
+    Load::from_latencies(all, shed, errors, start.elapsed().as_secs_f64())
+}
+
+/// A progress line for a running phase: rewritten in place on a terminal, a line every five
+/// seconds otherwise (CI logs), nothing for phases too short to need it.
+pub struct Progress {
+    pub done: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    pub fn start(label: &str, secs: f64) -> Self {
+        let done = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let tty = std::io::stderr().is_terminal();
+        let every = if tty { 1 } else { 5 };
+        let handle = (secs >= 3.0).then(|| {
+            let (done, stop, label) = (Arc::clone(&done), Arc::clone(&stop), label.to_owned());
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let mut tick = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    let el = start.elapsed().as_secs_f64();
+                    if (el as u64) < tick + every {
+                        continue;
+                    }
+                    tick = el as u64;
+                    let n = done.load(Ordering::Relaxed);
+                    let line = format!(
+                        "      {label}: {el:>5.0}s of {secs:.0}s, {n} done, {:.0}/s",
+                        n as f64 / el
+                    );
+                    if tty {
+                        eprint!("\r{line}\x1b[K");
+                    } else {
+                        eprintln!("{line}");
+                    }
+                }
+                if tty {
+                    eprint!("\r\x1b[K");
+                }
+                let _ = std::io::stderr().flush();
+            })
+        });
+        Self { done, stop, handle }
+    }
+
+    pub fn finish(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// What a figure must reach.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    None,
+    AtLeast(f64),
+    AtMost(f64),
+    Below(f64),
+}
+
+impl Target {
+    fn met(self, v: f64) -> Option<bool> {
+        match self {
+            Target::None => None,
+            Target::AtLeast(t) => Some(v >= t),
+            Target::AtMost(t) => Some(v <= t),
+            Target::Below(t) => Some(v < t),
+        }
+    }
+
+    fn text(self) -> String {
+        match self {
+            Target::None => String::new(),
+            Target::AtLeast(t) => format!(">= {}", short(t)),
+            Target::AtMost(t) => format!("<= {}", short(t)),
+            Target::Below(t) => format!("< {}", short(t)),
+        }
+    }
+}
+
+fn short(v: f64) -> String {
+    if v.fract() == 0.0 || v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+struct Row {
+    name: String,
+    value: f64,
+    unit: &'static str,
+    target: Target,
+}
+
+/// Every figure of the run: printed as one table at the end and written as JSON.
+#[derive(Default)]
+pub struct Report {
+    rows: Vec<(String, Row)>,
+    details: Map<String, Value>,
+}
+
+impl Report {
+    /// Records a headline figure under `key` (the JSON name), shown in the table as `name`.
+    pub fn figure(
+        &mut self,
+        key: &str,
+        name: &str,
+        value: f64,
+        unit: &'static str,
+        target: Target,
+    ) {
+        self.rows.push((
+            key.to_owned(),
+            Row {
+                name: name.to_owned(),
+                value,
+                unit,
+                target,
+            },
+        ));
+    }
+
+    /// Extra detail kept in the JSON only (per-phase latencies, counts, versions).
+    pub fn detail(&mut self, key: &str, value: Value) {
+        self.details.insert(key.to_owned(), value);
+    }
+
+    /// Headline figures that missed their targets.
+    pub fn missed(&self) -> Vec<&str> {
+        self.rows
+            .iter()
+            .filter(|(_, r)| r.target.met(r.value) == Some(false))
+            .map(|(k, _)| k.as_str())
+            .collect()
+    }
+
+    pub fn print(&self) {
+        println!();
+        println!(
+            "{:<58} {:>12} {:<8} {:>12}",
+            "measure", "value", "unit", "target"
+        );
+        for (_, r) in &self.rows {
+            let verdict = match r.target.met(r.value) {
+                Some(true) => "ok",
+                Some(false) => "MISSED",
+                None => "",
+            };
+            println!(
+                "{:<58} {:>12} {:<8} {:>12}  {verdict}",
+                r.name,
+                short(r.value),
+                r.unit,
+                r.target.text()
+            );
+        }
+    }
+
+    pub fn json(&self, meta: Value) -> Value {
+        let figures: Map<String, Value> = self
+            .rows
+            .iter()
+            .map(|(k, r)| {
+                let (kind, bound) = match r.target {
+                    Target::None => (Value::Null, Value::Null),
+                    Target::AtLeast(t) => (json!(">="), json!(t)),
+                    Target::AtMost(t) => (json!("<="), json!(t)),
+                    Target::Below(t) => (json!("<"), json!(t)),
+                };
+                (
+                    k.clone(),
+                    json!({
+                        "name": r.name, "value": r.value, "unit": r.unit,
+                        "target": bound, "target_kind": kind, "met": r.target.met(r.value),
+                    }),
+                )
+            })
+            .collect();
+        json!({ "meta": meta, "figures": figures, "details": self.details })
+    }
+}
+
+/// Resident memory of a process, from `/proc/<pid>/status` (bytes).
+pub fn rss_of(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// The gRPC metadata the Workload API requires on every request.
+pub fn workload_req<T>(m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().expect("static header"));
+    r
+}
+
+/// A gRPC status mapped to an outcome: `Unavailable` and `ResourceExhausted` are shedding.
+pub fn grpc_outcome(s: &tonic::Status) -> Outcome {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::ResourceExhausted => Outcome::Shed,
+        _ => Outcome::Err,
+    }
+}
