@@ -7,11 +7,16 @@
 //! that the lease store commits after each batch. A rotated file starts from the recorded hash
 //! of the file before it, so each file verifies on its own.
 //!
+//! The writer only formats and appends ([`AuditWriter::push`], [`AuditWriter::write`]);
+//! durability comes from the lease store, which commits each record in the same transaction
+//! as the lease it describes and fsyncs the file in the background (see `lease::store`).
+//!
 //! Records never contain key material or whole tokens: only ids, names and reasons.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ring::digest;
 use serde_json::{Map, Value};
@@ -135,7 +140,8 @@ fn sha256_hex(b: &[u8]) -> String {
 #[derive(Debug)]
 pub struct AuditWriter {
     path: PathBuf,
-    file: File,
+    // Shared with the store's background fsync.
+    file: Arc<File>,
     size: u64,
     max_size: u64,
     seq: u64,
@@ -186,7 +192,7 @@ impl AuditWriter {
         }
         Ok(Self {
             path: path.to_owned(),
-            file,
+            file: Arc::new(file),
             size: good_len,
             max_size,
             seq,
@@ -200,8 +206,9 @@ impl AuditWriter {
         (self.seq, &self.prev)
     }
 
-    /// Formats `ev` as the next record into the pending buffer.
-    pub fn push(&mut self, ev: &Event) {
+    /// Formats `ev` as the next record into the pending buffer and returns that record (without
+    /// its newline).
+    pub fn push(&mut self, ev: &Event) -> &[u8] {
         let mut m = Map::new();
         m.insert("seq".into(), self.seq.into());
         let ts = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ev.at_ms) * 1_000_000)
@@ -229,6 +236,7 @@ impl AuditWriter {
         m.insert("prev".into(), self.prev.clone().into());
         let body = Value::Object(m).to_string();
         let hash = sha256_hex(body.as_bytes());
+        let start = self.buf.len();
         self.buf
             .extend_from_slice(&body.as_bytes()[..body.len() - 1]);
         self.buf.extend_from_slice(br#","hash":""#);
@@ -236,11 +244,46 @@ impl AuditWriter {
         self.buf.extend_from_slice(b"\"}\n");
         self.seq += 1;
         self.prev = hash;
+        &self.buf[start..self.buf.len() - 1]
     }
 
-    /// Writes the pending records and makes them durable (fdatasync). Rotates first when the
-    /// file is over its size limit; the new file continues the same chain.
+    /// Appends a record formatted earlier (one the store kept but the file lost in a crash)
+    /// after checking that it is intact and continues this file's chain.
+    pub fn push_recovered(&mut self, line: &[u8]) -> Result<(), String> {
+        let (seq, prev, hash) = check_record(line)?;
+        if seq != self.seq || prev != self.prev {
+            return Err(format!(
+                "record {seq} does not continue the file, which ends before record {}",
+                self.seq
+            ));
+        }
+        self.buf.extend_from_slice(line);
+        self.buf.push(b'\n');
+        self.seq += 1;
+        self.prev = hash;
+        Ok(())
+    }
+
+    /// The file being appended to, for syncing it off the writer's thread. A rotation replaces
+    /// it, after syncing the old one.
+    pub fn file(&self) -> Arc<File> {
+        Arc::clone(&self.file)
+    }
+
+    /// Writes the pending records and makes them durable (fdatasync).
     pub fn flush(&mut self) -> Result<(), AuditError> {
+        self.write()?;
+        self.file.sync_data().map_err(|source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Appends the pending records without waiting for the disk. Rotates first when the file is
+    /// over its size limit: the full file is synced before it is renamed, and the new file
+    /// continues the same chain. On failure the records stay pending and a partial write is
+    /// cut off, so a retry appends whole lines.
+    pub fn write(&mut self) -> Result<(), AuditError> {
         if self.buf.is_empty() {
             return Ok(());
         }
@@ -249,20 +292,25 @@ impl AuditWriter {
             move |source| AuditError::Io { path: p, source }
         };
         if self.size > 0 && self.size + self.buf.len() as u64 > self.max_size {
+            self.file.sync_data().map_err(io(&self.path))?;
             let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
             let rotated = self.path.with_extension(format!("{stamp}.jsonl"));
             std::fs::rename(&self.path, &rotated).map_err(io(&self.path))?;
             use std::os::unix::fs::OpenOptionsExt;
-            self.file = OpenOptions::new()
-                .append(true)
-                .create(true)
-                .mode(0o600)
-                .open(&self.path)
-                .map_err(io(&self.path))?;
+            self.file = Arc::new(
+                OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o600)
+                    .open(&self.path)
+                    .map_err(io(&self.path))?,
+            );
             self.size = 0;
         }
-        self.file.write_all(&self.buf).map_err(io(&self.path))?;
-        self.file.sync_data().map_err(io(&self.path))?;
+        if let Err(e) = (&*self.file).write_all(&self.buf) {
+            let _ = self.file.set_len(self.size);
+            return Err(io(&self.path)(e));
+        }
         self.size += self.buf.len() as u64;
         self.buf.clear();
         Ok(())
@@ -315,6 +363,8 @@ pub struct VerifyError {
     pub line: u64,
     /// What is wrong.
     pub why: String,
+    /// When the tail is missing: the first missing `seq`.
+    pub missing_from: Option<u64>,
 }
 
 /// Summary of a good file.
@@ -328,47 +378,57 @@ pub struct Verified {
     pub last_seq: Option<u64>,
 }
 
+/// Checks one record on its own: complete, its hash matching its contents. Returns its `seq`,
+/// `prev` and `hash`.
+fn check_record(line: &[u8]) -> Result<(u64, String, String), String> {
+    if line.len() < HASH_SUFFIX_LEN + 2 || !line.ends_with(b"\"}") {
+        return Err("not a complete audit record".into());
+    }
+    let hash_start = line.len() - 2 - 64;
+    let claimed = std::str::from_utf8(&line[hash_start..line.len() - 2])
+        .map_err(|_| "hash is not text".to_owned())?;
+    if &line[hash_start - 9..hash_start] != br#","hash":""# {
+        return Err("hash field missing or not last".into());
+    }
+    let mut body = line[..hash_start - 9].to_vec();
+    body.push(b'}');
+    if sha256_hex(&body) != claimed {
+        return Err("record was modified (hash does not match its contents)".into());
+    }
+    let v: Value = serde_json::from_slice(&body).map_err(|_| "not JSON".to_owned())?;
+    let seq = v
+        .get("seq")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| "no seq".to_owned())?;
+    let prev = v
+        .get("prev")
+        .and_then(Value::as_str)
+        .ok_or_else(|| "no prev".to_owned())?;
+    Ok((seq, prev.to_owned(), claimed.to_owned()))
+}
+
 /// Verifies a file on its own. `expected_head` (next seq and last hash recorded by the store)
 /// also catches a truncated tail.
 pub fn verify(path: &Path, expected_head: Option<(u64, &str)>) -> Result<Verified, VerifyError> {
     let file = File::open(path).map_err(|e| VerifyError {
         line: 0,
         why: format!("cannot open {}: {e}", path.display()),
+        missing_from: None,
     })?;
     let mut prev: Option<String> = None;
     let mut next_seq: Option<u64> = None;
     let mut n = 0u64;
     for line in BufReader::new(file).split(b'\n') {
         n += 1;
-        let bad = |why: String| VerifyError { line: n, why };
+        let bad = |why: String| VerifyError {
+            line: n,
+            why,
+            missing_from: None,
+        };
         let line = line.map_err(|e| bad(format!("read error: {e}")))?;
-        if line.len() < HASH_SUFFIX_LEN + 2 || !line.ends_with(b"\"}") {
-            return Err(bad("not a complete audit record".into()));
-        }
-        let hash_start = line.len() - 2 - 64;
-        let claimed = std::str::from_utf8(&line[hash_start..line.len() - 2])
-            .map_err(|_| bad("hash is not text".into()))?;
-        if &line[hash_start - 9..hash_start] != br#","hash":""# {
-            return Err(bad("hash field missing or not last".into()));
-        }
-        let mut body = line[..hash_start - 9].to_vec();
-        body.push(b'}');
-        if sha256_hex(&body) != claimed {
-            return Err(bad(
-                "record was modified (hash does not match its contents)".into(),
-            ));
-        }
-        let v: Value = serde_json::from_slice(&body).map_err(|_| bad("not JSON".into()))?;
-        let seq = v
-            .get("seq")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| bad("no seq".into()))?;
-        let rec_prev = v
-            .get("prev")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad("no prev".into()))?;
+        let (seq, rec_prev, claimed) = check_record(&line).map_err(bad)?;
         if let Some(p) = &prev
-            && rec_prev != p
+            && &rec_prev != p
         {
             return Err(bad("chain broken: prev does not match the previous record (a record was removed, inserted or reordered)".into()));
         }
@@ -378,7 +438,7 @@ pub fn verify(path: &Path, expected_head: Option<(u64, &str)>) -> Result<Verifie
             return Err(bad(format!("sequence jumps from {} to {seq}", s - 1)));
         }
         next_seq = Some(seq + 1);
-        prev = Some(claimed.to_owned());
+        prev = Some(claimed);
     }
     if let Some((head_seq, head_hash)) = expected_head {
         let have = next_seq.unwrap_or(0);
@@ -389,12 +449,14 @@ pub fn verify(path: &Path, expected_head: Option<(u64, &str)>) -> Result<Verifie
                     "file ends at record {} but the store recorded {} records: the tail was deleted",
                     have, head_seq
                 ),
+                missing_from: Some(have),
             });
         }
         if have == head_seq && head_seq > 0 && prev.as_deref() != Some(head_hash) {
             return Err(VerifyError {
                 line: n,
                 why: "last record differs from the one the store recorded".into(),
+                missing_from: None,
             });
         }
     }

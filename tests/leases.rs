@@ -96,7 +96,45 @@ async fn kill_9_loses_no_lease_revocation_or_kill() {
     assert!(!status.success());
     let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
     drop(d);
+
+    // Power loss on top: the audit file loses what the background sync had not made durable
+    // yet. The store committed those records with the leases; the restart appends them.
+    let data = dir.path().join("data");
+    let audit = data.join("audit.jsonl");
+    let full = std::fs::read_to_string(&audit).unwrap();
+    let held: i64 = rusqlite::Connection::open(data.join("tessera.db"))
+        .unwrap()
+        .query_row("SELECT min(seq) FROM audit_pending", [], |r| r.get(0))
+        .expect("the last batch's audit records are still held by the store");
+    let lines: Vec<&str> = full.lines().collect();
+    assert!((held as usize) < lines.len());
+    std::fs::write(
+        &audit,
+        lines[..held as usize]
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let verify = || {
+        std::process::Command::new(common::tessera_bin())
+            .args(["audit", "verify"])
+            .arg(&audit)
+            .output()
+            .unwrap()
+    };
+    let o = verify();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("tail was deleted") && err.contains("store still holds"),
+        "{err}"
+    );
     let d = Daemon::start_in(dir, &two_identities());
+    let now = std::fs::read_to_string(&audit).unwrap();
+    assert!(now.starts_with(&full), "restart restores the audit tail");
+    let o = verify();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let leases = lease_list(&d, &[]);
     let listed_serials: Vec<&str> = leases.iter().filter_map(|l| l["serial"].as_str()).collect();

@@ -581,6 +581,18 @@ pub(super) fn audit_verify(cli: &Cli, file: Option<&std::path::Path>) -> anyhow:
             }
             Ok(())
         }
-        Err(e) => anyhow::bail!("{}: {e}", path.display()),
+        Err(e) => {
+            let held = e
+                .missing_from
+                .zip(path.parent())
+                .is_some_and(|(seq, dir)| crate::lease::store::holds_audit_record(dir, seq));
+            if held {
+                anyhow::bail!(
+                    "{}: {e}; the store still holds the missing records: if the daemon crashed or the machine lost power, its next start appends them",
+                    path.display()
+                )
+            }
+            anyhow::bail!("{}: {e}", path.display())
+        }
     }
 }
