@@ -4,8 +4,9 @@
 //! `seq` (consecutive), `prev` (the previous record's hash) and `hash`, the SHA-256 of the
 //! record's own bytes up to the hash field. Any edit, deletion or reordering breaks the chain
 //! at the first affected line; truncating the tail is caught by comparing with the chain head
-//! that the lease store commits after each batch. A rotated file starts from the recorded hash
-//! of the file before it, so each file verifies on its own.
+//! that the lease store commits after each batch; what the store cannot restore at start-up is
+//! written into the chain as a gap ([`GAP_EVENT`]). A rotated file starts from the last hash of
+//! the file before it, so each file verifies on its own.
 //!
 //! The writer only formats and appends ([`AuditWriter::push`], [`AuditWriter::write`]);
 //! durability comes from the lease store, which commits each record in the same transaction
@@ -23,6 +24,10 @@ use serde_json::{Map, Value};
 
 /// `prev` of the very first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// The record the daemon writes at start-up when the file lacks records the store had
+/// committed (deleted, or edited so that they no longer continue the chain). The chain goes on
+/// from what the file holds, so this record is what keeps the loss visible.
+pub const GAP_EVENT: &str = "audit_gap";
 const HASH_SUFFIX_LEN: usize = r#","hash":""}"#.len() + 64;
 
 /// Who caused an event.
@@ -192,13 +197,23 @@ impl AuditWriter {
             .mode(0o600)
             .open(path)
             .map_err(io)?;
-        let (seq, prev, good_len) = last_record(&mut file)
+        let (mut seq, mut prev, good_len) = last_record(&mut file)
             .map_err(io)?
             .ok_or_else(|| AuditError::Damaged(path.to_owned()))?;
         let len = file.metadata().map_err(io)?.len();
         if good_len < len {
             file.set_len(good_len).map_err(io)?;
             file.sync_data().map_err(io)?;
+        }
+        if good_len == 0 {
+            // Empty after a rotation (a power loss can take the new file's first records):
+            // the chain goes on from the newest rotated file, not from genesis.
+            if let Some(rotated) = newest_rotated(path) {
+                let mut f = File::open(&rotated).map_err(io)?;
+                (seq, prev, _) = last_record(&mut f)
+                    .map_err(io)?
+                    .ok_or(AuditError::Damaged(rotated))?;
+            }
         }
         Ok(Self {
             path: path.to_owned(),
@@ -273,7 +288,9 @@ impl AuditWriter {
     /// Appends a record formatted earlier (one the store kept but the file lost in a crash)
     /// after checking that it is intact and continues this file's chain.
     pub fn push_recovered(&mut self, line: &[u8]) -> Result<(), String> {
-        let (seq, prev, hash) = check_record(line)?;
+        let Checked {
+            seq, prev, hash, ..
+        } = check_record(line)?;
         if seq != self.seq || prev != self.prev {
             return Err(format!(
                 "record {seq} does not continue the file, which ends before record {}",
@@ -340,6 +357,25 @@ impl AuditWriter {
     }
 }
 
+/// The newest file [`AuditWriter::write`] rotated `path` to (`<stem>.<unix nanos>.jsonl`).
+fn newest_rotated(path: &Path) -> Option<PathBuf> {
+    let stem = path.file_stem()?.to_str()?;
+    std::fs::read_dir(path.parent()?)
+        .ok()?
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let stamp: i128 = name
+                .strip_prefix(stem)?
+                .strip_prefix('.')?
+                .strip_suffix(".jsonl")?
+                .parse()
+                .ok()?;
+            Some((stamp, name))
+        })
+        .max()
+        .map(|(_, name)| path.with_file_name(name))
+}
+
 /// Reads the last complete line: `(next seq, its hash, byte length up to and including it)`.
 /// An empty file gives `(0, GENESIS, 0)`. `None` if the last complete line is not a record.
 fn last_record(file: &mut File) -> std::io::Result<Option<(u64, String, u64)>> {
@@ -399,11 +435,21 @@ pub struct Verified {
     pub head: String,
     /// `seq` of the last record.
     pub last_seq: Option<u64>,
+    /// `seq`s of the [`GAP_EVENT`] records: the chain is intact, but the daemon found records
+    /// missing from it when it started.
+    pub gaps: Vec<u64>,
 }
 
-/// Checks one record on its own: complete, its hash matching its contents. Returns its `seq`,
-/// `prev` and `hash`.
-fn check_record(line: &[u8]) -> Result<(u64, String, String), String> {
+/// What [`check_record`] reads from a record.
+struct Checked {
+    seq: u64,
+    prev: String,
+    hash: String,
+    event: String,
+}
+
+/// Checks one record on its own: complete, its hash matching its contents.
+fn check_record(line: &[u8]) -> Result<Checked, String> {
     if line.len() < HASH_SUFFIX_LEN + 2 || !line.ends_with(b"\"}") {
         return Err("not a complete audit record".into());
     }
@@ -427,7 +473,13 @@ fn check_record(line: &[u8]) -> Result<(u64, String, String), String> {
         .get("prev")
         .and_then(Value::as_str)
         .ok_or_else(|| "no prev".to_owned())?;
-    Ok((seq, prev.to_owned(), claimed.to_owned()))
+    let event = v.get("event").and_then(Value::as_str).unwrap_or_default();
+    Ok(Checked {
+        seq,
+        prev: prev.to_owned(),
+        hash: claimed.to_owned(),
+        event: event.to_owned(),
+    })
 }
 
 /// Verifies a file on its own. `expected_head` (next seq and last hash recorded by the store)
@@ -441,6 +493,7 @@ pub fn verify(path: &Path, expected_head: Option<(u64, &str)>) -> Result<Verifie
     let mut prev: Option<String> = None;
     let mut next_seq: Option<u64> = None;
     let mut n = 0u64;
+    let mut gaps = Vec::new();
     for line in BufReader::new(file).split(b'\n') {
         n += 1;
         let bad = |why: String| VerifyError {
@@ -449,7 +502,15 @@ pub fn verify(path: &Path, expected_head: Option<(u64, &str)>) -> Result<Verifie
             missing_from: None,
         };
         let line = line.map_err(|e| bad(format!("read error: {e}")))?;
-        let (seq, rec_prev, claimed) = check_record(&line).map_err(bad)?;
+        let Checked {
+            seq,
+            prev: rec_prev,
+            hash: claimed,
+            event,
+        } = check_record(&line).map_err(bad)?;
+        if event == GAP_EVENT {
+            gaps.push(seq);
+        }
         if let Some(p) = &prev
             && &rec_prev != p
         {
@@ -487,6 +548,7 @@ pub fn verify(path: &Path, expected_head: Option<(u64, &str)>) -> Result<Verifie
         records: n,
         head: prev.unwrap_or_else(|| GENESIS.into()),
         last_seq: next_seq.map(|s| s - 1),
+        gaps,
     })
 }
 
@@ -665,5 +727,23 @@ mod tests {
         }
         let v = verify(&p, Some((10, w.head().1))).unwrap();
         assert_eq!(v.last_seq, Some(9));
+
+        // A power loss right after a rotation can leave the new file empty: reopening goes on
+        // from the newest rotated file, so the store's records can still be appended.
+        w.push(&Event::now("issue", Actor::Daemon).lease("10"));
+        w.push(&Event::now("issue", Actor::Daemon).lease("11"));
+        w.write().unwrap();
+        let (seq, hash) = (w.head().0, w.head().1.to_owned());
+        drop(w);
+        let before = std::fs::read_to_string(&p).unwrap();
+        assert!(before.contains(r#""seq":10"#), "{before}");
+        let last_rotated = newest_rotated(&p).unwrap();
+        std::fs::write(&p, "").unwrap();
+        let w = AuditWriter::open(&p, 600).unwrap();
+        let expect = std::fs::read_to_string(&last_rotated).unwrap();
+        let last: Value = serde_json::from_str(expect.lines().last().unwrap()).unwrap();
+        assert_eq!(w.head().0, last["seq"].as_u64().unwrap() + 1);
+        assert_eq!(w.head().1, last["hash"].as_str().unwrap());
+        assert!(seq > w.head().0 && hash != w.head().1);
     }
 }

@@ -641,6 +641,34 @@ async fn audit_log_records_everything_and_detects_tampering() {
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );
+
+    // With the store's copies wiped too, nothing can bring the record back: the restarted
+    // daemon serves, goes on from the file and writes the gap into the chain, where verify
+    // keeps reporting it.
+    rusqlite::Connection::open(dir.path().join("data/tessera.db"))
+        .unwrap()
+        .execute("DELETE FROM audit_pending", [])
+        .unwrap();
+    let d = Daemon::start_in(dir, &entry_for_uid("agent", my_uid(), ""));
+    d.client().await.fetch_x509_svid().await.unwrap();
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let gap: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["event"] == "audit_gap")
+        .expect("an audit_gap record");
+    assert_eq!(gap["seq"].as_u64(), Some(original.len() as u64 - 1));
+    assert_eq!(
+        gap["detail"]["recorded_records"].as_u64(),
+        Some(original.len() as u64)
+    );
+    let bad = verify(&audit);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("chain is intact") && err.contains("1 gap(s)"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

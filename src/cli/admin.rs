@@ -565,6 +565,26 @@ pub(super) fn audit_verify(cli: &Cli, file: Option<&std::path::Path>) -> anyhow:
         None
     };
     match crate::audit::verify(&path, expected) {
+        Ok(v) if !v.gaps.is_empty() => {
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"file": path, "ok": false, "records": v.records, "head": v.head, "gaps": v.gaps})
+                );
+            }
+            anyhow::bail!(
+                "{}: the chain is intact ({} records), but it records {} gap(s), at seq {}: at start-up the daemon found audit records the store had committed missing from the file; each `{}` record says what was missing, and stored records that no longer continued the file are kept in the store's audit_rejected table",
+                path.display(),
+                v.records,
+                v.gaps.len(),
+                v.gaps
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                crate::audit::GAP_EVENT
+            )
+        }
         Ok(v) => {
             if cli.json {
                 println!(

@@ -30,7 +30,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{Kill, Kind, Lease, LeaseId, Revocation, State, Task};
-use crate::audit::{AuditWriter, Event};
+use crate::audit::{self, AuditWriter, Event};
 
 /// Store failures. Issuance maps them to `Unavailable`: nothing is handed out unrecorded.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -160,6 +160,9 @@ CREATE TABLE IF NOT EXISTS tasks(
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS entry_activity(id TEXT PRIMARY KEY, active_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS audit_pending(seq INTEGER PRIMARY KEY, line BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_rejected(
+  seq INTEGER NOT NULL, line BLOB NOT NULL, rejected_ms INTEGER NOT NULL
+);
 ";
 
 /// How often the audit file is fdatasync'd in the background. Records are durable in the store
@@ -211,16 +214,7 @@ impl SqliteStore {
         let mut snapshot = load(&conn, now_s, sink)?;
         let mut audit = AuditWriter::open(&dir.join("audit.jsonl"), audit_max_bytes)
             .map_err(|e| StoreError::Audit(e.to_string()))?;
-        recover_audit(&conn, &mut audit)?;
-        if let Some((seq, _)) = &snapshot.audit_head
-            && audit.head().0 < *seq
-        {
-            tracing::error!(
-                recorded = seq,
-                in_file = audit.head().0,
-                "audit log is shorter than the store recorded: records were deleted; run `tessera audit verify`"
-            );
-        }
+        recover_audit(&conn, &mut audit, snapshot.audit_head.as_ref())?;
         snapshot.audit_head = Some((audit.head().0, audit.head().1.to_owned()));
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -248,46 +242,105 @@ impl Store for SqliteStore {
 
 /// Appends committed audit records that the file lost (the daemon stopped between a commit
 /// and the file's sync), syncs, and clears the rows the file now holds.
-fn recover_audit(conn: &Connection, audit: &mut AuditWriter) -> Result<(), StoreError> {
+///
+/// Records the file lacks and cannot get back (deleted beyond what the store still holds, or
+/// stored rows that no longer continue the chain) are a gap: the chain goes on from the file,
+/// an [`audit::GAP_EVENT`] record says what was missing, and the rows that could not be
+/// appended move to `audit_rejected`, where later records cannot overwrite them.
+fn recover_audit(
+    conn: &Connection,
+    audit: &mut AuditWriter,
+    recorded: Option<&(u64, String)>,
+) -> Result<(), StoreError> {
     let from = audit.head().0;
     let mut st = conn
-        .prepare("SELECT line FROM audit_pending WHERE seq >= ?1 ORDER BY seq")
+        .prepare("SELECT seq, line FROM audit_pending WHERE seq >= ?1 ORDER BY seq")
         .map_err(db_err)?;
-    let lines = st
+    let rows = st
         // Bytes whatever the column's type: an edited row must fail the record check, not the
         // start-up.
         .query_map(params![from as i64], |r| {
-            Ok(r.get_ref(0)?
-                .as_bytes()
-                .map(<[u8]>::to_vec)
-                .unwrap_or_default())
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get_ref(1)?
+                    .as_bytes()
+                    .map(<[u8]>::to_vec)
+                    .unwrap_or_default(),
+            ))
         })
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
         .map_err(db_err)?;
     let mut appended = 0usize;
-    for line in &lines {
+    let mut why = Vec::new();
+    for (_, line) in &rows {
         if let Err(e) = audit.push_recovered(line) {
-            // Leave the rows: they are evidence for `tessera audit verify`.
-            tracing::error!(error = %e, "committed audit record does not continue the audit file; run `tessera audit verify`");
+            why.push(format!(
+                "a record the store committed does not continue the file ({e})"
+            ));
             break;
         }
         appended += 1;
     }
-    audit
-        .flush()
-        .map_err(|e| StoreError::Audit(e.to_string()))?;
+    let audit_err = |e: audit::AuditError| StoreError::Audit(e.to_string());
+    audit.flush().map_err(audit_err)?;
     if appended > 0 {
         tracing::warn!(
             records = appended,
             "appended committed audit records the file lost in a crash"
         );
     }
-    conn.execute(
+    let rejected = &rows[appended..];
+    let (file_seq, file_hash) = audit.head();
+    if let Some((seq, hash)) = recorded
+        && (file_seq < *seq || (file_seq == *seq && file_hash != hash))
+    {
+        why.push(format!(
+            "the file holds {file_seq} records but the store recorded {seq} with a different last record: records were deleted or replaced"
+        ));
+    }
+    let tx = conn.unchecked_transaction().map_err(db_err)?;
+    if !why.is_empty() {
+        let why = why.join("; ");
+        tracing::error!(
+            recorded = recorded.map(|r| r.0),
+            in_file = file_seq,
+            rejected = rejected.len(),
+            "audit log lacks committed records: {why}; run `tessera audit verify`"
+        );
+        let ev = Event::now(audit::GAP_EVENT, audit::Actor::Daemon)
+            .reason(why)
+            .detail("recorded_records", recorded.map(|r| r.0))
+            .detail("file_records", file_seq)
+            .detail("rejected_records", rejected.len());
+        audit.push(&ev);
+        audit.flush().map_err(audit_err)?;
+        let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        let mut keep = tx
+            .prepare("INSERT INTO audit_rejected(seq, line, rejected_ms) VALUES (?1, ?2, ?3)")
+            .map_err(db_err)?;
+        for (seq, line) in rejected {
+            keep.execute(params![seq, line, now_ms as i64])
+                .map_err(db_err)?;
+        }
+        drop(keep);
+        tx.execute(
+            "DELETE FROM audit_pending WHERE seq >= ?1",
+            params![from as i64],
+        )
+        .map_err(db_err)?;
+        let (seq, hash) = audit.head();
+        tx.execute(
+            "INSERT OR REPLACE INTO meta(key,value) VALUES('audit_head', ?1)",
+            params![format!("{seq} {hash}")],
+        )
+        .map_err(db_err)?;
+    }
+    tx.execute(
         "DELETE FROM audit_pending WHERE seq < ?1",
         params![audit.head().0 as i64],
     )
     .map_err(db_err)?;
-    Ok(())
+    tx.commit().map_err(db_err)
 }
 
 /// Background fdatasync of the audit file: the writer asks for everything it has appended to
@@ -919,8 +972,32 @@ mod tests {
         assert_eq!(pending(d.path()), vec![5]);
     }
 
+    fn rejected(d: &Path) -> Vec<(i64, String)> {
+        let c = Connection::open(d.join("tessera.db")).unwrap();
+        let mut st = c
+            .prepare("SELECT seq, CAST(line AS TEXT) FROM audit_rejected ORDER BY seq")
+            .unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// Asserts that the file's last record is a gap at `seq` with these counts and a reason
+    /// mentioning `why`.
+    fn assert_gap(d: &Path, seq: u64, recorded: u64, file: u64, rejected: u64, why: &str) {
+        let text = std::fs::read_to_string(d.join("audit.jsonl")).unwrap();
+        let gap: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(gap["event"], audit::GAP_EVENT);
+        assert_eq!(gap["seq"], seq);
+        assert_eq!(gap["detail"]["recorded_records"], recorded);
+        assert_eq!(gap["detail"]["file_records"], file);
+        assert_eq!(gap["detail"]["rejected_records"], rejected);
+        assert!(gap["reason"].as_str().unwrap().contains(why), "{gap}");
+    }
+
     #[tokio::test]
-    async fn a_stored_record_that_does_not_continue_the_file_is_not_appended() {
+    async fn a_stored_record_that_does_not_continue_the_file_is_kept_apart_and_the_gap_recorded() {
         let (d, _s, full) = audited(3).await;
         // The file lost record 2 and record 2 in the store was edited.
         let crashed = power_loss(d.path(), &full, 2);
@@ -931,10 +1008,73 @@ mod tests {
                 [],
             )
             .unwrap();
-        let (_s2, snap) = SqliteStore::open(crashed.path(), u64::MAX, 100, &mut |_| {}).unwrap();
-        assert_eq!(snap.audit_head.unwrap().0, 2, "the file's own head");
+        let (s2, snap) = SqliteStore::open(crashed.path(), u64::MAX, 100, &mut |_| {}).unwrap();
         let text = std::fs::read_to_string(crashed.path().join("audit.jsonl")).unwrap();
-        assert_eq!(text.lines().count(), 2);
-        assert_eq!(pending(crashed.path()), vec![2], "kept as evidence");
+        assert_eq!(text.lines().count(), 3, "records 0 and 1, then the gap");
+        assert!(
+            text.starts_with(
+                &full
+                    .lines()
+                    .take(2)
+                    .map(|l| format!("{l}\n"))
+                    .collect::<String>()
+            )
+        );
+        assert_gap(crashed.path(), 2, 3, 2, 1, "does not continue");
+        assert_eq!(snap.audit_head.as_ref().unwrap().0, 3);
+        assert!(pending(crashed.path()).is_empty());
+        let kept = rejected(crashed.path());
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].0, 2);
+        assert!(kept[0].1.contains("\"l9\""), "the edited row, as found");
+
+        // Later records take the same seqs in the file; the rejected row stays as it was.
+        for _ in 0..2 {
+            commit(&s2, vec![Op::Audit(Event::now("revoke", Actor::Daemon))])
+                .await
+                .unwrap();
+        }
+        assert_eq!(rejected(crashed.path()), kept);
+        let head = recorded_audit_head(crashed.path()).unwrap();
+        let v =
+            audit::verify(&crashed.path().join("audit.jsonl"), Some((head.0, &head.1))).unwrap();
+        assert_eq!(v.records, 5);
+        assert_eq!(v.gaps, vec![2], "verify reports the gap");
+
+        // The next start finds nothing missing and records no new gap.
+        drop(s2);
+        let (_s3, _) = SqliteStore::open(crashed.path(), u64::MAX, 100, &mut |_| {}).unwrap();
+        let v = audit::verify(&crashed.path().join("audit.jsonl"), None).unwrap();
+        assert_eq!((v.records, v.gaps), (5, vec![2]));
+    }
+
+    #[tokio::test]
+    async fn records_deleted_beyond_what_the_store_holds_are_a_recorded_gap() {
+        let (d, s, _) = audited(4).await;
+        // Let the sync make everything durable and a later batch clear the store's copies.
+        std::thread::sleep(AUDIT_SYNC_INTERVAL * 3);
+        commit(&s, vec![Op::Audit(Event::now("revoke", Actor::Daemon))])
+            .await
+            .unwrap();
+        assert_eq!(pending(d.path()), vec![4]);
+        drop(s);
+        // Someone removes the last two records and the store's copy of the newest.
+        let file = d.path().join("audit.jsonl");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let kept: String = text.lines().take(3).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&file, kept).unwrap();
+        Connection::open(d.path().join("tessera.db"))
+            .unwrap()
+            .execute("DELETE FROM audit_pending", [])
+            .unwrap();
+
+        let (_s2, snap) = SqliteStore::open(d.path(), u64::MAX, 100, &mut |_| {}).unwrap();
+        assert_gap(d.path(), 3, 5, 3, 0, "deleted");
+        assert_eq!(snap.audit_head.as_ref().unwrap().0, 4);
+        assert!(rejected(d.path()).is_empty());
+        let head = recorded_audit_head(d.path()).unwrap();
+        assert_eq!(head.0, 4, "the store's head follows the file again");
+        let v = audit::verify(&file, Some((head.0, &head.1))).unwrap();
+        assert_eq!(v.gaps, vec![3]);
     }
 }
