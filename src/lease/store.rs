@@ -13,9 +13,9 @@
 //! file before anyone is answered; a sync thread fdatasyncs the file at most every
 //! [`AUDIT_SYNC_INTERVAL`] and the rows it covers are then deleted. A crash between the commit
 //! and that sync loses nothing: at open, committed records missing from the file are appended.
-//! (Syncing the file on the request path doubled the fsyncs per batch; the file's fsync also
-//! commits the filesystem journal because the file grows, which made it the slower and the
-//! spikier of the two.)
+//! (Syncing the file on the request path doubled the fsyncs per batch; because the file grows,
+//! its fdatasync also writes the inode (on ext4 with a journal, a journal commit), which made
+//! it the slower and the spikier of the two.)
 //!
 //! A kill is stored as one row in `kills` rather than an update of every lease it revokes:
 //! at load, a lease issued before a kill that covers its identity is revoked. That keeps the
