@@ -211,6 +211,14 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
             shutdown.clone(),
         )),
     ));
+    tasks.push((
+        "task-pruner",
+        tokio::spawn(prune_tasks(
+            Arc::clone(&issuer),
+            cfg.task_retention,
+            shutdown.clone(),
+        )),
+    ));
     publish_crl(&ca, &leases);
     tasks.push((
         "crl",
@@ -438,6 +446,25 @@ fn publish_crl(ca: &Ca, leases: &LeaseTable) {
 
 /// Re-publishes the CRL when the set of revoked serials changes (coalescing bursts such as a
 /// kill) and at least every 20 minutes, well before its one-hour `nextUpdate`.
+/// Forgets task records past `[tasks] retention`: at start (records age while the daemon is
+/// down too) and then every quarter of the retention, at least every 10 minutes.
+async fn prune_tasks(issuer: Arc<Issuer>, retention: Duration, mut sd: Shutdown) {
+    let every = (retention / 4).clamp(Duration::from_millis(250), Duration::from_secs(600));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = sd.wait() => return,
+            _ = tick.tick() => {}
+        }
+        match issuer.prune_tasks(retention).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "task records past retention forgotten"),
+            Err(e) => tracing::warn!(error = %e, "could not forget task records; retrying later"),
+        }
+    }
+}
+
 async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, mut sd: Shutdown) {
     let fingerprint = |l: &LeaseTable| {
         let s = l.revoked_serials();

@@ -30,6 +30,8 @@ pub const DEFAULT_TASK_TTL: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_TASK_MAX_TTL: Duration = Duration::from_secs(3600);
 /// Default `[tasks] approval_ttl`.
 pub const DEFAULT_APPROVAL_TTL: Duration = Duration::from_secs(15 * 60);
+/// Default `[tasks] retention`: how long a task record outlives its first use.
+pub const DEFAULT_TASK_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Default `[inventory] idle_after`.
 pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Lifetime of a CA that Tessera generates itself.
@@ -130,6 +132,7 @@ struct RawTasks {
     token_ttl: Option<String>,
     max_ttl: Option<String>,
     approval_ttl: Option<String>,
+    retention: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -297,6 +300,9 @@ pub struct Config {
     pub task_max_ttl: Duration,
     /// How long a pending or approved high-risk request waits.
     pub approval_ttl: Duration,
+    /// A task record (its owner, whether it is complete) is forgotten this long after the
+    /// task's first use, once no credential of it is active.
+    pub task_retention: Duration,
     /// An entry with no issuance for this long is idle.
     pub idle_after: Duration,
     /// Idle entries get nothing until an operator reviews them.
@@ -634,22 +640,24 @@ impl Config {
                 "must be at most 24h: task credentials are short-lived by design",
             ));
         }
-        let approval_ttl = duration(
+        let approval_ttl = duration_at_least(
             "tasks.approval_ttl",
             raw.tasks.approval_ttl.as_deref(),
             DEFAULT_APPROVAL_TTL,
+            Duration::from_secs(10),
         )?;
-        if approval_ttl < Duration::from_secs(10) {
-            return Err(invalid("tasks.approval_ttl", "must be at least 10s"));
-        }
-        let idle_after = duration(
+        let task_retention = duration_at_least(
+            "tasks.retention",
+            raw.tasks.retention.as_deref(),
+            DEFAULT_TASK_RETENTION,
+            Duration::from_secs(1),
+        )?;
+        let idle_after = duration_at_least(
             "inventory.idle_after",
             raw.inventory.idle_after.as_deref(),
             DEFAULT_IDLE_AFTER,
+            Duration::from_secs(1),
         )?;
-        if idle_after < Duration::from_secs(1) {
-            return Err(invalid("inventory.idle_after", "must be at least 1s"));
-        }
 
         let mut entries = Vec::with_capacity(raw.entries.len());
         for (i, e) in raw.entries.into_iter().enumerate() {
@@ -689,6 +697,7 @@ impl Config {
             task_ttl,
             task_max_ttl,
             approval_ttl,
+            task_retention,
             idle_after,
             refuse_idle: raw.inventory.refuse_idle.unwrap_or(false),
         })
@@ -749,17 +758,24 @@ fn duration(key: &str, v: Option<&str>, default: Duration) -> Result<Duration, C
     v.map_or(Ok(default), |s| parse_duration(key, s))
 }
 
-fn svid_ttl(key: &str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+fn duration_at_least(
+    key: &str,
+    v: Option<&str>,
+    default: Duration,
+    min: Duration,
+) -> Result<Duration, ConfigError> {
     let d = duration(key, v, default)?;
-    if d < MIN_SVID_TTL {
+    if d < min {
         return Err(invalid(
             key,
-            format!(
-                "must be at least {}",
-                humantime::format_duration(MIN_SVID_TTL)
-            ),
+            format!("must be at least {}", humantime::format_duration(min)),
         ));
     }
+    Ok(d)
+}
+
+fn svid_ttl(key: &str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    let d = duration_at_least(key, v, default, MIN_SVID_TTL)?;
     if d > Duration::from_secs(30 * 24 * 3600) {
         return Err(invalid(
             key,
@@ -962,6 +978,11 @@ mod tests {
             ("data_dir = \"relative\"", "`data_dir`"),
             ("[log]\nformat = \"xml\"", "`log.format`"),
             (
+                "[tasks]\nretention = \"500ms\"",
+                "`tasks.retention`: must be at least 1s",
+            ),
+            ("[tasks]\nretention = \"a week\"", "`tasks.retention`"),
+            (
                 "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/a\"",
                 "`entries[0].selectors`: is empty; an entry with no selectors would match every caller",
             ),
@@ -1015,6 +1036,7 @@ mod tests {
         assert_eq!(c.oidc_issuers.len(), 2);
         assert_eq!(c.oidc_issuers[0].keys, KeySource::Discovery);
         assert!(c.policy_file.is_some());
+        assert_eq!(c.task_retention, DEFAULT_TASK_RETENTION);
     }
 
     #[test]

@@ -100,7 +100,7 @@ impl Metrics {
     }
 
     /// Prometheus text exposition.
-    pub fn render(&self, live_leases: usize, active_leases: usize) -> String {
+    pub fn render(&self, live_leases: usize, active_leases: usize, tasks: usize) -> String {
         let mut o = String::with_capacity(4096);
         let kinds = [Kind::X509, Kind::Jwt, Kind::Task];
         for (name, help, arr) in [
@@ -138,6 +138,10 @@ impl Metrics {
         );
         let _ = writeln!(
             o,
+            "# HELP tessera_tasks Task records held (open and completed, until retention).\n# TYPE tessera_tasks gauge\ntessera_tasks {tasks}"
+        );
+        let _ = writeln!(
+            o,
             "# HELP tessera_reaper_lag_seconds How late the reaper retired the last expired leases.\n# TYPE tessera_reaper_lag_seconds gauge"
         );
         let _ = writeln!(
@@ -170,7 +174,7 @@ mod tests {
         m.issued(Kind::X509, 3);
         m.observe("FetchX509SVID", Duration::from_micros(700));
         m.observe("FetchX509SVID", Duration::from_millis(30));
-        let t = m.render(5, 4);
+        let t = m.render(5, 4, 2);
         assert!(t.contains("tessera_issued_total{kind=\"x509-svid\"} 3"));
         assert!(t.contains("tessera_leases{state=\"revoked\"} 1"));
         assert!(t.contains(

@@ -480,17 +480,8 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
     assert_eq!(code, 200, "{r}");
     // Now t1 is b's: a cannot use it.
     let (code, r) = exchange(&d, &base_fields(&good, &actor, "t1", "tickets:read"));
-    assert_eq!(
-        (code, r["error"].as_str()),
-        (400, Some("invalid_request")),
-        "{r}"
-    );
-    assert!(
-        r["error_description"]
-            .as_str()
-            .unwrap()
-            .contains("another agent")
-    );
+    assert_eq!(code, 400, "{r}");
+    assert_refused(&r, "another agent");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -711,6 +702,26 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
     );
     let (_, i) = post_auth(&d, "/introspect", Some(&rp), &r.access_token);
     assert_eq!(i, json!({"active": false}));
+}
+
+/// Asserts that an exchange was refused as `invalid_request` with `why` in its description.
+fn assert_refused(r: &Value, why: &str) {
+    assert_eq!(r["error"], "invalid_request", "{r}");
+    assert!(
+        r["error_description"]
+            .as_str()
+            .is_some_and(|d| d.contains(why)),
+        "wanted {why:?}: {r}"
+    );
+}
+
+/// `kill -9` (no graceful shutdown), then the daemon again on the same directory and config.
+fn crash_and_restart(mut d: Daemon) -> Daemon {
+    d.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
+    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
+    drop(d);
+    let config = std::fs::read_to_string(dir.path().join("tesserad.toml")).unwrap();
+    Daemon::start_in(dir, &config)
 }
 
 /// Polls until `f` holds (policy reloads are asynchronous).
@@ -1080,13 +1091,7 @@ async fn task_ownership_and_completion_survive_a_restart() {
     assert_eq!(done["revoked"], 1);
     let token = r["access_token"].as_str().unwrap().to_owned();
 
-    // kill -9: no graceful shutdown.
-    let mut d = d;
-    d.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
-    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
-    drop(d);
-    let config = std::fs::read_to_string(dir.path().join("tesserad.toml")).unwrap();
-    let d = Daemon::start_in(dir, &config);
+    let d = crash_and_restart(d);
 
     let actor_a = actor_token(&d, "a").await;
     let actor_b = actor_token(&d, "b").await;
@@ -1095,21 +1100,9 @@ async fn task_ownership_and_completion_survive_a_restart() {
         &d,
         &base_fields(&subject, &actor_b, "owned", "tickets:read"),
     );
-    assert_eq!(r["error"], "invalid_request", "{r}");
-    assert!(
-        r["error_description"]
-            .as_str()
-            .unwrap()
-            .contains("another agent")
-    );
+    assert_refused(&r, "another agent");
     let (_, r) = exchange(&d, &base_fields(&subject, &actor_a, "done", "tickets:read"));
-    assert!(
-        r["error_description"]
-            .as_str()
-            .unwrap()
-            .contains("complete"),
-        "{r}"
-    );
+    assert_refused(&r, "complete");
     let (code, _) = exchange(
         &d,
         &base_fields(&subject, &actor_a, "owned", "tickets:read"),
@@ -1118,4 +1111,56 @@ async fn task_ownership_and_completion_survive_a_restart() {
     // The token from before the crash is still a live lease.
     let (_, i) = post_auth(&d, "/introspect", Some(&actor_b), &token);
     assert_eq!(i["active"], true, "{i}");
+}
+
+/// The daemon's `tessera_tasks` gauge.
+fn task_records(d: &Daemon) -> u64 {
+    let (code, body) = http_get(d.http, "/metrics");
+    assert_eq!(code, 200);
+    String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("tessera_tasks "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("tessera_tasks in /metrics")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn task_records_are_forgotten_after_retention_unless_a_credential_is_live() {
+    let idp = Idp::start().await;
+    let d = daemon(&idp, POLICY, "", "[tasks]\nretention = \"2s\"");
+    let actor_a = actor_token(&d, "a").await;
+    let subject = idp.token("frank");
+    for task in ["live", "done"] {
+        let (code, r) = exchange(&d, &base_fields(&subject, &actor_a, task, "tickets:read"));
+        assert_eq!(code, 200, "{r}");
+    }
+    assert_eq!(cli_json(&d, &["task", "complete", "done"])["revoked"], 1);
+    assert_eq!(task_records(&d), 2);
+
+    // The completed task has no active credential: its record goes once it is 2 s old. The
+    // other still has a live token (5 minutes), so it stays a's however old it is.
+    eventually("the completed task's record to be forgotten", || {
+        task_records(&d) == 1
+    })
+    .await;
+    assert!(
+        d.log_text()
+            .contains("task records past retention forgotten")
+    );
+    let actor_b = actor_token(&d, "b").await;
+    let (code, r) = exchange(&d, &base_fields(&subject, &actor_b, "done", "tickets:read"));
+    assert_eq!(code, 200, "a forgotten task id is free again: {r}");
+    let (_, r) = exchange(&d, &base_fields(&subject, &actor_b, "live", "tickets:read"));
+    assert_refused(&r, "another agent");
+
+    // The store forgot it too: after kill -9, "done" is b's (its new first use), not a's
+    // completed task.
+    let d = crash_and_restart(d);
+    assert_eq!(task_records(&d), 2, "both tasks hold a live token");
+    let actor_a = actor_token(&d, "a").await;
+    let (_, r) = exchange(&d, &base_fields(&subject, &actor_a, "done", "tickets:read"));
+    assert_refused(&r, "another agent");
+    let (code, r) = exchange(&d, &base_fields(&subject, &actor_a, "live", "tickets:read"));
+    assert_eq!(code, 200, "{r}");
 }

@@ -9,7 +9,7 @@ use serde_json::json;
 use tessera::lease::store::{Op, SqliteStore, commit};
 use tessera::lease::{Kind, Lease, LeaseId, LeaseTable, State};
 
-use super::{Load, Opts, Outcome, Report, Target, drive};
+use super::{Load, Opts, Outcome, Report, Target, drive, rss_of};
 use crate::common;
 
 fn rss() -> u64 {
@@ -166,6 +166,7 @@ pub async fn run(o: &Opts, r: &mut Report) {
         .as_ref()
         .and_then(|v| v["fields"]["load_ms"].as_u64());
 
+    let rss_restored = rss_of(d.pid()).unwrap_or(0);
     eprintln!("[leases] JWT issue latency: baseline, then while {n} leases expire at once ...");
     let baseline = jwt_load(&d, "baseline", 16, secs).await;
     let wait = mass_expiry - time::OffsetDateTime::now_utc().unix_timestamp() - 1;
@@ -175,6 +176,66 @@ pub async fn run(o: &Opts, r: &mut Report) {
     );
     tokio::time::sleep(Duration::from_secs(wait as u64)).await;
     let during = jwt_load(&d, "mass expiry", 16, secs).await;
+    // Memory once the mass expiry is reaped: what the daemon keeps after a burst is gone.
+    let active = || {
+        String::from_utf8(common::http_get(d.http, "/metrics").1)
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("tessera_leases{state=\"active\"} "))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    };
+    let reaped = Instant::now();
+    while active().is_none_or(|a| a > bulk + n / 10) && reaped.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The reaper then deletes the expired rows from the store (in chunks, between issuance);
+    // measure memory once it is done and RSS has settled (three samples a second apart within
+    // 1 MiB, at most 30 s), so that neither the deletes nor the allocator's delayed purge count.
+    let db = rusqlite::Connection::open_with_flags(
+        data.join("tessera.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut deleted_s = None;
+    while reaped.elapsed() < Duration::from_secs(60) {
+        let left: i64 = db
+            .query_row(
+                "SELECT count(*) FROM leases WHERE expires_at <= ?1",
+                [mass_expiry],
+                |r| r.get(0),
+            )
+            .unwrap_or(i64::MAX);
+        if left == 0 {
+            deleted_s = Some(reaped.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(db);
+    let mut series = vec![rss_of(d.pid()).unwrap_or(0)];
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        series.push(rss_of(d.pid()).unwrap_or(0));
+        let last = &series[series.len().saturating_sub(3)..];
+        if last.len() == 3
+            && last.iter().max().unwrap_or(&0) - last.iter().min().unwrap_or(&0) < 1 << 20
+        {
+            break;
+        }
+    }
+    let rss_reaped = *series.last().unwrap_or(&0);
+    eprintln!(
+        "      store deletes done {:.1} s after the expiry; RSS each second after (MiB): {:?}",
+        deleted_s.unwrap_or(f64::NAN),
+        series.iter().map(|b| b >> 20).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "      daemon RSS {:.1} MiB with {} leases, {:.1} MiB after {n} expired",
+        rss_restored as f64 / (1 << 20) as f64,
+        n + bulk,
+        rss_reaped as f64 / (1 << 20) as f64
+    );
     let metrics = String::from_utf8(common::http_get(d.http, "/metrics").1).unwrap_or_default();
     let lag: Option<f64> = metrics
         .lines()
@@ -224,6 +285,21 @@ pub async fn run(o: &Opts, r: &mut Report) {
         "bytes",
         Target::AtMost(300.0),
     );
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    r.figure(
+        "rss_leases_mib",
+        &format!("daemon RSS with {} leases", n + bulk),
+        mib(rss_restored),
+        "MiB",
+        Target::None,
+    );
+    r.figure(
+        "rss_after_expiry_mib",
+        &format!("  after {n} of them expired"),
+        mib(rss_reaped),
+        "MiB",
+        Target::None,
+    );
     r.figure(
         "restart_s",
         &format!("restart to serving, {} leases", n + bulk),
@@ -267,6 +343,7 @@ pub async fn run(o: &Opts, r: &mut Report) {
             "read_store_s": load_ms.map(|m| m as f64 / 1000.0),
             "baseline": baseline.json(), "mass_expiry": during.json(),
             "reaper_lag_seconds": lag,
+            "store_deletes_done_s": deleted_s,
         "kill_daemon_split": kill_log,
         }),
     );

@@ -79,7 +79,11 @@ async fn crl(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(s): State<HttpState>) -> impl IntoResponse {
-    let body = s.metrics.render(s.leases.len(), s.leases.active_count());
+    let body = s.metrics.render(
+        s.leases.len(),
+        s.leases.active_count(),
+        s.leases.task_count(),
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 

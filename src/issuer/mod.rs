@@ -9,7 +9,8 @@
 //!
 //! The barrier: issuance holds it shared from the kill-list check until the lease is in the
 //! table; a kill holds it exclusively. So a kill either sees a credential's lease (and revokes
-//! it) or the credential was never handed out.
+//! it) or the credential was never handed out. Task completion and task-record pruning hold it
+//! exclusively too, for the same reason.
 
 pub mod control;
 pub mod task;

@@ -1,6 +1,7 @@
 //! Task credentials on the issuance path: a task token (and optionally a task X.509-SVID)
 //! minted for an agent, leased to its task, committed before it is handed out; task
-//! completion; and the checks on tokens Tessera signed (introspection, revocation).
+//! completion; forgetting task records past their retention; and the checks on tokens
+//! Tessera signed (introspection, revocation).
 //!
 //! The exchange rules (subject token, policy, approvals, TTL) are decided before this point by
 //! [`crate::exchange`]; this module only mints what was decided, under the same barrier and
@@ -19,6 +20,9 @@ use crate::lease::store::{Op, commit};
 use crate::lease::{Kind, Lease, LeaseId, Revocation, State, TaskClaim};
 use crate::registry::Entry;
 use crate::spiffe_id::SpiffeId;
+
+/// Task records deleted per store commit (and per hold of the exclusive barrier).
+const PRUNE_CHUNK: usize = 2_000;
 
 /// Who holds a task credential, for its lease and audit records.
 #[derive(Debug, Clone)]
@@ -92,6 +96,9 @@ impl Issuer {
     /// first use. Nothing is handed out until the leases and the task record are durable.
     pub async fn issue_task(&self, mut g: TaskGrant<'_>) -> Result<TaskCredentials, IssueError> {
         let agent = g.entry.spiffe_id.as_str();
+        // Claimed under the barrier, which task pruning holds exclusively: a task found here
+        // keeps its record until this credential's lease is live (and then is not stale).
+        let _shared = self.barrier.read().await;
         let new_task = match self.leases.claim_task(g.task_id, agent, now_ms()) {
             TaskClaim::New(t) => Some(t),
             TaskClaim::Existing => None,
@@ -123,7 +130,6 @@ impl Issuer {
         new_task: Option<crate::lease::Task>,
     ) -> Result<TaskCredentials, IssueError> {
         let entry = &g.entry;
-        let _shared = self.barrier.read().await;
         if self.leases.is_killed(&entry.spiffe_id) {
             return Err(IssueError::Killed(entry.spiffe_id.to_string()));
         }
@@ -236,6 +242,34 @@ impl Issuer {
             expires_at: exp,
             x509,
         })
+    }
+
+    /// Forgets the records of tasks first used more than `retention` ago that hold no active
+    /// lease, from the store and then from memory; returns how many. After that a task id is
+    /// free again, as if never used.
+    ///
+    /// Candidates are found without blocking issuance, then re-checked and deleted in chunks
+    /// under the exclusive barrier: a task cannot gain a credential between its re-check and
+    /// its deletion, and issuance waits for one chunk's commit at most, not for the whole set.
+    pub async fn prune_tasks(&self, retention: Duration) -> Result<usize, IssueError> {
+        let cutoff =
+            now_ms().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+        let candidates = self.leases.stale_tasks(cutoff, None);
+        let mut pruned = 0;
+        for chunk in candidates.chunks(PRUNE_CHUNK) {
+            let _excl = self.barrier.write().await;
+            let stale = self.leases.stale_tasks(cutoff, Some(chunk));
+            if stale.is_empty() {
+                continue;
+            }
+            commit(&*self.store, vec![Op::DeleteTasks(stale.clone())]).await?;
+            self.leases.forget_tasks(&stale);
+            pruned += stale.len();
+        }
+        if pruned > 0 {
+            self.leases.compact();
+        }
+        Ok(pruned)
     }
 
     /// Completes a task: every lease of it is revoked and it gets no more credentials.

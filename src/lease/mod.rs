@@ -243,6 +243,34 @@ pub struct LeaseTable {
     changes: watch::Sender<u64>,
 }
 
+/// Below this many slots a table is left as it is: shrinking it would return little.
+const COMPACT_MIN_CAPACITY: usize = 4096;
+
+/// True when a table of `capacity` slots holding `len` is worth shrinking. An eighth, not a
+/// half: hashbrown doubles a table that is over half full when deleted slots force a rehash,
+/// so a table shrunk to just above its size would double again under steady churn, and
+/// shrink again at the next dip (the soak showed that cycle with a quarter). Shrinking at an
+/// eighth to four times what is left leaves a factor of two both ways.
+fn sparse(capacity: usize, len: usize) -> bool {
+    capacity >= COMPACT_MIN_CAPACITY && capacity / 8 > len
+}
+
+fn shrink_map<K: Eq + std::hash::Hash, V>(m: &DashMap<K, V>) -> bool {
+    let shrink = sparse(m.capacity(), m.len());
+    if shrink {
+        m.shrink_to_fit();
+    }
+    shrink
+}
+
+/// Shrinks an index set that a revocation or expiry left mostly empty (see [`sparse`]);
+/// small sets are left alone.
+fn shrink_set(set: &mut HashSet<LeaseId>) {
+    if set.capacity() >= 64 && set.capacity() / 8 > set.len() {
+        set.shrink_to(set.len() * 4);
+    }
+}
+
 impl Default for LeaseTable {
     fn default() -> Self {
         Self::new()
@@ -325,6 +353,71 @@ impl LeaseTable {
         self.tasks.remove_if(&*t.id, |_, v| {
             v.created_ms == t.created_ms && v.agent == t.agent
         });
+    }
+
+    /// Number of task records held.
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Tasks first used before `cutoff_ms` that hold no active lease: the records
+    /// [`crate::issuer::Issuer::prune_tasks`] may forget. Of `ids` when given (the re-check
+    /// under the issuance barrier), else of all tasks.
+    pub fn stale_tasks(&self, cutoff_ms: i64, ids: Option<&[Arc<str>]>) -> Vec<Arc<str>> {
+        let stale = |t: &Task| t.created_ms < cutoff_ms && !self.by_task.contains_key(&*t.id);
+        match ids {
+            Some(ids) => ids
+                .iter()
+                .filter(|id| self.tasks.get(&***id).is_some_and(|t| stale(&t)))
+                .cloned()
+                .collect(),
+            None => self
+                .tasks
+                .iter()
+                .filter(|t| stale(t.value()))
+                .map(|t| Arc::clone(t.key()))
+                .collect(),
+        }
+    }
+
+    /// Drops task records (already deleted from the store).
+    pub fn forget_tasks(&self, ids: &[Arc<str>]) {
+        for id in ids {
+            self.tasks.remove(id);
+        }
+    }
+
+    /// Returns memory that bursts left behind: a hash table or queue keeps the capacity of its
+    /// largest size, so after a million leases expire (or a day of tasks is pruned) the daemon
+    /// would otherwise hold their slots for good. Shrinks only what is under an eighth full
+    /// ([`sparse`]), to four times what is left where the type allows (the maps shrink to
+    /// fit, and may double once afterwards), so steady churn does not shrink and regrow, and
+    /// each shrink (a rehash of what is left) is paid for by the removals that emptied the
+    /// table. Returns how many were shrunk.
+    pub fn compact(&self) -> usize {
+        let mut n = 0;
+        n += usize::from(shrink_map(&self.leases));
+        n += usize::from(shrink_map(&self.by_identity));
+        n += usize::from(shrink_map(&self.by_task));
+        n += usize::from(shrink_map(&self.tasks));
+        {
+            let mut heap = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+            if sparse(heap.capacity(), heap.len()) {
+                let keep = heap.len() * 4;
+                heap.shrink_to(keep);
+                n += 1;
+            }
+        }
+        let mut serials = self
+            .revoked_serials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if sparse(serials.capacity(), serials.len()) {
+            let keep = serials.len() * 4;
+            serials.shrink_to(keep);
+            n += 1;
+        }
+        n
     }
 
     /// Marks a task completed. Returns false if it was unknown.
@@ -504,6 +597,7 @@ impl LeaseTable {
                         for id in &ids {
                             set.remove(id);
                         }
+                        shrink_set(&mut set);
                     }
                     let empty = set.is_empty();
                     drop(set);
@@ -533,6 +627,7 @@ impl LeaseTable {
             let Some(key) = key else { continue };
             if let Some(mut set) = index.get_mut(key) {
                 set.remove(&l.id);
+                shrink_set(&mut set);
                 let empty = set.is_empty();
                 drop(set);
                 if empty {
@@ -589,6 +684,7 @@ impl LeaseTable {
                 for id in &ids {
                     set.remove(id);
                 }
+                shrink_set(&mut set);
                 let empty = set.is_empty();
                 drop(set);
                 if empty {
@@ -1016,5 +1112,101 @@ mod tests {
             ..Default::default()
         };
         assert!(t.list(&f).is_empty());
+    }
+
+    fn task(id: &str, created_ms: i64) -> Task {
+        Task {
+            id: id.into(),
+            agent: "spiffe://td/a".into(),
+            created_ms,
+            completed_ms: None,
+        }
+    }
+
+    #[test]
+    fn stale_tasks_are_old_and_hold_no_active_lease() {
+        let t = LeaseTable::new();
+        t.load_tasks(vec![
+            task("old-idle", 1_000),
+            task("old-busy", 1_000),
+            task("new", 9_000),
+        ]);
+        let busy = lease(&t, "spiffe://td/a", Some("old-busy"), 10_000);
+        t.insert(busy.clone());
+        let ids = |v: &[&str]| v.iter().map(|s| Arc::from(*s)).collect::<Vec<Arc<str>>>();
+        assert_eq!(t.stale_tasks(5_000, None), ids(&["old-idle"]));
+        // The re-check of candidates sees a credential issued since they were found, and
+        // tasks that are gone.
+        t.insert(lease(&t, "spiffe://td/a", Some("old-idle"), 10_000));
+        assert!(
+            t.stale_tasks(5_000, Some(&ids(&["old-idle", "gone"])))
+                .is_empty()
+        );
+        // A revoked lease does not keep its task.
+        let rev = Arc::new(Revocation {
+            at_ms: 2_000,
+            by: "op".into(),
+            reason: "r".into(),
+        });
+        t.revoke(&[busy.id], &rev);
+        assert_eq!(
+            t.stale_tasks(5_000, Some(&ids(&["old-busy", "new"]))),
+            ids(&["old-busy"])
+        );
+        t.forget_tasks(&ids(&["old-busy"]));
+        assert!(t.task("old-busy").is_none());
+        assert_eq!(t.task_count(), 2);
+    }
+
+    #[test]
+    fn compaction_gives_back_what_a_burst_left_and_leaves_steady_tables_alone() {
+        let t = LeaseTable::new();
+        let rev = Arc::new(Revocation {
+            at_ms: 0,
+            by: "op".into(),
+            reason: "r".into(),
+        });
+        // A burst of 40k leases of one identity expiring together, 5k of them revoked (their
+        // serials on the CRL); 100 long-lived leases of the same identity and task stay.
+        let mut burst = Vec::new();
+        for _ in 0..40_000 {
+            let l = lease(&t, "spiffe://td/burst", Some("job"), 100);
+            burst.push(l.id);
+            t.insert(l);
+        }
+        let mut keep = Vec::new();
+        for _ in 0..100 {
+            let l = lease(&t, "spiffe://td/burst", Some("job"), 10_000);
+            keep.push(l.id);
+            t.insert(l);
+        }
+        t.revoke(&burst[..5_000], &rev);
+        let set_cap =
+            |m: &DashMap<Arc<str>, HashSet<LeaseId>>, k: &str| m.get(k).unwrap().capacity();
+        let before = (
+            t.leases.capacity(),
+            t.expiry.lock().unwrap().capacity(),
+            t.revoked_serials.lock().unwrap().capacity(),
+            set_cap(&t.by_identity, "spiffe://td/burst"),
+            set_cap(&t.by_task, "job"),
+        );
+        assert_eq!(t.compact(), 0, "full tables are left alone");
+
+        t.expire_due(100);
+        assert_eq!(t.len(), 100);
+        // The index sets shrink as they empty; the tables at compaction.
+        assert!(set_cap(&t.by_identity, "spiffe://td/burst") * 10 < before.3);
+        assert!(set_cap(&t.by_task, "job") * 10 < before.4);
+        assert_eq!(t.compact(), 3, "leases, expiry queue, revoked serials");
+        assert!(t.leases.capacity() * 10 < before.0);
+        assert!(t.expiry.lock().unwrap().capacity() * 10 < before.1);
+        assert!(t.revoked_serials.lock().unwrap().capacity() * 10 < before.2);
+        assert_eq!(t.compact(), 0, "nothing left to give back");
+        // What stayed is intact.
+        assert!(keep.iter().all(|id| t.is_active(id, 0)));
+        assert_eq!(t.active_of_task("job").len(), 100);
+        let id = SpiffeId::parse("spiffe://td/burst").unwrap();
+        assert_eq!(t.active_of_identity(&id, false).len(), 100);
+        assert!(t.revoked_serials().is_empty());
     }
 }

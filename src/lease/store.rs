@@ -78,6 +78,8 @@ pub enum Op {
     DeleteEntry(String),
     /// A task's first use: it belongs to `agent` from now on.
     PutTask(Task),
+    /// Forget task records (past retention, no live lease).
+    DeleteTasks(Vec<Arc<str>>),
     /// A task was completed: its leases are revoked and it gets no more.
     CompleteTask {
         /// Task id.
@@ -168,11 +170,6 @@ CREATE TABLE IF NOT EXISTS audit_rejected(
 /// How often the audit file is fdatasync'd in the background. Records are durable in the store
 /// from their commit; this only bounds how many wait there to be deleted.
 pub const AUDIT_SYNC_INTERVAL: Duration = Duration::from_millis(50);
-
-/// Task records are kept this long after their first use, so a task id cannot be taken over
-/// by another agent while any credential of the task could still exist (task credentials
-/// live at most 24 h).
-pub const TASK_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
@@ -553,6 +550,14 @@ fn apply(
                         .and_then(|mut st| st.execute(params![&*t.id, &*t.agent, t.created_ms]))
                         .map_err(db_err)?;
                     }
+                    Op::DeleteTasks(ids) => {
+                        let mut st = tx
+                            .prepare_cached("DELETE FROM tasks WHERE id=?1")
+                            .map_err(db_err)?;
+                        for id in ids {
+                            st.execute(params![&**id]).map_err(db_err)?;
+                        }
+                    }
                     Op::CompleteTask { id, at_ms, by } => {
                         tx.execute(
                             "UPDATE tasks SET completed_ms=?2, completed_by=?3 WHERE id=?1 AND completed_ms IS NULL",
@@ -741,11 +746,6 @@ fn load(
         .map_err(db_err)?
         .collect::<Result<_, _>>()
         .map_err(db_err)?;
-    conn.execute(
-        "DELETE FROM tasks WHERE created_ms < ?1",
-        params![now_s * 1000 - TASK_RETENTION_MS],
-    )
-    .map_err(db_err)?;
     let mut st = conn
         .prepare("SELECT id, agent, created_ms, completed_ms FROM tasks")
         .map_err(db_err)?;
