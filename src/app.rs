@@ -444,8 +444,6 @@ fn publish_crl(ca: &Ca, leases: &LeaseTable) {
     }
 }
 
-/// Re-publishes the CRL when the set of revoked serials changes (coalescing bursts such as a
-/// kill) and at least every 20 minutes, well before its one-hour `nextUpdate`.
 /// Forgets task records past `[tasks] retention`: at start (records age while the daemon is
 /// down too) and then every quarter of the retention, at least every 10 minutes.
 async fn prune_tasks(issuer: Arc<Issuer>, retention: Duration, mut sd: Shutdown) {
@@ -465,6 +463,8 @@ async fn prune_tasks(issuer: Arc<Issuer>, retention: Duration, mut sd: Shutdown)
     }
 }
 
+/// Re-publishes the CRL when the set of revoked serials changes (coalescing bursts such as a
+/// kill) and at least every 20 minutes, well before its one-hour `nextUpdate`.
 async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, mut sd: Shutdown) {
     let fingerprint = |l: &LeaseTable| {
         let s = l.revoked_serials();

@@ -301,7 +301,8 @@ pub struct Config {
     /// How long a pending or approved high-risk request waits.
     pub approval_ttl: Duration,
     /// A task record (its owner, whether it is complete) is forgotten this long after the
-    /// task's first use, once no credential of it is active.
+    /// task's first use, once none of its credentials exists (active, or revoked and not yet
+    /// expired).
     pub task_retention: Duration,
     /// An entry with no issuance for this long is idle.
     pub idle_after: Duration,

@@ -1126,22 +1126,26 @@ fn task_records(d: &Daemon) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn task_records_are_forgotten_after_retention_unless_a_credential_is_live() {
+async fn task_records_are_forgotten_after_retention_while_no_credential_exists() {
     let idp = Idp::start().await;
-    let d = daemon(&idp, POLICY, "", "[tasks]\nretention = \"2s\"");
+    let d = daemon(&idp, POLICY, "", "[tasks]\nretention = \"3s\"");
     let actor_a = actor_token(&d, "a").await;
     let subject = idp.token("frank");
-    for task in ["live", "done"] {
-        let (code, r) = exchange(&d, &base_fields(&subject, &actor_a, task, "tickets:read"));
+    // "short": a 1-second token that expires. "live": a 5-minute token. "revoked": a 5-minute
+    // token revoked by completing the task; revoked, it still exists until it expires.
+    for (task, expires_in) in [("short", "1"), ("live", "300"), ("revoked", "300")] {
+        let mut f = base_fields(&subject, &actor_a, task, "tickets:read");
+        f.push(("expires_in", expires_in));
+        let (code, r) = exchange(&d, &f);
         assert_eq!(code, 200, "{r}");
     }
-    assert_eq!(cli_json(&d, &["task", "complete", "done"])["revoked"], 1);
-    assert_eq!(task_records(&d), 2);
+    assert_eq!(task_records(&d), 3);
+    assert_eq!(cli_json(&d, &["task", "complete", "revoked"])["revoked"], 1);
 
-    // The completed task has no active credential: its record goes once it is 2 s old. The
-    // other still has a live token (5 minutes), so it stays a's however old it is.
-    eventually("the completed task's record to be forgotten", || {
-        task_records(&d) == 1
+    // Once 3 s old, the task whose only token expired is forgotten; the other two stay a's
+    // however old they are.
+    eventually("the expired task's record to be forgotten", || {
+        task_records(&d) == 2
     })
     .await;
     assert!(
@@ -1149,18 +1153,31 @@ async fn task_records_are_forgotten_after_retention_unless_a_credential_is_live(
             .contains("task records past retention forgotten")
     );
     let actor_b = actor_token(&d, "b").await;
-    let (code, r) = exchange(&d, &base_fields(&subject, &actor_b, "done", "tickets:read"));
+    let (code, r) = exchange(
+        &d,
+        &base_fields(&subject, &actor_b, "short", "tickets:read"),
+    );
     assert_eq!(code, 200, "a forgotten task id is free again: {r}");
-    let (_, r) = exchange(&d, &base_fields(&subject, &actor_b, "live", "tickets:read"));
-    assert_refused(&r, "another agent");
+    for task in ["live", "revoked"] {
+        let (_, r) = exchange(&d, &base_fields(&subject, &actor_b, task, "tickets:read"));
+        assert_refused(&r, "another agent");
+    }
 
-    // The store forgot it too: after kill -9, "done" is b's (its new first use), not a's
-    // completed task.
+    // The store forgot it too: after kill -9, "short" is b's (its new first use), and the
+    // others are still a's, the completed one still complete.
     let d = crash_and_restart(d);
-    assert_eq!(task_records(&d), 2, "both tasks hold a live token");
+    assert_eq!(task_records(&d), 3);
     let actor_a = actor_token(&d, "a").await;
-    let (_, r) = exchange(&d, &base_fields(&subject, &actor_a, "done", "tickets:read"));
+    let (_, r) = exchange(
+        &d,
+        &base_fields(&subject, &actor_a, "short", "tickets:read"),
+    );
     assert_refused(&r, "another agent");
+    let (_, r) = exchange(
+        &d,
+        &base_fields(&subject, &actor_a, "revoked", "tickets:read"),
+    );
+    assert_refused(&r, "complete");
     let (code, r) = exchange(&d, &base_fields(&subject, &actor_a, "live", "tickets:read"));
     assert_eq!(code, 200, "{r}");
 }

@@ -244,8 +244,9 @@ impl Issuer {
         })
     }
 
-    /// Forgets the records of tasks first used more than `retention` ago that hold no active
-    /// lease, from the store and then from memory; returns how many. After that a task id is
+    /// Forgets the records of tasks first used more than `retention` ago of which no lease is
+    /// held (active, or revoked and not yet expired), from the store and then from memory;
+    /// returns how many. After that a task id is
     /// free again, as if never used.
     ///
     /// Candidates are found without blocking issuance, then re-checked and deleted in chunks
@@ -262,7 +263,12 @@ impl Issuer {
             if stale.is_empty() {
                 continue;
             }
-            commit(&*self.store, vec![Op::DeleteTasks(stale.clone())]).await?;
+            if let Err(e) = commit(&*self.store, vec![Op::DeleteTasks(stale.clone())]).await {
+                if pruned > 0 {
+                    tracing::info!(pruned, "task records past retention forgotten");
+                }
+                return Err(e.into());
+            }
             self.leases.forget_tasks(&stale);
             pruned += stale.len();
         }
@@ -282,11 +288,14 @@ impl Issuer {
         owner: Option<&[SpiffeId]>,
         actor: Actor,
     ) -> Result<usize, IssueError> {
-        let Some(t) = self.leases.task(task) else {
-            return Err(IssueError::NotFound(format!(
+        let not_found = || {
+            IssueError::NotFound(format!(
                 "no task {:?}",
                 task.chars().take(128).collect::<String>()
-            )));
+            ))
+        };
+        let Some(t) = self.leases.task(task) else {
+            return Err(not_found());
         };
         if let Some(ids) = owner
             && !ids.iter().any(|i| i.as_str() == &*t.agent)
@@ -294,6 +303,15 @@ impl Issuer {
             return Err(IssueError::NotEntitled(format!("task {task:?}")));
         }
         let _excl = self.barrier.write().await;
+        // Again under the barrier: the record may have been forgotten (task pruning) and the
+        // id claimed by another agent while this call waited.
+        if self
+            .leases
+            .task(task)
+            .is_none_or(|now| now.agent != t.agent || now.created_ms != t.created_ms)
+        {
+            return Err(not_found());
+        }
         let at_ms = now_ms();
         let ids = self.leases.active_of_task(task);
         let rev = Revocation {

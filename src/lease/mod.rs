@@ -234,6 +234,9 @@ pub struct LeaseTable {
     leases: DashMap<LeaseId, Box<Lease>>,
     by_identity: DashMap<Arc<str>, HashSet<LeaseId>>,
     by_task: DashMap<Arc<str>, HashSet<LeaseId>>,
+    /// Per task, how many of its leases the table holds in any state: a revoked credential
+    /// still exists until it expires, and while one does its task is not forgotten.
+    task_leases: DashMap<Arc<str>, u32>,
     expiry: Mutex<BinaryHeap<Reverse<(i64, LeaseId)>>>,
     expiry_changed: Notify,
     revoked_serials: Mutex<HashMap<LeaseId, RevokedSerial>>,
@@ -247,10 +250,11 @@ pub struct LeaseTable {
 const COMPACT_MIN_CAPACITY: usize = 4096;
 
 /// True when a table of `capacity` slots holding `len` is worth shrinking. An eighth, not a
-/// half: hashbrown doubles a table that is over half full when deleted slots force a rehash,
-/// so a table shrunk to just above its size would double again under steady churn, and
-/// shrink again at the next dip (the soak showed that cycle with a quarter). Shrinking at an
-/// eighth to four times what is left leaves a factor of two both ways.
+/// quarter: hashbrown doubles a table that is over half full when deleted slots force a
+/// rehash, so a table shrunk to twice its size doubled again under steady churn and shrank
+/// again at the next dip (the soak showed that cycle). Sets and queues shrink to four times
+/// what is left and maps to fit (a map may then double once), which leaves a factor of two
+/// of headroom both ways.
 fn sparse(capacity: usize, len: usize) -> bool {
     capacity >= COMPACT_MIN_CAPACITY && capacity / 8 > len
 }
@@ -299,6 +303,7 @@ impl LeaseTable {
             leases: DashMap::new(),
             by_identity: DashMap::new(),
             by_task: DashMap::new(),
+            task_leases: DashMap::new(),
             expiry: Mutex::new(BinaryHeap::new()),
             expiry_changed: Notify::new(),
             revoked_serials: Mutex::new(HashMap::new()),
@@ -360,11 +365,12 @@ impl LeaseTable {
         self.tasks.len()
     }
 
-    /// Tasks first used before `cutoff_ms` that hold no active lease: the records
+    /// Tasks first used before `cutoff_ms` of which the table holds no lease (active, or
+    /// revoked and not yet expired): the records
     /// [`crate::issuer::Issuer::prune_tasks`] may forget. Of `ids` when given (the re-check
     /// under the issuance barrier), else of all tasks.
     pub fn stale_tasks(&self, cutoff_ms: i64, ids: Option<&[Arc<str>]>) -> Vec<Arc<str>> {
-        let stale = |t: &Task| t.created_ms < cutoff_ms && !self.by_task.contains_key(&*t.id);
+        let stale = |t: &Task| t.created_ms < cutoff_ms && !self.task_leases.contains_key(&*t.id);
         match ids {
             Some(ids) => ids
                 .iter()
@@ -399,6 +405,7 @@ impl LeaseTable {
         n += usize::from(shrink_map(&self.leases));
         n += usize::from(shrink_map(&self.by_identity));
         n += usize::from(shrink_map(&self.by_task));
+        n += usize::from(shrink_map(&self.task_leases));
         n += usize::from(shrink_map(&self.tasks));
         {
             let mut heap = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
@@ -462,6 +469,9 @@ impl LeaseTable {
                         expires_at: exp,
                     },
                 );
+        }
+        if let Some(t) = &lease.task_id {
+            *self.task_leases.entry(Arc::clone(t)).or_default() += 1;
         }
         self.leases.insert(id, Box::new(lease));
         let mut heap = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
@@ -734,6 +744,9 @@ impl LeaseTable {
                     },
                 ));
             }
+            if let Some(t) = &lease.task_id {
+                *self.task_leases.entry(Arc::clone(t)).or_default() += 1;
+            }
             self.leases.insert(lease.id, Box::new(lease));
         }
         self.revoked_serials
@@ -766,6 +779,9 @@ impl LeaseTable {
         let mut removed = Vec::with_capacity(due.len());
         for id in due {
             if let Some((_, l)) = self.leases.remove(&id) {
+                if let Some(t) = &l.task_id {
+                    self.release_task(t);
+                }
                 if l.state == State::Active {
                     self.unindex(&l);
                 } else if l.serial.is_some() {
@@ -783,6 +799,19 @@ impl LeaseTable {
             self.changes.send_modify(|v| *v += 1);
         }
         (removed, crl_changed)
+    }
+
+    /// One lease of task `t` left the table.
+    fn release_task(&self, t: &str) {
+        let Some(mut n) = self.task_leases.get_mut(t) else {
+            return;
+        };
+        *n = n.saturating_sub(1);
+        let gone = *n == 0;
+        drop(n);
+        if gone {
+            self.task_leases.remove_if(t, |_, n| *n == 0);
+        }
     }
 
     /// The soonest expiry in the queue.
@@ -1124,7 +1153,7 @@ mod tests {
     }
 
     #[test]
-    fn stale_tasks_are_old_and_hold_no_active_lease() {
+    fn stale_tasks_are_old_and_hold_no_lease() {
         let t = LeaseTable::new();
         t.load_tasks(vec![
             task("old-idle", 1_000),
@@ -1142,13 +1171,15 @@ mod tests {
             t.stale_tasks(5_000, Some(&ids(&["old-idle", "gone"])))
                 .is_empty()
         );
-        // A revoked lease does not keep its task.
+        // A revoked lease keeps its task until it expires: the credential still exists.
         let rev = Arc::new(Revocation {
             at_ms: 2_000,
             by: "op".into(),
             reason: "r".into(),
         });
         t.revoke(&[busy.id], &rev);
+        assert!(t.stale_tasks(5_000, Some(&ids(&["old-busy"]))).is_empty());
+        t.expire_due(10_000);
         assert_eq!(
             t.stale_tasks(5_000, Some(&ids(&["old-busy", "new"]))),
             ids(&["old-busy"])

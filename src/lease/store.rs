@@ -111,7 +111,7 @@ pub struct Snapshot {
     pub kills: Vec<Kill>,
     /// Stored entries `(id, spec JSON)`.
     pub entries: Vec<(String, String)>,
-    /// Tasks seen in the retention period.
+    /// Every stored task record (the task-pruner forgets those past retention).
     pub tasks: Vec<Task>,
     /// Last activity per entry id, Unix ms.
     pub entry_activity: Vec<(String, i64)>,
