@@ -217,6 +217,7 @@ pub async fn run(o: &Opts, r: &mut Report) {
         }
     }
     let rss_reaped = *series.last().unwrap_or(&0);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     eprintln!(
         "      expired rows gone from the store {:.1} s after the load; RSS each second after (MiB): {:?}",
         deleted_s.unwrap_or(f64::NAN),
@@ -224,9 +225,9 @@ pub async fn run(o: &Opts, r: &mut Report) {
     );
     eprintln!(
         "      daemon RSS {:.1} MiB with {} leases, {:.1} MiB after {n} expired",
-        rss_restored as f64 / (1 << 20) as f64,
+        mib(rss_restored),
         n + bulk,
-        rss_reaped as f64 / (1 << 20) as f64
+        mib(rss_reaped)
     );
     let metrics = String::from_utf8(common::http_get(d.http, "/metrics").1).unwrap_or_default();
     let lag: Option<f64> = metrics
@@ -277,7 +278,6 @@ pub async fn run(o: &Opts, r: &mut Report) {
         "bytes",
         Target::AtMost(300.0),
     );
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     r.figure(
         "rss_leases_mib",
         &format!("daemon RSS with {} leases", n + bulk),

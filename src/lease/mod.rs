@@ -248,6 +248,12 @@ pub struct LeaseTable {
 
 /// Below this many slots a table is left as it is: shrinking it would return little.
 const COMPACT_MIN_CAPACITY: usize = 4096;
+/// The same for one identity's or task's index set.
+const SET_MIN_CAPACITY: usize = 64;
+/// A table is shrunk when under 1/`SHRINK_BELOW` full, to `SHRINK_TO` times what is left
+/// where the type allows it (see [`sparse`]).
+const SHRINK_BELOW: usize = 8;
+const SHRINK_TO: usize = 4;
 
 /// True when a table of `capacity` slots holding `len` is worth shrinking. An eighth, not a
 /// quarter: hashbrown doubles a table that is over half full when deleted slots force a
@@ -255,12 +261,12 @@ const COMPACT_MIN_CAPACITY: usize = 4096;
 /// again at the next dip (the soak showed that cycle). Sets and queues shrink to four times
 /// what is left and maps to fit (a map may then double once), which leaves a factor of two
 /// of headroom both ways.
-fn sparse(capacity: usize, len: usize) -> bool {
-    capacity >= COMPACT_MIN_CAPACITY && capacity / 8 > len
+fn sparse(capacity: usize, len: usize, min_capacity: usize) -> bool {
+    capacity >= min_capacity && capacity / SHRINK_BELOW > len
 }
 
 fn shrink_map<K: Eq + std::hash::Hash, V>(m: &DashMap<K, V>) -> bool {
-    let shrink = sparse(m.capacity(), m.len());
+    let shrink = sparse(m.capacity(), m.len(), COMPACT_MIN_CAPACITY);
     if shrink {
         m.shrink_to_fit();
     }
@@ -270,8 +276,8 @@ fn shrink_map<K: Eq + std::hash::Hash, V>(m: &DashMap<K, V>) -> bool {
 /// Shrinks an index set that a revocation or expiry left mostly empty (see [`sparse`]);
 /// small sets are left alone.
 fn shrink_set(set: &mut HashSet<LeaseId>) {
-    if set.capacity() >= 64 && set.capacity() / 8 > set.len() {
-        set.shrink_to(set.len() * 4);
+    if sparse(set.capacity(), set.len(), SET_MIN_CAPACITY) {
+        set.shrink_to(set.len() * SHRINK_TO);
     }
 }
 
@@ -409,8 +415,8 @@ impl LeaseTable {
         n += usize::from(shrink_map(&self.tasks));
         {
             let mut heap = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
-            if sparse(heap.capacity(), heap.len()) {
-                let keep = heap.len() * 4;
+            if sparse(heap.capacity(), heap.len(), COMPACT_MIN_CAPACITY) {
+                let keep = heap.len() * SHRINK_TO;
                 heap.shrink_to(keep);
                 n += 1;
             }
@@ -419,8 +425,8 @@ impl LeaseTable {
             .revoked_serials
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if sparse(serials.capacity(), serials.len()) {
-            let keep = serials.len() * 4;
+        if sparse(serials.capacity(), serials.len(), COMPACT_MIN_CAPACITY) {
+            let keep = serials.len() * SHRINK_TO;
             serials.shrink_to(keep);
             n += 1;
         }
@@ -471,7 +477,7 @@ impl LeaseTable {
                 );
         }
         if let Some(t) = &lease.task_id {
-            *self.task_leases.entry(Arc::clone(t)).or_default() += 1;
+            self.hold_task(t);
         }
         self.leases.insert(id, Box::new(lease));
         let mut heap = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
@@ -745,7 +751,7 @@ impl LeaseTable {
                 ));
             }
             if let Some(t) = &lease.task_id {
-                *self.task_leases.entry(Arc::clone(t)).or_default() += 1;
+                self.hold_task(t);
             }
             self.leases.insert(lease.id, Box::new(lease));
         }
@@ -799,6 +805,11 @@ impl LeaseTable {
             self.changes.send_modify(|v| *v += 1);
         }
         (removed, crl_changed)
+    }
+
+    /// One more lease of task `t` is in the table.
+    fn hold_task(&self, t: &Arc<str>) {
+        *self.task_leases.entry(Arc::clone(t)).or_default() += 1;
     }
 
     /// One lease of task `t` left the table.

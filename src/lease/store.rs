@@ -78,7 +78,7 @@ pub enum Op {
     DeleteEntry(String),
     /// A task's first use: it belongs to `agent` from now on.
     PutTask(Task),
-    /// Forget task records (past retention, no live lease).
+    /// Forget task records (past retention, no lease of them held).
     DeleteTasks(Vec<Arc<str>>),
     /// A task was completed: its leases are revoked and it gets no more.
     CompleteTask {
