@@ -232,7 +232,7 @@ pub fn lease_to_pb(l: &Lease) -> pb::Lease {
         task_id: l.task_id.as_deref().unwrap_or_default().into(),
         issued_at: l.issued_at,
         expires_at: l.expires_at,
-        serial: l.serial.map(hex::encode).unwrap_or_default(),
+        serial: l.serial.as_deref().map(hex::encode).unwrap_or_default(),
         state: l.state.as_str().into(),
         revoked_at_ms: r.map_or(0, |r| r.at_ms),
         revoked_by: r.map(|r| r.by.clone()).unwrap_or_default(),

@@ -456,7 +456,7 @@ impl Issuer {
             now.unix_timestamp(),
             m.not_after.unix_timestamp(),
         );
-        lease.serial = Some(m.serial);
+        lease.serial = Some(Box::new(m.serial));
         let ev = Event::now("issue", workload_actor(caller))
             .spiffe_id(entry.spiffe_id.as_str())
             .lease(lease.id.to_string())

@@ -200,7 +200,7 @@ impl Issuer {
                 id.as_str(),
                 m.not_after.unix_timestamp(),
             );
-            l.serial = Some(m.serial);
+            l.serial = Some(Box::new(m.serial));
             let serial = hex::encode(m.serial);
             ev = ev
                 .detail("x509_lease", l.id.to_string())
