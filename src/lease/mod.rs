@@ -775,7 +775,9 @@ impl LeaseTable {
     /// Removes up to `max` leases whose expiry is at or before `now_s`, soonest first;
     /// returns their ids and whether any revoked certificate left the CRL. Bounded so that a
     /// caller retiring a mass expiry holds the expiry queue's lock (which every issuance
-    /// takes) and its thread for a short slice at a time.
+    /// takes) and its thread for a short slice at a time. It does not notify subscribers:
+    /// when the CRL changed, the caller calls [`Self::announce_change`] once it has retired
+    /// everything due, so that the CRL is rebuilt once per expiry, not once per slice.
     pub fn expire_due(&self, now_s: i64, max: usize) -> (Vec<LeaseId>, bool) {
         let mut due = Vec::new();
         {
@@ -808,10 +810,13 @@ impl LeaseTable {
                 removed.push(id);
             }
         }
-        if crl_changed {
-            self.changes.send_modify(|v| *v += 1);
-        }
         (removed, crl_changed)
+    }
+
+    /// Tells subscribers (the CRL publisher, Workload API streams) that revocation state
+    /// changed; see [`Self::expire_due`].
+    pub fn announce_change(&self) {
+        self.changes.send_modify(|v| *v += 1);
     }
 
     /// One more lease of task `t` is in the table.

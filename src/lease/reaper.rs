@@ -61,8 +61,10 @@ pub async fn run(
         }
         let started = std::time::Instant::now();
         let mut removed = Vec::new();
+        let mut crl_changed = false;
         loop {
-            let (slice, _) = table.expire_due(now, RETIRE_SLICE);
+            let (slice, crl) = table.expire_due(now, RETIRE_SLICE);
+            crl_changed |= crl;
             let more = slice.len() == RETIRE_SLICE;
             removed.extend(slice);
             if !more {
@@ -72,6 +74,11 @@ pub async fn run(
             // one go, it took a tokio worker (of two on a small box) from issuance for all of
             // it, halving the rate and tripling the p99 of credentials issued meanwhile.
             tokio::task::yield_now().await;
+        }
+        // Once, not per slice: each announcement has the CRL publisher copy every revoked
+        // serial and re-sign the CRL.
+        if crl_changed {
+            table.announce_change();
         }
         if !removed.is_empty() {
             tracing::debug!(
@@ -104,7 +111,7 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::lease::store::StoreError;
-    use crate::lease::{Kind, Lease, LeaseId, State};
+    use crate::lease::{Kind, Lease, LeaseId, Revocation, State};
     use std::sync::Mutex;
     use tokio::sync::oneshot;
 
@@ -202,15 +209,30 @@ mod tests {
             table: Some(Arc::clone(&table)),
             ..Recorder::default()
         });
-        // Several slices and chunks, the last of each partial.
+        // Several slices and chunks, the last of each partial. Every other lease is a revoked
+        // certificate, so the expiry empties the CRL.
         let n = RETIRE_SLICE * 3 + DELETE_CHUNK + 7;
+        let revocation = Arc::new(Revocation {
+            at_ms: 1_000_000,
+            by: "op".into(),
+            reason: "test".into(),
+        });
         let mut due: Vec<LeaseId> = (0..n)
-            .map(|_| {
-                let l = lease(1_010);
+            .map(|i| {
+                let mut l = lease(1_010);
+                if i % 2 == 0 {
+                    l.kind = Kind::X509;
+                    l.state = State::Revoked;
+                    l.serial = Some(Box::new(l.id.0));
+                    l.revocation = Some(Arc::clone(&revocation));
+                }
                 table.insert(l.clone());
                 l.id
             })
             .collect();
+        assert_eq!(table.revoked_serials().len(), n.div_ceil(2));
+        let changes = table.subscribe();
+        let announced = *changes.borrow();
         let keep = lease(1_100);
         table.insert(keep.clone());
         let (trigger, sd) = crate::shutdown::channel();
@@ -244,6 +266,12 @@ mod tests {
         assert!(
             chunks.iter().all(|&c| c <= DELETE_CHUNK),
             "chunks {chunks:?}"
+        );
+        assert!(table.revoked_serials().is_empty());
+        assert_eq!(
+            *changes.borrow(),
+            announced + 1,
+            "one announcement for the whole expiry, not one per slice"
         );
         // Memory is not paced by the store: every slice was retired before the first delete.
         let lens = store.table_len.lock().unwrap().clone();
