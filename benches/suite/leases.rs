@@ -53,14 +53,15 @@ fn memory_per_lease(n: usize) -> f64 {
         .collect();
     let entry: Arc<str> = Arc::from("config-0");
     let exe: Arc<str> = Arc::from("/usr/local/bin/agent");
-    // Build the leases first so that only the table's own memory is measured.
+    // Build the leases first so that only the table's own memory is measured; half of them
+    // become X.509 leases in the measured loop, where their boxed serial is allocated.
     let mut leases: Vec<Lease> = (0..n)
         .map(|i| {
             lease(
                 &ids[i % ids.len()],
                 &entry,
                 &exe,
-                if i % 2 == 0 { Kind::X509 } else { Kind::Jwt },
+                Kind::Jwt,
                 now,
                 now + 3600 + (i % 600) as i64,
             )
@@ -72,7 +73,11 @@ fn memory_per_lease(n: usize) -> f64 {
     // pages count in both samples. Freed in between, the allocator could hand them back to
     // the system or not, depending on timing, and the figure would move by its ~130 bytes a
     // lease.
-    for l in leases.drain(..) {
+    for (i, mut l) in leases.drain(..).enumerate() {
+        if i % 2 == 0 {
+            l.kind = Kind::X509;
+            l.serial = Some(Box::new(l.id.0));
+        }
         table.insert(l);
     }
     let after = rss();

@@ -247,7 +247,8 @@ pub struct LeaseTable {
     revoked_serials: Mutex<HashMap<LeaseId, RevokedSerial>>,
     kills: RwLock<HashMap<String, Kill>>,
     tasks: DashMap<Arc<str>, Task>,
-    /// Bumped on every revocation, kill and restore: streams and the CRL publisher re-check.
+    /// Bumped on every revocation, kill and restore, and by the reaper when an expiry took
+    /// revoked certificates off the CRL: streams and the CRL publisher re-check.
     changes: watch::Sender<u64>,
 }
 
@@ -778,7 +779,8 @@ impl LeaseTable {
     /// takes) and its thread for a short slice at a time. It does not notify subscribers:
     /// when the CRL changed, the caller calls [`Self::announce_change`] once it has retired
     /// everything due, so that the CRL is rebuilt once per expiry, not once per slice.
-    pub fn expire_due(&self, now_s: i64, max: usize) -> (Vec<LeaseId>, bool) {
+    #[must_use = "a revoked certificate that left the CRL must be announced"]
+    pub(crate) fn expire_due(&self, now_s: i64, max: usize) -> (Vec<LeaseId>, bool) {
         let mut due = Vec::new();
         {
             let mut heap = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
@@ -943,7 +945,8 @@ impl LeaseTable {
         v
     }
 
-    /// Notified on every revocation, kill and restore.
+    /// Notified on every revocation, kill and restore, and once per expiry that took revoked
+    /// certificates off the CRL.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
@@ -1221,7 +1224,7 @@ mod tests {
         });
         t.revoke(&[busy.id], &rev);
         assert!(t.stale_tasks(5_000, Some(&ids(&["old-busy"]))).is_empty());
-        t.expire_due(10_000, usize::MAX);
+        let _ = t.expire_due(10_000, usize::MAX);
         assert_eq!(
             t.stale_tasks(5_000, Some(&ids(&["old-busy", "new"]))),
             ids(&["old-busy"])
@@ -1265,7 +1268,7 @@ mod tests {
         );
         assert_eq!(t.compact(), 0, "full tables are left alone");
 
-        t.expire_due(100, usize::MAX);
+        let _ = t.expire_due(100, usize::MAX);
         assert_eq!(t.len(), 100);
         // The index sets shrink as they empty; the tables at compaction.
         assert!(set_cap(&t.by_identity, "spiffe://td/burst") * 10 < before.3);
