@@ -175,7 +175,6 @@ pub struct Lease {
     /// allocator's 160-byte class, 32 bytes more for every lease; boxed, a JWT lease pays 8
     /// bytes and an X.509 lease 24.
     pub serial: Option<Box<[u8; 16]>>,
-    /// Set when revoked.
     /// Set when revoked; one kill shares one record among all the leases it revoked.
     pub revocation: Option<Arc<Revocation>>,
 }
@@ -636,7 +635,7 @@ impl LeaseTable {
                 .extend(serials);
         }
         if counts.iter().any(|c| *c > 0) {
-            self.changes.send_modify(|v| *v += 1);
+            self.announce_change();
         }
         counts
     }
@@ -724,7 +723,7 @@ impl LeaseTable {
             set.extend(serials);
         }
         if counts.iter().any(|c| *c > 0) {
-            self.changes.send_modify(|v| *v += 1);
+            self.announce_change();
         }
         counts
     }
@@ -816,7 +815,8 @@ impl LeaseTable {
     }
 
     /// Tells subscribers (the CRL publisher, Workload API streams) that revocation state
-    /// changed; see [`Self::expire_due`].
+    /// changed: every revocation, kill and restore calls it, and the reaper once per expiry
+    /// (see [`Self::expire_due`]).
     pub fn announce_change(&self) {
         self.changes.send_modify(|v| *v += 1);
     }
@@ -915,7 +915,7 @@ impl LeaseTable {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(k.spiffe_id.clone(), k);
-        self.changes.send_modify(|v| *v += 1);
+        self.announce_change();
     }
 
     /// Removes from the kill list; returns whether it was there.
@@ -927,7 +927,7 @@ impl LeaseTable {
             .remove(id)
             .is_some();
         if had {
-            self.changes.send_modify(|v| *v += 1);
+            self.announce_change();
         }
         had
     }
