@@ -4,8 +4,9 @@
 //! Owns: the in-memory lease table (live and not-yet-expired revoked leases) with its indexes
 //! by identity and by task, the expiry queue the reaper works from, the set of revoked
 //! certificate serials the CRL is built from, and the kill list. Durability lives in
-//! [`store`]; the background expiry in [`reaper`].
+//! [`store`] (its WAL checkpoints in [`checkpoint`]); the background expiry in [`reaper`].
 
+pub mod checkpoint;
 pub mod reaper;
 pub mod store;
 

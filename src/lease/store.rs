@@ -5,7 +5,8 @@
 //! embedded default: SQLite in WAL mode with `synchronous=FULL`, written by one thread that
 //! commits everything queued since its last commit in one transaction (group commit), so an
 //! fsync is shared by every request waiting on it. A submit resolves only after its commit
-//! has returned, i.e. after the data is on disk.
+//! has returned, i.e. after the data is on disk. The writer copies the WAL into the database
+//! file when it has nothing to commit, not inside a commit ([`super::checkpoint`]).
 //!
 //! Each audit record is committed in the same transaction as the change it describes (table
 //! `audit_pending`), together with the chain head, so one fsync makes both durable and a
@@ -29,6 +30,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+use super::checkpoint::WalKeeper;
 use super::{Kill, Kind, Lease, LeaseId, Revocation, State, Task};
 use crate::audit::{self, AuditWriter, Event};
 
@@ -402,8 +404,26 @@ fn writer(mut conn: Connection, mut audit: AuditWriter, rx: mpsc::Receiver<Job>)
         // Without it records still reach the file and stay in the store until the next start.
         tracing::error!(error = %e, "cannot start the audit sync thread");
     }
+    // Without it SQLite's automatic checkpoint stays on, inside the commits.
+    let mut wal = WalKeeper::start(&mut conn)
+        .map_err(|e| tracing::error!(error = %e, "cannot take over the lease store's checkpoints"))
+        .ok();
     let mut cleared = audit.head().0;
-    while let Ok(first) = rx.recv() {
+    loop {
+        let first = match rx.try_recv() {
+            Ok(job) => job,
+            Err(mpsc::TryRecvError::Empty) => {
+                // Nothing waits for a commit: the moment to copy the log into the database.
+                if let Some(w) = &mut wal {
+                    w.idle(&conn);
+                }
+                match rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            }
+            Err(mpsc::TryRecvError::Disconnected) => break,
+        };
         let mut jobs = vec![first];
         let mut n = jobs[0].0.len();
         while n < MAX_BATCH_OPS {
@@ -418,6 +438,9 @@ fn writer(mut conn: Connection, mut audit: AuditWriter, rx: mpsc::Receiver<Job>)
         let synced = sync.synced.load(Ordering::Acquire);
         let clear = (synced > cleared).then_some(synced);
         let result = apply(&mut conn, &mut audit, &jobs, clear);
+        if let Some(w) = &mut wal {
+            w.committed(&conn);
+        }
         match &result {
             Ok(()) => cleared = clear.unwrap_or(cleared),
             Err(e) => tracing::error!(error = %e, ops = n, "lease store commit failed"),
