@@ -36,8 +36,9 @@ pub struct WalKeeper {
     /// Frames in the WAL after the last commit, from SQLite's WAL hook.
     frames: Arc<AtomicI32>,
     last_frames: i32,
-    /// Frames at the last checkpoint that did not restart the log (a reader on an old
-    /// snapshot keeps the frames it may still read): not again before the log grows.
+    /// Frames at the last checkpoint, 0 once the log restarted. A checkpoint that did not
+    /// restart it (a reader on an old snapshot keeps the frames it may still read) is not
+    /// tried again before the log grows.
     tried_at: i32,
     /// Checkpoint after a commit once the log holds this many frames.
     force_at: i32,

@@ -412,17 +412,15 @@ fn writer(mut conn: Connection, mut audit: AuditWriter, rx: mpsc::Receiver<Job>)
     loop {
         let first = match rx.try_recv() {
             Ok(job) => job,
+            Err(mpsc::TryRecvError::Disconnected) => break,
             Err(mpsc::TryRecvError::Empty) => {
                 // Nothing waits for a commit: the moment to copy the log into the database.
                 if let Some(w) = &mut wal {
                     w.idle(&conn);
                 }
-                match rx.recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                }
+                let Ok(job) = rx.recv() else { break };
+                job
             }
-            Err(mpsc::TryRecvError::Disconnected) => break,
         };
         let mut jobs = vec![first];
         let mut n = jobs[0].0.len();
