@@ -629,16 +629,48 @@ impl LeaseTable {
                 }
             }
         }
-        if !serials.is_empty() {
-            self.revoked_serials
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(serials);
-        }
+        self.publish_revoked(serials);
         if counts.iter().any(|c| *c > 0) {
             self.announce_change();
         }
         counts
+    }
+
+    /// Puts certificates that [`Self::revoke`] or [`Self::revoke_identity_tree`] just marked
+    /// on the CRL. Their leases were marked first, each under its own entry's lock, so the
+    /// reaper can retire one in between: it then found no serial to take off the CRL, and
+    /// the serial would stay there until a restart. Hence the check after the insert: the
+    /// reaper removes a lease before its serial, so either it sees the serial inserted here
+    /// or this sees the lease gone.
+    fn publish_revoked(&self, serials: Vec<(LeaseId, RevokedSerial)>) {
+        if serials.is_empty() {
+            return;
+        }
+        let ids: Vec<LeaseId> = serials.iter().map(|(id, _)| *id).collect();
+        {
+            // Reserve first: a kill can add 100k serials, and growing step by step rehashes.
+            let mut set = self
+                .revoked_serials
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            set.reserve(serials.len());
+            set.extend(serials);
+        }
+        // Looked up with the CRL's lock released: the reaper takes a lease entry's lock and
+        // then, separately, the CRL's, and this keeps to one lock at a time as well.
+        let retired: Vec<LeaseId> = ids
+            .into_iter()
+            .filter(|id| !self.leases.contains_key(id))
+            .collect();
+        if !retired.is_empty() {
+            let mut set = self
+                .revoked_serials
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for id in &retired {
+                set.remove(id);
+            }
+        }
     }
 
     fn unindex(&self, l: &Lease) {
@@ -714,15 +746,7 @@ impl LeaseTable {
                 }
             }
         }
-        if !serials.is_empty() {
-            // Reserve first: a kill can add 100k serials, and growing step by step rehashes.
-            let mut set = self
-                .revoked_serials
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            set.reserve(serials.len());
-            set.extend(serials);
-        }
+        self.publish_revoked(serials);
         if counts.iter().any(|c| *c > 0) {
             self.announce_change();
         }
@@ -1085,6 +1109,134 @@ mod tests {
         assert!(t.revoked_serials().is_empty());
         assert_eq!(t.next_deadline(), Some(200));
         assert_eq!(t.active_count(), 2);
+    }
+
+    #[test]
+    fn a_serial_whose_lease_was_retired_while_being_revoked_leaves_the_crl() {
+        // The interleaving in order: revoke marks the lease, the reaper retires it (no serial
+        // on the CRL yet, so nothing to take off), then revoke publishes the serial.
+        let t = LeaseTable::new();
+        let l = lease(&t, "spiffe://td/a", None, 100);
+        t.insert(l.clone());
+        t.leases.get_mut(&l.id).unwrap().state = State::Revoked;
+        let (gone, crl) = t.expire_due(100, usize::MAX);
+        assert_eq!((gone, crl), (vec![l.id], false));
+        let keep = lease(&t, "spiffe://td/a", None, 500);
+        t.insert(keep.clone());
+        let entry = |id: LeaseId, exp| {
+            let r = RevokedSerial {
+                serial: [7; 16],
+                revoked_at: 50,
+                expires_at: exp,
+            };
+            (id, r)
+        };
+        t.publish_revoked(vec![entry(l.id, 100), entry(keep.id, 500)]);
+        let crl = t.revoked_serials.lock().unwrap();
+        assert!(
+            !crl.contains_key(&l.id),
+            "the retired lease's serial stayed"
+        );
+        assert!(
+            crl.contains_key(&keep.id),
+            "a live lease's serial was dropped"
+        );
+    }
+
+    #[test]
+    fn revocations_racing_the_reaper_leave_no_serial_behind() {
+        // The same race run for real: every lease expires at 100 and is revoked while the
+        // reaper retires them, and the CRL must end empty.
+        for _ in 0..20 {
+            let t = LeaseTable::new();
+            let ids: Vec<LeaseId> = (0..4000)
+                .map(|_| {
+                    let l = lease(&t, "spiffe://td/a", None, 100);
+                    let id = l.id;
+                    t.insert(l);
+                    id
+                })
+                .collect();
+            let rev = Arc::new(Revocation {
+                at_ms: 50_000,
+                by: "op".into(),
+                reason: "race".into(),
+            });
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    for chunk in ids.chunks(16) {
+                        let _ = t.revoke(chunk, &rev);
+                    }
+                });
+                s.spawn(|| {
+                    while !t.leases.is_empty() {
+                        let _ = t.expire_due(100, 8);
+                        std::thread::yield_now();
+                    }
+                });
+            });
+            assert!(t.leases.is_empty());
+            assert_eq!(t.revoked_serials().len(), 0, "serials of retired leases");
+        }
+    }
+
+    #[test]
+    fn a_restore_in_batches_indexes_as_inserting_one_by_one_does() {
+        // Identities interleaved as in a real store, one of them as two separate copies of
+        // its string, tasks on some, revoked leases with serials, in two batches.
+        let names = ["spiffe://td/a", "spiffe://td/b", "spiffe://td/a/task/t"];
+        let mut leases = Vec::new();
+        let (one, other) = (LeaseTable::new(), LeaseTable::new());
+        for i in 0..300 {
+            let mut l = lease(&one, names[i % 3], None, 1000 + i as i64);
+            if i % 3 == 0 && i % 2 == 0 {
+                l.spiffe_id = Arc::from(names[0]);
+            }
+            if i % 5 == 0 {
+                l.task_id = Some(Arc::from(["t1", "t2"][i % 2]));
+            }
+            if i % 7 == 0 {
+                l.state = State::Revoked;
+                l.revocation = Some(Arc::new(Revocation {
+                    at_ms: 1,
+                    by: "op".into(),
+                    reason: "r".into(),
+                }));
+            }
+            leases.push(l);
+        }
+        for l in &leases {
+            one.insert(l.clone());
+        }
+        let (first, second) = leases.split_at(170);
+        other.insert_many(first.to_vec());
+        other.insert_many(second.to_vec());
+        let sorted = |mut v: Vec<LeaseId>| {
+            v.sort();
+            v
+        };
+        for t in [&one, &other] {
+            assert_eq!(t.len(), 300);
+        }
+        for name in names {
+            let id = SpiffeId::parse(name).unwrap();
+            let want = sorted(one.active_of_identity(&id, false));
+            assert!(!want.is_empty());
+            assert_eq!(sorted(other.active_of_identity(&id, false)), want, "{name}");
+        }
+        for task in ["t1", "t2"] {
+            let want = sorted(one.active_of_task(task));
+            assert!(!want.is_empty());
+            assert_eq!(sorted(other.active_of_task(task)), want, "{task}");
+        }
+        assert_eq!(
+            other.by_identity.len(),
+            3,
+            "copies of one string share a set"
+        );
+        assert_eq!(other.revoked_serials(), one.revoked_serials());
+        assert_eq!(other.revoked_serials().len(), 300 / 7 + 1);
+        assert_eq!(other.next_deadline(), Some(1000));
     }
 
     #[test]

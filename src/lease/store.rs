@@ -619,6 +619,32 @@ fn apply(
     tx.commit().map_err(db_err)
 }
 
+/// One shared allocation per distinct string read at restore.
+#[derive(Default)]
+struct Interner(std::collections::HashSet<Arc<str>>);
+
+impl Interner {
+    /// `last` is the column's previous value: consecutive rows mostly repeat an entry, an
+    /// executable and a task, and comparing with it skips hashing the string.
+    fn get(&mut self, last: &mut Option<Arc<str>>, s: &str) -> Arc<str> {
+        if let Some(a) = last
+            && **a == *s
+        {
+            return Arc::clone(a);
+        }
+        let a = match self.0.get(s) {
+            Some(a) => Arc::clone(a),
+            None => {
+                let a: Arc<str> = Arc::from(s);
+                self.0.insert(Arc::clone(&a));
+                a
+            }
+        };
+        *last = Some(Arc::clone(&a));
+        a
+    }
+}
+
 /// Leases go to `sink` in chunks as they are read, so the caller can index one chunk while
 /// the next is read.
 fn load(
@@ -662,15 +688,8 @@ fn load(
     }
     // Thousands of rows share an identity, entry and executable: intern from the borrowed
     // column text so that loading allocates each distinct string once.
-    let mut interned: std::collections::HashSet<Arc<str>> = std::collections::HashSet::new();
-    let mut intern = |s: &str| -> Arc<str> {
-        if let Some(a) = interned.get(s) {
-            return Arc::clone(a);
-        }
-        let a: Arc<str> = Arc::from(s);
-        interned.insert(Arc::clone(&a));
-        a
-    };
+    let mut interned = Interner::default();
+    let [mut last_id, mut last_entry, mut last_exe, mut last_task] = [None, None, None, None];
     let mut st = conn
         .prepare(
             "SELECT id,kind,spiffe_id,entry_id,uid,pid,exe,task_id,issued_at,expires_at,serial,state,revoked_at,revoked_by,reason FROM leases",
@@ -678,8 +697,9 @@ fn load(
         .map_err(db_err)?;
     let mut rows = st.query([]).map_err(db_err)?;
     while let Some(r) = rows.next().map_err(db_err)? {
-        let id: Vec<u8> = r.get(0).map_err(db_err)?;
-        let Ok(id) = <[u8; 16]>::try_from(id) else {
+        // Blobs are read in place: copying each into a Vec cost two allocations a row.
+        let Ok(id) = <[u8; 16]>::try_from(r.get_ref(0).map_err(db_err)?.as_blob().map_err(db_err)?)
+        else {
             continue;
         };
         let id = LeaseId(id);
@@ -724,7 +744,12 @@ fn load(
                 reason: reason.clone(),
             }));
         }
-        let serial: Option<Vec<u8>> = r.get(10).map_err(db_err)?;
+        let serial = r
+            .get_ref(10)
+            .map_err(db_err)?
+            .as_blob_or_null()
+            .map_err(db_err)?
+            .and_then(|s| <[u8; 16]>::try_from(s).ok());
         snap.restored += 1;
         chunk.push(Lease {
             id,
@@ -734,21 +759,24 @@ fn load(
             pid: r.get(5).map_err(db_err)?,
             issued_at,
             expires_at,
-            spiffe_id: intern(spiffe_id),
-            entry_id: intern(r.get_ref(3).map_err(db_err)?.as_str().map_err(db_err)?),
+            spiffe_id: interned.get(&mut last_id, spiffe_id),
+            entry_id: interned.get(
+                &mut last_entry,
+                r.get_ref(3).map_err(db_err)?.as_str().map_err(db_err)?,
+            ),
             exe: r
                 .get_ref(6)
                 .map_err(db_err)?
                 .as_str_or_null()
                 .map_err(db_err)?
-                .map(&mut intern),
+                .map(|s| interned.get(&mut last_exe, s)),
             task_id: r
                 .get_ref(7)
                 .map_err(db_err)?
                 .as_str_or_null()
                 .map_err(db_err)?
-                .map(&mut intern),
-            serial: serial.and_then(|s| s.try_into().ok()),
+                .map(|s| interned.get(&mut last_task, s)),
+            serial: serial.map(Box::new),
             revocation,
         });
         if chunk.len() == CHUNK {
@@ -918,6 +946,54 @@ mod tests {
         assert_eq!(get(c.id).revocation.as_deref(), Some(&r));
         assert_eq!(snap.kills.len(), 1);
         assert_eq!(snap.audit_head.unwrap().0, 1);
+    }
+
+    #[tokio::test]
+    async fn every_field_comes_back_and_repeated_strings_share_one_allocation() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, _) = SqliteStore::open(d.path(), u64::MAX, 100, &mut |_| {}).unwrap();
+        // Alternating identities and tasks, so that the restore meets each string again
+        // after a different one; serials, executables and tasks present and absent.
+        let leases: Vec<Lease> = (0..40)
+            .map(|i| {
+                let mut l = lease(
+                    ["spiffe://td/a", "spiffe://td/b"][i % 2],
+                    100,
+                    1000 + i as i64,
+                );
+                l.kind = if i % 3 == 0 { Kind::X509 } else { Kind::Jwt };
+                l.serial = (i % 3 == 0).then(|| Box::new([i as u8; 16]));
+                l.exe = (i % 4 != 0).then(|| Arc::from(["/bin/x", "/bin/y"][i % 2]));
+                l.task_id = (i % 5 != 0).then(|| Arc::from(format!("t{}", i % 3)));
+                l.uid = i as u32;
+                l.pid = 7 * i as i32;
+                l
+            })
+            .collect();
+        commit(&s, leases.iter().cloned().map(Op::PutLease).collect())
+            .await
+            .unwrap();
+        drop(s);
+        let mut back = Vec::new();
+        let (_s, snap) =
+            SqliteStore::open(d.path(), u64::MAX, 300, &mut |c| back.extend(c)).unwrap();
+        assert_eq!(snap.restored, 40);
+        back.sort_by_key(|l| l.expires_at);
+        assert_eq!(back, leases);
+        let shared = |f: fn(&Lease) -> Option<&Arc<str>>| {
+            let mut seen: Vec<&Arc<str>> = Vec::new();
+            for s in back.iter().filter_map(f) {
+                match seen.iter().find(|x| ***x == *s) {
+                    Some(x) => assert!(Arc::ptr_eq(x, s), "{s} read twice into two copies"),
+                    None => seen.push(s),
+                }
+            }
+            seen.len()
+        };
+        assert_eq!(shared(|l| Some(&l.spiffe_id)), 2);
+        assert_eq!(shared(|l| Some(&l.entry_id)), 1);
+        assert_eq!(shared(|l| l.exe.as_ref()), 2);
+        assert_eq!(shared(|l| l.task_id.as_ref()), 3);
     }
 
     fn pending(d: &Path) -> Vec<i64> {
