@@ -697,7 +697,7 @@ fn load(
         .map_err(db_err)?;
     let mut rows = st.query([]).map_err(db_err)?;
     while let Some(r) = rows.next().map_err(db_err)? {
-        // Blobs are read in place: copying each into a Vec cost two allocations a row.
+        // Read in place: a Vec for the id cost an allocation and a free a row.
         let Ok(id) = <[u8; 16]>::try_from(r.get_ref(0).map_err(db_err)?.as_blob().map_err(db_err)?)
         else {
             continue;
