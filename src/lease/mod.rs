@@ -629,7 +629,7 @@ impl LeaseTable {
                 }
             }
         }
-        self.publish_revoked(serials);
+        self.publish_revoked(&serials);
         if counts.iter().any(|c| *c > 0) {
             self.announce_change();
         }
@@ -642,11 +642,10 @@ impl LeaseTable {
     /// the serial would stay there until a restart. Hence the check after the insert: the
     /// reaper removes a lease before its serial, so either it sees the serial inserted here
     /// or this sees the lease gone.
-    fn publish_revoked(&self, serials: Vec<(LeaseId, RevokedSerial)>) {
+    fn publish_revoked(&self, serials: &[(LeaseId, RevokedSerial)]) {
         if serials.is_empty() {
             return;
         }
-        let ids: Vec<LeaseId> = serials.iter().map(|(id, _)| *id).collect();
         {
             // Reserve first: a kill can add 100k serials, and growing step by step rehashes.
             let mut set = self
@@ -654,12 +653,13 @@ impl LeaseTable {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             set.reserve(serials.len());
-            set.extend(serials);
+            set.extend(serials.iter().copied());
         }
         // Looked up with the CRL's lock released: the reaper takes a lease entry's lock and
         // then, separately, the CRL's, and this keeps to one lock at a time as well.
-        let retired: Vec<LeaseId> = ids
-            .into_iter()
+        let retired: Vec<LeaseId> = serials
+            .iter()
+            .map(|(id, _)| *id)
             .filter(|id| !self.leases.contains_key(id))
             .collect();
         if !retired.is_empty() {
@@ -746,7 +746,7 @@ impl LeaseTable {
                 }
             }
         }
-        self.publish_revoked(serials);
+        self.publish_revoked(&serials);
         if counts.iter().any(|c| *c > 0) {
             self.announce_change();
         }
@@ -1131,7 +1131,7 @@ mod tests {
             };
             (id, r)
         };
-        t.publish_revoked(vec![entry(l.id, 100), entry(keep.id, 500)]);
+        t.publish_revoked(&[entry(l.id, 100), entry(keep.id, 500)]);
         let crl = t.revoked_serials.lock().unwrap();
         assert!(
             !crl.contains_key(&l.id),
