@@ -10,7 +10,7 @@
 //! - [`lease`]: every credential as a lease: table, durable store, reaper, kill list.
 //! - [`attest`], [`ca`]: kernel attestation; the CA, bundles, SVID minting and validation.
 //! - [`audit`]: the hash-chained audit log.
-//! - [`spiffe_id`], [`jose`], [`shutdown`], [`fsutil`], [`proto`]: leaves.
+//! - [`spiffe_id`], [`jose`], [`shutdown`], [`fsutil`], [`entropy`], [`proto`]: leaves.
 //! - [`cli`]: the `tessera` command, a client of the APIs like any other.
 #![warn(missing_docs)]
 
@@ -21,6 +21,7 @@ pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod entropy;
 pub mod exchange;
 pub mod fsutil;
 pub mod fuzzing;

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{self, Stream, StreamExt};
-use ring::rand::SecureRandom;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -86,7 +85,7 @@ fn refresh_at(svid: &X509Svid, now: Instant) -> Instant {
     let left = (svid.expires_at - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
     let half = left.unsigned_abs() / 2;
     let mut b = [0u8; 2];
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    let _ = crate::entropy::fill(&mut b);
     let frac = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX); // 0..=1
     now + half
         .mul_f64(0.9 + 0.2 * frac)

@@ -8,7 +8,7 @@
 //! Everything that does not change per certificate (issuer name, algorithm identifiers,
 //! the static extensions) is encoded once in [`LeafTemplate::new`].
 
-use ring::rand::{SecureRandom, SystemRandom};
+use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, KeyPair};
 use time::OffsetDateTime;
 
@@ -260,9 +260,7 @@ impl LeafTemplate {
         let public = p256_public_from_pkcs8(key_pkcs8.as_ref())?;
 
         let mut serial = [0u8; 16];
-        self.rng
-            .fill(&mut serial)
-            .map_err(|_| CaError::Crypto("random source failed"))?;
+        crate::entropy::fill(&mut serial).map_err(|_| CaError::Crypto("random source failed"))?;
         // Positive and exactly 16 bytes long: top bit clear, next bit set.
         serial[0] = (serial[0] & 0x7f) | 0x40;
 

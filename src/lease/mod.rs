@@ -33,8 +33,7 @@ impl LeaseId {
         let mut b = [0u8; 16];
         let ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64;
         b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b[6..])
-            .expect("the system random source works");
+        crate::entropy::fill(&mut b[6..]).expect("the system random source works");
         Self(b)
     }
 
