@@ -108,7 +108,8 @@ pub struct TrustBundle {
     pub x509_authorities: Vec<X509Authority>,
     /// JWT signing keys.
     pub jwt_authorities: Vec<Jwk>,
-    /// Increases with every change (`spiffe_sequence`).
+    /// Increases with every change (`spiffe_sequence`, and the CRL number), across restarts
+    /// too: see [`next_sequence`].
     pub sequence: u64,
     /// Concatenated DER of the X.509 authorities (Workload API `bundle` fields).
     pub x509_der: Vec<u8>,
@@ -117,6 +118,16 @@ pub struct TrustBundle {
     pub jwt_jwks: Vec<u8>,
     /// The current CRL (DER), signed by the CA; empty before the first publication.
     pub crl: Vec<u8>,
+}
+
+/// The bundle sequence after `previous`: the wall clock in milliseconds, or `previous + 1` if
+/// that is not above it. RFC 5280 §5.2.3 wants CRL numbers to increase for as long as the CA
+/// signs CRLs, restarts included; counting from 1 at each start broke that. The CRL is
+/// republished at most every 5 ms, so the counter does not run ahead of the clock, and a
+/// restart starts above every number issued before it unless the clock went back.
+fn next_sequence(previous: u64, now: OffsetDateTime) -> u64 {
+    let ms = u64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+    ms.max(previous.saturating_add(1))
 }
 
 impl TrustBundle {
@@ -326,7 +337,12 @@ impl Ca {
         let authority = authority_info(&anchor, operator_supplied)
             .ok_or_else(|| bad_ca(&key_path, "trust anchor certificate does not parse"))?;
         let jwt = load_or_generate_jwt_key(data_dir)?;
-        let bundle = TrustBundle::new(trust_domain.clone(), vec![authority], vec![jwt.jwk()], 1);
+        let bundle = TrustBundle::new(
+            trust_domain.clone(),
+            vec![authority],
+            vec![jwt.jwk()],
+            next_sequence(0, OffsetDateTime::now_utc()),
+        );
         Ok(Self {
             trust_domain: trust_domain.clone(),
             leaf,
@@ -373,7 +389,7 @@ impl Ca {
             .collect();
         let left_out = revoked.len() - listed.len();
         let current = self.bundle();
-        let sequence = current.sequence + 1;
+        let sequence = next_sequence(current.sequence, OffsetDateTime::now_utc());
         let crl = self.leaf.sign_crl(
             &listed,
             now - time::Duration::seconds(30),
@@ -887,6 +903,35 @@ mod tests {
     }
 
     #[test]
+    fn crl_numbers_keep_increasing_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let crl_number = |ca: &Ca| {
+            ca.publish_crl(&[], OffsetDateTime::now_utc()).unwrap();
+            let b = ca.bundle();
+            let (_, crl) = x509_parser::parse_x509_crl(&b.crl).unwrap();
+            let n = crl.crl_number().unwrap().to_u64_digits();
+            assert_eq!(n, vec![b.sequence], "the CRL number is the bundle sequence");
+            b.sequence
+        };
+        let first = ca(dir.path());
+        let a = crl_number(&first);
+        let b = crl_number(&first);
+        assert!(b > a);
+        drop(first);
+        // Two publications in one millisecond ran the counter one ahead of the clock; the
+        // publisher's 5 ms pause and a real restart's duration let the clock pass it.
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        // The same CA, loaded again as after a restart: its numbers go on increasing.
+        let again = ca(dir.path());
+        assert!(again.bundle().sequence >= b);
+        assert!(crl_number(&again) > b);
+        // A clock that went back (or a burst within one millisecond) still counts up.
+        let t = OffsetDateTime::from_unix_timestamp(1_000).unwrap();
+        assert_eq!(next_sequence(5_000_000, t), 5_000_001);
+        assert_eq!(next_sequence(0, t), 1_000_000);
+    }
+
+    #[test]
     fn crl_lists_revoked_serials_and_verifies() {
         let dir = tempfile::tempdir().unwrap();
         let ca = ca(dir.path());
@@ -898,13 +943,17 @@ mod tests {
                 expires_at: 0,
             })
             .collect();
+        let before = ca.bundle().sequence;
         assert_eq!(ca.publish_crl(&revoked, now).unwrap(), 0);
         let b = ca.bundle();
-        assert_eq!(b.sequence, 2);
+        assert!(b.sequence > before);
         let (rest, crl) = x509_parser::parse_x509_crl(&b.crl).unwrap();
         assert!(rest.is_empty());
         assert_eq!(crl.iter_revoked_certificates().count(), 3);
-        assert_eq!(crl.crl_number().map(|n| n.to_string()), Some("2".into()));
+        assert_eq!(
+            crl.crl_number().map(|n| n.to_string()),
+            Some(b.sequence.to_string())
+        );
         let (_, root) = parse_x509_certificate(&b.x509_der).unwrap();
         crl.verify_signature(root.public_key()).unwrap();
     }
