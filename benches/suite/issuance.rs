@@ -245,7 +245,7 @@ pub async fn run(o: &Opts, r: &mut Report) -> Figures {
         Target::AtLeast(0.44),
     );
     for (key, name, load) in [("x509", "X.509", &x509_half), ("jwt", "JWT", &jwt_half)] {
-        let (sent_p50, sent_p99) = load.from_send.unwrap_or_default();
+        let (sent_p50, sent_p99, _) = load.from_send.unwrap_or_default();
         for (what, value, target) in [
             ("p50", load.p50_ms, Target::None),
             ("p99", load.p99_ms, Target::Below(2.0)),
