@@ -389,7 +389,7 @@ impl Ca {
             .collect();
         let left_out = revoked.len() - listed.len();
         let current = self.bundle();
-        let sequence = next_sequence(current.sequence, OffsetDateTime::now_utc());
+        let sequence = next_sequence(current.sequence, now);
         let crl = self.leaf.sign_crl(
             &listed,
             now - time::Duration::seconds(30),
