@@ -220,11 +220,37 @@ async fn http_exchange_full_flow() {
     );
     assert_eq!(c2["scope"], "tickets:read tickets:write");
 
-    // Introspection needs an authenticated caller.
-    let (code, _) = post_auth(&d, "/introspect", None, &token);
+    // Introspection needs an authenticated caller; its 401s follow RFC 6750 §3.
+    let body = form(&[("token", token.as_str())]);
+    let ct = ("Content-Type", "application/x-www-form-urlencoded");
+    for auth in [None, Some("Basic dTpw")] {
+        let mut h = vec![ct];
+        h.extend(auth.map(|a| ("Authorization", a)));
+        let (code, head, b) = http_post(d.http, "/introspect", &h, &body);
+        assert_eq!(code, 401);
+        // No credentials (or another scheme): a bare challenge, no error code anywhere.
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("www-authenticate: bearer realm=\"tessera\"\r\n"),
+            "{head}"
+        );
+        let b: Value = serde_json::from_slice(&b).unwrap();
+        assert!(b.get("error").is_none(), "{b}");
+        assert!(b["error_description"].as_str().unwrap().contains("Bearer"));
+    }
+    let (code, head, b) = http_post(
+        d.http,
+        "/introspect",
+        &[ct, ("Authorization", "Bearer not-a-jwt")],
+        &body,
+    );
     assert_eq!(code, 401);
-    let (code, _) = post_auth(&d, "/introspect", Some("not-a-jwt"), &token);
-    assert_eq!(code, 401);
+    assert!(head.contains("error=\"invalid_token\""), "{head}");
+    let b: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(
+        b["error"], "invalid_token",
+        "the body's code is the challenge's"
+    );
     let relying_party = actor_token(&d, "b").await;
     let (code, i) = post_auth(&d, "/introspect", Some(&relying_party), &token);
     assert_eq!(code, 200);
@@ -248,6 +274,9 @@ async fn http_exchange_full_flow() {
     assert_eq!(code, 200);
     let (_, i) = post_auth(&d, "/introspect", Some(&relying_party), &token);
     assert_eq!(i, json!({"active": false}));
+    // Once revoked there is nothing left to refuse: another agent gets 200 as well.
+    let (code, _) = post_auth(&d, "/revoke", Some(&relying_party), &token);
+    assert_eq!(code, 200);
     // The other token of the task is untouched.
     let (_, i) = post_auth(
         &d,
@@ -265,6 +294,41 @@ async fn http_exchange_full_flow() {
         .find(|e| e["event"] == "exchange" && e["lease_id"] == jti)
         .expect("exchange audited");
     assert_eq!(ev["detail"]["policies"], json!(["read-tickets"]), "{ev}");
+}
+
+/// Introspection says `active` only while Tessera itself would honour the token: deleting the
+/// entry that granted it ends it at once, as it ends the agent's own authentication.
+#[tokio::test(flavor = "multi_thread")]
+async fn introspection_ends_with_the_entry() {
+    let idp = Idp::start().await;
+    let d = daemon(&idp, POLICY, "", "");
+    let sel = format!("unix:uid:{}", my_uid());
+    let created = cli_json(
+        &d,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://tessera.internal/agents/c",
+            "--selector",
+            &sel,
+            "--owner",
+            "ops",
+        ],
+    );
+    let c_token = actor_token(&d, "c").await;
+    let rp = actor_token(&d, "b").await;
+    let (code, i) = post_auth(&d, "/introspect", Some(&rp), &c_token);
+    assert_eq!((code, &i["active"]), (200, &json!(true)), "{i}");
+    assert_eq!(i["sub"], "spiffe://tessera.internal/agents/c");
+
+    let out = d.cli(&["entry", "delete", created["id"].as_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let (code, i) = post_auth(&d, "/introspect", Some(&rp), &c_token);
+    assert_eq!((code, i), (200, json!({"active": false})));
+    // Its holder can no longer authenticate with it either.
+    let (code, e) = post_auth(&d, "/introspect", Some(&c_token), &rp);
+    assert_eq!((code, e["error"].as_str()), (401, Some("invalid_token")));
 }
 
 #[tokio::test(flavor = "multi_thread")]

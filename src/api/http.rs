@@ -24,6 +24,7 @@ use serde_json::{Map, Value, json};
 use crate::audit::Actor;
 use crate::ca::Ca;
 use crate::exchange::{self, ActorRef, ExchangeError, Exchanger};
+use crate::issuer::IssueError;
 use crate::lease::LeaseTable;
 use crate::metrics::Metrics;
 
@@ -177,40 +178,56 @@ async fn jwks(State(s): State<HttpState>) -> Response {
     json_response(StatusCode::OK, &json!({ "keys": keys }))
 }
 
+/// Why a form body was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FormError {
+    /// The content type is not `application/x-www-form-urlencoded`.
+    NotForm,
+    /// A parameter appears more than once (RFC 6749 §3.2); its name, cut to 40 characters.
+    Repeated(String),
+}
+
+impl std::fmt::Display for FormError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotForm => f.write_str("the body must be application/x-www-form-urlencoded"),
+            Self::Repeated(k) => write!(f, "parameter {k} appears more than once"),
+        }
+    }
+}
+
 /// Parses an `application/x-www-form-urlencoded` body. RFC 6749 §3.2: parameters must not
 /// repeat, so a repeated one is an error rather than silently picking one.
-fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<Map<String, Value>, String> {
+fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<Map<String, Value>, FormError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let mime = ct.split(';').next().unwrap_or("").trim();
     if !mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
-        return Err("the body must be application/x-www-form-urlencoded".into());
+        return Err(FormError::NotForm);
     }
     parse_form_body(body)
 }
 
 /// Decodes a form body into parameters; a repeated parameter is an error. Pure, so it is
 /// fuzzed directly.
-pub fn parse_form_body(body: &[u8]) -> Result<Map<String, Value>, String> {
+pub fn parse_form_body(body: &[u8]) -> Result<Map<String, Value>, FormError> {
     let mut m = Map::new();
     for (k, v) in url::form_urlencoded::parse(body) {
         if m.insert(k.to_string(), Value::String(v.into_owned()))
             .is_some()
         {
-            return Err(if k == "audience" || k == "resource" {
-                // RFC 8693 allows several; Tessera issues a token for one audience.
-                "one audience per exchange: ask for a token per tool".to_owned()
-            } else {
-                format!(
-                    "parameter {} appears more than once",
-                    k.chars().take(40).collect::<String>()
-                )
-            });
+            return Err(FormError::Repeated(k.chars().take(40).collect()));
         }
     }
     Ok(m)
+}
+
+/// The 400 for a form that could not be read.
+fn form_error(e: &FormError) -> Response {
+    oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string())
 }
 
 fn field(m: &Map<String, Value>, k: &str) -> Option<String> {
@@ -221,10 +238,15 @@ async fn token(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> R
     let started = std::time::Instant::now();
     let form = match parse_form(&headers, &body) {
         Ok(f) => f,
-        Err(e) if e.starts_with("one audience") => {
-            return oauth_error(StatusCode::BAD_REQUEST, "invalid_target", &e);
+        Err(FormError::Repeated(k)) if k == "audience" || k == "resource" => {
+            // RFC 8693 allows several; Tessera issues a token for one audience.
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_target",
+                "one audience per exchange: ask for a token per tool",
+            );
         }
-        Err(e) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e),
+        Err(e) => return form_error(&e),
     };
     match field(&form, "grant_type").as_deref() {
         Some(exchange::GRANT_TYPE) => {}
@@ -289,12 +311,10 @@ fn exchange_error(e: &ExchangeError) -> Response {
         "error": e.oauth_code(),
         "error_description": description(&e.to_string()),
     });
-    let status = match e {
-        ExchangeError::Unavailable(_) | ExchangeError::IssuerUnavailable(_) => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
-        _ => StatusCode::BAD_REQUEST,
-    };
+    let unavailable = matches!(
+        e,
+        ExchangeError::Unavailable(_) | ExchangeError::IssuerUnavailable(_)
+    );
     if let ExchangeError::AuthorizationPending(id) | ExchangeError::AccessDenied(id) = e {
         body["request_id"] = id.clone().into();
     }
@@ -305,21 +325,29 @@ fn exchange_error(e: &ExchangeError) -> Response {
     if let ExchangeError::InvalidScope(denied) = e {
         body["denied_scopes"] = denied.clone().into();
     }
-    json_response(status, &body)
+    if unavailable {
+        with_retry_after(json_response(StatusCode::SERVICE_UNAVAILABLE, &body))
+    } else {
+        json_response(StatusCode::BAD_REQUEST, &body)
+    }
+}
+
+/// Seconds a client should wait before retrying a 503 (RFC 9110 §10.2.3; RFC 7009 §2.2.1
+/// names it for revocation): the store or an OIDC issuer is usually back within this.
+const RETRY_AFTER_SECS: &str = "1";
+
+fn with_retry_after(mut r: Response) -> Response {
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER_SECS),
+    );
+    r
 }
 
 /// Authenticates the caller of introspection and revocation: a JWT-SVID of this trust domain
-/// whose audience is Tessera's issuer, as a Bearer token.
+/// whose audience is Tessera's issuer, as a Bearer token. Its 401s follow RFC 6750 §3, as
+/// RFC 7662 §2.1 asks of a Bearer-authenticated caller.
 fn bearer_agent(s: &HttpState, headers: &HeaderMap) -> Result<String, Box<Response>> {
-    // RFC 6750 §3: no credentials → a bare challenge; bad credentials → invalid_token.
-    let unauthorized = |desc: &str, challenge: &'static str| {
-        let mut r = oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", desc);
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static(challenge),
-        );
-        Box::new(r)
-    };
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -327,20 +355,35 @@ fn bearer_agent(s: &HttpState, headers: &HeaderMap) -> Result<String, Box<Respon
     let token = match auth.split_once(' ') {
         Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
         _ => {
-            return Err(unauthorized(
-                "authenticate with a JWT-SVID whose audience is Tessera's issuer, as a Bearer token",
-                "Bearer realm=\"tessera\"",
-            ));
+            // RFC 6750 §3.1: no credentials (or another scheme) → a bare challenge and no
+            // error code; the description is only for the person reading the body.
+            let mut r = json_response(
+                StatusCode::UNAUTHORIZED,
+                &json!({"error_description": "authenticate with a JWT-SVID whose audience is \
+                    Tessera's issuer, as a Bearer token"}),
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tessera\""),
+            );
+            return Err(Box::new(r));
         }
     };
     s.exchanger
         .authenticate_agent(token)
         .map(|(e, _)| e.spiffe_id.to_string())
         .map_err(|e| {
-            unauthorized(
+            // The same code in the body as in the challenge.
+            let mut r = oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_token",
                 &format!("the Bearer JWT-SVID is not accepted: {e}"),
-                "Bearer realm=\"tessera\", error=\"invalid_token\"",
-            )
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tessera\", error=\"invalid_token\""),
+            );
+            Box::new(r)
         })
 }
 
@@ -350,7 +393,7 @@ async fn introspect(State(s): State<HttpState>, headers: HeaderMap, body: Bytes)
     }
     let form = match parse_form(&headers, &body) {
         Ok(f) => f,
-        Err(e) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e),
+        Err(e) => return form_error(&e),
     };
     let Some(token) = field(&form, "token").filter(|t| !t.is_empty()) else {
         return oauth_error(
@@ -395,7 +438,7 @@ async fn revoke(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> 
     };
     let form = match parse_form(&headers, &body) {
         Ok(f) => f,
-        Err(e) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e),
+        Err(e) => return form_error(&e),
     };
     let Some(token) = field(&form, "token").filter(|t| !t.is_empty()) else {
         return oauth_error(
@@ -406,10 +449,14 @@ async fn revoke(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> 
     };
     let ok = || json_response(StatusCode::OK, &json!({}));
     let issuer = s.exchanger.issuer();
-    // RFC 7009 §2.2: an invalid or unknown token is not an error.
+    // RFC 7009 §2.2: an invalid or unknown token is not an error, nor is one that has expired
+    // or was revoked already, whoever holds it: there is nothing left to revoke.
     let Some(t) = issuer.verify_own_token(&token) else {
         return ok();
     };
+    if !t.revocable {
+        return ok();
+    }
     // Task tokens belong to their actor; JWT-SVIDs to their subject.
     let holder = t
         .claims
@@ -425,9 +472,6 @@ async fn revoke(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> 
             "this token was not issued to the authenticated agent",
         );
     }
-    if !t.active {
-        return ok();
-    }
     match issuer
         .revoke_lease(
             &t.lease_id.to_string(),
@@ -436,12 +480,15 @@ async fn revoke(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> 
         )
         .await
     {
-        Ok(_) | Err(crate::issuer::IssueError::FailedPrecondition(_)) => ok(),
-        Err(e @ crate::issuer::IssueError::Store(_)) => oauth_error(
+        // Revoked now, revoked or completed by someone else meanwhile, or reaped at its
+        // expiry since the check above: in each case the token is no longer valid.
+        Ok(_) | Err(IssueError::FailedPrecondition(_) | IssueError::NotFound(_)) => ok(),
+        // RFC 7009 §2.2.1: on a 503 the client must assume the token still exists.
+        Err(e @ IssueError::Store(_)) => with_retry_after(oauth_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "temporarily_unavailable",
             &e.to_string(),
-        ),
+        )),
         Err(e) => oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
     }
 }

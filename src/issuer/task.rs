@@ -78,7 +78,11 @@ pub struct OwnToken {
     pub claims: Map<String, Value>,
     /// Its lease (`jti`).
     pub lease_id: LeaseId,
-    /// Active right now: not expired and its lease active.
+    /// Not expired and its lease active: there is something left to revoke.
+    pub revocable: bool,
+    /// Revocable, and the entry that granted it still exists, is live and is not refused as
+    /// idle: Tessera itself would still honour it (as [`crate::exchange`] does for actor
+    /// tokens), so introspection says `active` exactly then.
     pub active: bool,
 }
 
@@ -344,7 +348,8 @@ impl Issuer {
     }
 
     /// Verifies that `token` is a JWT Tessera signed (task token or JWT-SVID) and says whether
-    /// it is active. `None` for anything else: malformed, foreign, bad signature, no `jti`.
+    /// it is revocable and active. `None` for anything else: malformed, foreign, bad
+    /// signature, no `jti`.
     pub fn verify_own_token(&self, token: &str) -> Option<OwnToken> {
         let jws = jose::decode(token).ok()?;
         let kid = jws.kid.as_deref()?;
@@ -359,10 +364,12 @@ impl Issuer {
             .and_then(LeaseId::parse)?;
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let exp = jws.claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
-        let active = exp > now && self.leases.is_active(&lease_id, now);
+        let revocable = exp > now && self.leases.is_active(&lease_id, now);
+        let active = revocable && self.entry_of_lease(&lease_id).is_some();
         Some(OwnToken {
             claims: jws.claims,
             lease_id,
+            revocable,
             active,
         })
     }
