@@ -121,6 +121,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     drop(chunks_tx);
     let _ = indexer.join();
     let (store, snapshot) = opened?;
+    let store_commits = store.commit_durations();
     let loaded_ms = started.elapsed().as_millis() as u64;
     let store: Arc<dyn Store> = Arc::new(store);
     let restored = snapshot.restored;
@@ -155,7 +156,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         ms = started.elapsed().as_millis() as u64,
         "state restored"
     );
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::with_store_commits(store_commits));
     let registry = Arc::new(Registry::new(Vec::new()));
     let attestor = Arc::new(Attestor::new(cfg.max_exe_hash_bytes));
     let issuer = Arc::new(Issuer::new(

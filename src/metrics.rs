@@ -34,20 +34,30 @@ impl Histogram {
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// `label`: `key="value"` pairs without braces, or empty.
     fn render(&self, out: &mut String, name: &str, label: &str) {
+        let sep = if label.is_empty() { "" } else { "," };
         let mut cum = 0;
         for (i, b) in BUCKETS.iter().enumerate() {
             cum += self.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{label},le=\"{b}\"}} {cum}");
+            let _ = writeln!(out, "{name}_bucket{{{label}{sep}le=\"{b}\"}} {cum}");
         }
         cum += self.counts[BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{label},le=\"+Inf\"}} {cum}");
+        let _ = writeln!(out, "{name}_bucket{{{label}{sep}le=\"+Inf\"}} {cum}");
+        let braces = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!("{{{s}}}")
+            }
+        };
         let _ = writeln!(
             out,
-            "{name}_sum{{{label}}} {}",
+            "{name}_sum{} {}",
+            braces(label),
             self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
         );
-        let _ = writeln!(out, "{name}_count{{{label}}} {cum}");
+        let _ = writeln!(out, "{name}_count{} {cum}", braces(label));
     }
 }
 
@@ -70,6 +80,20 @@ pub struct Metrics {
     /// Milliseconds between a lease's expiry and the reaper retiring it, last batch.
     pub reaper_lag_ms: std::sync::Arc<AtomicI64>,
     latency: [Histogram; 6],
+    /// Lease store commits (statements, log write and fsync), shared with the store's writer:
+    /// every credential of a batch waits for its commit, so this is the floor under issuance
+    /// latency and where a slow disk shows.
+    pub store_commit: std::sync::Arc<Histogram>,
+}
+
+impl Metrics {
+    /// Metrics whose store-commit histogram is the one the store's writer records into.
+    pub fn with_store_commits(store_commit: std::sync::Arc<Histogram>) -> Self {
+        Self {
+            store_commit,
+            ..Self::default()
+        }
+    }
 }
 
 fn idx(k: Kind) -> usize {
@@ -160,6 +184,12 @@ impl Metrics {
                 &format!("rpc=\"{rpc}\""),
             );
         }
+        let _ = writeln!(
+            o,
+            "# HELP tessera_store_commit_duration_seconds Lease store group commits, fsync included; credentials wait for them.\n# TYPE tessera_store_commit_duration_seconds histogram"
+        );
+        self.store_commit
+            .render(&mut o, "tessera_store_commit_duration_seconds", "");
         o
     }
 }
@@ -183,5 +213,10 @@ mod tests {
         assert!(t.contains(
             "tessera_request_duration_seconds_bucket{rpc=\"FetchX509SVID\",le=\"+Inf\"} 2"
         ));
+        m.store_commit.observe(Duration::from_micros(300));
+        let t = m.render(5, 4, 2);
+        assert!(t.contains("tessera_store_commit_duration_seconds_bucket{le=\"0.0005\"} 1"));
+        assert!(t.contains("tessera_store_commit_duration_seconds_count 1"));
+        assert!(t.contains("tessera_store_commit_duration_seconds_sum 0.0003"));
     }
 }

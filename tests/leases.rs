@@ -688,4 +688,13 @@ async fn metrics_count_what_happened() {
     assert!(body.contains("tessera_leases{state=\"active\"} 4"));
     assert!(body.contains("tessera_request_duration_seconds_count{rpc=\"FetchX509SVID\"} 3"));
     assert!(body.contains("tessera_reaper_lag_seconds"));
+    // Each credential was committed before it was handed out, and the client waited for
+    // each before asking again: one commit each at least.
+    let commits: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("tessera_store_commit_duration_seconds_count "))
+        .expect("store commit histogram")
+        .parse()
+        .unwrap();
+    assert!(commits >= 4, "{body}");
 }

@@ -33,6 +33,7 @@ use tokio::sync::oneshot;
 use super::checkpoint::WalKeeper;
 use super::{Kill, Kind, Lease, LeaseId, Revocation, State, Task};
 use crate::audit::{self, AuditWriter, Event};
+use crate::metrics::Histogram;
 
 /// Store failures. Issuance maps them to `Unavailable`: nothing is handed out unrecorded.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -139,7 +140,16 @@ type Job = (Vec<Op>, oneshot::Sender<Result<(), StoreError>>);
 pub struct SqliteStore {
     tx: mpsc::Sender<Job>,
     path: PathBuf,
+    commits: Arc<Histogram>,
 }
+
+/// A commit slower than this is logged: every credential of its batch waited that long.
+/// On the bench VM commits take ~0.2 ms; the rare 30-120 ms ones were the disk's flush.
+const SLOW_COMMIT: Duration = Duration::from_millis(100);
+
+/// At most one slow-commit warning per this interval, counting the ones in between, so a
+/// failing disk does not flood the log.
+const SLOW_COMMIT_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Most operations one transaction takes before committing, so a huge backlog still sees
 /// acknowledgements in bounded time.
@@ -216,16 +226,23 @@ impl SqliteStore {
         recover_audit(&conn, &mut audit, snapshot.audit_head.as_ref())?;
         snapshot.audit_head = Some((audit.head().0, audit.head().1.to_owned()));
         let (tx, rx) = mpsc::channel::<Job>();
+        let commits = Arc::new(Histogram::default());
+        let timed = Arc::clone(&commits);
         std::thread::Builder::new()
             .name("tessera-store".into())
-            .spawn(move || writer(conn, audit, rx))
+            .spawn(move || writer(conn, audit, rx, &timed))
             .map_err(db_err)?;
-        Ok((Self { tx, path }, snapshot))
+        Ok((Self { tx, path, commits }, snapshot))
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Durations of the writer's commits, for the metrics.
+    pub fn commit_durations(&self) -> Arc<Histogram> {
+        Arc::clone(&self.commits)
     }
 }
 
@@ -390,7 +407,12 @@ impl AuditSync {
     }
 }
 
-fn writer(mut conn: Connection, mut audit: AuditWriter, rx: mpsc::Receiver<Job>) {
+fn writer(
+    mut conn: Connection,
+    mut audit: AuditWriter,
+    rx: mpsc::Receiver<Job>,
+    commits: &Histogram,
+) {
     let sync = Arc::new(AuditSync::default());
     sync.synced.store(audit.head().0, Ordering::Release);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -409,6 +431,7 @@ fn writer(mut conn: Connection, mut audit: AuditWriter, rx: mpsc::Receiver<Job>)
         .map_err(|e| tracing::error!(error = %e, "cannot take over the lease store's checkpoints"))
         .ok();
     let mut cleared = audit.head().0;
+    let mut slow = SlowCommits::default();
     loop {
         let first = match rx.try_recv() {
             Ok(job) => job,
@@ -435,7 +458,11 @@ fn writer(mut conn: Connection, mut audit: AuditWriter, rx: mpsc::Receiver<Job>)
         }
         let synced = sync.synced.load(Ordering::Acquire);
         let clear = (synced > cleared).then_some(synced);
+        let started = std::time::Instant::now();
         let result = apply(&mut conn, &mut audit, &jobs, clear);
+        let took = started.elapsed();
+        commits.observe(took);
+        slow.record(took, jobs.len());
         if let Some(w) = &mut wal {
             w.committed(&conn);
         }
@@ -463,6 +490,37 @@ fn writer(mut conn: Connection, mut audit: AuditWriter, rx: mpsc::Receiver<Job>)
             "DELETE FROM audit_pending WHERE seq < ?1",
             params![audit.head().0 as i64],
         );
+    }
+}
+
+/// Rate-limited warnings about commits slower than [`SLOW_COMMIT`].
+#[derive(Default)]
+struct SlowCommits {
+    last_warned: Option<std::time::Instant>,
+    unreported: u64,
+}
+
+impl SlowCommits {
+    fn record(&mut self, took: Duration, waiting: usize) {
+        if took < SLOW_COMMIT {
+            return;
+        }
+        self.unreported += 1;
+        if self
+            .last_warned
+            .is_some_and(|t| t.elapsed() < SLOW_COMMIT_LOG_EVERY)
+        {
+            return;
+        }
+        tracing::warn!(
+            ms = took.as_millis() as u64,
+            waiting,
+            slow_commits = self.unreported,
+            "slow lease store commit: the requests of its batch waited for the disk \
+             (slow_commits counts those since the last warning)"
+        );
+        self.last_warned = Some(std::time::Instant::now());
+        self.unreported = 0;
     }
 }
 
@@ -906,6 +964,24 @@ pub fn holds_audit_record(dir: &Path, seq: u64) -> bool {
 mod tests {
     use super::*;
     use crate::audit::Actor;
+
+    #[test]
+    fn slow_commits_are_warned_about_at_most_once_per_interval() {
+        let mut s = SlowCommits::default();
+        s.record(Duration::from_millis(5), 3);
+        assert_eq!((s.unreported, s.last_warned.is_none()), (0, true));
+        s.record(Duration::from_millis(150), 3);
+        let warned = s.last_warned.expect("the first slow commit is reported");
+        assert_eq!(s.unreported, 0);
+        // Within the interval they are counted for the next warning instead.
+        s.record(Duration::from_millis(120), 1);
+        s.record(Duration::from_millis(300), 7);
+        assert_eq!((s.unreported, s.last_warned), (2, Some(warned)));
+        s.last_warned = Some(warned - SLOW_COMMIT_LOG_EVERY);
+        s.record(SLOW_COMMIT, 2);
+        assert_eq!(s.unreported, 0);
+        assert!(s.last_warned.unwrap() > warned);
+    }
 
     #[test]
     fn cached_transaction_commits_once_and_rolls_back_when_dropped() {
