@@ -222,35 +222,45 @@ async fn http_exchange_full_flow() {
 
     // Introspection needs an authenticated caller; its 401s follow RFC 6750 §3.
     let body = form(&[("token", token.as_str())]);
-    let ct = ("Content-Type", "application/x-www-form-urlencoded");
-    for auth in [None, Some("Basic dTpw")] {
-        let mut h = vec![ct];
+    // POSTs `body` to `path` with `auth`; asserts a 401 and returns its challenge and body.
+    let refused = |path: &str, auth: Option<&str>| {
+        let mut h = vec![("Content-Type", "application/x-www-form-urlencoded")];
         h.extend(auth.map(|a| ("Authorization", a)));
-        let (code, head, b) = http_post(d.http, "/introspect", &h, &body);
-        assert_eq!(code, 401);
+        let (code, head, b) = http_post(d.http, path, &h, &body);
+        assert_eq!(code, 401, "{path} {auth:?}");
+        let challenge = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("www-authenticate: ")
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| panic!("no challenge: {head}"));
+        (challenge, serde_json::from_slice::<Value>(&b).unwrap())
+    };
+    for auth in [None, Some("Basic dTpw")] {
         // No credentials (or another scheme): a bare challenge, no error code anywhere.
-        assert!(
-            head.to_ascii_lowercase()
-                .contains("www-authenticate: bearer realm=\"tessera\"\r\n"),
-            "{head}"
-        );
-        let b: Value = serde_json::from_slice(&b).unwrap();
+        let (challenge, b) = refused("/introspect", auth);
+        assert_eq!(challenge, "bearer realm=\"tessera\"");
         assert!(b.get("error").is_none(), "{b}");
         assert!(b["error_description"].as_str().unwrap().contains("Bearer"));
     }
-    let (code, head, b) = http_post(
-        d.http,
-        "/introspect",
-        &[ct, ("Authorization", "Bearer not-a-jwt")],
-        &body,
+    let (challenge, b) = refused("/introspect", Some("Bearer not-a-jwt"));
+    assert_eq!(
+        challenge,
+        "bearer realm=\"tessera\", error=\"invalid_token\""
     );
-    assert_eq!(code, 401);
-    assert!(head.contains("error=\"invalid_token\""), "{head}");
-    let b: Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(
         b["error"], "invalid_token",
         "the body's code is the challenge's"
     );
+    // Revocation is a client's call: RFC 7009 §2.2.1 gives RFC 6749 §5.2's invalid_client,
+    // with a challenge for the scheme, and revokes nothing.
+    for auth in [None, Some("Bearer not-a-jwt")] {
+        let (challenge, b) = refused("/revoke", auth);
+        assert_eq!(challenge, "bearer realm=\"tessera\"");
+        assert_eq!(b["error"], "invalid_client", "{b}");
+    }
     let relying_party = actor_token(&d, "b").await;
     let (code, i) = post_auth(&d, "/introspect", Some(&relying_party), &token);
     assert_eq!(code, 200);

@@ -325,15 +325,22 @@ fn exchange_error(e: &ExchangeError) -> Response {
     if let ExchangeError::InvalidScope(denied) = e {
         body["denied_scopes"] = denied.clone().into();
     }
-    if unavailable {
-        with_retry_after(json_response(StatusCode::SERVICE_UNAVAILABLE, &body))
+    if !unavailable {
+        return json_response(StatusCode::BAD_REQUEST, &body);
+    }
+    let r = json_response(StatusCode::SERVICE_UNAVAILABLE, &body);
+    // Only the store is known to come back in about this time; an expired CA, a full
+    // approval queue or an unreachable OIDC issuer are not, and a fixed hint would only
+    // have every client retry at once.
+    if matches!(e, ExchangeError::Unavailable(IssueError::Store(_))) {
+        with_retry_after(r)
     } else {
-        json_response(StatusCode::BAD_REQUEST, &body)
+        r
     }
 }
 
-/// Seconds a client should wait before retrying a 503 (RFC 9110 §10.2.3; RFC 7009 §2.2.1
-/// names it for revocation): the store or an OIDC issuer is usually back within this.
+/// Seconds a client should wait before retrying when the lease store could not commit
+/// (RFC 9110 §10.2.3; RFC 7009 §2.2.1 names it for revocation).
 const RETRY_AFTER_SECS: &str = "1";
 
 fn with_retry_after(mut r: Response) -> Response {
@@ -344,51 +351,69 @@ fn with_retry_after(mut r: Response) -> Response {
     r
 }
 
+/// How an endpoint's caller authenticates, which decides the shape of its 401s.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    /// A protected resource calling introspection with a Bearer token: RFC 7662 §2.1 sends
+    /// its 401s per RFC 6750 §3.
+    Resource,
+    /// A client calling revocation: RFC 7009 §2.2.1 sends RFC 6749 §5.2 errors, so a failed
+    /// or missing authentication is `invalid_client`, with a challenge for the scheme used.
+    Client,
+}
+
 /// Authenticates the caller of introspection and revocation: a JWT-SVID of this trust domain
-/// whose audience is Tessera's issuer, as a Bearer token. Its 401s follow RFC 6750 §3, as
-/// RFC 7662 §2.1 asks of a Bearer-authenticated caller.
-fn bearer_agent(s: &HttpState, headers: &HeaderMap) -> Result<String, Box<Response>> {
+/// whose audience is Tessera's issuer, as a Bearer token.
+fn bearer_agent(s: &HttpState, headers: &HeaderMap, how: Caller) -> Result<String, Box<Response>> {
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    let refuse = |desc: &str, challenge: &'static str, code: Option<&str>| {
+        let mut r = match code {
+            Some(code) => oauth_error(StatusCode::UNAUTHORIZED, code, desc),
+            None => json_response(
+                StatusCode::UNAUTHORIZED,
+                &json!({ "error_description": description(desc) }),
+            ),
+        };
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
+        );
+        Box::new(r)
+    };
     let token = match auth.split_once(' ') {
         Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
         _ => {
-            // RFC 6750 §3.1: no credentials (or another scheme) → a bare challenge and no
-            // error code; the description is only for the person reading the body.
-            let mut r = json_response(
-                StatusCode::UNAUTHORIZED,
-                &json!({"error_description": "authenticate with a JWT-SVID whose audience is \
-                    Tessera's issuer, as a Bearer token"}),
-            );
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"tessera\""),
-            );
-            return Err(Box::new(r));
+            // RFC 6750 §3.1: without credentials (or with another scheme), a bare challenge
+            // and no error code; the description is only for the person reading the body.
+            return Err(refuse(
+                "authenticate with a JWT-SVID whose audience is Tessera's issuer, as a Bearer token",
+                "Bearer realm=\"tessera\"",
+                (how == Caller::Client).then_some("invalid_client"),
+            ));
         }
     };
     s.exchanger
         .authenticate_agent(token)
         .map(|(e, _)| e.spiffe_id.to_string())
         .map_err(|e| {
-            // The same code in the body as in the challenge.
-            let mut r = oauth_error(
-                StatusCode::UNAUTHORIZED,
-                "invalid_token",
-                &format!("the Bearer JWT-SVID is not accepted: {e}"),
-            );
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"tessera\", error=\"invalid_token\""),
-            );
-            Box::new(r)
+            let desc = format!("the Bearer JWT-SVID is not accepted: {e}");
+            match how {
+                // The same code in the body as in the challenge.
+                Caller::Resource => refuse(
+                    &desc,
+                    "Bearer realm=\"tessera\", error=\"invalid_token\"",
+                    Some("invalid_token"),
+                ),
+                Caller::Client => refuse(&desc, "Bearer realm=\"tessera\"", Some("invalid_client")),
+            }
         })
 }
 
 async fn introspect(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = bearer_agent(&s, &headers) {
+    if let Err(r) = bearer_agent(&s, &headers, Caller::Resource) {
         return *r;
     }
     let form = match parse_form(&headers, &body) {
@@ -432,7 +457,7 @@ async fn introspect(State(s): State<HttpState>, headers: HeaderMap, body: Bytes)
 }
 
 async fn revoke(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    let caller = match bearer_agent(&s, &headers) {
+    let caller = match bearer_agent(&s, &headers, Caller::Client) {
         Ok(c) => c,
         Err(r) => return *r,
     };
