@@ -36,6 +36,9 @@ pub const DEFAULT_TASK_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Lifetime of a CA that Tessera generates itself.
 pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Longest lifetime for a CA the daemon generates: 100 years.
+pub const MAX_CA_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Shortest SVID lifetime accepted: rotation at half-life needs room for clock skew.
 pub const MIN_SVID_TTL: Duration = Duration::from_secs(2);
 
@@ -489,6 +492,11 @@ impl Config {
         let ca_ttl = duration("ca.ca_ttl", raw.ca.ca_ttl.as_deref(), DEFAULT_CA_TTL)?;
         if ca_ttl < Duration::from_secs(3600) {
             return Err(invalid("ca.ca_ttl", "must be at least 1h"));
+        }
+        // A certificate cannot say a date past 9999 (RFC 5280 §4.1.2.5.2), and a root that
+        // outlives its operators is a key nobody rotates.
+        if ca_ttl > MAX_CA_TTL {
+            return Err(invalid("ca.ca_ttl", "must be at most 100y"));
         }
         let x509_svid_ttl = svid_ttl(
             "ca.x509_svid_ttl",
@@ -974,6 +982,11 @@ mod tests {
             ("bogus = 1", "unknown field `bogus`"),
             ("[ca]\nx509_svid_ttl = \"soon\"", "`ca.x509_svid_ttl`"),
             ("[ca]\nx509_svid_ttl = \"1s\"", "at least"),
+            (
+                "[ca]\nca_ttl = \"20000y\"",
+                "`ca.ca_ttl`: must be at most 100y",
+            ),
+            ("[ca]\nca_ttl = \"30m\"", "`ca.ca_ttl`: must be at least 1h"),
             ("[ca]\ncert = \"/a.pem\"", "`ca.key`"),
             ("[http]\nlisten = \"localhost\"", "`http.listen`"),
             ("data_dir = \"relative\"", "`data_dir`"),

@@ -181,6 +181,19 @@ impl TrustBundle {
     }
 }
 
+/// When a credential issued at `now` for `ttl` expires: never after `cap` (the CA's own
+/// expiry), and `cap` too if `now + ttl` is past what a date can hold, instead of panicking.
+pub fn credential_expiry(
+    now: OffsetDateTime,
+    ttl: Duration,
+    cap: OffsetDateTime,
+) -> OffsetDateTime {
+    time::Duration::try_from(ttl)
+        .ok()
+        .and_then(|d| now.checked_add(d))
+        .map_or(cap, |t| t.min(cap))
+}
+
 fn jwt_jwk(k: &Jwk) -> Value {
     let mut m = k.public_members();
     m.insert("kid".into(), k.kid.clone().into());
@@ -437,7 +450,7 @@ impl Ca {
         now: OffsetDateTime,
         jti: &str,
     ) -> Result<(String, OffsetDateTime), CaError> {
-        let exp = (now + ttl).min(self.not_after());
+        let exp = credential_expiry(now, ttl, self.not_after());
         let claims = json!({
             "sub": id.as_str(),
             "aud": audience,
@@ -900,6 +913,21 @@ mod tests {
             .collect();
         assert_eq!(uses, ["x509-svid", "jwt-svid"]);
         assert!(doc["keys"][0].get("kid").is_none());
+    }
+
+    #[test]
+    fn credential_expiry_is_capped_and_never_overflows() {
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let cap = now + time::Duration::days(365);
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            credential_expiry(now, hour, cap),
+            now + time::Duration::hours(1)
+        );
+        assert_eq!(credential_expiry(now, hour * 24 * 400, cap), cap);
+        // Past year 9999, and past what time::Duration holds: the cap, not a panic.
+        assert_eq!(credential_expiry(now, hour * 24 * 365 * 9000, cap), cap);
+        assert_eq!(credential_expiry(now, Duration::MAX, cap), cap);
     }
 
     #[test]

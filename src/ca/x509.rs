@@ -265,7 +265,7 @@ impl LeafTemplate {
         serial[0] = (serial[0] & 0x7f) | 0x40;
 
         let not_before = now - BACKDATE;
-        let not_after = (now + ttl).min(self.ca_not_after);
+        let not_after = super::credential_expiry(now, ttl, self.ca_not_after);
         // Whole seconds: that is all the certificate can say, and callers compare against it.
         let not_before = not_before.replace_nanosecond(0).unwrap_or(not_before);
         let not_after = not_after.replace_nanosecond(0).unwrap_or(not_after);

@@ -128,6 +128,12 @@ pub struct Approvals {
 const MAX_PENDING: usize = 10_000;
 
 impl Approvals {
+    /// When a request filed or decided at `now_ms` expires; saturates rather than wrapping
+    /// for an absurd `approval_ttl`.
+    fn expiry(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_add(i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX))
+    }
+
     /// Requests expire `ttl` after filing (or after approval).
     pub fn new(ttl: Duration) -> Self {
         Self {
@@ -164,7 +170,7 @@ impl Approvals {
         }
         proto.id = new_id.clone();
         proto.created_ms = now_ms;
-        proto.expires_ms = now_ms + self.ttl.as_millis() as i64;
+        proto.expires_ms = self.expiry(now_ms);
         proto.status = Status::Pending;
         g.by_key.insert(key, new_id.clone());
         g.by_id.insert(new_id.clone(), proto);
@@ -209,7 +215,7 @@ impl Approvals {
             return Err(ApprovalError::Decided(id.to_owned()));
         }
         a.status = status;
-        a.expires_ms = now_ms + self.ttl.as_millis() as i64;
+        a.expires_ms = self.expiry(now_ms);
         Ok(a.clone())
     }
 }
@@ -287,5 +293,19 @@ mod tests {
             Err(ApprovalError::NotFound(_))
         ));
         assert_eq!(a.list(1_012).len(), 1);
+    }
+
+    #[test]
+    fn an_absurd_ttl_never_expires_instead_of_wrapping() {
+        let a = Approvals::new(Duration::MAX);
+        let now = 1_800_000_000_000;
+        let Some(Check::Filed(id)) = a.check(req(&["x"]), now, "r1".into()) else {
+            panic!()
+        };
+        // Wrapped, it would have expired at once and the retry filed a new request.
+        assert_eq!(
+            a.check(req(&["x"]), now + 1, "r2".into()),
+            Some(Check::Pending(id))
+        );
     }
 }

@@ -150,7 +150,7 @@ impl Issuer {
             )));
         }
         let now = OffsetDateTime::now_utc();
-        let exp = (now + g.ttl).min(self.ca.not_after());
+        let exp = crate::ca::credential_expiry(now, g.ttl, self.ca.not_after());
         let lease_id = LeaseId::random();
         let jti = lease_id.to_string();
         // Taken, not cloned: the grant is not used after minting.
