@@ -260,9 +260,25 @@ pub struct Jws<'a> {
     pub signature: Vec<u8>,
 }
 
-/// Splits and decodes a compact JWS and checks the header. The signature is NOT verified:
-/// call [`Jwk::verify`] with `signing_input` and `signature` before trusting `claims`.
+/// `typ` of Tessera's task tokens: JWT access tokens (RFC 9068 §2.1). Explicit typing
+/// (RFC 8725 §3.11) keeps them apart from JWT-SVIDs signed with the same key: a JWT-SVID
+/// verifier accepts only `JWT` or `JOSE`, so a task token never passes for one.
+pub const TYP_ACCESS_TOKEN: &str = "at+jwt";
+
+/// Splits and decodes a compact JWS and checks the header (`typ`, when present, `JWT` or
+/// `JOSE`). The signature is NOT verified: call [`Jwk::verify`] with `signing_input` and
+/// `signature` before trusting `claims`.
 pub fn decode(token: &str) -> Result<Jws<'_>, JoseError> {
+    decode_typed(token, false)
+}
+
+/// As [`decode`], also accepting `typ` [`TYP_ACCESS_TOKEN`]: for the checks that take both
+/// kinds of token Tessera signs (introspection, revocation).
+pub fn decode_own(token: &str) -> Result<Jws<'_>, JoseError> {
+    decode_typed(token, true)
+}
+
+fn decode_typed(token: &str, access_token_ok: bool) -> Result<Jws<'_>, JoseError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(JoseError::Malformed("token is too large"));
     }
@@ -284,6 +300,7 @@ pub fn decode(token: &str) -> Result<Jws<'_>, JoseError> {
     match header.get("typ") {
         None => {}
         Some(Value::String(t)) if t == "JWT" || t == "JOSE" => {}
+        Some(Value::String(t)) if access_token_ok && t == TYP_ACCESS_TOKEN => {}
         Some(_) => return Err(JoseError::Header("typ must be JWT or JOSE".into())),
     }
     let kid = match header.get("kid") {
@@ -309,6 +326,8 @@ pub struct Es256Signer {
     kid: String,
     /// The encoded protected header is the same for every token, so it is built once.
     header_b64: String,
+    /// The same with `typ` [`TYP_ACCESS_TOKEN`], for task tokens.
+    access_header_b64: String,
     rng: ring::rand::SystemRandom,
 }
 
@@ -333,8 +352,10 @@ impl Es256Signer {
         use signature::KeyPair;
         let kid = Jwk::thumbprint(&PublicKey::P256(key.public_key().as_ref().to_vec()));
         let header = serde_json::json!({"alg": "ES256", "kid": kid, "typ": "JWT"});
+        let access = serde_json::json!({"alg": "ES256", "kid": kid, "typ": TYP_ACCESS_TOKEN});
         Ok(Self {
             header_b64: b64_encode(header.to_string().as_bytes()),
+            access_header_b64: b64_encode(access.to_string().as_bytes()),
             key,
             kid,
             rng,
@@ -355,11 +376,20 @@ impl Es256Signer {
         }
     }
 
-    /// Serializes `claims` and signs them.
+    /// Serializes `claims` and signs them as a JWT (`typ` `JWT`: JWT-SVIDs).
     pub fn sign(&self, claims: &Value) -> Result<String, JoseError> {
+        self.sign_with(&self.header_b64, claims)
+    }
+
+    /// Serializes `claims` and signs them as a JWT access token (`typ` `at+jwt`: task tokens).
+    pub fn sign_access_token(&self, claims: &Value) -> Result<String, JoseError> {
+        self.sign_with(&self.access_header_b64, claims)
+    }
+
+    fn sign_with(&self, header_b64: &str, claims: &Value) -> Result<String, JoseError> {
         let payload = b64_encode(claims.to_string().as_bytes());
-        let mut token = String::with_capacity(self.header_b64.len() + payload.len() + 90);
-        token.push_str(&self.header_b64);
+        let mut token = String::with_capacity(header_b64.len() + payload.len() + 90);
+        token.push_str(header_b64);
         token.push('.');
         token.push_str(&payload);
         let sig = self
@@ -394,6 +424,22 @@ mod tests {
             b64_encode(claims.to_string().as_bytes()),
             b64_encode(sig)
         )
+    }
+
+    #[test]
+    fn access_tokens_are_typed_apart_from_jwts() {
+        let s = signer();
+        let t = s.sign_access_token(&json!({"sub": "x"})).unwrap();
+        // A JWT-SVID check refuses it; the check for Tessera's own tokens takes it.
+        assert!(matches!(decode(&t), Err(JoseError::Header(_))));
+        let jws = decode_own(&t).unwrap();
+        assert_eq!(jws.header["typ"], TYP_ACCESS_TOKEN);
+        s.jwk()
+            .verify(jws.alg, jws.signing_input.as_bytes(), &jws.signature)
+            .unwrap();
+        let jwt = s.sign(&json!({"sub": "x"})).unwrap();
+        assert_eq!(decode(&jwt).unwrap().header["typ"], "JWT");
+        assert!(decode_own(&jwt).is_ok());
     }
 
     #[test]

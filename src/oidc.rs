@@ -266,14 +266,15 @@ impl Verifier {
             .expect("SHA-256 is 32 bytes");
         let now = now_s();
         if let Some(s) = self.cache.get(&digest) {
-            if now > s.exp + LEEWAY_S {
+            if now > s.exp.saturating_add(LEEWAY_S) {
                 return Err(OidcError::Expired);
             }
             return Ok(Arc::clone(&s));
         }
         let subject = Arc::new(self.validate_uncached(token, now).await?);
         if self.cache.len() >= CACHE_CAP {
-            self.cache.retain(|_, s| s.exp + LEEWAY_S >= now);
+            self.cache
+                .retain(|_, s| s.exp.saturating_add(LEEWAY_S) >= now);
             if self.cache.len() >= CACHE_CAP {
                 self.cache.clear();
             }
@@ -371,7 +372,7 @@ fn check_claims(
         }
     };
     let exp = num("exp")?.ok_or(OidcError::Claim("exp"))?;
-    if now > exp + LEEWAY_S {
+    if now > exp.saturating_add(LEEWAY_S) {
         return Err(OidcError::Expired);
     }
     if num("nbf")?.is_some_and(|nbf| nbf > now + LEEWAY_S) {
@@ -448,6 +449,14 @@ mod tests {
         // Within the leeway.
         let skew = json!({"exp": now - 10, "aud": "tessera", "nbf": now + 10});
         check_claims(skew.as_object().unwrap(), &aud, now).unwrap();
+        // The largest `exp` (or a huge float, saturated to it) is checked, not overflowed.
+        for far in [json!(i64::MAX), json!(1e300)] {
+            let c = json!({"exp": far, "aud": "tessera"});
+            assert_eq!(
+                check_claims(c.as_object().unwrap(), &aud, now),
+                Ok(i64::MAX)
+            );
+        }
     }
 
     #[test]

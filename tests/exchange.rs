@@ -197,6 +197,42 @@ async fn http_exchange_full_flow() {
     assert_eq!(c["txn"], "task-1");
     assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 300);
     let jti = c["jti"].as_str().unwrap().to_owned();
+    // Typed as a JWT access token (RFC 9068), so it never passes for a JWT-SVID, which is
+    // signed with the same key: the Workload API's validation refuses it.
+    assert_eq!(
+        jsonwebtoken::decode_header(&token).unwrap().typ.as_deref(),
+        Some("at+jwt")
+    );
+    let refused = d
+        .client()
+        .await
+        .validate_jwt_token(TICKETS, &token)
+        .await
+        .expect_err("a task token is not a JWT-SVID");
+    // Refused for its type, before anything else about it is looked at.
+    assert!(
+        format!("{refused:?}").contains("typ must be JWT or JOSE"),
+        "{refused:?}"
+    );
+    // Nor is a task token issued for a subject that names a workload of this trust domain.
+    let mut claims = idp.claims("alice");
+    claims["sub"] = "spiffe://tessera.internal/agents/b".into();
+    let spiffe_subject = idp.sign("RS256", Some("rsa-1"), &claims);
+    let (code, e) = exchange(
+        &d,
+        &base_fields(&spiffe_subject, &actor, "task-1", "tickets:read"),
+    );
+    assert_eq!(
+        (code, e["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{e}"
+    );
+    assert!(
+        e["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("SPIFFE ID")
+    );
 
     // The token is a lease of the task, listed for operators.
     let leases = cli_json(&d, &["lease", "list", "--task", "task-1"]);

@@ -465,11 +465,12 @@ impl Ca {
         Ok((token, exp))
     }
 
-    /// Signs arbitrary JWT claims with the JWT key (task tokens). The caller sets every
-    /// claim, including `exp` within the CA's validity.
+    /// Signs arbitrary JWT claims with the JWT key as a JWT access token (`typ` `at+jwt`:
+    /// task tokens, which JWT-SVID validation then refuses). The caller sets every claim,
+    /// including `exp` within the CA's validity.
     pub fn sign_jwt_claims(&self, claims: &Value) -> Result<String, CaError> {
         self.jwt
-            .sign(claims)
+            .sign_access_token(claims)
             .map_err(|_| CaError::Crypto("JWT signing failed"))
     }
 

@@ -468,6 +468,21 @@ impl Exchanger {
                 "subject_token has an act claim that is not an object with a sub".into(),
             ));
         }
+        // The task token carries the subject's `sub` and is signed with the JWT-SVID key: a
+        // `sub` naming a workload of this trust domain would make it read as that workload's
+        // JWT-SVID to a verifier that ignores `typ` (RFC 8725 §2.8).
+        if crate::spiffe_id::SpiffeId::parse(&subject.sub)
+            .is_ok_and(|s| s.trust_domain_name() == entry.spiffe_id.trust_domain_name())
+        {
+            return Err(self.refuse(
+                &holder,
+                &entry,
+                &task_id,
+                "subject_token's sub is a SPIFFE ID of this trust domain; a task token \
+                 cannot be issued for a workload identity"
+                    .into(),
+            ));
+        }
 
         // 4. Lifetime: the default, shortened by the request, the entry, the daemon's cap,
         //    and never past the subject token itself.

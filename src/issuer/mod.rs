@@ -573,14 +573,21 @@ impl Issuer {
             .ca
             .validate_jwt(token, audience, now)
             .map_err(|e| IssueError::InvalidArgument(format!("JWT-SVID is not valid: {e}")))?;
+        // The lease must be this identity's JWT-SVID: a task token or another identity's
+        // credential signed by the same key does not pass for one.
         let active = claims
             .get("jti")
             .and_then(|v| v.as_str())
             .and_then(LeaseId::parse)
-            .is_some_and(|l| self.leases.is_active(&l, now.unix_timestamp()));
+            .is_some_and(|l| {
+                self.leases
+                    .is_active_for(&l, Kind::Jwt, id.as_str(), now.unix_timestamp())
+            });
         if !active {
             return Err(IssueError::InvalidArgument(
-                "JWT-SVID is not valid: it has been revoked".into(),
+                "JWT-SVID is not valid: it has been revoked, or its jti is not a JWT-SVID \
+                 lease of its subject"
+                    .into(),
             ));
         }
         Ok((id, claims))

@@ -351,7 +351,7 @@ impl Issuer {
     /// it is revocable and active. `None` for anything else: malformed, foreign, bad
     /// signature, no `jti`.
     pub fn verify_own_token(&self, token: &str) -> Option<OwnToken> {
-        let jws = jose::decode(token).ok()?;
+        let jws = jose::decode_own(token).ok()?;
         let kid = jws.kid.as_deref()?;
         let bundle = self.ca.bundle();
         let key = bundle.jwt_authorities.iter().find(|k| k.kid == kid)?;

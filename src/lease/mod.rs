@@ -543,6 +543,18 @@ impl LeaseTable {
         })
     }
 
+    /// As [`Self::is_active`], and the lease is of `kind` and held by `spiffe_id`: what the
+    /// `jti` of a presented credential must name, so that one kind cannot pass for another.
+    pub fn is_active_for(&self, id: &LeaseId, kind: Kind, spiffe_id: &str, now_s: i64) -> bool {
+        self.leases.get(id).is_some_and(|l| {
+            l.kind == kind
+                && &*l.spiffe_id == spiffe_id
+                && l.state == State::Active
+                && now_s < l.expires_at
+                && !self.kill_covers(&l.spiffe_id)
+        })
+    }
+
     /// Ids of the active leases of `id` and, if `tree`, of every identity under its path.
     /// Costs time in the number of identities and leases returned, not the table size.
     pub fn active_of_identity(&self, id: &SpiffeId, tree: bool) -> Vec<LeaseId> {
@@ -1030,6 +1042,28 @@ mod tests {
             serial: Some(Box::new([7; 16])),
             revocation: None,
         }
+    }
+
+    #[test]
+    fn a_lease_passes_only_for_its_own_kind_and_holder() {
+        let t = LeaseTable::new();
+        let jwt = Lease {
+            kind: Kind::Jwt,
+            ..lease(&t, "spiffe://td/a", None, 100)
+        };
+        let task = Lease {
+            kind: Kind::Task,
+            ..lease(&t, "spiffe://td/a", Some("t1"), 100)
+        };
+        t.insert(jwt.clone());
+        t.insert(task.clone());
+        assert!(t.is_active_for(&jwt.id, Kind::Jwt, "spiffe://td/a", 10));
+        assert!(!t.is_active_for(&jwt.id, Kind::Jwt, "spiffe://td/b", 10));
+        assert!(!t.is_active_for(&jwt.id, Kind::Jwt, "spiffe://td/a", 100));
+        // Active, but a task token's lease: not a JWT-SVID.
+        assert!(t.is_active(&task.id, 10));
+        assert!(!t.is_active_for(&task.id, Kind::Jwt, "spiffe://td/a", 10));
+        assert!(!t.is_active_for(&LeaseId::random(), Kind::Jwt, "spiffe://td/a", 10));
     }
 
     #[test]
