@@ -326,6 +326,14 @@ impl Attestor {
             .as_ref()
             .and_then(|f| f.metadata().ok())
             .map(|m| FileKey::of(&m));
+        // The link names the file in the caller's mount namespace, which the caller may have
+        // made itself (`unshare -rm` and a bind mount make any binary read as /usr/bin/x). A
+        // path is only a selector if it names the same file in the daemon's own view.
+        let exe_path = exe_path.filter(|p| {
+            exe_key.is_some_and(|k| {
+                std::fs::metadata(&**p).is_ok_and(|m| m.dev() == k.dev && m.ino() == k.ino)
+            })
+        });
         let exe_sha256 = match (exe, exe_key) {
             (Some(f), Some(key)) => self.hash_exe(f, key).await,
             _ => None,
@@ -686,5 +694,72 @@ mod tests {
             attestor.attest(&peer).await,
             Err(AttestError::ProcessGone(_))
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_path_seen_only_in_the_callers_mount_namespace_is_not_a_selector() {
+        // The caller bind-mounts /bin/sleep over `decoy` in a mount namespace of its own and
+        // execs it: /proc/<pid>/exe then reads `decoy`, which in the daemon's view is another
+        // file (a copy of /bin/true). That path must not become a selector.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let decoy = dir.path().join("decoy");
+        std::fs::copy("/bin/true", &decoy).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let script = format!(
+            "import socket,os\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})\nos.set_inheritable(s.fileno(),True)\nos.execv({:?},['sleep','5'])",
+            path.to_str().unwrap(),
+            decoy.to_str().unwrap()
+        );
+        let shell = format!(
+            "mount --bind /bin/sleep {:?} && exec python3 -c \"$0\"",
+            decoy.to_str().unwrap()
+        );
+        let Ok(mut child) = std::process::Command::new("unshare")
+            .args(["-m", "sh", "-c", &shell, &script])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        else {
+            eprintln!("skipped: unshare is not available");
+            return;
+        };
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let conn = loop {
+            if let Ok((c, _)) = listener.accept() {
+                break c;
+            }
+            if child.try_wait().unwrap().is_some() {
+                eprintln!("skipped: no mount namespace here (unshare -m needs CAP_SYS_ADMIN)");
+                return;
+            }
+            assert!(Instant::now() < deadline, "the caller never connected");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let peer = PeerInfo::from_socket(conn.as_raw_fd()).unwrap();
+        loop {
+            let exe = std::fs::read_link(format!("/proc/{}/exe", peer.pid)).unwrap_or_default();
+            if exe == decoy {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the caller never exec'd: {exe:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let att = Arc::new(Attestor::new(1 << 30))
+            .attest(&peer)
+            .await
+            .unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(att.exe_path, None, "{att:?}");
+        assert!(
+            !att.selectors.iter().any(|s| matches!(s, Selector::Path(_))),
+            "{att:?}"
+        );
+        // The hash is of the file actually running, so it still tells the binaries apart.
+        assert!(att.exe_sha256.is_some());
     }
 }
