@@ -515,6 +515,95 @@ async fn stream_rotates_at_half_life_with_fresh_keys() {
     assert_ne!(first.leaf().as_ref(), second.leaf().as_ref());
 }
 
+/// A connection opened by a short-lived helper process and handed to this one over
+/// `SCM_RIGHTS`: the daemon saw the helper connect, so its attestation is the helper's.
+async fn connection_opened_by_helper(
+    socket: &std::path::Path,
+) -> (std::process::Child, std::os::unix::net::UnixStream) {
+    use std::os::fd::FromRawFd;
+    let dir = common::open_tempdir();
+    let handoff = dir.path().join("handoff.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&handoff).unwrap();
+    let script = format!(
+        "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})\n\
+         c=socket.socket(socket.AF_UNIX)\nc.connect({:?})\n\
+         socket.send_fds(c,[b'x'],[s.fileno()])\nc.recv(1)",
+        socket.to_str().unwrap(),
+        handoff.to_str().unwrap()
+    );
+    let helper = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .spawn()
+        .unwrap();
+    let (conn, _) = listener.accept().unwrap();
+    let mut buf = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = nix::sys::socket::recvmsg::<()>(
+        std::os::fd::AsRawFd::as_raw_fd(&conn),
+        &mut iov,
+        Some(&mut space),
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .unwrap();
+    let fd = msg
+        .cmsgs()
+        .unwrap()
+        .find_map(|c| match c {
+            nix::sys::socket::ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+            _ => None,
+        })
+        .expect("the helper sent its connection");
+    // Closing `conn` would end the helper's wait and let it exit before the daemon attests
+    // it; the test decides when it goes, so `conn` stays open (one leaked fd per test).
+    std::mem::forget(conn);
+    // SAFETY: `fd` was just received over SCM_RIGHTS and nothing else owns it.
+    let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+    (helper, stream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_at_rotation_once_its_process_is_gone() {
+    // The helper connects and passes the connection here, then exits: the stream it opened
+    // must not go on minting fresh keys for a process that no longer exists.
+    let d = Daemon::start(&entry_for_uid("short", my_uid(), "x509_svid_ttl = \"6s\""));
+    let (mut helper, stream) = connection_opened_by_helper(&d.socket).await;
+    stream.set_nonblocking(true).unwrap();
+    let once = std::sync::Mutex::new(Some(tokio::net::UnixStream::from_std(stream).unwrap()));
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let s = once.lock().unwrap().take();
+            async move {
+                s.map(hyper_util::rt::TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("the handed-over connection is used"))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut client = SpiffeWorkloadApiClient::new(channel);
+    let mut svids = client
+        .fetch_x509svid(with_header(pb::X509svidRequest {}))
+        .await
+        .expect("attested as the helper while it runs")
+        .into_inner();
+    let first = svids.next().await.unwrap().unwrap();
+    assert_eq!(first.svids.len(), 1);
+    helper.kill().unwrap();
+    helper.wait().unwrap();
+    // Rotation is due at about half the 6 s lifetime: it attests again and ends the stream.
+    let next = tokio::time::timeout(Duration::from_secs(8), svids.next())
+        .await
+        .expect("the stream did not move at rotation time");
+    match next {
+        Some(Err(s)) => assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}"),
+        // Only the count: the response holds a private key.
+        other => panic!(
+            "a fresh SVID for a process that is gone: {:?}",
+            other.map(|r| r.map(|m| m.svids.len()))
+        ),
+    }
+}
+
 #[tokio::test]
 async fn garbage_on_the_socket_does_not_stop_the_daemon() {
     let d = Daemon::start(&me_entry());

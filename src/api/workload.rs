@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::uds::PeerConn;
 use super::{NO_IDENTITY, status};
-use crate::attest::Attestation;
+use crate::attest::{Attestation, PeerInfo};
 use crate::ca::TrustBundle;
 use crate::issuer::{Issuer, X509Svid};
 use crate::lease::Kind;
@@ -136,6 +136,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let t0 = std::time::Instant::now();
         let caller = self.caller(&req).await?;
+        let peer = req.extensions().get::<PeerConn>().and_then(|p| p.0.clone());
         let entries = self.issuer.entitled(&caller, Kind::X509).map_err(status)?;
         let now = Instant::now();
         let mut svids = Vec::with_capacity(entries.len());
@@ -151,6 +152,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             leases_rx: self.issuer.leases().subscribe(),
             shutdown: self.shutdown.clone(),
             caller,
+            peer,
             svids,
         };
         w.entries_rx.borrow_and_update();
@@ -291,6 +293,9 @@ type Step<T, S> = Option<(Result<T, Status>, Option<S>)>;
 struct X509Watch {
     issuer: Arc<Issuer>,
     caller: Arc<Attestation>,
+    /// The connection's peer: attested again before every new SVID, so a stream does not
+    /// outlive the process (or the executable) it was opened for.
+    peer: Option<Arc<PeerInfo>>,
     svids: Vec<(X509Svid, Instant)>,
     bundle_rx: watch::Receiver<Arc<TrustBundle>>,
     entries_rx: watch::Receiver<crate::registry::Entries>,
@@ -328,6 +333,9 @@ impl X509Watch {
                 }
                 changed = self.bundle_rx.changed() => { changed.ok()?; }
                 () = tokio::time::sleep_until(next) => {
+                    // Attested again first: an exited, replaced or re-exec'd caller gets no
+                    // fresh key, and identities it no longer has are dropped.
+                    if let Err(s) = self.reconcile().await { return end(s); }
                     let now = Instant::now();
                     for (s, at) in &mut self.svids {
                         if *at <= now {
@@ -344,10 +352,16 @@ impl X509Watch {
         }
     }
 
-    /// Brings the SVID set in line with the caller's identities now: drops identities that
-    /// are gone or killed, replaces revoked SVIDs, mints for new identities. No identity left
-    /// ends the stream with `PermissionDenied`.
+    /// Attests the caller again and brings the SVID set in line with its identities now:
+    /// drops identities that are gone or killed, replaces revoked SVIDs, mints for new
+    /// identities. A failed attestation or no identity left ends the stream with
+    /// `PermissionDenied`.
     async fn reconcile(&mut self) -> Result<(), Status> {
+        self.caller = self
+            .issuer
+            .attest(self.peer.as_deref())
+            .await
+            .map_err(status)?;
         let current = self.issuer.identities(&self.caller);
         if current.is_empty() {
             return Err(Status::permission_denied(NO_IDENTITY));
