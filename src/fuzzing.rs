@@ -66,6 +66,7 @@ pub fn jwt(data: &[u8]) {
         let key = Jwk {
             kid: "fuzz".into(),
             key: jose::PublicKey::P256(fixed_p256_point()),
+            alg: None,
         };
         assert!(
             key.verify(jws.alg, jws.signing_input.as_bytes(), &jws.signature)

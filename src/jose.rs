@@ -123,6 +123,9 @@ pub struct Jwk {
     pub kid: String,
     /// The key.
     pub key: PublicKey,
+    /// The one algorithm the key is for, when its JWK names one (RFC 7517 §4.4): a token
+    /// under any other is refused even if the key type would fit (RFC 8725 §3.1).
+    pub alg: Option<Alg>,
 }
 
 fn b64(s: &str) -> Result<Vec<u8>, JoseError> {
@@ -165,7 +168,13 @@ impl Jwk {
             },
             _ => return None,
         };
-        Some(Self { kid, key })
+        // A key published for an algorithm we do not verify with is not in the set at all.
+        let alg = match v.get("alg") {
+            None => None,
+            Some(Value::String(a)) => Some(Alg::parse(a).ok()?),
+            Some(_) => return None,
+        };
+        Some(Self { kid, key, alg })
     }
 
     /// The public JWK members (no `use`, `alg` or `kid`), for JWKS documents and thumbprints.
@@ -218,6 +227,9 @@ impl Jwk {
             kid: self.kid.clone(),
             alg: alg.as_str().into(),
         };
+        if self.alg.is_some_and(|a| a != alg) {
+            return Err(mismatch());
+        }
         let ok = match (&self.key, alg) {
             (PublicKey::P256(p), Alg::Es256) => {
                 UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, p).verify(input, sig)
@@ -373,6 +385,7 @@ impl Es256Signer {
         Jwk {
             kid: self.kid.clone(),
             key: PublicKey::P256(self.key.public_key().as_ref().to_vec()),
+            alg: None,
         }
     }
 
@@ -518,5 +531,22 @@ mod tests {
             Jwk::thumbprint(&k.key),
             "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
         );
+        // Published for RS256: PS256 under the same key is refused before any verification,
+        // RS256 gets as far as the signature.
+        let mut pinned = rfc.clone();
+        pinned["alg"] = "RS256".into();
+        let k = Jwk::from_json(&pinned).unwrap();
+        assert_eq!(k.alg, Some(Alg::Rs256));
+        assert!(matches!(
+            k.verify(Alg::Ps256, b"x", &[0; 256]),
+            Err(JoseError::KeyMismatch { .. })
+        ));
+        assert!(matches!(
+            k.verify(Alg::Rs256, b"x", &[0; 256]),
+            Err(JoseError::BadSignature)
+        ));
+        // A key for an algorithm we do not verify with is left out of the set.
+        pinned["alg"] = "RSA-OAEP".into();
+        assert_eq!(Jwk::from_json(&pinned), None);
     }
 }

@@ -404,6 +404,7 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
     bad_act["act"] = json!("pipeline");
     let bad_act = idp.sign("RS256", Some("rsa-1"), &bad_act);
     let alg_none = idp.sign("none", Some("rsa-1"), &idp.claims("alice"));
+    let pss_under_rs256_key = idp.sign("PS256", Some("rsa-1"), &idp.claims("alice"));
     let hs256 = idp.sign("HS256", Some("rsa-1"), &idp.claims("alice"));
     let mut tampered = good.clone();
     tampered.insert(good.find('.').unwrap() + 2, 'x');
@@ -457,6 +458,11 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
         (
             "HS256",
             base_fields(&hs256, &actor, "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "PS256 under a key published for RS256",
+            base_fields(&pss_under_rs256_key, &actor, "t1", "tickets:read"),
             "invalid_request",
         ),
         (

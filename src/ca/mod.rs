@@ -216,6 +216,7 @@ fn spki_jwk_members(spki: &SubjectPublicKeyInfo<'_>) -> Option<Map<String, Value
         Jwk {
             kid: String::new(),
             key,
+            alg: None,
         }
         .public_members(),
     )

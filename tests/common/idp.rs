@@ -127,7 +127,8 @@ impl Idp {
         })
     }
 
-    /// Signs `claims` with `alg` (RS256, ES256, or a forgery: none, HS256).
+    /// Signs `claims` with `alg` (RS256, ES256, PS256 with the RS256 key, or a forgery: none,
+    /// HS256).
     pub fn sign(&self, alg: &str, kid: Option<&str>, claims: &Value) -> String {
         let mut h = json!({"alg": alg, "typ": "JWT"});
         if let Some(k) = kid {
@@ -144,6 +145,19 @@ impl Idp {
                 self.rsa
                     .sign(
                         &signature::RSA_PKCS1_SHA256,
+                        &self.rng,
+                        input.as_bytes(),
+                        &mut sig,
+                    )
+                    .unwrap();
+                sig
+            }
+            // A real signature by the RSA key, under an algorithm its JWK does not name.
+            "PS256" => {
+                let mut sig = vec![0; self.rsa.public().modulus_len()];
+                self.rsa
+                    .sign(
+                        &signature::RSA_PSS_SHA256,
                         &self.rng,
                         input.as_bytes(),
                         &mut sig,
