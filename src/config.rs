@@ -352,12 +352,7 @@ pub struct OidcIssuerConfig {
 /// Is `url` acceptable for fetching keys: `https`, or `http` to a loopback host.
 pub fn url_allowed(url: &str) -> Result<(), String> {
     let u = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL ({e})"))?;
-    let loopback = match u.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => return Err(format!("{url:?} has no host")),
-    };
+    let loopback = host_is_loopback(&u).ok_or_else(|| format!("{url:?} has no host"))?;
     match u.scheme() {
         "https" => Ok(()),
         "http" if loopback => Ok(()),
@@ -366,6 +361,34 @@ pub fn url_allowed(url: &str) -> Result<(), String> {
         )),
         other => Err(format!("{url:?}: scheme {other:?} is not https")),
     }
+}
+
+/// Whether the URL's host is loopback (`localhost`, 127.0.0.0/8, ::1); `None` without a host.
+fn host_is_loopback(u: &reqwest::Url) -> Option<bool> {
+    Some(match u.host()? {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+    })
+}
+
+/// Checks a `jwks_uri` that `issuer`'s discovery document named: as [`url_allowed`], and
+/// pointing at a loopback host only if the issuer itself is one. A remote issuer must not
+/// be able to aim the daemon at services listening on its own loopback interface.
+pub fn jwks_uri_allowed(issuer: &str, jwks_uri: &str) -> Result<(), String> {
+    url_allowed(jwks_uri)?;
+    let local = |s: &str| {
+        reqwest::Url::parse(s)
+            .ok()
+            .and_then(|u| host_is_loopback(&u))
+            .unwrap_or(false)
+    };
+    if local(jwks_uri) && !local(issuer) {
+        return Err(format!(
+            "jwks_uri {jwks_uri:?} is on a loopback host but the issuer is not; refused"
+        ));
+    }
+    Ok(())
 }
 
 /// Default locations, chosen so that a newcomer can start the daemon without root:
@@ -1051,6 +1074,23 @@ mod tests {
         assert_eq!(c.oidc_issuers[0].keys, KeySource::Discovery);
         assert!(c.policy_file.is_some());
         assert_eq!(c.task_retention, DEFAULT_TASK_RETENTION);
+    }
+
+    #[test]
+    fn a_remote_issuer_cannot_point_its_keys_at_loopback() {
+        let remote = "https://idp.example.com";
+        assert!(jwks_uri_allowed(remote, "https://keys.example.net/jwks").is_ok());
+        for local in [
+            "https://127.0.0.1/jwks",
+            "https://localhost:8443/keys",
+            "https://[::1]/jwks",
+            "http://127.0.0.1:8780/jwks",
+        ] {
+            assert!(jwks_uri_allowed(remote, local).is_err(), "{local}");
+        }
+        assert!(jwks_uri_allowed(remote, "http://keys.example.net/jwks").is_err());
+        // A loopback issuer (tests, a local IdP) may keep its keys on loopback.
+        assert!(jwks_uri_allowed("http://127.0.0.1:9000", "http://127.0.0.1:9000/jwks").is_ok());
     }
 
     #[test]

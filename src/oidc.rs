@@ -252,6 +252,8 @@ impl Verifier {
                     .get("jwks_uri")
                     .and_then(Value::as_str)
                     .ok_or_else(|| format!("{url}: no \"jwks_uri\""))?;
+                crate::config::jwks_uri_allowed(&cfg.issuer, jwks)
+                    .map_err(|e| format!("{url}: {e}"))?;
                 self.get_json(jwks).await?
             }
         };
