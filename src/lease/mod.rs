@@ -538,21 +538,20 @@ impl LeaseTable {
     /// before [`LeaseTable::revoke_identity_tree`] has marked it, so that the kill switch
     /// takes effect in the time of one durable write, not of one update per lease.
     pub fn is_active(&self, id: &LeaseId, now_s: i64) -> bool {
-        self.leases.get(id).is_some_and(|l| {
-            l.state == State::Active && now_s < l.expires_at && !self.kill_covers(&l.spiffe_id)
-        })
+        self.leases.get(id).is_some_and(|l| self.live(&l, now_s))
+    }
+
+    /// Active, unexpired and not covered by a kill.
+    fn live(&self, l: &Lease, now_s: i64) -> bool {
+        l.state == State::Active && now_s < l.expires_at && !self.kill_covers(&l.spiffe_id)
     }
 
     /// As [`Self::is_active`], and the lease is of `kind` and held by `spiffe_id`: what the
     /// `jti` of a presented credential must name, so that one kind cannot pass for another.
     pub fn is_active_for(&self, id: &LeaseId, kind: Kind, spiffe_id: &str, now_s: i64) -> bool {
-        self.leases.get(id).is_some_and(|l| {
-            l.kind == kind
-                && &*l.spiffe_id == spiffe_id
-                && l.state == State::Active
-                && now_s < l.expires_at
-                && !self.kill_covers(&l.spiffe_id)
-        })
+        self.leases
+            .get(id)
+            .is_some_and(|l| l.kind == kind && &*l.spiffe_id == spiffe_id && self.live(&l, now_s))
     }
 
     /// Ids of the active leases of `id` and, if `tree`, of every identity under its path.
