@@ -115,6 +115,20 @@ impl Registry {
     pub fn matching(&self, caller: &Attestation, now: OffsetDateTime) -> Vec<Arc<Entry>> {
         matching(&self.snapshot(), caller, now)
     }
+
+    /// True when the caller's executable must be hashed: some live entry asks for a
+    /// `unix:sha256` selector and the caller holds all of that entry's other selectors.
+    /// Hashing an executable reads up to `max_exe_hash_mib` of it, so callers that no entry
+    /// could match by hash are not made to pay for it, nor can they make the daemon pay.
+    pub fn wants_hash(&self, caller: &Attestation, now: OffsetDateTime) -> bool {
+        self.tx.borrow().iter().any(|e| {
+            e.is_live(now)
+                && e.selectors.iter().any(|s| matches!(s, Selector::Sha256(_)))
+                && e.selectors
+                    .iter()
+                    .all(|s| matches!(s, Selector::Sha256(_)) || caller.selectors.contains(s))
+        })
+    }
 }
 
 /// Live entries of `entries` whose selectors the caller satisfies, in order.
@@ -186,6 +200,27 @@ mod tests {
             ["a", "b"]
         );
         assert!(ids(&caller(&["unix:uid:7"])).is_empty());
+    }
+
+    #[test]
+    fn a_hash_is_wanted_only_where_an_entry_could_match_by_it() {
+        let now = OffsetDateTime::now_utc();
+        let h = "a".repeat(64);
+        let r = Registry::new(vec![
+            entry("a", &["unix:uid:1000"], None),
+            entry("b", &["unix:uid:1001", &format!("unix:sha256:{h}")], None),
+            entry(
+                "c",
+                &["unix:uid:1002", &format!("unix:sha256:{h}")],
+                Some(now - time::Duration::seconds(1)),
+            ),
+        ]);
+        assert!(!r.wants_hash(&caller(&["unix:uid:1000"]), now));
+        assert!(r.wants_hash(&caller(&["unix:uid:1001"]), now));
+        // An expired entry asks for nothing.
+        assert!(!r.wants_hash(&caller(&["unix:uid:1002"]), now));
+        r.replace(vec![entry("d", &[&format!("unix:sha256:{h}")], None)]);
+        assert!(r.wants_hash(&caller(&["unix:uid:1000"]), now));
     }
 
     #[tokio::test]

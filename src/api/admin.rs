@@ -91,7 +91,12 @@ impl AdminApi {
         }
         // Supplementary groups come from /proc, read with the same PID-reuse checks as
         // workload attestation.
-        let att = self.attestor.attest(&peer).await.map_err(|_| denied())?;
+        // Only groups count here, so no executable is hashed.
+        let att = self
+            .attestor
+            .attest(&peer, |_| false)
+            .await
+            .map_err(|_| denied())?;
         let in_group = att
             .selectors
             .iter()

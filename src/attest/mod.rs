@@ -74,6 +74,8 @@ struct Cached {
     exe: Option<FileKey>,
     start_time: Option<u64>,
     at: Instant,
+    /// The executable could have been hashed but no entry wanted it: an entry added later may.
+    hash_skipped: bool,
 }
 
 /// How long a connection's attestation is reused before it is done again in full, so that
@@ -202,18 +204,53 @@ impl FileKey {
 const HASH_CACHE_MAX: usize = 4096;
 const NAME_CACHE_TTL: Duration = Duration::from_secs(60);
 
+/// A cached executable hash and when it was last used, so that a full cache drops the
+/// executable used longest ago, not every hash at once.
+#[derive(Debug)]
+struct KnownHash {
+    hex: Arc<str>,
+    used: std::sync::atomic::AtomicU64,
+}
+
 /// Attests callers; holds the executable-hash and user/group-name caches.
 #[derive(Debug)]
 pub struct Attestor {
     max_hash_bytes: u64,
-    hashes: DashMap<FileKey, Arc<str>>,
+    hash_cache_max: usize,
+    hashes: DashMap<FileKey, KnownHash>,
+    /// Orders uses of the hash cache (a logical clock; cheaper than reading time).
+    hash_clock: std::sync::atomic::AtomicU64,
     /// One lock per executable being hashed, so that many first connections from the same
     /// binary (sidecars starting together after a reboot) hash it once, not once each.
     hashing: DashMap<FileKey, Arc<tokio::sync::Mutex<()>>>,
+    /// One lock per uid: a user hashes one executable at a time, so one user's churn of new
+    /// binaries (or of `touch`ed large files) queues behind itself, not in front of others.
+    hashing_uid: DashMap<u32, Arc<tokio::sync::Mutex<()>>>,
     /// Executables read and hashed in full, for the single-flight test and debugging.
     files_hashed: std::sync::atomic::AtomicU64,
     users: DashMap<u32, (Instant, Option<String>)>,
     groups: DashMap<u32, (Instant, Option<String>)>,
+}
+
+/// Removes a single-flight gate when its hashing ends, also when the request that started it
+/// is cancelled (the client went away while the file was being read).
+struct GateGuard<'a> {
+    map: &'a DashMap<FileKey, Arc<tokio::sync::Mutex<()>>>,
+    key: FileKey,
+}
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        self.map.remove(&self.key);
+    }
+}
+
+/// What a full attestation reads from `/proc` and NSS, before any hashing.
+struct Observed {
+    attestation: Attestation,
+    exe: Option<File>,
+    exe_key: Option<FileKey>,
+    start_before: Option<u64>,
 }
 
 impl Attestor {
@@ -221,15 +258,22 @@ impl Attestor {
     pub fn new(max_hash_bytes: u64) -> Self {
         Self {
             max_hash_bytes,
+            hash_cache_max: HASH_CACHE_MAX,
             hashes: DashMap::new(),
+            hash_clock: Default::default(),
             hashing: DashMap::new(),
+            hashing_uid: DashMap::new(),
             files_hashed: Default::default(),
             users: DashMap::new(),
             groups: DashMap::new(),
         }
     }
 
-    /// Attests the peer. Blocking work (hashing a new executable) runs off the async threads.
+    /// Attests the peer. Blocking work (`/proc` reads, user and group name lookups, hashing
+    /// a new executable) runs off the async threads.
+    ///
+    /// The executable is hashed only when `wants_hash`, given the attestation without a hash,
+    /// says some entry could match by it.
     ///
     /// The first request on a connection is attested in full. Later ones reuse that result
     /// after two cheap checks: the connecting process is still alive (pidfd, or an unchanged
@@ -237,25 +281,31 @@ impl Attestor {
     pub async fn attest(
         self: &Arc<Self>,
         peer: &PeerInfo,
+        wants_hash: impl Fn(&Attestation) -> bool,
     ) -> Result<Arc<Attestation>, AttestError> {
         if peer.pid <= 0 {
             return Err(AttestError::NoPid);
         }
-        if let Some(a) = self.reuse(peer)? {
+        if let Some(a) = self.reuse(peer, &wants_hash)? {
             return Ok(a);
         }
-        let (att, exe, start_time) = self.attest_fully(peer).await?;
+        let (att, exe, start_time, hash_skipped) = self.attest_fully(peer, &wants_hash).await?;
         let att = Arc::new(att);
         *peer.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
             attestation: Arc::clone(&att),
             exe,
             start_time,
             at: Instant::now(),
+            hash_skipped,
         });
         Ok(att)
     }
 
-    fn reuse(&self, peer: &PeerInfo) -> Result<Option<Arc<Attestation>>, AttestError> {
+    fn reuse(
+        &self,
+        peer: &PeerInfo,
+        wants_hash: impl Fn(&Attestation) -> bool,
+    ) -> Result<Option<Arc<Attestation>>, AttestError> {
         let guard = peer.cache.lock().unwrap_or_else(|e| e.into_inner());
         let Some(c) = guard
             .as_ref()
@@ -276,24 +326,101 @@ impl Attestor {
         let exe_now = std::fs::metadata(format!("/proc/{pid}/exe"))
             .ok()
             .map(|m| FileKey::of(&m));
-        Ok((exe_now == c.exe).then(|| Arc::clone(&c.attestation)))
+        if exe_now != c.exe || (c.hash_skipped && wants_hash(&c.attestation)) {
+            return Ok(None);
+        }
+        Ok(Some(Arc::clone(&c.attestation)))
     }
 
+    /// Returns the attestation, the executable's identity, the start time read (without a
+    /// pidfd) and whether a hash was skipped because nothing wanted it.
     async fn attest_fully(
         self: &Arc<Self>,
         peer: &PeerInfo,
-    ) -> Result<(Attestation, Option<FileKey>, Option<u64>), AttestError> {
+        wants_hash: impl Fn(&Attestation) -> bool,
+    ) -> Result<(Attestation, Option<FileKey>, Option<u64>, bool), AttestError> {
         let pid = peer.pid;
-        let start_before = if peer.pidfd.is_none() {
+        // `/proc` reads are quick, but user and group lookups go through NSS, which may ask
+        // a directory server (sssd, LDAP) once per supplementary group.
+        let this = Arc::clone(self);
+        let (uid, gid, accepted_at, has_pidfd) = (
+            peer.uid,
+            peer.gid,
+            peer.accepted_at_ticks,
+            peer.pidfd.is_some(),
+        );
+        let observed = tokio::task::spawn_blocking(move || {
+            this.observe(pid, uid, gid, accepted_at, has_pidfd)
+        })
+        .await
+        .map_err(|e| AttestError::Proc {
+            pid,
+            what: "status",
+            source: std::io::Error::other(e.to_string()),
+        })??;
+        let Observed {
+            mut attestation,
+            exe,
+            exe_key,
+            start_before,
+        } = observed;
+
+        let hashable = exe_key.is_some_and(|k| k.size <= self.max_hash_bytes);
+        let mut hash_skipped = false;
+        if let (Some(f), Some(key)) = (exe, exe_key) {
+            if !hashable {
+                tracing::debug!(
+                    size = key.size,
+                    "executable over the hash size cap; no sha256 selector"
+                );
+            } else if wants_hash(&attestation) {
+                attestation.exe_sha256 = self.hash_exe(f, key, uid).await;
+            } else {
+                hash_skipped = true;
+            }
+        }
+
+        // The reads above are only good if they were of the process that connected.
+        match (&peer.pidfd, start_before) {
+            (Some(fd), _) => {
+                if process_exited(fd.as_raw_fd()) {
+                    return Err(AttestError::ProcessGone(pid));
+                }
+            }
+            (None, Some(st)) => {
+                if start_time(pid)? != st {
+                    return Err(AttestError::ProcessGone(pid));
+                }
+            }
+            (None, None) => unreachable!("start time is read whenever there is no pidfd"),
+        }
+
+        if let Some(h) = &attestation.exe_sha256 {
+            attestation.selectors.insert(Selector::Sha256(h.clone()));
+        }
+        Ok((attestation, exe_key, start_before, hash_skipped))
+    }
+
+    /// The blocking part of a full attestation: everything but the hash and the final
+    /// liveness check.
+    fn observe(
+        &self,
+        pid: i32,
+        uid: u32,
+        gid: u32,
+        accepted_at_ticks: u64,
+        has_pidfd: bool,
+    ) -> Result<Observed, AttestError> {
+        let start_before = if has_pidfd {
+            None
+        } else {
             let st = start_time(pid)?;
             // A process that started after we accepted the connection cannot be the one that
             // connected: the pid has been reused.
-            if st > peer.accepted_at_ticks {
+            if st > accepted_at_ticks {
                 return Err(AttestError::ProcessGone(pid));
             }
             Some(st)
-        } else {
-            None
         };
 
         let groups = supplementary_groups(pid)?;
@@ -334,33 +461,14 @@ impl Attestor {
                 std::fs::metadata(&**p).is_ok_and(|m| m.dev() == k.dev && m.ino() == k.ino)
             })
         });
-        let exe_sha256 = match (exe, exe_key) {
-            (Some(f), Some(key)) => self.hash_exe(f, key).await,
-            _ => None,
-        };
-
-        // The reads above are only good if they were of the process that connected.
-        match (&peer.pidfd, start_before) {
-            (Some(fd), _) => {
-                if process_exited(fd.as_raw_fd()) {
-                    return Err(AttestError::ProcessGone(pid));
-                }
-            }
-            (None, Some(st)) => {
-                if start_time(pid)? != st {
-                    return Err(AttestError::ProcessGone(pid));
-                }
-            }
-            (None, None) => unreachable!("start time is read whenever there is no pidfd"),
-        }
 
         let mut selectors = BTreeSet::new();
-        selectors.insert(Selector::Uid(peer.uid));
-        selectors.insert(Selector::Gid(peer.gid));
-        if let Some(name) = self.user_name(peer.uid) {
+        selectors.insert(Selector::Uid(uid));
+        selectors.insert(Selector::Gid(gid));
+        if let Some(name) = self.user_name(uid) {
             selectors.insert(Selector::User(name));
         }
-        if let Some(name) = self.group_name(peer.gid) {
+        if let Some(name) = self.group_name(gid) {
             selectors.insert(Selector::Group(name));
         }
         for g in groups {
@@ -372,53 +480,78 @@ impl Attestor {
         if let Some(p) = &exe_path {
             selectors.insert(Selector::Path(p.to_string()));
         }
-        if let Some(h) = &exe_sha256 {
-            selectors.insert(Selector::Sha256(h.clone()));
-        }
-        let att = Attestation {
-            uid: peer.uid,
-            gid: peer.gid,
-            pid,
-            exe_path,
-            exe_sha256,
-            selectors,
-        };
-        Ok((att, exe_key, start_before))
+        Ok(Observed {
+            attestation: Attestation {
+                uid,
+                gid,
+                pid,
+                exe_path,
+                exe_sha256: None,
+                selectors,
+            },
+            exe,
+            exe_key,
+            start_before,
+        })
     }
 
-    async fn hash_exe(self: &Arc<Self>, file: File, key: FileKey) -> Option<String> {
-        if let Some(h) = self.hashes.get(&key) {
-            return Some(h.to_string());
-        }
-        if key.size > self.max_hash_bytes {
-            tracing::debug!(
-                size = key.size,
-                "executable over the hash size cap; no sha256 selector"
-            );
-            return None;
+    fn cached_hash(&self, key: &FileKey) -> Option<String> {
+        let h = self.hashes.get(key)?;
+        let now = self
+            .hash_clock
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        h.used.store(now, std::sync::atomic::Ordering::Relaxed);
+        Some(h.hex.to_string())
+    }
+
+    async fn hash_exe(self: &Arc<Self>, file: File, key: FileKey, uid: u32) -> Option<String> {
+        if let Some(h) = self.cached_hash(&key) {
+            return Some(h);
         }
         let gate = Arc::clone(self.hashing.entry(key).or_default().value());
         let _hashing = gate.lock().await;
+        let _gate_guard = GateGuard {
+            map: &self.hashing,
+            key,
+        };
         // Whoever held the lock before us may have hashed this very file.
-        if let Some(h) = self.hashes.get(&key) {
-            return Some(h.to_string());
+        if let Some(h) = self.cached_hash(&key) {
+            return Some(h);
         }
+        let user_gate = Arc::clone(self.hashing_uid.entry(uid).or_default().value());
+        // Held by the blocking task, which runs on if this request is cancelled: a user that
+        // cancels its requests still hashes one file at a time.
+        let user_turn = user_gate.lock_owned().await;
         let this = Arc::clone(self);
-        let hashed = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
+            let _user_turn = user_turn;
             this.files_hashed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let h: Arc<str> = sha256_reader(file, this.max_hash_bytes)?.into();
-            if this.hashes.len() >= HASH_CACHE_MAX {
-                this.hashes.clear();
-            }
-            this.hashes.insert(key, Arc::clone(&h));
+            this.remember_hash(key, Arc::clone(&h));
             Some(h.to_string())
         })
         .await
         .ok()
-        .flatten();
-        self.hashing.remove(&key);
-        hashed
+        .flatten()
+    }
+
+    fn remember_hash(&self, key: FileKey, hex: Arc<str>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // A linear scan per new executable: cheap beside reading the file just hashed.
+        while self.hashes.len() >= self.hash_cache_max {
+            let oldest = self
+                .hashes
+                .iter()
+                .min_by_key(|e| e.used.load(Relaxed))
+                .map(|e| *e.key());
+            match oldest {
+                Some(k) => self.hashes.remove(&k),
+                None => break,
+            };
+        }
+        let used = self.hash_clock.fetch_add(1, Relaxed).into();
+        self.hashes.insert(key, KnownHash { hex, used });
     }
 
     fn user_name(&self, uid: u32) -> Option<String> {
@@ -566,7 +699,7 @@ mod tests {
         let calls = (0..16).map(|_| {
             let a = Arc::clone(&attestor);
             let f = File::open(&path).unwrap();
-            tokio::spawn(async move { a.hash_exe(f, key).await })
+            tokio::spawn(async move { a.hash_exe(f, key, 1000).await })
         });
         let results = futures_util::future::join_all(calls).await;
         let want = sha256_file(&path).unwrap();
@@ -582,13 +715,103 @@ mod tests {
         assert!(attestor.hashing.is_empty(), "gates are removed after use");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_hash_leaves_no_gate_and_keeps_its_users_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        // Sparse: hashing it reads 256 MiB of zeros, long enough to be cancelled midway.
+        File::create(&path).unwrap().set_len(256 << 20).unwrap();
+        let key = FileKey::of(&std::fs::metadata(&path).unwrap());
+        let attestor = Arc::new(Attestor::new(1 << 30));
+        let f = File::open(&path).unwrap();
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(5), attestor.hash_exe(f, key, 1000)).await;
+        assert!(cancelled.is_err(), "hashing 256 MiB took under 5 ms");
+        assert!(
+            attestor.hashing.is_empty(),
+            "a cancelled hash left its gate"
+        );
+        // The file is still being read: the same user cannot start another hash meanwhile.
+        let turn = Arc::clone(attestor.hashing_uid.get(&1000).unwrap().value());
+        assert!(
+            turn.try_lock().is_err(),
+            "the user's turn ended with the request"
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(30), turn.lock()).await;
+        assert!(attestor.hashes.contains_key(&key));
+    }
+
+    #[test]
+    fn a_full_hash_cache_drops_the_hash_used_longest_ago() {
+        let mut attestor = Attestor::new(1 << 30);
+        attestor.hash_cache_max = 2;
+        let key = |ino| FileKey {
+            dev: 1,
+            ino,
+            size: 1,
+            mtime: (0, 0),
+            ctime: (0, 0),
+        };
+        attestor.remember_hash(key(1), "one".into());
+        attestor.remember_hash(key(2), "two".into());
+        assert_eq!(attestor.cached_hash(&key(1)).as_deref(), Some("one"));
+        attestor.remember_hash(key(3), "three".into());
+        assert_eq!(attestor.hashes.len(), 2);
+        assert!(attestor.cached_hash(&key(1)).is_some(), "recently used");
+        assert!(attestor.cached_hash(&key(2)).is_none(), "used longest ago");
+        assert!(attestor.cached_hash(&key(3)).is_some());
+    }
+
+    #[tokio::test]
+    async fn an_executable_is_hashed_only_when_an_entry_wants_it() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer = PeerInfo::from_socket(a.as_raw_fd()).unwrap();
+        let attestor = Arc::new(Attestor::new(1 << 30));
+        let hashed = || {
+            attestor
+                .files_hashed
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let plain = attestor.attest(&peer, |_| false).await.unwrap();
+        assert_eq!(plain.exe_sha256, None);
+        assert!(
+            !plain
+                .selectors
+                .iter()
+                .any(|s| matches!(s, Selector::Sha256(_)))
+        );
+        assert_eq!(hashed(), 0);
+        // Still not wanted: the attestation is reused.
+        assert!(Arc::ptr_eq(
+            &plain,
+            &attestor.attest(&peer, |_| false).await.unwrap()
+        ));
+        // An entry now wants it (one was added): the next request is attested with the hash.
+        let exe = std::env::current_exe().unwrap();
+        let with = attestor.attest(&peer, |_| true).await.unwrap();
+        assert_eq!(
+            with.exe_sha256.as_deref(),
+            Some(sha256_file(&exe).unwrap().as_str())
+        );
+        assert!(
+            with.selectors
+                .contains(&Selector::Sha256(with.exe_sha256.clone().unwrap()))
+        );
+        assert_eq!(hashed(), 1);
+        // The hashed attestation is reused whatever is wanted.
+        assert!(Arc::ptr_eq(
+            &with,
+            &attestor.attest(&peer, |_| false).await.unwrap()
+        ));
+    }
+
     #[tokio::test]
     async fn attests_own_process_through_a_socketpair() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let peer = PeerInfo::from_socket(a.as_raw_fd()).unwrap();
         assert_eq!(peer.pid as u32, std::process::id());
         let att = Arc::new(Attestor::new(1 << 30))
-            .attest(&peer)
+            .attest(&peer, |_| true)
             .await
             .unwrap();
         let exe = std::env::current_exe().unwrap();
@@ -616,7 +839,7 @@ mod tests {
         peer.pidfd = None;
         peer.accepted_at_ticks = 0;
         let err = Arc::new(Attestor::new(1 << 30))
-            .attest(&peer)
+            .attest(&peer, |_| true)
             .await
             .unwrap_err();
         assert!(matches!(err, AttestError::ProcessGone(_)), "{err}");
@@ -640,7 +863,7 @@ mod tests {
         peer.pid = std::process::id() as i32; // a live pid, but not the pidfd's process
         peer.pidfd = Some(Arc::new(pidfd));
         let err = Arc::new(Attestor::new(1 << 30))
-            .attest(&peer)
+            .attest(&peer, |_| true)
             .await
             .unwrap_err();
         assert!(matches!(err, AttestError::ProcessGone(_)), "{err}");
@@ -666,13 +889,16 @@ mod tests {
         let (conn, _) = listener.accept().unwrap();
         let peer = PeerInfo::from_socket(conn.as_raw_fd()).unwrap();
         let attestor = Arc::new(Attestor::new(1 << 30));
-        let before = attestor.attest(&peer).await.unwrap();
+        let before = attestor.attest(&peer, |_| true).await.unwrap();
         assert!(
             before.exe_path.as_deref().unwrap().contains("python"),
             "{before:?}"
         );
         // Reused while nothing changed.
-        assert!(Arc::ptr_eq(&before, &attestor.attest(&peer).await.unwrap()));
+        assert!(Arc::ptr_eq(
+            &before,
+            &attestor.attest(&peer, |_| true).await.unwrap()
+        ));
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let exe = std::fs::read_link(format!("/proc/{}/exe", peer.pid)).unwrap();
@@ -682,7 +908,7 @@ mod tests {
             assert!(Instant::now() < deadline, "child never exec'd");
             std::thread::sleep(Duration::from_millis(20));
         }
-        let after = attestor.attest(&peer).await.unwrap();
+        let after = attestor.attest(&peer, |_| true).await.unwrap();
         assert!(
             after.exe_path.as_deref().unwrap().ends_with("sleep"),
             "{after:?}"
@@ -691,7 +917,7 @@ mod tests {
         child.wait().unwrap();
         // The process is gone: no identity at all.
         assert!(matches!(
-            attestor.attest(&peer).await,
+            attestor.attest(&peer, |_| true).await,
             Err(AttestError::ProcessGone(_))
         ));
     }
@@ -749,7 +975,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         let att = Arc::new(Attestor::new(1 << 30))
-            .attest(&peer)
+            .attest(&peer, |_| true)
             .await
             .unwrap();
         child.kill().unwrap();

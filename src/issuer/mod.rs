@@ -311,7 +311,13 @@ impl Issuer {
     /// Step 1: who is calling. A failure is recorded as a denial.
     pub async fn attest(&self, peer: Option<&PeerInfo>) -> Result<Arc<Attestation>, IssueError> {
         let result = match peer {
-            Some(p) => self.attestor.attest(p).await.map_err(IssueError::from),
+            Some(p) => self
+                .attestor
+                .attest(p, |a| {
+                    self.registry.wants_hash(a, OffsetDateTime::now_utc())
+                })
+                .await
+                .map_err(IssueError::from),
             None => Err(AttestError::NoPid.into()),
         };
         if let Err(e) = &result {
