@@ -771,6 +771,36 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
     let done = cli_json(&d, &["task", "complete", "cli-1"]);
     assert_eq!(done["revoked"], 1);
 
+    // A task's own X.509 identity can be killed: no new certificate for it, the agent is
+    // otherwise unaffected.
+    tasks
+        .exchange(tasks_req(&subject, "job-46", &["tickets:read"], true))
+        .await
+        .unwrap();
+    let task_id = "spiffe://tessera.internal/agents/a/task/job-46";
+    let out = d.cli(&["kill", task_id, "--reason", "leaked key"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = tasks
+        .exchange(tasks_req(&subject, "job-46", &["tickets:read"], true))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::InvalidArgument,
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains(task_id), "{}", err.message());
+    tasks
+        .exchange(tasks_req(&subject, "job-46", &["tickets:read"], false))
+        .await
+        .unwrap();
+    assert!(d.cli(&["restore", task_id]).status.success());
+
     // Kill switch: the agent's live task token goes inactive, and it gets nothing new.
     let r = tasks
         .exchange(tasks_req(&subject, "job-43", &["tickets:read"], false))

@@ -179,6 +179,21 @@ async fn kill_9_loses_no_lease_revocation_or_kill() {
     assert!(c.validate_jwt_token("svc", &tokens[1]).await.is_ok());
 }
 
+/// The stream ends with `PermissionDenied` within 2 s.
+async fn ends_with_no_identity<S, T>(stream: &mut S)
+where
+    S: futures_util::Stream<Item = Result<T, WorkloadApiError>> + Unpin,
+    T: std::fmt::Debug,
+{
+    let end = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .expect("stream reacts at once");
+    assert!(
+        matches!(end, Some(Err(WorkloadApiError::NoIdentityIssued))),
+        "{end:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_ends_a_live_stream_and_restore_reopens() {
     let d = Daemon::start(&entry_for_uid("agent", my_uid(), ""));
@@ -193,13 +208,7 @@ async fn kill_ends_a_live_stream_and_restore_reopens() {
         "incident 42",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let end = tokio::time::timeout(Duration::from_secs(2), stream.next())
-        .await
-        .expect("stream reacts at once");
-    assert!(
-        matches!(end, Some(Err(WorkloadApiError::NoIdentityIssued))),
-        "{end:?}"
-    );
+    ends_with_no_identity(&mut stream).await;
     eprintln!(
         "stream ended {:?} after the kill command started",
         t0.elapsed()
@@ -214,6 +223,29 @@ async fn kill_ends_a_live_stream_and_restore_reopens() {
     ));
     let o = d.cli(&["restore", "spiffe://tessera.internal/agent"]);
     assert!(o.status.success());
+    assert!(client.fetch_x509_svid().await.is_ok());
+}
+
+#[tokio::test]
+async fn killing_the_trust_domain_refuses_every_identity_in_it() {
+    let d = Daemon::start(&two_identities());
+    let client = d.client().await;
+    let mut stream = client.stream_x509_svids().await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    let o = d.cli(&["kill", "spiffe://tessera.internal", "--reason", "all hands"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The stream ends rather than receiving fresh SVIDs for the identities just revoked.
+    ends_with_no_identity(&mut stream).await;
+    assert!(matches!(
+        client.fetch_jwt_svid(["a"], None).await,
+        Err(WorkloadApiError::NoIdentityIssued)
+    ));
+    assert!(matches!(
+        client.fetch_x509_svid().await,
+        Err(WorkloadApiError::NoIdentityIssued)
+    ));
+    let o = d.cli(&["restore", "spiffe://tessera.internal"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(client.fetch_x509_svid().await.is_ok());
 }
 
@@ -420,15 +452,55 @@ async fn admin_api_refuses_bad_input_and_changes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    for (id, reason, says) in [
+        ("spiffe://Bad/ID", "x".to_owned(), "trust domain"),
+        // A kill in another trust domain would match nothing here yet be listed as in force.
+        (
+            "spiffe://elsewhere.example/agent",
+            "x".to_owned(),
+            "tessera.internal",
+        ),
+        (
+            "spiffe://tessera.internal/agent",
+            "x".repeat(5000),
+            "reason",
+        ),
+    ] {
+        let e = a
+            .kill_identity(admin_pb::KillIdentityRequest {
+                spiffe_id: id.into(),
+                reason,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{id}");
+        assert!(e.message().contains(says), "{}", e.message());
+    }
     let e = a
-        .kill_identity(admin_pb::KillIdentityRequest {
-            spiffe_id: "spiffe://Bad/ID".into(),
-            reason: "x".into(),
+        .revoke_task(admin_pb::RevokeTaskRequest {
+            task_id: "no such/task".into(),
+            reason: String::new(),
         })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(e.message().contains("trust domain"), "{}", e.message());
+    let e = a
+        .create_entry(admin_pb::CreateEntryRequest {
+            entry: Some(admin_pb::Entry {
+                spiffe_id: "spiffe://tessera.internal/x".into(),
+                selectors: vec!["unix:uid:1".into()],
+                jwt_svid_ttl_seconds: -5,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("jwt_svid_ttl_seconds"),
+        "{}",
+        e.message()
+    );
     let e = a
         .restore_identity(admin_pb::RestoreIdentityRequest {
             spiffe_id: "spiffe://tessera.internal/never-killed".into(),

@@ -206,21 +206,28 @@ pub fn entry_to_pb(e: &Entry, from_config: bool) -> pb::Entry {
 }
 
 /// Protobuf entry to the spec people write (validation happens in the issuer).
-fn entry_spec(e: pb::Entry) -> EntrySpec {
+/// Zero TTLs mean "the default"; negative ones are refused.
+fn entry_spec(e: pb::Entry) -> Result<EntrySpec, Status> {
     let opt = |s: String| (!s.is_empty()).then_some(s);
-    let ttl = |n: i64| (n > 0).then(|| format!("{n}s"));
-    EntrySpec {
+    let ttl = |field: &str, n: i64| match n {
+        0 => Ok(None),
+        1.. => Ok(Some(format!("{n}s"))),
+        _ => Err(Status::invalid_argument(format!(
+            "{field} is {n}: give a positive number of seconds, or 0 for the default"
+        ))),
+    };
+    Ok(EntrySpec {
+        x509_svid_ttl: ttl("x509_svid_ttl_seconds", e.x509_svid_ttl_seconds)?,
+        jwt_svid_ttl: ttl("jwt_svid_ttl_seconds", e.jwt_svid_ttl_seconds)?,
+        max_task_ttl: ttl("max_task_ttl_seconds", e.max_task_ttl_seconds)?,
         spiffe_id: opt(e.spiffe_id),
         selectors: e.selectors,
-        x509_svid_ttl: ttl(e.x509_svid_ttl_seconds),
-        jwt_svid_ttl: ttl(e.jwt_svid_ttl_seconds),
         owner: opt(e.owner),
         purpose: opt(e.purpose),
         risk: opt(e.risk),
         expires_at: opt(e.expires_at),
         hint: opt(e.hint),
-        max_task_ttl: ttl(e.max_task_ttl_seconds),
-    }
+    })
 }
 
 /// Domain lease to protobuf.
@@ -321,7 +328,7 @@ impl pb::admin_server::Admin for AdminApi {
             .ok_or_else(|| Status::invalid_argument("entry is required"))?;
         let created = self
             .issuer
-            .create_entry(entry_spec(e), actor)
+            .create_entry(entry_spec(e)?, actor)
             .await
             .map_err(status)?;
         Ok(Response::new(self.entry_pb(&created, false)))
@@ -342,7 +349,7 @@ impl pb::admin_server::Admin for AdminApi {
         let id = e.id.clone();
         let updated = self
             .issuer
-            .update_entry(&id, entry_spec(e), actor)
+            .update_entry(&id, entry_spec(e)?, actor)
             .await
             .map_err(status)?;
         Ok(Response::new(self.entry_pb(&updated, false)))

@@ -9,6 +9,8 @@
 
 pub mod approvals;
 
+pub use crate::lease::validate_task_id;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +39,6 @@ pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:acce
 const MAX_SCOPES: usize = 32;
 const MAX_SCOPE_LEN: usize = 256;
 const MAX_AUDIENCE_LEN: usize = 512;
-const MAX_TASK_ID_LEN: usize = 128;
 
 /// An exchange request, as received (every field optional so that a missing one gets its own
 /// error message).
@@ -185,20 +186,6 @@ struct VerifiedActor {
 
 /// Bound on remembered actor tokens.
 const ACTOR_CACHE_CAP: usize = 100_000;
-
-/// `[A-Za-z0-9_-]`, 1 to 128 characters: always a valid SPIFFE path segment.
-pub fn validate_task_id(t: &str) -> Result<(), String> {
-    if t.is_empty() || t.len() > MAX_TASK_ID_LEN {
-        return Err(format!("task_id must be 1 to {MAX_TASK_ID_LEN} characters"));
-    }
-    if !t
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
-        return Err("task_id may contain only letters, digits, '_' and '-'".into());
-    }
-    Ok(())
-}
 
 /// Splits and checks an RFC 6749 §3.3 scope string; duplicates are dropped, order kept.
 pub fn parse_scopes(s: &str) -> Result<Vec<String>, String> {
@@ -657,7 +644,7 @@ impl Exchanger {
                         &holder,
                         &entry,
                         &task_id,
-                        format!("agent {id} is killed: it gets no credentials until an operator restores it"),
+                        format!("identity {id} is killed: it gets no credentials until an operator restores it"),
                     ),
                     other => self.refuse(&holder, &entry, &task_id, other.to_string()),
                 })

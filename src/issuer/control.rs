@@ -23,6 +23,19 @@ pub(super) fn count_by_kind(m: &crate::metrics::Metrics, counts: [usize; 3]) -> 
     counts.iter().sum()
 }
 
+/// Longest reason accepted: it is stored with the revocation and in the audit log.
+const MAX_REASON_LEN: usize = 1024;
+
+fn check_reason(reason: &str) -> Result<(), IssueError> {
+    if reason.len() > MAX_REASON_LEN {
+        return Err(IssueError::InvalidArgument(format!(
+            "reason is {} bytes; at most {MAX_REASON_LEN} are kept",
+            reason.len()
+        )));
+    }
+    Ok(())
+}
+
 impl Issuer {
     /// Revokes one lease. Unknown id → `NotFound`; not active → `FailedPrecondition`.
     pub async fn revoke_lease(
@@ -36,6 +49,7 @@ impl Issuer {
                 "{id:?} is not a lease id (22 base64url characters)"
             ))
         })?;
+        check_reason(reason)?;
         let _excl = self.barrier.write().await;
         let l = self.leases.get(&lease_id).ok_or_else(|| {
             IssueError::NotFound(format!("no live lease {id} (unknown, or already expired)"))
@@ -75,9 +89,9 @@ impl Issuer {
         actor: Actor,
         reason: &str,
     ) -> Result<usize, IssueError> {
-        if task.is_empty() {
-            return Err(IssueError::InvalidArgument("task_id is required".into()));
-        }
+        crate::lease::validate_task_id(task)
+            .map_err(|e| IssueError::InvalidArgument(format!("task_id {task:?}: {e}")))?;
+        check_reason(reason)?;
         let _excl = self.barrier.write().await;
         let ids = self.leases.active_of_task(task);
         let rev = Revocation {
@@ -106,11 +120,19 @@ impl Issuer {
     pub async fn kill(&self, id: &str, actor: Actor, reason: &str) -> Result<usize, IssueError> {
         let id = SpiffeId::parse(id)
             .map_err(|e| IssueError::InvalidArgument(format!("spiffe_id {id:?} {e}")))?;
+        // A kill elsewhere would match nothing here, yet read as in force.
+        if id.trust_domain_name() != self.settings.trust_domain.as_str() {
+            return Err(IssueError::InvalidArgument(format!(
+                "spiffe_id {id} is not in this daemon's trust domain ({}); nothing here holds it",
+                self.settings.trust_domain.as_str()
+            )));
+        }
         if reason.trim().is_empty() {
             return Err(IssueError::InvalidArgument(
                 "a reason is required for a kill: it goes to the audit log".into(),
             ));
         }
+        check_reason(reason)?;
         let t0 = std::time::Instant::now();
         let excl = self.barrier.write().await;
         let at_ms = now_ms();

@@ -137,6 +137,15 @@ impl Issuer {
         if self.leases.is_killed(&entry.spiffe_id) {
             return Err(IssueError::Killed(entry.spiffe_id.to_string()));
         }
+        // The task's own X.509 identity can be killed by itself (it is what `lease list` shows
+        // for the task's certificate).
+        let x509_id = match g.x509 {
+            true => Some(task_spiffe_id(&entry.spiffe_id, g.task_id)?),
+            false => None,
+        };
+        if let Some(id) = x509_id.as_ref().filter(|id| self.leases.is_killed(id)) {
+            return Err(IssueError::Killed(id.to_string()));
+        }
         // Checked under the barrier: completion holds it exclusively, so a token is either
         // minted before completion (and revoked by it) or refused.
         if self
@@ -195,8 +204,7 @@ impl Issuer {
         for (k, v) in std::mem::take(&mut g.audit) {
             ev = ev.detail(k, v);
         }
-        let x509 = if g.x509 {
-            let id = task_spiffe_id(&entry.spiffe_id, g.task_id)?;
+        let x509 = if let Some(id) = x509_id {
             let m = self.ca.mint_x509(&id, g.ttl, now)?;
             let mut l = lease(
                 LeaseId::random(),

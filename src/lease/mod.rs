@@ -203,6 +203,22 @@ pub struct RevokedSerial {
     pub expires_at: i64,
 }
 
+const MAX_TASK_ID_LEN: usize = 128;
+
+/// `[A-Za-z0-9_-]`, 1 to 128 characters: always a valid SPIFFE path segment.
+pub fn validate_task_id(t: &str) -> Result<(), String> {
+    if t.is_empty() || t.len() > MAX_TASK_ID_LEN {
+        return Err(format!("task_id must be 1 to {MAX_TASK_ID_LEN} characters"));
+    }
+    if !t
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err("task_id may contain only letters, digits, '_' and '-'".into());
+    }
+    Ok(())
+}
+
 /// A task: the unit task-scoped credentials belong to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Task {
@@ -1002,6 +1018,8 @@ fn covering_kill<'a>(kills: &'a HashMap<String, Kill>, spiffe_id: &str) -> Optio
         .match_indices('/')
         .filter(|(i, _)| *i > 0)
         .find_map(|(i, _)| kills.get(&spiffe_id[..root + i]))
+        // The trust domain's own ID covers every identity in it.
+        .or_else(|| kills.get(&spiffe_id[..root]))
 }
 
 /// A lease as readers must see it: active leases under a kill are revoked by it, even before
@@ -1109,6 +1127,18 @@ mod tests {
         assert!(!t.is_killed(&id("spiffe://other/a/agent")));
         assert!(t.remove_kill("spiffe://td/a/agent"));
         assert!(!t.is_killed(&id("spiffe://td/a/agent/task/7")));
+        // The trust domain's ID covers everything in it, and nothing outside it.
+        t.add_kill(Kill {
+            spiffe_id: "spiffe://td".into(),
+            at_ms: 0,
+            by: "x".into(),
+            reason: "r".into(),
+        });
+        assert!(t.is_killed(&id("spiffe://td")));
+        assert!(t.is_killed(&id("spiffe://td/a")));
+        assert!(t.is_killed(&id("spiffe://td/a/agent/task/7")));
+        assert!(!t.is_killed(&id("spiffe://td2/a")));
+        assert!(!t.is_killed(&id("spiffe://other/a/agent")));
     }
 
     #[test]
