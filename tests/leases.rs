@@ -345,6 +345,26 @@ async fn killing_one_identity_updates_a_stream_that_has_others() {
         .map(|s| s.spiffe_id().to_string())
         .collect();
     assert_eq!(ids, ["spiffe://tessera.internal/agent"]);
+    // A restore gives the identity back to the live stream (not only at its next rotation).
+    assert!(
+        d.cli(&["restore", "spiffe://tessera.internal/other"])
+            .status
+            .success()
+    );
+    let back = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            let ctx = stream.next().await.unwrap().unwrap();
+            if ctx.svids().len() == 2 {
+                return ctx;
+            }
+        }
+    })
+    .await
+    .expect("the restored identity reaches the stream");
+    assert_eq!(
+        back.svids()[1].spiffe_id().to_string(),
+        "spiffe://tessera.internal/other"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -441,10 +441,12 @@ async fn jwt_requests_are_checked() {
 #[tokio::test]
 async fn several_identities_arrive_in_one_message_with_unique_hints() {
     let d = Daemon::start(&format!(
-        "{}{}{}",
+        "{}{}{}{}",
         entry_for_uid("a", my_uid(), "hint = \"same\""),
         entry_for_uid("b", my_uid(), "hint = \"same\""),
-        entry_for_uid("c", my_uid(), "hint = \"other\"")
+        entry_for_uid("c", my_uid(), "hint = \"other\""),
+        // A second entry granting `a`: still one identity, one SVID (the first entry's).
+        entry_for_uid("a", my_uid(), "hint = \"dup\"")
     ));
     let all = d.client().await.fetch_all_x509_svids().await.unwrap();
     let ids: Vec<String> = all.iter().map(|s| s.spiffe_id().to_string()).collect();

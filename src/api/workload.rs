@@ -137,6 +137,12 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let t0 = std::time::Instant::now();
         let caller = self.caller(&req).await?;
         let peer = req.extensions().get::<PeerConn>().and_then(|p| p.0.clone());
+        // Subscribed before anything is issued: a kill or entry change that lands while the
+        // first SVIDs are minted must still reach this stream.
+        let mut entries_rx = self.issuer.registry().subscribe();
+        let mut leases_rx = self.issuer.leases().subscribe();
+        entries_rx.borrow_and_update();
+        leases_rx.borrow_and_update();
         let entries = self.issuer.entitled(&caller, Kind::X509).map_err(status)?;
         let now = Instant::now();
         let mut svids = Vec::with_capacity(entries.len());
@@ -148,15 +154,13 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let mut w = X509Watch {
             issuer: Arc::clone(&self.issuer),
             bundle_rx: self.issuer.ca().subscribe_bundle(),
-            entries_rx: self.issuer.registry().subscribe(),
-            leases_rx: self.issuer.leases().subscribe(),
+            entries_rx,
+            leases_rx,
             shutdown: self.shutdown.clone(),
             caller,
             peer,
             svids,
         };
-        w.entries_rx.borrow_and_update();
-        w.leases_rx.borrow_and_update();
         let first = x509_response(&w.svids, &w.bundle_rx.borrow_and_update());
         self.issuer.metrics().observe("FetchX509SVID", t0.elapsed());
         let updates = stream::unfold(Some(w), |w| async move { w?.next().await });
@@ -326,7 +330,9 @@ impl X509Watch {
                     let touched = self.svids.iter().any(|(s, _)| {
                         !leases.is_active(&s.lease_id, now) || leases.is_killed(&s.spiffe_id)
                     });
-                    if !touched {
+                    // A restore (or a lease change that ends a kill's effect) can give back an
+                    // identity this stream dropped.
+                    if !touched && !self.gained_identity() {
                         continue;
                     }
                     if let Err(s) = self.reconcile().await { return end(s); }
@@ -350,6 +356,15 @@ impl X509Watch {
             let msg = x509_response(&self.svids, &self.bundle_rx.borrow_and_update());
             return Some((Ok(msg), Some(self)));
         }
+    }
+
+    /// True when the caller now holds an identity this stream has no SVID for. Uses the
+    /// stream's last attestation; `reconcile` attests again before minting anything.
+    fn gained_identity(&self) -> bool {
+        self.issuer
+            .identities(&self.caller)
+            .iter()
+            .any(|e| !self.svids.iter().any(|(s, _)| s.spiffe_id == e.spiffe_id))
     }
 
     /// Attests the caller again and brings the SVID set in line with its identities now:

@@ -338,11 +338,14 @@ impl Issuer {
     }
 
     /// Step 2: which identities the caller holds now, in match order (first is the default),
-    /// without killed ones.
+    /// without killed ones. Two entries granting the same SPIFFE ID are one identity: the
+    /// first in match order (its TTLs and hint) grants it, so no response carries duplicates.
     pub fn identities(&self, caller: &Attestation) -> Vec<Arc<Entry>> {
         let mut v = self.registry.matching(caller, OffsetDateTime::now_utc());
         let now = now_ms();
         v.retain(|e| !self.leases.is_killed(&e.spiffe_id) && !self.is_idle_refused(e, now));
+        let mut seen = std::collections::HashSet::with_capacity(v.len());
+        v.retain(|e| seen.insert(e.spiffe_id.clone()));
         v
     }
 
@@ -506,11 +509,6 @@ impl Issuer {
                 self.deny(caller, Kind::Jwt, "not entitled to the requested identity");
                 return Err(IssueError::NotEntitled(w.to_string()));
             }
-        } else {
-            // One token per identity, not per entry: two entries granting the same ID would
-            // otherwise produce indistinguishable duplicates.
-            let mut seen = std::collections::HashSet::new();
-            entries.retain(|e| seen.insert(e.spiffe_id.clone()));
         }
         let _shared = self.barrier.read().await;
         entries.retain(|e| !self.leases.is_killed(&e.spiffe_id));
