@@ -6,7 +6,8 @@
 //! at the first affected line; truncating the tail is caught by comparing with the chain head
 //! that the lease store commits after each batch; what the store cannot restore at start-up is
 //! written into the chain as a gap ([`GAP_EVENT`]). A rotated file starts from the last hash of
-//! the file before it, so each file verifies on its own.
+//! the file before it; [`verify_chain`] walks them all as one chain from record 0, so a
+//! deleted start or a deleted file is caught as well.
 //!
 //! The writer only formats and appends ([`AuditWriter::push`], [`AuditWriter::write`]);
 //! durability comes from the lease store, which commits each record in the same transaction
@@ -231,6 +232,11 @@ impl AuditWriter {
         (self.seq, &self.prev)
     }
 
+    /// The live file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Formats `ev` as the next record into the pending buffer and returns that record (without
     /// its newline).
     pub fn push(&mut self, ev: &Event) -> &[u8] {
@@ -357,11 +363,16 @@ impl AuditWriter {
     }
 }
 
-/// The newest file [`AuditWriter::write`] rotated `path` to (`<stem>.<unix nanos>.jsonl`).
-fn newest_rotated(path: &Path) -> Option<PathBuf> {
-    let stem = path.file_stem()?.to_str()?;
-    std::fs::read_dir(path.parent()?)
-        .ok()?
+/// The files [`AuditWriter::write`] rotated `path` to (`<stem>.<unix nanos>.jsonl`), oldest
+/// first.
+fn rotated_files(path: &Path) -> Vec<PathBuf> {
+    let (Some(stem), Some(dir)) = (path.file_stem().and_then(|s| s.to_str()), path.parent()) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<(i128, String)> = entries
         .filter_map(|e| {
             let name = e.ok()?.file_name().into_string().ok()?;
             let stamp: i128 = name
@@ -372,8 +383,41 @@ fn newest_rotated(path: &Path) -> Option<PathBuf> {
                 .ok()?;
             Some((stamp, name))
         })
-        .max()
-        .map(|(_, name)| path.with_file_name(name))
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, n)| path.with_file_name(n)).collect()
+}
+
+/// The newest file [`AuditWriter::write`] rotated `path` to.
+fn newest_rotated(path: &Path) -> Option<PathBuf> {
+    rotated_files(path).pop()
+}
+
+/// The files of `current`'s chain in chain order: the rotated files, then `current`.
+pub fn chain_files(current: &Path) -> Vec<PathBuf> {
+    let mut v = rotated_files(current);
+    v.push(current.to_owned());
+    v
+}
+
+/// The hash of record `seq` in `current`'s chain, looked for from the newest file back.
+/// For start-up, when the file holds more records than the store recorded.
+pub fn hash_of(current: &Path, seq: u64) -> Option<String> {
+    for path in chain_files(current).iter().rev() {
+        let file = File::open(path).ok()?;
+        let mut first = true;
+        for line in BufReader::new(file).split(b'\n') {
+            let c = check_record(&line.ok()?).ok()?;
+            if c.seq == seq {
+                return Some(c.hash);
+            }
+            if first && c.seq > seq {
+                break; // in an older file
+            }
+            first = false;
+        }
+    }
+    None
 }
 
 /// Reads the last complete line: `(next seq, its hash, byte length up to and including it)`.
@@ -414,10 +458,12 @@ fn parse_head(line: &[u8]) -> Option<(u64, String)> {
     Some((v.get("seq")?.as_u64()?, v.get("hash")?.as_str()?.to_owned()))
 }
 
-/// Why verification failed: the first bad line (1-based) and what is wrong with it.
+/// Why verification failed: the file, its first bad line (1-based) and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("line {line}: {why}")]
+#[error("{}: line {line}: {why}", file.display())]
 pub struct VerifyError {
+    /// The file.
+    pub file: PathBuf,
     /// 1-based line number (0 when the problem is the file as a whole).
     pub line: u64,
     /// What is wrong.
@@ -426,9 +472,11 @@ pub struct VerifyError {
     pub missing_from: Option<u64>,
 }
 
-/// Summary of a good file.
+/// Summary of a good file or chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
+    /// Files checked, in chain order.
+    pub files: Vec<PathBuf>,
     /// Records checked.
     pub records: u64,
     /// Hash of the last record.
@@ -482,74 +530,151 @@ fn check_record(line: &[u8]) -> Result<Checked, String> {
     })
 }
 
-/// Verifies a file on its own. `expected_head` (next seq and last hash recorded by the store)
-/// also catches a truncated tail.
+/// Verifies a file on its own: every record, and the links between them. `expected_head`
+/// (next seq and last hash recorded by the store) also catches a truncated tail. Nothing
+/// anchors the file's first record: use [`verify_chain`] to check a whole log.
 pub fn verify(path: &Path, expected_head: Option<(u64, &str)>) -> Result<Verified, VerifyError> {
-    let file = File::open(path).map_err(|e| VerifyError {
-        line: 0,
-        why: format!("cannot open {}: {e}", path.display()),
-        missing_from: None,
-    })?;
-    let mut prev: Option<String> = None;
-    let mut next_seq: Option<u64> = None;
-    let mut n = 0u64;
-    let mut gaps = Vec::new();
-    for line in BufReader::new(file).split(b'\n') {
-        n += 1;
-        let bad = |why: String| VerifyError {
-            line: n,
-            why,
+    let mut walk = Walk {
+        watch_seq: expected_head.and_then(|(s, _)| s.checked_sub(1)),
+        ..Walk::default()
+    };
+    walk.file(path)?;
+    walk.finish(path, expected_head)
+}
+
+/// Verifies the whole chain of `current` (the live file): every rotated file, oldest first,
+/// then `current`, as one chain that must start at genesis (seq 0) and, with
+/// `expected_head`, hold the record the store last committed. So deleting records anywhere,
+/// the head of the first file or a whole rotated file included, is caught.
+pub fn verify_chain(
+    current: &Path,
+    expected_head: Option<(u64, &str)>,
+) -> Result<Verified, VerifyError> {
+    let mut walk = Walk {
+        from_genesis: true,
+        watch_seq: expected_head.and_then(|(s, _)| s.checked_sub(1)),
+        ..Walk::default()
+    };
+    for path in chain_files(current) {
+        walk.file(&path)?;
+    }
+    walk.finish(current, expected_head)
+}
+
+/// The state of a verification as it walks records across files.
+#[derive(Default)]
+struct Walk {
+    /// The first record must be seq 0 with prev [`GENESIS`].
+    from_genesis: bool,
+    prev: Option<String>,
+    next_seq: Option<u64>,
+    records: u64,
+    files: Vec<PathBuf>,
+    /// Lines in the last file walked.
+    lines: u64,
+    gaps: Vec<u64>,
+    /// The record whose hash the tail check needs (the last one the store committed).
+    watch_seq: Option<u64>,
+    watched: Option<String>,
+}
+
+impl Walk {
+    fn file(&mut self, path: &Path) -> Result<(), VerifyError> {
+        let file = File::open(path).map_err(|e| VerifyError {
+            file: path.to_owned(),
+            line: 0,
+            why: format!("cannot open: {e}"),
             missing_from: None,
-        };
-        let line = line.map_err(|e| bad(format!("read error: {e}")))?;
-        let Checked {
-            seq,
-            prev: rec_prev,
-            hash: claimed,
-            event,
-        } = check_record(&line).map_err(bad)?;
-        if event == GAP_EVENT {
-            gaps.push(seq);
-        }
-        if let Some(p) = &prev
-            && &rec_prev != p
-        {
-            return Err(bad("chain broken: prev does not match the previous record (a record was removed, inserted or reordered)".into()));
-        }
-        if let Some(s) = next_seq
-            && seq != s
-        {
-            return Err(bad(format!("sequence jumps from {} to {seq}", s - 1)));
-        }
-        next_seq = Some(seq + 1);
-        prev = Some(claimed);
-    }
-    if let Some((head_seq, head_hash)) = expected_head {
-        let have = next_seq.unwrap_or(0);
-        if have < head_seq {
-            return Err(VerifyError {
-                line: n + 1,
-                why: format!(
-                    "file ends at record {} but the store recorded {} records: the tail was deleted",
-                    have, head_seq
-                ),
-                missing_from: Some(have),
-            });
-        }
-        if have == head_seq && head_seq > 0 && prev.as_deref() != Some(head_hash) {
-            return Err(VerifyError {
+        })?;
+        self.files.push(path.to_owned());
+        self.lines = 0;
+        let mut n = 0u64;
+        for line in BufReader::new(file).split(b'\n') {
+            n += 1;
+            let bad = |why: String| VerifyError {
+                file: path.to_owned(),
                 line: n,
-                why: "last record differs from the one the store recorded".into(),
+                why,
                 missing_from: None,
-            });
+            };
+            let line = line.map_err(|e| bad(format!("read error: {e}")))?;
+            let Checked {
+                seq,
+                prev: rec_prev,
+                hash: claimed,
+                event,
+            } = check_record(&line).map_err(bad)?;
+            if event == GAP_EVENT {
+                self.gaps.push(seq);
+            }
+            if self.prev.is_none() && self.from_genesis && (seq != 0 || rec_prev != GENESIS) {
+                return Err(bad(format!(
+                    "the chain starts at record {seq}, not at the first record (0): records before it were deleted, or whole rotated files"
+                )));
+            }
+            if let Some(p) = &self.prev
+                && &rec_prev != p
+            {
+                return Err(bad("chain broken: prev does not match the previous record (a record was removed, inserted or reordered)".into()));
+            }
+            if let Some(s) = self.next_seq
+                && seq != s
+            {
+                return Err(bad(format!("sequence jumps from {} to {seq}", s - 1)));
+            }
+            self.next_seq = Some(seq + 1);
+            self.records += 1;
+            self.lines = n;
+            if self.watch_seq == Some(seq) {
+                self.watched = Some(claimed.clone());
+            }
+            self.prev = Some(claimed);
         }
+        Ok(())
     }
-    Ok(Verified {
-        records: n,
-        head: prev.unwrap_or_else(|| GENESIS.into()),
-        last_seq: next_seq.map(|s| s - 1),
-        gaps,
-    })
+
+    /// Compares the end of the walk with the head the store recorded.
+    fn finish(
+        self,
+        current: &Path,
+        expected_head: Option<(u64, &str)>,
+    ) -> Result<Verified, VerifyError> {
+        if let Some((head_seq, head_hash)) = expected_head {
+            let have = self.next_seq.unwrap_or(0);
+            if have < head_seq {
+                return Err(VerifyError {
+                    file: current.to_owned(),
+                    line: self.lines + 1,
+                    why: format!(
+                        "file ends at record {have} but the store recorded {head_seq} records: the tail was deleted"
+                    ),
+                    missing_from: Some(have),
+                });
+            }
+            // The record the store last committed must be in the chain as it was. Records
+            // after it are allowed (appended while we read, or a failed commit's), but not a
+            // rewritten history that merely grew past it.
+            // (`watched` is the record at `head_seq - 1`, so `head_seq` is at least 1.)
+            if self.watched.as_deref().is_some_and(|h| h != head_hash) {
+                return Err(VerifyError {
+                    file: current.to_owned(),
+                    line: 0,
+                    why: format!(
+                        "record {} differs from the one the store recorded: records up to it were replaced",
+                        head_seq - 1
+                    ),
+                    missing_from: None,
+                });
+            }
+        }
+        Ok(Verified {
+            files: self.files,
+            records: self.records,
+            head: self.prev.unwrap_or_else(|| GENESIS.into()),
+            last_seq: self.next_seq.map(|s| s - 1),
+            gaps: self.gaps,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -587,6 +712,81 @@ mod tests {
 
     fn put(p: &Path, l: &[String]) {
         std::fs::write(p, l.iter().map(|x| format!("{x}\n")).collect::<String>()).unwrap();
+    }
+
+    #[test]
+    fn a_chain_must_start_at_the_first_record() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), 5);
+        let l = lines(&p);
+        put(&p, &l[2..]);
+        // The rest of the file still links up...
+        assert_eq!(verify(&p, None).unwrap().records, 3);
+        // ...but as the whole log it has lost its start.
+        let e = verify_chain(&p, None).unwrap_err();
+        assert_eq!(e.line, 1);
+        assert!(e.why.contains("starts at record 2"), "{e}");
+    }
+
+    #[test]
+    fn rotated_files_verify_as_one_chain_and_a_missing_one_is_caught() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.jsonl");
+        // Small files: a rotation every few records.
+        let mut w = AuditWriter::open(&p, 600).unwrap();
+        for i in 0..12 {
+            w.push(&Event::now("revoke", Actor::Operator { uid: 0 }).reason(format!("r{i}")));
+            w.flush().unwrap();
+            // Distinct rotation stamps.
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let head = (w.head().0, w.head().1.to_owned());
+        drop(w);
+        let files = chain_files(&p);
+        assert!(files.len() >= 3, "{files:?}");
+        let v = verify_chain(&p, Some((head.0, &head.1))).unwrap();
+        assert_eq!((v.records, v.files.len()), (12, files.len()));
+        assert_eq!(hash_of(&p, 11).as_deref(), Some(head.1.as_str()));
+        assert!(hash_of(&p, 0).is_some());
+        assert_eq!(hash_of(&p, 12), None);
+
+        // A whole rotated file gone from the middle, then from the start.
+        let middle = files[1].clone();
+        let kept = std::fs::read(&middle).unwrap();
+        std::fs::remove_file(&middle).unwrap();
+        let e = verify_chain(&p, Some((head.0, &head.1))).unwrap_err();
+        assert_eq!(e.file, files[2]);
+        assert!(e.why.contains("chain broken"), "{e}");
+        std::fs::write(&middle, kept).unwrap();
+        std::fs::remove_file(&files[0]).unwrap();
+        let e = verify_chain(&p, Some((head.0, &head.1))).unwrap_err();
+        assert!(e.why.contains("not at the first record"), "{e}");
+    }
+
+    #[test]
+    fn a_rewritten_chain_that_grew_past_the_recorded_head_is_caught() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), 5);
+        let head = verify(&p, None).unwrap().head;
+        // Same length plus two: a valid chain of other records.
+        std::fs::remove_file(&p).unwrap();
+        let mut w = AuditWriter::open(&p, u64::MAX).unwrap();
+        for _ in 0..7 {
+            w.push(&Event::now("restore", Actor::Daemon));
+        }
+        w.flush().unwrap();
+        assert!(verify_chain(&p, None).is_ok());
+        let e = verify_chain(&p, Some((5, &head))).unwrap_err();
+        assert!(e.why.contains("record 4 differs"), "{e}");
+        // Records appended after the recorded head are fine.
+        let sub = d.path().join("x");
+        std::fs::create_dir(&sub).unwrap();
+        let p2 = write(&sub, 5);
+        let head2 = verify(&p2, None).unwrap().head;
+        let mut w = AuditWriter::open(&p2, u64::MAX).unwrap();
+        w.push(&Event::now("restore", Actor::Daemon));
+        w.flush().unwrap();
+        assert_eq!(verify_chain(&p2, Some((5, &head2))).unwrap().records, 6);
     }
 
     #[test]

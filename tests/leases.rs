@@ -724,6 +724,16 @@ async fn audit_log_records_everything_and_detects_tampering() {
         String::from_utf8_lossy(&bad.stderr)
     );
 
+    // So is deleting the first record: the chain must start at record 0.
+    std::fs::write(&audit, original[1..].join("\n") + "\n").unwrap();
+    let bad = verify(&audit);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("starts at record 1"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
     // Deleting the last record is caught against the head the store committed.
     std::fs::write(&audit, original[..original.len() - 1].join("\n") + "\n").unwrap();
     let bad = verify(&audit);

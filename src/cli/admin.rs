@@ -545,7 +545,11 @@ pub(super) async fn entry_delete(cli: &Cli, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(super) fn audit_verify(cli: &Cli, file: Option<&std::path::Path>) -> anyhow::Result<()> {
+pub(super) fn audit_verify(
+    cli: &Cli,
+    file: Option<&std::path::Path>,
+    no_store: bool,
+) -> anyhow::Result<()> {
     let path = file.map_or_else(
         || {
             crate::config::Defaults::for_current_user()
@@ -554,17 +558,30 @@ pub(super) fn audit_verify(cli: &Cli, file: Option<&std::path::Path>) -> anyhow:
         },
         std::path::Path::to_path_buf,
     );
+    // The live file stands for the whole chain: every rotated file before it, from the first
+    // record. A rotated file given by name is checked on its own.
+    let whole_chain = path.file_name().is_some_and(|n| n == "audit.jsonl");
     // The store beside the file records the chain head: that also catches a deleted tail.
-    let head = path
-        .parent()
-        .and_then(crate::lease::store::recorded_audit_head);
-    let is_current = path.file_name().is_some_and(|n| n == "audit.jsonl");
-    let expected = if is_current {
-        head.as_ref().map(|(s, h)| (*s, h.as_str()))
-    } else {
-        None
+    let head = match (whole_chain && !no_store, path.parent()) {
+        (true, Some(dir)) => crate::lease::store::recorded_audit_head(dir).map_err(|e| {
+            anyhow::anyhow!(
+                "{e}: without the chain head the store recorded, a deleted tail goes unnoticed; run this as the daemon's user, or pass --no-store to check the chain alone"
+            )
+        })?,
+        _ => None,
     };
-    match crate::audit::verify(&path, expected) {
+    let expected = head.as_ref().map(|(s, h)| (*s, h.as_str()));
+    let result = if whole_chain {
+        crate::audit::verify_chain(&path, expected)
+    } else {
+        crate::audit::verify(&path, None)
+    };
+    let scope = if whole_chain {
+        ""
+    } else {
+        " (this file alone; give the live audit.jsonl, or no FILE, to check the whole chain)"
+    };
+    match result {
         Ok(v) if !v.gaps.is_empty() => {
             if cli.json {
                 println!(
@@ -593,9 +610,10 @@ pub(super) fn audit_verify(cli: &Cli, file: Option<&std::path::Path>) -> anyhow:
                 );
             } else {
                 println!(
-                    "{}: OK, {} records, chain head {}",
+                    "{}: OK, {} records in {} file(s), chain head {}{scope}",
                     path.display(),
                     v.records,
+                    v.files.len(),
                     v.head
                 );
             }
@@ -608,11 +626,10 @@ pub(super) fn audit_verify(cli: &Cli, file: Option<&std::path::Path>) -> anyhow:
                 .is_some_and(|(seq, dir)| crate::lease::store::holds_audit_record(dir, seq));
             if held {
                 anyhow::bail!(
-                    "{}: {e}; the store still holds the missing records: if the daemon crashed or the machine lost power, its next start appends them",
-                    path.display()
+                    "{e}; the store still holds the missing records: if the daemon crashed or the machine lost power, its next start appends them"
                 )
             }
-            anyhow::bail!("{}: {e}", path.display())
+            anyhow::bail!("{e}")
         }
     }
 }

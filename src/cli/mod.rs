@@ -173,8 +173,14 @@ enum TaskCommand {
 enum AuditCommand {
     /// Verify the hash chain; exits non-zero naming the first bad line.
     Verify {
-        /// The audit file (default: the daemon's, in its default data directory).
+        /// The audit file (default: the daemon's, in its default data directory). The live
+        /// `audit.jsonl` stands for the whole chain, rotated files included; a rotated file
+        /// is checked on its own.
         file: Option<PathBuf>,
+        /// Check the chain without the head the store recorded (when `tessera.db` cannot be
+        /// read): a deleted tail then goes unnoticed.
+        #[arg(long)]
+        no_store: bool,
     },
 }
 
@@ -356,7 +362,9 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Kill { spiffe_id, reason } => admin::kill(&cli, spiffe_id, reason).await,
         Command::Restore { spiffe_id } => admin::restore(&cli, spiffe_id).await,
         Command::Killed => admin::killed(&cli).await,
-        Command::Audit(AuditCommand::Verify { file }) => admin::audit_verify(&cli, file.as_deref()),
+        Command::Audit(AuditCommand::Verify { file, no_store }) => {
+            admin::audit_verify(&cli, file.as_deref(), *no_store)
+        }
     };
     match result {
         Ok(()) => 0,

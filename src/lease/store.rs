@@ -314,6 +314,17 @@ fn recover_audit(
         why.push(format!(
             "the file holds {file_seq} records but the store recorded {seq} with a different last record: records were deleted or replaced"
         ));
+    } else if let Some((seq, hash)) = recorded
+        && file_seq > *seq
+        && *seq > 0
+        && audit::hash_of(audit.path(), seq - 1).as_ref() != Some(hash)
+    {
+        // More records than committed is legitimate only past the committed head; a rewritten
+        // history padded beyond it must not be taken over (and its head committed).
+        why.push(format!(
+            "the file holds {file_seq} records, more than the {seq} the store recorded, but record {} is not the one the store recorded: records were replaced",
+            seq - 1
+        ));
     }
     let tx = conn.unchecked_transaction().map_err(db_err)?;
     if !why.is_empty() {
@@ -930,20 +941,21 @@ fn load(
 
 /// Reads the recorded audit chain head of the store in `dir` without starting a writer
 /// (for `tessera audit verify`).
-pub fn recorded_audit_head(dir: &Path) -> Option<(u64, String)> {
-    let conn = Connection::open_with_flags(
-        dir.join("tessera.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .ok()?;
-    conn.query_row("SELECT value FROM meta WHERE key='audit_head'", [], |r| {
+pub fn recorded_audit_head(dir: &Path) -> Result<Option<(u64, String)>, String> {
+    let db = dir.join("tessera.db");
+    let conn = Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| format!("cannot open {}: {e}", db.display()))?;
+    let v = match conn.query_row("SELECT value FROM meta WHERE key='audit_head'", [], |r| {
         r.get::<_, String>(0)
-    })
-    .ok()
-    .and_then(|v| {
-        let (s, h) = v.split_once(' ')?;
-        Some((s.parse().ok()?, h.to_owned()))
-    })
+    }) {
+        Ok(v) => v,
+        Err(rusqlite::Error::QueryReturnedNoRows) => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", db.display())),
+    };
+    v.split_once(' ')
+        .and_then(|(s, h)| Some((s.parse().ok()?, h.to_owned())))
+        .map(Some)
+        .ok_or_else(|| format!("{}: the recorded chain head is malformed", db.display()))
 }
 
 /// Whether the store in `dir` still holds audit record `seq` for the file (for
@@ -1193,7 +1205,7 @@ mod tests {
         let lost_from = kept[0] as usize;
         let crashed = power_loss(d.path(), &full, lost_from);
         let file = crashed.path().join("audit.jsonl");
-        let recorded = recorded_audit_head(crashed.path()).unwrap();
+        let recorded = recorded_audit_head(crashed.path()).unwrap().unwrap();
         assert_eq!(recorded.0, 5);
         let e = crate::audit::verify(&file, Some((recorded.0, &recorded.1))).unwrap_err();
         assert_eq!(e.missing_from, Some(lost_from as u64));
@@ -1279,7 +1291,7 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(rejected(crashed.path()), kept);
-        let head = recorded_audit_head(crashed.path()).unwrap();
+        let head = recorded_audit_head(crashed.path()).unwrap().unwrap();
         let v =
             audit::verify(&crashed.path().join("audit.jsonl"), Some((head.0, &head.1))).unwrap();
         assert_eq!(v.records, 5);
@@ -1316,9 +1328,41 @@ mod tests {
         assert_gap(d.path(), 3, 5, 3, 0, "deleted");
         assert_eq!(snap.audit_head.as_ref().unwrap().0, 4);
         assert!(rejected(d.path()).is_empty());
-        let head = recorded_audit_head(d.path()).unwrap();
+        let head = recorded_audit_head(d.path()).unwrap().unwrap();
         assert_eq!(head.0, 4, "the store's head follows the file again");
         let v = audit::verify(&file, Some((head.0, &head.1))).unwrap();
         assert_eq!(v.gaps, vec![3]);
+    }
+
+    #[tokio::test]
+    async fn a_rewritten_history_padded_past_the_recorded_head_is_a_recorded_gap() {
+        let (d, s, _) = audited(4).await;
+        std::thread::sleep(AUDIT_SYNC_INTERVAL * 3);
+        commit(&s, vec![Op::Audit(Event::now("revoke", Actor::Daemon))])
+            .await
+            .unwrap();
+        drop(s);
+        let recorded = recorded_audit_head(d.path()).unwrap().unwrap();
+        assert_eq!(recorded.0, 5);
+        // A whole new chain, valid on its own, one record longer than the store recorded.
+        let file = d.path().join("audit.jsonl");
+        std::fs::remove_file(&file).unwrap();
+        let mut forged = audit::AuditWriter::open(&file, u64::MAX).unwrap();
+        for _ in 0..6 {
+            forged.push(&Event::now("restore", Actor::Daemon));
+        }
+        forged.flush().unwrap();
+        drop(forged);
+        assert!(audit::verify_chain(&file, None).is_ok(), "valid on its own");
+        let e = audit::verify_chain(&file, Some((recorded.0, &recorded.1))).unwrap_err();
+        assert!(e.why.contains("record 4 differs"), "{e}");
+        Connection::open(d.path().join("tessera.db"))
+            .unwrap()
+            .execute("DELETE FROM audit_pending", [])
+            .unwrap();
+
+        let (_s2, snap) = SqliteStore::open(d.path(), u64::MAX, 100, &mut |_| {}).unwrap();
+        assert_gap(d.path(), 6, 5, 6, 0, "replaced");
+        assert_eq!(snap.audit_head.as_ref().unwrap().0, 7);
     }
 }
