@@ -71,29 +71,81 @@ impl AsyncWrite for UdsConn {
     }
 }
 
-/// Binds a Unix socket at `path` with file mode `mode`.
-///
-/// The directory is created (0755) if missing and must be owned by us or root and not
-/// writable by others, so nobody else can swap the socket. A stale socket from a crashed run
-/// is replaced; a live one (another daemon answers) or a non-socket file is an error.
-pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::other(format!("{} has no parent directory", path.display())))?;
-    if !dir.exists() {
-        std::fs::DirBuilder::new().recursive(true).create(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
-    }
-    let meta = std::fs::metadata(dir)?;
+/// Checks that nobody but us (or root) can replace `dir` or anything in it: `dir` is a real
+/// directory (not a symbolic link) owned by us or root and not writable by group or others,
+/// and every directory above it is owned by us or root and either not writable by others or
+/// sticky (as `/tmp` is: then only the owner of `dir` can rename it). Otherwise another local
+/// user could swap the directory for one holding a socket of their own, and serve a fake
+/// Workload API to workloads and the CLI.
+pub fn check_socket_dir(dir: &Path) -> io::Result<()> {
     let me = nix::unistd::geteuid().as_raw();
+    let refuse = |why: String| io::Error::new(io::ErrorKind::PermissionDenied, why);
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.file_type().is_symlink() {
+        return Err(refuse(format!(
+            "socket directory {} is a symbolic link; give the real directory",
+            dir.display()
+        )));
+    }
+    if !meta.is_dir() {
+        return Err(refuse(format!("{} is not a directory", dir.display())));
+    }
     if (meta.uid() != me && meta.uid() != 0) || meta.mode() & 0o022 != 0 {
-        return Err(io::Error::other(format!(
+        return Err(refuse(format!(
             "socket directory {} must be owned by uid {me} or root and not writable by group or others (owner {}, mode {:o})",
             dir.display(),
             meta.uid(),
             meta.mode() & 0o777
         )));
     }
+    // The directories above, as the kernel resolves them (a symlinked /var/run is fine if
+    // its target passes).
+    let real = std::fs::canonicalize(dir)?;
+    for up in real.ancestors().skip(1) {
+        let m = std::fs::metadata(up)?;
+        let sticky = m.mode() & 0o1000 != 0;
+        if (m.uid() != me && m.uid() != 0) || (m.mode() & 0o022 != 0 && !sticky) {
+            return Err(refuse(format!(
+                "{} (above the socket directory {}) must be owned by uid {me} or root and not writable by group or others unless sticky (owner {}, mode {:o}): otherwise another user could replace the socket directory",
+                up.display(),
+                dir.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Binds a Unix socket at `path` with file mode `mode`.
+///
+/// The directory is created (0755) if missing and must pass [`check_socket_dir`], so nobody
+/// else can swap the socket. A stale socket from a crashed run is replaced; a live one
+/// (another daemon answers) or a non-socket file is an error.
+pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .ok_or_else(|| io::Error::other(format!("{} has no parent directory", path.display())))?;
+    if std::fs::symlink_metadata(dir).is_err() {
+        use std::os::unix::fs::DirBuilderExt;
+        // Created with its mode (not chmod'ed after): an existing directory, or a link
+        // planted meanwhile, is not touched here and fails the check below.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)?;
+        // The umask may have narrowed it (0700 under UMask=0077 would shut workloads of other
+        // users out). fchmod on the directory opened without following links: never on
+        // whatever a link planted meanwhile points at.
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+            .open(dir)?
+            .set_permissions(std::fs::Permissions::from_mode(0o755))?;
+    }
+    check_socket_dir(dir)?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket_like() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -180,4 +232,38 @@ pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<UdsConn
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn binds_in_a_new_directory_and_refuses_a_directory_others_can_swap() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("run/workload.sock");
+        drop(bind(&sock, 0o666).unwrap());
+        let m = std::fs::metadata(d.path().join("run")).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o755);
+
+        // A symbolic link to a directory that would pass the checks itself.
+        let real = d.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, d.path().join("link")).unwrap();
+        let e = bind(&d.path().join("link/workload.sock"), 0o666).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert!(!real.join("workload.sock").exists());
+
+        // A good directory inside one anybody can write to (and so rename it).
+        let open = d.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::create_dir(open.join("run")).unwrap();
+        let e = bind(&open.join("run/workload.sock"), 0o666).unwrap_err();
+        assert!(e.to_string().contains("unless sticky"), "{e}");
+        // Sticky, as /tmp is: only the owner of `run` can rename it.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        drop(bind(&open.join("run/workload.sock"), 0o666).unwrap());
+    }
 }

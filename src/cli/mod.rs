@@ -405,6 +405,12 @@ fn parse_socket_addr(s: &str) -> anyhow::Result<PathBuf> {
 
 /// A gRPC channel over a Unix socket, with an error that says what to check.
 async fn connect(path: &Path) -> anyhow::Result<Channel> {
+    // The same check the daemon makes before it binds: a directory someone else controls
+    // could hold their socket, not tesserad's.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::api::uds::check_socket_dir(dir)
+            .map_err(|e| anyhow::anyhow!("refusing to connect to {}: {e}", path.display()))?;
+    }
     crate::api::uds::channel(path).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot connect to {}: {e} (is tesserad running?)",
