@@ -647,7 +647,24 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
     let idp = Idp::start().await;
     let d = daemon(&idp, POLICY, "", "");
     let rp = actor_token(&d, "b").await;
-    let mut tasks = pb::tasks_client::TasksClient::new(common::channel(&d.socket).await);
+    let channel = common::channel(&d.socket).await;
+    // Without the endpoint's security header, the Tasks service refuses like the Workload API.
+    let err = pb::tasks_client::TasksClient::new(channel.clone())
+        .exchange(tasks_req(
+            &idp.token("carol"),
+            "job-0",
+            &["tickets:read"],
+            false,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("workload.spiffe.io"),
+        "{}",
+        err.message()
+    );
+    let mut tasks = tessera::api::workload::tasks_client(channel);
     let subject = idp.token("carol");
 
     let r = tasks

@@ -142,7 +142,7 @@ async fn drive_http(
 async fn drive_grpc(d: &common::Daemon, subject: &str, clients: usize, secs: f64) -> Load {
     let mut pool = Vec::new();
     for _ in 0..clients.div_ceil(4) {
-        pool.push(pb::tasks_client::TasksClient::new(
+        pool.push(tessera::api::workload::tasks_client(
             common::channel(&d.socket).await,
         ));
     }

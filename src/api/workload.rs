@@ -80,6 +80,32 @@ pub fn check_security_header<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
+/// The client side of [`check_security_header`], as a tonic interceptor: for clients of
+/// `tessera.v1.Tasks`, which is served on the Workload API socket under the same rule.
+pub fn with_security_header(mut req: Request<()>) -> Result<Request<()>, Status> {
+    req.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    Ok(req)
+}
+
+/// A `tessera.v1.Tasks` client that sends the security header.
+pub type TasksClient = crate::proto::tessera::v1::tasks_client::TasksClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        fn(Request<()>) -> Result<Request<()>, Status>,
+    >,
+>;
+
+/// Wraps `channel` in a [`TasksClient`].
+pub fn tasks_client(channel: tonic::transport::Channel) -> TasksClient {
+    crate::proto::tessera::v1::tasks_client::TasksClient::with_interceptor(
+        channel,
+        with_security_header as fn(Request<()>) -> Result<Request<()>, Status>,
+    )
+}
+
 /// When to renew an SVID: half its remaining lifetime, ±10% jitter.
 fn refresh_at(svid: &X509Svid, now: Instant) -> Instant {
     let left = (svid.expires_at - OffsetDateTime::now_utc()).max(time::Duration::ZERO);

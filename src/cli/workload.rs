@@ -316,11 +316,8 @@ pub(super) struct ExchangeArgs<'a> {
     pub spiffe_id: Option<&'a str>,
 }
 
-async fn tasks_client(
-    cli: &Cli,
-) -> anyhow::Result<crate::proto::tessera::v1::tasks_client::TasksClient<tonic::transport::Channel>>
-{
-    Ok(crate::proto::tessera::v1::tasks_client::TasksClient::new(
+async fn tasks_client(cli: &Cli) -> anyhow::Result<crate::api::workload::TasksClient> {
+    Ok(crate::api::workload::tasks_client(
         connect(&cli.workload_socket()?).await?,
     ))
 }
