@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::exchange::approvals::Approvals;
 use crate::exchange::{self, Exchanger};
 use crate::issuer::{Issuer, IssuerSettings};
-use crate::lease::store::{Op, SqliteStore, Store, StoreError};
+use crate::lease::store::{Op, SqliteStore, Store, StoreError, commit};
 use crate::lease::{LeaseTable, reaper};
 use crate::metrics::Metrics;
 use crate::oidc::Verifier;
@@ -85,6 +85,7 @@ pub struct Running {
     reload: tokio::sync::mpsc::Sender<()>,
     trigger: Trigger,
     tasks: Vec<(&'static str, JoinHandle<()>)>,
+    store: Arc<dyn Store>,
 }
 
 /// How long a drain may take before remaining connections are cut.
@@ -389,6 +390,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         reload,
         trigger,
         tasks,
+        store,
     })
 }
 
@@ -551,6 +553,15 @@ impl Running {
                 );
                 task.abort();
             }
+        }
+        // Records submitted without waiting (refusals, approval decisions) are still queued
+        // for the store's writer: an empty batch behind them returns once they are committed
+        // and in the audit file, before the process exits and takes the queue with it.
+        if tokio::time::timeout(DRAIN_DEADLINE, commit(&*self.store, Vec::new()))
+            .await
+            .is_err()
+        {
+            tracing::warn!("the lease store did not finish its queue before shutdown");
         }
         for p in [&self.workload_socket, &self.admin_socket] {
             let _ = std::fs::remove_file(p);

@@ -78,6 +78,8 @@ pub struct Metrics {
     issued: [AtomicU64; 3],
     revoked: [AtomicU64; 3],
     denied: [AtomicU64; 3],
+    /// Refusals counted but not written to the audit log (per-caller limit).
+    refusals_left_out: AtomicU64,
     /// Milliseconds between a lease's expiry and the reaper retiring it, last batch.
     pub reaper_lag_ms: std::sync::Arc<AtomicI64>,
     latency: [Histogram; 6],
@@ -117,6 +119,11 @@ impl Metrics {
         self.denied[idx(k)].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a refusal the per-caller limit left out of the audit log.
+    pub fn refusal_left_out(&self) {
+        self.refusals_left_out.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Records an RPC's latency (for streams: to the first message).
     pub fn observe(&self, rpc: &str, d: Duration) {
         if let Some(i) = RPCS.iter().position(|r| *r == rpc) {
@@ -151,6 +158,11 @@ impl Metrics {
                 );
             }
         }
+        let _ = writeln!(
+            o,
+            "# HELP tessera_audit_refusals_left_out_total Refusals counted but not written to the audit log: past a burst of 10 per caller per 10 s.\n# TYPE tessera_audit_refusals_left_out_total counter\ntessera_audit_refusals_left_out_total {}",
+            self.refusals_left_out.load(Ordering::Relaxed)
+        );
         let _ = writeln!(
             o,
             "# HELP tessera_leases Leases held in memory (active, and revoked until expiry).\n# TYPE tessera_leases gauge"

@@ -605,7 +605,15 @@ async fn rotated_issuer_keys_are_fetched_on_first_sight_with_a_rate_limit() {
     let idp = Idp::start().await;
     let d = daemon(&idp, POLICY, "", "");
     let actor = actor_token(&d, "a").await;
-    // Wait for the start-up fetch, then rotate: the issuer publishes its key under a new kid.
+    // Wait for the start-up fetch (an exchange before it would fetch on demand, and the rate
+    // limit would then hold back the fetch this test is about), then rotate: the issuer
+    // publishes its key under a new kid.
+    eventually("the start-up key fetch", || {
+        idp.fetches.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    // (The daemon stores the keys just after the issuer has served them.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let (code, _) = exchange(
         &d,
         &base_fields(&idp.token("a1"), &actor, "r1", "tickets:read"),

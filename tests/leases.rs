@@ -800,3 +800,33 @@ async fn metrics_count_what_happened() {
         .unwrap();
     assert!(commits >= 4, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_from_one_caller_are_limited_in_the_audit_log() {
+    // Nothing is granted to this uid: every request is refused.
+    let d = Daemon::start(&entry_for_uid("someone-else", my_uid() + 1, ""));
+    let client = d.client().await;
+    for _ in 0..30 {
+        assert!(matches!(
+            client.fetch_jwt_svid(["a"], None).await,
+            Err(WorkloadApiError::NoIdentityIssued)
+        ));
+    }
+    let body = String::from_utf8(common::http_get(d.http, "/metrics").1).unwrap();
+    assert!(
+        body.contains("tessera_denied_total{kind=\"jwt-svid\"} 30"),
+        "{body}"
+    );
+    assert!(
+        body.contains("tessera_audit_refusals_left_out_total 20"),
+        "{body}"
+    );
+    let dir = d.stop();
+    let denials = std::fs::read_to_string(dir.path().join("data/audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["event"] == "deny" && r["actor"]["uid"] == my_uid())
+        .count();
+    assert_eq!(denials, tessera::issuer::denials::BURST as usize);
+}

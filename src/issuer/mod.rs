@@ -13,6 +13,7 @@
 //! exclusively too, for the same reason.
 
 pub mod control;
+pub mod denials;
 pub mod task;
 
 use std::sync::Arc;
@@ -192,6 +193,8 @@ pub struct Issuer {
     stored_entries: std::sync::Mutex<Vec<(Entry, EntrySpec)>>,
     /// Per entry id: last issuance or review, and when that was last made durable (Unix ms).
     activity: dashmap::DashMap<Arc<str>, (i64, i64)>,
+    /// How many refusals each caller may still write to the audit log.
+    denials: denials::DenialLimiter,
 }
 
 fn now_ms() -> i64 {
@@ -233,6 +236,7 @@ impl Issuer {
             config_entries,
             stored_entries: std::sync::Mutex::new(stored_entries),
             activity: dashmap::DashMap::new(),
+            denials: denials::DenialLimiter::default(),
         };
         this.publish_entries();
         this
@@ -322,7 +326,7 @@ impl Issuer {
         };
         if let Err(e) = &result {
             let (uid, pid) = peer.map_or((u32::MAX, 0), |p| (p.uid, p.pid));
-            self.audit_only(
+            self.audit_denial(
                 Event::now(
                     "deny",
                     Actor::Workload {
@@ -366,7 +370,7 @@ impl Issuer {
     /// Records a refusal (audit and metrics), without waiting for the disk.
     pub fn deny(&self, caller: &Attestation, kind: Kind, reason: &str) {
         self.metrics.denied(kind);
-        self.audit_only(
+        self.audit_denial(
             Event::now("deny", workload_actor(caller))
                 .reason(reason)
                 .detail("kind", kind.as_str()),
@@ -390,7 +394,23 @@ impl Issuer {
         for (k, v) in details {
             ev = ev.detail(k, v);
         }
-        self.audit_only(ev);
+        self.audit_denial(ev);
+    }
+
+    /// Records a refusal within the caller's share of the audit log ([`denials`]); past it,
+    /// the refusal is counted and reported with the caller's next recorded one.
+    fn audit_denial(&self, ev: Event) {
+        let caller = match &ev.actor {
+            Actor::Workload { uid, .. } => format!("uid:{uid}"),
+            Actor::Operator { uid } => format!("operator:{uid}"),
+            Actor::Agent { spiffe_id } => spiffe_id.clone(),
+            Actor::Daemon => return self.audit_only(ev),
+        };
+        match self.denials.admit(&caller, std::time::Instant::now()) {
+            Some(0) => self.audit_only(ev),
+            Some(n) => self.audit_only(ev.detail("refusals_left_out_before", n)),
+            None => self.metrics.refusal_left_out(),
+        }
     }
 
     /// Records an event that hands out nothing (approval requests and decisions).
