@@ -16,7 +16,7 @@ use tonic::transport::Server;
 use crate::api::admin::{AdminAccess, AdminApi};
 use crate::api::tasks::TasksApi;
 use crate::api::workload::WorkloadApi;
-use crate::api::{http, uds};
+use crate::api::{http, limits, uds};
 use crate::attest::Attestor;
 use crate::ca::{Ca, CaError};
 use crate::config::Config;
@@ -246,8 +246,9 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         AdminAccess::new(cfg.admin_uids.clone(), cfg.admin_gids.clone()),
         cfg.workload_socket.display().to_string(),
     );
-    let router =
-        Server::builder().add_service(proto::tessera::v1::admin_server::AdminServer::new(admin));
+    let router = Server::builder()
+        .max_concurrent_streams(Some(limits::STREAMS_PER_CONNECTION))
+        .add_service(proto::tessera::v1::admin_server::AdminServer::new(admin));
     tasks.push((
         "admin",
         spawn_grpc(router, admin_listener, shutdown.clone()),
@@ -349,6 +350,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         cfg.allow_unauthenticated_verifiers,
     );
     let router = Server::builder()
+        .max_concurrent_streams(Some(limits::STREAMS_PER_CONNECTION))
         .add_service(
             proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(workload),
         )
@@ -526,7 +528,13 @@ fn spawn_grpc(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let r = router
-            .serve_with_incoming_shutdown(uds::incoming(listener), async move { sd.wait().await })
+            .serve_with_incoming_shutdown(
+                uds::incoming(
+                    listener,
+                    limits::PerUid::new(limits::CONNECTIONS_PER_UID, limits::CONNECTIONS_TOTAL),
+                ),
+                async move { sd.wait().await },
+            )
             .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "gRPC server failed");

@@ -753,3 +753,50 @@ async fn a_second_daemon_on_the_same_socket_refuses_to_start() {
     assert!(err.contains("in use"), "{err}");
     assert!(d.client().await.fetch_x509_svid().await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_uid_holds_a_bounded_number_of_x509_streams() {
+    use tessera::api::limits::X509_STREAMS_PER_UID;
+    let d = Daemon::start(&me_entry());
+    // Two connections: the per-connection stream limit is not what is tested here.
+    let clients = [raw_client(&d).await, raw_client(&d).await];
+    let mut open = Vec::new();
+    for i in 0..X509_STREAMS_PER_UID {
+        let mut c = clients[i % 2].clone();
+        let mut s = c
+            .fetch_x509svid(with_header(pb::X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        s.message().await.unwrap().unwrap();
+        open.push(s);
+    }
+    let mut c = clients[0].clone();
+    let err = c
+        .fetch_x509svid(with_header(pb::X509svidRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        err.message()
+    );
+    // Unary calls are not affected, and a closed stream makes room.
+    d.client().await.fetch_jwt_svid(["a"], None).await.unwrap();
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match c.fetch_x509svid(with_header(pb::X509svidRequest {})).await {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no room after a stream closed"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}

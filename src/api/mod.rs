@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod http;
+pub mod limits;
 pub mod tasks;
 pub mod uds;
 pub mod workload;

@@ -15,6 +15,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 
+use crate::api::limits::{PerUid, Slot};
 use crate::attest::PeerInfo;
 
 /// Connection info put into each request's extensions: the peer, if the kernel told us.
@@ -26,6 +27,8 @@ pub struct PeerConn(pub Option<Arc<PeerInfo>>);
 pub struct UdsConn {
     stream: UnixStream,
     peer: PeerConn,
+    /// Counted against the peer's uid while the connection is open.
+    _slot: Slot,
 }
 
 impl Connected for UdsConn {
@@ -204,34 +207,55 @@ pub async fn channel(path: &Path) -> Result<tonic::transport::Channel, tonic::tr
 }
 
 /// The accepted connections of `listener`, each with its peer credentials read at accept.
-pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<UdsConn>> {
-    futures_util::stream::unfold(listener, |listener| async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let peer = match PeerInfo::from_socket(stream.as_raw_fd()) {
-                        Ok(p) => Some(Arc::new(p)),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot read peer credentials; the connection gets no identity");
-                            None
-                        }
-                    };
-                    return Some((
-                        Ok(UdsConn {
-                            stream,
-                            peer: PeerConn(peer),
-                        }),
-                        listener,
-                    ));
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+pub fn incoming(
+    listener: UnixListener,
+    limits: Arc<PerUid>,
+) -> impl Stream<Item = io::Result<UdsConn>> {
+    futures_util::stream::unfold(
+        (listener, limits, None::<std::time::Instant>),
+        |(listener, limits, mut warned)| async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let peer = match PeerInfo::from_socket(stream.as_raw_fd()) {
+                            Ok(p) => Some(Arc::new(p)),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot read peer credentials; the connection gets no identity");
+                                None
+                            }
+                        };
+                        // Without credentials the connection counts against one shared uid.
+                        let uid = peer.as_ref().map_or(u32::MAX, |p| p.uid);
+                        let Some(slot) = limits.take(uid) else {
+                            // Closed at once; one warning per 10 s is enough to be seen.
+                            if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                                warned = Some(std::time::Instant::now());
+                                tracing::warn!(
+                                    uid,
+                                    held = limits.held(uid),
+                                    "connection refused: too many open connections for this uid (or in all)"
+                                );
+                            }
+                            continue;
+                        };
+                        return Some((
+                            Ok(UdsConn {
+                                stream,
+                                peer: PeerConn(peer),
+                                _slot: slot,
+                            }),
+                            (listener, limits, warned),
+                        ));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 }
             }
-        }
-    })
+        },
+    )
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use super::limits::{PerUid, Slot, X509_STREAMS_PER_UID};
 use super::uds::PeerConn;
 use super::{NO_IDENTITY, status};
 use crate::attest::{Attestation, PeerInfo};
@@ -34,6 +35,8 @@ pub struct WorkloadApi {
     issuer: Arc<Issuer>,
     shutdown: Shutdown,
     allow_unauthenticated_verifiers: bool,
+    /// Open `FetchX509SVID` streams per uid.
+    x509_streams: Arc<PerUid>,
 }
 
 impl WorkloadApi {
@@ -47,6 +50,7 @@ impl WorkloadApi {
             issuer,
             shutdown,
             allow_unauthenticated_verifiers,
+            x509_streams: PerUid::new(X509_STREAMS_PER_UID, usize::MAX),
         }
     }
 
@@ -162,6 +166,12 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let t0 = std::time::Instant::now();
         let caller = self.caller(&req).await?;
+        let slot = self.x509_streams.take(caller.uid).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "uid {} holds {X509_STREAMS_PER_UID} FetchX509SVID streams, the most allowed; close some (one stream per process is enough)",
+                caller.uid
+            ))
+        })?;
         let peer = req.extensions().get::<PeerConn>().and_then(|p| p.0.clone());
         // Subscribed before anything is issued: a kill or entry change that lands while the
         // first SVIDs are minted must still reach this stream.
@@ -186,6 +196,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             caller,
             peer,
             svids,
+            _slot: slot,
         };
         let first = x509_response(&w.svids, &w.bundle_rx.borrow_and_update());
         self.issuer.metrics().observe("FetchX509SVID", t0.elapsed());
@@ -331,6 +342,8 @@ struct X509Watch {
     entries_rx: watch::Receiver<crate::registry::Entries>,
     leases_rx: watch::Receiver<u64>,
     shutdown: Shutdown,
+    /// Counted against the caller's uid while the stream is open.
+    _slot: Slot,
 }
 
 impl X509Watch {
