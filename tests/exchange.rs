@@ -189,6 +189,10 @@ async fn http_exchange_full_flow() {
     assert_eq!(c["iss"], iss);
     assert_eq!(c["sub"], "alice");
     assert_eq!(
+        c["sub_id"],
+        json!({"format": "iss_sub", "iss": idp.issuer, "sub": "alice"})
+    );
+    assert_eq!(
         c["act"],
         json!({"sub": "spiffe://tessera.internal/agents/a"})
     );

@@ -732,6 +732,12 @@ fn task_claims(
     let mut m = Map::new();
     m.insert("iss".into(), iss.into());
     m.insert("sub".into(), subject.sub.clone().into());
+    // `sub` alone is ambiguous when several issuers are trusted (each has its own "alice"):
+    // RFC 9493's issuer-and-subject identifier says whose subject it is.
+    m.insert(
+        "sub_id".into(),
+        serde_json::json!({"format": "iss_sub", "iss": subject.iss, "sub": subject.sub}),
+    );
     m.insert("act".into(), Value::Object(act));
     m.insert("aud".into(), audience.into());
     m.insert("scope".into(), scopes.join(" ").into());
