@@ -86,7 +86,15 @@ struct Trusted {
 pub struct Verifier {
     issuers: Vec<Arc<Trusted>>,
     http: reqwest::Client,
-    cache: DashMap<[u8; 32], Arc<Subject>>,
+    cache: DashMap<[u8; 32], Cached>,
+}
+
+/// A validated subject token, with what verified it: it stays valid only while its issuer
+/// still publishes that key (a key withdrawn after a compromise takes its tokens with it).
+struct Cached {
+    subject: Arc<Subject>,
+    issuer: usize,
+    key: Jwk,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -267,34 +275,52 @@ impl Verifier {
             .try_into()
             .expect("SHA-256 is 32 bytes");
         let now = now_s();
-        if let Some(s) = self.cache.get(&digest) {
-            if now > s.exp.saturating_add(LEEWAY_S) {
+        if let Some(c) = self.cache.get(&digest) {
+            if now > c.subject.exp.saturating_add(LEEWAY_S) {
                 return Err(OidcError::Expired);
             }
-            return Ok(Arc::clone(&s));
+            if self.issuers[c.issuer].keys.load().contains(&c.key) {
+                return Ok(Arc::clone(&c.subject));
+            }
+            // The key is gone from the issuer's set: validate again, which refuses the token
+            // unless the key is back.
         }
-        let subject = Arc::new(self.validate_uncached(token, now).await?);
+        let (subject, issuer, key) = self.validate_uncached(token, now).await?;
+        let subject = Arc::new(subject);
         if self.cache.len() >= CACHE_CAP {
             self.cache
-                .retain(|_, s| s.exp.saturating_add(LEEWAY_S) >= now);
+                .retain(|_, c| c.subject.exp.saturating_add(LEEWAY_S) >= now);
             if self.cache.len() >= CACHE_CAP {
                 self.cache.clear();
             }
         }
-        self.cache.insert(digest, Arc::clone(&subject));
+        self.cache.insert(
+            digest,
+            Cached {
+                subject: Arc::clone(&subject),
+                issuer,
+                key,
+            },
+        );
         Ok(subject)
     }
 
-    async fn validate_uncached(&self, token: &str, now: i64) -> Result<Subject, OidcError> {
+    /// The subject, the index of its issuer and the key that verified it.
+    async fn validate_uncached(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<(Subject, usize, Jwk), OidcError> {
         let jws = jose::decode(token)?;
         let iss = match jws.claims.get("iss") {
             Some(Value::String(s)) => s.clone(),
             _ => return Err(OidcError::Claim("iss")),
         };
-        let t = self
+        let (issuer, t) = self
             .issuers
             .iter()
-            .find(|t| t.cfg.issuer == iss)
+            .enumerate()
+            .find(|(_, t)| t.cfg.issuer == iss)
             .ok_or_else(|| OidcError::UnknownIssuer(iss.chars().take(200).collect()))?;
         // Keys: the cached set, refetched (rate-limited) when the kid is unknown or no key
         // has been fetched yet.
@@ -312,24 +338,23 @@ impl Verifier {
             keys = t.keys.load_full();
         }
         let input = jws.signing_input.as_bytes();
-        match &jws.kid {
+        let verified_by = match &jws.kid {
             Some(kid) => {
                 let key = keys
                     .iter()
                     .find(|j| &j.kid == kid)
                     .ok_or_else(|| OidcError::UnknownKey(kid.chars().take(64).collect()))?;
                 key.verify(jws.alg, input, &jws.signature)?;
+                key.clone()
             }
             None => {
                 // No kid: some issuers publish one key. Try each that fits the algorithm.
-                let ok = keys
-                    .iter()
-                    .any(|k| k.verify(jws.alg, input, &jws.signature).is_ok());
-                if !ok {
-                    return Err(JoseError::BadSignature.into());
-                }
+                keys.iter()
+                    .find(|k| k.verify(jws.alg, input, &jws.signature).is_ok())
+                    .cloned()
+                    .ok_or(JoseError::BadSignature)?
             }
-        }
+        };
         let exp = check_claims(&jws.claims, &t.cfg.audiences, now)?;
         let sub = match jws.claims.get("sub") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
@@ -347,13 +372,14 @@ impl Verifier {
                 string_claims.push((k.clone(), b.to_string()));
             }
         }
-        Ok(Subject {
+        let subject = Subject {
             iss,
             sub,
             exp,
             string_claims,
             act: jws.claims.get("act").cloned(),
-        })
+        };
+        Ok((subject, issuer, verified_by))
     }
 }
 
@@ -402,6 +428,50 @@ fn check_claims(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn es256() -> jose::Es256Signer {
+        let rng = ring::rand::SystemRandom::new();
+        let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &rng,
+        )
+        .unwrap();
+        jose::Es256Signer::from_pkcs8(doc.as_ref()).unwrap()
+    }
+
+    fn jwks_of(signer: &jose::Es256Signer) -> String {
+        let jwk = signer.jwk();
+        let mut m = jwk.public_members();
+        m.insert("kid".into(), jwk.kid.clone().into());
+        json!({ "keys": [m] }).to_string()
+    }
+
+    #[tokio::test]
+    async fn a_cached_token_goes_with_its_withdrawn_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("jwks.json");
+        let old = es256();
+        std::fs::write(&file, jwks_of(&old)).unwrap();
+        let v = Verifier::new(&[OidcIssuerConfig {
+            issuer: "https://idp.example".into(),
+            audiences: vec!["tessera".into()],
+            keys: KeySource::JwksFile(file.clone()),
+        }]);
+        assert!(v.refresh_all().await[0].1.is_ok());
+        let token = old
+            .sign(
+                &json!({"iss": "https://idp.example", "sub": "alice", "aud": "tessera",
+                          "exp": now_s() + 600}),
+            )
+            .unwrap();
+        assert_eq!(v.validate(&token).await.unwrap().sub, "alice");
+        assert_eq!(v.validate(&token).await.unwrap().sub, "alice", "cached");
+        // The issuer withdraws the key (say, after a leak) and publishes another.
+        std::fs::write(&file, jwks_of(&es256())).unwrap();
+        assert!(v.refresh_all().await[0].1.is_ok());
+        let e = v.validate(&token).await.unwrap_err();
+        assert!(matches!(e, OidcError::UnknownKey(_)), "{e}");
+    }
 
     #[test]
     fn claim_checks() {
