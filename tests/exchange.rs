@@ -34,6 +34,17 @@ forbid(principal, action, resource) when { context.scope == "tickets:delete" };
 /// Starts the daemon trusting `idp`, with `POLICY` (or `policy`) in force and two agent
 /// entries for this uid: `agents/a` (default) and `agents/b`.
 fn daemon(idp: &Idp, policy: &str, agent_extra: &str, extra: &str) -> Daemon {
+    daemon_with(idp, policy, "", agent_extra, extra)
+}
+
+/// As [`daemon`], with more selectors for `agents/a` (`, "unix:..."`).
+fn daemon_with(
+    idp: &Idp,
+    policy: &str,
+    agent_selectors: &str,
+    agent_extra: &str,
+    extra: &str,
+) -> Daemon {
     let dir = open_tempdir();
     let policy_path = dir.path().join("policy.cedar");
     std::fs::write(&policy_path, policy).unwrap();
@@ -43,7 +54,7 @@ fn daemon(idp: &Idp, policy: &str, agent_extra: &str, extra: &str) -> Daemon {
         &format!(
             "policy.file = {policy_path:?}\n{extra}\n\
              [[oidc_issuers]]\nissuer = {iss:?}\naudiences = [\"tessera\"]\n\
-             [[entries]]\nspiffe_id = \"spiffe://tessera.internal/agents/a\"\nselectors = [\"unix:uid:{uid}\"]\nowner = \"platform\"\n{agent_extra}\n\
+             [[entries]]\nspiffe_id = \"spiffe://tessera.internal/agents/a\"\nselectors = [\"unix:uid:{uid}\"{agent_selectors}]\nowner = \"platform\"\n{agent_extra}\n\
              [[entries]]\nspiffe_id = \"spiffe://tessera.internal/agents/b\"\nselectors = [\"unix:uid:{uid}\"]\n",
             iss = idp.issuer
         ),
@@ -972,7 +983,15 @@ async fn policy_reloads_good_files_and_keeps_the_last_good_one() {
 #[tokio::test(flavor = "multi_thread")]
 async fn high_risk_agents_wait_for_a_single_use_approval() {
     let idp = Idp::start().await;
-    let d = daemon(&idp, POLICY, "risk = \"high\"", "");
+    // The agent is this test binary; the operator's `tessera` CLI (same uid) is not.
+    let exe = common::current_exe();
+    let d = daemon_with(
+        &idp,
+        POLICY,
+        &format!(", \"unix:path:{}\"", exe.display()),
+        "risk = \"high\"",
+        "",
+    );
     let actor = actor_token(&d, "a").await;
     let subject = idp.token("erin");
     let f = base_fields(&subject, &actor, "deploy-1", "tickets:read");
@@ -997,12 +1016,32 @@ async fn high_risk_agents_wait_for_a_single_use_approval() {
     assert_eq!(list[0]["scopes"], json!(["tickets:read"]));
     assert_eq!(list[0]["subject"]["sub"], "erin");
 
+    // The agent cannot approve its own request: this process holds agents/a.
+    let mut admin = pb::admin_client::AdminClient::new(common::channel(&d.admin_socket).await);
+    let err = admin
+        .approve(pb::DecideApprovalRequest { id: id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::PermissionDenied,
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("agents/a"), "{}", err.message());
     let out = d.cli(&["approve", &id]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A retry asking for another lifetime, or for an X.509-SVID too, is another request: the
+    // approval covers what the operator saw.
+    let mut longer = f.clone();
+    longer.push(("expires_in", "240"));
+    let (_, r) = exchange(&d, &longer);
+    assert_eq!(r["error"], "authorization_pending", "{r}");
+    assert_ne!(r["request_id"], id);
     // Approving twice is an error.
     assert!(!d.cli(&["approve", &id]).status.success());
     // A different request (other scopes) is not covered by the approval.
@@ -1034,6 +1073,22 @@ async fn high_risk_agents_wait_for_a_single_use_approval() {
         "{r}"
     );
     assert!(!d.cli(&["approve", "no-such-request"]).status.success());
+
+    // A kill withdraws the agent's requests, pending or decided: after a restore it asks
+    // again.
+    assert!(!cli_json(&d, &["approvals"]).as_array().unwrap().is_empty());
+    let out = d.cli(&[
+        "kill",
+        "spiffe://tessera.internal/agents/a",
+        "--reason",
+        "drill",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(cli_json(&d, &["approvals"]), json!([]));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -113,6 +113,9 @@ impl AdminApi {
         approve: bool,
     ) -> Result<Response<pb::ApprovalRequest>, Status> {
         let actor = self.authorize(&req).await?;
+        if approve {
+            self.check_approver(&req).await?;
+        }
         let id = req.into_inner().id;
         let a = if approve {
             self.approvals.approve(&id, actor.label(), now_ms())
@@ -132,6 +135,49 @@ impl AdminApi {
             ],
         );
         Ok(Response::new(approval_to_pb(&a)))
+    }
+
+    /// The human in the loop must not be the agent: a process that itself holds the identity
+    /// of a request's agent (its attestation matches that agent's entry) cannot approve it,
+    /// and nothing is approved for an agent that is killed. Checked against every pending
+    /// request of the id in `req`.
+    async fn check_approver(&self, req: &Request<pb::DecideApprovalRequest>) -> Result<(), Status> {
+        let id = &req.get_ref().id;
+        let Some(a) = self
+            .approvals
+            .list(now_ms())
+            .into_iter()
+            .find(|a| &a.id == id)
+        else {
+            return Ok(()); // the decision itself answers NotFound
+        };
+        let agent = SpiffeId::parse(&a.agent).map_err(|e| Status::internal(e.to_string()))?;
+        if self.issuer.leases().is_killed(&agent) {
+            return Err(Status::failed_precondition(format!(
+                "{} is killed: restore it before approving its requests",
+                a.agent
+            )));
+        }
+        let peer = req
+            .extensions()
+            .get::<PeerConn>()
+            .and_then(|p| p.0.as_deref());
+        let holds_it = match self.issuer.attest(peer).await {
+            Ok(me) => self
+                .issuer
+                .identities(&me)
+                .iter()
+                .any(|e| e.spiffe_id.as_str() == a.agent),
+            // Not attestable (e.g. another pid namespace): it holds no identity here.
+            Err(_) => false,
+        };
+        if holds_it {
+            return Err(Status::permission_denied(format!(
+                "this process holds {} itself, so it could be the agent approving its own request; approve from a process that does not match the agent's entry (give high-risk agents a unix:path or unix:sha256 selector, or another uid)",
+                a.agent
+            )));
+        }
+        Ok(())
     }
 
     /// An entry with its inventory state.
@@ -166,6 +212,7 @@ fn approval_to_pb(a: &Approval) -> pb::ApprovalRequest {
         expires_at: a.expires_ms / 1000,
         status: status.into(),
         decided_by: by,
+        x509_svid: a.x509,
     }
 }
 
@@ -490,9 +537,22 @@ impl pb::admin_server::Admin for AdminApi {
         };
         let n = self
             .issuer
-            .kill(&r.spiffe_id, actor, &reason)
+            .kill(&r.spiffe_id, actor.clone(), &reason)
             .await
             .map_err(status)?;
+        // Decisions made for a killed agent do not outlive the kill: after a restore it asks
+        // again. (The kill parsed the id.)
+        if let Ok(id) = SpiffeId::parse(&r.spiffe_id) {
+            let withdrawn = self.approvals.withdraw_within(&id);
+            if !withdrawn.is_empty() {
+                self.issuer.record(
+                    "approvals_withdrawn",
+                    actor,
+                    id.as_str(),
+                    vec![("request_ids", withdrawn.into())],
+                );
+            }
+        }
         Ok(Response::new(pb::KillIdentityResponse {
             revoked: n as u32,
         }))

@@ -294,6 +294,7 @@ fn approval_json(a: &pb::ApprovalRequest) -> serde_json::Value {
         "audience": a.audience,
         "scopes": a.scopes,
         "ttl_seconds": a.ttl_seconds,
+        "x509_svid": a.x509_svid,
         "created_at": rfc3339(a.created_at),
         "expires_at": rfc3339(a.expires_at),
         "decided_by": (!a.decided_by.is_empty()).then(|| a.decided_by.clone()),

@@ -46,6 +46,8 @@ pub struct Approval {
     pub scopes: Vec<String>,
     /// Lifetime the token would get, seconds.
     pub ttl_seconds: u64,
+    /// Whether a task X.509-SVID (with its key) is asked for as well.
+    pub x509: bool,
     /// Unix ms.
     pub created_ms: i64,
     /// Unix ms; after this the request is forgotten.
@@ -56,15 +58,19 @@ pub struct Approval {
 
 impl Approval {
     fn key(&self) -> String {
-        // NUL cannot occur in any of these fields (they are validated printable text).
+        // NUL cannot occur in any of these fields (they are validated printable text). The
+        // lifetime and the X.509-SVID are part of what the operator approved: a retry asking
+        // for a longer token or a certificate as well is another request.
         format!(
-            "{}\0{}\0{}\0{}\0{}\0{}",
+            "{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}",
             self.agent,
             self.task_id,
             self.subject_iss,
             self.subject_sub,
             self.audience,
-            self.scopes.join(" ")
+            self.scopes.join(" "),
+            self.ttl_seconds,
+            self.x509
         )
     }
 }
@@ -77,7 +83,7 @@ pub enum Check {
     /// Still waiting.
     Pending(String),
     /// Approved: consumed by this call; go ahead (and [`Approvals::put_back`] on failure).
-    Approved(Approval),
+    Approved(Box<Approval>),
     /// Denied.
     Denied(String),
 }
@@ -161,7 +167,7 @@ impl Approvals {
                 Status::Approved { .. } => {
                     g.by_id.remove(&id);
                     g.by_key.remove(&key);
-                    Check::Approved(a)
+                    Check::Approved(Box::new(a))
                 }
             });
         }
@@ -183,6 +189,26 @@ impl Approvals {
         let mut g = self.lock();
         g.by_key.insert(a.key(), a.id.clone());
         g.by_id.insert(a.id.clone(), a);
+    }
+
+    /// Drops every request (pending or approved) of `agent` and of identities under its path,
+    /// as a kill does: a restored agent starts from fresh decisions. Returns their ids.
+    pub fn withdraw_within(&self, agent: &crate::spiffe_id::SpiffeId) -> Vec<String> {
+        let mut g = self.lock();
+        let gone: Vec<String> = g
+            .by_id
+            .values()
+            .filter(|a| {
+                crate::spiffe_id::SpiffeId::parse(&a.agent).is_ok_and(|id| id.is_within(agent))
+            })
+            .map(|a| a.id.clone())
+            .collect();
+        for id in &gone {
+            if let Some(a) = g.by_id.remove(id) {
+                g.by_key.remove(&a.key());
+            }
+        }
+        gone
     }
 
     /// Every live request, oldest first.
@@ -234,6 +260,7 @@ mod tests {
             audience: "api".into(),
             scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
             ttl_seconds: 60,
+            x509: false,
             created_ms: 0,
             expires_ms: 0,
             status: Status::Pending,

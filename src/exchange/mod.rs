@@ -565,6 +565,7 @@ impl Exchanger {
                 audience: audience.clone(),
                 scopes: scopes.clone(),
                 ttl_seconds: ttl.as_secs(),
+                x509,
                 created_ms: 0,
                 expires_ms: 0,
                 status: Status::Pending,
@@ -589,7 +590,7 @@ impl Exchanger {
                 }
                 Some(Check::Pending(id)) => return Err(ExchangeError::AuthorizationPending(id)),
                 Some(Check::Denied(id)) => return Err(ExchangeError::AccessDenied(id)),
-                Some(Check::Approved(a)) => approval = Some(a),
+                Some(Check::Approved(a)) => approval = Some(*a),
             }
         }
 

@@ -263,6 +263,7 @@ impl Issuer {
     ) -> Result<Arc<Entry>, IssueError> {
         let id = format!("e-{}", LeaseId::random());
         let entry = self.validate_spec(&id, &spec)?;
+        let _one_edit = self.entry_edits.lock().await;
         self.put_entry(entry, spec, actor, "entry_create").await
     }
 
@@ -273,6 +274,9 @@ impl Issuer {
         spec: EntrySpec,
         actor: Actor,
     ) -> Result<Arc<Entry>, IssueError> {
+        // From the check to the entry set published: a delete committed in between would
+        // otherwise be undone by this update, or memory and disk end in different orders.
+        let _one_edit = self.entry_edits.lock().await;
         self.check_editable(id)?;
         let entry = self.validate_spec(id, &spec)?;
         self.put_entry(entry, spec, actor, "entry_update").await
@@ -345,6 +349,7 @@ impl Issuer {
 
     /// Deletes a stored entry; streams that held only its identity end with PermissionDenied.
     pub async fn delete_entry(&self, id: &str, actor: Actor) -> Result<(), IssueError> {
+        let _one_edit = self.entry_edits.lock().await;
         self.check_editable(id)?;
         let ev = Event::now("entry_delete", actor).detail("entry", id);
         commit(

@@ -195,6 +195,8 @@ pub struct Issuer {
     activity: dashmap::DashMap<Arc<str>, (i64, i64)>,
     /// How many refusals each caller may still write to the audit log.
     denials: denials::DenialLimiter,
+    /// One entry change (create, update, delete) at a time, check to publish.
+    entry_edits: tokio::sync::Mutex<()>,
 }
 
 fn now_ms() -> i64 {
@@ -237,6 +239,7 @@ impl Issuer {
             stored_entries: std::sync::Mutex::new(stored_entries),
             activity: dashmap::DashMap::new(),
             denials: denials::DenialLimiter::default(),
+            entry_edits: tokio::sync::Mutex::new(()),
         };
         this.publish_entries();
         this
