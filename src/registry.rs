@@ -77,6 +77,14 @@ impl Entry {
     pub fn is_live(&self, now: OffsetDateTime) -> bool {
         self.expires_at.is_none_or(|t| now < t)
     }
+
+    /// `ttl`, cut short so that nothing granted at `now` outlives the entry's `expires_at`.
+    pub fn cap_ttl(&self, ttl: Duration, now: OffsetDateTime) -> Duration {
+        match self.expires_at {
+            Some(t) => ttl.min((t - now).try_into().unwrap_or(Duration::ZERO)),
+            None => ttl,
+        }
+    }
 }
 
 /// An immutable set of entries, in match order (the first match is the default identity).
@@ -221,6 +229,26 @@ mod tests {
         assert!(!r.wants_hash(&caller(&["unix:uid:1002"]), now));
         r.replace(vec![entry("d", &[&format!("unix:sha256:{h}")], None)]);
         assert!(r.wants_hash(&caller(&["unix:uid:1000"]), now));
+    }
+
+    #[test]
+    fn lifetimes_end_with_the_entry() {
+        let now = OffsetDateTime::now_utc();
+        let hour = Duration::from_secs(3600);
+        let forever = entry("a", &["unix:uid:1"], None);
+        assert_eq!(forever.cap_ttl(hour, now), hour);
+        let soon = entry(
+            "b",
+            &["unix:uid:1"],
+            Some(now + time::Duration::seconds(90)),
+        );
+        assert_eq!(soon.cap_ttl(hour, now), Duration::from_secs(90));
+        assert_eq!(
+            soon.cap_ttl(Duration::from_secs(30), now),
+            Duration::from_secs(30)
+        );
+        let gone = entry("c", &["unix:uid:1"], Some(now - time::Duration::seconds(1)));
+        assert_eq!(gone.cap_ttl(hour, now), Duration::ZERO);
     }
 
     #[tokio::test]

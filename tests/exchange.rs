@@ -382,11 +382,23 @@ async fn introspection_ends_with_the_entry() {
     let (code, i) = post_auth(&d, "/introspect", Some(&rp), &c_token);
     assert_eq!((code, &i["active"]), (200, &json!(true)), "{i}");
     assert_eq!(i["sub"], "spiffe://tessera.internal/agents/c");
+    let c = d.client().await;
+    assert!(
+        c.validate_jwt_token(&issuer_url(&d), &c_token)
+            .await
+            .is_ok()
+    );
 
     let out = d.cli(&["entry", "delete", created["id"].as_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
     let (code, i) = post_auth(&d, "/introspect", Some(&rp), &c_token);
     assert_eq!((code, i), (200, json!({"active": false})));
+    // The Workload API agrees: ValidateJWTSVID refuses it too.
+    assert!(
+        c.validate_jwt_token(&issuer_url(&d), &c_token)
+            .await
+            .is_err()
+    );
     // Its holder can no longer authenticate with it either.
     let (code, e) = post_auth(&d, "/introspect", Some(&c_token), &rp);
     assert_eq!((code, e["error"].as_str()), (401, Some("invalid_token")));

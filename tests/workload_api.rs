@@ -800,3 +800,31 @@ async fn one_uid_holds_a_bounded_number_of_x509_streams() {
         }
     }
 }
+
+#[tokio::test]
+async fn svids_never_outlive_their_entry() {
+    let ends = ::time::OffsetDateTime::now_utc() + ::time::Duration::seconds(120);
+    let ends_s = ends.unix_timestamp();
+    let rfc3339 = ends
+        .format(&::time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let d = Daemon::start(&entry_for_uid(
+        "short-lived",
+        my_uid(),
+        &format!("expires_at = \"{rfc3339}\"\nx509_svid_ttl = \"1h\"\njwt_svid_ttl = \"1h\""),
+    ));
+    let c = d.client().await;
+    let jwt = c.fetch_jwt_svid(["a"], None).await.unwrap();
+    let exp = jwt.expiry().unix_timestamp();
+    assert!(
+        exp <= ends_s && exp > ends_s - 10,
+        "exp {exp}, entry ends {ends_s}"
+    );
+    let svid = c.fetch_x509_svid().await.unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(svid.leaf().as_ref()).unwrap();
+    let not_after = cert.validity().not_after.timestamp();
+    assert!(
+        not_after <= ends_s && not_after > ends_s - 10,
+        "notAfter {not_after}, entry ends {ends_s}"
+    );
+}

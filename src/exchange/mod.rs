@@ -472,7 +472,7 @@ impl Exchanger {
         }
 
         // 4. Lifetime: the default, shortened by the request, the entry, the daemon's cap,
-        //    and never past the subject token itself.
+        //    and never past the subject token itself or the agent's entry.
         let mut ttl = self.settings.token_ttl.min(self.settings.max_ttl);
         if let Some(e) = expires_in {
             ttl = ttl.min(e);
@@ -483,6 +483,9 @@ impl Exchanger {
         let now_s = time::OffsetDateTime::now_utc().unix_timestamp();
         let subject_left = u64::try_from(subject.exp - now_s).unwrap_or(0).max(1);
         ttl = ttl.min(Duration::from_secs(subject_left));
+        ttl = entry
+            .cap_ttl(ttl, time::OffsetDateTime::now_utc())
+            .max(Duration::from_secs(1));
 
         // 5. Task ownership (binding claim happens at issuance; this gives the early answer).
         if let Some(t) = self.issuer.leases().task(&task_id) {

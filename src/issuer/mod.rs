@@ -478,7 +478,15 @@ impl Issuer {
             return Err(IssueError::Killed(entry.spiffe_id.to_string()));
         }
         let now = OffsetDateTime::now_utc();
-        let ttl = entry.x509_svid_ttl.unwrap_or(self.settings.x509_svid_ttl);
+        // Matched a moment ago; it may have expired since.
+        if !entry.is_live(now) {
+            self.deny(caller, Kind::X509, "entry expired");
+            return Err(IssueError::NoIdentity);
+        }
+        let ttl = entry.cap_ttl(
+            entry.x509_svid_ttl.unwrap_or(self.settings.x509_svid_ttl),
+            now,
+        );
         let m = self.ca.mint_x509(&entry.spiffe_id, ttl, now)?;
         let serial = hex::encode(m.serial);
         let mut lease = self.new_lease(
@@ -534,16 +542,19 @@ impl Issuer {
             }
         }
         let _shared = self.barrier.read().await;
-        entries.retain(|e| !self.leases.is_killed(&e.spiffe_id));
+        let now = OffsetDateTime::now_utc();
+        entries.retain(|e| !self.leases.is_killed(&e.spiffe_id) && e.is_live(now));
         if entries.is_empty() {
             return Err(IssueError::NoIdentity);
         }
-        let now = OffsetDateTime::now_utc();
         let mut out = Vec::with_capacity(entries.len());
         let mut ops = Vec::with_capacity(entries.len() * 2);
         let mut leases = Vec::with_capacity(entries.len());
         for entry in &entries {
-            let ttl = entry.jwt_svid_ttl.unwrap_or(self.settings.jwt_svid_ttl);
+            let ttl = entry.cap_ttl(
+                entry.jwt_svid_ttl.unwrap_or(self.settings.jwt_svid_ttl),
+                now,
+            );
             let lease_id = LeaseId::random();
             let jti = lease_id.to_string();
             let (token, exp) = self
@@ -609,11 +620,14 @@ impl Issuer {
             .is_some_and(|l| {
                 self.leases
                     .is_active_for(&l, Kind::Jwt, id.as_str(), now.unix_timestamp())
+                    // And the entry that granted it still grants (as for introspection): a
+                    // deleted, expired or idle-refused entry's tokens stop validating.
+                    && self.entry_of_lease(&l).is_some()
             });
         if !active {
             return Err(IssueError::InvalidArgument(
-                "JWT-SVID is not valid: it has been revoked, or its jti is not a JWT-SVID \
-                 lease of its subject"
+                "JWT-SVID is not valid: it has been revoked, its entry no longer grants it, or \
+                 its jti is not a JWT-SVID lease of its subject"
                     .into(),
             ));
         }
