@@ -165,6 +165,14 @@ pub struct AuditWriter {
     buf: Vec<u8>,
 }
 
+/// A point in the chain to roll back to ([`AuditWriter::mark`]).
+#[derive(Debug)]
+pub struct Mark {
+    seq: u64,
+    prev: String,
+    len: usize,
+}
+
 /// Audit file errors.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -235,6 +243,23 @@ impl AuditWriter {
     /// The live file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Where the chain stands, for [`AuditWriter::rollback`].
+    pub fn mark(&self) -> Mark {
+        Mark {
+            seq: self.seq,
+            prev: self.prev.clone(),
+            len: self.buf.len(),
+        }
+    }
+
+    /// Drops the records pushed since `m` (not yet written): their transaction did not
+    /// commit, so they describe things that did not happen.
+    pub fn rollback(&mut self, m: Mark) {
+        self.buf.truncate(m.len);
+        self.seq = m.seq;
+        self.prev = m.prev;
     }
 
     /// Formats `ev` as the next record into the pending buffer and returns that record (without

@@ -473,7 +473,14 @@ fn writer(
         // Timed from here to the answers: the commit, a forced checkpoint and the audit
         // append all come before anyone in the batch is answered.
         let started = std::time::Instant::now();
+        let mark = audit.mark();
         let result = apply(&mut conn, &mut audit, &jobs, clear);
+        if result.is_err() {
+            // Rolled back: its records must not reach the file (they would tell of issues,
+            // kills and revocations that never happened, and push later, committed records
+            // out of line at the next start).
+            audit.rollback(mark);
+        }
         if let Some(w) = &mut wal {
             w.committed(&conn);
         }
@@ -482,8 +489,7 @@ fn writer(
             Err(e) => tracing::error!(error = %e, ops = n, "lease store commit failed"),
         }
         // Committed records reach the file before anyone is answered, so a reader of the
-        // file sees every acknowledged event. Records of a failed commit are appended too:
-        // the chain has already moved past them.
+        // file sees every acknowledged event.
         match audit.write() {
             Ok(()) => sync.request(audit.file(), audit.head().0),
             // They stay in the store and are retried with the next batch.
@@ -1332,6 +1338,35 @@ mod tests {
         assert_eq!(head.0, 4, "the store's head follows the file again");
         let v = audit::verify(&file, Some((head.0, &head.1))).unwrap();
         assert_eq!(v.gaps, vec![3]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_leaves_no_record_in_the_file() {
+        let (d, s, _) = audited(2).await;
+        // Any batch holding a record that mentions "boom" fails inside the transaction.
+        Connection::open(d.path().join("tessera.db"))
+            .unwrap()
+            .execute_batch(
+                "CREATE TRIGGER boom BEFORE INSERT ON audit_pending \
+                 WHEN CAST(NEW.line AS TEXT) LIKE '%boom%' BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+            )
+            .unwrap();
+        let failed = commit(
+            &s,
+            vec![Op::Audit(Event::now("kill", Actor::Daemon).reason("boom"))],
+        )
+        .await;
+        assert!(failed.is_err(), "the injected failure");
+        commit(&s, vec![Op::Audit(Event::now("revoke", Actor::Daemon))])
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(d.path().join("audit.jsonl")).unwrap();
+        assert!(!text.contains("boom"), "{text}");
+        assert_eq!(text.lines().count(), 3);
+        let head = recorded_audit_head(d.path()).unwrap().unwrap();
+        let v =
+            audit::verify_chain(&d.path().join("audit.jsonl"), Some((head.0, &head.1))).unwrap();
+        assert_eq!((v.records, head.0), (3, 3));
     }
 
     #[tokio::test]
