@@ -94,13 +94,23 @@ pub type Entries = Arc<Vec<Arc<Entry>>>;
 #[derive(Debug)]
 pub struct Registry {
     tx: watch::Sender<Entries>,
+    /// Whether any entry has a `unix:sha256` selector: most deployments have none, and then
+    /// no caller needs hashing, without a look at every entry per request.
+    any_sha256: std::sync::atomic::AtomicBool,
+}
+
+fn has_sha256(entries: &[Entry]) -> bool {
+    entries
+        .iter()
+        .any(|e| e.selectors.iter().any(|s| matches!(s, Selector::Sha256(_))))
 }
 
 impl Registry {
     /// A registry holding `entries`.
     pub fn new(entries: Vec<Entry>) -> Self {
+        let any_sha256 = has_sha256(&entries).into();
         let (tx, _) = watch::channel(Arc::new(entries.into_iter().map(Arc::new).collect()));
-        Self { tx }
+        Self { tx, any_sha256 }
     }
 
     /// The current entries.
@@ -115,8 +125,17 @@ impl Registry {
 
     /// Replaces the entry set and notifies every subscriber.
     pub fn replace(&self, entries: Vec<Entry>) {
+        // Set before the entries are visible: a caller that sees a new sha256 entry also sees
+        // the flag (a stale `true` only costs one scan).
+        let any = has_sha256(&entries);
+        if any {
+            self.any_sha256
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         self.tx
             .send_replace(Arc::new(entries.into_iter().map(Arc::new).collect()));
+        self.any_sha256
+            .store(any, std::sync::atomic::Ordering::Release);
     }
 
     /// Live entries whose selectors the caller satisfies, in match order.
@@ -129,6 +148,9 @@ impl Registry {
     /// Hashing an executable reads up to `max_exe_hash_mib` of it, so callers that no entry
     /// could match by hash are not made to pay for it, nor can they make the daemon pay.
     pub fn wants_hash(&self, caller: &Attestation, now: OffsetDateTime) -> bool {
+        if !self.any_sha256.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
         self.tx.borrow().iter().any(|e| {
             e.is_live(now)
                 && e.selectors.iter().any(|s| matches!(s, Selector::Sha256(_)))

@@ -132,6 +132,8 @@ impl AdminApi {
                 ("task_id", a.task_id.clone().into()),
                 ("audience", a.audience.clone().into()),
                 ("scopes", a.scopes.clone().into()),
+                ("ttl_seconds", a.ttl_seconds.into()),
+                ("x509_svid", a.x509.into()),
             ],
         );
         Ok(Response::new(approval_to_pb(&a)))
@@ -143,12 +145,7 @@ impl AdminApi {
     /// request of the id in `req`.
     async fn check_approver(&self, req: &Request<pb::DecideApprovalRequest>) -> Result<(), Status> {
         let id = &req.get_ref().id;
-        let Some(a) = self
-            .approvals
-            .list(now_ms())
-            .into_iter()
-            .find(|a| &a.id == id)
-        else {
+        let Some(a) = self.approvals.get(id, now_ms()) else {
             return Ok(()); // the decision itself answers NotFound
         };
         let agent = SpiffeId::parse(&a.agent).map_err(|e| Status::internal(e.to_string()))?;
@@ -162,15 +159,21 @@ impl AdminApi {
             .extensions()
             .get::<PeerConn>()
             .and_then(|p| p.0.as_deref());
-        let holds_it = match self.issuer.attest(peer).await {
-            Ok(me) => self
-                .issuer
-                .identities(&me)
-                .iter()
-                .any(|e| e.spiffe_id.as_str() == a.agent),
-            // Not attestable (e.g. another pid namespace): it holds no identity here.
-            Err(_) => false,
-        };
+        // Fail closed: a connection handed over by a process that has exited cannot be
+        // attested, and must not pass for "holds no identity".
+        let me = self.issuer.attest(peer).await.map_err(|e| {
+            Status::permission_denied(format!(
+                "cannot attest the approving process ({e}); approve from a process that opened its own connection"
+            ))
+        })?;
+        // Every entry it matches, killed or idle ones too: an idle agent that approved itself
+        // could use the approval after a review.
+        let holds_it = self
+            .issuer
+            .registry()
+            .matching(&me, time::OffsetDateTime::now_utc())
+            .iter()
+            .any(|e| e.spiffe_id.as_str() == a.agent);
         if holds_it {
             return Err(Status::permission_denied(format!(
                 "this process holds {} itself, so it could be the agent approving its own request; approve from a process that does not match the agent's entry (give high-risk agents a unix:path or unix:sha256 selector, or another uid)",
@@ -187,6 +190,18 @@ impl AdminApi {
         p.idle = self.issuer.is_idle(e, now_ms());
         p
     }
+}
+
+/// Runs an operator change to its end even if the caller goes away meanwhile: once its commit
+/// is submitted, memory must follow the disk (a request dropped between the two left the
+/// change on disk only, to appear at the next restart).
+async fn to_completion<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, crate::issuer::IssueError>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(change)
+        .await
+        .map_err(|e| Status::internal(format!("operator change failed: {e}")))?
+        .map_err(status)
 }
 
 fn now_ms() -> i64 {
@@ -373,11 +388,8 @@ impl pb::admin_server::Admin for AdminApi {
             .into_inner()
             .entry
             .ok_or_else(|| Status::invalid_argument("entry is required"))?;
-        let created = self
-            .issuer
-            .create_entry(entry_spec(e)?, actor)
-            .await
-            .map_err(status)?;
+        let (issuer, spec) = (Arc::clone(&self.issuer), entry_spec(e)?);
+        let created = to_completion(async move { issuer.create_entry(spec, actor).await }).await?;
         Ok(Response::new(self.entry_pb(&created, false)))
     }
 
@@ -393,12 +405,9 @@ impl pb::admin_server::Admin for AdminApi {
         if e.id.is_empty() {
             return Err(Status::invalid_argument("entry.id is required"));
         }
-        let id = e.id.clone();
-        let updated = self
-            .issuer
-            .update_entry(&id, entry_spec(e)?, actor)
-            .await
-            .map_err(status)?;
+        let (issuer, id, spec) = (Arc::clone(&self.issuer), e.id.clone(), entry_spec(e)?);
+        let updated =
+            to_completion(async move { issuer.update_entry(&id, spec, actor).await }).await?;
         Ok(Response::new(self.entry_pb(&updated, false)))
     }
 
@@ -407,10 +416,8 @@ impl pb::admin_server::Admin for AdminApi {
         req: Request<pb::DeleteEntryRequest>,
     ) -> Result<Response<pb::DeleteEntryResponse>, Status> {
         let actor = self.authorize(&req).await?;
-        self.issuer
-            .delete_entry(&req.into_inner().id, actor)
-            .await
-            .map_err(status)?;
+        let (issuer, id) = (Arc::clone(&self.issuer), req.into_inner().id);
+        to_completion(async move { issuer.delete_entry(&id, actor).await }).await?;
         Ok(Response::new(pb::DeleteEntryResponse {}))
     }
 
@@ -497,11 +504,9 @@ impl pb::admin_server::Admin for AdminApi {
         } else {
             r.reason
         };
-        let l = self
-            .issuer
-            .revoke_lease(&r.id, actor, &reason)
-            .await
-            .map_err(status)?;
+        let issuer = Arc::clone(&self.issuer);
+        let l =
+            to_completion(async move { issuer.revoke_lease(&r.id, actor, &reason).await }).await?;
         Ok(Response::new(lease_to_pb(&l)))
     }
 
@@ -516,11 +521,9 @@ impl pb::admin_server::Admin for AdminApi {
         } else {
             r.reason
         };
-        let n = self
-            .issuer
-            .revoke_task(&r.task_id, actor, &reason)
-            .await
-            .map_err(status)?;
+        let issuer = Arc::clone(&self.issuer);
+        let n = to_completion(async move { issuer.revoke_task(&r.task_id, actor, &reason).await })
+            .await?;
         Ok(Response::new(pb::RevokeTaskResponse { revoked: n as u32 }))
     }
 
@@ -535,24 +538,25 @@ impl pb::admin_server::Admin for AdminApi {
         } else {
             r.reason
         };
-        let n = self
-            .issuer
-            .kill(&r.spiffe_id, actor.clone(), &reason)
-            .await
-            .map_err(status)?;
-        // Decisions made for a killed agent do not outlive the kill: after a restore it asks
-        // again. (The kill parsed the id.)
-        if let Ok(id) = SpiffeId::parse(&r.spiffe_id) {
-            let withdrawn = self.approvals.withdraw_within(&id);
-            if !withdrawn.is_empty() {
-                self.issuer.record(
-                    "approvals_withdrawn",
-                    actor,
-                    id.as_str(),
-                    vec![("request_ids", withdrawn.into())],
-                );
+        let (issuer, approvals) = (Arc::clone(&self.issuer), Arc::clone(&self.approvals));
+        let n = to_completion(async move {
+            let n = issuer.kill(&r.spiffe_id, actor.clone(), &reason).await?;
+            // Decisions made for a killed agent do not outlive the kill: after a restore it
+            // asks again. (The kill parsed the id.)
+            if let Ok(id) = SpiffeId::parse(&r.spiffe_id) {
+                let withdrawn = approvals.withdraw_within(&id);
+                if !withdrawn.is_empty() {
+                    issuer.record(
+                        "approvals_withdrawn",
+                        actor,
+                        id.as_str(),
+                        vec![("request_ids", withdrawn.into())],
+                    );
+                }
             }
-        }
+            Ok(n)
+        })
+        .await?;
         Ok(Response::new(pb::KillIdentityResponse {
             revoked: n as u32,
         }))
@@ -563,10 +567,8 @@ impl pb::admin_server::Admin for AdminApi {
         req: Request<pb::RestoreIdentityRequest>,
     ) -> Result<Response<pb::RestoreIdentityResponse>, Status> {
         let actor = self.authorize(&req).await?;
-        self.issuer
-            .restore(&req.into_inner().spiffe_id, actor)
-            .await
-            .map_err(status)?;
+        let (issuer, id) = (Arc::clone(&self.issuer), req.into_inner().spiffe_id);
+        to_completion(async move { issuer.restore(&id, actor).await }).await?;
         Ok(Response::new(pb::RestoreIdentityResponse {}))
     }
 
@@ -620,7 +622,11 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::Entry>, Status> {
         let actor = self.authorize(&req).await?;
         let id = req.into_inner().id;
-        let e = self.issuer.review_entry(&id, actor).await.map_err(status)?;
+        let issuer = Arc::clone(&self.issuer);
+        let e = {
+            let id = id.clone();
+            to_completion(async move { issuer.review_entry(&id, actor).await }).await?
+        };
         let from_config = self
             .issuer
             .entries()

@@ -74,14 +74,16 @@ impl AsyncWrite for UdsConn {
     }
 }
 
-/// Checks that nobody but us (or root) can replace `dir` or anything in it: `dir` is a real
-/// directory (not a symbolic link) owned by us or root and not writable by group or others,
-/// and every directory above it is owned by us or root and either not writable by others or
-/// sticky (as `/tmp` is: then only the owner of `dir` can rename it). Otherwise another local
-/// user could swap the directory for one holding a socket of their own, and serve a fake
-/// Workload API to workloads and the CLI.
-pub fn check_socket_dir(dir: &Path) -> io::Result<()> {
-    let me = nix::unistd::geteuid().as_raw();
+/// Checks that nobody but `owner` (or root) can replace `dir` or anything in it: `dir` is a
+/// real directory (not a symbolic link) owned by `owner` or root and not writable by group or
+/// others, and every directory above it is owned by `owner` or root and either not writable by
+/// others or sticky (as `/tmp` is: then only the owner of `dir` can rename it). Otherwise
+/// another local user could swap the directory for one holding a socket of their own, and
+/// serve a fake Workload API to workloads and the CLI. With `owner` `None` (a client that does
+/// not know which uid the daemon runs as) ownership is not checked, the rest is.
+pub fn check_socket_dir(dir: &Path, owner: Option<u32>) -> io::Result<()> {
+    let owned_ok = |uid: u32| owner.is_none_or(|me| uid == me || uid == 0);
+    let me = owner.map_or_else(|| "the daemon's uid".to_owned(), |u| format!("uid {u}"));
     let refuse = |why: String| io::Error::new(io::ErrorKind::PermissionDenied, why);
     let meta = std::fs::symlink_metadata(dir)?;
     if meta.file_type().is_symlink() {
@@ -93,9 +95,9 @@ pub fn check_socket_dir(dir: &Path) -> io::Result<()> {
     if !meta.is_dir() {
         return Err(refuse(format!("{} is not a directory", dir.display())));
     }
-    if (meta.uid() != me && meta.uid() != 0) || meta.mode() & 0o022 != 0 {
+    if !owned_ok(meta.uid()) || meta.mode() & 0o022 != 0 {
         return Err(refuse(format!(
-            "socket directory {} must be owned by uid {me} or root and not writable by group or others (owner {}, mode {:o})",
+            "socket directory {} must be owned by {me} or root and not writable by group or others (owner {}, mode {:o})",
             dir.display(),
             meta.uid(),
             meta.mode() & 0o777
@@ -107,9 +109,9 @@ pub fn check_socket_dir(dir: &Path) -> io::Result<()> {
     for up in real.ancestors().skip(1) {
         let m = std::fs::metadata(up)?;
         let sticky = m.mode() & 0o1000 != 0;
-        if (m.uid() != me && m.uid() != 0) || (m.mode() & 0o022 != 0 && !sticky) {
+        if !owned_ok(m.uid()) || (m.mode() & 0o022 != 0 && !sticky) {
             return Err(refuse(format!(
-                "{} (above the socket directory {}) must be owned by uid {me} or root and not writable by group or others unless sticky (owner {}, mode {:o}): otherwise another user could replace the socket directory",
+                "{} (above the socket directory {}) must be owned by {me} or root and not writable by group or others unless sticky (owner {}, mode {:o}): otherwise another user could replace the socket directory",
                 up.display(),
                 dir.display(),
                 m.uid(),
@@ -148,7 +150,7 @@ pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
             .open(dir)?
             .set_permissions(std::fs::Permissions::from_mode(0o755))?;
     }
-    check_socket_dir(dir)?;
+    check_socket_dir(dir, Some(nix::unistd::geteuid().as_raw()))?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket_like() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {

@@ -179,6 +179,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let mut leases_rx = self.issuer.leases().subscribe();
         entries_rx.borrow_and_update();
         leases_rx.borrow_and_update();
+        let kills_seen = self.issuer.leases().kill_generation();
         let entries = self.issuer.entitled(&caller, Kind::X509).map_err(status)?;
         let now = Instant::now();
         let mut svids = Vec::with_capacity(entries.len());
@@ -197,6 +198,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             peer,
             svids,
             _slot: slot,
+            kills_seen,
         };
         let first = x509_response(&w.svids, &w.bundle_rx.borrow_and_update());
         self.issuer.metrics().observe("FetchX509SVID", t0.elapsed());
@@ -344,6 +346,8 @@ struct X509Watch {
     shutdown: Shutdown,
     /// Counted against the caller's uid while the stream is open.
     _slot: Slot,
+    /// The kill list generation last looked at.
+    kills_seen: u64,
 }
 
 impl X509Watch {
@@ -369,9 +373,12 @@ impl X509Watch {
                     let touched = self.svids.iter().any(|(s, _)| {
                         !leases.is_active(&s.lease_id, now) || leases.is_killed(&s.spiffe_id)
                     });
-                    // A restore (or a lease change that ends a kill's effect) can give back an
-                    // identity this stream dropped.
-                    if !touched && !self.gained_identity() {
+                    // A restore can give back an identity this stream dropped; only kills and
+                    // restores change that, not the revocations most changes are.
+                    let kills_now = leases.kill_generation();
+                    let kills_changed = std::mem::replace(&mut self.kills_seen, kills_now) != kills_now;
+                    let gained = kills_changed && self.gained_identity();
+                    if !touched && !gained {
                         continue;
                     }
                     if let Err(s) = self.reconcile().await { return end(s); }

@@ -237,11 +237,14 @@ pub struct Attestor {
 struct GateGuard<'a> {
     map: &'a DashMap<FileKey, Arc<tokio::sync::Mutex<()>>>,
     key: FileKey,
+    gate: &'a Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Drop for GateGuard<'_> {
     fn drop(&mut self) {
-        self.map.remove(&self.key);
+        // Only our own gate: a newer one may have taken its place after an earlier removal.
+        self.map
+            .remove_if(&self.key, |_, g| Arc::ptr_eq(g, self.gate));
     }
 }
 
@@ -269,8 +272,9 @@ impl Attestor {
         }
     }
 
-    /// Attests the peer. Blocking work (`/proc` reads, user and group name lookups, hashing
-    /// a new executable) runs off the async threads.
+    /// Attests the peer. The blocking work of a full attestation (its `/proc` reads, user and
+    /// group name lookups, hashing a new executable) runs off the async threads; the cheap
+    /// re-check of a reused one (a pidfd poll, one `stat`) runs inline.
     ///
     /// The executable is hashed only when `wants_hash`, given the attestation without a hash,
     /// says some entry could match by it.
@@ -508,20 +512,23 @@ impl Attestor {
         if let Some(h) = self.cached_hash(&key) {
             return Some(h);
         }
+        // The user's turn first: while it waits behind its own earlier hashes it holds no
+        // file's gate, so other users' first runs of a shared binary do not wait with it.
+        let user_gate = Arc::clone(self.hashing_uid.entry(uid).or_default().value());
+        // Held by the blocking task, which runs on if this request is cancelled: a user that
+        // cancels its requests still hashes one file at a time.
+        let user_turn = user_gate.lock_owned().await;
         let gate = Arc::clone(self.hashing.entry(key).or_default().value());
         let _hashing = gate.lock().await;
         let _gate_guard = GateGuard {
             map: &self.hashing,
             key,
+            gate: &gate,
         };
         // Whoever held the lock before us may have hashed this very file.
         if let Some(h) = self.cached_hash(&key) {
             return Some(h);
         }
-        let user_gate = Arc::clone(self.hashing_uid.entry(uid).or_default().value());
-        // Held by the blocking task, which runs on if this request is cancelled: a user that
-        // cancels its requests still hashes one file at a time.
-        let user_turn = user_gate.lock_owned().await;
         let this = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             let _user_turn = user_turn;

@@ -408,7 +408,13 @@ async fn connect(path: &Path) -> anyhow::Result<Channel> {
     // The same check the daemon makes before it binds: a directory someone else controls
     // could hold their socket, not tesserad's.
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        crate::api::uds::check_socket_dir(dir)
+        // The default paths are this user's own (`/tmp/tessera-<uid>` is where a planted
+        // directory would be): they must be ours or root's. A path given explicitly may
+        // belong to a daemon running as another user.
+        let d = Defaults::for_current_user();
+        let ours = path == d.workload_socket || path == d.admin_socket;
+        let owner = ours.then(|| nix::unistd::geteuid().as_raw());
+        crate::api::uds::check_socket_dir(dir, owner)
             .map_err(|e| anyhow::anyhow!("refusing to connect to {}: {e}", path.display()))?;
     }
     crate::api::uds::channel(path).await.map_err(|e| {

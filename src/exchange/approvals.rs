@@ -44,8 +44,11 @@ pub struct Approval {
     pub audience: String,
     /// Scopes, sorted.
     pub scopes: Vec<String>,
-    /// Lifetime the token would get, seconds.
+    /// Lifetime the token would get, seconds (at filing: it shrinks with the subject token).
     pub ttl_seconds: u64,
+    /// The lifetime the agent asked for (`expires_in`), if it did: part of what is approved,
+    /// where `ttl_seconds` is not, since it shortens as the subject token ages.
+    pub requested_ttl: Option<u64>,
     /// Whether a task X.509-SVID (with its key) is asked for as well.
     pub x509: bool,
     /// Unix ms.
@@ -69,7 +72,7 @@ impl Approval {
             self.subject_sub,
             self.audience,
             self.scopes.join(" "),
-            self.ttl_seconds,
+            self.requested_ttl.map_or(String::new(), |t| t.to_string()),
             self.x509
         )
     }
@@ -211,6 +214,13 @@ impl Approvals {
         gone
     }
 
+    /// One live request.
+    pub fn get(&self, id: &str, now_ms: i64) -> Option<Approval> {
+        let mut g = self.lock();
+        g.purge(now_ms);
+        g.by_id.get(id).cloned()
+    }
+
     /// Every live request, oldest first.
     pub fn list(&self, now_ms: i64) -> Vec<Approval> {
         let mut g = self.lock();
@@ -260,6 +270,7 @@ mod tests {
             audience: "api".into(),
             scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
             ttl_seconds: 60,
+            requested_ttl: None,
             x509: false,
             created_ms: 0,
             expires_ms: 0,
@@ -273,11 +284,27 @@ mod tests {
         let Some(Check::Filed(id)) = a.check(req(&["b", "a"]), 0, "r1".into()) else {
             panic!()
         };
-        // Same request (scope order does not matter): same id, still pending.
+        // Same request (scope order does not matter): same id, still pending. The lifetime
+        // it would get has shrunk with the subject token meanwhile; that is not a new request.
+        let mut later = req(&["a", "b"]);
+        later.ttl_seconds = 42;
         assert_eq!(
-            a.check(req(&["a", "b"]), 1, "r2".into()),
+            a.check(later, 1, "r2".into()),
             Some(Check::Pending(id.clone()))
         );
+        // Asking for another lifetime, or for an X.509-SVID as well, is.
+        let mut longer = req(&["a", "b"]);
+        longer.requested_ttl = Some(3600);
+        assert!(matches!(
+            a.check(longer, 1, "r2b".into()),
+            Some(Check::Filed(_))
+        ));
+        let mut with_cert = req(&["a", "b"]);
+        with_cert.x509 = true;
+        assert!(matches!(
+            a.check(with_cert, 1, "r2c".into()),
+            Some(Check::Filed(_))
+        ));
         // A different request is separate.
         assert!(matches!(
             a.check(req(&["a"]), 1, "r3".into()),

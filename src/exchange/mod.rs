@@ -568,6 +568,7 @@ impl Exchanger {
                 audience: audience.clone(),
                 scopes: scopes.clone(),
                 ttl_seconds: ttl.as_secs(),
+                requested_ttl: expires_in.map(|d| d.as_secs()),
                 x509,
                 created_ms: 0,
                 expires_ms: 0,
@@ -593,7 +594,11 @@ impl Exchanger {
                 }
                 Some(Check::Pending(id)) => return Err(ExchangeError::AuthorizationPending(id)),
                 Some(Check::Denied(id)) => return Err(ExchangeError::AccessDenied(id)),
-                Some(Check::Approved(a)) => approval = Some(*a),
+                Some(Check::Approved(a)) => {
+                    // Never longer than the lifetime the operator was shown.
+                    ttl = ttl.min(Duration::from_secs(a.ttl_seconds.max(1)));
+                    approval = Some(*a);
+                }
             }
         }
 

@@ -351,8 +351,10 @@ impl Issuer {
         let mut v = self.registry.matching(caller, OffsetDateTime::now_utc());
         let now = now_ms();
         v.retain(|e| !self.leases.is_killed(&e.spiffe_id) && !self.is_idle_refused(e, now));
-        let mut seen = std::collections::HashSet::with_capacity(v.len());
-        v.retain(|e| seen.insert(e.spiffe_id.clone()));
+        if v.len() > 1 {
+            let mut seen = std::collections::HashSet::with_capacity(v.len());
+            v.retain(|e| seen.insert(e.spiffe_id.as_str().to_owned()));
+        }
         v
     }
 

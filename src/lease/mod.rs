@@ -261,6 +261,9 @@ pub struct LeaseTable {
     expiry_changed: Notify,
     revoked_serials: Mutex<HashMap<LeaseId, RevokedSerial>>,
     kills: RwLock<HashMap<String, Kill>>,
+    /// Bumped on every kill and restore: what a stream checks before asking whether its
+    /// caller gained an identity.
+    kill_generation: std::sync::atomic::AtomicU64,
     tasks: DashMap<Arc<str>, Task>,
     /// Bumped on every revocation, kill and restore, and by the reaper when an expiry took
     /// revoked certificates off the CRL: streams and the CRL publisher re-check.
@@ -335,6 +338,7 @@ impl LeaseTable {
             expiry_changed: Notify::new(),
             revoked_serials: Mutex::new(HashMap::new()),
             kills: RwLock::new(HashMap::new()),
+            kill_generation: Default::default(),
             tasks: DashMap::new(),
             changes: watch::channel(0).0,
         }
@@ -966,7 +970,15 @@ impl LeaseTable {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(k.spiffe_id.clone(), k);
+        self.kill_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         self.announce_change();
+    }
+
+    /// Changes with every kill and restore.
+    pub fn kill_generation(&self) -> u64 {
+        self.kill_generation
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Removes from the kill list; returns whether it was there.
@@ -978,6 +990,8 @@ impl LeaseTable {
             .remove(id)
             .is_some();
         if had {
+            self.kill_generation
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
             self.announce_change();
         }
         had
