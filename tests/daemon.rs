@@ -294,15 +294,8 @@ fn operator_ca_chain_is_served_with_intermediates() {
          [inter]\nbasicConstraints=critical,CA:true,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\nsubjectAltName=URI:spiffe://tessera.internal\n",
     )
     .unwrap();
-    sh(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        "root.key",
-    ]);
+    // An RSA root, as offline roots often are; the online intermediate is P-256.
+    sh(&["genrsa", "-out", "root.key", "2048"]);
     sh(&[
         "req",
         "-x509",
@@ -405,4 +398,18 @@ fn operator_ca_chain_is_served_with_intermediates() {
     let st = d.cli(&["status", "--json"]);
     let s: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(s["x509_authorities"][0]["operator_supplied"], true);
+    // The federation bundle publishes the RSA root as a complete JWK (kty, n, e).
+    let (code, body) = common::http_get(d.http, "/bundle");
+    assert_eq!(code, 200);
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let x509: Vec<&serde_json::Value> = doc["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "x509-svid")
+        .collect();
+    assert_eq!(x509.len(), 1, "{doc}");
+    assert_eq!(x509[0]["kty"], "RSA", "{doc}");
+    assert_eq!(x509[0]["e"], "AQAB");
+    assert!(x509[0]["n"].as_str().unwrap().len() > 300);
 }

@@ -161,10 +161,15 @@ impl TrustBundle {
         use base64::Engine;
         let mut keys = Vec::new();
         for a in &self.x509_authorities {
-            let mut m = x509_parser::parse_x509_certificate(&a.der)
+            // A JWK must have its `kty` (RFC 7517 §4.1): one that cannot be written is left
+            // out rather than published half-formed, which would make SPIFFE clients reject
+            // the whole document.
+            let Some(mut m) = x509_parser::parse_x509_certificate(&a.der)
                 .ok()
                 .and_then(|(_, c)| spki_jwk_members(c.public_key()))
-                .unwrap_or_default();
+            else {
+                continue;
+            };
             m.insert("use".into(), "x509-svid".into());
             m.insert(
                 "x5c".into(),
@@ -201,8 +206,31 @@ fn jwt_jwk(k: &Jwk) -> Value {
     Value::Object(m)
 }
 
-/// JWK members for an EC certificate key (the only kind Tessera signs with).
+/// JWK members for a certificate key: EC P-256/P-384 (what Tessera signs with) or RSA (an
+/// operator's offline root often is).
 fn spki_jwk_members(spki: &SubjectPublicKeyInfo<'_>) -> Option<Map<String, Value>> {
+    if let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = spki.parsed() {
+        // Base64urlUInt: no leading zero octets (RFC 7518 §2, §6.3.1).
+        let unsigned = |b: &[u8]| {
+            let i = b
+                .iter()
+                .position(|&x| x != 0)
+                .unwrap_or(b.len().saturating_sub(1));
+            b[i..].to_vec()
+        };
+        let key = jose::PublicKey::Rsa {
+            n: unsigned(rsa.modulus),
+            e: unsigned(rsa.exponent),
+        };
+        return Some(
+            Jwk {
+                kid: String::new(),
+                key,
+                alg: None,
+            }
+            .public_members(),
+        );
+    }
     let curve = spki.algorithm.parameters.as_ref()?.as_oid().ok()?;
     let point = spki.subject_public_key.data.to_vec();
     let key = if curve.as_bytes() == x509::oid::P256 {
