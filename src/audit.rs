@@ -163,6 +163,8 @@ pub struct AuditWriter {
     seq: u64,
     prev: String,
     buf: Vec<u8>,
+    /// Rotated away but the new file is not open yet (its open failed): retry the open.
+    reopen: bool,
 }
 
 /// A point in the chain to roll back to ([`AuditWriter::mark`]).
@@ -232,6 +234,7 @@ impl AuditWriter {
             seq,
             prev,
             buf: Vec::with_capacity(1 << 16),
+            reopen: false,
         })
     }
 
@@ -362,21 +365,33 @@ impl AuditWriter {
             let p = p.to_owned();
             move |source| AuditError::Io { path: p, source }
         };
-        if self.size > 0 && self.size + self.buf.len() as u64 > self.max_size {
-            self.file.sync_data().map_err(io(&self.path))?;
-            let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
-            let rotated = self.path.with_extension(format!("{stamp}.jsonl"));
-            std::fs::rename(&self.path, &rotated).map_err(io(&self.path))?;
+        if self.reopen || (self.size > 0 && self.size + self.buf.len() as u64 > self.max_size) {
+            if !self.reopen {
+                self.file.sync_data().map_err(io(&self.path))?;
+                let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+                let rotated = self.path.with_extension(format!("{stamp}.jsonl"));
+                std::fs::rename(&self.path, &rotated).map_err(io(&self.path))?;
+                // Renamed: from here a failure retries the open, not the rename (the live
+                // name is free now, and renaming it again would fail for good).
+                self.reopen = true;
+            }
             use std::os::unix::fs::OpenOptionsExt;
-            self.file = Arc::new(
-                OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .mode(0o600)
-                    .open(&self.path)
-                    .map_err(io(&self.path))?,
-            );
+            let file = OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(&self.path)
+                .map_err(io(&self.path))?;
+            // The rename and the new name must be durable before records in the new file
+            // count as synced (and the store drops its copies of them).
+            if let Some(dir) = self.path.parent() {
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io(dir))?;
+            }
+            self.file = Arc::new(file);
             self.size = 0;
+            self.reopen = false;
         }
         if let Err(e) = (&*self.file).write_all(&self.buf) {
             let _ = self.file.set_len(self.size);
