@@ -229,6 +229,16 @@ fn admin_socket_is_for_root_and_named_uids_only() {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
+    // The refusal is in the audit log, under the caller's uid.
+    let dir = d.stop();
+    let audit = std::fs::read_to_string(dir.path().join("data/audit.jsonl")).unwrap();
+    assert!(
+        audit.lines().any(|l| {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap();
+            r["event"] == "deny" && r["actor"]["operator_uid"] == 47005
+        }),
+        "{audit}"
+    );
 }
 
 #[test]

@@ -72,6 +72,21 @@ impl AdminApi {
 
     /// Checks access and returns the operator, for audit records.
     async fn authorize<T>(&self, req: &Request<T>) -> Result<Actor, Status> {
+        let result = self.admit(req).await;
+        if result.is_err() {
+            // Probing the operator API is worth a record (within the caller's share).
+            let uid = req
+                .extensions()
+                .get::<PeerConn>()
+                .and_then(|p| p.0.as_ref())
+                .map_or(u32::MAX, |p| p.uid);
+            self.issuer
+                .deny_operator(uid, "not an operator: the admin API refused the call");
+        }
+        result
+    }
+
+    async fn admit<T>(&self, req: &Request<T>) -> Result<Actor, Status> {
         let denied = || {
             Status::permission_denied(
                 "the admin API is open to root and to uids/gids named in [admin] only",

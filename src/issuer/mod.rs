@@ -402,6 +402,11 @@ impl Issuer {
         self.audit_denial(ev);
     }
 
+    /// Records a refused call on the admin API.
+    pub fn deny_operator(&self, uid: u32, reason: &str) {
+        self.audit_denial(Event::now("deny", Actor::Operator { uid }).reason(reason));
+    }
+
     /// Records a refusal within the caller's share of the audit log ([`denials`]); past it,
     /// the refusal is counted and reported with the caller's next recorded one.
     fn audit_denial(&self, ev: Event) {
