@@ -119,7 +119,11 @@ impl Inner {
             .collect();
         for id in expired {
             if let Some(a) = self.by_id.remove(&id) {
-                self.by_key.remove(&a.key());
+                // Only if the key still names this request (a newer one may have taken it).
+                let k = a.key();
+                if self.by_key.get(&k) == Some(&id) {
+                    self.by_key.remove(&k);
+                }
             }
         }
     }
@@ -135,6 +139,9 @@ pub struct Approvals {
 /// Most requests held at once: a flood of distinct high-risk requests must not grow memory
 /// without bound. Beyond it new requests are refused until some expire.
 const MAX_PENDING: usize = 10_000;
+/// Most requests one agent may have waiting: one agent filing thousands must not shut every
+/// other high-risk agent out of the queue.
+const MAX_PENDING_PER_AGENT: usize = 100;
 
 impl Approvals {
     /// When a request filed or decided at `now_ms` expires; saturates rather than wrapping
@@ -174,7 +181,9 @@ impl Approvals {
                 }
             });
         }
-        if g.by_id.len() >= MAX_PENDING {
+        if g.by_id.len() >= MAX_PENDING
+            || g.by_id.values().filter(|a| a.agent == proto.agent).count() >= MAX_PENDING_PER_AGENT
+        {
             return None;
         }
         proto.id = new_id.clone();
@@ -190,7 +199,12 @@ impl Approvals {
     /// the agent's retry can use it.
     pub fn put_back(&self, a: Approval) {
         let mut g = self.lock();
-        g.by_key.insert(a.key(), a.id.clone());
+        // A retry may have filed the same request anew meanwhile: the approval supersedes it.
+        if let Some(newer) = g.by_key.insert(a.key(), a.id.clone())
+            && newer != a.id
+        {
+            g.by_id.remove(&newer);
+        }
         g.by_id.insert(a.id.clone(), a);
     }
 
@@ -276,6 +290,46 @@ mod tests {
             expires_ms: 0,
             status: Status::Pending,
         }
+    }
+
+    #[test]
+    fn one_agent_cannot_fill_the_queue_and_a_put_back_approval_supersedes_a_refiling() {
+        let a = Approvals::new(Duration::from_secs(60));
+        for i in 0..MAX_PENDING_PER_AGENT {
+            let mut r = req(&["a"]);
+            r.task_id = format!("t{i}");
+            assert!(matches!(
+                a.check(r, 0, format!("r{i}")),
+                Some(Check::Filed(_))
+            ));
+        }
+        let mut r = req(&["a"]);
+        r.task_id = "one-more".into();
+        assert_eq!(a.check(r, 0, "x".into()), None);
+        let mut other = req(&["a"]);
+        other.agent = "spiffe://td/b".into();
+        assert!(matches!(
+            a.check(other, 0, "b1".into()),
+            Some(Check::Filed(_))
+        ));
+
+        // Approved, consumed, then the mint failed: meanwhile a retry filed it again.
+        a.approve("r0", "op".into(), 1).unwrap();
+        let mut r0 = req(&["a"]);
+        r0.task_id = "t0".into();
+        let Some(Check::Approved(got)) = a.check(r0.clone(), 2, "n1".into()) else {
+            panic!()
+        };
+        assert!(matches!(
+            a.check(r0.clone(), 3, "n2".into()),
+            Some(Check::Filed(_))
+        ));
+        a.put_back(*got);
+        assert!(a.get("n2", 4).is_none(), "the refiling is superseded");
+        assert!(matches!(
+            a.check(r0, 5, "n3".into()),
+            Some(Check::Approved(_))
+        ));
     }
 
     #[test]
