@@ -51,6 +51,13 @@ pub fn status(e: IssueError) -> Status {
         IssueError::NoIdentity => Status::permission_denied(NO_IDENTITY),
         // Attestation failures are reported like "no identity" (fail closed, and clients retry
         // with backoff); the detail goes to our log, not to a possibly hostile caller.
+        IssueError::Attestation(err) if err.is_daemon_side() => {
+            // Out of file descriptors, an I/O error: the daemon could not look, which says
+            // nothing about the caller. Unavailable (Workload Endpoint §6: "unable to handle
+            // the request"), so clients retry and operators see an availability problem.
+            tracing::warn!(error = %err, "attestation could not read /proc");
+            Status::unavailable("cannot attest the caller right now")
+        }
         IssueError::Attestation(err) => {
             tracing::info!(error = %err, "attestation failed");
             Status::permission_denied(NO_IDENTITY)

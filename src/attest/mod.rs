@@ -48,6 +48,21 @@ pub enum AttestError {
     },
 }
 
+impl AttestError {
+    /// True when the daemon could not read what it needed for reasons of its own (out of
+    /// file descriptors, I/O errors), not because of anything about the caller: a process
+    /// gone, a file it may not read, an unexpected format are the caller's.
+    pub fn is_daemon_side(&self) -> bool {
+        match self {
+            Self::Proc { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EIO | libc::EAGAIN)
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// What the kernel told us about the peer when the connection was accepted, plus the
 /// connection's last attestation.
 #[derive(Debug)]
@@ -686,6 +701,21 @@ mod tests {
         assert_eq!(parse_start_time(stat), Some(987_654));
         assert_eq!(parse_start_time("garbage"), None);
         assert_eq!(parse_start_time("1 (x) S 1"), None);
+    }
+
+    #[test]
+    fn only_the_daemons_own_failures_are_daemon_side() {
+        let proc = |errno| AttestError::Proc {
+            pid: 1,
+            what: "status",
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        assert!(proc(libc::EMFILE).is_daemon_side());
+        assert!(proc(libc::EIO).is_daemon_side());
+        assert!(!proc(libc::EACCES).is_daemon_side());
+        assert!(!proc(libc::ESRCH).is_daemon_side());
+        assert!(!AttestError::ProcessGone(1).is_daemon_side());
+        assert!(!AttestError::NoPid.is_daemon_side());
     }
 
     #[test]
