@@ -153,16 +153,32 @@ pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
     check_socket_dir(dir, Some(nix::unistd::geteuid().as_raw()))?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket_like() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!(
-                        "{} is in use by a running process (another tesserad?)",
-                        path.display()
-                    ),
-                ));
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!(
+                            "{} is in use by a running process (another tesserad?)",
+                            path.display()
+                        ),
+                    ));
+                }
+                // Nobody listens: left by a crashed run.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path)?;
+                }
+                // Anything else (a full backlog, no permission) says nothing about whether a
+                // daemon is there: do not take its socket away.
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{} exists and cannot be probed ({e}); remove it if no tesserad uses it",
+                            path.display()
+                        ),
+                    ));
+                }
             }
-            std::fs::remove_file(path)?;
         }
         Ok(_) => {
             return Err(io::Error::new(
@@ -291,5 +307,17 @@ mod tests {
         // Sticky, as /tmp is: only the owner of `run` can rename it.
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
         drop(bind(&open.join("run/workload.sock"), 0o666).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("w.sock");
+        let live = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let e = bind(&sock, 0o666).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        drop(live); // the file stays; nobody listens
+        assert!(sock.exists());
+        drop(bind(&sock, 0o666).unwrap());
     }
 }
