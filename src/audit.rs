@@ -201,13 +201,20 @@ impl AuditWriter {
             source,
         };
         use std::os::unix::fs::OpenOptionsExt;
+        // Never through a link, and 0600 even if the file was made otherwise.
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(io)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(io)?;
+        }
         let (mut seq, mut prev, good_len) = last_record(&mut file)
             .map_err(io)?
             .ok_or_else(|| AuditError::Damaged(path.to_owned()))?;
@@ -380,6 +387,7 @@ impl AuditWriter {
                 .append(true)
                 .create(true)
                 .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&self.path)
                 .map_err(io(&self.path))?;
             // The rename and the new name must be durable before records in the new file
@@ -752,6 +760,23 @@ mod tests {
 
     fn put(p: &Path, l: &[String]) {
         std::fs::write(p, l.iter().map(|x| format!("{x}\n")).collect::<String>()).unwrap();
+    }
+
+    #[test]
+    fn the_file_is_never_opened_through_a_link_and_is_kept_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("elsewhere.jsonl");
+        std::fs::write(&target, "").unwrap();
+        let link = d.path().join("audit.jsonl");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(AuditWriter::open(&link, u64::MAX).is_err());
+        std::fs::remove_file(&link).unwrap();
+        std::fs::write(&link, "").unwrap();
+        std::fs::set_permissions(&link, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(AuditWriter::open(&link, u64::MAX).unwrap());
+        let mode = std::fs::metadata(&link).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]
