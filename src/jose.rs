@@ -285,7 +285,8 @@ pub fn decode(token: &str) -> Result<Jws<'_>, JoseError> {
 }
 
 /// As [`decode`], also accepting `typ` [`TYP_ACCESS_TOKEN`]: for the checks that take both
-/// kinds of token Tessera signs (introspection, revocation).
+/// kinds of token Tessera signs (introspection, revocation), and for subject tokens, which
+/// may be an issuer's RFC 9068 access tokens.
 pub fn decode_own(token: &str) -> Result<Jws<'_>, JoseError> {
     decode_typed(token, true)
 }
@@ -312,7 +313,15 @@ fn decode_typed(token: &str, access_token_ok: bool) -> Result<Jws<'_>, JoseError
     match header.get("typ") {
         None => {}
         Some(Value::String(t)) if t == "JWT" || t == "JOSE" => {}
-        Some(Value::String(t)) if access_token_ok && t == TYP_ACCESS_TOKEN => {}
+        // RFC 7515 §4.1.9: "application/" may be left out, and media types are compared
+        // without regard to case.
+        Some(Value::String(t))
+            if access_token_ok
+                && (t.eq_ignore_ascii_case(TYP_ACCESS_TOKEN)
+                    || t.eq_ignore_ascii_case("application/at+jwt")) => {}
+        Some(_) if access_token_ok => {
+            return Err(JoseError::Header("typ must be JWT, JOSE or at+jwt".into()));
+        }
         Some(_) => return Err(JoseError::Header("typ must be JWT or JOSE".into())),
     }
     let kid = match header.get("kid") {

@@ -311,7 +311,9 @@ impl Verifier {
         token: &str,
         now: i64,
     ) -> Result<(Subject, usize, Jwk), OidcError> {
-        let jws = jose::decode(token)?;
+        // ID tokens, other JWTs, and RFC 9068 JWT access tokens (`typ` at+jwt) alike: the
+        // subject token is whatever the issuer signed for this user.
+        let jws = jose::decode_own(token)?;
         let iss = match jws.claims.get("iss") {
             Some(Value::String(s)) => s.clone(),
             _ => return Err(OidcError::Claim("iss")),
@@ -466,6 +468,12 @@ mod tests {
             .unwrap();
         assert_eq!(v.validate(&token).await.unwrap().sub, "alice");
         assert_eq!(v.validate(&token).await.unwrap().sub, "alice", "cached");
+        // An issuer's RFC 9068 access token is a subject token too.
+        let access = old
+            .sign_access_token(&json!({"iss": "https://idp.example", "sub": "bob",
+                                       "aud": "tessera", "exp": now_s() + 600}))
+            .unwrap();
+        assert_eq!(v.validate(&access).await.unwrap().sub, "bob");
         // The issuer withdraws the key (say, after a leak) and publishes another.
         std::fs::write(&file, jwks_of(&es256())).unwrap();
         assert!(v.refresh_all().await[0].1.is_ok());
