@@ -331,8 +331,18 @@ impl Ca {
         let (_, cert) = parse_x509_certificate(signer_der)
             .map_err(|_| bad_ca(&key_path, "CA certificate does not parse"))?;
         check_signing_cert(&cert, trust_domain).map_err(|m| bad_ca(&key_path, m))?;
-        let not_after = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
-            .map_err(|_| bad_ca(&key_path, "CA notAfter out of range"))?;
+        let mut not_after =
+            OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
+                .map_err(|_| bad_ca(&key_path, "CA notAfter out of range"))?;
+        // Nothing signed may outlive any certificate of its chain (an intermediate, the
+        // anchor): a path validator refuses a chain with an expired link.
+        for der in &chain[1..] {
+            let (_, c) = parse_x509_certificate(der)
+                .map_err(|_| bad_ca(&key_path, "a certificate of the CA chain does not parse"))?;
+            let t = OffsetDateTime::from_unix_timestamp(c.validity().not_after.timestamp())
+                .map_err(|_| bad_ca(&key_path, "CA chain notAfter out of range"))?;
+            not_after = not_after.min(t);
+        }
         if not_after <= now {
             return Err(CaError::Expired);
         }
@@ -1024,6 +1034,28 @@ mod tests {
         let err =
             Ca::load_or_create(&td(), dir.path(), None, Duration::from_secs(86400)).unwrap_err();
         assert!(err.to_string().contains("only one of"), "{err}");
+    }
+
+    #[test]
+    fn nothing_outlives_a_certificate_of_the_operator_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let (signer, key) = generate_root(&td(), Duration::from_secs(86400), now).unwrap();
+        // Next in the chain, a certificate that ends in an hour (as an anchor or intermediate
+        // about to expire would).
+        let (short, _) = generate_root(&td(), Duration::from_secs(3600), now).unwrap();
+        let cp = dir.path().join("ca.pem");
+        let kp = dir.path().join("ca.key");
+        std::fs::write(&cp, format!("{signer}{short}")).unwrap();
+        std::fs::write(&kp, &key).unwrap();
+        std::fs::set_permissions(&kp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let ca =
+            Ca::load_or_create(&td(), dir.path(), Some(&(cp, kp)), Duration::from_secs(1)).unwrap();
+        assert!(
+            ca.not_after() <= now + time::Duration::hours(1),
+            "{}",
+            ca.not_after()
+        );
     }
 
     #[test]
