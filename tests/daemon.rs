@@ -423,3 +423,28 @@ fn operator_ca_chain_is_served_with_intermediates() {
     assert_eq!(x509[0]["e"], "AQAB");
     assert!(x509[0]["n"].as_str().unwrap().len() > 300);
 }
+
+#[test]
+fn the_cli_refuses_a_socket_directory_someone_could_swap() {
+    // The default socket directory is a symbolic link (as another user could plant at
+    // /tmp/tessera-<uid>): the CLI must not talk to whatever answers behind it.
+    // (Root's default is /run/tessera: as root, run the CLI as another uid.)
+    let uid = if my_uid() == 0 { 47_006 } else { my_uid() };
+    let xdg = open_tempdir();
+    std::os::unix::fs::chown(xdg.path(), Some(uid), Some(uid)).ok();
+    let real = xdg.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    std::os::unix::fs::symlink(&real, xdg.path().join("tessera")).unwrap();
+    for args in [&["status"][..], &["svid", "jwt", "--audience", "a"][..]] {
+        let mut c = Command::new(tessera_bin());
+        c.env_remove("TESSERA_ADMIN_SOCKET")
+            .env_remove("SPIFFE_ENDPOINT_SOCKET")
+            .env("XDG_RUNTIME_DIR", xdg.path())
+            .args(args);
+        as_user(&mut c, uid);
+        let out = c.output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("symbolic link"), "{args:?}: {err}");
+    }
+}

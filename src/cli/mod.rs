@@ -414,8 +414,12 @@ async fn connect(path: &Path) -> anyhow::Result<Channel> {
         let d = Defaults::for_current_user();
         let ours = path == d.workload_socket || path == d.admin_socket;
         let owner = ours.then(|| nix::unistd::geteuid().as_raw());
-        crate::api::uds::check_socket_dir(dir, owner)
-            .map_err(|e| anyhow::anyhow!("refusing to connect to {}: {e}", path.display()))?;
+        match crate::api::uds::check_socket_dir(dir, owner) {
+            Ok(()) => {}
+            // No directory, no daemon: the connect below says so in its own words.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("refusing to connect to {}: {e}", path.display()),
+        }
     }
     crate::api::uds::channel(path).await.map_err(|e| {
         anyhow::anyhow!(
