@@ -684,6 +684,14 @@ async fn audit_log_records_everything_and_detects_tampering() {
             .status
             .success()
     );
+    // The chain head goes to the daemon's log too (an anchor outside the data directory).
+    let logs = d.log_text();
+    let logged_head = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "audit chain head")
+        .and_then(|l| l["fields"]["head"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("no audit chain head in the log:\n{logs}"));
     let dir = d.stop();
     let audit = dir.path().join("data/audit.jsonl");
     let text = std::fs::read_to_string(&audit).unwrap();
@@ -696,6 +704,10 @@ async fn audit_log_records_everything_and_detects_tampering() {
     ] {
         assert!(text.contains(ev), "audit has an {ev} record");
     }
+    assert!(
+        text.contains(&format!("\"hash\":\"{logged_head}\"")),
+        "the logged head {logged_head} is a record of the chain"
+    );
     assert!(!text.contains(&token), "never whole tokens");
     assert!(!text.contains("PRIVATE KEY"));
     let verify = |file: &std::path::Path| {

@@ -444,6 +444,10 @@ fn writer(
         .ok();
     let mut cleared = audit.head().0;
     let mut slow = SlowCommits::default();
+    // The chain's only anchor is the head in this store, beside the file: whoever can edit
+    // both can rewrite history. The head also goes to the daemon's log every few minutes
+    // (forwarded off the host by journald or syslog, it is an anchor they cannot edit).
+    let mut head_logged: Option<std::time::Instant> = None;
     loop {
         let first = match rx.try_recv() {
             Ok(job) => job,
@@ -498,6 +502,14 @@ fn writer(
         let took = started.elapsed();
         commits.observe(took);
         slow.record(took, jobs.len());
+        if result.is_ok()
+            && audit.head().0 > 0
+            && head_logged.is_none_or(|t| t.elapsed() >= HEAD_LOG_INTERVAL)
+        {
+            head_logged = Some(std::time::Instant::now());
+            let (seq, hash) = audit.head();
+            tracing::info!(records = seq, head = hash, "audit chain head");
+        }
         for (_, done) in jobs {
             let _ = done.send(result.clone());
         }
@@ -512,6 +524,9 @@ fn writer(
         );
     }
 }
+
+/// How often the audit chain head is written to the daemon's log.
+const HEAD_LOG_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Rate-limited warnings about commits slower than [`SLOW_COMMIT`].
 #[derive(Default)]
