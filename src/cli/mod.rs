@@ -416,8 +416,12 @@ async fn connect(path: &Path) -> anyhow::Result<Channel> {
         let owner = ours.then(|| nix::unistd::geteuid().as_raw());
         match crate::api::uds::check_socket_dir(dir, owner) {
             Ok(()) => {}
-            // No directory, no daemon: the connect below says so in its own words.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // Refused all the same: a directory missing now may be someone's by the connect.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+                "cannot connect to {}: {} does not exist (is tesserad running?)",
+                path.display(),
+                dir.display()
+            ),
             Err(e) => anyhow::bail!("refusing to connect to {}: {e}", path.display()),
         }
     }

@@ -199,12 +199,21 @@ impl Approvals {
     /// the agent's retry can use it.
     pub fn put_back(&self, a: Approval) {
         let mut g = self.lock();
-        // A retry may have filed the same request anew meanwhile: the approval supersedes it.
-        if let Some(newer) = g.by_key.insert(a.key(), a.id.clone())
+        // A retry may have filed the same request anew meanwhile. Still pending, the approval
+        // supersedes it; decided (say, denied since), the newer decision stands.
+        let key = a.key();
+        if let Some(newer) = g.by_key.get(&key).cloned()
             && newer != a.id
         {
+            if g.by_id
+                .get(&newer)
+                .is_some_and(|n| n.status != Status::Pending)
+            {
+                return;
+            }
             g.by_id.remove(&newer);
         }
+        g.by_key.insert(key, a.id.clone());
         g.by_id.insert(a.id.clone(), a);
     }
 
@@ -324,12 +333,23 @@ mod tests {
             a.check(r0.clone(), 3, "n2".into()),
             Some(Check::Filed(_))
         ));
-        a.put_back(*got);
+        a.put_back((*got).clone());
         assert!(a.get("n2", 4).is_none(), "the refiling is superseded");
         assert!(matches!(
-            a.check(r0, 5, "n3".into()),
+            a.check(r0.clone(), 5, "n3".into()),
             Some(Check::Approved(_))
         ));
+        // A refiling the operator denied meanwhile is not overridden by a put-back approval.
+        assert!(matches!(
+            a.check(r0.clone(), 6, "n4".into()),
+            Some(Check::Filed(_))
+        ));
+        a.deny("n4", "op".into(), 7).unwrap();
+        a.put_back(*got);
+        assert_eq!(
+            a.check(r0, 8, "n5".into()),
+            Some(Check::Denied("n4".into()))
+        );
     }
 
     #[test]

@@ -470,6 +470,19 @@ impl Exchanger {
                     .into(),
             ));
         }
+        // Tessera's own tokens (were its issuer listed among the trusted ones) would pass
+        // here without their leases being looked at: revoked, completed or killed, they
+        // could be exchanged again. Delegation goes through actor tokens instead.
+        if subject.iss.trim_end_matches('/') == self.settings.issuer_url.trim_end_matches('/') {
+            return Err(self.refuse(
+                &holder,
+                &entry,
+                &task_id,
+                "subject_token was issued by this Tessera; its own tokens are not subject \
+                 tokens (remove its issuer from [[oidc_issuers]])"
+                    .into(),
+            ));
+        }
 
         // 4. Lifetime: the default, shortened by the request, the entry, the daemon's cap,
         //    and never past the subject token itself or the agent's entry.

@@ -134,6 +134,10 @@ impl Issuer {
         }
         check_reason(reason)?;
         let t0 = std::time::Instant::now();
+        // Taken before the barrier, the order restore takes them in: a restore cannot run
+        // between this kill and its marking, which would then revoke leases issued after the
+        // restore (in memory only).
+        let marking = Arc::clone(&self.kill_marking).read_owned().await;
         let excl = self.barrier.write().await;
         let at_ms = now_ms();
         let revoked = self.leases.active_in_tree(&id);
@@ -158,7 +162,6 @@ impl Issuer {
         drop(excl);
         // Marking each lease (state, CRL serials, task index, metrics) costs time in the
         // number of leases, ~0.5 µs each; it runs off the request path. A restore waits for it.
-        let marking = Arc::clone(&self.kill_marking).read_owned().await;
         let (leases, metrics) = (Arc::clone(&self.leases), Arc::clone(&self.metrics));
         let killed = id.to_string();
         let rev = Arc::new(Revocation {

@@ -738,19 +738,11 @@ impl LeaseTable {
             let Some((_, set)) = self.by_identity.remove(&key) else {
                 continue;
             };
-            // Issued after the kill: only possible once a restore ran before this marking
-            // (two operators racing), and such a lease is not the kill's to revoke. The same
-            // second as the kill counts as before it (fail safe).
-            let mut kept = Vec::new();
             for lid in set {
                 let Some(mut l) = self.leases.get_mut(&lid) else {
                     continue;
                 };
                 if l.state != State::Active {
-                    continue;
-                }
-                if l.issued_at.saturating_mul(1000) > rev.at_ms {
-                    kept.push(lid);
                     continue;
                 }
                 l.state = State::Revoked;
@@ -769,9 +761,6 @@ impl LeaseTable {
                 if let Some(t) = &l.task_id {
                     by_task.entry(Arc::clone(t)).or_default().push(lid);
                 }
-            }
-            if !kept.is_empty() {
-                self.by_identity.entry(key).or_default().extend(kept);
             }
         }
         for (key, ids) in by_task {
@@ -1324,28 +1313,6 @@ mod tests {
         assert_eq!(other.revoked_serials(), one.revoked_serials());
         assert_eq!(other.revoked_serials().len(), 300 / 7 + 1);
         assert_eq!(other.next_deadline(), Some(1000));
-    }
-
-    #[test]
-    fn a_late_kill_marking_spares_leases_issued_after_the_kill() {
-        // A restore ran before the kill's marking (two operators): a lease issued after the
-        // restore, so after the kill, is not the kill's to revoke.
-        let t = LeaseTable::new();
-        let before = lease(&t, "spiffe://td/a", None, 100);
-        let mut after = lease(&t, "spiffe://td/a", None, 100);
-        after.issued_at = 50;
-        t.insert(before.clone());
-        t.insert(after.clone());
-        let rev = Arc::new(Revocation {
-            at_ms: 40_000,
-            by: "kill".into(),
-            reason: "r".into(),
-        });
-        let id = SpiffeId::parse("spiffe://td/a").unwrap();
-        assert_eq!(t.revoke_identity_tree(&id, &rev), [1, 0, 0]);
-        assert!(!t.is_active(&before.id, 60));
-        assert!(t.is_active(&after.id, 60));
-        assert_eq!(t.active_of_identity(&id, false), vec![after.id]);
     }
 
     #[test]
