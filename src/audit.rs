@@ -534,6 +534,8 @@ pub struct Verified {
     /// `seq`s of the [`GAP_EVENT`] records: the chain is intact, but the daemon found records
     /// missing from it when it started.
     pub gaps: Vec<u64>,
+    /// The live file ended in a line still being written; it was not checked.
+    pub unfinished_tail: bool,
 }
 
 /// What [`check_record`] reads from a record.
@@ -604,6 +606,8 @@ pub fn verify_chain(
         ..Walk::default()
     };
     for path in chain_files(current) {
+        // The live file may end in a record the daemon is writing right now.
+        walk.live = path == current;
         walk.file(&path)?;
     }
     walk.finish(current, expected_head)
@@ -624,20 +628,53 @@ struct Walk {
     /// The record whose hash the tail check needs (the last one the store committed).
     watch_seq: Option<u64>,
     watched: Option<String>,
+    /// The file being walked is the live one.
+    live: bool,
+    /// The live file ended in an unfinished line, left out.
+    unfinished_tail: bool,
+}
+
+/// The length of `file` up to and including its last newline, and its whole length.
+fn complete_len(file: &mut File) -> std::io::Result<(u64, u64)> {
+    let total = file.metadata()?.len();
+    let mut end = total;
+    while end > 0 {
+        let step = (64 * 1024u64).min(end);
+        let mut chunk = vec![0u8; step as usize];
+        file.seek(SeekFrom::Start(end - step))?;
+        file.read_exact(&mut chunk)?;
+        if let Some(i) = chunk.iter().rposition(|b| *b == b'\n') {
+            file.seek(SeekFrom::Start(0))?;
+            return Ok((end - step + i as u64 + 1, total));
+        }
+        end -= step;
+    }
+    file.seek(SeekFrom::Start(0))?;
+    Ok((0, total))
 }
 
 impl Walk {
     fn file(&mut self, path: &Path) -> Result<(), VerifyError> {
-        let file = File::open(path).map_err(|e| VerifyError {
+        let cannot = |e: std::io::Error| VerifyError {
             file: path.to_owned(),
             line: 0,
             why: format!("cannot open: {e}"),
             missing_from: None,
-        })?;
+        };
+        let mut file = File::open(path).map_err(cannot)?;
+        // In the live file, a last line without its newline is being written (or was torn
+        // by a crash, which the daemon cuts at start): it is left out, not called bad.
+        let len = if self.live {
+            let (complete, total) = complete_len(&mut file).map_err(cannot)?;
+            self.unfinished_tail |= complete < total;
+            complete
+        } else {
+            u64::MAX
+        };
         self.files.push(path.to_owned());
         self.lines = 0;
         let mut n = 0u64;
-        for line in BufReader::new(file).split(b'\n') {
+        for line in BufReader::new(file.take(len)).split(b'\n') {
             n += 1;
             let bad = |why: String| VerifyError {
                 file: path.to_owned(),
@@ -721,6 +758,7 @@ impl Walk {
             head: self.prev.unwrap_or_else(|| GENESIS.into()),
             last_seq: self.next_seq.map(|s| s - 1),
             gaps: self.gaps,
+            unfinished_tail: self.unfinished_tail,
         })
     }
 }
@@ -777,6 +815,21 @@ mod tests {
         drop(AuditWriter::open(&link, u64::MAX).unwrap());
         let mode = std::fs::metadata(&link).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_line_being_written_at_the_end_of_the_live_file_is_left_out() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), 3);
+        let full = verify_chain(&p, None).unwrap();
+        assert!(!full.unfinished_tail);
+        // Half of a fourth record, as a reader can see it mid-append.
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(br#"{"seq":3,"time":"2026"#).unwrap();
+        let v = verify_chain(&p, Some((3, &full.head))).unwrap();
+        assert_eq!((v.records, v.unfinished_tail), (3, true));
+        // A rotated file, or one checked on its own, gets no such leniency.
+        assert!(verify(&p, None).is_err());
     }
 
     #[test]

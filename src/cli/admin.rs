@@ -617,6 +617,9 @@ pub(super) fn audit_verify(
                     v.files.len(),
                     v.head
                 );
+                if v.unfinished_tail {
+                    println!("(the last line is still being written; it was not checked)");
+                }
             }
             Ok(())
         }
