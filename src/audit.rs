@@ -634,25 +634,6 @@ struct Walk {
     unfinished_tail: bool,
 }
 
-/// The length of `file` up to and including its last newline, and its whole length.
-fn complete_len(file: &mut File) -> std::io::Result<(u64, u64)> {
-    let total = file.metadata()?.len();
-    let mut end = total;
-    while end > 0 {
-        let step = (64 * 1024u64).min(end);
-        let mut chunk = vec![0u8; step as usize];
-        file.seek(SeekFrom::Start(end - step))?;
-        file.read_exact(&mut chunk)?;
-        if let Some(i) = chunk.iter().rposition(|b| *b == b'\n') {
-            file.seek(SeekFrom::Start(0))?;
-            return Ok((end - step + i as u64 + 1, total));
-        }
-        end -= step;
-    }
-    file.seek(SeekFrom::Start(0))?;
-    Ok((0, total))
-}
-
 impl Walk {
     fn file(&mut self, path: &Path) -> Result<(), VerifyError> {
         let cannot = |e: std::io::Error| VerifyError {
@@ -664,8 +645,14 @@ impl Walk {
         let mut file = File::open(path).map_err(cannot)?;
         // In the live file, a last line without its newline is being written (or was torn
         // by a crash, which the daemon cuts at start): it is left out, not called bad.
+        // (`last_record` finds where the last complete line ends, as the writer does at
+        // open; a last complete line that is no record is left for the walk to report.)
         let len = if self.live {
-            let (complete, total) = complete_len(&mut file).map_err(cannot)?;
+            let total = file.metadata().map_err(cannot)?.len();
+            let complete = last_record(&mut file)
+                .map_err(cannot)?
+                .map_or(total, |(_, _, good_len)| good_len);
+            file.seek(SeekFrom::Start(0)).map_err(cannot)?;
             self.unfinished_tail |= complete < total;
             complete
         } else {

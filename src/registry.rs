@@ -126,16 +126,11 @@ impl Registry {
     /// Replaces the entry set and notifies every subscriber.
     pub fn replace(&self, entries: Vec<Entry>) {
         // Set before the entries are visible: a caller that sees a new sha256 entry also sees
-        // the flag (a stale `true` only costs one scan).
-        let any = has_sha256(&entries);
-        if any {
-            self.any_sha256
-                .store(true, std::sync::atomic::Ordering::Release);
-        }
+        // the flag (a caller still on the old set for a moment is as stale as any reader).
+        self.any_sha256
+            .store(has_sha256(&entries), std::sync::atomic::Ordering::Release);
         self.tx
             .send_replace(Arc::new(entries.into_iter().map(Arc::new).collect()));
-        self.any_sha256
-            .store(any, std::sync::atomic::Ordering::Release);
     }
 
     /// Live entries whose selectors the caller satisfies, in match order.

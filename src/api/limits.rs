@@ -20,6 +20,35 @@ pub const X509_STREAMS_PER_UID: usize = 256;
 /// number.
 pub const STREAMS_PER_CONNECTION: u32 = 256;
 
+/// At most one "go" per interval: for warnings a caller can provoke (refused connections,
+/// attestation failures of the daemon's own), so a log flood does not bury the rest.
+#[derive(Debug)]
+pub struct Throttle {
+    every_ms: i64,
+    last_ms: std::sync::atomic::AtomicI64,
+}
+
+impl Throttle {
+    /// Lets one call through per `every`.
+    pub const fn new(every: std::time::Duration) -> Self {
+        Self {
+            every_ms: every.as_millis() as i64,
+            last_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+        }
+    }
+
+    /// True for the first call of each interval.
+    pub fn ready(&self) -> bool {
+        let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= self.every_ms
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
 /// Counts held slots per uid, with a cap per uid and in total.
 #[derive(Debug)]
 pub struct PerUid {
@@ -86,6 +115,14 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_through_per_interval() {
+        let t = Throttle::new(std::time::Duration::from_secs(3600));
+        assert!(t.ready());
+        assert!(!t.ready());
+        assert!(Throttle::new(std::time::Duration::ZERO).ready());
+    }
 
     #[test]
     fn caps_per_uid_and_in_total_and_gives_back_on_drop() {

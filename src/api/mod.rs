@@ -57,20 +57,9 @@ pub fn status(e: IssueError) -> Status {
             // the request"), so clients retry and operators see an availability problem.
             // At most one warning per 10 s: a caller can provoke these (a binary on its own
             // FUSE mount), and a log flood would bury the rest.
-            static LAST_WARNED_S: std::sync::atomic::AtomicI64 =
-                std::sync::atomic::AtomicI64::new(i64::MIN);
-            let now_s = time::OffsetDateTime::now_utc().unix_timestamp();
-            let last = LAST_WARNED_S.load(std::sync::atomic::Ordering::Relaxed);
-            if now_s.saturating_sub(last) >= 10
-                && LAST_WARNED_S
-                    .compare_exchange(
-                        last,
-                        now_s,
-                        std::sync::atomic::Ordering::Relaxed,
-                        std::sync::atomic::Ordering::Relaxed,
-                    )
-                    .is_ok()
-            {
+            static WARNED: limits::Throttle =
+                limits::Throttle::new(std::time::Duration::from_secs(10));
+            if WARNED.ready() {
                 tracing::warn!(error = %err, "attestation could not read /proc (at most one such warning per 10 s)");
             }
             Status::unavailable("cannot attest the caller right now")

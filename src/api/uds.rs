@@ -229,9 +229,10 @@ pub fn incoming(
     listener: UnixListener,
     limits: Arc<PerUid>,
 ) -> impl Stream<Item = io::Result<UdsConn>> {
+    let warned = crate::api::limits::Throttle::new(Duration::from_secs(10));
     futures_util::stream::unfold(
-        (listener, limits, None::<std::time::Instant>),
-        |(listener, limits, mut warned)| async move {
+        (listener, limits, warned),
+        |(listener, limits, warned)| async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
@@ -246,8 +247,7 @@ pub fn incoming(
                         let uid = peer.as_ref().map_or(u32::MAX, |p| p.uid);
                         let Some(slot) = limits.take(uid) else {
                             // Closed at once; one warning per 10 s is enough to be seen.
-                            if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                                warned = Some(std::time::Instant::now());
+                            if warned.ready() {
                                 tracing::warn!(
                                     uid,
                                     held = limits.held(uid),

@@ -209,7 +209,7 @@ fn jwt_jwk(k: &Jwk) -> Value {
 /// JWK members for a certificate key: EC P-256/P-384 (what Tessera signs with) or RSA (an
 /// operator's offline root often is).
 fn spki_jwk_members(spki: &SubjectPublicKeyInfo<'_>) -> Option<Map<String, Value>> {
-    if let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = spki.parsed() {
+    let key = if let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = spki.parsed() {
         // Base64urlUInt: no leading zero octets (RFC 7518 §2, §6.3.1).
         let unsigned = |b: &[u8]| {
             let i = b
@@ -218,27 +218,20 @@ fn spki_jwk_members(spki: &SubjectPublicKeyInfo<'_>) -> Option<Map<String, Value
                 .unwrap_or(b.len().saturating_sub(1));
             b[i..].to_vec()
         };
-        let key = jose::PublicKey::Rsa {
+        jose::PublicKey::Rsa {
             n: unsigned(rsa.modulus),
             e: unsigned(rsa.exponent),
-        };
-        return Some(
-            Jwk {
-                kid: String::new(),
-                key,
-                alg: None,
-            }
-            .public_members(),
-        );
-    }
-    let curve = spki.algorithm.parameters.as_ref()?.as_oid().ok()?;
-    let point = spki.subject_public_key.data.to_vec();
-    let key = if curve.as_bytes() == x509::oid::P256 {
-        jose::PublicKey::P256(point)
-    } else if curve.as_bytes() == x509::oid::P384 {
-        jose::PublicKey::P384(point)
+        }
     } else {
-        return None;
+        let curve = spki.algorithm.parameters.as_ref()?.as_oid().ok()?;
+        let point = spki.subject_public_key.data.to_vec();
+        if curve.as_bytes() == x509::oid::P256 {
+            jose::PublicKey::P256(point)
+        } else if curve.as_bytes() == x509::oid::P384 {
+            jose::PublicKey::P384(point)
+        } else {
+            return None;
+        }
     };
     Some(
         Jwk {
