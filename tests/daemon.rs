@@ -281,25 +281,26 @@ fn http_serves_health_and_the_spiffe_bundle_document() {
     assert_eq!(http_get(d.http, "/nope").0, 404);
 }
 
-#[test]
-fn operator_ca_chain_is_served_with_intermediates() {
-    // An operator CA that is an intermediate under an offline root: SVIDs carry the
-    // intermediate, the bundle carries the root, and openssl verifies the chain.
-    let dir = open_tempdir();
-    let sh = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+/// Runs openssl in `dir` and fails the test with its stderr if it fails.
+fn openssl_in(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An offline RSA root (`root.pem`, `root.key`) and a P-256 intermediate under it
+/// (`inter.pem`, `inter.key` in SEC1 form, 0600) in `dir`, as an operator would bring them.
+fn lab_ca(dir: &std::path::Path) {
+    let sh = |args: &[&str]| openssl_in(dir, args);
     std::fs::write(
-        dir.path().join("ext.cnf"),
+        dir.join("ext.cnf"),
         "[root]\nbasicConstraints=critical,CA:true\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\nsubjectAltName=URI:spiffe://tessera.internal\n\
          [inter]\nbasicConstraints=critical,CA:true,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\nsubjectAltName=URI:spiffe://tessera.internal\n",
     )
@@ -361,19 +362,107 @@ fn operator_ca_chain_is_served_with_intermediates() {
         "-out",
         "inter.pem",
     ]);
+    use std::os::unix::fs::PermissionsExt;
+    // The SEC1 ("EC PRIVATE KEY") form is accepted, at 0600 only.
+    std::fs::set_permissions(
+        dir.join("inter.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+}
+
+#[test]
+fn operator_ca_chains_out_of_order_or_from_another_ca_stop_startup() {
+    let dir = open_tempdir();
+    lab_ca(dir.path());
+    // A second root with the very same name but its own key: a chain ending in it looks
+    // right by name only.
+    openssl_in(dir.path(), &["genrsa", "-out", "other.key", "2048"]);
+    openssl_in(
+        dir.path(),
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "other.key",
+            "-subj",
+            "/O=Lab/CN=Lab Root",
+            "-days",
+            "30",
+            "-extensions",
+            "root",
+            "-config",
+            "ext.cnf",
+            "-out",
+            "other.pem",
+        ],
+    );
+    let pem = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+    let refused = |chain: String, wanted: &str| {
+        let path = dir.path().join("chain.pem");
+        std::fs::write(&path, chain).unwrap();
+        let data = open_tempdir();
+        let cfg = data.path().join("t.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "data_dir = {:?}\nworkload_api.socket = {:?}\nadmin.socket = {:?}\nhttp.listen = \"127.0.0.1:0\"\n[ca]\ncert = {path:?}\nkey = {:?}\n",
+                data.path().join("data"),
+                data.path().join("w.sock"),
+                data.path().join("a.sock"),
+                dir.path().join("inter.key"),
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(tesserad_bin())
+            .arg("--config")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A daemon that accepted the chain serves until killed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("chain accepted: tesserad kept running; wanted {wanted:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "chain accepted; wanted {wanted:?}");
+        assert!(
+            err.contains(wanted),
+            "error {err:?} does not say {wanted:?}"
+        );
+        assert!(!data.path().join("w.sock").exists(), "nothing is served");
+    };
+    refused(
+        format!("{}{}", pem("root.pem"), pem("inter.pem")),
+        "is issued by O=Lab, CN=Lab Root, not by the next certificate 2 (O=Lab, CN=Lab Intermediate)",
+    );
+    refused(
+        format!("{}{}", pem("inter.pem"), pem("other.pem")),
+        "the signature of certificate 1 (O=Lab, CN=Lab Intermediate) does not verify with the key of certificate 2",
+    );
+}
+
+#[test]
+fn operator_ca_chain_is_served_with_intermediates() {
+    // An operator CA that is an intermediate under an offline root: SVIDs carry the
+    // intermediate, the bundle carries the root, and openssl verifies the chain.
+    let dir = open_tempdir();
+    lab_ca(dir.path());
     let chain = format!(
         "{}{}",
         std::fs::read_to_string(dir.path().join("inter.pem")).unwrap(),
         std::fs::read_to_string(dir.path().join("root.pem")).unwrap()
     );
     std::fs::write(dir.path().join("chain.pem"), chain).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    // The SEC1 ("EC PRIVATE KEY") form is accepted, at 0600 only.
-    std::fs::set_permissions(
-        dir.path().join("inter.key"),
-        std::fs::Permissions::from_mode(0o600),
-    )
-    .unwrap();
     let d = Daemon::start(&format!(
         "[ca]\ncert = {:?}\nkey = {:?}\n{}",
         dir.path().join("chain.pem"),

@@ -308,37 +308,31 @@ impl Ca {
         ca_ttl: Duration,
     ) -> Result<Self, CaError> {
         let now = OffsetDateTime::now_utc();
-        let (chain, key_pkcs8, key_path, operator_supplied) = match ca_files {
+        let (chain, key_pkcs8, cert_path, key_path, not_after, operator_supplied) = match ca_files {
             Some((cert, key)) => {
-                let (chain, pkcs8) = read_operator_ca(cert, key)?;
-                (chain, pkcs8, key.clone(), true)
+                let (chain, pkcs8, not_after) = read_operator_ca(cert, key, now)?;
+                (chain, pkcs8, cert.clone(), key.clone(), not_after, true)
             }
             None => {
                 let dir = data_dir.join("ca");
                 fsutil::ensure_private_dir(&dir).map_err(io_err(&dir))?;
                 let (chain, pkcs8) = load_or_generate_root(trust_domain, &dir, ca_ttl, now)?;
-                (chain, pkcs8, dir.join("root.key"), false)
+                let cert_path = dir.join("root.pem");
+                let not_after = check_chain(&chain, &cert_path, now)?;
+                (
+                    chain,
+                    pkcs8,
+                    cert_path,
+                    dir.join("root.key"),
+                    not_after,
+                    false,
+                )
             }
         };
         let signer_der = &chain[0];
         let (_, cert) = parse_x509_certificate(signer_der)
-            .map_err(|_| bad_ca(&key_path, "CA certificate does not parse"))?;
-        check_signing_cert(&cert, trust_domain).map_err(|m| bad_ca(&key_path, m))?;
-        let mut not_after =
-            OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
-                .map_err(|_| bad_ca(&key_path, "CA notAfter out of range"))?;
-        // Nothing signed may outlive any certificate of its chain (an intermediate, the
-        // anchor): a path validator refuses a chain with an expired link.
-        for der in &chain[1..] {
-            let (_, c) = parse_x509_certificate(der)
-                .map_err(|_| bad_ca(&key_path, "a certificate of the CA chain does not parse"))?;
-            let t = OffsetDateTime::from_unix_timestamp(c.validity().not_after.timestamp())
-                .map_err(|_| bad_ca(&key_path, "CA chain notAfter out of range"))?;
-            not_after = not_after.min(t);
-        }
-        if not_after <= now {
-            return Err(CaError::Expired);
-        }
+            .map_err(|_| bad_ca(&cert_path, "CA certificate does not parse"))?;
+        check_signing_cert(&cert, trust_domain).map_err(|m| bad_ca(&cert_path, m))?;
         let curve = curve_of(cert.public_key())
             .ok_or_else(|| bad_ca(&key_path, "CA key must be ECDSA P-256 or P-384"))?;
         let rng = SystemRandom::new();
@@ -654,11 +648,111 @@ fn parse_pem_certs(path: &Path, text: &str) -> Result<Vec<Vec<u8>>, CaError> {
     Ok(certs)
 }
 
+/// Checks that `chain` (signing certificate first) is one: each certificate issued and signed
+/// by the next, every issuer a CA, a self-issued last one signed by its own key, none expired.
+/// A file in another order, or holding a certificate of another CA, would give SVIDs that no
+/// validator accepts, which would only show when relying parties refuse them. Returns the
+/// earliest `notAfter`: nothing signed may outlive any link, since a path validator refuses
+/// a chain with an expired one.
+fn check_chain(
+    chain: &[Vec<u8>],
+    path: &Path,
+    now: OffsetDateTime,
+) -> Result<OffsetDateTime, CaError> {
+    let certs = chain
+        .iter()
+        .enumerate()
+        .map(|(i, der)| {
+            parse_x509_certificate(der).map(|(_, c)| c).map_err(|_| {
+                bad_ca(
+                    path,
+                    format!("certificate {} of the CA chain does not parse", i + 1),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let name = |i: usize| format!("certificate {} ({})", i + 1, certs[i].subject());
+    for (i, pair) in certs.windows(2).enumerate() {
+        let (child, parent) = (&pair[0], &pair[1]);
+        if child.issuer() != parent.subject() {
+            return Err(bad_ca(
+                path,
+                format!(
+                    "{} is issued by {}, not by the next {}; list the signing certificate first, then each issuer in order",
+                    name(i),
+                    child.issuer(),
+                    name(i + 1)
+                ),
+            ));
+        }
+        if !parent.is_ca() {
+            return Err(bad_ca(
+                path,
+                format!("{} issues {} but is not a CA", name(i + 1), name(i)),
+            ));
+        }
+        child
+            .verify_signature(Some(parent.public_key()))
+            .map_err(|_| {
+                bad_ca(
+                    path,
+                    format!(
+                        "the signature of {} does not verify with the key of {}",
+                        name(i),
+                        name(i + 1)
+                    ),
+                )
+            })?;
+    }
+    let last = certs.len() - 1;
+    if certs[last].issuer() == certs[last].subject() && certs[last].verify_signature(None).is_err()
+    {
+        return Err(bad_ca(
+            path,
+            format!(
+                "{} is self-issued but not signed by its own key",
+                name(last)
+            ),
+        ));
+    }
+    let mut earliest: Option<OffsetDateTime> = None;
+    for (i, c) in certs.iter().enumerate() {
+        let t = OffsetDateTime::from_unix_timestamp(c.validity().not_after.timestamp())
+            .map_err(|_| bad_ca(path, format!("{}: notAfter out of range", name(i))))?;
+        if t <= now {
+            // The signing certificate's own expiry has its own, established message.
+            if i == 0 {
+                return Err(CaError::Expired);
+            }
+            return Err(bad_ca(
+                path,
+                format!(
+                    "{} of the CA chain expired at {}; renew it",
+                    name(i),
+                    c.validity().not_after
+                ),
+            ));
+        }
+        earliest = Some(earliest.map_or(t, |e| e.min(t)));
+    }
+    Ok(earliest.expect("a chain has at least one certificate"))
+}
+
+/// The operator's chain (DER, signing certificate first), its key (PKCS#8) and the chain's
+/// earliest `notAfter`.
+type OperatorCa = (Vec<Vec<u8>>, Vec<u8>, OffsetDateTime);
+
 /// Reads the operator's CA chain and key. Accepts PKCS#8 (`PRIVATE KEY`) and SEC1
-/// (`EC PRIVATE KEY`); refuses keys others can read.
-fn read_operator_ca(cert_path: &Path, key_path: &Path) -> Result<(Vec<Vec<u8>>, Vec<u8>), CaError> {
+/// (`EC PRIVATE KEY`); refuses keys others can read and chains that are not one
+/// ([`check_chain`]), whose earliest `notAfter` it returns.
+fn read_operator_ca(
+    cert_path: &Path,
+    key_path: &Path,
+    now: OffsetDateTime,
+) -> Result<OperatorCa, CaError> {
     let text = std::fs::read_to_string(cert_path).map_err(io_err(cert_path))?;
     let chain = parse_pem_certs(cert_path, &text)?;
+    let not_after = check_chain(&chain, cert_path, now)?;
     fsutil::check_private_mode(key_path).map_err(|e| bad_ca(key_path, e.to_string()))?;
     let key_text = std::fs::read_to_string(key_path).map_err(io_err(key_path))?;
     let key_pem = pem::parse(&key_text).map_err(|_| bad_ca(key_path, "not a PEM private key"))?;
@@ -681,7 +775,7 @@ fn read_operator_ca(cert_path: &Path, key_path: &Path) -> Result<(Vec<Vec<u8>>, 
             ));
         }
     };
-    Ok((chain, pkcs8))
+    Ok((chain, pkcs8, not_after))
 }
 
 /// Wraps a SEC1 ECPrivateKey in a PKCS#8 PrivateKeyInfo (RFC 5915 / RFC 5208).
@@ -1033,14 +1127,32 @@ mod tests {
     fn nothing_outlives_a_certificate_of_the_operator_chain() {
         let dir = tempfile::tempdir().unwrap();
         let now = OffsetDateTime::now_utc();
-        let (signer, key) = generate_root(&td(), Duration::from_secs(86400), now).unwrap();
-        // Next in the chain, a certificate that ends in an hour (as an anchor or intermediate
-        // about to expire would).
-        let (short, _) = generate_root(&td(), Duration::from_secs(3600), now).unwrap();
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let params = |cn: &str, hours: i64| {
+            let mut p = CertificateParams::default();
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+            p.subject_alt_names = vec![rcgen::SanType::URI(
+                rcgen::string::Ia5String::try_from(td().id_string()).unwrap(),
+            )];
+            p.not_before = now - time::Duration::minutes(5);
+            p.not_after = now + time::Duration::hours(hours);
+            p
+        };
+        // The signing certificate lives a day, under an anchor that ends in an hour (as an
+        // anchor or intermediate about to expire would).
+        let anchor_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let anchor_params = params("anchor", 1);
+        let anchor = anchor_params.self_signed(&anchor_key).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let signer = params("signer", 24)
+            .signed_by(&key, &Issuer::from_params(&anchor_params, &anchor_key))
+            .unwrap();
         let cp = dir.path().join("ca.pem");
         let kp = dir.path().join("ca.key");
-        std::fs::write(&cp, format!("{signer}{short}")).unwrap();
-        std::fs::write(&kp, &key).unwrap();
+        std::fs::write(&cp, format!("{}{}", signer.pem(), anchor.pem())).unwrap();
+        std::fs::write(&kp, key.serialize_pem()).unwrap();
         std::fs::set_permissions(&kp, std::fs::Permissions::from_mode(0o600)).unwrap();
         let ca =
             Ca::load_or_create(&td(), dir.path(), Some(&(cp, kp)), Duration::from_secs(1)).unwrap();
