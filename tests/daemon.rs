@@ -295,6 +295,33 @@ fn openssl_in(dir: &std::path::Path, args: &[&str]) {
     );
 }
 
+/// A self-signed RSA "Lab Root" (`NAME.pem`, `NAME.key`) in `dir`, with `ext.cnf` of
+/// [`lab_ca`].
+fn lab_root(dir: &std::path::Path, name: &str) {
+    let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
+    openssl_in(dir, &["genrsa", "-out", &key, "2048"]);
+    openssl_in(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &key,
+            "-subj",
+            "/O=Lab/CN=Lab Root",
+            "-days",
+            "30",
+            "-extensions",
+            "root",
+            "-config",
+            "ext.cnf",
+            "-out",
+            &pem,
+        ],
+    );
+}
+
 /// An offline RSA root (`root.pem`, `root.key`) and a P-256 intermediate under it
 /// (`inter.pem`, `inter.key` in SEC1 form, 0600) in `dir`, as an operator would bring them.
 fn lab_ca(dir: &std::path::Path) {
@@ -306,24 +333,7 @@ fn lab_ca(dir: &std::path::Path) {
     )
     .unwrap();
     // An RSA root, as offline roots often are; the online intermediate is P-256.
-    sh(&["genrsa", "-out", "root.key", "2048"]);
-    sh(&[
-        "req",
-        "-x509",
-        "-new",
-        "-key",
-        "root.key",
-        "-subj",
-        "/O=Lab/CN=Lab Root",
-        "-days",
-        "30",
-        "-extensions",
-        "root",
-        "-config",
-        "ext.cnf",
-        "-out",
-        "root.pem",
-    ]);
+    lab_root(dir, "root");
     sh(&[
         "ecparam",
         "-name",
@@ -377,27 +387,7 @@ fn operator_ca_chains_out_of_order_or_from_another_ca_stop_startup() {
     lab_ca(dir.path());
     // A second root with the very same name but its own key: a chain ending in it looks
     // right by name only.
-    openssl_in(dir.path(), &["genrsa", "-out", "other.key", "2048"]);
-    openssl_in(
-        dir.path(),
-        &[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            "other.key",
-            "-subj",
-            "/O=Lab/CN=Lab Root",
-            "-days",
-            "30",
-            "-extensions",
-            "root",
-            "-config",
-            "ext.cnf",
-            "-out",
-            "other.pem",
-        ],
-    );
+    lab_root(dir.path(), "other");
     let pem = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
     let refused = |chain: String, wanted: &str| {
         let path = dir.path().join("chain.pem");
