@@ -352,19 +352,21 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     let router = Server::builder()
         .max_concurrent_streams(Some(limits::STREAMS_PER_CONNECTION))
         .add_service(
-            proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(workload),
+            proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(workload)
+                .max_decoding_message_size(limits::MAX_REQUEST_BYTES),
         )
         // The endpoint's security header (SPIFFE Workload Endpoint §3) is required of every
         // credential-bearing service on this socket, not only the Workload API's.
-        .add_service(
-            proto::tessera::v1::tasks_server::TasksServer::with_interceptor(
-                TasksApi::new(Arc::clone(&exchanger)),
-                |req: tonic::Request<()>| {
-                    crate::api::workload::check_security_header(&req)?;
-                    Ok(req)
-                },
-            ),
-        )
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            proto::tessera::v1::tasks_server::TasksServer::new(TasksApi::new(Arc::clone(
+                &exchanger,
+            )))
+            .max_decoding_message_size(limits::MAX_REQUEST_BYTES),
+            |req: tonic::Request<()>| {
+                crate::api::workload::check_security_header(&req)?;
+                Ok(req)
+            },
+        ))
         .add_service(health)
         .add_service(reflection);
     // Any local uid must be able to connect: attestation, not file mode, decides identity.

@@ -699,6 +699,18 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
         "{}",
         err.message()
     );
+    // A request far beyond any legitimate one (100k distinct scopes, 1 MiB) is refused before
+    // it is parsed, and the daemon goes on serving (below).
+    let huge: Vec<String> = (0..100_000).map(|i| format!("s{i:08}")).collect();
+    let huge: Vec<&str> = huge.iter().map(String::as_str).collect();
+    let err = tessera::api::workload::tasks_client(channel.clone())
+        .exchange(tasks_req(&idp.token("carol"), "job-0", &huge, false))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("message length too large"),
+        "{err:?}"
+    );
     let mut tasks = tessera::api::workload::tasks_client(channel);
     let subject = idp.token("carol");
 

@@ -38,6 +38,8 @@ pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:acce
 
 const MAX_SCOPES: usize = 32;
 const MAX_SCOPE_LEN: usize = 256;
+/// The longest scope string: every scope at its longest, one space apart.
+const MAX_SCOPE_STRING: usize = MAX_SCOPES * (MAX_SCOPE_LEN + 1);
 const MAX_AUDIENCE_LEN: usize = 512;
 
 /// An exchange request, as received (every field optional so that a missing one gets its own
@@ -189,6 +191,13 @@ const ACTOR_CACHE_CAP: usize = 100_000;
 
 /// Splits and checks an RFC 6749 §3.3 scope string; duplicates are dropped, order kept.
 pub fn parse_scopes(s: &str) -> Result<Vec<String>, String> {
+    // Checked before any work, and the count inside the loop: this runs before the caller
+    // is authenticated, and dropping duplicates is quadratic in the number kept.
+    if s.len() > MAX_SCOPE_STRING {
+        return Err(format!(
+            "scope must be at most {MAX_SCOPE_STRING} characters ({MAX_SCOPES} scopes of at most {MAX_SCOPE_LEN})"
+        ));
+    }
     let mut out: Vec<String> = Vec::new();
     for tok in s.split(' ').filter(|t| !t.is_empty()) {
         if tok.len() > MAX_SCOPE_LEN {
@@ -207,14 +216,14 @@ pub fn parse_scopes(s: &str) -> Result<Vec<String>, String> {
             ));
         }
         if !out.iter().any(|o| o == tok) {
+            if out.len() == MAX_SCOPES {
+                return Err(format!("at most {MAX_SCOPES} scopes per request"));
+            }
             out.push(tok.to_owned());
         }
     }
     if out.is_empty() {
         return Err("scope is required: list the space-separated scopes the task needs".into());
-    }
-    if out.len() > MAX_SCOPES {
-        return Err(format!("at most {MAX_SCOPES} scopes per request"));
     }
     Ok(out)
 }
@@ -790,6 +799,14 @@ mod tests {
         assert!(parse_scopes("a\\b").is_err());
         assert!(parse_scopes("a\tb").is_err());
         let many: Vec<String> = (0..33).map(|i| format!("s{i}")).collect();
-        assert!(parse_scopes(&many.join(" ")).is_err());
+        let err = parse_scopes(&many.join(" ")).unwrap_err();
+        assert!(err.contains("at most 32 scopes"), "{err}");
+        // 32 distinct scopes however often repeated are fine, within the length bound...
+        let repeated = vec![many[..32].join(" "); 4].join(" ");
+        assert_eq!(parse_scopes(&repeated).unwrap().len(), 32);
+        // ...but a string longer than 32 scopes at their longest is refused before any work.
+        let long = "a ".repeat(MAX_SCOPE_STRING / 2 + 1);
+        let err = parse_scopes(&long).unwrap_err();
+        assert!(err.contains("at most 8224 characters"), "{err}");
     }
 }
