@@ -207,16 +207,12 @@ impl AdminApi {
     }
 }
 
-/// Runs an operator change to its end even if the caller goes away meanwhile: once its commit
-/// is submitted, memory must follow the disk (a request dropped between the two left the
-/// change on disk only, to appear at the next restart).
+/// Runs an operator change to its end even if the caller goes away meanwhile
+/// ([`super::to_completion`]).
 async fn to_completion<T: Send + 'static>(
     change: impl std::future::Future<Output = Result<T, crate::issuer::IssueError>> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::spawn(change)
-        .await
-        .map_err(|e| Status::internal(format!("operator change failed: {e}")))?
-        .map_err(status)
+    super::to_completion(change).await.map_err(status)
 }
 
 fn now_ms() -> i64 {
@@ -592,11 +588,9 @@ impl pb::admin_server::Admin for AdminApi {
         req: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
         let actor = self.authorize(&req).await?;
-        let n = self
-            .issuer
-            .complete_task(&req.into_inner().task_id, None, actor)
-            .await
-            .map_err(status)?;
+        let (issuer, task) = (Arc::clone(&self.issuer), req.into_inner().task_id);
+        let n =
+            to_completion(async move { issuer.complete_task(&task, None, actor).await }).await?;
         Ok(Response::new(pb::CompleteTaskResponse {
             revoked: n as u32,
         }))

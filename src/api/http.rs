@@ -497,23 +497,30 @@ async fn revoke(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> 
             "this token was not issued to the authenticated agent",
         );
     }
-    match issuer
-        .revoke_lease(
-            &t.lease_id.to_string(),
-            Actor::Agent { spiffe_id: caller },
-            "revoked by its agent (RFC 7009)",
-        )
-        .await
+    let (issuer, lease) = (Arc::clone(issuer), t.lease_id.to_string());
+    match super::to_completion(async move {
+        issuer
+            .revoke_lease(
+                &lease,
+                Actor::Agent { spiffe_id: caller },
+                "revoked by its agent (RFC 7009)",
+            )
+            .await
+    })
+    .await
     {
         // Revoked now, revoked or completed by someone else meanwhile, or reaped at its
         // expiry since the check above: in each case the token is no longer valid.
         Ok(_) | Err(IssueError::FailedPrecondition(_) | IssueError::NotFound(_)) => ok(),
         // RFC 7009 §2.2.1: on a 503 the client must assume the token still exists.
-        Err(e @ IssueError::Store(_)) => with_retry_after(oauth_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "temporarily_unavailable",
-            &e.to_string(),
-        )),
+        // Interrupted: whether the revocation was recorded is unknown; a retry settles it.
+        Err(e @ (IssueError::Store(_) | IssueError::Interrupted(_))) => {
+            with_retry_after(oauth_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                &e.to_string(),
+            ))
+        }
         Err(e) => oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
     }
 }

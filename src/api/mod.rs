@@ -86,5 +86,49 @@ pub fn status(e: IssueError) -> Status {
             tracing::error!(error = %err, "CA cannot sign");
             Status::unavailable("the CA cannot sign right now")
         }
+        IssueError::Interrupted(m) => Status::internal(format!("the change was interrupted: {m}")),
+    }
+}
+
+/// Runs a state change to its end even if the caller goes away meanwhile. hyper drops a
+/// handler's future when its client resets the stream or disconnects; dropped between the
+/// commit and the memory update, a change (a revocation, a completed task) would be on disk
+/// only, while memory went on honouring what it revoked until the next restart.
+pub async fn to_completion<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, IssueError>> + Send + 'static,
+) -> Result<T, IssueError> {
+    tokio::spawn(change)
+        .await
+        .unwrap_or_else(|e| Err(IssueError::Interrupted(e.to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[tokio::test]
+    async fn a_change_runs_to_its_end_when_its_caller_goes_away() {
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let done = Arc::new(AtomicBool::new(false));
+        let d = Arc::clone(&done);
+        // The handler, as hyper runs it: dropped once its client resets the stream.
+        let handler = tokio::spawn(to_completion(async move {
+            let _ = wait.await;
+            d.store(true, Ordering::SeqCst);
+            Ok(())
+        }));
+        tokio::task::yield_now().await;
+        handler.abort();
+        assert!(handler.await.unwrap_err().is_cancelled());
+        go.send(()).unwrap();
+        for _ in 0..200 {
+            if done.load(Ordering::SeqCst) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        panic!("the change stopped with its caller");
     }
 }

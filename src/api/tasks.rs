@@ -106,8 +106,11 @@ impl pb::tasks_server::Tasks for TasksApi {
             pid: caller.pid,
             exe: caller.exe_path.as_deref().map(str::to_owned),
         };
-        let n = issuer
-            .complete_task(&task, Some(&ids), actor)
+        let issuer = Arc::clone(issuer);
+        let n =
+            super::to_completion(
+                async move { issuer.complete_task(&task, Some(&ids), actor).await },
+            )
             .await
             .map_err(status)?;
         Ok(Response::new(pb::CompleteResponse { revoked: n as u32 }))

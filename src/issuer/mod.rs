@@ -66,6 +66,10 @@ pub enum IssueError {
     /// The lease could not be made durable, so nothing was handed out.
     #[error("lease store unavailable: {0}")]
     Store(#[from] StoreError),
+    /// The change stopped before its end (a panic, or the daemon shutting down); whether it
+    /// was recorded is unknown.
+    #[error("the change was interrupted: {0}")]
+    Interrupted(String),
 }
 
 /// An X.509-SVID ready to hand out.

@@ -815,6 +815,50 @@ fn load(
             });
         }
     }
+    // Each lease looks up its identity and the identities above it, instead of walking the
+    // whole history: a start costs O(leases × path depth) however many kills were ever made.
+    let mut kills_of: std::collections::HashMap<&str, Vec<(i64, &str, &str)>> =
+        std::collections::HashMap::new();
+    for (id, at, by, reason, _) in &history {
+        kills_of
+            .entry(id.as_str())
+            .or_default()
+            .push((*at, by.as_str(), reason.as_str()));
+    }
+    for v in kills_of.values_mut() {
+        v.sort_unstable_by_key(|k| k.0);
+    }
+    // The earliest kill of `spiffe_id` or an identity above it that came after `issued_at`
+    // (same second included: fails safe).
+    let covering = |spiffe_id: &str, issued_at: i64| {
+        // "spiffe://td/a/b" is covered by kills of itself, "spiffe://td/a" and "spiffe://td".
+        let above = spiffe_id
+            .match_indices('/')
+            .map(|(i, _)| i)
+            .filter(|&i| i > "spiffe://".len())
+            .map(|i| &spiffe_id[..i]);
+        std::iter::once(spiffe_id)
+            .chain(above)
+            .filter_map(|k| {
+                let v = kills_of.get(k)?;
+                v.get(v.partition_point(|(at, ..)| at.div_euclid(1000) < issued_at))
+            })
+            .min_by_key(|k| k.0)
+            .copied()
+    };
+    // A completed task keeps no active lease, even one whose revocation did not reach the
+    // store (its commit is the task's completion and the revocations together; this only
+    // backs that up).
+    let completed: std::collections::HashMap<String, (i64, String)> = conn
+        .prepare("SELECT id, completed_ms, coalesce(completed_by, '') FROM tasks WHERE completed_ms IS NOT NULL")
+        .and_then(|mut st| {
+            st.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))?
+                .collect()
+        })
+        .map_err(db_err)?;
+    // The earliest issue time of any stored lease: a restored kill before it covers nothing
+    // stored, and nothing issued later, so it is pruned.
+    let mut min_issued = i64::MAX;
     // Thousands of rows share an identity, entry and executable: intern from the borrowed
     // column text so that loading allocates each distinct string once.
     let mut interned = Interner::default();
@@ -832,6 +876,8 @@ fn load(
             continue;
         };
         let id = LeaseId(id);
+        let issued_at: i64 = r.get(8).map_err(db_err)?;
+        min_issued = min_issued.min(issued_at);
         let expires_at: i64 = r.get(9).map_err(db_err)?;
         if expires_at <= now_s {
             snap.expired.push(id);
@@ -842,7 +888,11 @@ fn load(
         let mut state =
             State::from_u8(r.get(11).map_err(db_err)?).ok_or_else(|| db_err("bad lease state"))?;
         let spiffe_id: &str = r.get_ref(2).map_err(db_err)?.as_str().map_err(db_err)?;
-        let issued_at: i64 = r.get(8).map_err(db_err)?;
+        let task_id = r
+            .get_ref(7)
+            .map_err(db_err)?
+            .as_str_or_null()
+            .map_err(db_err)?;
         let mut revocation = match r.get::<_, Option<i64>>(12).map_err(db_err)? {
             Some(at_ms) => Some(Arc::new(Revocation {
                 at_ms,
@@ -858,19 +908,23 @@ fn load(
             None => None,
         };
         if state == State::Active
-            && let Some((_, at, by, reason, _)) = history.iter().find(|(k, at, ..)| {
-                *at / 1000 >= issued_at
-                    && (spiffe_id == k.as_str()
-                        || spiffe_id
-                            .strip_prefix(k.as_str())
-                            .is_some_and(|rest| rest.starts_with('/')))
-            })
+            && let Some((at, by, reason)) = covering(spiffe_id, issued_at)
         {
             state = State::Revoked;
             revocation = Some(Arc::new(Revocation {
-                at_ms: *at,
+                at_ms: at,
                 by: format!("kill by {by}"),
-                reason: reason.clone(),
+                reason: reason.to_owned(),
+            }));
+        }
+        if state == State::Active
+            && let Some((at_ms, by)) = task_id.and_then(|t| completed.get(t))
+        {
+            state = State::Revoked;
+            revocation = Some(Arc::new(Revocation {
+                at_ms: *at_ms,
+                by: by.clone(),
+                reason: "task completed".into(),
             }));
         }
         let serial = r
@@ -899,12 +953,7 @@ fn load(
                 .as_str_or_null()
                 .map_err(db_err)?
                 .map(|s| interned.get(&mut last_exe, s)),
-            task_id: r
-                .get_ref(7)
-                .map_err(db_err)?
-                .as_str_or_null()
-                .map_err(db_err)?
-                .map(|s| interned.get(&mut last_task, s)),
+            task_id: task_id.map(|s| interned.get(&mut last_task, s)),
             serial: serial.map(Box::new),
             revocation,
         });
@@ -913,8 +962,20 @@ fn load(
         }
     }
     drop(rows);
+    drop(st);
     if !chunk.is_empty() {
         sink(chunk);
+    }
+    let prune_below_ms = min_issued.saturating_mul(1000);
+    if history
+        .iter()
+        .any(|(_, at, _, _, active)| !active && *at < prune_below_ms)
+    {
+        conn.execute(
+            "DELETE FROM kills WHERE restored_at IS NOT NULL AND killed_at < ?1",
+            params![prune_below_ms],
+        )
+        .map_err(db_err)?;
     }
     let mut st = conn
         .prepare("SELECT id, spec FROM entries ORDER BY rowid")
@@ -1067,6 +1128,132 @@ mod tests {
             serial: None,
             revocation: None,
         }
+    }
+
+    fn kill(id: &str, at_ms: i64) -> Op {
+        Op::Kill(Kill {
+            spiffe_id: id.into(),
+            at_ms,
+            by: "op".into(),
+            reason: format!("k{at_ms}"),
+        })
+    }
+
+    fn kill_rows(d: &Path) -> Vec<(String, i64)> {
+        let c = Connection::open(d.join("tessera.db")).unwrap();
+        let mut st = c
+            .prepare("SELECT spiffe_id, killed_at FROM kills ORDER BY seq")
+            .unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn kills_and_completed_tasks_revoke_at_load_and_spent_kills_are_pruned() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, _) = SqliteStore::open(d.path(), u64::MAX, 100, &mut |_| {}).unwrap();
+        let deep = lease("spiffe://td/a/b/c", 200, 1000);
+        let sibling = lease("spiffe://td/ab", 200, 1000);
+        let late = lease("spiffe://td/a/b", 400, 1000);
+        let mut in_task = lease("spiffe://td/t", 200, 1000);
+        in_task.task_id = Some("job".into());
+        let other_task = Lease {
+            task_id: Some("open".into()),
+            ..lease("spiffe://td/t", 200, 1000)
+        };
+        commit(
+            &s,
+            vec![
+                Op::PutLease(deep.clone()),
+                Op::PutLease(sibling.clone()),
+                Op::PutLease(in_task.clone()),
+                Op::PutLease(other_task.clone()),
+                Op::PutTask(Task {
+                    id: "job".into(),
+                    agent: "spiffe://td/t".into(),
+                    created_ms: 199_000,
+                    completed_ms: None,
+                }),
+                Op::PutTask(Task {
+                    id: "open".into(),
+                    agent: "spiffe://td/t".into(),
+                    created_ms: 199_000,
+                    completed_ms: None,
+                }),
+            ],
+        )
+        .await
+        .unwrap();
+        // A restored kill before every lease (spent), one after the first leases (restored,
+        // still revoking them), and one in force; then a lease after all of them.
+        commit(
+            &s,
+            vec![
+                kill("spiffe://td", 100_000),
+                Op::Restore {
+                    spiffe_id: "spiffe://td".into(),
+                    at_ms: 101_000,
+                    by: "op".into(),
+                },
+                kill("spiffe://td/a", 300_000),
+                Op::Restore {
+                    spiffe_id: "spiffe://td/a".into(),
+                    at_ms: 301_000,
+                    by: "op".into(),
+                },
+                kill("spiffe://td/a/b", 350_000),
+                Op::PutLease(late.clone()),
+                // Completed on disk, its lease's revocation lost (as when the commit of
+                // revocations and completion is all that reached the store).
+                Op::CompleteTask {
+                    id: "job".into(),
+                    at_ms: 250_000,
+                    by: "agent".into(),
+                },
+            ],
+        )
+        .await
+        .unwrap();
+        drop(s);
+        let mut leases = Vec::new();
+        let (_s, snap) =
+            SqliteStore::open(d.path(), u64::MAX, 500, &mut |c| leases.extend(c)).unwrap();
+        let get = |id: LeaseId| leases.iter().find(|l| l.id == id).unwrap().clone();
+        let revoked_by = |id: LeaseId| {
+            let l = get(id);
+            (l.state, l.revocation.map(|r| (r.at_ms, r.reason.clone())))
+        };
+        assert_eq!(
+            revoked_by(deep.id),
+            (State::Revoked, Some((300_000, "k300000".into()))),
+            "the earliest kill above it after its issue"
+        );
+        assert_eq!(
+            revoked_by(sibling.id),
+            (State::Active, None),
+            "td/a is not above td/ab"
+        );
+        assert_eq!(
+            revoked_by(late.id),
+            (State::Active, None),
+            "issued after every kill"
+        );
+        assert_eq!(
+            revoked_by(in_task.id),
+            (State::Revoked, Some((250_000, "task completed".into())))
+        );
+        assert_eq!(revoked_by(other_task.id), (State::Active, None));
+        assert_eq!(snap.kills.len(), 1, "the kill in force");
+        // The spent kill is gone; the restored one that still revokes stored leases stays.
+        assert_eq!(
+            kill_rows(d.path()),
+            [
+                ("spiffe://td/a".to_owned(), 300_000),
+                ("spiffe://td/a/b".to_owned(), 350_000)
+            ]
+        );
     }
 
     #[tokio::test]
