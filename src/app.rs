@@ -294,27 +294,14 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         Arc::clone(&metrics),
         Arc::clone(&exchanger),
     );
-    let mut sd = shutdown.clone();
-    match &cfg.http_tls {
-        None => tasks.push((
-            "http",
-            tokio::spawn(async move {
-                let r = axum::serve(tcp, app)
-                    .with_graceful_shutdown(async move { sd.wait().await })
-                    .await;
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "HTTP server failed");
-                }
-            }),
-        )),
-        Some(tls) => {
-            let tls_cfg = http::tls::server_config(tls, &ca).map_err(AppError::Tls)?;
-            tasks.push((
-                "https",
-                tokio::spawn(http::tls::serve(tcp, app, tls_cfg, sd)),
-            ));
-        }
-    }
+    let tls_cfg = match &cfg.http_tls {
+        None => None,
+        Some(tls) => Some(http::tls::server_config(tls, &ca).map_err(AppError::Tls)?),
+    };
+    tasks.push((
+        if tls_cfg.is_some() { "https" } else { "http" },
+        tokio::spawn(http::tls::serve(tcp, app, tls_cfg, shutdown.clone())),
+    ));
 
     // Background: OIDC keys (now and every 15 minutes), policy reloads (SIGHUP, file change).
     tasks.push((

@@ -177,6 +177,7 @@ struct RawHttp {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_svid: Option<bool>,
+    allow_plaintext: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -596,6 +597,31 @@ impl Config {
             }
         };
 
+        // RFC 6749 §3.2, RFC 7009 §2 and RFC 7662 §4 require TLS: beyond loopback, the
+        // listener carries users' ID tokens, agents' JWT-SVIDs and task tokens. Behind a
+        // TLS-terminating proxy the operator says so.
+        if http_tls.is_none() && raw.http.allow_plaintext != Some(true) {
+            if !http_listen.ip().is_loopback() {
+                return Err(invalid(
+                    "http.listen",
+                    format!(
+                        "{http_listen} is not a loopback address, and without TLS tokens would cross the network in cleartext; set http.tls_svid = true (or tls_cert/tls_key), or http.allow_plaintext = true behind a TLS-terminating proxy"
+                    ),
+                ));
+            }
+            if let Some(i) = &http_issuer
+                && i.starts_with("http:")
+                && reqwest::Url::parse(i)
+                    .ok()
+                    .and_then(|u| host_is_loopback(&u))
+                    != Some(true)
+            {
+                return Err(invalid(
+                    "http.issuer",
+                    "an http:// issuer beyond loopback sends tokens in cleartext; use https://, or set http.allow_plaintext = true behind a TLS-terminating proxy",
+                ));
+            }
+        }
         let mut oidc_issuers = Vec::with_capacity(raw.oidc_issuers.len());
         for (i, o) in raw.oidc_issuers.into_iter().enumerate() {
             let k = |f: &str| format!("oidc_issuers[{i}].{f}");
@@ -999,6 +1025,17 @@ mod tests {
     }
 
     #[test]
+    fn plain_http_beyond_loopback_needs_tls_or_an_explicit_opt_in() {
+        for ok in [
+            "[http]\nlisten = \"0.0.0.0:8780\"\ntls_svid = true",
+            "[http]\nlisten = \"0.0.0.0:8780\"\nallow_plaintext = true\nissuer = \"https://t.example\"",
+            "[http]\nlisten = \"[::1]:8780\"\nissuer = \"http://localhost:8780\"",
+        ] {
+            Config::from_toml(ok, Path::new("t.toml")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
     fn bad_configs_name_the_key() {
         let cases = [
             ("trust_domain = \"Bad Domain\"", "`trust_domain`"),
@@ -1012,6 +1049,14 @@ mod tests {
             ("[ca]\nca_ttl = \"30m\"", "`ca.ca_ttl`: must be at least 1h"),
             ("[ca]\ncert = \"/a.pem\"", "`ca.key`"),
             ("[http]\nlisten = \"localhost\"", "`http.listen`"),
+            (
+                "[http]\nlisten = \"0.0.0.0:8780\"",
+                "`http.listen`: 0.0.0.0:8780 is not a loopback address",
+            ),
+            (
+                "[http]\nissuer = \"http://tessera.example:8780\"",
+                "`http.issuer`: an http:// issuer beyond loopback",
+            ),
             ("data_dir = \"relative\"", "`data_dir`"),
             ("[log]\nformat = \"xml\"", "`log.format`"),
             (

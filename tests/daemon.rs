@@ -527,3 +527,27 @@ fn the_cli_refuses_a_socket_directory_someone_could_swap() {
         assert!(err.contains("symbolic link"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn http_connections_that_never_finish_their_headers_are_closed() {
+    use std::io::{Read, Write};
+    let d = Daemon::start(&entry_for_uid("me", my_uid(), ""));
+    let mut s = std::net::TcpStream::connect(d.http).unwrap();
+    // Half a request, then nothing: without a header timeout hyper held this for ever.
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let r = s.read_to_end(&mut buf);
+    assert!(
+        r.is_ok(),
+        "the daemon kept the connection open for 30 s: {r:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "closed before the client could have been slow"
+    );
+    // The listener serves on.
+    assert_eq!(common::http_get(d.http, "/healthz").0, 200);
+}

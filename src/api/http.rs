@@ -63,6 +63,7 @@ pub fn router(
         .route("/introspect", post(introspect))
         .route("/revoke", post(revoke))
         .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
+        .layer(axum::middleware::from_fn(answer_in_time))
         .with_state(HttpState {
             ca,
             ready,
@@ -70,6 +71,19 @@ pub fn router(
             metrics,
             exchanger,
         })
+}
+
+/// Answers 408 to a request not answered within [`tls::REQUEST_TIMEOUT`], its body read
+/// included.
+async fn answer_in_time(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match tokio::time::timeout(tls::REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => oauth_error(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request",
+            "the request was not complete in time",
+        ),
+    }
 }
 
 async fn crl(State(s): State<HttpState>) -> impl IntoResponse {

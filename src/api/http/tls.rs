@@ -1,14 +1,15 @@
 //! TLS for the HTTP listener: an operator certificate, or the daemon's own X.509-SVID
 //! (`spiffe://<td>/tesserad`) minted from its CA and renewed at half its lifetime.
 //!
-//! Owns the rustls server configuration and the accept loop (handshakes run per connection,
-//! so a slow client cannot stall others; connections drain on shutdown).
+//! Owns the rustls server configuration and the HTTP listener's accept loop, with or without
+//! TLS: handshakes run per connection, so a slow client cannot stall others; connections are
+//! capped and timed out; they drain on shutdown.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -127,41 +128,81 @@ pub fn server_config(tls: &HttpTls, ca: &Arc<Ca>) -> Result<Arc<rustls::ServerCo
     Ok(Arc::new(cfg))
 }
 
-/// Accepts TLS connections and serves `app` until shutdown, then lets open connections
-/// finish (the caller bounds that with the drain deadline).
+/// Connections the HTTP listener holds at once; more wait in the kernel's backlog. Each
+/// holds a descriptor, and the daemon's descriptors also serve the Workload API and admin
+/// sockets, the store and the audit log.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// A request's headers must arrive within this time of the connection waiting for them
+/// (idle and slow-header connections are closed).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A whole request, body included, must be answered within this time (a body trickled in
+/// a byte at a time held its connection for ever). The slowest legitimate request, an
+/// exchange whose issuer's keys must be fetched, takes at most 15 s.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 connections are pinged this often, and closed when a ping goes unanswered for
+/// [`HEADER_TIMEOUT`].
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Accepts connections (TLS when `tls` is given) and serves `app` until shutdown, then lets
+/// open connections finish (the caller bounds that with the drain deadline). Hyper has no
+/// timeouts without a timer, and axum's `serve` sets none: every bound here is explicit.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
-    cfg: Arc<rustls::ServerConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     mut sd: Shutdown,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(crate::api::limits::STREAMS_PER_CONNECTION)
+        .keep_alive_interval(H2_KEEPALIVE)
+        .keep_alive_timeout(HEADER_TIMEOUT);
     loop {
+        let slot = tokio::select! {
+            () = sd.wait() => break,
+            s = Arc::clone(&slots).acquire_owned() => s.expect("the semaphore is never closed"),
+        };
         let (tcp, _) = tokio::select! {
             () = sd.wait() => break,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "HTTPS accept failed");
+                    tracing::warn!(error = %e, "HTTP accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let acceptor = acceptor.clone();
+        let (acceptor, builder) = (acceptor.clone(), builder.clone());
         let svc = TowerToHyperService::new(app.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let Ok(Ok(stream)) =
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            else {
-                return;
-            };
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-            let _ = watcher.watch(conn.into_owned()).await;
+            let _slot = slot;
+            match acceptor {
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                }
+                Some(acceptor) => {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                    else {
+                        return;
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                }
+            }
         });
     }
     graceful.shutdown().await;
