@@ -24,6 +24,8 @@ pub const LEEWAY_S: i64 = 30;
 const MIN_REFETCH: Duration = Duration::from_secs(30);
 /// Largest JWKS or discovery document accepted.
 const MAX_DOC_BYTES: usize = 1 << 20;
+/// Longest subject (`sub`) accepted in a subject token.
+const MAX_SUB_LEN: usize = 1024;
 /// Validated tokens remembered (by SHA-256) so an agent reusing its user's token does not pay
 /// for a signature check each time. Bounded; expiry is still checked on every use.
 /// (10k tokens of at most 16 KiB of claims each bounds it at about 160 MiB.)
@@ -121,9 +123,15 @@ pub fn parse_jwks(doc: &Value) -> Result<Vec<Jwk>, String> {
         .ok_or("not a JWKS document (no \"keys\" array)")?;
     let mut out = Vec::new();
     for k in keys {
+        // RFC 7517 §4.2/§4.3: a key for something other than verifying signatures is not
+        // one to verify with.
         if k.get("use")
             .and_then(Value::as_str)
             .is_some_and(|u| u != "sig")
+            || k.get("key_ops").is_some_and(|ops| {
+                !ops.as_array()
+                    .is_some_and(|a| a.iter().any(|o| o.as_str() == Some("verify")))
+            })
         {
             continue;
         }
@@ -358,8 +366,14 @@ impl Verifier {
             }
         };
         let exp = check_claims(&jws.claims, &t.cfg.audiences, now)?;
+        // Shown to approving operators and written to the audit log: no control characters
+        // (a crafted sub could redraw the approval prompt), and a bounded length.
         let sub = match jws.claims.get("sub") {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(Value::String(s))
+                if !s.is_empty() && s.len() <= MAX_SUB_LEN && !s.chars().any(char::is_control) =>
+            {
+                s.clone()
+            }
             _ => return Err(OidcError::Claim("sub")),
         };
         let mut string_claims: Vec<(String, String)> = jws
@@ -474,6 +488,23 @@ mod tests {
                                        "aud": "tessera", "exp": now_s() + 600}))
             .unwrap();
         assert_eq!(v.validate(&access).await.unwrap().sub, "bob");
+        // A subject that could redraw an operator's approval prompt is refused.
+        for sub in [
+            "bob\n1  ok  tickets:read".to_owned(),
+            "\u{1b}[2K".into(),
+            "b".repeat(1025),
+        ] {
+            let t = old
+                .sign(
+                    &json!({"iss": "https://idp.example", "sub": sub, "aud": "tessera",
+                              "exp": now_s() + 600}),
+                )
+                .unwrap();
+            assert!(
+                matches!(v.validate(&t).await, Err(OidcError::Claim("sub"))),
+                "{sub:?}"
+            );
+        }
         // The issuer withdraws the key (say, after a leak) and publishes another.
         std::fs::write(&file, jwks_of(&es256())).unwrap();
         assert!(v.refresh_all().await[0].1.is_ok());
@@ -548,10 +579,17 @@ mod tests {
             {"kty": "EC", "crv": "P-256",
              "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
              "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"},
-            {"kty": "oct", "kid": "h", "k": "c2VjcmV0"}
+            {"kty": "oct", "kid": "h", "k": "c2VjcmV0"},
+            {"kty": "EC", "crv": "P-256", "kid": "ops-enc", "key_ops": ["encrypt"],
+             "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+             "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"},
+            {"kty": "EC", "crv": "P-256", "kid": "ops-verify", "key_ops": ["verify"],
+             "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+             "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}
         ]});
         let keys = parse_jwks(&doc).unwrap();
-        assert_eq!(keys.len(), 1);
+        assert_eq!(keys.len(), 2, "the unnamed key and the one for verifying");
+        assert_eq!(keys[1].kid, "ops-verify");
         assert_eq!(keys[0].kid, Jwk::thumbprint(&keys[0].key));
         assert!(parse_jwks(&json!({"nokeys": []})).is_err());
     }

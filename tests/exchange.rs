@@ -443,6 +443,13 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
         .unwrap()
         .token()
         .to_owned();
+    // Nor is one for Tessera and another audience, which that audience could replay here.
+    let shared_aud_svid = client
+        .fetch_jwt_svid(&[issuer_url(&d).as_str(), "https://tool.example"], None)
+        .await
+        .unwrap()
+        .token()
+        .to_owned();
 
     let fetches_before = idp.fetches.load(Ordering::SeqCst);
     type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
@@ -510,6 +517,11 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
         (
             "actor token for another audience",
             base_fields(&good, &wrong_aud_svid, "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "actor token for Tessera and another audience",
+            base_fields(&good, &shared_aud_svid, "t1", "tickets:read"),
             "invalid_request",
         ),
         (

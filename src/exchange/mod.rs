@@ -375,6 +375,19 @@ impl Exchanger {
                     .issuer
                     .validate_jwt(token, &self.settings.issuer_url)
                     .map_err(|e| e.to_string())?;
+                // Tessera's issuer alone: another audience (a tool the agent called) could
+                // otherwise replay the token here as the agent.
+                let sole = match claims.get("aud") {
+                    Some(Value::String(_)) => true,
+                    Some(Value::Array(a)) => a.len() == 1,
+                    _ => false,
+                };
+                if !sole {
+                    return Err(format!(
+                        "the JWT-SVID must have {} as its only audience; fetch one for it alone",
+                        self.settings.issuer_url
+                    ));
+                }
                 let lease = claims
                     .get("jti")
                     .and_then(Value::as_str)
@@ -770,6 +783,9 @@ fn task_claims(
         serde_json::json!({"format": "iss_sub", "iss": subject.iss, "sub": subject.sub}),
     );
     m.insert("act".into(), Value::Object(act));
+    // RFC 9068 §2.2 requires client_id in an at+jwt: the client is the agent, as
+    // introspection reports it.
+    m.insert("client_id".into(), agent.as_str().into());
     m.insert("aud".into(), audience.into());
     m.insert("scope".into(), scopes.join(" ").into());
     m.insert("txn".into(), task_id.into());

@@ -159,6 +159,11 @@ impl Issuer {
             )));
         }
         let now = OffsetDateTime::now_utc();
+        // Authenticated a moment ago, but a subject token's key fetch may have taken seconds:
+        // an entry that expired meanwhile grants nothing (as for SVIDs).
+        if !entry.is_live(now) {
+            return Err(IssueError::NoIdentity);
+        }
         let exp = crate::ca::credential_expiry(now, g.ttl, self.ca.not_after());
         let lease_id = LeaseId::random();
         let jti = lease_id.to_string();
