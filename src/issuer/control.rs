@@ -75,11 +75,14 @@ impl Issuer {
             vec![Op::Revoke(vec![lease_id], rev.clone()), Op::Audit(ev)],
         )
         .await?;
-        count_by_kind(
-            &self.metrics,
-            self.leases.revoke(&[lease_id], &Arc::new(rev)),
-        );
-        Ok(self.leases.get(&lease_id).unwrap_or(l))
+        let rev = Arc::new(rev);
+        count_by_kind(&self.metrics, self.leases.revoke(&[lease_id], &rev));
+        // Reaped at its expiry meanwhile (the reaper takes no barrier): what was stored.
+        Ok(self.leases.get(&lease_id).unwrap_or(Lease {
+            state: State::Revoked,
+            revocation: Some(rev),
+            ..l
+        }))
     }
 
     /// Revokes every active lease of a task; returns how many.
@@ -365,6 +368,9 @@ impl Issuer {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(e, _)| &*e.id != id);
         self.publish_entries();
+        // Ids are fresh per created entry: under create/delete churn the clocks would grow
+        // without bound (the store drops its row with the entry's).
+        self.activity.remove(id);
         Ok(())
     }
 

@@ -26,7 +26,7 @@ use crate::attest::{AttestError, Attestation, Attestor, PeerInfo};
 use crate::audit::{Actor, Event};
 use crate::ca::{Ca, CaError};
 use crate::config::EntrySpec;
-use crate::lease::store::{Op, Store, StoreError, commit};
+use crate::lease::store::{Op, Store, StoreError, commit_issue};
 use crate::lease::{Kind, Lease, LeaseId, LeaseTable, State};
 use crate::metrics::Metrics;
 use crate::registry::{Entry, Registry};
@@ -518,7 +518,7 @@ impl Issuer {
         let lease_id = lease.id;
         let mut ops = vec![Op::PutLease(lease.clone()), Op::Audit(ev)];
         self.touch(entry, now_ms(), &mut ops);
-        commit(&*self.store, ops).await?;
+        commit_issue(&self.store, ops, vec![lease_id]).await?;
         self.leases.insert(lease);
         self.metrics.issued(Kind::X509, 1);
         Ok(X509Svid {
@@ -602,7 +602,7 @@ impl Issuer {
         for entry in &entries {
             self.touch(entry, now_ms, &mut ops);
         }
-        commit(&*self.store, ops).await?;
+        commit_issue(&self.store, ops, leases.iter().map(|l| l.id).collect()).await?;
         for l in leases {
             self.leases.insert(l);
         }

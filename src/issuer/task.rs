@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use super::{IssueError, Issuer, X509Svid, now_ms};
 use crate::audit::{Actor, Event};
 use crate::jose;
-use crate::lease::store::{Op, commit};
+use crate::lease::store::{Op, commit, commit_issue};
 use crate::lease::{Kind, Lease, LeaseId, Revocation, State, TaskClaim};
 use crate::registry::Entry;
 use crate::spiffe_id::SpiffeId;
@@ -103,9 +103,8 @@ impl Issuer {
         // Claimed under the barrier, which task pruning holds exclusively: a task found here
         // keeps its record until this credential's lease is live (and then is not stale).
         let _shared = self.barrier.read().await;
-        let new_task = match self.leases.claim_task(g.task_id, agent, now_ms()) {
-            TaskClaim::New(t) => Some(t),
-            TaskClaim::Existing => None,
+        let task = match self.leases.claim_task(g.task_id, agent, now_ms()) {
+            TaskClaim::Open(t) => t,
             TaskClaim::Foreign => {
                 return Err(IssueError::TaskConflict(format!(
                     "task_id {:?} belongs to another agent; use a new task id",
@@ -119,19 +118,15 @@ impl Issuer {
                 )));
             }
         };
-        let r = self.mint_task(&mut g, new_task.clone()).await;
-        if r.is_err()
-            && let Some(t) = &new_task
-        {
-            self.leases.unclaim_task(t);
-        }
-        r
+        // The claim stays if minting fails: a concurrent request of the same agent may
+        // already rely on it (undoing it let another agent claim a task that held a lease).
+        self.mint_task(&mut g, task).await
     }
 
     async fn mint_task(
         &self,
         g: &mut TaskGrant<'_>,
-        new_task: Option<crate::lease::Task>,
+        task_record: crate::lease::Task,
     ) -> Result<TaskCredentials, IssueError> {
         let entry = &g.entry;
         if self.leases.is_killed(&entry.spiffe_id) {
@@ -195,10 +190,10 @@ impl Issuer {
             entry.spiffe_id.as_str(),
             exp.unix_timestamp(),
         )];
+        // With every credential, not only the first: the first may have failed while this
+        // one succeeds (the store keeps the record it has).
         let mut ops = Vec::with_capacity(6);
-        if let Some(t) = new_task {
-            ops.push(Op::PutTask(t));
-        }
+        ops.push(Op::PutTask(task_record));
         let mut ev = Event::now("exchange", g.holder.actor.clone())
             .spiffe_id(entry.spiffe_id.as_str())
             .lease(jti)
@@ -243,7 +238,7 @@ impl Issuer {
         }
         ops.push(Op::Audit(ev));
         self.touch(entry, now_ms(), &mut ops);
-        commit(&*self.store, ops).await?;
+        commit_issue(&self.store, ops, leases.iter().map(|l| l.id).collect()).await?;
         let n_x509 = u64::from(x509.is_some());
         for l in leases {
             self.leases.insert(l);

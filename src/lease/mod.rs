@@ -235,11 +235,11 @@ pub struct Task {
 /// Outcome of [`LeaseTable::claim_task`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TaskClaim {
-    /// First use: the caller must make the task durable (and [`LeaseTable::unclaim_task`]
-    /// if it cannot).
-    New(Task),
-    /// Already the caller's, still open.
-    Existing,
+    /// Open and the caller's: the record, which the caller writes with every credential of
+    /// the task. (Claimed by a concurrent request whose commit may fail, so a record in
+    /// memory is not known to be durable; a claim whose credential was never issued stays
+    /// until task pruning forgets it, as it holds no lease.)
+    Open(Task),
     /// Another agent's.
     Foreign,
     /// Completed: no more credentials.
@@ -368,7 +368,7 @@ impl LeaseTable {
                 } else if t.completed_ms.is_some() {
                     TaskClaim::Completed
                 } else {
-                    TaskClaim::Existing
+                    TaskClaim::Open(t.clone())
                 }
             }
             E::Vacant(v) => {
@@ -379,16 +379,9 @@ impl LeaseTable {
                     completed_ms: None,
                 };
                 v.insert(t.clone());
-                TaskClaim::New(t)
+                TaskClaim::Open(t)
             }
         }
-    }
-
-    /// Undoes a [`TaskClaim::New`] whose record could not be made durable.
-    pub fn unclaim_task(&self, t: &Task) {
-        self.tasks.remove_if(&*t.id, |_, v| {
-            v.created_ms == t.created_ms && v.agent == t.agent
-        });
     }
 
     /// Number of task records held.

@@ -133,6 +133,59 @@ pub async fn commit(store: &dyn Store, ops: Vec<Op>) -> Result<(), StoreError> {
     store.submit(ops).await.unwrap_or(Err(StoreError::Closed))
 }
 
+/// Commits `ops`, which issue the leases `ids`, and waits until they are durable. A caller
+/// that goes away while the commit is in flight (hyper drops a handler's future when its
+/// client resets the stream) never got the credentials: once the commit lands, their leases
+/// are deleted again with an audit record saying why, instead of staying stored as active
+/// leases that memory never held and that the next start would bring back.
+pub async fn commit_issue(
+    store: &Arc<dyn Store>,
+    ops: Vec<Op>,
+    ids: Vec<LeaseId>,
+) -> Result<(), StoreError> {
+    let mut pending = Unanswered {
+        rx: Some(store.submit(ops)),
+        ids,
+        store: Arc::clone(store),
+    };
+    let rx = pending.rx.as_mut().expect("set above");
+    let r = rx.await.unwrap_or(Err(StoreError::Closed));
+    // No await from here: once answered, dropping the guard does nothing.
+    pending.rx = None;
+    r
+}
+
+/// An issuance commit nobody has waited out yet; see [`commit_issue`].
+struct Unanswered {
+    rx: Option<oneshot::Receiver<Result<(), StoreError>>>,
+    ids: Vec<LeaseId>,
+    store: Arc<dyn Store>,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        let Some(rx) = self.rx.take() else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (ids, store) = (std::mem::take(&mut self.ids), Arc::clone(&self.store));
+        rt.spawn(async move {
+            if !matches!(rx.await, Ok(Ok(()))) {
+                return;
+            }
+            let ev = Event::now("withdraw", audit::Actor::Daemon)
+                .detail(
+                    "leases",
+                    ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                )
+                .reason("the caller went away before the credentials were handed out");
+            if let Err(e) = commit(&*store, vec![Op::Delete(ids), Op::Audit(ev)]).await {
+                tracing::warn!(error = %e, "cannot withdraw the leases of an unanswered issuance; they stay until they expire");
+            }
+        });
+    }
+}
+
 type Job = (Vec<Op>, oneshot::Sender<Result<(), StoreError>>);
 
 /// SQLite (WAL) lease store with a single group-committing writer thread.
@@ -656,6 +709,8 @@ fn apply(
                     Op::DeleteEntry(id) => {
                         tx.execute("DELETE FROM entries WHERE id=?1", params![id])
                             .map_err(db_err)?;
+                        tx.execute("DELETE FROM entry_activity WHERE id=?1", params![id])
+                            .map_err(db_err)?;
                     }
                     Op::PutTask(t) => {
                         tx.prepare_cached(
@@ -1128,6 +1183,62 @@ mod tests {
             serial: None,
             revocation: None,
         }
+    }
+
+    /// A store whose commits land when the test says.
+    #[derive(Debug, Default)]
+    struct Held {
+        jobs: Mutex<Vec<Job>>,
+    }
+
+    impl Store for Held {
+        fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>> {
+            let (tx, rx) = oneshot::channel();
+            self.jobs.lock().unwrap().push((ops, tx));
+            rx
+        }
+    }
+
+    #[tokio::test]
+    async fn an_issuance_whose_caller_went_away_is_withdrawn_once_it_lands() {
+        let held = Arc::new(Held::default());
+        let store: Arc<dyn Store> = held.clone();
+        let l = lease("spiffe://td/a", 100, 1000);
+        // Answered: nothing more is written.
+        let answered = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { commit_issue(&store, vec![Op::PutLease(l.clone())], vec![l.id]).await }
+        });
+        tokio::task::yield_now().await;
+        let (_, tx) = held.jobs.lock().unwrap().pop().unwrap();
+        tx.send(Ok(())).unwrap();
+        answered.await.unwrap().unwrap();
+        // The caller goes away while its commit is in flight; the commit then lands.
+        let gone = lease("spiffe://td/b", 100, 1000);
+        let caller = tokio::spawn({
+            let (store, gone) = (Arc::clone(&store), gone.clone());
+            async move { commit_issue(&store, vec![Op::PutLease(gone.clone())], vec![gone.id]).await }
+        });
+        tokio::task::yield_now().await;
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+        let (_, tx) = held.jobs.lock().unwrap().pop().unwrap();
+        tx.send(Ok(())).unwrap();
+        for _ in 0..200 {
+            if let Some((ops, _)) = held.jobs.lock().unwrap().first() {
+                assert!(
+                    matches!(&ops[0], Op::Delete(ids) if ids == &[gone.id]),
+                    "{ops:?}"
+                );
+                assert!(
+                    matches!(&ops[1], Op::Audit(e) if e.event == "withdraw"),
+                    "{ops:?}"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the unanswered issuance's lease was not withdrawn");
     }
 
     fn kill(id: &str, at_ms: i64) -> Op {
