@@ -79,9 +79,16 @@ pub struct Subject {
 struct Trusted {
     cfg: OidcIssuerConfig,
     keys: ArcSwap<Vec<Jwk>>,
-    /// Serializes fetches and remembers the last on-demand attempt (rate limit). Scheduled
-    /// refreshes do not count, so a key rotated in just after one is found at once.
-    fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Serializes fetches and remembers the last on-demand attempt (rate limit; scheduled
+    /// refreshes do not count, so a key rotated in just after one is found at once) and
+    /// why the last fetch failed, if it did.
+    fetch: tokio::sync::Mutex<FetchState>,
+}
+
+#[derive(Default)]
+struct FetchState {
+    last_on_demand: Option<Instant>,
+    failed: Option<String>,
 }
 
 /// The configured issuers.
@@ -171,7 +178,7 @@ impl Verifier {
                     Arc::new(Trusted {
                         cfg: c.clone(),
                         keys: ArcSwap::from_pointee(Vec::new()),
-                        fetch: tokio::sync::Mutex::new(None),
+                        fetch: tokio::sync::Mutex::new(FetchState::default()),
                     })
                 })
                 .collect(),
@@ -196,18 +203,35 @@ impl Verifier {
         out
     }
 
+    /// Fetches `t`'s keys; on demand (`!force`) at most once per [`MIN_REFETCH`], answering
+    /// in between with the last fetch's outcome (so while the issuer is down every request
+    /// learns it is, not only the one that tried).
     async fn refresh(&self, t: &Trusted, force: bool) -> Result<usize, String> {
-        let mut last = t.fetch.lock().await;
+        let mut st = t.fetch.lock().await;
         if !force {
-            if last.is_some_and(|at| at.elapsed() < MIN_REFETCH) {
-                return Ok(t.keys.load().len());
+            if st
+                .last_on_demand
+                .is_some_and(|at| at.elapsed() < MIN_REFETCH)
+            {
+                return match &st.failed {
+                    Some(e) => Err(e.clone()),
+                    None => Ok(t.keys.load().len()),
+                };
             }
-            *last = Some(Instant::now());
+            st.last_on_demand = Some(Instant::now());
         }
-        let keys = self.fetch_keys(&t.cfg).await?;
-        let n = keys.len();
-        t.keys.store(Arc::new(keys));
-        Ok(n)
+        match self.fetch_keys(&t.cfg).await {
+            Ok(keys) => {
+                st.failed = None;
+                let n = keys.len();
+                t.keys.store(Arc::new(keys));
+                Ok(n)
+            }
+            Err(e) => {
+                st.failed = Some(e.clone());
+                Err(e)
+            }
+        }
     }
 
     async fn get_json(&self, url: &str) -> Result<Value, String> {
@@ -340,12 +364,15 @@ impl Verifier {
             None => !keys.is_empty(),
         };
         if !has_kid(&keys) {
-            if let Err(e) = self.refresh(t, false).await
-                && keys.is_empty()
+            let refreshed = self.refresh(t, false).await;
+            keys = t.keys.load_full();
+            // The key may be one the issuer rotated in: while its keys cannot be fetched the
+            // token cannot be judged (503, retry), rather than refused as unknown (400).
+            if let Err(e) = refreshed
+                && !has_kid(&keys)
             {
                 return Err(OidcError::KeysUnavailable(e));
             }
-            keys = t.keys.load_full();
         }
         let input = jws.signing_input.as_bytes();
         let verified_by = match &jws.kid {

@@ -639,20 +639,47 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
     assert_refused(&r, "another agent");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn rotated_issuer_keys_are_fetched_on_first_sight_with_a_rate_limit() {
+/// An issuer, a daemon trusting it once its start-up key fetch is done (an exchange before
+/// it would fetch on demand, and the rate limit would then hold back the fetch a test is
+/// about), and agent a's actor token.
+async fn daemon_after_its_key_fetch() -> (Idp, Daemon, String) {
     let idp = Idp::start().await;
     let d = daemon(&idp, POLICY, "", "");
     let actor = actor_token(&d, "a").await;
-    // Wait for the start-up fetch (an exchange before it would fetch on demand, and the rate
-    // limit would then hold back the fetch this test is about), then rotate: the issuer
-    // publishes its key under a new kid.
     eventually("the start-up key fetch", || {
         idp.fetches.load(Ordering::SeqCst) >= 1
     })
     .await;
     // (The daemon stores the keys just after the issuer has served them.)
     tokio::time::sleep(Duration::from_millis(200)).await;
+    (idp, d, actor)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn while_the_issuers_keys_cannot_be_fetched_a_new_key_is_unavailable_not_invalid() {
+    let (idp, d, actor) = daemon_after_its_key_fetch().await;
+    // The issuer goes down just as it rotates: tokens signed with the new key cannot be
+    // judged, so clients are told to retry (503), not that their token is bad (400) -- also
+    // within the refetch rate limit, when no fetch is tried.
+    idp.down.store(true, Ordering::SeqCst);
+    let t = idp.sign("RS256", Some("rsa-2"), &idp.claims("a1"));
+    for round in 0..2 {
+        let (code, r) = exchange(&d, &base_fields(&t, &actor, "r1", "tickets:read"));
+        assert_eq!(code, 503, "round {round}: {r}");
+        assert_eq!(r["error"], "temporarily_unavailable", "round {round}: {r}");
+    }
+    // Tokens under the key it already has are not affected.
+    let (code, r) = exchange(
+        &d,
+        &base_fields(&idp.token("a1"), &actor, "r1", "tickets:read"),
+    );
+    assert_eq!(code, 200, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotated_issuer_keys_are_fetched_on_first_sight_with_a_rate_limit() {
+    let (idp, d, actor) = daemon_after_its_key_fetch().await;
+    // Then rotate: the issuer publishes its key under a new kid.
     let (code, _) = exchange(
         &d,
         &base_fields(&idp.token("a1"), &actor, "r1", "tickets:read"),

@@ -25,6 +25,8 @@ pub struct Idp {
     pub jwks: Arc<Mutex<Vec<Value>>>,
     /// How many times /jwks was fetched.
     pub fetches: Arc<AtomicUsize>,
+    /// While set, /jwks answers 503 (an outage).
+    pub down: Arc<std::sync::atomic::AtomicBool>,
     rng: ring::rand::SystemRandom,
 }
 
@@ -85,7 +87,13 @@ impl Idp {
         let fetches = Arc::new(AtomicUsize::new(0));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let issuer = format!("http://{}", listener.local_addr().unwrap());
-        let (iss, keys, count) = (issuer.clone(), Arc::clone(&jwks), Arc::clone(&fetches));
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (iss, keys, count, is_down) = (
+            issuer.clone(),
+            Arc::clone(&jwks),
+            Arc::clone(&fetches),
+            Arc::clone(&down),
+        );
         let app = axum::Router::new()
             .route(
                 "/.well-known/openid-configuration",
@@ -105,7 +113,14 @@ impl Idp {
                 axum::routing::get(move || {
                     count.fetch_add(1, Ordering::SeqCst);
                     let k = keys.lock().unwrap().clone();
-                    async move { axum::Json(json!({ "keys": k })) }
+                    let down = is_down.load(Ordering::SeqCst);
+                    async move {
+                        use axum::response::IntoResponse;
+                        if down {
+                            return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+                        }
+                        axum::Json(json!({ "keys": k })).into_response()
+                    }
                 }),
             );
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -115,6 +130,7 @@ impl Idp {
             ec,
             jwks,
             fetches,
+            down,
             rng,
         }
     }
