@@ -842,3 +842,44 @@ async fn refusals_from_one_caller_are_limited_in_the_audit_log() {
         .count();
     assert_eq!(denials, tessera::issuer::denials::BURST as usize);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_after_the_clock_stepped_back_still_revokes_at_the_next_start() {
+    let cfg = entry_for_uid("agent", my_uid(), "");
+    let d = Daemon::start(&cfg);
+    let token = d
+        .client()
+        .await
+        .fetch_jwt_svid(&["svc"], None)
+        .await
+        .unwrap()
+        .token()
+        .to_owned();
+    let jti = jti(&token);
+    let dir = d.stop();
+    // As if the lease had been issued an hour ahead of the clock the kill then reads (an NTP
+    // step back, a VM restored from a snapshot).
+    rusqlite::Connection::open(dir.path().join("data/tessera.db"))
+        .unwrap()
+        .execute(
+            "UPDATE leases SET issued_at = issued_at + 3600, expires_at = expires_at + 3600",
+            [],
+        )
+        .unwrap();
+    let d = Daemon::start_in(dir, &cfg);
+    let o = d.cli(&[
+        "kill",
+        "spiffe://tessera.internal/agent",
+        "--reason",
+        "leak",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = d.cli(&["restore", "spiffe://tessera.internal/agent"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = Daemon::start_in(d.stop(), &cfg);
+    let l = lease_list(&d, &[])
+        .into_iter()
+        .find(|l| l["id"] == jti.as_str())
+        .expect("the lease is stored");
+    assert_eq!(l["state"], "revoked", "{l}");
+}
