@@ -120,7 +120,13 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         let _ = chunks_tx.send(chunk);
     });
     drop(chunks_tx);
-    let _ = indexer.join();
+    // Serving with leases missing from memory would hand out as unrevoked what the store
+    // holds revoked (and leave their serials off the CRL).
+    if indexer.join().is_err() {
+        return Err(AppError::Store(crate::lease::store::StoreError::Db(
+            "indexing the stored leases failed; see the panic above".into(),
+        )));
+    }
     let (store, snapshot) = opened?;
     let store_commits = store.commit_durations();
     let loaded_ms = started.elapsed().as_millis() as u64;

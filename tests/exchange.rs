@@ -229,25 +229,33 @@ async fn http_exchange_full_flow() {
         format!("{refused:?}").contains("typ must be JWT or JOSE"),
         "{refused:?}"
     );
-    // Nor is a task token issued for a subject that names a workload of this trust domain.
-    let mut claims = idp.claims("alice");
-    claims["sub"] = "spiffe://tessera.internal/agents/b".into();
-    let spiffe_subject = idp.sign("RS256", Some("rsa-1"), &claims);
-    let (code, e) = exchange(
-        &d,
-        &base_fields(&spiffe_subject, &actor, "task-1", "tickets:read"),
-    );
-    assert_eq!(
-        (code, e["error"].as_str()),
-        (400, Some("invalid_request")),
-        "{e}"
-    );
-    assert!(
-        e["error_description"]
-            .as_str()
-            .unwrap()
-            .contains("SPIFFE ID")
-    );
+    // Nor is a task token issued for a subject that names a workload of this trust domain,
+    // however it is spelled.
+    for sub in [
+        "spiffe://tessera.internal/agents/b",
+        "SPIFFE://Tessera.Internal/agents/b",
+        "spiffe://tessera.internal/agents/b/",
+    ] {
+        let mut claims = idp.claims("alice");
+        claims["sub"] = sub.into();
+        let spiffe_subject = idp.sign("RS256", Some("rsa-1"), &claims);
+        let (code, e) = exchange(
+            &d,
+            &base_fields(&spiffe_subject, &actor, "task-1", "tickets:read"),
+        );
+        assert_eq!(
+            (code, e["error"].as_str()),
+            (400, Some("invalid_request")),
+            "{sub}: {e}"
+        );
+        assert!(
+            e["error_description"]
+                .as_str()
+                .unwrap()
+                .contains("SPIFFE ID"),
+            "{sub}: {e}"
+        );
+    }
 
     // The token is a lease of the task, listed for operators.
     let leases = cli_json(&d, &["lease", "list", "--task", "task-1"]);

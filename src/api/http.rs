@@ -225,11 +225,15 @@ fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<Map<String, Value>, Fo
     parse_form_body(body)
 }
 
-/// Decodes a form body into parameters; a repeated parameter is an error. Pure, so it is
+/// Decodes a form body into parameters; a repeated parameter is an error, and one without a
+/// value is left out (RFC 6749 §3.2: "treated as if they were omitted"). Pure, so it is
 /// fuzzed directly.
 pub fn parse_form_body(body: &[u8]) -> Result<Map<String, Value>, FormError> {
     let mut m = Map::new();
     for (k, v) in url::form_urlencoded::parse(body) {
+        if v.is_empty() {
+            continue;
+        }
         if m.insert(k.to_string(), Value::String(v.into_owned()))
             .is_some()
         {
@@ -320,10 +324,28 @@ async fn token(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> R
     }
 }
 
+/// What a client is told when Tessera itself cannot issue or record: the detail (database
+/// errors, file paths) goes to the daemon's log, not to the network.
+fn unavailable_description(e: &IssueError) -> String {
+    let generic = match e {
+        IssueError::Ca(_) => "the CA cannot sign right now",
+        IssueError::Interrupted(_) => "the request was interrupted; retry",
+        IssueError::Store(_) => "credentials cannot be recorded right now",
+        // Written for the client (a full approval queue, say).
+        other => return other.to_string(),
+    };
+    tracing::error!(error = %e, "cannot serve an HTTP request");
+    generic.to_owned()
+}
+
 fn exchange_error(e: &ExchangeError) -> Response {
+    let text = match e {
+        ExchangeError::Unavailable(inner) => unavailable_description(inner),
+        other => other.to_string(),
+    };
     let mut body = json!({
         "error": e.oauth_code(),
-        "error_description": description(&e.to_string()),
+        "error_description": description(&text),
     });
     let unavailable = matches!(
         e,
@@ -532,9 +554,26 @@ async fn revoke(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> 
             with_retry_after(oauth_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "temporarily_unavailable",
-                &e.to_string(),
+                &unavailable_description(&e),
             ))
         }
         Err(e) => oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_parameters_without_a_value_are_omitted_and_repeats_refused() {
+        let m = parse_form_body(b"resource=&audience=&audience=https%3A%2F%2Ft&scope=a+b").unwrap();
+        assert!(!m.contains_key("resource"));
+        assert_eq!(m["audience"], "https://t");
+        assert_eq!(m["scope"], "a b");
+        assert!(matches!(
+            parse_form_body(b"audience=x&audience=y"),
+            Err(FormError::Repeated(k)) if k == "audience"
+        ));
     }
 }

@@ -479,9 +479,14 @@ impl Exchanger {
         }
         // The task token carries the subject's `sub` and is signed with the JWT-SVID key: a
         // `sub` naming a workload of this trust domain would make it read as that workload's
-        // JWT-SVID to a verifier that ignores `typ` (RFC 8725 §2.8).
-        if crate::spiffe_id::SpiffeId::parse(&subject.sub)
-            .is_ok_and(|s| s.trust_domain_name() == entry.spiffe_id.trust_domain_name())
+        // JWT-SVID to a verifier that ignores `typ` (RFC 8725 §2.8). Compared loosely (case,
+        // a trailing slash), as a lenient verifier might: not only IDs that parse.
+        let own = format!("spiffe://{}", entry.spiffe_id.trust_domain_name());
+        let sub = subject.sub.to_ascii_lowercase();
+        if sub == own
+            || sub
+                .strip_prefix(&own)
+                .is_some_and(|rest| rest.starts_with('/'))
         {
             return Err(self.refuse(
                 &holder,

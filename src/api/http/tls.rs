@@ -82,9 +82,16 @@ impl ResolvesServerCert for SvidResolver {
                 Some(key)
             }
             Err(e) => {
-                // Keep serving the current one (still valid for half its life).
-                tracing::error!(error = %e, "cannot renew the HTTP serving SVID");
-                Some(Arc::clone(&cur.0))
+                // Keep serving the current one (still valid for half its life), and try
+                // again in a while, not at every handshake: remote clients would otherwise
+                // each start a mint and a log line.
+                tracing::error!(error = %e, "cannot renew the HTTP serving SVID; retrying in 30 s");
+                let key = Arc::clone(&cur.0);
+                self.current.store(Arc::new((
+                    Arc::clone(&key),
+                    Instant::now() + Duration::from_secs(30),
+                )));
+                Some(key)
             }
         }
     }
