@@ -183,7 +183,6 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         cfg.entries.clone(),
         stored_entries,
     ));
-    issuer.init_issue_clock(snapshot.latest_issue_ms);
     issuer.init_activity(snapshot.entry_activity);
     let policy = Arc::new(Engine::load(
         cfg.policy_file.as_deref(),

@@ -142,7 +142,7 @@ impl Issuer {
         // restore (in memory only).
         let marking = Arc::clone(&self.kill_marking).read_owned().await;
         let excl = self.barrier.write().await;
-        let at_ms = self.kill_time_ms();
+        let at_ms = now_ms();
         let revoked = self.leases.active_in_tree(&id);
         let t_found = t0.elapsed();
         let kill = Kill {

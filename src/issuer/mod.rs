@@ -197,11 +197,6 @@ pub struct Issuer {
     stored_entries: std::sync::Mutex<Vec<(Entry, EntrySpec)>>,
     /// Per entry id: last issuance or review, and when that was last made durable (Unix ms).
     activity: dashmap::DashMap<Arc<str>, (i64, i64)>,
-    /// The latest issue time handed out or found stored (Unix ms). A kill's cut-off is never
-    /// earlier: at load a kill revokes the leases issued before it by comparing times, and a
-    /// wall clock stepped back between an issue and a kill would otherwise bring that lease
-    /// back active at the next start.
-    issued_hw_ms: std::sync::atomic::AtomicI64,
     /// How many refusals each caller may still write to the audit log.
     denials: denials::DenialLimiter,
     /// One entry change (create, update, delete) at a time, check to publish.
@@ -247,35 +242,11 @@ impl Issuer {
             config_entries,
             stored_entries: std::sync::Mutex::new(stored_entries),
             activity: dashmap::DashMap::new(),
-            issued_hw_ms: std::sync::atomic::AtomicI64::new(0),
             denials: denials::DenialLimiter::default(),
             entry_edits: tokio::sync::Mutex::new(()),
         };
         this.publish_entries();
         this
-    }
-
-    /// Sets the issue-time watermark at start from what the store holds
-    /// ([`crate::lease::store::Snapshot::latest_issue_ms`]).
-    pub fn init_issue_clock(&self, latest_ms: i64) {
-        self.issued_hw_ms
-            .fetch_max(latest_ms, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Now, as the issue time of a credential: raises the watermark kills are cut off at.
-    /// Called under the shared barrier, so a kill (exclusive) sees every earlier issue.
-    fn issue_time(&self) -> OffsetDateTime {
-        let now = OffsetDateTime::now_utc();
-        self.issued_hw_ms.fetch_max(
-            (now.unix_timestamp_nanos() / 1_000_000) as i64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        now
-    }
-
-    /// A kill's cut-off: now, or the latest issue time if the clock has stepped back since.
-    fn kill_time_ms(&self) -> i64 {
-        now_ms().max(self.issued_hw_ms.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Restores entry activity at start; entries never seen before start their idle clock
@@ -517,7 +488,7 @@ impl Issuer {
             self.deny(caller, Kind::X509, "identity is killed");
             return Err(IssueError::Killed(entry.spiffe_id.to_string()));
         }
-        let now = self.issue_time();
+        let now = OffsetDateTime::now_utc();
         // Matched a moment ago; it may have expired since.
         if !entry.is_live(now) {
             self.deny(caller, Kind::X509, "entry expired");
@@ -582,7 +553,7 @@ impl Issuer {
             }
         }
         let _shared = self.barrier.read().await;
-        let now = self.issue_time();
+        let now = OffsetDateTime::now_utc();
         entries.retain(|e| !self.leases.is_killed(&e.spiffe_id) && e.is_live(now));
         if entries.is_empty() {
             return Err(IssueError::NoIdentity);

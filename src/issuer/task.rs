@@ -153,7 +153,7 @@ impl Issuer {
                 g.task_id
             )));
         }
-        let now = self.issue_time();
+        let now = OffsetDateTime::now_utc();
         // Authenticated a moment ago, but a subject token's key fetch may have taken seconds:
         // an entry that expired meanwhile grants nothing (as for SVIDs).
         if !entry.is_live(now) {

@@ -120,9 +120,6 @@ pub struct Snapshot {
     pub entry_activity: Vec<(String, i64)>,
     /// Audit chain head `(next seq, last hash)` as of the last commit.
     pub audit_head: Option<(u64, String)>,
-    /// The latest issue time (Unix ms, rounded up from the stored seconds) or kill cut-off
-    /// stored: the issuer's watermark for kill cut-offs starts here.
-    pub latest_issue_ms: i64,
 }
 
 /// The durability interface of the issuance path.
@@ -917,7 +914,6 @@ fn load(
     // The earliest issue time of any stored lease: a restored kill before it covers nothing
     // stored, and nothing issued later, so it is pruned.
     let mut min_issued = i64::MAX;
-    let mut max_issued = i64::MIN;
     // Thousands of rows share an identity, entry and executable: intern from the borrowed
     // column text so that loading allocates each distinct string once.
     let mut interned = Interner::default();
@@ -937,7 +933,6 @@ fn load(
         let id = LeaseId(id);
         let issued_at: i64 = r.get(8).map_err(db_err)?;
         min_issued = min_issued.min(issued_at);
-        max_issued = max_issued.max(issued_at);
         let expires_at: i64 = r.get(9).map_err(db_err)?;
         if expires_at <= now_s {
             snap.expired.push(id);
@@ -1026,12 +1021,6 @@ fn load(
     if !chunk.is_empty() {
         sink(chunk);
     }
-    snap.latest_issue_ms = history
-        .iter()
-        .map(|k| k.1)
-        .chain((max_issued > i64::MIN).then(|| max_issued.saturating_mul(1000).saturating_add(999)))
-        .max()
-        .unwrap_or(0);
     let prune_below_ms = min_issued.saturating_mul(1000);
     if history
         .iter()
