@@ -132,6 +132,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     let loaded_ms = started.elapsed().as_millis() as u64;
     let store: Arc<dyn Store> = Arc::new(store);
     let restored = snapshot.restored;
+    leases.raise_kill_epoch(snapshot.kill_epoch);
     for k in snapshot.kills {
         leases.add_kill(k);
     }

@@ -842,3 +842,47 @@ async fn refusals_from_one_caller_are_limited_in_the_audit_log() {
         .count();
     assert_eq!(denials, tessera::issuer::denials::BURST as usize);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_after_the_clock_stepped_back_still_revokes_at_the_next_start() {
+    let cfg = entry_for_uid("agent", my_uid(), "");
+    let d = Daemon::start(&cfg);
+    // The lease id of a fresh JWT-SVID.
+    async fn issue(d: &Daemon) -> String {
+        let c = d.client().await;
+        jti(c.fetch_jwt_svid(&["svc"], None).await.unwrap().token())
+    }
+    let first = issue(&d).await;
+    let dir = d.stop();
+    // As if the lease had been issued an hour ahead of the clock the kill then reads (an NTP
+    // step back, a VM restored from a snapshot).
+    rusqlite::Connection::open(dir.path().join("data/tessera.db"))
+        .unwrap()
+        .execute(
+            "UPDATE leases SET issued_at = issued_at + 3600, expires_at = expires_at + 3600",
+            [],
+        )
+        .unwrap();
+    let d = Daemon::start_in(dir, &cfg);
+    let o = d.cli(&[
+        "kill",
+        "spiffe://tessera.internal/agent",
+        "--reason",
+        "leak",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = d.cli(&["restore", "spiffe://tessera.internal/agent"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Issued after the restore, though the clock reads earlier than the first lease's time.
+    let after = issue(&d).await;
+    let d = Daemon::start_in(d.stop(), &cfg);
+    let state = |id: &str| {
+        lease_list(&d, &[])
+            .into_iter()
+            .find(|l| l["id"] == id)
+            .expect("the lease is stored")["state"]
+            .clone()
+    };
+    assert_eq!(state(&first), "revoked", "issued before the kill");
+    assert_eq!(state(&after), "active", "issued after the restore");
+}

@@ -41,6 +41,7 @@ fn lease(
         task_id: None,
         serial: (kind == Kind::X509).then(|| Box::new(id.0)),
         revocation: None,
+        kill_epoch: 0,
     }
 }
 

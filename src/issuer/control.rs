@@ -146,6 +146,9 @@ impl Issuer {
         let revoked = self.leases.active_in_tree(&id);
         let t_found = t0.elapsed();
         let kill = Kill {
+            // Every lease issued so far holds a lower epoch; the kill is in force (and the
+            // epoch raised) before the barrier lets another issue.
+            seq: self.leases.kill_epoch() + 1,
             spiffe_id: id.to_string(),
             at_ms,
             by: actor.label(),

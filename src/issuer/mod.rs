@@ -473,6 +473,8 @@ impl Issuer {
             task_id: None,
             serial: None,
             revocation: None,
+            // Under the issuance barrier, which a kill holds until its epoch is in force.
+            kill_epoch: self.leases.kill_epoch(),
         }
     }
 

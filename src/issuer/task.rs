@@ -183,6 +183,7 @@ impl Issuer {
             task_id: Some(Arc::clone(&task)),
             serial: None,
             revocation: None,
+            kill_epoch: self.leases.kill_epoch(),
         };
         let mut leases = vec![lease(
             lease_id,

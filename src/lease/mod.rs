@@ -177,11 +177,16 @@ pub struct Lease {
     pub serial: Option<Box<[u8; 16]>>,
     /// Set when revoked; one kill shares one record among all the leases it revoked.
     pub revocation: Option<Arc<Revocation>>,
+    /// The kill epoch when it was issued (the `seq` of the latest kill recorded): at load,
+    /// exactly the kills with a higher `seq` came after it, whatever the clock said.
+    pub kill_epoch: u32,
 }
 
 /// A kill-list entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kill {
+    /// Its place among all kills ever recorded (1, 2, ...): the kill epoch it starts.
+    pub seq: u32,
     /// The identity (and everything under its path).
     pub spiffe_id: String,
     /// Unix milliseconds.
@@ -264,6 +269,9 @@ pub struct LeaseTable {
     /// Bumped on every kill and restore: what a stream checks before asking whether its
     /// caller gained an identity.
     kill_generation: std::sync::atomic::AtomicU64,
+    /// The `seq` of the latest kill recorded (restored and pruned ones included): what new
+    /// leases are stamped with, and one less than the next kill's `seq`.
+    kill_epoch: std::sync::atomic::AtomicU32,
     tasks: DashMap<Arc<str>, Task>,
     /// Bumped on every revocation, kill and restore, and by the reaper when an expiry took
     /// revoked certificates off the CRL: streams and the CRL publisher re-check.
@@ -339,6 +347,7 @@ impl LeaseTable {
             revoked_serials: Mutex::new(HashMap::new()),
             kills: RwLock::new(HashMap::new()),
             kill_generation: Default::default(),
+            kill_epoch: Default::default(),
             tasks: DashMap::new(),
             changes: watch::channel(0).0,
         }
@@ -957,8 +966,21 @@ impl LeaseTable {
         self.kill_covers(id.as_str())
     }
 
-    /// Adds to the kill list.
+    /// The current kill epoch ([`Lease::kill_epoch`]). Read under the issuance barrier,
+    /// which a kill holds exclusively until its epoch is in force.
+    pub fn kill_epoch(&self) -> u32 {
+        self.kill_epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Raises the kill epoch to at least `seq` (at start: the store's latest kill).
+    pub fn raise_kill_epoch(&self, seq: u32) {
+        self.kill_epoch
+            .fetch_max(seq, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Adds to the kill list (and raises the kill epoch to its `seq`).
     pub fn add_kill(&self, k: Kill) {
+        self.raise_kill_epoch(k.seq);
         self.kills
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -1065,6 +1087,7 @@ mod tests {
             task_id: task.map(Arc::from),
             serial: Some(Box::new([7; 16])),
             revocation: None,
+            kill_epoch: 0,
         }
     }
 
@@ -1121,6 +1144,7 @@ mod tests {
     fn kill_matches_whole_segments_up_the_path() {
         let t = LeaseTable::new();
         t.add_kill(Kill {
+            seq: 1,
             spiffe_id: "spiffe://td/a/agent".into(),
             at_ms: 0,
             by: "x".into(),
@@ -1136,6 +1160,7 @@ mod tests {
         assert!(!t.is_killed(&id("spiffe://td/a/agent/task/7")));
         // The trust domain's ID covers everything in it, and nothing outside it.
         t.add_kill(Kill {
+            seq: 1,
             spiffe_id: "spiffe://td".into(),
             at_ms: 0,
             by: "x".into(),
@@ -1346,6 +1371,7 @@ mod tests {
             2
         );
         t.add_kill(Kill {
+            seq: 1,
             spiffe_id: "spiffe://td/a".into(),
             at_ms: 7,
             by: "operator uid:0".into(),

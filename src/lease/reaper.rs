@@ -192,6 +192,7 @@ mod tests {
             task_id: None,
             serial: None,
             revocation: None,
+            kill_epoch: 0,
         }
     }
 

@@ -120,6 +120,8 @@ pub struct Snapshot {
     pub entry_activity: Vec<(String, i64)>,
     /// Audit chain head `(next seq, last hash)` as of the last commit.
     pub audit_head: Option<(u64, String)>,
+    /// The `seq` of the latest kill ever recorded ([`super::Lease::kill_epoch`]).
+    pub kill_epoch: u32,
 }
 
 /// The durability interface of the issuance path.
@@ -214,7 +216,7 @@ CREATE TABLE IF NOT EXISTS leases(
   id BLOB PRIMARY KEY, kind INTEGER NOT NULL, spiffe_id TEXT NOT NULL, entry_id TEXT NOT NULL,
   uid INTEGER NOT NULL, pid INTEGER NOT NULL, exe TEXT, task_id TEXT,
   issued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, serial BLOB,
-  state INTEGER NOT NULL, revoked_at INTEGER, revoked_by TEXT, reason TEXT
+  state INTEGER NOT NULL, revoked_at INTEGER, revoked_by TEXT, reason TEXT, kill_epoch INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS kills(
   seq INTEGER PRIMARY KEY AUTOINCREMENT, spiffe_id TEXT NOT NULL, killed_at INTEGER NOT NULL,
@@ -249,6 +251,15 @@ fn open_db(path: &Path) -> Result<Connection, StoreError> {
     )
     .map_err(db_err)?;
     conn.execute_batch(SCHEMA).map_err(db_err)?;
+    // Stores made before kill epochs: their leases keep a NULL epoch, judged by time.
+    let has_epoch = conn
+        .prepare("SELECT 1 FROM pragma_table_info('leases') WHERE name = 'kill_epoch'")
+        .and_then(|mut st| st.exists([]))
+        .map_err(db_err)?;
+    if !has_epoch {
+        conn.execute_batch("ALTER TABLE leases ADD COLUMN kill_epoch INTEGER")
+            .map_err(db_err)?;
+    }
     Ok(conn)
 }
 
@@ -628,8 +639,8 @@ fn apply(
             .map_err(db_err)?;
         let mut put = tx
             .prepare_cached(
-                "INSERT OR REPLACE INTO leases(id,kind,spiffe_id,entry_id,uid,pid,exe,task_id,issued_at,expires_at,serial,state,revoked_at,revoked_by,reason)
-                 VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)",
+                "INSERT OR REPLACE INTO leases(id,kind,spiffe_id,entry_id,uid,pid,exe,task_id,issued_at,expires_at,serial,state,revoked_at,revoked_by,reason,kill_epoch)
+                 VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)",
             )
             .map_err(db_err)?;
         let mut revoke = tx
@@ -659,6 +670,7 @@ fn apply(
                             r.map(|r| r.at_ms),
                             r.map(|r| r.by.as_str()),
                             r.map(|r| r.reason.as_str()),
+                            l.kill_epoch,
                         ])
                         .map_err(db_err)?;
                     }
@@ -683,8 +695,8 @@ fn apply(
                     }
                     Op::Kill(k) => {
                         tx.execute(
-                            "INSERT INTO kills(spiffe_id,killed_at,killed_by,reason) VALUES(?1,?2,?3,?4)",
-                            params![k.spiffe_id, k.at_ms, k.by, k.reason],
+                            "INSERT INTO kills(seq,spiffe_id,killed_at,killed_by,reason) VALUES(?1,?2,?3,?4,?5)",
+                            params![k.seq, k.spiffe_id, k.at_ms, k.by, k.reason],
                         )
                         .map_err(db_err)?;
                     }
@@ -839,20 +851,21 @@ fn load(
     const CHUNK: usize = 32_768;
     let mut chunk: Vec<Lease> = Vec::with_capacity(CHUNK);
     let mut snap = Snapshot::default();
-    // Kill history, oldest first: (identity, killed_at ms, by, reason, still active).
-    let mut history: Vec<(String, i64, String, String, bool)> = Vec::new();
+    // Kill history, oldest first: (seq, identity, killed_at ms, by, reason, still active).
+    let mut history: Vec<(u32, String, i64, String, String, bool)> = Vec::new();
     {
         let mut st = conn
-            .prepare("SELECT spiffe_id, killed_at, killed_by, reason, restored_at IS NULL FROM kills ORDER BY seq")
+            .prepare("SELECT seq, spiffe_id, killed_at, killed_by, reason, restored_at IS NULL FROM kills ORDER BY seq")
             .map_err(db_err)?;
         let rows = st
             .query_map([], |r| {
                 Ok((
-                    r.get::<_, String>(0)?,
-                    r.get(1)?,
+                    r.get(0)?,
+                    r.get::<_, String>(1)?,
                     r.get(2)?,
                     r.get(3)?,
                     r.get(4)?,
+                    r.get(5)?,
                 ))
             })
             .map_err(db_err)?;
@@ -860,9 +873,10 @@ fn load(
             history.push(r.map_err(db_err)?);
         }
     }
-    for (id, at, by, reason, active) in &history {
+    for (seq, id, at, by, reason, active) in &history {
         if *active {
             snap.kills.push(Kill {
+                seq: *seq,
                 spiffe_id: id.clone(),
                 at_ms: *at,
                 by: by.clone(),
@@ -870,22 +884,30 @@ fn load(
             });
         }
     }
+    // Every kill ever recorded, pruned ones included: new leases are stamped with it.
+    snap.kill_epoch = conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'kills'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db_err)?
+        .unwrap_or(0);
     // Each lease looks up its identity and the identities above it, instead of walking the
     // whole history: a start costs O(leases × path depth) however many kills were ever made.
-    let mut kills_of: std::collections::HashMap<&str, Vec<(i64, &str, &str)>> =
+    let mut kills_of: std::collections::HashMap<&str, Vec<(u32, i64, &str, &str)>> =
         std::collections::HashMap::new();
-    for (id, at, by, reason, _) in &history {
+    for (seq, id, at, by, reason, _) in &history {
         kills_of
             .entry(id.as_str())
             .or_default()
-            .push((*at, by.as_str(), reason.as_str()));
+            .push((*seq, *at, by.as_str(), reason.as_str()));
     }
-    for v in kills_of.values_mut() {
-        v.sort_unstable_by_key(|k| k.0);
-    }
-    // The earliest kill of `spiffe_id` or an identity above it that came after `issued_at`
-    // (same second included: fails safe).
-    let covering = |spiffe_id: &str, issued_at: i64| {
+    // The first kill of `spiffe_id` or an identity above it that came after the lease: by
+    // kill epoch (exact, whatever the clocks did), or for a lease stored before epochs by
+    // time (same second included: fails safe).
+    let covering = |spiffe_id: &str, issued_at: i64, epoch: Option<u32>| {
         // "spiffe://td/a/b" is covered by kills of itself, "spiffe://td/a" and "spiffe://td".
         let above = spiffe_id
             .match_indices('/')
@@ -896,7 +918,11 @@ fn load(
             .chain(above)
             .filter_map(|k| {
                 let v = kills_of.get(k)?;
-                v.get(v.partition_point(|(at, ..)| at.div_euclid(1000) < issued_at))
+                match epoch {
+                    // In seq order: the first after the epoch.
+                    Some(e) => v.get(v.partition_point(|k| k.0 <= e)),
+                    None => v.iter().find(|k| k.1.div_euclid(1000) >= issued_at),
+                }
             })
             .min_by_key(|k| k.0)
             .copied()
@@ -911,16 +937,18 @@ fn load(
                 .collect()
         })
         .map_err(db_err)?;
-    // The earliest issue time of any stored lease: a restored kill before it covers nothing
-    // stored, and nothing issued later, so it is pruned.
-    let mut min_issued = i64::MAX;
+    // The lowest kill epoch of any stored lease, and the earliest issue time of any stored
+    // before epochs: a restored kill no stored lease precedes covers nothing stored, nor
+    // anything issued later, so it is pruned.
+    let mut min_epoch = u32::MAX;
+    let mut min_issued_unstamped = i64::MAX;
     // Thousands of rows share an identity, entry and executable: intern from the borrowed
     // column text so that loading allocates each distinct string once.
     let mut interned = Interner::default();
     let [mut last_id, mut last_entry, mut last_exe, mut last_task] = [None, None, None, None];
     let mut st = conn
         .prepare(
-            "SELECT id,kind,spiffe_id,entry_id,uid,pid,exe,task_id,issued_at,expires_at,serial,state,revoked_at,revoked_by,reason FROM leases",
+            "SELECT id,kind,spiffe_id,entry_id,uid,pid,exe,task_id,issued_at,expires_at,serial,state,revoked_at,revoked_by,reason,kill_epoch FROM leases",
         )
         .map_err(db_err)?;
     let mut rows = st.query([]).map_err(db_err)?;
@@ -932,7 +960,11 @@ fn load(
         };
         let id = LeaseId(id);
         let issued_at: i64 = r.get(8).map_err(db_err)?;
-        min_issued = min_issued.min(issued_at);
+        let epoch: Option<u32> = r.get(15).map_err(db_err)?;
+        match epoch {
+            Some(e) => min_epoch = min_epoch.min(e),
+            None => min_issued_unstamped = min_issued_unstamped.min(issued_at),
+        }
         let expires_at: i64 = r.get(9).map_err(db_err)?;
         if expires_at <= now_s {
             snap.expired.push(id);
@@ -963,7 +995,7 @@ fn load(
             None => None,
         };
         if state == State::Active
-            && let Some((at, by, reason)) = covering(spiffe_id, issued_at)
+            && let Some((_, at, by, reason)) = covering(spiffe_id, issued_at, epoch)
         {
             state = State::Revoked;
             revocation = Some(Arc::new(Revocation {
@@ -1011,6 +1043,7 @@ fn load(
             task_id: task_id.map(|s| interned.get(&mut last_task, s)),
             serial: serial.map(Box::new),
             revocation,
+            kill_epoch: epoch.unwrap_or(0),
         });
         if chunk.len() == CHUNK {
             sink(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
@@ -1021,14 +1054,14 @@ fn load(
     if !chunk.is_empty() {
         sink(chunk);
     }
-    let prune_below_ms = min_issued.saturating_mul(1000);
+    let before_ms = min_issued_unstamped.saturating_mul(1000);
     if history
         .iter()
-        .any(|(_, at, _, _, active)| !active && *at < prune_below_ms)
+        .any(|(seq, _, at, _, _, active)| !active && *seq <= min_epoch && *at < before_ms)
     {
         conn.execute(
-            "DELETE FROM kills WHERE restored_at IS NOT NULL AND killed_at < ?1",
-            params![prune_below_ms],
+            "DELETE FROM kills WHERE restored_at IS NOT NULL AND seq <= ?1 AND killed_at < ?2",
+            params![min_epoch, before_ms],
         )
         .map_err(db_err)?;
     }
@@ -1182,6 +1215,7 @@ mod tests {
             task_id: None,
             serial: None,
             revocation: None,
+            kill_epoch: 0,
         }
     }
 
@@ -1241,8 +1275,9 @@ mod tests {
         panic!("the unanswered issuance's lease was not withdrawn");
     }
 
-    fn kill(id: &str, at_ms: i64) -> Op {
+    fn kill(seq: u32, id: &str, at_ms: i64) -> Op {
         Op::Kill(Kill {
+            seq,
             spiffe_id: id.into(),
             at_ms,
             by: "op".into(),
@@ -1265,56 +1300,57 @@ mod tests {
     async fn kills_and_completed_tasks_revoke_at_load_and_spent_kills_are_pruned() {
         let d = tempfile::tempdir().unwrap();
         let (s, _) = SqliteStore::open(d.path(), u64::MAX, 100, &mut |_| {}).unwrap();
-        let deep = lease("spiffe://td/a/b/c", 200, 1000);
-        let sibling = lease("spiffe://td/ab", 200, 1000);
-        let late = lease("spiffe://td/a/b", 400, 1000);
-        let mut in_task = lease("spiffe://td/t", 200, 1000);
-        in_task.task_id = Some("job".into());
+        // Kills 1 (spiffe://td, restored), 2 (td/a, restored) and 3 (td/a/b, in force);
+        // leases issued between kills 1 and 2 (epoch 1) and after kill 3 (epoch 3).
+        let after_first = |id: &str| Lease {
+            kill_epoch: 1,
+            ..lease(id, 200, 1000)
+        };
+        let deep = after_first("spiffe://td/a/b/c");
+        let sibling = after_first("spiffe://td/ab");
+        let late = Lease {
+            kill_epoch: 3,
+            // Stamped by a clock that had stepped back: the epoch decides, not the time.
+            ..lease("spiffe://td/a/b", 100, 1000)
+        };
+        let in_task = Lease {
+            task_id: Some("job".into()),
+            ..after_first("spiffe://td/t")
+        };
         let other_task = Lease {
             task_id: Some("open".into()),
-            ..lease("spiffe://td/t", 200, 1000)
+            ..after_first("spiffe://td/t")
+        };
+        // Stored before kill epochs (NULL below): judged by time.
+        let unstamped = lease("spiffe://td/a/x", 250, 1000);
+        let task = |id: &str| {
+            Op::PutTask(Task {
+                id: id.into(),
+                agent: "spiffe://td/t".into(),
+                created_ms: 199_000,
+                completed_ms: None,
+            })
+        };
+        let restore = |id: &str, at_ms| Op::Restore {
+            spiffe_id: id.into(),
+            at_ms,
+            by: "op".into(),
         };
         commit(
             &s,
             vec![
+                kill(1, "spiffe://td", 100_000),
+                restore("spiffe://td", 101_000),
                 Op::PutLease(deep.clone()),
                 Op::PutLease(sibling.clone()),
                 Op::PutLease(in_task.clone()),
                 Op::PutLease(other_task.clone()),
-                Op::PutTask(Task {
-                    id: "job".into(),
-                    agent: "spiffe://td/t".into(),
-                    created_ms: 199_000,
-                    completed_ms: None,
-                }),
-                Op::PutTask(Task {
-                    id: "open".into(),
-                    agent: "spiffe://td/t".into(),
-                    created_ms: 199_000,
-                    completed_ms: None,
-                }),
-            ],
-        )
-        .await
-        .unwrap();
-        // A restored kill before every lease (spent), one after the first leases (restored,
-        // still revoking them), and one in force; then a lease after all of them.
-        commit(
-            &s,
-            vec![
-                kill("spiffe://td", 100_000),
-                Op::Restore {
-                    spiffe_id: "spiffe://td".into(),
-                    at_ms: 101_000,
-                    by: "op".into(),
-                },
-                kill("spiffe://td/a", 300_000),
-                Op::Restore {
-                    spiffe_id: "spiffe://td/a".into(),
-                    at_ms: 301_000,
-                    by: "op".into(),
-                },
-                kill("spiffe://td/a/b", 350_000),
+                Op::PutLease(unstamped.clone()),
+                task("job"),
+                task("open"),
+                kill(2, "spiffe://td/a", 300_000),
+                restore("spiffe://td/a", 301_000),
+                kill(3, "spiffe://td/a/b", 350_000),
                 Op::PutLease(late.clone()),
                 // Completed on disk, its lease's revocation lost (as when the commit of
                 // revocations and completion is all that reached the store).
@@ -1328,6 +1364,13 @@ mod tests {
         .await
         .unwrap();
         drop(s);
+        Connection::open(d.path().join("tessera.db"))
+            .unwrap()
+            .execute(
+                "UPDATE leases SET kill_epoch = NULL WHERE id = ?1",
+                params![&unstamped.id.0[..]],
+            )
+            .unwrap();
         let mut leases = Vec::new();
         let (_s, snap) =
             SqliteStore::open(d.path(), u64::MAX, 500, &mut |c| leases.extend(c)).unwrap();
@@ -1336,15 +1379,16 @@ mod tests {
             let l = get(id);
             (l.state, l.revocation.map(|r| (r.at_ms, r.reason.clone())))
         };
+        let by_kill_2 = (State::Revoked, Some((300_000, "k300000".into())));
         assert_eq!(
             revoked_by(deep.id),
-            (State::Revoked, Some((300_000, "k300000".into()))),
-            "the earliest kill above it after its issue"
+            by_kill_2,
+            "the first kill above it after its epoch"
         );
         assert_eq!(
             revoked_by(sibling.id),
             (State::Active, None),
-            "td/a is not above td/ab"
+            "td/a is not above td/ab, and kill 1 came before it"
         );
         assert_eq!(
             revoked_by(late.id),
@@ -1352,12 +1396,18 @@ mod tests {
             "issued after every kill"
         );
         assert_eq!(
+            revoked_by(unstamped.id),
+            by_kill_2,
+            "by time: killed at 300 s"
+        );
+        assert_eq!(
             revoked_by(in_task.id),
             (State::Revoked, Some((250_000, "task completed".into())))
         );
         assert_eq!(revoked_by(other_task.id), (State::Active, None));
         assert_eq!(snap.kills.len(), 1, "the kill in force");
-        // The spent kill is gone; the restored one that still revokes stored leases stays.
+        assert_eq!(snap.kill_epoch, 3);
+        // Kill 1 precedes every stored lease and is gone; kill 2 still revokes stored leases.
         assert_eq!(
             kill_rows(d.path()),
             [
@@ -1365,6 +1415,10 @@ mod tests {
                 ("spiffe://td/a/b".to_owned(), 350_000)
             ]
         );
+        // Pruned or not, the epoch goes on from the latest kill ever recorded.
+        drop(_s);
+        let (_s, snap) = SqliteStore::open(d.path(), u64::MAX, 500, &mut |_| {}).unwrap();
+        assert_eq!(snap.kill_epoch, 3);
     }
 
     #[tokio::test]
@@ -1404,6 +1458,7 @@ mod tests {
         commit(
             &s,
             vec![Op::Kill(Kill {
+                seq: 1,
                 spiffe_id: "spiffe://td/a".into(),
                 at_ms: 200_000,
                 by: "op".into(),
