@@ -828,3 +828,64 @@ async fn svids_never_outlive_their_entry() {
         "notAfter {not_after}, entry ends {ends_s}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_uid_holds_a_bounded_number_of_connections() {
+    use std::io::Read;
+    use tessera::api::limits::CONNECTIONS_PER_UID;
+    // Room for the connections on both ends (the daemon inherits this process's limit).
+    let want = (CONNECTIONS_PER_UID as u64) * 2 + 256;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain libc calls on a local struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < want && lim.rlim_max >= want {
+            lim.rlim_cur = want;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+    assert!(
+        lim.rlim_cur >= want,
+        "this test needs {want} descriptors; the hard limit is {}",
+        lim.rlim_max
+    );
+    let d = Daemon::start(&me_entry());
+    let mut held: Vec<std::os::unix::net::UnixStream> = (0..CONNECTIONS_PER_UID)
+        .map(|_| std::os::unix::net::UnixStream::connect(&d.socket).unwrap())
+        .collect();
+    // One more is accepted and closed at once: the uid holds its share.
+    let mut over = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    over.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(
+        over.read(&mut [0u8; 16]).expect("closed, not left waiting"),
+        0
+    );
+    // The held ones are served: the daemon's HTTP/2 settings arrive, not an end of file.
+    for i in [0, CONNECTIONS_PER_UID - 1] {
+        held[i]
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert!(held[i].read(&mut [0u8; 16]).expect("served") > 0);
+    }
+    // Closing one makes room.
+    held.truncate(CONNECTIONS_PER_UID - 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let attempt = tokio::time::timeout(Duration::from_secs(2), async {
+            d.client().await.fetch_x509_svid().await
+        })
+        .await;
+        if matches!(attempt, Ok(Ok(_))) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no room after a connection closed: {attempt:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
