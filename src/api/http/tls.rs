@@ -149,6 +149,81 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// HTTP/2 connections are pinged this often, and closed when a ping goes unanswered for
 /// [`HEADER_TIMEOUT`].
 const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+/// A connection with no request in flight is closed after this long without one (the first
+/// within [`HEADER_TIMEOUT`]): hyper's header timeout starts only once the protocol is known,
+/// and HTTP/2 clients answer pings, so neither closes a connection that sends nothing.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What one connection is doing, for its idle timeout.
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    served: std::sync::atomic::AtomicBool,
+    /// When the last request ended (or the connection started).
+    last: std::sync::Mutex<Instant>,
+}
+
+/// A request in flight on a connection; ends it when dropped (answered or abandoned).
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            in_flight: Default::default(),
+            served: Default::default(),
+            last: std::sync::Mutex::new(Instant::now()),
+        })
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        use std::sync::atomic::Ordering;
+        self.served.store(true, Ordering::Release);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Busy(Arc::clone(self))
+    }
+
+    /// When the connection goes idle for good, if nothing happens before; `None` while a
+    /// request is in flight.
+    fn idle_deadline(&self) -> Option<Instant> {
+        use std::sync::atomic::Ordering;
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let allowed = if self.served.load(Ordering::Acquire) {
+            IDLE_TIMEOUT
+        } else {
+            HEADER_TIMEOUT
+        };
+        Some(*self.last.lock().unwrap_or_else(|e| e.into_inner()) + allowed)
+    }
+}
+
+/// Serves one connection until it ends or has been idle too long (then it is dropped, which
+/// closes it).
+async fn drive(conn: impl std::future::Future, activity: &Activity) {
+    tokio::pin!(conn);
+    loop {
+        let wake = activity
+            .idle_deadline()
+            .unwrap_or_else(|| Instant::now() + IDLE_TIMEOUT);
+        tokio::select! {
+            _ = &mut conn => return,
+            () = tokio::time::sleep_until(wake.into()) => {
+                if activity.idle_deadline().is_some_and(|d| d <= Instant::now()) {
+                    return;
+                }
+            }
+        }
+    }
+}
 
 /// Accepts connections (TLS when `tls` is given) and serves `app` until shutdown, then lets
 /// open connections finish (the caller bounds that with the drain deadline). Hyper has no
@@ -191,14 +266,26 @@ pub async fn serve(
             },
         };
         let (acceptor, builder) = (acceptor.clone(), builder.clone());
-        let svc = TowerToHyperService::new(app.clone());
+        let activity = Activity::new();
+        let svc = {
+            let (app, activity) = (TowerToHyperService::new(app.clone()), Arc::clone(&activity));
+            hyper::service::service_fn(move |req| {
+                let busy = activity.begin();
+                let answer = hyper::service::Service::call(&app, req);
+                async move {
+                    let r = answer.await;
+                    drop(busy);
+                    r
+                }
+            })
+        };
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _slot = slot;
             match acceptor {
                 None => {
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-                    let _ = watcher.watch(conn.into_owned()).await;
+                    drive(watcher.watch(conn.into_owned()), &activity).await;
                 }
                 Some(acceptor) => {
                     let Ok(Ok(stream)) =
@@ -206,8 +293,10 @@ pub async fn serve(
                     else {
                         return;
                     };
+                    // The first request's clock starts after the handshake.
+                    *activity.last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    let _ = watcher.watch(conn.into_owned()).await;
+                    drive(watcher.watch(conn.into_owned()), &activity).await;
                 }
             }
         });
