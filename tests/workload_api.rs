@@ -875,8 +875,12 @@ async fn one_uid_holds_a_bounded_number_of_connections() {
     held.truncate(CONNECTIONS_PER_UID - 1);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
+        // Connecting may fail until the daemon has seen the close.
         let attempt = tokio::time::timeout(Duration::from_secs(2), async {
-            d.client().await.fetch_x509_svid().await
+            spiffe::WorkloadApiClient::connect_to(d.endpoint())
+                .await?
+                .fetch_x509_svid()
+                .await
         })
         .await;
         if matches!(attempt, Ok(Ok(_))) {
