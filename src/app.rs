@@ -361,8 +361,8 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
                 Ok(req)
             },
         ))
-        .add_service(health)
-        .add_service(reflection);
+        .add_service(health.max_decoding_message_size(limits::MAX_REQUEST_BYTES))
+        .add_service(reflection.max_decoding_message_size(limits::MAX_REQUEST_BYTES));
     // Any local uid must be able to connect: attestation, not file mode, decides identity.
     let workload_listener = bind_uds("workload socket", &cfg.workload_socket, 0o666)?;
     tasks.push((

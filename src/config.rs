@@ -609,12 +609,12 @@ impl Config {
                     ),
                 ));
             }
-            if let Some(i) = &http_issuer
-                && i.starts_with("http:")
-                && reqwest::Url::parse(i)
-                    .ok()
-                    .and_then(|u| host_is_loopback(&u))
-                    != Some(true)
+            // Parsed, so that HTTP:// is caught too.
+            if let Some(u) = http_issuer
+                .as_deref()
+                .and_then(|i| reqwest::Url::parse(i).ok())
+                && u.scheme() == "http"
+                && host_is_loopback(&u) != Some(true)
             {
                 return Err(invalid(
                     "http.issuer",
@@ -1055,6 +1055,10 @@ mod tests {
             ),
             (
                 "[http]\nissuer = \"http://tessera.example:8780\"",
+                "`http.issuer`: an http:// issuer beyond loopback",
+            ),
+            (
+                "[http]\nissuer = \"HTTP://tessera.example:8780\"",
                 "`http.issuer`: an http:// issuer beyond loopback",
             ),
             ("data_dir = \"relative\"", "`data_dir`"),

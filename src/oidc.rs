@@ -26,6 +26,13 @@ const MIN_REFETCH: Duration = Duration::from_secs(30);
 const MAX_DOC_BYTES: usize = 1 << 20;
 /// Longest subject (`sub`) accepted in a subject token.
 const MAX_SUB_LEN: usize = 1024;
+
+/// Characters that change how the text around them is shown without showing themselves:
+/// bidirectional controls (which can reorder what an approving operator reads), zero-width
+/// characters and the byte-order mark.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}
 /// Validated tokens remembered (by SHA-256) so an agent reusing its user's token does not pay
 /// for a signature check each time. Bounded; expiry is still checked on every use.
 /// (10k tokens of at most 16 KiB of claims each bounds it at about 160 MiB.)
@@ -397,7 +404,9 @@ impl Verifier {
         // (a crafted sub could redraw the approval prompt), and a bounded length.
         let sub = match jws.claims.get("sub") {
             Some(Value::String(s))
-                if !s.is_empty() && s.len() <= MAX_SUB_LEN && !s.chars().any(char::is_control) =>
+                if !s.is_empty()
+                    && s.len() <= MAX_SUB_LEN
+                    && !s.chars().any(|c| c.is_control() || is_invisible_format(c)) =>
             {
                 s.clone()
             }
@@ -520,6 +529,7 @@ mod tests {
             "bob\n1  ok  tickets:read".to_owned(),
             "\u{1b}[2K".into(),
             "b".repeat(1025),
+            "bob\u{202E}daer:stekcit".into(),
         ] {
             let t = old
                 .sign(

@@ -649,7 +649,8 @@ fn parse_pem_certs(path: &Path, text: &str) -> Result<Vec<Vec<u8>>, CaError> {
 }
 
 /// Checks that `chain` (signing certificate first) is one: each certificate issued and signed
-/// by the next, every issuer a CA, a self-issued last one signed by its own key, none expired.
+/// by the next, every issuer but a self-issued anchor a CA, none expired (a signature in an
+/// algorithm ring cannot check is let through with a warning).
 /// A file in another order, or holding a certificate of another CA, would give SVIDs that no
 /// validator accepts, which would only show when relying parties refuse them. Returns the
 /// earliest `notAfter`: nothing signed may outlive any link, since a path validator refuses
@@ -672,9 +673,15 @@ fn check_chain(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let name = |i: usize| format!("certificate {} ({})", i + 1, certs[i].subject());
+    // Byte for byte, or as text (two encodings of one name, say PrintableString and
+    // UTF8String, still chain for most validators).
+    let same_name = |a: &x509_parser::x509::X509Name<'_>, b: &x509_parser::x509::X509Name<'_>| {
+        a.as_raw() == b.as_raw() || a.to_string() == b.to_string()
+    };
+    let last = certs.len() - 1;
     for (i, pair) in certs.windows(2).enumerate() {
         let (child, parent) = (&pair[0], &pair[1]);
-        if child.issuer() != parent.subject() {
+        if !same_name(child.issuer(), parent.subject()) {
             return Err(bad_ca(
                 path,
                 format!(
@@ -685,36 +692,39 @@ fn check_chain(
                 ),
             ));
         }
-        if !parent.is_ca() {
+        // A self-issued last certificate is a trust anchor, which may be an old v1 root with
+        // no basicConstraints; an intermediate must say it is a CA.
+        let anchor = i + 1 == last && same_name(parent.issuer(), parent.subject());
+        if !anchor && !parent.is_ca() {
             return Err(bad_ca(
                 path,
                 format!("{} issues {} but is not a CA", name(i + 1), name(i)),
             ));
         }
-        child
-            .verify_signature(Some(parent.public_key()))
-            .map_err(|_| {
-                bad_ca(
+        match child.verify_signature(Some(parent.public_key())) {
+            Ok(()) => {}
+            // Algorithms ring cannot check (P-521, SHA-1 RSA-PSS, small RSA keys): relying
+            // parties judge those; refusing them would refuse a chain they accept.
+            Err(x509_parser::error::X509Error::SignatureUnsupportedAlgorithm) => {
+                tracing::warn!(
+                    "cannot check the signature of {} by {} (algorithm not supported here)",
+                    name(i),
+                    name(i + 1)
+                );
+            }
+            Err(_) => {
+                return Err(bad_ca(
                     path,
                     format!(
                         "the signature of {} does not verify with the key of {}",
                         name(i),
                         name(i + 1)
                     ),
-                )
-            })?;
+                ));
+            }
+        }
     }
-    let last = certs.len() - 1;
-    if certs[last].issuer() == certs[last].subject() && certs[last].verify_signature(None).is_err()
-    {
-        return Err(bad_ca(
-            path,
-            format!(
-                "{} is self-issued but not signed by its own key",
-                name(last)
-            ),
-        ));
-    }
+    // (A trust anchor's own self-signature is not checked: path validation never uses it.)
     let mut earliest: Option<OffsetDateTime> = None;
     for (i, c) in certs.iter().enumerate() {
         let t = OffsetDateTime::from_unix_timestamp(c.validity().not_after.timestamp())
