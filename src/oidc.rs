@@ -29,9 +29,12 @@ const MAX_SUB_LEN: usize = 1024;
 
 /// Characters that change how the text around them is shown without showing themselves:
 /// bidirectional controls (which can reorder what an approving operator reads), zero-width
+/// and invisible format characters, line and paragraph separators, the soft hyphen, tag
 /// characters and the byte-order mark.
 fn is_invisible_format(c: char) -> bool {
-    matches!(c, '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}' | '\u{E0000}'..='\u{E007F}')
 }
 /// Validated tokens remembered (by SHA-256) so an agent reusing its user's token does not pay
 /// for a signature check each time. Bounded; expiry is still checked on every use.

@@ -673,10 +673,10 @@ fn check_chain(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let name = |i: usize| format!("certificate {} ({})", i + 1, certs[i].subject());
-    // Byte for byte, or as text (two encodings of one name, say PrintableString and
-    // UTF8String, still chain for most validators).
+    // Byte for byte, as Go (go-spiffe) and rustls chain names: a chain that matched only
+    // after normalizing would start here and fail at every relying party.
     let same_name = |a: &x509_parser::x509::X509Name<'_>, b: &x509_parser::x509::X509Name<'_>| {
-        a.as_raw() == b.as_raw() || a.to_string() == b.to_string()
+        a.as_raw() == b.as_raw()
     };
     let last = certs.len() - 1;
     for (i, pair) in certs.windows(2).enumerate() {
@@ -703,9 +703,12 @@ fn check_chain(
         }
         match child.verify_signature(Some(parent.public_key())) {
             Ok(()) => {}
-            // Algorithms ring cannot check (P-521, SHA-1 RSA-PSS, small RSA keys): relying
-            // parties judge those; refusing them would refuse a chain they accept.
-            Err(x509_parser::error::X509Error::SignatureUnsupportedAlgorithm) => {
+            // Sound algorithms ring cannot check (P-521, Ed448, RSA-PSS with some hashes):
+            // relying parties judge those, and refusing them would refuse a chain they
+            // accept. Anything else (MD5, unknown) is refused below.
+            Err(x509_parser::error::X509Error::SignatureUnsupportedAlgorithm)
+                if sound_unverifiable(&child.signature_algorithm.algorithm) =>
+            {
                 tracing::warn!(
                     "cannot check the signature of {} by {} (algorithm not supported here)",
                     name(i),
@@ -751,6 +754,22 @@ fn check_chain(
 /// The operator's chain (DER, signing certificate first), its key (PKCS#8) and the chain's
 /// earliest `notAfter`.
 type OperatorCa = (Vec<Vec<u8>>, Vec<u8>, OffsetDateTime);
+
+/// Signature algorithms that are sound but that x509-parser with ring may not verify.
+fn sound_unverifiable(alg: &x509_parser::der_parser::oid::Oid<'_>) -> bool {
+    use x509_parser::oid_registry as r;
+    [
+        r::OID_SIG_ECDSA_WITH_SHA256,
+        r::OID_SIG_ECDSA_WITH_SHA384,
+        r::OID_SIG_ECDSA_WITH_SHA512,
+        r::OID_SIG_ED448,
+        r::OID_PKCS1_RSASSAPSS,
+        r::OID_PKCS1_SHA256WITHRSA,
+        r::OID_PKCS1_SHA384WITHRSA,
+        r::OID_PKCS1_SHA512WITHRSA,
+    ]
+    .contains(alg)
+}
 
 /// Reads the operator's CA chain and key. Accepts PKCS#8 (`PRIVATE KEY`) and SEC1
 /// (`EC PRIVATE KEY`); refuses keys others can read and chains that are not one

@@ -152,41 +152,44 @@ const H2_KEEPALIVE: Duration = Duration::from_secs(30);
 /// A connection with no request in flight is closed after this long without one (the first
 /// within [`HEADER_TIMEOUT`]): hyper's header timeout starts only once the protocol is known,
 /// and HTTP/2 clients answer pings, so neither closes a connection that sends nothing.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longer than common clients keep idle pooled connections (reqwest: 90 s), so that a client
+/// rarely sends a request on a connection being closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What one connection is doing, for its idle timeout.
 struct Activity {
+    born: Instant,
     in_flight: std::sync::atomic::AtomicUsize,
-    served: std::sync::atomic::AtomicBool,
-    /// When the last request ended (or the connection started).
-    last: std::sync::Mutex<Instant>,
+    /// When the last request ended, in ns since `born` (0: none yet).
+    last_ns: std::sync::atomic::AtomicU64,
 }
 
-/// A request in flight on a connection; ends it when dropped (answered or abandoned).
+/// A request in flight on a connection, until its response body has been sent (or the
+/// request was abandoned).
 struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        *self.0.last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        self.0
-            .in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        use std::sync::atomic::Ordering;
+        let a = &self.0;
+        a.last_ns
+            .store(a.born.elapsed().as_nanos().max(1) as u64, Ordering::Release);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl Activity {
     fn new() -> Arc<Self> {
         Arc::new(Self {
+            born: Instant::now(),
             in_flight: Default::default(),
-            served: Default::default(),
-            last: std::sync::Mutex::new(Instant::now()),
+            last_ns: Default::default(),
         })
     }
 
     fn begin(self: &Arc<Self>) -> Busy {
-        use std::sync::atomic::Ordering;
-        self.served.store(true, Ordering::Release);
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Busy(Arc::clone(self))
     }
 
@@ -197,12 +200,38 @@ impl Activity {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
-        let allowed = if self.served.load(Ordering::Acquire) {
-            IDLE_TIMEOUT
-        } else {
-            HEADER_TIMEOUT
-        };
-        Some(*self.last.lock().unwrap_or_else(|e| e.into_inner()) + allowed)
+        Some(match self.last_ns.load(Ordering::Acquire) {
+            // The TLS handshake, if any, comes out of the same connection's first window.
+            0 => self.born + HANDSHAKE_TIMEOUT + HEADER_TIMEOUT,
+            ns => self.born + Duration::from_nanos(ns) + IDLE_TIMEOUT,
+        })
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it has been sent: a
+/// slow reader of a large body (the CRL) is not idle.
+struct Counted {
+    body: axum::body::Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -266,6 +295,7 @@ pub async fn serve(
             },
         };
         let (acceptor, builder) = (acceptor.clone(), builder.clone());
+        // Born at accept: the TLS handshake has its own, shorter bound.
         let activity = Activity::new();
         let svc = {
             let (app, activity) = (TowerToHyperService::new(app.clone()), Arc::clone(&activity));
@@ -274,8 +304,9 @@ pub async fn serve(
                 let answer = hyper::service::Service::call(&app, req);
                 async move {
                     let r = answer.await;
-                    drop(busy);
-                    r
+                    r.map(|resp| {
+                        resp.map(|body| axum::body::Body::new(Counted { body, _busy: busy }))
+                    })
                 }
             })
         };
@@ -293,8 +324,6 @@ pub async fn serve(
                     else {
                         return;
                     };
-                    // The first request's clock starts after the handshake.
-                    *activity.last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     drive(watcher.watch(conn.into_owned()), &activity).await;
                 }
