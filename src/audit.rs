@@ -192,6 +192,19 @@ pub enum AuditError {
     Damaged(PathBuf),
 }
 
+/// The audit file must be a regular file with one name. A hard link planted at its path
+/// would let whoever holds the other name rewrite history; a FIFO would swallow it.
+fn plain_file(file: &File) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    if !m.is_file() || m.nlink() != 1 {
+        return Err(std::io::Error::other(
+            "not a regular file with a single link; refusing to write the audit log into it",
+        ));
+    }
+    Ok(())
+}
+
 impl AuditWriter {
     /// Opens (or creates, 0600) the audit file and continues its chain. A partial last line
     /// left by a crash mid-write is cut off: it was never acknowledged.
@@ -210,6 +223,7 @@ impl AuditWriter {
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(io)?;
+        plain_file(&file).map_err(io)?;
         {
             use std::os::unix::fs::PermissionsExt;
             file.set_permissions(std::fs::Permissions::from_mode(0o600))
@@ -390,6 +404,7 @@ impl AuditWriter {
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&self.path)
                 .map_err(io(&self.path))?;
+            plain_file(&file).map_err(io(&self.path))?;
             // The rename and the new name must be durable before records in the new file
             // count as synced (and the store drops its copies of them).
             if let Some(dir) = self.path.parent() {
@@ -802,6 +817,16 @@ mod tests {
         drop(AuditWriter::open(&link, u64::MAX).unwrap());
         let mode = std::fs::metadata(&link).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        // Nor into a file with a second name, or a FIFO.
+        let other = d.path().join("other-name");
+        std::fs::hard_link(&link, &other).unwrap();
+        let Err(e) = AuditWriter::open(&link, u64::MAX) else {
+            panic!("a file with a second name was taken");
+        };
+        assert!(e.to_string().contains("single link"), "{e}");
+        std::fs::remove_file(&link).unwrap();
+        nix::unistd::mkfifo(&link, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(AuditWriter::open(&link, u64::MAX).is_err());
     }
 
     #[test]
