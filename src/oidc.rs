@@ -395,11 +395,23 @@ impl Verifier {
                 key.clone()
             }
             None => {
-                // No kid: some issuers publish one key. Try each that fits the algorithm.
-                keys.iter()
-                    .find(|k| k.verify(jws.alg, input, &jws.signature).is_ok())
-                    .cloned()
-                    .ok_or(JoseError::BadSignature)?
+                // No kid: some issuers publish one key. Try each that fits the algorithm,
+                // and on no match the issuer's current set (it may have rotated); while
+                // that cannot be fetched the token cannot be judged (503, as with a kid).
+                let find = |keys: &[Jwk]| {
+                    keys.iter()
+                        .find(|k| k.verify(jws.alg, input, &jws.signature).is_ok())
+                        .cloned()
+                };
+                match find(&keys) {
+                    Some(k) => k,
+                    None => {
+                        if let Err(e) = self.refresh(t, false).await {
+                            return Err(OidcError::KeysUnavailable(e));
+                        }
+                        find(&t.keys.load_full()).ok_or(JoseError::BadSignature)?
+                    }
+                }
             }
         };
         let exp = check_claims(&jws.claims, &t.cfg.audiences, now)?;

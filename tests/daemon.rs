@@ -562,6 +562,16 @@ fn http_connections_that_never_finish_their_headers_are_closed() {
         started.elapsed() >= Duration::from_secs(5),
         "closed before the client could have been slow"
     );
-    // The listener serves on.
+    // The listener serves on; public metadata may be cached for a while.
     assert_eq!(common::http_get(d.http, "/healthz").0, 200);
+    let mut s = std::net::TcpStream::connect(d.http).unwrap();
+    s.write_all(b"GET /jwks HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut head = String::new();
+    s.read_to_string(&mut head).unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/1.1 200") && head.contains("cache-control: public, max-age=300"),
+        "{head}"
+    );
 }

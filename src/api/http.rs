@@ -132,6 +132,21 @@ fn json_response(status: StatusCode, v: &Value) -> Response {
     r
 }
 
+/// Public metadata (discovery, JWKS): relying parties and caches may keep it a few minutes
+/// instead of fetching it for every token they verify. After a key change (a restart with a
+/// new `jwt/signing.key`) a cache may serve the old set for up to five minutes; relying
+/// parties refetch on an unknown `kid`, as OIDC clients do.
+fn public_json(v: &Value) -> Response {
+    let mut r = json_response(StatusCode::OK, v);
+    let h = r.headers_mut();
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    h.remove(header::PRAGMA);
+    r
+}
+
 /// RFC 6749 §5.2: `error_description` may hold only %x20-21 / %x23-5B / %x5D-7E. Quotes and
 /// backslashes become `'` and `/`, anything else `?`; long messages are cut.
 fn description(s: &str) -> String {
@@ -155,23 +170,20 @@ fn oauth_error(status: StatusCode, code: &str, desc: &str) -> Response {
 
 async fn discovery(State(s): State<HttpState>) -> Response {
     let iss = s.exchanger.issuer_url();
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "issuer": iss,
-            "jwks_uri": format!("{iss}/jwks"),
-            "token_endpoint": format!("{iss}/token"),
-            "introspection_endpoint": format!("{iss}/introspect"),
-            "revocation_endpoint": format!("{iss}/revoke"),
-            "grant_types_supported": [exchange::GRANT_TYPE],
-            "response_types_supported": ["none"],
-            "subject_types_supported": ["public"],
-            "id_token_signing_alg_values_supported": ["ES256"],
-            "token_endpoint_auth_methods_supported": ["none"],
-            "introspection_endpoint_auth_methods_supported": ["bearer_jwt_svid"],
-            "revocation_endpoint_auth_methods_supported": ["bearer_jwt_svid"],
-        }),
-    )
+    public_json(&json!({
+        "issuer": iss,
+        "jwks_uri": format!("{iss}/jwks"),
+        "token_endpoint": format!("{iss}/token"),
+        "introspection_endpoint": format!("{iss}/introspect"),
+        "revocation_endpoint": format!("{iss}/revoke"),
+        "grant_types_supported": [exchange::GRANT_TYPE],
+        "response_types_supported": ["none"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["ES256"],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "introspection_endpoint_auth_methods_supported": ["bearer_jwt_svid"],
+        "revocation_endpoint_auth_methods_supported": ["bearer_jwt_svid"],
+    }))
 }
 
 async fn jwks(State(s): State<HttpState>) -> Response {
@@ -189,7 +201,7 @@ async fn jwks(State(s): State<HttpState>) -> Response {
                 Value::Object(m)
             })
             .collect();
-    json_response(StatusCode::OK, &json!({ "keys": keys }))
+    public_json(&json!({ "keys": keys }))
 }
 
 /// Why a form body was refused.
