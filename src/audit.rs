@@ -47,6 +47,11 @@ pub enum Actor {
     Operator {
         /// uid.
         uid: u32,
+        /// pid (of the process that connected), when known.
+        pid: Option<i32>,
+        /// The `[admin] allowed_gids` group that admitted it, when its uid alone did not
+        /// (a group has many members: the uid says which one acted).
+        gid: Option<u32>,
     },
     /// An agent authenticated by its JWT-SVID (HTTP endpoints).
     Agent {
@@ -67,8 +72,15 @@ impl Actor {
                 let _ = serde_json::to_writer(&mut *b, exe);
                 b.push(b'}');
             }
-            Self::Operator { uid } => {
-                let _ = write!(b, r#"{{"operator_uid":{uid}}}"#);
+            Self::Operator { uid, pid, gid } => {
+                let _ = write!(b, r#"{{"operator_uid":{uid}"#);
+                if let Some(pid) = pid {
+                    let _ = write!(b, r#","operator_pid":{pid}"#);
+                }
+                if let Some(gid) = gid {
+                    let _ = write!(b, r#","operator_gid":{gid}"#);
+                }
+                b.push(b'}');
             }
             Self::Agent { spiffe_id } => {
                 b.extend_from_slice(br#"{"agent":"#);
@@ -83,7 +95,10 @@ impl Actor {
     pub fn label(&self) -> String {
         match self {
             Self::Workload { uid, pid, .. } => format!("workload uid:{uid} pid:{pid}"),
-            Self::Operator { uid } => format!("operator uid:{uid}"),
+            Self::Operator { uid, gid: None, .. } => format!("operator uid:{uid}"),
+            Self::Operator {
+                uid, gid: Some(g), ..
+            } => format!("operator uid:{uid} gid:{g}"),
             Self::Agent { spiffe_id } => format!("agent {spiffe_id}"),
             Self::Daemon => "tesserad".into(),
         }
@@ -865,7 +880,17 @@ mod tests {
         // Small files: a rotation every few records.
         let mut w = AuditWriter::open(&p, 600).unwrap();
         for i in 0..12 {
-            w.push(&Event::now("revoke", Actor::Operator { uid: 0 }).reason(format!("r{i}")));
+            w.push(
+                &Event::now(
+                    "revoke",
+                    Actor::Operator {
+                        uid: 0,
+                        pid: None,
+                        gid: None,
+                    },
+                )
+                .reason(format!("r{i}")),
+            );
             w.flush().unwrap();
             // Distinct rotation stamps.
             std::thread::sleep(std::time::Duration::from_millis(2));
@@ -925,7 +950,17 @@ mod tests {
         let p = write(d.path(), 5);
         let mut w = AuditWriter::open(&p, u64::MAX).unwrap();
         assert_eq!(w.head().0, 5);
-        w.push(&Event::now("kill", Actor::Operator { uid: 0 }).reason("test"));
+        w.push(
+            &Event::now(
+                "kill",
+                Actor::Operator {
+                    uid: 0,
+                    pid: None,
+                    gid: None,
+                },
+            )
+            .reason("test"),
+        );
         w.flush().unwrap();
         let v = verify(&p, Some((6, w.head().1))).unwrap();
         assert_eq!(v.records, 6);
@@ -978,7 +1013,11 @@ mod tests {
                 pid: 8,
                 exe: None,
             },
-            Actor::Operator { uid: 0 },
+            Actor::Operator {
+                uid: 0,
+                pid: None,
+                gid: None,
+            },
             Actor::Agent {
                 spiffe_id: odd.into(),
             },

@@ -189,7 +189,7 @@ fn other_users_are_attested_by_uid() {
 #[test]
 fn admin_socket_is_for_root_and_named_uids_only() {
     let d = Daemon::start(&format!(
-        "admin.allowed_uids = [47004]\n{}",
+        "admin.allowed_uids = [47004]\nadmin.allowed_gids = [47050]\n{}",
         entry_for_uid("me", my_uid(), "owner = \"team-a\"\nrisk = \"high\"")
     ));
     // The daemon's own uid (and root) may operate.
@@ -222,6 +222,22 @@ fn admin_socket_is_for_root_and_named_uids_only() {
         "{}",
         String::from_utf8_lossy(&allowed.stderr)
     );
+    // A member of an allowed group acts under its own uid, and the record says which group
+    // let it in.
+    let mut c = Command::new(tessera_bin());
+    c.env("TESSERA_ADMIN_SOCKET", &d.admin_socket).args([
+        "kill",
+        "spiffe://tessera.internal/nobody",
+        "--reason",
+        "group member",
+    ]);
+    c.uid(47_006).gid(47_050);
+    let member = c.output().unwrap();
+    assert!(
+        member.status.success(),
+        "{}",
+        String::from_utf8_lossy(&member.stderr)
+    );
     let refused = run(47_005);
     assert!(!refused.status.success());
     assert!(
@@ -232,13 +248,23 @@ fn admin_socket_is_for_root_and_named_uids_only() {
     // The refusal is in the audit log, under the caller's uid.
     let dir = d.stop();
     let audit = std::fs::read_to_string(dir.path().join("data/audit.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert!(
-        audit.lines().any(|l| {
-            let r: serde_json::Value = serde_json::from_str(l).unwrap();
-            r["event"] == "deny" && r["actor"]["operator_uid"] == 47005
-        }),
+        records
+            .iter()
+            .any(|r| r["event"] == "deny" && r["actor"]["operator_uid"] == 47005),
         "{audit}"
     );
+    let kill = records
+        .iter()
+        .find(|r| r["event"] == "kill")
+        .expect("the member's kill is recorded");
+    assert_eq!(kill["actor"]["operator_uid"], 47006, "{kill}");
+    assert_eq!(kill["actor"]["operator_gid"], 47050, "{kill}");
+    assert!(kill["actor"]["operator_pid"].as_i64().is_some(), "{kill}");
 }
 
 #[test]

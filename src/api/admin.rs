@@ -75,13 +75,15 @@ impl AdminApi {
         let result = self.admit(req).await;
         if result.is_err() {
             // Probing the operator API is worth a record (within the caller's share).
-            let uid = req
+            let peer = req
                 .extensions()
                 .get::<PeerConn>()
-                .and_then(|p| p.0.as_ref())
-                .map_or(u32::MAX, |p| p.uid);
-            self.issuer
-                .deny_operator(uid, "not an operator: the admin API refused the call");
+                .and_then(|p| p.0.as_ref());
+            self.issuer.deny_operator(
+                peer.map_or(u32::MAX, |p| p.uid),
+                peer.map(|p| p.pid),
+                "not an operator: the admin API refused the call",
+            );
         }
         result
     }
@@ -97,9 +99,16 @@ impl AdminApi {
             .get::<PeerConn>()
             .and_then(|p| p.0.clone())
             .ok_or_else(denied)?;
-        let actor = Actor::Operator { uid: peer.uid };
-        if self.access.uids.contains(&peer.uid) || self.access.gids.contains(&peer.gid) {
-            return Ok(actor);
+        let actor = |gid| Actor::Operator {
+            uid: peer.uid,
+            pid: Some(peer.pid),
+            gid,
+        };
+        if self.access.uids.contains(&peer.uid) {
+            return Ok(actor(None));
+        }
+        if self.access.gids.contains(&peer.gid) {
+            return Ok(actor(Some(peer.gid)));
         }
         if self.access.gids.is_empty() {
             return Err(denied());
@@ -112,11 +121,11 @@ impl AdminApi {
             .attest(&peer, |_| false)
             .await
             .map_err(|_| denied())?;
-        let in_group = att
-            .selectors
-            .iter()
-            .any(|s| matches!(s, Selector::SupplementaryGid(g) if self.access.gids.contains(g)));
-        if in_group { Ok(actor) } else { Err(denied()) }
+        let group = att.selectors.iter().find_map(|s| match s {
+            Selector::SupplementaryGid(g) if self.access.gids.contains(g) => Some(*g),
+            _ => None,
+        });
+        group.map(|g| actor(Some(g))).ok_or_else(denied)
     }
 }
 

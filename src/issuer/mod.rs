@@ -407,8 +407,13 @@ impl Issuer {
     }
 
     /// Records a refused call on the admin API.
-    pub fn deny_operator(&self, uid: u32, reason: &str) {
-        self.audit_denial(Event::now("deny", Actor::Operator { uid }).reason(reason));
+    pub fn deny_operator(&self, uid: u32, pid: Option<i32>, reason: &str) {
+        let actor = Actor::Operator {
+            uid,
+            pid,
+            gid: None,
+        };
+        self.audit_denial(Event::now("deny", actor).reason(reason));
     }
 
     /// Records a refusal within the caller's share of the audit log ([`denials`]); past it,
@@ -416,7 +421,7 @@ impl Issuer {
     fn audit_denial(&self, ev: Event) {
         let caller = match &ev.actor {
             Actor::Workload { uid, .. } => format!("uid:{uid}"),
-            Actor::Operator { uid } => format!("operator:{uid}"),
+            Actor::Operator { uid, .. } => format!("operator:{uid}"),
             Actor::Agent { spiffe_id } => spiffe_id.clone(),
             Actor::Daemon => return self.audit_only(ev),
         };
