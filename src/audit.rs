@@ -207,17 +207,27 @@ pub enum AuditError {
     Damaged(PathBuf),
 }
 
-/// The audit file must be a regular file with one name. A hard link planted at its path
-/// would let whoever holds the other name rewrite history; a FIFO would swallow it.
-fn plain_file(file: &File) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
+/// Opens (or creates) the live audit file for appending: never through a symbolic link, 0600
+/// even if it was made otherwise, and only a regular file with one name (a hard link planted
+/// at its path would let whoever holds the other name rewrite history; a FIFO would swallow
+/// it).
+fn open_live(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
     let m = file.metadata()?;
     if !m.is_file() || m.nlink() != 1 {
         return Err(std::io::Error::other(
             "not a regular file with a single link; refusing to write the audit log into it",
         ));
     }
-    Ok(())
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
 }
 
 impl AuditWriter {
@@ -228,22 +238,7 @@ impl AuditWriter {
             path: path.to_owned(),
             source,
         };
-        use std::os::unix::fs::OpenOptionsExt;
-        // Never through a link, and 0600 even if the file was made otherwise.
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(io)?;
-        plain_file(&file).map_err(io)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            file.set_permissions(std::fs::Permissions::from_mode(0o600))
-                .map_err(io)?;
-        }
+        let mut file = open_live(path).map_err(io)?;
         let (mut seq, mut prev, good_len) = last_record(&mut file)
             .map_err(io)?
             .ok_or_else(|| AuditError::Damaged(path.to_owned()))?;
@@ -411,15 +406,7 @@ impl AuditWriter {
                 // name is free now, and renaming it again would fail for good).
                 self.reopen = true;
             }
-            use std::os::unix::fs::OpenOptionsExt;
-            let file = OpenOptions::new()
-                .append(true)
-                .create(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&self.path)
-                .map_err(io(&self.path))?;
-            plain_file(&file).map_err(io(&self.path))?;
+            let file = open_live(&self.path).map_err(io(&self.path))?;
             // The rename and the new name must be durable before records in the new file
             // count as synced (and the store drops its copies of them).
             if let Some(dir) = self.path.parent() {

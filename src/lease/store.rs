@@ -1285,15 +1285,26 @@ mod tests {
         })
     }
 
-    fn kill_rows(d: &Path) -> Vec<(String, i64)> {
+    /// The rows `sql` selects from the store in `d`, read by `row`.
+    fn rows<T>(
+        d: &Path,
+        sql: &str,
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Vec<T> {
         let c = Connection::open(d.join("tessera.db")).unwrap();
-        let mut st = c
-            .prepare("SELECT spiffe_id, killed_at FROM kills ORDER BY seq")
-            .unwrap();
-        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        let mut st = c.prepare(sql).unwrap();
+        st.query_map([], row)
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap()
+    }
+
+    fn kill_rows(d: &Path) -> Vec<(String, i64)> {
+        rows(
+            d,
+            "SELECT spiffe_id, killed_at FROM kills ORDER BY seq",
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
     }
 
     #[tokio::test]
@@ -1530,14 +1541,9 @@ mod tests {
     }
 
     fn pending(d: &Path) -> Vec<i64> {
-        let c = Connection::open(d.join("tessera.db")).unwrap();
-        let mut st = c
-            .prepare("SELECT seq FROM audit_pending ORDER BY seq")
-            .unwrap();
-        st.query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
+        rows(d, "SELECT seq FROM audit_pending ORDER BY seq", |r| {
+            r.get(0)
+        })
     }
 
     /// A store with `n` audit records committed one batch each, and the audit file's text.
@@ -1603,14 +1609,11 @@ mod tests {
     }
 
     fn rejected(d: &Path) -> Vec<(i64, String)> {
-        let c = Connection::open(d.join("tessera.db")).unwrap();
-        let mut st = c
-            .prepare("SELECT seq, CAST(line AS TEXT) FROM audit_rejected ORDER BY seq")
-            .unwrap();
-        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
+        rows(
+            d,
+            "SELECT seq, CAST(line AS TEXT) FROM audit_rejected ORDER BY seq",
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
     }
 
     /// Asserts that the file's last record is a gap at `seq` with these counts and a reason

@@ -15,6 +15,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use tokio_util::either::Either;
 
 use crate::ca::Ca;
 use crate::config::HttpTls;
@@ -313,21 +314,17 @@ pub async fn serve(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _slot = slot;
-            match acceptor {
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-                    drive(watcher.watch(conn.into_owned()), &activity).await;
-                }
+            let io = match acceptor {
+                None => Either::Left(tcp),
                 Some(acceptor) => {
-                    let Ok(Ok(stream)) =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                    else {
-                        return;
-                    };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    drive(watcher.watch(conn.into_owned()), &activity).await;
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => Either::Right(stream),
+                        _ => return,
+                    }
                 }
-            }
+            };
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+            drive(watcher.watch(conn.into_owned()), &activity).await;
         });
     }
     graceful.shutdown().await;
