@@ -86,6 +86,7 @@ pub struct Running {
     trigger: Trigger,
     tasks: Vec<(&'static str, JoinHandle<()>)>,
     store: Arc<dyn Store>,
+    store_failed: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// How long a drain may take before remaining connections are cut.
@@ -129,6 +130,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     }
     let (store, snapshot) = opened?;
     let store_commits = store.commit_durations();
+    let store_failed = store.failure();
     let loaded_ms = started.elapsed().as_millis() as u64;
     let store: Arc<dyn Store> = Arc::new(store);
     let restored = snapshot.restored;
@@ -389,6 +391,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         trigger,
         tasks,
         store,
+        store_failed,
     })
 }
 
@@ -542,6 +545,18 @@ impl Running {
     /// Asks for a policy reload (what SIGHUP does).
     pub fn reload(&self) {
         let _ = self.reload.try_send(());
+    }
+
+    /// Resolves with the reason once the lease store has stopped on a commit of unknown
+    /// outcome ([`StoreError::Uncertain`]). The daemon must then stop: memory and disk may
+    /// disagree about that change, and a restart reads the disk.
+    pub async fn store_failed(&self) -> String {
+        let mut failed = self.store_failed.clone();
+        match failed.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            // The writer ended without failing (shutdown): nothing to report, ever.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Stops accepting, ends streams, waits up to [`DRAIN_DEADLINE`] for connections to

@@ -14,6 +14,7 @@ use tonic::Status;
 
 use crate::exchange::ExchangeError;
 use crate::issuer::IssueError;
+use crate::lease::store::StoreError;
 
 /// Maps an exchange refusal to a gRPC status: the RFC 6749/8693 error code leads the message
 /// and is repeated in `tessera-oauth-error` metadata (and the approval id in
@@ -77,6 +78,14 @@ pub fn status(e: IssueError) -> Status {
         IssueError::NotFound(m) => Status::not_found(m),
         IssueError::FailedPrecondition(m) | IssueError::TaskConflict(m) => {
             Status::failed_precondition(m)
+        }
+        IssueError::Store(StoreError::Uncertain(err)) => {
+            tracing::error!(error = %err, "a lease store commit failed with an unknown outcome");
+            Status::unavailable(
+                "the lease store could not confirm this change, so it may or may not have taken \
+                 effect; the daemon is restarting to read what the disk holds: check again once \
+                 it is back",
+            )
         }
         IssueError::Store(err) => {
             tracing::error!(error = %err, "lease store unavailable; refusing to issue unrecorded credentials");

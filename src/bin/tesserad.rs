@@ -72,10 +72,17 @@ fn main() -> anyhow::Result<()> {
         let running = tessera::app::build(cfg)
             .await
             .context("tesserad could not start")?;
-        wait_for_signal(&running).await?;
+        let failed = wait_for_signal(&running).await?;
         tracing::info!("shutting down");
         running.shutdown().await;
-        Ok(())
+        match failed {
+            // A non-zero exit, so a supervisor (systemd `Restart=on-failure`) starts it again.
+            Some(reason) => Err(anyhow::anyhow!(
+                "stopped because the lease store could not confirm a commit ({reason}); \
+                 starting again reads what the disk holds"
+            )),
+            None => Ok(()),
+        }
     })
 }
 
@@ -91,16 +98,18 @@ fn init_tracing(cfg: &Config) {
     }
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP reloads the policy file meanwhile.
-async fn wait_for_signal(running: &tessera::app::Running) -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT, or for the lease store to fail (its reason is returned);
+/// SIGHUP reloads the policy file meanwhile.
+async fn wait_for_signal(running: &tessera::app::Running) -> anyhow::Result<Option<String>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     loop {
         tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
+            _ = term.recv() => return Ok(None),
+            _ = int.recv() => return Ok(None),
+            reason = running.store_failed() => return Ok(Some(reason)),
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the policy file");
                 running.reload();

@@ -28,7 +28,7 @@ use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::checkpoint::WalKeeper;
 use super::{Kill, Kind, Lease, LeaseId, Revocation, State, Task};
@@ -48,6 +48,12 @@ pub enum StoreError {
     /// The writer has stopped (shutdown or a fatal error).
     #[error("lease store is closed")]
     Closed,
+    /// `COMMIT` itself failed (an I/O error, a full disk): the change may be on disk or not.
+    /// SQLite rolls the transaction back in memory, yet frames it wrote to the WAL can still
+    /// be replayed after a crash, so the change was neither made nor refused for sure. The
+    /// writer stops, and the daemon with it: at the next start what is on disk is the truth.
+    #[error("lease store: a commit failed and its outcome is unknown until restart: {0}")]
+    Uncertain(String),
 }
 
 /// One durable change.
@@ -196,7 +202,11 @@ pub struct SqliteStore {
     tx: mpsc::Sender<Job>,
     path: PathBuf,
     commits: Arc<Histogram>,
+    failed: watch::Receiver<Option<String>>,
 }
+
+/// A hook run at every `COMMIT`; `true` turns it into a failure (tests inject I/O errors).
+type CommitHook = Box<dyn FnMut() -> bool + Send + 'static>;
 
 /// A commit (with the checkpoint or audit append that precedes the answers) slower than this
 /// is logged: every credential of its batch waited that long.
@@ -272,6 +282,16 @@ impl SqliteStore {
         now_s: i64,
         sink: &mut dyn FnMut(Vec<Lease>),
     ) -> Result<(Self, Snapshot), StoreError> {
+        Self::open_with(dir, audit_max_bytes, now_s, sink, None)
+    }
+
+    fn open_with(
+        dir: &Path,
+        audit_max_bytes: u64,
+        now_s: i64,
+        sink: &mut dyn FnMut(Vec<Lease>),
+        commit_hook: Option<CommitHook>,
+    ) -> Result<(Self, Snapshot), StoreError> {
         let path = dir.join("tessera.db");
         if !path.exists() {
             // Create with owner-only permissions before SQLite touches it.
@@ -284,20 +304,38 @@ impl SqliteStore {
                 .open(&path)
                 .map_err(db_err)?;
         }
-        let conn = open_db(&path)?;
+        let mut conn = open_db(&path)?;
         let mut snapshot = load(&conn, now_s, sink)?;
         let mut audit = AuditWriter::open(&dir.join("audit.jsonl"), audit_max_bytes)
             .map_err(|e| StoreError::Audit(e.to_string()))?;
         recover_audit(&conn, &mut audit, snapshot.audit_head.as_ref())?;
         snapshot.audit_head = Some((audit.head().0, audit.head().1.to_owned()));
+        if commit_hook.is_some() {
+            conn.commit_hook(commit_hook).map_err(db_err)?;
+        }
         let (tx, rx) = mpsc::channel::<Job>();
         let commits = Arc::new(Histogram::default());
         let timed = Arc::clone(&commits);
+        let (fail, failed) = watch::channel(None);
         std::thread::Builder::new()
             .name("tessera-store".into())
-            .spawn(move || writer(conn, audit, rx, &timed))
+            .spawn(move || writer(conn, audit, rx, &timed, &fail))
             .map_err(db_err)?;
-        Ok((Self { tx, path, commits }, snapshot))
+        Ok((
+            Self {
+                tx,
+                path,
+                commits,
+                failed,
+            },
+            snapshot,
+        ))
+    }
+
+    /// Becomes `Some(reason)` once the writer has stopped on a commit of unknown outcome
+    /// ([`StoreError::Uncertain`]); the daemon must then stop and start again from the disk.
+    pub fn failure(&self) -> watch::Receiver<Option<String>> {
+        self.failed.clone()
     }
 
     /// The database file.
@@ -488,6 +526,7 @@ fn writer(
     mut audit: AuditWriter,
     rx: mpsc::Receiver<Job>,
     commits: &Histogram,
+    fail: &watch::Sender<Option<String>>,
 ) {
     let sync = Arc::new(AuditSync::default());
     sync.synced.store(audit.head().0, Ordering::Release);
@@ -512,6 +551,7 @@ fn writer(
     // both can rewrite history. The head also goes to the daemon's log every few minutes
     // (forwarded off the host by journald or syslog, it is an anchor they cannot edit).
     let mut head_logged: Option<std::time::Instant> = None;
+    let mut uncertain = false;
     loop {
         let first = match rx.try_recv() {
             Ok(job) => job,
@@ -577,11 +617,26 @@ fn writer(
         for (_, done) in jobs {
             let _ = done.send(result.clone());
         }
+        if let Err(StoreError::Uncertain(e)) = result {
+            // Memory now holds the change as refused while the disk may hold it as made.
+            // Going on would serve from one and restart into the other (a restore reported
+            // failed that comes back in force after a crash); nor could a later commit be
+            // trusted on a disk that just failed one. Stop taking changes; the daemon stops.
+            tracing::error!(
+                error = %e,
+                "lease store commit failed with an unknown outcome; the store takes no more \
+                 changes and the daemon stops, to start again from what the disk holds"
+            );
+            uncertain = true;
+            fail.send_replace(Some(e));
+            break;
+        }
     }
     // Shutdown: leave the file complete and durable so the store holds nothing for it.
     stop.store(true, Ordering::Release);
     sync.wake.notify_one();
-    if audit.flush().is_ok() {
+    // After an uncertain commit the database is left as it is for the next start to read.
+    if audit.flush().is_ok() && !uncertain {
         let _ = conn.execute(
             "DELETE FROM audit_pending WHERE seq < ?1",
             params![audit.head().0 as i64],
@@ -795,7 +850,7 @@ impl<'c> CachedTx<'c> {
             .prepare_cached("COMMIT")
             .and_then(|mut st| st.raw_execute())
             .map(drop)
-            .map_err(db_err)
+            .map_err(|e| StoreError::Uncertain(e.to_string()))
         // A failed COMMIT leaves the transaction open: the drop rolls it back.
     }
 }
@@ -1738,6 +1793,39 @@ mod tests {
         let v =
             audit::verify_chain(&d.path().join("audit.jsonl"), Some((head.0, &head.1))).unwrap();
         assert_eq!((v.records, head.0), (3, 3));
+    }
+
+    #[tokio::test]
+    async fn a_commit_of_unknown_outcome_stops_the_store_and_is_reported() {
+        let d = tempfile::tempdir().unwrap();
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = Arc::clone(&fail);
+        // The hook stands in for an fsync EIO or a full disk at COMMIT.
+        let hook: CommitHook = Box::new(move || f.load(Ordering::SeqCst));
+        let (s, _) =
+            SqliteStore::open_with(d.path(), u64::MAX, 100, &mut |_| {}, Some(hook)).unwrap();
+        let mut failure = s.failure();
+        let kept = lease("spiffe://td/a", 100, 1000);
+        commit(&s, vec![Op::PutLease(kept.clone())]).await.unwrap();
+        assert!(failure.borrow().is_none());
+        fail.store(true, Ordering::SeqCst);
+        let lost = lease("spiffe://td/b", 100, 1000);
+        let r = commit(&s, vec![Op::PutLease(lost)]).await;
+        assert!(matches!(r, Err(StoreError::Uncertain(_))), "{r:?}");
+        // Reported to whoever must stop the daemon, and nothing more is taken.
+        tokio::time::timeout(Duration::from_secs(5), failure.wait_for(Option::is_some))
+            .await
+            .expect("the failure is signalled")
+            .unwrap();
+        fail.store(false, Ordering::SeqCst);
+        let after = commit(&s, vec![Op::PutLease(lease("spiffe://td/c", 100, 1000))]).await;
+        assert!(matches!(after, Err(StoreError::Closed)), "{after:?}");
+        drop(s);
+        // A start reads what the disk holds (here the hook's rollback: only the first).
+        let mut back = Vec::new();
+        let (_s, _) = SqliteStore::open(d.path(), u64::MAX, 100, &mut |c| back.extend(c)).unwrap();
+        let ids: Vec<_> = back.iter().map(|l| l.id).collect();
+        assert_eq!(ids, vec![kept.id]);
     }
 
     #[tokio::test]
