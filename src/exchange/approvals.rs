@@ -86,9 +86,24 @@ pub enum Check {
     /// Still waiting.
     Pending(String),
     /// Approved: consumed by this call; go ahead (and [`Approvals::put_back`] on failure).
-    Approved(Box<Approval>),
+    Approved(Taken),
     /// Denied.
     Denied(String),
+}
+
+/// An approval consumed by an exchange, with what [`Approvals::put_back`] needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    approval: Box<Approval>,
+    /// [`Inner::withdrawals`] when it was taken.
+    withdrawals: u64,
+}
+
+impl std::ops::Deref for Taken {
+    type Target = Approval;
+    fn deref(&self) -> &Approval {
+        &self.approval
+    }
 }
 
 /// Operator-facing errors.
@@ -107,6 +122,8 @@ pub enum ApprovalError {
 struct Inner {
     by_id: HashMap<String, Approval>,
     by_key: HashMap<String, String>,
+    /// How many times a kill withdrew requests.
+    withdrawals: u64,
 }
 
 impl Inner {
@@ -177,7 +194,10 @@ impl Approvals {
                 Status::Approved { .. } => {
                     g.by_id.remove(&id);
                     g.by_key.remove(&key);
-                    Check::Approved(Box::new(a))
+                    Check::Approved(Taken {
+                        approval: Box::new(a),
+                        withdrawals: g.withdrawals,
+                    })
                 }
             });
         }
@@ -197,8 +217,16 @@ impl Approvals {
 
     /// Returns a consumed approval whose exchange then failed (store or CA unavailable), so
     /// the agent's retry can use it.
-    pub fn put_back(&self, a: Approval) {
+    pub fn put_back(&self, taken: Taken) {
         let mut g = self.lock();
+        // A kill since it was taken may have withdrawn it (the kill could not see it while
+        // the exchange held it): a restored agent starts from fresh decisions. Any kill
+        // counts, not only one of this agent; the cost of the rare coincidence is one more
+        // approval, where bringing a withdrawn one back would override the kill.
+        if g.withdrawals != taken.withdrawals {
+            return;
+        }
+        let a = *taken.approval;
         // A retry may have filed the same request anew meanwhile. Still pending, the approval
         // supersedes it; decided (say, denied since), the newer decision stands.
         let key = a.key();
@@ -221,6 +249,7 @@ impl Approvals {
     /// as a kill does: a restored agent starts from fresh decisions. Returns their ids.
     pub fn withdraw_within(&self, agent: &crate::spiffe_id::SpiffeId) -> Vec<String> {
         let mut g = self.lock();
+        g.withdrawals += 1;
         let gone: Vec<String> = g
             .by_id
             .values()
@@ -333,7 +362,7 @@ mod tests {
             a.check(r0.clone(), 3, "n2".into()),
             Some(Check::Filed(_))
         ));
-        a.put_back((*got).clone());
+        a.put_back(got.clone());
         assert!(a.get("n2", 4).is_none(), "the refiling is superseded");
         assert!(matches!(
             a.check(r0.clone(), 5, "n3".into()),
@@ -345,10 +374,28 @@ mod tests {
             Some(Check::Filed(_))
         ));
         a.deny("n4", "op".into(), 7).unwrap();
-        a.put_back(*got);
+        a.put_back(got);
         assert_eq!(
             a.check(r0, 8, "n5".into()),
             Some(Check::Denied("n4".into()))
+        );
+    }
+
+    #[test]
+    fn an_approval_a_kill_withdrew_while_it_was_in_use_stays_withdrawn() {
+        let a = Approvals::new(Duration::from_secs(60));
+        a.check(req(&["a"]), 0, "r0".into());
+        a.approve("r0", "op".into(), 1).unwrap();
+        let Some(Check::Approved(got)) = a.check(req(&["a"]), 2, "n1".into()) else {
+            panic!()
+        };
+        // The kill runs while the exchange holds the approval, and its mint then fails.
+        a.withdraw_within(&crate::spiffe_id::SpiffeId::parse("spiffe://td/a").unwrap());
+        a.put_back(got);
+        assert_eq!(
+            a.check(req(&["a"]), 3, "n2".into()),
+            Some(Check::Filed("n2".into())),
+            "a restored agent starts from a fresh decision"
         );
     }
 

@@ -637,7 +637,7 @@ impl Exchanger {
                 Some(Check::Approved(a)) => {
                     // Never longer than the lifetime the operator was shown.
                     ttl = ttl.min(Duration::from_secs(a.ttl_seconds.max(1)));
-                    approval = Some(*a);
+                    approval = Some(a);
                 }
             }
         }
