@@ -163,7 +163,7 @@ fn zero_config_start_serves_the_user_who_started_it() {
 #[test]
 fn other_users_are_attested_by_uid() {
     if my_uid() != 0 {
-        eprintln!("skipped: needs root to run clients as other uids");
+        common::skip("needs root to run clients as other uids");
         return;
     }
     let d = Daemon::start(&entry_for_uid("alice", 47_002, ""));
@@ -206,7 +206,7 @@ fn admin_socket_is_for_root_and_named_uids_only() {
     let st = d.cli(&["status"]);
     assert!(String::from_utf8_lossy(&st.stdout).contains("tessera.internal"));
     if my_uid() != 0 {
-        eprintln!("skipped the other-uid half: needs root");
+        common::skip("the other-uid half needs root");
         return;
     }
     let run = |uid: u32| {

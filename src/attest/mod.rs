@@ -959,6 +959,16 @@ mod tests {
         ));
     }
 
+    /// As the integration tests' `common::skip`: under `TESSERA_TEST_STRICT=1` (CI) a skip
+    /// fails.
+    fn skip(why: &str) {
+        assert!(
+            std::env::var_os("TESSERA_TEST_STRICT").is_none_or(|v| v != "1"),
+            "TESSERA_TEST_STRICT=1, yet this test would be skipped: {why}"
+        );
+        eprintln!("skipped: {why}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_path_seen_only_in_the_callers_mount_namespace_is_not_a_selector() {
         // The caller bind-mounts /bin/sleep over `decoy` in a mount namespace of its own and
@@ -978,12 +988,18 @@ mod tests {
             "mount --bind /bin/sleep {:?} && exec python3 -c \"$0\"",
             decoy.to_str().unwrap()
         );
+        // Without root, a user namespace of its own gives the caller the right to mount.
+        let ns = if nix::unistd::geteuid().is_root() {
+            "-m"
+        } else {
+            "-rm"
+        };
         let Ok(mut child) = std::process::Command::new("unshare")
-            .args(["-m", "sh", "-c", &shell, &script])
-            .stderr(std::process::Stdio::null())
+            .args([ns, "sh", "-c", &shell, &script])
+            .stderr(std::process::Stdio::piped())
             .spawn()
         else {
-            eprintln!("skipped: unshare is not available");
+            skip("unshare is not available");
             return;
         };
         listener.set_nonblocking(true).unwrap();
@@ -993,7 +1009,21 @@ mod tests {
                 break c;
             }
             if child.try_wait().unwrap().is_some() {
-                eprintln!("skipped: no mount namespace here (unshare -m needs CAP_SYS_ADMIN)");
+                let mut err = String::new();
+                use std::io::Read;
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                // Only a namespace this machine refuses is a reason to skip; any other early
+                // end (no python3, a failed mount) is a failure of the test.
+                assert!(
+                    err.contains("unshare failed"),
+                    "the caller ended before connecting: {err}"
+                );
+                skip(&format!("no mount namespace here: {}", err.trim()));
                 return;
             }
             assert!(Instant::now() < deadline, "the caller never connected");
