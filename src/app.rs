@@ -168,7 +168,8 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     );
     let metrics = Arc::new(Metrics::with_store_commits(store_commits));
     let registry = Arc::new(Registry::new(Vec::new()));
-    let attestor = Arc::new(Attestor::new(cfg.max_exe_hash_bytes));
+    let attestor =
+        Arc::new(Attestor::new(cfg.max_exe_hash_bytes).with_admin_gids(cfg.admin_gids.clone()));
     let issuer = Arc::new(Issuer::new(
         Arc::clone(&attestor),
         Arc::clone(&registry),

@@ -12,12 +12,12 @@
 
 pub mod selector;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -91,6 +91,9 @@ struct Cached {
     at: Instant,
     /// The executable could have been hashed but no entry wanted it: an entry added later may.
     hash_skipped: bool,
+    /// The [`GroupInterest`] generation its supplementary groups were kept by: an entry
+    /// naming another group makes it stale.
+    groups_gen: u64,
 }
 
 /// How long a connection's attestation is reused before it is done again in full, so that
@@ -217,6 +220,10 @@ impl FileKey {
 
 /// Bounded so that a workload spawning many distinct executables cannot grow memory without end.
 const HASH_CACHE_MAX: usize = 4096;
+/// Most primary user and group names cached; past it the caches start over. A caller in a
+/// user namespace of its own can present any of its subordinate ids, so the ids seen are
+/// not bounded by the accounts of the host.
+const NAME_CACHE_MAX: usize = 4096;
 const NAME_CACHE_TTL: Duration = Duration::from_secs(60);
 
 /// A cached executable hash and when it was last used, so that a full cache drops the
@@ -245,6 +252,27 @@ pub struct Attestor {
     files_hashed: std::sync::atomic::AtomicU64,
     users: DashMap<u32, (Instant, Option<String>)>,
     groups: DashMap<u32, (Instant, Option<String>)>,
+    /// Gids `[admin] allowed_gids` admits: kept whatever the entries name.
+    admin_gids: HashSet<u32>,
+    interest: RwLock<Arc<GroupInterest>>,
+    interest_gen: std::sync::atomic::AtomicU64,
+}
+
+/// The supplementary groups an attestation keeps: those an entry names (by gid or by name)
+/// and those `[admin] allowed_gids` admits. A caller may hold 65,536 groups (NGROUPS_MAX; a
+/// user with subordinate gids can set that many in a user namespace of its own): a
+/// selector and a name lookup for each, kept for the connection's life, cost megabytes per
+/// connection and a directory-server round trip per group. Groups nobody names decide
+/// nothing, so they are dropped; names are resolved to gids here, once per
+/// [`NAME_CACHE_TTL`], not per caller.
+#[derive(Debug, Default)]
+struct GroupInterest {
+    generation: u64,
+    gids: HashSet<u32>,
+    names: Vec<String>,
+    /// `names` resolved: gid → the names (of `names`) it has.
+    named: HashMap<u32, Vec<String>>,
+    resolved_at: Option<Instant>,
 }
 
 /// Removes a single-flight gate when its hashing ends, also when the request that started it
@@ -269,6 +297,7 @@ struct Observed {
     exe: Option<File>,
     exe_key: Option<FileKey>,
     start_before: Option<u64>,
+    groups_gen: u64,
 }
 
 impl Attestor {
@@ -284,7 +313,69 @@ impl Attestor {
             files_hashed: Default::default(),
             users: DashMap::new(),
             groups: DashMap::new(),
+            admin_gids: HashSet::new(),
+            interest: RwLock::default(),
+            interest_gen: Default::default(),
         }
+    }
+
+    /// Also keeps these supplementary gids (`[admin] allowed_gids`).
+    pub fn with_admin_gids(mut self, gids: impl IntoIterator<Item = u32>) -> Self {
+        self.admin_gids = gids.into_iter().collect();
+        self
+    }
+
+    /// Sets the supplementary groups entries name (`unix:supplementary_gid`,
+    /// `unix:supplementary_group`); others are left out of attestations. Attestations kept
+    /// by connections are redone at their next request.
+    pub fn want_groups(&self, gids: HashSet<u32>, names: Vec<String>) {
+        let generation = self
+            .interest_gen
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1;
+        *self.interest.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(GroupInterest {
+            generation,
+            gids,
+            names,
+            named: HashMap::new(),
+            resolved_at: None,
+        });
+    }
+
+    /// The groups to keep, with their names resolved within [`NAME_CACHE_TTL`]. Blocking
+    /// (NSS): called from the blocking part of an attestation.
+    fn group_interest(&self) -> Arc<GroupInterest> {
+        let current = Arc::clone(&self.interest.read().unwrap_or_else(|e| e.into_inner()));
+        if current.names.is_empty()
+            || current
+                .resolved_at
+                .is_some_and(|t| t.elapsed() < NAME_CACHE_TTL)
+        {
+            return current;
+        }
+        let mut named: HashMap<u32, Vec<String>> = HashMap::new();
+        for n in &current.names {
+            if let Ok(Some(g)) = nix::unistd::Group::from_name(n) {
+                named.entry(g.gid.as_raw()).or_default().push(n.clone());
+            }
+        }
+        let fresh = Arc::new(GroupInterest {
+            generation: current.generation,
+            gids: current.gids.clone(),
+            names: current.names.clone(),
+            named,
+            resolved_at: Some(Instant::now()),
+        });
+        let mut w = self.interest.write().unwrap_or_else(|e| e.into_inner());
+        // Unless the entries changed meanwhile: then theirs stands, resolved by the next call.
+        if w.generation == fresh.generation {
+            *w = Arc::clone(&fresh);
+        }
+        fresh
+    }
+
+    fn interest_gen(&self) -> u64 {
+        self.interest_gen.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Attests the peer. The blocking work of a full attestation (its `/proc` reads, user and
@@ -308,7 +399,8 @@ impl Attestor {
         if let Some(a) = self.reuse(peer, &wants_hash)? {
             return Ok(a);
         }
-        let (att, exe, start_time, hash_skipped) = self.attest_fully(peer, &wants_hash).await?;
+        let (att, exe, start_time, hash_skipped, groups_gen) =
+            self.attest_fully(peer, &wants_hash).await?;
         let att = Arc::new(att);
         *peer.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
             attestation: Arc::clone(&att),
@@ -316,6 +408,7 @@ impl Attestor {
             start_time,
             at: Instant::now(),
             hash_skipped,
+            groups_gen,
         });
         Ok(att)
     }
@@ -345,7 +438,10 @@ impl Attestor {
         let exe_now = std::fs::metadata(format!("/proc/{pid}/exe"))
             .ok()
             .map(|m| FileKey::of(&m));
-        if exe_now != c.exe || (c.hash_skipped && wants_hash(&c.attestation)) {
+        if exe_now != c.exe
+            || (c.hash_skipped && wants_hash(&c.attestation))
+            || c.groups_gen != self.interest_gen()
+        {
             return Ok(None);
         }
         Ok(Some(Arc::clone(&c.attestation)))
@@ -357,7 +453,7 @@ impl Attestor {
         self: &Arc<Self>,
         peer: &PeerInfo,
         wants_hash: impl Fn(&Attestation) -> bool,
-    ) -> Result<(Attestation, Option<FileKey>, Option<u64>, bool), AttestError> {
+    ) -> Result<(Attestation, Option<FileKey>, Option<u64>, bool, u64), AttestError> {
         let pid = peer.pid;
         // `/proc` reads are quick, but user and group lookups go through NSS, which may ask
         // a directory server (sssd, LDAP) once per supplementary group.
@@ -382,6 +478,7 @@ impl Attestor {
             exe,
             exe_key,
             start_before,
+            groups_gen,
         } = observed;
 
         let hashable = exe_key.is_some_and(|k| k.size <= self.max_hash_bytes);
@@ -417,7 +514,7 @@ impl Attestor {
         if let Some(h) = &attestation.exe_sha256 {
             attestation.selectors.insert(Selector::Sha256(h.clone()));
         }
-        Ok((attestation, exe_key, start_before, hash_skipped))
+        Ok((attestation, exe_key, start_before, hash_skipped, groups_gen))
     }
 
     /// The blocking part of a full attestation: everything but the hash and the final
@@ -490,10 +587,13 @@ impl Attestor {
         if let Some(name) = self.group_name(gid) {
             selectors.insert(Selector::Group(name));
         }
+        let interest = self.group_interest();
         for g in groups {
-            selectors.insert(Selector::SupplementaryGid(g));
-            if let Some(name) = self.group_name(g) {
-                selectors.insert(Selector::SupplementaryGroup(name));
+            if interest.gids.contains(&g) || self.admin_gids.contains(&g) {
+                selectors.insert(Selector::SupplementaryGid(g));
+            }
+            for name in interest.named.get(&g).into_iter().flatten() {
+                selectors.insert(Selector::SupplementaryGroup(name.clone()));
             }
         }
         if let Some(p) = &exe_path {
@@ -511,6 +611,7 @@ impl Attestor {
             exe,
             exe_key,
             start_before,
+            groups_gen: interest.generation,
         })
     }
 
@@ -604,6 +705,9 @@ fn cached_name(
         && e.0.elapsed() < NAME_CACHE_TTL
     {
         return e.1.clone();
+    }
+    if cache.len() >= NAME_CACHE_MAX {
+        cache.clear();
     }
     let name = lookup(id);
     cache.insert(id, (Instant::now(), name.clone()));
@@ -840,6 +944,78 @@ mod tests {
             &with,
             &attestor.attest(&peer, |_| false).await.unwrap()
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_supplementary_groups_that_something_names_are_kept() {
+        if !nix::unistd::geteuid().is_root() {
+            skip("setting a caller's supplementary groups needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // A caller with 3,001 groups, as a user namespace of its own allows (up to 65,536).
+        let groups: Vec<libc::gid_t> = std::iter::once(0).chain(47_100..47_100 + 3000).collect();
+        let script = format!(
+            "import socket,time\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})\ntime.sleep(10)",
+            path.to_str().unwrap()
+        );
+        let mut cmd = std::process::Command::new("python3");
+        cmd.args(["-c", &script]);
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setgroups is async-signal-safe; the list outlives the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let (conn, _) = listener.accept().unwrap();
+        let peer = PeerInfo::from_socket(conn.as_raw_fd()).unwrap();
+        let attestor = Arc::new(Attestor::new(1 << 30).with_admin_gids([47_103]));
+        attestor.want_groups([47_101].into(), vec!["root".into()]);
+        let kept = |a: &Attestation| {
+            a.selectors
+                .iter()
+                .filter(|s| {
+                    matches!(
+                        s,
+                        Selector::SupplementaryGid(_) | Selector::SupplementaryGroup(_)
+                    )
+                })
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let first = attestor.attest(&peer, |_| false).await.unwrap();
+        assert_eq!(
+            kept(&first),
+            vec![
+                Selector::SupplementaryGid(47_101),
+                Selector::SupplementaryGid(47_103),
+                Selector::SupplementaryGroup("root".into()),
+            ]
+        );
+        assert!(Arc::ptr_eq(
+            &first,
+            &attestor.attest(&peer, |_| false).await.unwrap()
+        ));
+        // An entry names another group: the connection is attested again, with it.
+        attestor.want_groups([47_101, 47_102].into(), Vec::new());
+        let second = attestor.attest(&peer, |_| false).await.unwrap();
+        assert_eq!(
+            kept(&second),
+            vec![
+                Selector::SupplementaryGid(47_101),
+                Selector::SupplementaryGid(47_102),
+                Selector::SupplementaryGid(47_103),
+            ]
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[tokio::test]

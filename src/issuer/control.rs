@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use super::{IssueError, Issuer, now_ms};
+use crate::attest::Selector;
 use crate::audit::{Actor, Event};
 use crate::config::EntrySpec;
 use crate::lease::store::{Op, commit};
@@ -251,6 +252,19 @@ impl Issuer {
                 &self.settings.trust_domain,
             ));
         }
+        // Before the entries are visible: a caller matched against them is attested with
+        // the groups they name.
+        let (mut gids, mut names) = (std::collections::HashSet::new(), Vec::new());
+        for s in all.iter().flat_map(|e| &e.selectors) {
+            match s {
+                Selector::SupplementaryGid(g) => {
+                    gids.insert(*g);
+                }
+                Selector::SupplementaryGroup(n) if !names.contains(n) => names.push(n.clone()),
+                _ => {}
+            }
+        }
+        self.attestor.want_groups(gids, names);
         self.registry.replace(all);
     }
 
