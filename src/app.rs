@@ -87,6 +87,8 @@ pub struct Running {
     tasks: Vec<(&'static str, JoinHandle<()>)>,
     store: Arc<dyn Store>,
     store_failed: tokio::sync::watch::Receiver<Option<String>>,
+    /// Held until the process ends (see [`crate::fsutil::lock_dir`]).
+    _data_lock: std::fs::File,
 }
 
 /// How long a drain may take before remaining connections are cut.
@@ -95,6 +97,11 @@ pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 /// Builds every part and starts serving.
 pub async fn build(cfg: Config) -> Result<Running, AppError> {
     crate::fsutil::ensure_private_dir(&cfg.data_dir).map_err(|source| AppError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    // Before anything in it is read or written.
+    let data_lock = crate::fsutil::lock_dir(&cfg.data_dir).map_err(|source| AppError::DataDir {
         path: cfg.data_dir.clone(),
         source,
     })?;
@@ -393,6 +400,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         tasks,
         store,
         store_failed,
+        _data_lock: data_lock,
     })
 }
 

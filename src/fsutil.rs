@@ -52,6 +52,50 @@ pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+/// Takes `dir/tesserad.lock` exclusively for as long as the returned file stays open (the
+/// kernel drops the lock when the process ends, `kill -9` included), so that one daemon at a
+/// time uses a data directory. A second would generate a CA beside the first, or open the
+/// live store and audit file (and cut what it takes for a torn last record) before failing
+/// on a socket. The file holds the holder's pid, for the message the next one gives.
+pub fn lock_dir(dir: &Path) -> std::io::Result<fs::File> {
+    use std::io::{Read, Seek};
+    use std::os::fd::AsRawFd;
+    let path = dir.join("tesserad.lock");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::WouldBlock {
+            return Err(e);
+        }
+        let mut holder = String::new();
+        let _ = f.read_to_string(&mut holder);
+        let holder = holder.trim();
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!(
+                "is in use by another tesserad{}: one daemon per data directory",
+                if holder.is_empty() || !holder.bytes().all(|b| b.is_ascii_digit()) {
+                    String::new()
+                } else {
+                    format!(" (pid {holder})")
+                }
+            ),
+        ));
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
+}
+
 /// Fails unless `path` is readable by its owner only (0600 or stricter).
 pub fn check_private_mode(path: &Path) -> std::io::Result<()> {
     let mode = fs::metadata(path)?.mode();

@@ -63,6 +63,45 @@ fn bad_configs_stop_startup_with_the_key_named() {
     );
 }
 
+/// Runs tesserad on `config` (sockets and data in a temp directory unless `config` says
+/// otherwise) and returns its exit code and stderr; it must exit within 30 s.
+fn run_to_exit(dir: &std::path::Path, config: &str) -> (Option<i32>, String) {
+    let path = dir.join("t.toml");
+    let base = format!(
+        "data_dir = {:?}\nworkload_api.socket = {:?}\nadmin.socket = {:?}\nhttp.listen = \"127.0.0.1:0\"\n",
+        dir.join("data"),
+        dir.join("w.sock"),
+        dir.join("a.sock")
+    );
+    let base: String = base
+        .lines()
+        .filter(|l| !config.contains(l.split('=').next().unwrap().trim()))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&path, format!("{base}{config}")).unwrap();
+    let mut child = Command::new(tesserad_bin())
+        .arg("--config")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tesserad kept running with {config:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn unreadable_operator_ca_stops_startup() {
     let dir = open_tempdir();
@@ -72,13 +111,41 @@ fn unreadable_operator_ca_stops_startup() {
     std::fs::write(&key, "x").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let d = std::panic::catch_unwind(|| {
-        Daemon::start(&format!("[ca]\ncert = {cert:?}\nkey = {key:?}\n"))
-    });
-    assert!(
-        d.is_err(),
-        "a daemon with a garbage CA must not become ready"
+    let (code, err) = run_to_exit(
+        dir.path(),
+        &format!("[ca]\ncert = {cert:?}\nkey = {key:?}\n"),
     );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("ca.pem"), "the error names the file: {err}");
+    assert!(!dir.path().join("w.sock").exists(), "nothing is served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_data_directory_stops_before_touching_it() {
+    let d = Daemon::start(&entry_for_uid("me", my_uid(), ""));
+    assert!(d.client().await.fetch_jwt_svid(["x"], None).await.is_ok());
+    let audit = d.data_dir.join("audit.jsonl");
+    let before = std::fs::read(&audit).unwrap();
+    // Its own sockets: only the data directory is shared.
+    let other = open_tempdir();
+    let (code, err) = run_to_exit(other.path(), &format!("data_dir = {:?}\n", d.data_dir));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("in use by another tesserad (pid {})", d.pid())),
+        "{err}"
+    );
+    assert!(!other.path().join("w.sock").exists());
+    assert_eq!(
+        std::fs::read(&audit).unwrap(),
+        before,
+        "the audit file was touched"
+    );
+    assert!(d.client().await.fetch_x509_svid().await.is_ok());
+    // The lock goes with the process (with kill -9 too, which the crash tests restart
+    // after): the directory serves again.
+    let dir = d.stop();
+    let d = Daemon::start_in(dir, &entry_for_uid("me", my_uid(), ""));
+    assert!(d.client().await.fetch_x509_svid().await.is_ok());
 }
 
 /// Runs `cmd` as `uid`/`gid` when we are root; returns false when we cannot switch users.
