@@ -416,8 +416,12 @@ impl Ca {
         revoked: &[crate::lease::RevokedSerial],
         now: OffsetDateTime,
     ) -> Result<usize, CaError> {
-        let listed: Vec<([u8; 16], OffsetDateTime)> = revoked
-            .iter()
+        // Those expiring last, whatever order the caller gave: a serial that expires sooner
+        // stops mattering sooner.
+        let mut by_expiry: Vec<&crate::lease::RevokedSerial> = revoked.iter().collect();
+        by_expiry.sort_by_key(|r| std::cmp::Reverse(r.expires_at));
+        let listed: Vec<([u8; 16], OffsetDateTime)> = by_expiry
+            .into_iter()
             .take(MAX_CRL_ENTRIES)
             .map(|r| {
                 (
@@ -1140,6 +1144,42 @@ mod tests {
         );
         let (_, root) = parse_x509_certificate(&b.x509_der).unwrap();
         crl.verify_signature(root.public_key()).unwrap();
+    }
+
+    #[test]
+    fn a_full_crl_lists_the_serials_that_expire_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path());
+        let now = OffsetDateTime::now_utc();
+        let serial = |i: u32| {
+            let mut s = [0x40; 16];
+            s[12..].copy_from_slice(&i.to_be_bytes());
+            s
+        };
+        // One more than fits, in no particular order of expiry.
+        let n = MAX_CRL_ENTRIES as u32 + 1;
+        let revoked: Vec<_> = (0..n)
+            .map(|i| (i * 7919) % n)
+            .map(|i| crate::lease::RevokedSerial {
+                serial: serial(i),
+                revoked_at: now.unix_timestamp(),
+                expires_at: now.unix_timestamp() + i64::from(i),
+            })
+            .collect();
+        assert_eq!(ca.publish_crl(&revoked, now).unwrap(), 1, "one left out");
+        let b = ca.bundle();
+        let (_, crl) = x509_parser::parse_x509_crl(&b.crl).unwrap();
+        let listed: std::collections::HashSet<Vec<u8>> = crl
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial().to_vec())
+            .collect();
+        assert_eq!(listed.len(), MAX_CRL_ENTRIES);
+        assert!(
+            !listed.contains(&serial(0)[..]),
+            "the first to expire is left out"
+        );
+        assert!(listed.contains(&serial(1)[..]));
+        assert!(listed.contains(&serial(n - 1)[..]));
     }
 
     #[test]
