@@ -106,16 +106,20 @@ fn main() {
         .build()
         .expect("tokio runtime");
     let mut r = suite::Report::default();
-    let lost = rt.block_on(async {
+    let (lost, crash_failed) = rt.block_on(async {
         let mut issued = None;
         let mut lost = 0;
+        let mut crash_failed = None;
         for p in &phases {
             match *p {
                 "issuance" => issued = Some(suite::issuance::run(&o, &mut r).await),
                 "cfssl" => cfssl(&o, &mut r, issued.as_ref()).await,
                 "exchange" => suite::exchange::run(&o, &mut r).await,
                 "leases" => suite::leases::run(&o, &mut r).await,
-                "crash" => lost = suite::crash::run(&o, &mut r).await,
+                "crash" => match suite::crash::run(&o, &mut r).await {
+                    Ok(n) => lost = n,
+                    Err(e) => crash_failed = Some(e),
+                },
                 "soak" => {
                     let d = duration.expect("checked above");
                     suite::soak::run(&o, &mut r, d, a.soak_rate).await
@@ -123,7 +127,7 @@ fn main() {
                 _ => unreachable!("phases are checked above"),
             }
         }
-        lost
+        (lost, crash_failed)
     });
 
     r.print();
@@ -155,6 +159,10 @@ fn main() {
     // Lost records are a correctness failure, unlike a missed performance target.
     if lost > 0 {
         eprintln!("LOST RECORDS in the crash test: {lost}");
+        std::process::exit(1);
+    }
+    if let Some(e) = crash_failed {
+        eprintln!("CRASH TEST INCONCLUSIVE: {e}");
         std::process::exit(1);
     }
 }

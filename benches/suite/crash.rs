@@ -148,8 +148,13 @@ fn config() -> String {
     )
 }
 
-/// Returns the number of lost records (leases, revocations and kills).
-pub async fn run(o: &super::Opts, r: &mut Report) -> u64 {
+/// Fewest credentials per round, and revocations in all, for the crash test to show
+/// anything: with nothing received, nothing can be found lost.
+const MIN_CREDENTIALS_PER_ROUND: u64 = 100;
+
+/// Returns the number of lost records (leases, revocations and kills), or an error when the
+/// test saw too little to show anything.
+pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
     let rounds = o.crash_rounds;
     let clients = o.clients.min(16);
     eprintln!("[crash] {rounds} rounds of load + kill -9, {clients} clients ...");
@@ -245,8 +250,18 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> u64 {
         "count",
         Target::AtMost(0.0),
     );
-    r.detail("crash", report);
-    lost
+    r.detail("crash", report.clone());
+    let received = report["jwt_svids_received"].as_u64().unwrap()
+        + report["x509_svids_received"].as_u64().unwrap();
+    let revocations = report["revocations_acknowledged"].as_u64().unwrap();
+    if received < MIN_CREDENTIALS_PER_ROUND * rounds || revocations == 0 {
+        return Err(format!(
+            "the crash test received {received} credentials and {revocations} revocations over \
+             {rounds} rounds: too few to show that nothing is lost (at least \
+             {MIN_CREDENTIALS_PER_ROUND} per round and one revocation are needed)"
+        ));
+    }
+    Ok(lost)
 }
 
 fn rand_u64() -> u64 {

@@ -652,3 +652,89 @@ impl Issuer {
         Ok((id, claims))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::sync::Mutex;
+    use tokio::sync::oneshot;
+
+    /// A store that holds every submission until the test answers it.
+    type Job = (Vec<Op>, oneshot::Sender<Result<(), StoreError>>);
+
+    #[derive(Debug, Default)]
+    struct Held(Mutex<Vec<Job>>);
+
+    impl Store for Held {
+        fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>> {
+            let (tx, rx) = oneshot::channel();
+            self.0.lock().unwrap().push((ops, tx));
+            rx
+        }
+    }
+
+    #[tokio::test]
+    async fn a_credential_is_handed_out_only_once_its_lease_is_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::parse("td.test").unwrap();
+        let ca =
+            Arc::new(Ca::load_or_create(&td, dir.path(), None, Duration::from_secs(3600)).unwrap());
+        let held = Arc::new(Held::default());
+        let leases = Arc::new(LeaseTable::new());
+        let issuer = Arc::new(Issuer::new(
+            Arc::new(Attestor::new(1 << 30)),
+            Arc::new(Registry::new(Vec::new())),
+            ca,
+            Arc::clone(&leases),
+            held.clone(),
+            Arc::new(Metrics::with_store_commits(Default::default())),
+            IssuerSettings {
+                trust_domain: td.clone(),
+                x509_svid_ttl: Duration::from_secs(600),
+                jwt_svid_ttl: Duration::from_secs(300),
+                idle_after: Duration::from_secs(86_400),
+                refuse_idle: false,
+            },
+            vec![crate::config::default_entry_for_current_user(&td)],
+            Vec::new(),
+        ));
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer = PeerInfo::from_socket(a.as_raw_fd()).unwrap();
+        let caller = issuer.attest(Some(&peer)).await.unwrap();
+        for x509 in [false, true] {
+            let minting = tokio::spawn({
+                let (issuer, caller) = (Arc::clone(&issuer), Arc::clone(&caller));
+                async move {
+                    if x509 {
+                        let entry = issuer.entitled(&caller, Kind::X509)?.remove(0);
+                        issuer.issue_x509(&caller, &entry).await.map(|_| 1)
+                    } else {
+                        issuer
+                            .issue_jwts(&caller, &["aud".into()], None)
+                            .await
+                            .map(|v| v.len())
+                    }
+                }
+            });
+            // The lease is submitted, and nothing comes back while it is not on disk.
+            let job = loop {
+                if let Some(j) = held.0.lock().unwrap().pop() {
+                    break j;
+                }
+                tokio::task::yield_now().await;
+            };
+            let id = job.0.iter().find_map(|op| match op {
+                Op::PutLease(l) => Some(l.id),
+                _ => None,
+            });
+            let id = id.expect("the issuance submits its lease");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(!minting.is_finished(), "handed out before the commit");
+            assert!(leases.get(&id).is_none(), "in the table before the commit");
+            job.1.send(Ok(())).unwrap();
+            assert_eq!(minting.await.unwrap().unwrap(), 1);
+            assert!(leases.get(&id).is_some());
+        }
+    }
+}
