@@ -238,6 +238,14 @@ pub fn incoming(
                     Ok((stream, _)) => {
                         let peer = match PeerInfo::from_socket(stream.as_raw_fd()) {
                             Ok(p) => Some(Arc::new(p)),
+                            // The connecting process exited (and was reaped) before the
+                            // accept: routine, and any caller can cause it, so not a warning.
+                            Err(e)
+                                if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::EINVAL)) =>
+                            {
+                                tracing::debug!(error = %e, "the peer exited before its connection was accepted; the connection gets no identity");
+                                None
+                            }
                             Err(e) => {
                                 tracing::warn!(error = %e, "cannot read peer credentials; the connection gets no identity");
                                 None

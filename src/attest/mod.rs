@@ -126,7 +126,7 @@ impl PeerInfo {
             uid: cred.uid,
             gid: cred.gid,
             pid: cred.pid,
-            pidfd: peer_pidfd(fd).map(Arc::new),
+            pidfd: peer_pidfd(fd)?.map(Arc::new),
             accepted_at_ticks: boottime_ticks(),
             cache: Mutex::new(None),
         })
@@ -136,7 +136,11 @@ impl PeerInfo {
 /// `SO_PEERPIDFD` (Linux 6.5). Not in every libc crate release, so defined here.
 const SO_PEERPIDFD: libc::c_int = 77;
 
-fn peer_pidfd(fd: RawFd) -> Option<OwnedFd> {
+/// The peer's pidfd; `None` only where the kernel has no `SO_PEERPIDFD`. Any other failure
+/// is an error, not a fallback to the weaker start-time check: `ESRCH` or `EINVAL` say the
+/// connecting process has already exited and been reaped, just the case where its pid may
+/// already name another process.
+fn peer_pidfd(fd: RawFd) -> std::io::Result<Option<OwnedFd>> {
     let mut pidfd: libc::c_int = -1;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `pidfd` and `len` are valid for writes of the sizes given.
@@ -149,8 +153,18 @@ fn peer_pidfd(fd: RawFd) -> Option<OwnedFd> {
             &mut len,
         )
     };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOPROTOOPT | libc::EOPNOTSUPP) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    if pidfd < 0 {
+        return Err(std::io::Error::other("SO_PEERPIDFD returned no descriptor"));
+    }
     // SAFETY: on success the kernel handed us a new fd that nothing else owns.
-    (rc == 0 && pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) })
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(pidfd) }))
 }
 
 fn clock_ticks_per_sec() -> u64 {
@@ -1016,6 +1030,39 @@ mod tests {
         );
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_process_was_reaped_before_the_accept_gets_no_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let script = format!(
+            "import socket\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})",
+            path.to_str().unwrap()
+        );
+        // Connected, exited and reaped (by this wait) before the accept below.
+        let status = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let (conn, _) = listener.accept().unwrap();
+        // Either the kernel gives no pidfd for it (an error, not the weaker fallback), or a
+        // pidfd of a process that has exited.
+        match PeerInfo::from_socket(conn.as_raw_fd()) {
+            Err(e) => assert!(
+                matches!(e.raw_os_error(), Some(libc::ESRCH | libc::EINVAL)),
+                "{e}"
+            ),
+            Ok(peer) => {
+                let err = Arc::new(Attestor::new(1 << 30))
+                    .attest(&peer, |_| false)
+                    .await
+                    .unwrap_err();
+                assert!(matches!(err, AttestError::ProcessGone(_)), "{err}");
+            }
+        }
     }
 
     #[tokio::test]
