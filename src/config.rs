@@ -533,6 +533,16 @@ impl Config {
             DEFAULT_JWT_SVID_TTL,
         )?;
 
+        // 0 would rotate at every record; far above 1 TiB, `<< 20` would wrap to that.
+        let audit_max_bytes = match raw.audit.max_file_mib.unwrap_or(256) {
+            m @ 1..=1_048_576 => m << 20,
+            _ => {
+                return Err(invalid(
+                    "audit.max_file_mib",
+                    "must be between 1 and 1048576 (1 TiB)",
+                ));
+            }
+        };
         let max_exe_hash_bytes = match raw.attestation.max_exe_hash_mib {
             None => 512 << 20,
             Some(0) => {
@@ -683,11 +693,13 @@ impl Config {
             raw.tasks.max_ttl.as_deref(),
             DEFAULT_TASK_MAX_TTL,
         )?;
-        if task_ttl < Duration::from_secs(10) || task_max_ttl < Duration::from_secs(10) {
-            return Err(invalid(
-                "tasks.token_ttl",
-                "task lifetimes must be at least 10s",
-            ));
+        for (key, ttl) in [
+            ("tasks.token_ttl", task_ttl),
+            ("tasks.max_ttl", task_max_ttl),
+        ] {
+            if ttl < Duration::from_secs(10) {
+                return Err(invalid(key, "task lifetimes must be at least 10s"));
+            }
         }
         if task_ttl > task_max_ttl {
             return Err(invalid("tasks.token_ttl", "must not exceed tasks.max_ttl"));
@@ -746,7 +758,7 @@ impl Config {
             jwt_svid_ttl,
             max_exe_hash_bytes,
             entries,
-            audit_max_bytes: raw.audit.max_file_mib.unwrap_or(256).max(1) << 20,
+            audit_max_bytes,
             http_issuer,
             http_tls,
             oidc_issuers,
@@ -1062,6 +1074,18 @@ mod tests {
                 "`http.issuer`: an http:// issuer beyond loopback",
             ),
             ("data_dir = \"relative\"", "`data_dir`"),
+            (
+                "[audit]\nmax_file_mib = 0",
+                "`audit.max_file_mib`: must be between",
+            ),
+            (
+                "[audit]\nmax_file_mib = 17592186044416",
+                "`audit.max_file_mib`: must be between",
+            ),
+            (
+                "[tasks]\nmax_ttl = \"5s\"",
+                "`tasks.max_ttl`: task lifetimes",
+            ),
             ("[log]\nformat = \"xml\"", "`log.format`"),
             (
                 "[tasks]\nretention = \"500ms\"",

@@ -234,6 +234,9 @@ impl FileKey {
 
 /// Bounded so that a workload spawning many distinct executables cannot grow memory without end.
 const HASH_CACHE_MAX: usize = 4096;
+/// Executables hashed at once: hashing is disk- and CPU-bound, so more at once only slows
+/// each, and leaves the blocking pool to attestations.
+const HASHES_AT_ONCE: usize = 4;
 /// Most primary user and group names cached; past it the caches start over. A caller in a
 /// user namespace of its own can present any of its subordinate ids, so the ids seen are
 /// not bounded by the accounts of the host.
@@ -266,6 +269,8 @@ pub struct Attestor {
     files_hashed: std::sync::atomic::AtomicU64,
     users: DashMap<u32, (Instant, Option<String>)>,
     groups: DashMap<u32, (Instant, Option<String>)>,
+    /// Executables hashed at once, by all users together.
+    hash_slots: Arc<tokio::sync::Semaphore>,
     /// Gids `[admin] allowed_gids` admits: kept whatever the entries name.
     admin_gids: HashSet<u32>,
     interest: RwLock<Arc<GroupInterest>>,
@@ -327,6 +332,7 @@ impl Attestor {
             files_hashed: Default::default(),
             users: DashMap::new(),
             groups: DashMap::new(),
+            hash_slots: Arc::new(tokio::sync::Semaphore::new(HASHES_AT_ONCE)),
             admin_gids: HashSet::new(),
             interest: RwLock::default(),
             interest_gen: Default::default(),
@@ -659,14 +665,27 @@ impl Attestor {
         if let Some(h) = self.cached_hash(&key) {
             return Some(h);
         }
+        // Across all users too: a user with subordinate uids is thousands of users, and the
+        // blocking pool the hashes run on also runs every attestation's `/proc` reads.
+        let Ok(slot) = Arc::clone(&self.hash_slots).acquire_owned().await else {
+            return None;
+        };
         let this = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            let _user_turn = user_turn;
+            let _slot = slot;
             this.files_hashed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let h: Arc<str> = sha256_reader(file, this.max_hash_bytes)?.into();
-            this.remember_hash(key, Arc::clone(&h));
-            Some(h.to_string())
+            let h = sha256_reader(file, this.max_hash_bytes).map(Arc::<str>::from);
+            if let Some(h) = &h {
+                this.remember_hash(key, Arc::clone(h));
+            }
+            drop(user_turn);
+            // Forget the user's turn once nobody holds or awaits it (a clone is taken under
+            // the same shard lock), so the map holds the users hashing now, not every uid
+            // ever seen.
+            this.hashing_uid
+                .remove_if(&uid, |_, g| Arc::strong_count(g) == 1);
+            h.map(|h| h.to_string())
         })
         .await
         .ok()
@@ -894,6 +913,38 @@ mod tests {
         );
         let _ = tokio::time::timeout(Duration::from_secs(30), turn.lock()).await;
         assert!(attestor.hashes.contains_key(&key));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn users_hash_a_bounded_number_of_files_at_once_and_are_then_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut attestor = Attestor::new(1 << 30);
+        attestor.hash_slots = Arc::new(tokio::sync::Semaphore::new(1));
+        let attestor = Arc::new(attestor);
+        let big = |name: &str| {
+            let path = dir.path().join(name);
+            File::create(&path).unwrap().set_len(128 << 20).unwrap();
+            let key = FileKey::of(&std::fs::metadata(&path).unwrap());
+            (File::open(&path).unwrap(), key)
+        };
+        // Two users (as one with subordinate uids can be), one slot: one hash at a time.
+        let ((fa, ka), (fb, kb)) = (big("a"), big("b"));
+        let (a, b) = (Arc::clone(&attestor), Arc::clone(&attestor));
+        let first = tokio::spawn(async move { a.hash_exe(fa, ka, 2001).await });
+        let second = tokio::spawn(async move { b.hash_exe(fb, kb, 2002).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = || {
+            attestor
+                .files_hashed
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        if !(first.is_finished() || second.is_finished()) {
+            assert_eq!(started(), 1, "both users hashed at once");
+        }
+        assert!(first.await.unwrap().is_some());
+        assert!(second.await.unwrap().is_some());
+        assert_eq!(started(), 2);
+        assert!(attestor.hashing_uid.is_empty(), "users kept after hashing");
     }
 
     #[test]
