@@ -902,6 +902,26 @@ fn validate_entry(
             "an SVID's SPIFFE ID must have a path (the bare trust domain ID is reserved for the CA)",
         ));
     }
+    // IDs the daemon mints itself: an entry holding one would give a workload a certificate
+    // relying parties take for the daemon's HTTPS listener, or for another agent's task.
+    if spiffe_id.path() == "/tesserad" {
+        return Err(invalid(
+            k("spiffe_id"),
+            format!("{raw_id} is reserved for tesserad's own HTTPS identity"),
+        ));
+    }
+    let segments: Vec<&str> = spiffe_id.path().split('/').skip(1).collect();
+    if let Some(i) = (1..segments.len().saturating_sub(1)).find(|&i| segments[i] == "task") {
+        return Err(invalid(
+            k("spiffe_id"),
+            format!(
+                "{raw_id} has the form of a task X.509-SVID of spiffe://{}/{} (…/task/<task id>), \
+                 which that agent could mint for itself; choose another path",
+                td.as_str(),
+                segments[..i].join("/")
+            ),
+        ));
+    }
     if e.selectors.is_empty() {
         return Err(invalid(
             k("selectors"),
@@ -1074,6 +1094,14 @@ mod tests {
                 "`http.issuer`: an http:// issuer beyond loopback",
             ),
             ("data_dir = \"relative\"", "`data_dir`"),
+            (
+                "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/tesserad\"\nselectors = [\"unix:uid:1\"]",
+                "`entries[0].spiffe_id`: spiffe://tessera.internal/tesserad is reserved",
+            ),
+            (
+                "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/ci/task/deploy\"\nselectors = [\"unix:uid:1\"]",
+                "task X.509-SVID of spiffe://tessera.internal/ci ",
+            ),
             (
                 "[audit]\nmax_file_mib = 0",
                 "`audit.max_file_mib`: must be between",
