@@ -8,8 +8,10 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use common::idp::{Idp, now};
-use common::{Daemon, form, http_get, http_post, my_uid, open_tempdir};
+use common::{Daemon, Secret, form, http_get, http_post, my_uid, open_tempdir};
 use serde_json::{Value, json};
 use tessera::proto::tessera::v1 as pb;
 
@@ -135,6 +137,32 @@ fn post_auth(d: &Daemon, path: &str, bearer: Option<&str>, token: &str) -> (u16,
     (code, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
+/// `token` with one byte of its signature flipped; its header and payload are untouched.
+fn with_bad_signature(token: &str) -> String {
+    let (input, sig) = token.rsplit_once('.').unwrap();
+    let mut sig = B64.decode(sig).unwrap();
+    let mid = sig.len() / 2;
+    sig[mid] ^= 1;
+    format!("{input}.{}", B64.encode(sig))
+}
+
+/// `claims` signed ES256, with no `kid`, by a fresh P-256 key no issuer publishes (the test
+/// IdP signs only with the keys it publishes).
+fn sign_with_unpublished_key(claims: &Value) -> String {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING as P256, EcdsaKeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&P256, &rng).unwrap();
+    let key = EcdsaKeyPair::from_pkcs8(&P256, pkcs8.as_ref(), &rng).unwrap();
+    let header = json!({"alg": "ES256", "typ": "JWT"});
+    let input = format!(
+        "{}.{}",
+        B64.encode(header.to_string()),
+        B64.encode(claims.to_string())
+    );
+    let sig = key.sign(&rng, input.as_bytes()).unwrap();
+    format!("{input}.{}", B64.encode(sig.as_ref()))
+}
+
 /// Verifies a task token with the `jsonwebtoken` crate against Tessera's published JWKS.
 fn verify_independently(d: &Daemon, token: &str) -> Value {
     let (code, body) = http_get(d.http, "/jwks");
@@ -229,6 +257,8 @@ async fn http_exchange_full_flow() {
         format!("{refused:?}").contains("typ must be JWT or JOSE"),
         "{refused:?}"
     );
+    // Every token sent or issued, none of which may be logged or audited (checked at the end).
+    let mut secrets = vec![actor.clone(), subject.clone(), token.clone()];
     // Nor is a task token issued for a subject that names a workload of this trust domain,
     // however it is spelled.
     for sub in [
@@ -243,6 +273,7 @@ async fn http_exchange_full_flow() {
             &d,
             &base_fields(&spiffe_subject, &actor, "task-1", "tickets:read"),
         );
+        secrets.push(spiffe_subject);
         assert_eq!(
             (code, e["error"].as_str()),
             (400, Some("invalid_request")),
@@ -271,13 +302,19 @@ async fn http_exchange_full_flow() {
     f.push(("expires_in", "60"));
     let (code, r2) = exchange(&d, &f);
     assert_eq!(code, 200, "{r2}");
-    assert!(r2["expires_in"].as_u64().unwrap() <= 60);
+    // Exactly what was asked: shortened, and the answer is the token's own lifetime.
+    assert_eq!(r2["expires_in"], 60, "{r2}");
     let c2 = verify_independently(&d, r2["access_token"].as_str().unwrap());
+    assert_eq!(
+        c2["exp"].as_i64().unwrap() - c2["iat"].as_i64().unwrap(),
+        60
+    );
     assert_eq!(
         c2["act"],
         json!({"sub": "spiffe://tessera.internal/agents/a", "act": {"sub": "pipeline-7"}})
     );
     assert_eq!(c2["scope"], "tickets:read tickets:write");
+    secrets.extend([subject2, r2["access_token"].as_str().unwrap().to_owned()]);
 
     // Introspection needs an authenticated caller; its 401s follow RFC 6750 §3.
     let body = form(&[("token", token.as_str())]);
@@ -321,6 +358,7 @@ async fn http_exchange_full_flow() {
         assert_eq!(b["error"], "invalid_client", "{b}");
     }
     let relying_party = actor_token(&d, "b").await;
+    secrets.push(relying_party.clone());
     let (code, i) = post_auth(&d, "/introspect", Some(&relying_party), &token);
     assert_eq!(code, 200);
     assert_eq!(i["active"], true, "{i}");
@@ -363,6 +401,18 @@ async fn http_exchange_full_flow() {
         .find(|e| e["event"] == "exchange" && e["lease_id"] == jti)
         .expect("exchange audited");
     assert_eq!(ev["detail"]["policies"], json!(["read-tickets"]), "{ev}");
+    assert_no_secret(&d, &secrets, &[]);
+}
+
+/// Asserts that neither the daemon's log nor its audit files hold any of `tokens` or `keys`
+/// (PKCS#8 DER), in any of the forms [`common::assert_no_secret`] looks for.
+fn assert_no_secret(d: &Daemon, tokens: &[String], keys: &[&[u8]]) {
+    let secrets: Vec<Secret<'_>> = tokens
+        .iter()
+        .map(|t| Secret::Token(t))
+        .chain(keys.iter().map(|k| Secret::Key(k)))
+        .collect();
+    common::assert_no_secret(d, &secrets);
 }
 
 /// Introspection says `active` only while Tessera itself would honour the token: deleting the
@@ -412,6 +462,77 @@ async fn introspection_ends_with_the_entry() {
     assert_eq!((code, e["error"].as_str()), (401, Some("invalid_token")));
 }
 
+/// A task token lives `[tasks] token_ttl` (5 minutes here), cut short by the entry's
+/// `max_task_ttl`, the subject token's `exp` and the entry's `expires_at`; the answer's
+/// `expires_in` is the token's own lifetime.
+#[tokio::test(flavor = "multi_thread")]
+async fn task_token_lifetime_is_capped_by_the_entry_the_subject_and_expires_at() {
+    let idp = Idp::start().await;
+    let d = daemon(&idp, POLICY, "", "");
+    // A stored entry, so that its caps can be changed while it holds its actor token.
+    let created = cli_json(
+        &d,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://tessera.internal/agents/c",
+            "--selector",
+            &format!("unix:uid:{}", my_uid()),
+            "--max-task-ttl",
+            "90s",
+        ],
+    );
+    let id = created["id"].as_str().unwrap();
+    let actor = actor_token(&d, "c").await;
+    // Exchanges `subject` as c; asserts success and returns (exp, exp - iat).
+    let lifetime = |subject: &str| {
+        let (code, r) = exchange(&d, &base_fields(subject, &actor, "life", "tickets:read"));
+        assert_eq!(code, 200, "{r}");
+        let c = verify_independently(&d, r["access_token"].as_str().unwrap());
+        let (exp, iat) = (c["exp"].as_i64().unwrap(), c["iat"].as_i64().unwrap());
+        assert_eq!(r["expires_in"], exp - iat, "the token's own lifetime: {r}");
+        (exp, exp - iat)
+    };
+    let update = |flag: &str, value: &str| {
+        let out = d.cli(&["entry", "update", id, flag, value]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    // The entry's cap, under a subject token that lives longer.
+    let mut claims = idp.claims("alice");
+    claims["exp"] = (now() + 100).into();
+    let short_subject = idp.sign("RS256", Some("rsa-1"), &claims);
+    assert_eq!(lifetime(&short_subject).1, 90);
+
+    // With the entry's cap raised, the subject token's own exp (whole seconds are read twice,
+    // in the exchange and at minting, hence the second of slack).
+    update("--max-task-ttl", "1h");
+    let sub_exp = now() + 100;
+    claims["exp"] = sub_exp.into();
+    let (exp, ttl) = lifetime(&idp.sign("RS256", Some("rsa-1"), &claims));
+    assert!((95..=100).contains(&ttl), "{ttl}");
+    assert!(exp <= sub_exp + 1, "{exp} > {sub_exp}");
+    // A subject token just past exp, within the leeway, still gets a token, of 1 second.
+    claims["exp"] = (now() - 10).into();
+    assert_eq!(lifetime(&idp.sign("RS256", Some("rsa-1"), &claims)).1, 1);
+
+    // The entry's expires_at, a minute away, under a 10-minute subject token.
+    let expires_at = now() + 60;
+    let rfc3339 = time::OffsetDateTime::from_unix_timestamp(expires_at)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    update("--expires-at", &rfc3339);
+    let (exp, ttl) = lifetime(&idp.token("alice"));
+    assert!(exp <= expires_at, "{exp} > {expires_at}");
+    assert!(ttl >= 55, "{ttl}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn refusals_are_rfc_errors_and_change_nothing() {
     let idp = Idp::start().await;
@@ -441,8 +562,13 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
     let alg_none = idp.sign("none", Some("rsa-1"), &idp.claims("alice"));
     let pss_under_rs256_key = idp.sign("PS256", Some("rsa-1"), &idp.claims("alice"));
     let hs256 = idp.sign("HS256", Some("rsa-1"), &idp.claims("alice"));
-    let mut tampered = good.clone();
-    tampered.insert(good.find('.').unwrap() + 2, 'x');
+    // Refused as malformed JSON, before any key is looked at (the signature cases follow).
+    let mut bad_payload = good.clone();
+    bad_payload.insert(good.find('.').unwrap() + 2, 'x');
+    // No kid: the daemon tries each of the issuer's keys, which none of these must pass.
+    let kidless = idp.sign("RS256", None, &idp.claims("alice"));
+    let kidless_forged = with_bad_signature(&kidless);
+    let kidless_unpublished = sign_with_unpublished_key(&idp.claims("alice"));
     // A JWT-SVID for the wrong audience is not an actor token.
     let client = d.client().await;
     let wrong_aud_svid = client
@@ -508,8 +634,18 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
             "invalid_request",
         ),
         (
-            "bad signature",
-            base_fields(&tampered, &actor, "t1", "tickets:read"),
+            "malformed payload",
+            base_fields(&bad_payload, &actor, "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "no kid, bad signature",
+            base_fields(&kidless_forged, &actor, "t1", "tickets:read"),
+            "invalid_request",
+        ),
+        (
+            "no kid, a key the issuer does not publish",
+            base_fields(&kidless_unpublished, &actor, "t1", "tickets:read"),
             "invalid_request",
         ),
         (
@@ -614,6 +750,16 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
     let mut f = base_fields(&good, &actor, "t1", "tickets:read");
     f.push(("audience", "https://other"));
     assert_eq!(exchange(&d, &f).1["error"], "invalid_target");
+    // RFC 8693 `resource` is not supported: refused, not ignored (the token would not be
+    // limited to it).
+    let mut f = base_fields(&good, &actor, "t1", "tickets:read");
+    f.push(("resource", TICKETS));
+    let (code, r) = exchange(&d, &f);
+    assert_eq!(
+        (code, r["error"].as_str()),
+        (400, Some("invalid_target")),
+        "{r}"
+    );
     let mut f = base_fields(&good, &actor, "t1", "tickets:read");
     f.push(("task_id", "t2"));
     assert_eq!(exchange(&d, &f).1["error"], "invalid_request");
@@ -645,6 +791,23 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
     let (code, r) = exchange(&d, &base_fields(&good, &actor, "t1", "tickets:read"));
     assert_eq!(code, 400, "{r}");
     assert_refused(&r, "another agent");
+
+    // A correctly signed token without a kid is accepted.
+    let (code, r) = exchange(&d, &base_fields(&kidless, &actor_b, "t1", "tickets:read"));
+    assert_eq!(code, 200, "{r}");
+    // Both tokens are now validated and remembered: the same header and payload under a
+    // forged signature must still be checked, not matched to what was validated.
+    for (name, forged) in [
+        ("kid", with_bad_signature(&good)),
+        ("no kid", kidless_forged),
+    ] {
+        let (code, r) = exchange(&d, &base_fields(&forged, &actor_b, "t1", "tickets:read"));
+        assert_eq!(code, 400, "{name}: {r}");
+        assert_refused(&r, "signature");
+    }
+    let out = d.cli(&["--json", "lease", "list", "--kind", "task-token"]);
+    let leases: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(leases.as_array().unwrap().len(), 2, "{leases}");
 }
 
 /// An issuer, a daemon trusting it once its start-up key fetch is done (an exchange before
@@ -676,12 +839,20 @@ async fn while_the_issuers_keys_cannot_be_fetched_a_new_key_is_unavailable_not_i
         assert_eq!(code, 503, "round {round}: {r}");
         assert_eq!(r["error"], "temporarily_unavailable", "round {round}: {r}");
     }
-    // Tokens under the key it already has are not affected.
-    let (code, r) = exchange(
-        &d,
-        &base_fields(&idp.token("a1"), &actor, "r1", "tickets:read"),
+    // So with no kid: a token that none of the keys it has verifies may be under a key
+    // rotated in.
+    let t = sign_with_unpublished_key(&idp.claims("a1"));
+    let (code, r) = exchange(&d, &base_fields(&t, &actor, "r1", "tickets:read"));
+    assert_eq!(
+        (code, r["error"].as_str()),
+        (503, Some("temporarily_unavailable")),
+        "{r}"
     );
-    assert_eq!(code, 200, "{r}");
+    // Tokens under the keys it already has are not affected, with a kid or without.
+    for t in [idp.token("a1"), idp.sign("RS256", None, &idp.claims("a1"))] {
+        let (code, r) = exchange(&d, &base_fields(&t, &actor, "r1", "tickets:read"));
+        assert_eq!(code, 200, "{r}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -760,6 +931,8 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
     );
     let mut tasks = tessera::api::workload::tasks_client(channel);
     let subject = idp.token("carol");
+    // Every token sent or issued, none of which may be logged or audited (checked at the end).
+    let mut secrets = vec![rp.clone(), subject.clone()];
 
     let r = tasks
         .exchange(tasks_req(&subject, "job-42", &["tickets:read"], true))
@@ -768,6 +941,7 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
         .into_inner();
     assert_eq!(r.agent, "spiffe://tessera.internal/agents/a");
     assert_eq!(r.token_type, "Bearer");
+    secrets.push(r.access_token.clone());
     let svid = r.x509_svid.clone().expect("task X.509-SVID");
     assert_eq!(
         svid.spiffe_id,
@@ -879,15 +1053,18 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
     );
     assert_eq!(g["agent"], "spiffe://tessera.internal/agents/a");
     assert_eq!(g["scope"], "tickets:read");
+    secrets.push(g["access_token"].as_str().unwrap().to_owned());
     let done = cli_json(&d, &["task", "complete", "cli-1"]);
     assert_eq!(done["revoked"], 1);
 
     // A task's own X.509 identity can be killed: no new certificate for it, the agent is
     // otherwise unaffected.
-    tasks
+    let r46 = tasks
         .exchange(tasks_req(&subject, "job-46", &["tickets:read"], true))
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    secrets.push(r46.access_token);
     let task_id = "spiffe://tessera.internal/agents/a/task/job-46";
     let out = d.cli(&["kill", task_id, "--reason", "leaked key"]);
     assert!(
@@ -906,10 +1083,12 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
         err.message()
     );
     assert!(err.message().contains(task_id), "{}", err.message());
-    tasks
+    let r46 = tasks
         .exchange(tasks_req(&subject, "job-46", &["tickets:read"], false))
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    secrets.push(r46.access_token);
     assert!(d.cli(&["restore", task_id]).status.success());
 
     // Kill switch: the agent's live task token goes inactive, and it gets nothing new.
@@ -918,6 +1097,7 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
         .await
         .unwrap()
         .into_inner();
+    secrets.push(r.access_token.clone());
     let (_, i) = post_auth(&d, "/introspect", Some(&rp), &r.access_token);
     assert_eq!(i["active"], true);
     let out = d.cli(&[
@@ -951,6 +1131,7 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
         .unwrap()
         .into_inner();
     assert_eq!(r.agent, "spiffe://tessera.internal/agents/b");
+    secrets.push(r.access_token.clone());
     let out = d.cli(&["task", "complete", "--operator", "job-45"]);
     assert!(
         out.status.success(),
@@ -959,6 +1140,7 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
     );
     let (_, i) = post_auth(&d, "/introspect", Some(&rp), &r.access_token);
     assert_eq!(i, json!({"active": false}));
+    assert_no_secret(&d, &secrets, &[&svid.x509_svid_key]);
 }
 
 /// Asserts that an exchange was refused as `invalid_request` with `why` in its description.
@@ -1113,8 +1295,13 @@ async fn high_risk_agents_wait_for_a_single_use_approval() {
     let (_, r) = exchange(&d, &longer);
     assert_eq!(r["error"], "authorization_pending", "{r}");
     assert_ne!(r["request_id"], id);
-    // Approving twice is an error.
-    assert!(!d.cli(&["approve", &id]).status.success());
+    // Approving twice is an error, and says why.
+    let out = d.cli(&["approve", &id]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("already decided"),
+        "{err}"
+    );
     // A different request (other scopes) is not covered by the approval.
     let other = base_fields(&subject, &actor, "deploy-1", "tickets:read tickets:write");
     let mut other = other;
@@ -1143,7 +1330,12 @@ async fn high_risk_agents_wait_for_a_single_use_approval() {
         (400, Some("access_denied")),
         "{r}"
     );
-    assert!(!d.cli(&["approve", "no-such-request"]).status.success());
+    let out = d.cli(&["approve", "no-such-request"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no pending request \"no-such-request\""),
+        "{err}"
+    );
 
     // A kill withdraws the agent's requests, pending or decided: after a restore it asks
     // again.
@@ -1205,9 +1397,12 @@ async fn inventory_expired_and_idle_entries_get_nothing() {
     let out = d.cli(&["entry", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("IDLE"));
     let c = d.client().await;
+    // Refused for want of an identity, as the Workload API says it (not, say, a broken
+    // connection).
+    let refused = c.fetch_jwt_svid(&["x"], None).await;
     assert!(
-        c.fetch_jwt_svid(&["x"], None).await.is_err(),
-        "idle entry refused"
+        matches!(refused, Err(spiffe::WorkloadApiError::NoIdentityIssued)),
+        "idle entry refused: {refused:?}"
     );
     // Reviewing it lets it issue again.
     let out = d.cli(&["entry", "review", b["id"].as_str().unwrap()]);
@@ -1272,9 +1467,11 @@ async fn https_with_the_daemons_own_svid_and_with_operator_files() {
         out.contains(&format!("\"issuer\":\"https://{}\"", d.http)),
         "{out}"
     );
-    // Plain HTTP is not served on a TLS listener.
+    // Plain HTTP is not served on a TLS listener, and trying does no harm: TLS still is.
     let plain = std::panic::catch_unwind(|| http_get(d.http, "/healthz"));
     assert!(plain.is_err() || plain.unwrap().0 != 200);
+    let out = https_via_openssl(d.http, &ca, "/healthz");
+    assert!(out.contains("HTTP/1.1 200"), "{out}");
     drop(d);
 
     // An operator certificate and key from files (the key must be 0600).

@@ -6,7 +6,7 @@ mod common;
 use std::io::Write;
 use std::time::Duration;
 
-use common::{Daemon, entry_for_uid, my_uid};
+use common::{Daemon, Secret, entry_for_uid, my_uid};
 use ring::signature::KeyPair;
 use spiffe::{JwtSvid, SpiffeId, TrustDomain, WorkloadApiError};
 use tessera::proto::workload as pb;
@@ -30,12 +30,51 @@ fn with_header<T>(m: T) -> tonic::Request<T> {
     r
 }
 
+/// An entry for the `tessera` CLI run as this uid, and for no other program: the test itself
+/// keeps no identity, yet can have the CLI fetch a JWT-SVID for it to present.
+fn cli_entry() -> String {
+    let cli = std::fs::canonicalize(common::tessera_bin()).unwrap();
+    format!(
+        "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/cli\"\nselectors = [\"unix:uid:{}\", \"unix:path:{}\"]\n",
+        my_uid(),
+        cli.display()
+    )
+}
+
+/// A JWT-SVID for `audience`, fetched by the CLI.
+fn cli_jwt(d: &Daemon, audience: &str) -> String {
+    let o = d.cli(&["svid", "jwt", "-a", audience]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap().trim().to_owned()
+}
+
+/// A certificate's subject and authority key identifiers.
+fn key_ids<'a>(c: &'a X509Certificate) -> (Option<&'a [u8]>, Option<&'a [u8]>) {
+    let (mut ski, mut aki) = (None, None);
+    for e in c.extensions() {
+        match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => ski = Some(k.0),
+            ParsedExtension::AuthorityKeyIdentifier(a) => {
+                aki = a.key_identifier.as_ref().map(|k| k.0);
+            }
+            _ => {}
+        }
+    }
+    (ski, aki)
+}
+
+fn unix_now() -> i64 {
+    ::time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
 #[tokio::test]
 async fn x509_svid_passes_the_spiffe_client_and_profile_checks() {
     let d = Daemon::start(&me_entry());
     let client = d.client().await;
     // The spiffe crate validates the leaf (URI SAN, cA=false, keyUsage) and the key on parse.
+    let before = unix_now();
     let svid = client.fetch_x509_svid().await.unwrap();
+    let after = unix_now();
     assert_eq!(svid.spiffe_id().to_string(), "spiffe://tessera.internal/me");
     assert_eq!(svid.hint(), Some("internal"));
     let leaf_der = svid.leaf().as_ref();
@@ -55,10 +94,19 @@ async fn x509_svid_passes_the_spiffe_client_and_profile_checks() {
     assert!(eku.server_auth && eku.client_auth);
     let bc = leaf.basic_constraints().unwrap().unwrap();
     assert!(bc.critical && !bc.value.ca);
-    let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+    // notBefore backdated 30 s (for peers whose clocks lag), notAfter the default TTL of 15 min
+    // after issuance; whole seconds, so a couple of seconds of slack either way.
+    let not_before = leaf.validity().not_before.timestamp();
+    let not_after = leaf.validity().not_after.timestamp();
     assert!(
-        lifetime <= 15 * 60 + 30 + 1,
-        "default TTL is minutes, got {lifetime}s"
+        (before - 30 - 2..=after - 30 + 2).contains(&not_before),
+        "notBefore is {}s before issuance, not 30s",
+        after - not_before
+    );
+    assert!(
+        (before + 900 - 2..=after + 900 + 2).contains(&not_after),
+        "notAfter is {}s after issuance, not the default 900s",
+        not_after - before
     );
 
     // Chain: signed by the CA in the bundle; the CA is a proper signing certificate.
@@ -71,6 +119,13 @@ async fn x509_svid_passes_the_spiffe_client_and_profile_checks() {
     assert!(ca.basic_constraints().unwrap().unwrap().value.ca);
     assert!(ca.key_usage().unwrap().unwrap().value.key_cert_sign());
     assert!(leaf.validity().not_after.timestamp() <= ca.validity().not_after.timestamp());
+    // Key identifiers: the leaf names its own key, and its issuer's by the CA's SKI (what
+    // path building matches on when a trust domain holds more than one CA).
+    let (ski, aki) = key_ids(&leaf);
+    let ca_ski = key_ids(&ca).0.expect("the CA has a subject key identifier");
+    let ski = ski.expect("the leaf has a subject key identifier");
+    assert!(!ski.is_empty() && ski != ca_ski, "{ski:02x?}");
+    assert_eq!(aki, Some(ca_ski), "authorityKeyIdentifier is the CA's");
 
     // The private key belongs to the certificate.
     let rng = ring::rand::SystemRandom::new();
@@ -84,6 +139,8 @@ async fn x509_svid_passes_the_spiffe_client_and_profile_checks() {
         key.public_key().as_ref(),
         leaf.public_key().subject_public_key.data.as_ref()
     );
+    // And it went to the client only: not to the log, not to the audit file.
+    common::assert_no_secret(&d, &[Secret::Key(svid.private_key().as_ref())]);
 }
 
 #[tokio::test]
@@ -195,6 +252,8 @@ async fn jwt_svid_validates_offline_and_through_the_daemon() {
     let again = client.fetch_jwt_svid(["backend"], None).await.unwrap();
     let c2 = dec(again.token().split('.').nth(1).unwrap());
     assert_ne!(c["jti"], c2["jti"]);
+    // Bearer tokens: never logged or audited whole.
+    common::assert_no_secret(&d, &[Secret::Token(&token), Secret::Token(again.token())]);
 }
 
 #[tokio::test]
@@ -252,13 +311,48 @@ async fn bad_jwts_are_rejected_by_validate() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("none"), "{}", e.message());
 
-    let hs_header = b64.encode(r#"{"alg":"HS256","typ":"JWT","kid":"x"}"#);
-    let hs = format!("{hs_header}.{}.{}", parts[1], parts[2]);
+    // Algorithm confusion: HS256 under the real kid, MACed with the published public key as
+    // the secret. Refused for the algorithm (an unknown kid would be refused anyway).
+    let header: serde_json::Value = serde_json::from_slice(&b64.decode(parts[0]).unwrap()).unwrap();
+    let kid = header["kid"].as_str().unwrap();
+    let msg = raw
+        .fetch_jwt_bundles(with_header(pb::JwtBundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    let jwks: serde_json::Value =
+        serde_json::from_slice(&msg.bundles["spiffe://tessera.internal"]).unwrap();
+    let public = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == kid)
+        .expect("the token's kid is in the bundle")
+        .to_string();
+    let hs_input = format!(
+        "{}.{}",
+        b64.encode(serde_json::json!({"alg": "HS256", "typ": "JWT", "kid": kid}).to_string()),
+        parts[1]
+    );
+    let mac = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, public.as_bytes()),
+        hs_input.as_bytes(),
+    );
+    let hs = format!("{hs_input}.{}", b64.encode(mac.as_ref()));
     let e = raw
         .validate_jwtsvid(with_header(validate("backend", hs)))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("\"HS256\" is not allowed"),
+        "{}",
+        e.message()
+    );
 
     for garbage in ["", "not-a-jwt", "a.b.c"] {
         let e = raw
@@ -313,6 +407,28 @@ async fn missing_security_header_is_invalid_argument_on_every_rpc() {
     for c in codes {
         assert_eq!(c, Some(tonic::Code::InvalidArgument));
     }
+    // tessera.v1.Tasks shares the socket and its rule, for Complete as for Exchange.
+    use tessera::proto::tessera::v1 as tpb;
+    let ch = common::channel(&d.socket).await;
+    let complete = || tpb::CompleteRequest {
+        task_id: "job-1".into(),
+    };
+    let e = tpb::tasks_client::TasksClient::new(ch.clone())
+        .complete(complete())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(
+        e.message().contains("workload.spiffe.io"),
+        "{}",
+        e.message()
+    );
+    // With the header the same request is answered on its merits: there is no such task.
+    let e = tessera::api::workload::tasks_client(ch)
+        .complete(complete())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{}", e.message());
     // A wrong header value is the same as none.
     let mut r = tonic::Request::new(pb::X509svidRequest {});
     r.metadata_mut()
@@ -325,9 +441,13 @@ async fn missing_security_header_is_invalid_argument_on_every_rpc() {
 
 #[tokio::test]
 async fn caller_without_entry_gets_permission_denied() {
-    // The only entry is for another uid.
+    // No entry is for this uid and program; one is for the CLI.
     let other = my_uid().wrapping_add(4242);
-    let d = Daemon::start(&entry_for_uid("someone-else", other, ""));
+    let d = Daemon::start(&format!(
+        "{}{}",
+        entry_for_uid("someone-else", other, ""),
+        cli_entry()
+    ));
     let client = d.client().await;
     assert!(matches!(
         client.fetch_x509_svid().await,
@@ -345,18 +465,35 @@ async fn caller_without_entry_gets_permission_denied() {
         client.fetch_jwt_bundles().await,
         Err(WorkloadApiError::NoIdentityIssued)
     ));
+    // Nor may it validate a JWT-SVID, even a genuine one (the CLI's).
+    let e = raw_client(&d)
+        .await
+        .validate_jwtsvid(with_header(pb::ValidateJwtsvidRequest {
+            audience: "svc".into(),
+            svid: cli_jwt(&d, "svc"),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
 }
 
 #[tokio::test]
 async fn unauthenticated_verifiers_can_be_allowed() {
     let other = my_uid().wrapping_add(4242);
     let d = Daemon::start(&format!(
-        "workload_api.allow_unauthenticated_verifiers = true\n{}",
-        entry_for_uid("someone-else", other, "")
+        "workload_api.allow_unauthenticated_verifiers = true\n{}{}",
+        entry_for_uid("someone-else", other, ""),
+        cli_entry()
     ));
     let client = d.client().await;
     assert!(client.fetch_x509_bundles().await.is_ok());
     assert!(client.fetch_jwt_bundles().await.is_ok());
+    let token = cli_jwt(&d, "svc");
+    let checked = client.validate_jwt_token("svc", &token).await.unwrap();
+    assert_eq!(
+        checked.spiffe_id().to_string(),
+        "spiffe://tessera.internal/cli"
+    );
     assert!(matches!(
         client.fetch_x509_svid().await,
         Err(WorkloadApiError::NoIdentityIssued)

@@ -29,7 +29,6 @@ pub fn tessera_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tessera"))
 }
 
-/// This process's effective uid.
 /// Reports a test (or part of one) this machine cannot run, and whether to go on without it.
 /// Under `TESSERA_TEST_STRICT=1` (set by CI, which runs as root on a VM that can host every
 /// test) a skip fails instead: a machine that lost a test's preconditions must not turn it
@@ -43,6 +42,7 @@ pub fn skip(why: &str) {
     eprintln!("skipped: {why}");
 }
 
+/// This process's effective uid.
 pub fn my_uid() -> u32 {
     // SAFETY: no preconditions.
     unsafe { libc::geteuid() }
@@ -213,6 +213,94 @@ impl Daemon {
     /// All log lines so far.
     pub fn log_text(&self) -> String {
         self.logs.lock().unwrap().join("\n")
+    }
+}
+
+/// A credential that must never reach the daemon's log or its audit log.
+#[derive(Debug, Clone, Copy)]
+pub enum Secret<'a> {
+    /// An SVID's private key: PKCS#8 DER of a P-256 key, as the Workload API hands it out.
+    Key(&'a [u8]),
+    /// A bearer token (JWT-SVID, task token).
+    Token(&'a str),
+}
+
+impl Secret<'_> {
+    /// How a leak of it would read in text, each with a label for the failure message.
+    fn forms(self) -> Vec<(&'static str, String)> {
+        use base64::Engine;
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        match self {
+            Secret::Token(t) => vec![
+                ("the token", t.to_owned()),
+                // The part that makes it usable, should a log split the token up.
+                (
+                    "the token's signature",
+                    t.rsplit('.').next().unwrap().to_owned(),
+                ),
+            ],
+            Secret::Key(der) => {
+                // ECPrivateKey inside the PKCS#8: version 1, then the 32-byte scalar.
+                let at = der
+                    .windows(5)
+                    .position(|w| w == [0x02, 0x01, 0x01, 0x04, 0x20])
+                    .expect("a P-256 PKCS#8 private key")
+                    + 5;
+                let scalar = &der[at..at + 32];
+                assert!(
+                    at + 8 <= 48,
+                    "the DER's first 48 bytes hold part of the scalar"
+                );
+                vec![
+                    // The first 48 bytes encode to the first 64 characters of the DER's base64,
+                    // so a base64 or PEM dump (64-character lines) of the key shows them; they
+                    // run past the header every P-256 key shares into the scalar.
+                    ("the key's base64 DER", STANDARD.encode(&der[..48])),
+                    (
+                        "the key's base64url DER",
+                        URL_SAFE_NO_PAD.encode(&der[..48]),
+                    ),
+                    // The scalar alone, which any hex or byte-list dump of the DER contains:
+                    // `{:?}` of a protobuf message prints its bytes fields as decimal lists.
+                    ("the key's scalar in hex", hex::encode(scalar)),
+                    ("the key's scalar in HEX", hex::encode_upper(scalar)),
+                    (
+                        "the key's scalar as a byte list",
+                        scalar
+                            .iter()
+                            .map(u8::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    ),
+                ]
+            }
+        }
+    }
+}
+
+/// Panics if any of `secrets` shows in `d`'s log so far or in its audit files (the live one and
+/// any rotated ones). Call it after a few more round trips than the issuance, so that the
+/// log reader has caught up with what the daemon wrote while serving it.
+pub fn assert_no_secret(d: &Daemon, secrets: &[Secret<'_>]) {
+    let mut places = vec![("the daemon's log".to_owned(), d.log_text())];
+    for f in std::fs::read_dir(&d.data_dir).unwrap() {
+        let name = f.unwrap().file_name().to_string_lossy().into_owned();
+        if name.starts_with("audit") && name.ends_with(".jsonl") {
+            let text = std::fs::read_to_string(d.data_dir.join(&name)).unwrap();
+            places.push((format!("data_dir/{name}"), text));
+        }
+    }
+    assert!(
+        places.len() > 1,
+        "no audit file in {}",
+        d.data_dir.display()
+    );
+    for s in secrets {
+        for (what, form) in s.forms() {
+            for (place, text) in &places {
+                assert!(!text.contains(&form), "{what} is in {place}");
+            }
+        }
     }
 }
 
