@@ -729,13 +729,21 @@ impl Config {
             Duration::from_secs(1),
         )?;
 
-        let mut entries = Vec::with_capacity(raw.entries.len());
+        let mut entries: Vec<Entry> = Vec::with_capacity(raw.entries.len());
         for (i, e) in raw.entries.into_iter().enumerate() {
-            entries.push(e.validate(
-                &format!("config-{i}"),
-                &format!("entries[{i}]."),
-                &trust_domain,
-            )?);
+            let mut entry = e.validate("", &format!("entries[{i}]."), &trust_domain)?;
+            let id = config_entry_id(&entry);
+            // Entries granting the same identity to the same callers (say, with other
+            // hints) are told apart by their order among themselves.
+            let same = entries
+                .iter()
+                .filter(|o| o.id.split('.').next() == Some(id.as_str()))
+                .count();
+            entry.id = match same {
+                0 => id.into(),
+                n => format!("{id}.{}", n + 1).into(),
+            };
+            entries.push(entry);
         }
 
         Ok(Self {
@@ -876,6 +884,23 @@ impl EntrySpec {
     ) -> Result<Entry, ConfigError> {
         validate_entry(id, key_prefix, self.clone(), td)
     }
+}
+
+/// The id of an entry from the file: derived from what it grants to whom (its SPIFFE ID and
+/// its selectors), not from its place in the file. Leases, idle clocks and reviews are kept
+/// by entry id; by position (`config-N`), adding, removing or reordering entries moved them
+/// onto other entries, and an idle entry refused under `refuse_idle` could inherit a busy
+/// one's clock. Changing an entry's identity or selectors makes it another entry.
+fn config_entry_id(e: &Entry) -> String {
+    let mut selectors: Vec<String> = e.selectors.iter().map(ToString::to_string).collect();
+    selectors.sort();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(e.spiffe_id.as_str().as_bytes());
+    for s in &selectors {
+        ctx.update(b"\n");
+        ctx.update(s.as_bytes());
+    }
+    format!("config-{}", hex::encode(&ctx.finish().as_ref()[..6]))
 }
 
 fn validate_entry(
@@ -1048,7 +1073,37 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(c.entries[0].id.as_ref(), "config-0");
+        let id = c.entries[0].id.clone();
+        assert!(id.starts_with("config-") && id.len() == 19, "{id}");
+        // The same entry elsewhere in the file, its selectors in another order: the same id.
+        let moved = load(
+            r#"
+            trust_domain = "example.org"
+            [[entries]]
+            spiffe_id = "spiffe://example.org/first"
+            selectors = ["unix:uid:1"]
+            [[entries]]
+            spiffe_id = "spiffe://example.org/agent"
+            selectors = ["unix:path:/usr/bin/agent", "unix:uid:1000"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(moved.entries[1].id, id);
+        assert_ne!(moved.entries[0].id, id);
+        // The same identity for the same callers twice: told apart by their order.
+        let twice = load(
+            r#"
+            [[entries]]
+            spiffe_id = "spiffe://tessera.internal/a"
+            selectors = ["unix:uid:1"]
+            [[entries]]
+            spiffe_id = "spiffe://tessera.internal/a"
+            selectors = ["unix:uid:1"]
+            hint = "other"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(*twice.entries[1].id, format!("{}.2", twice.entries[0].id));
         assert_eq!(c.jwt_svid_ttl, Duration::from_secs(30));
         let e = &c.entries[0];
         assert_eq!(e.x509_svid_ttl, Some(Duration::from_secs(60)));

@@ -48,7 +48,7 @@ impl Risk {
 /// One registration entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
-    /// Stable id (`config-N` for entries from the file).
+    /// Stable id (`config-<hash of spiffe_id and selectors>` for entries from the file).
     pub id: std::sync::Arc<str>,
     /// The identity granted.
     pub spiffe_id: SpiffeId,

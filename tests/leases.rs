@@ -591,10 +591,20 @@ async fn admin_api_refuses_bad_input_and_changes_nothing() {
         .code(),
         tonic::Code::InvalidArgument
     );
+    // The file's entry, by the id the daemon gave it.
+    let config_id = a
+        .list_entries(admin_pb::ListEntriesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .entries[0]
+        .id
+        .clone();
+    assert!(config_id.starts_with("config-"), "{config_id}");
     let e = a
         .update_entry(admin_pb::UpdateEntryRequest {
             entry: Some(admin_pb::Entry {
-                id: "config-0".into(),
+                id: config_id,
                 ..Default::default()
             }),
         })

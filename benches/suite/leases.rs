@@ -57,7 +57,7 @@ fn memory_per_lease(n: usize) -> f64 {
     let ids: Vec<Arc<str>> = (0..1000)
         .map(|i| Arc::from(format!("spiffe://tessera.internal/agent/{i}")))
         .collect();
-    let entry: Arc<str> = Arc::from("config-0");
+    let entry: Arc<str> = Arc::from("config-3f2a9c0b1d4e");
     let exe: Arc<str> = Arc::from("/usr/local/bin/agent");
     // Build the leases first so that only the table's own memory is measured; half of them
     // become X.509 leases in the measured loop, where their boxed serial is allocated.
@@ -132,7 +132,7 @@ pub async fn run(o: &Opts, r: &mut Report) {
     let t = Instant::now();
     {
         let (store, _) = SqliteStore::open(&data, u64::MAX, now, &mut |_| {}).unwrap();
-        let entry: Arc<str> = Arc::from("config-0");
+        let entry: Arc<str> = Arc::from("config-3f2a9c0b1d4e");
         let exe: Arc<str> = Arc::from("/usr/local/bin/agent");
         let ids: Vec<Arc<str>> = (0..1000)
             .map(|i| Arc::from(format!("spiffe://tessera.internal/mass/{i}")))
