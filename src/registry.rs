@@ -133,6 +133,17 @@ impl Registry {
             .send_replace(Arc::new(entries.into_iter().map(Arc::new).collect()));
     }
 
+    /// Whether `e`, matched from an earlier snapshot, still grants what it did: the current
+    /// set holds it, or an entry with its id, SPIFFE ID and selectors (an edit of its
+    /// lifetime or owner leaves it granting). Checked under the issuance barrier, after which
+    /// an edit that narrowed or removed the entry has revoked what it granted.
+    pub fn still_grants(&self, e: &Arc<Entry>) -> bool {
+        self.tx.borrow().iter().any(|c| {
+            Arc::ptr_eq(c, e)
+                || (c.id == e.id && c.spiffe_id == e.spiffe_id && c.selectors == e.selectors)
+        })
+    }
+
     /// Live entries whose selectors the caller satisfies, in match order.
     pub fn matching(&self, caller: &Attestation, now: OffsetDateTime) -> Vec<Arc<Entry>> {
         matching(&self.snapshot(), caller, now)

@@ -720,6 +720,59 @@ async fn entry_changes_reach_live_streams_and_survive_restart() {
         .unwrap();
     assert_eq!(next.svids()[1].hint(), Some("extra"));
 
+    // A JWT-SVID of the entry survives an edit of its owner, not one of its selectors: a
+    // caller the entry no longer matches must not keep a token of it.
+    let added: spiffe::SpiffeId = "spiffe://tessera.internal/added".parse().unwrap();
+    let client = d.client().await;
+    let token = client
+        .fetch_jwt_svid(["svc"], Some(&added))
+        .await
+        .unwrap()
+        .token()
+        .to_owned();
+    assert!(
+        d.cli(&["entry", "update", &id, "--owner", "team"])
+            .status
+            .success()
+    );
+    assert!(client.validate_jwt_token("svc", &token).await.is_ok());
+    // SAFETY: no preconditions.
+    let gid = unsafe { libc::getegid() };
+    let o = d.cli(&[
+        "entry",
+        "update",
+        &id,
+        "--selector",
+        &uid_sel,
+        "--selector",
+        &format!("unix:gid:{gid}"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = client.validate_jwt_token("svc", &token).await.unwrap_err();
+    assert!(e.to_string().contains("revoked"), "{e}");
+    let lease = lease_list(
+        &d,
+        &[
+            "--state",
+            "revoked",
+            "--spiffe-id",
+            "spiffe://tessera.internal/added",
+        ],
+    );
+    assert!(
+        lease.iter().any(|l| l["id"] == jti(&token).as_str()
+            && l["revoke_reason"] == "entry identity or selectors changed"),
+        "{lease:?}"
+    );
+    // Still matched by the new selectors: it gets a new token.
+    let again = client.fetch_jwt_svid(["svc"], Some(&added)).await.unwrap();
+    assert!(
+        client
+            .validate_jwt_token("svc", again.token())
+            .await
+            .is_ok()
+    );
+
     let dir = d.stop();
     let d = Daemon::start_in(dir, &entry_for_uid("agent", my_uid(), ""));
     let list = d.cli(&["entry", "list", "--json"]);
@@ -730,7 +783,7 @@ async fn entry_changes_reach_live_streams_and_survive_restart() {
         .iter()
         .find(|e| e["id"] == id.as_str())
         .expect("stored entry survives restart");
-    assert_eq!(added["owner"], "ops");
+    assert_eq!(added["owner"], "team");
     assert_eq!(added["hint"], "extra");
     assert!(d.cli(&["entry", "delete", &id]).status.success());
     assert_eq!(

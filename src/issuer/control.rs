@@ -332,10 +332,52 @@ impl Issuer {
     ) -> Result<Arc<Entry>, IssueError> {
         let json =
             serde_json::to_string(&spec).map_err(|e| IssueError::InvalidArgument(e.to_string()))?;
-        let ev = Event::now(what, actor)
+        // An edit of who gets what (identity or selectors) revokes what the entry granted
+        // before: a caller it no longer matches would otherwise keep validating JWT-SVIDs
+        // and minting task tokens with them until they expire (up to 30 days). Live streams
+        // of callers it still matches get new SVIDs at once. The barrier keeps issuances
+        // under the old entry out from the scan to the new entry set's publication.
+        let previous = self
+            .stored_entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(e, _)| e.id == entry.id)
+            .map(|(e, _)| e.clone());
+        let regrants = previous.as_ref().is_some_and(|p| {
+            let set = |e: &Entry| {
+                e.selectors
+                    .iter()
+                    .cloned()
+                    .collect::<std::collections::BTreeSet<_>>()
+            };
+            p.spiffe_id != entry.spiffe_id || set(p) != set(&entry)
+        });
+        let _excl = match regrants {
+            true => Some(self.barrier.write().await),
+            false => None,
+        };
+        let revoked: Vec<LeaseId> = match (&previous, regrants) {
+            (Some(p), true) => self
+                .leases
+                .active_of_identity(&p.spiffe_id, false)
+                .into_iter()
+                .filter(|id| self.leases.get(id).is_some_and(|l| l.entry_id == entry.id))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut ev = Event::now(what, actor.clone())
             .spiffe_id(entry.spiffe_id.as_str())
             .detail("entry", &*entry.id)
             .detail("spec", serde_json::to_value(&spec).unwrap_or_default());
+        if regrants {
+            ev = ev.detail("revoked", revoked.len());
+        }
+        let rev = Revocation {
+            at_ms: now_ms(),
+            by: actor.label(),
+            reason: "entry identity or selectors changed".into(),
+        };
         let mut ops = vec![
             Op::PutEntry {
                 id: entry.id.to_string(),
@@ -343,6 +385,9 @@ impl Issuer {
             },
             Op::Audit(ev),
         ];
+        if !revoked.is_empty() {
+            ops.push(Op::Revoke(revoked.clone(), rev.clone()));
+        }
         // A new entry's idle clock starts at its creation.
         let now = now_ms();
         let fresh = !self.activity.contains_key(&entry.id);
@@ -353,6 +398,9 @@ impl Issuer {
             });
         }
         commit(&*self.store, ops).await?;
+        if !revoked.is_empty() {
+            count_by_kind(&self.metrics, self.leases.revoke(&revoked, &Arc::new(rev)));
+        }
         if fresh {
             self.activity.insert(Arc::clone(&entry.id), (now, now));
         }

@@ -496,9 +496,13 @@ impl Issuer {
             return Err(IssueError::Killed(entry.spiffe_id.to_string()));
         }
         let now = OffsetDateTime::now_utc();
-        // Matched a moment ago; it may have expired since.
+        // Matched a moment ago; it may have expired, or been edited or deleted, since.
         if !entry.is_live(now) {
             self.deny(caller, Kind::X509, "entry expired");
+            return Err(IssueError::NoIdentity);
+        }
+        if !self.registry.still_grants(entry) {
+            self.deny(caller, Kind::X509, "entry changed");
             return Err(IssueError::NoIdentity);
         }
         let ttl = entry.cap_ttl(
@@ -561,7 +565,9 @@ impl Issuer {
         }
         let _shared = self.barrier.read().await;
         let now = OffsetDateTime::now_utc();
-        entries.retain(|e| !self.leases.is_killed(&e.spiffe_id) && e.is_live(now));
+        entries.retain(|e| {
+            !self.leases.is_killed(&e.spiffe_id) && e.is_live(now) && self.registry.still_grants(e)
+        });
         if entries.is_empty() {
             return Err(IssueError::NoIdentity);
         }

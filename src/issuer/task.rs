@@ -156,7 +156,7 @@ impl Issuer {
         let now = OffsetDateTime::now_utc();
         // Authenticated a moment ago, but a subject token's key fetch may have taken seconds:
         // an entry that expired meanwhile grants nothing (as for SVIDs).
-        if !entry.is_live(now) {
+        if !entry.is_live(now) || !self.registry.still_grants(entry) {
             return Err(IssueError::NoIdentity);
         }
         let exp = crate::ca::credential_expiry(now, g.ttl, self.ca.not_after());
