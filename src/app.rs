@@ -149,7 +149,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     if !snapshot.expired.is_empty() {
         drop(store.submit(vec![Op::Delete(snapshot.expired)]));
     }
-    let mut stored_entries = Vec::new();
+    let (mut stored_entries, mut invalid_entries) = (Vec::new(), Vec::new());
     for (id, json) in snapshot.entries {
         let parsed = serde_json::from_str::<crate::config::EntrySpec>(&json)
             .map_err(|e| e.to_string())
@@ -161,7 +161,8 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         match parsed {
             Ok(pair) => stored_entries.push(pair),
             Err(e) => {
-                tracing::error!(entry = %id, error = %e, "stored entry no longer valid; it grants nothing until fixed or deleted")
+                tracing::error!(entry = %id, error = %e, "stored entry no longer valid; it grants nothing until replaced (tessera entry update) or deleted");
+                invalid_entries.push((id, e));
             }
         }
     }
@@ -194,6 +195,9 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         cfg.entries.clone(),
         stored_entries,
     ));
+    if !invalid_entries.is_empty() {
+        issuer.hold_invalid_entries(invalid_entries);
+    }
     issuer.init_activity(snapshot.entry_activity);
     let policy = Arc::new(Engine::load(
         cfg.policy_file.as_deref(),

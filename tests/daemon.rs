@@ -644,3 +644,38 @@ fn http_connections_that_never_finish_their_headers_are_closed() {
         "{head}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_entry_that_no_longer_validates_can_be_deleted_and_is_not_replaced_by_the_default()
+{
+    let d = Daemon::start("");
+    let o = d.cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://tessera.internal/stored",
+        "--selector",
+        &format!("unix:uid:{}", my_uid()),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Another trust domain: the stored entry no longer validates.
+    let d = Daemon::start_in(d.stop(), "trust_domain = \"other.test\"\n");
+    let client = d.client().await;
+    assert!(
+        client.fetch_x509_svid().await.is_err(),
+        "the built-in default entry stood in for an invalid stored one"
+    );
+    let o = d.cli(&["entry", "delete", &id]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Nothing is configured any more: the default identity is served.
+    let svid = client.fetch_x509_svid().await.unwrap();
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        format!("spiffe://other.test/unix/uid/{}", my_uid())
+    );
+}

@@ -240,6 +240,25 @@ impl Issuer {
             .collect()
     }
 
+    /// Stored entries that failed validation at start, `(id, reason)`: they grant nothing,
+    /// may be deleted or replaced by id, and, while any is held, the built-in default entry
+    /// is not served in their place.
+    pub fn hold_invalid_entries(&self, invalid: Vec<(String, String)>) {
+        *self
+            .invalid_entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = invalid;
+        self.publish_entries();
+    }
+
+    fn is_invalid_entry(&self, id: &str) -> bool {
+        self.invalid_entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(i, _)| i == id)
+    }
+
     pub(super) fn publish_entries(&self) {
         let stored = self
             .stored_entries
@@ -247,7 +266,14 @@ impl Issuer {
             .unwrap_or_else(|e| e.into_inner());
         let mut all: Vec<Entry> = self.config_entries.clone();
         all.extend(stored.iter().map(|(e, _)| e.clone()));
-        if all.is_empty() {
+        let invalid_held = !self
+            .invalid_entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        // The default identity is for a daemon nobody configured, not one whose entries
+        // stopped validating.
+        if all.is_empty() && !invalid_held {
             all.push(crate::config::default_entry_for_current_user(
                 &self.settings.trust_domain,
             ));
@@ -317,6 +343,7 @@ impl Issuer {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .any(|(e, _)| &*e.id == id)
+            && !self.is_invalid_entry(id)
         {
             return Err(IssueError::NotFound(format!("no entry {id}")));
         }
@@ -414,6 +441,11 @@ impl Issuer {
                 None => stored.push((entry.clone(), spec)),
             }
         }
+        // A valid spec given for an entry that no longer validated replaces it.
+        self.invalid_entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(i, _)| **i != *entry.id);
         self.publish_entries();
         Ok(Arc::new(entry))
     }
@@ -432,6 +464,10 @@ impl Issuer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(e, _)| &*e.id != id);
+        self.invalid_entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(i, _)| i != id);
         self.publish_entries();
         // Ids are fresh per created entry: under create/delete churn the clocks would grow
         // without bound (the store drops its row with the entry's).

@@ -195,6 +195,9 @@ pub struct Issuer {
     /// Entries from the config file (read-only) and from the store (editable).
     config_entries: Vec<Entry>,
     stored_entries: std::sync::Mutex<Vec<(Entry, EntrySpec)>>,
+    /// Stored entries that no longer validate (say, after a trust-domain change), by id with
+    /// the reason: they grant nothing, but can be deleted or replaced through the admin API.
+    invalid_entries: std::sync::Mutex<Vec<(String, String)>>,
     /// Per entry id: last issuance or review, and when that was last made durable (Unix ms).
     activity: dashmap::DashMap<Arc<str>, (i64, i64)>,
     /// How many refusals each caller may still write to the audit log.
@@ -241,6 +244,7 @@ impl Issuer {
             kill_marking: Arc::new(RwLock::new(())),
             config_entries,
             stored_entries: std::sync::Mutex::new(stored_entries),
+            invalid_entries: std::sync::Mutex::default(),
             activity: dashmap::DashMap::new(),
             denials: denials::DenialLimiter::default(),
             entry_edits: tokio::sync::Mutex::new(()),
