@@ -477,6 +477,9 @@ impl Issuer {
 
     /// Marks an entry reviewed: its idle clock restarts, so `refuse_idle` lets it issue again.
     pub async fn review_entry(&self, id: &str, actor: Actor) -> Result<Arc<Entry>, IssueError> {
+        // As the other edits: a review racing a delete would bring back the deleted entry's
+        // activity row.
+        let _one_edit = self.entry_edits.lock().await;
         let entry = self
             .registry
             .snapshot()
