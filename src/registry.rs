@@ -99,6 +99,11 @@ pub struct Registry {
     any_sha256: std::sync::atomic::AtomicBool,
 }
 
+/// The same selectors, in any order (an entry's are few and distinct).
+fn same_set(a: &[Selector], b: &[Selector]) -> bool {
+    a.len() == b.len() && a.iter().all(|s| b.contains(s))
+}
+
 fn has_sha256(entries: &[Entry]) -> bool {
     entries
         .iter()
@@ -135,12 +140,15 @@ impl Registry {
 
     /// Whether `e`, matched from an earlier snapshot, still grants what it did: the current
     /// set holds it, or an entry with its id, SPIFFE ID and selectors (an edit of its
-    /// lifetime or owner leaves it granting). Checked under the issuance barrier, after which
-    /// an edit that narrowed or removed the entry has revoked what it granted.
+    /// lifetime or owner leaves it granting). Checked under the issuance barrier, which an
+    /// edit of the entry's identity or selectors, and its deletion, hold from revoking what
+    /// it granted until the new entry set is out.
     pub fn still_grants(&self, e: &Arc<Entry>) -> bool {
         self.tx.borrow().iter().any(|c| {
             Arc::ptr_eq(c, e)
-                || (c.id == e.id && c.spiffe_id == e.spiffe_id && c.selectors == e.selectors)
+                || (c.id == e.id
+                    && c.spiffe_id == e.spiffe_id
+                    && same_set(&c.selectors, &e.selectors))
         })
     }
 

@@ -679,6 +679,17 @@ async fn admin_api_refuses_bad_input_and_changes_nothing() {
         .expect("the credential still validates after a restart");
 }
 
+/// Asserts the lease of `token`, a credential of `spiffe_id`, is listed revoked for `reason`.
+fn assert_revoked_for(d: &Daemon, spiffe_id: &str, token: &str, reason: &str) {
+    let revoked = lease_list(d, &["--state", "revoked", "--spiffe-id", spiffe_id]);
+    assert!(
+        revoked
+            .iter()
+            .any(|l| l["id"] == jti(token).as_str() && l["revoke_reason"] == reason),
+        "{revoked:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entry_changes_reach_live_streams_and_survive_restart() {
     let d = Daemon::start(&entry_for_uid("agent", my_uid(), ""));
@@ -750,19 +761,11 @@ async fn entry_changes_reach_live_streams_and_survive_restart() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let e = client.validate_jwt_token("svc", &token).await.unwrap_err();
     assert!(e.to_string().contains("revoked"), "{e}");
-    let lease = lease_list(
+    assert_revoked_for(
         &d,
-        &[
-            "--state",
-            "revoked",
-            "--spiffe-id",
-            "spiffe://tessera.internal/added",
-        ],
-    );
-    assert!(
-        lease.iter().any(|l| l["id"] == jti(&token).as_str()
-            && l["revoke_reason"] == "entry identity or selectors changed"),
-        "{lease:?}"
+        "spiffe://tessera.internal/added",
+        &token,
+        "entry identity or selectors changed",
     );
     // Still matched by the new selectors: it gets a new token.
     let again = client.fetch_jwt_svid(["svc"], Some(&added)).await.unwrap();
@@ -785,7 +788,20 @@ async fn entry_changes_reach_live_streams_and_survive_restart() {
         .expect("stored entry survives restart");
     assert_eq!(added["owner"], "team");
     assert_eq!(added["hint"], "extra");
+    let client = d.client().await;
+    let added_id: spiffe::SpiffeId = "spiffe://tessera.internal/added".parse().unwrap();
+    let kept = client
+        .fetch_jwt_svid(["svc"], Some(&added_id))
+        .await
+        .unwrap();
     assert!(d.cli(&["entry", "delete", &id]).status.success());
+    // What it granted goes with it, on the CRL and in the store, not only in validation.
+    assert_revoked_for(
+        &d,
+        "spiffe://tessera.internal/added",
+        kept.token(),
+        "entry deleted",
+    );
     assert_eq!(
         d.client().await.fetch_all_x509_svids().await.unwrap().len(),
         1

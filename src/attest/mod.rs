@@ -136,10 +136,10 @@ impl PeerInfo {
 /// `SO_PEERPIDFD` (Linux 6.5). Not in every libc crate release, so defined here.
 const SO_PEERPIDFD: libc::c_int = 77;
 
-/// The peer's pidfd; `None` only where the kernel has no `SO_PEERPIDFD`. Any other failure
-/// is an error, not a fallback to the weaker start-time check: `ESRCH` or `EINVAL` say the
-/// connecting process has already exited and been reaped, just the case where its pid may
-/// already name another process.
+/// The peer's pidfd; `None` where the kernel has no `SO_PEERPIDFD` (or the daemon cannot
+/// take one now), and the start-time check stands in. `ESRCH` or `EINVAL` are an error, not
+/// that fallback: they say the connecting process has already exited and been reaped, just
+/// the case where its pid may already name another process.
 fn peer_pidfd(fd: RawFd) -> std::io::Result<Option<OwnedFd>> {
     let mut pidfd: libc::c_int = -1;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -156,8 +156,10 @@ fn peer_pidfd(fd: RawFd) -> std::io::Result<Option<OwnedFd>> {
     if rc != 0 {
         let e = std::io::Error::last_os_error();
         return match e.raw_os_error() {
-            Some(libc::ENOPROTOOPT | libc::EOPNOTSUPP) => Ok(None),
-            _ => Err(e),
+            Some(libc::ESRCH | libc::EINVAL) => Err(e),
+            // No such option on this kernel, or the daemon's own trouble (out of
+            // descriptors or memory): the start-time check, as before Linux 6.5.
+            _ => Ok(None),
         };
     }
     if pidfd < 0 {
@@ -294,6 +296,21 @@ struct GroupInterest {
     resolved_at: Option<Instant>,
 }
 
+/// Forgets a user's hashing turn nobody holds or awaits (a clone is taken under the same
+/// shard lock, so one being taken keeps it).
+struct ForgetTurn<'a> {
+    attestor: &'a Attestor,
+    uid: u32,
+}
+
+impl Drop for ForgetTurn<'_> {
+    fn drop(&mut self) {
+        self.attestor
+            .hashing_uid
+            .remove_if(&self.uid, |_, g| Arc::strong_count(g) == 1);
+    }
+}
+
 /// Removes a single-flight gate when its hashing ends, also when the request that started it
 /// is cancelled (the client went away while the file was being read).
 struct GateGuard<'a> {
@@ -348,7 +365,15 @@ impl Attestor {
     /// Sets the supplementary groups entries name (`unix:supplementary_gid`,
     /// `unix:supplementary_group`); others are left out of attestations. Attestations kept
     /// by connections are redone at their next request.
-    pub fn want_groups(&self, gids: HashSet<u32>, names: Vec<String>) {
+    pub fn want_groups(&self, gids: HashSet<u32>, mut names: Vec<String>) {
+        names.sort();
+        {
+            let current = self.interest.read().unwrap_or_else(|e| e.into_inner());
+            // Most entry edits name no new group: kept attestations stay good.
+            if current.gids == gids && current.names == names && current.generation > 0 {
+                return;
+            }
+        }
         let generation = self
             .interest_gen
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
@@ -648,6 +673,13 @@ impl Attestor {
         if let Some(h) = self.cached_hash(&key) {
             return Some(h);
         }
+        // Declared first, dropped last: once this request is done with the user's turn
+        // (answered from the cache, cancelled, or hashed), it is forgotten if nobody else
+        // holds or awaits it.
+        let _forget = ForgetTurn {
+            attestor: self,
+            uid,
+        };
         // The user's turn first: while it waits behind its own earlier hashes it holds no
         // file's gate, so other users' first runs of a shared binary do not wait with it.
         let user_gate = Arc::clone(self.hashing_uid.entry(uid).or_default().value());
@@ -1064,6 +1096,12 @@ mod tests {
                 Selector::SupplementaryGroup("root".into()),
             ]
         );
+        assert!(Arc::ptr_eq(
+            &first,
+            &attestor.attest(&peer, |_| false).await.unwrap()
+        ));
+        // An entry edit that names no new group keeps it.
+        attestor.want_groups([47_101].into(), vec!["root".into()]);
         assert!(Arc::ptr_eq(
             &first,
             &attestor.attest(&peer, |_| false).await.unwrap()

@@ -385,12 +385,7 @@ impl Issuer {
             false => None,
         };
         let revoked: Vec<LeaseId> = match (&previous, regrants) {
-            (Some(p), true) => self
-                .leases
-                .active_of_identity(&p.spiffe_id, false)
-                .into_iter()
-                .filter(|id| self.leases.get(id).is_some_and(|l| l.entry_id == entry.id))
-                .collect(),
+            (Some(p), true) => self.leases_of_entry(p),
             _ => Vec::new(),
         };
         let mut ev = Event::now(what, actor.clone())
@@ -425,9 +420,6 @@ impl Issuer {
             });
         }
         commit(&*self.store, ops).await?;
-        if !revoked.is_empty() {
-            count_by_kind(&self.metrics, self.leases.revoke(&revoked, &Arc::new(rev)));
-        }
         if fresh {
             self.activity.insert(Arc::clone(&entry.id), (now, now));
         }
@@ -447,19 +439,58 @@ impl Issuer {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(i, _)| **i != *entry.id);
         self.publish_entries();
+        // After the new entry set is out: a stream woken by the revocation re-matches its
+        // caller against the edited entry, not the old one (which no longer grants).
+        if !revoked.is_empty() {
+            count_by_kind(&self.metrics, self.leases.revoke(&revoked, &Arc::new(rev)));
+        }
         Ok(Arc::new(entry))
+    }
+
+    /// Active leases `entry` granted: its SVIDs and its agents' task credentials (stored
+    /// under `<id>/task/<task id>`).
+    fn leases_of_entry(&self, entry: &Entry) -> Vec<LeaseId> {
+        self.leases
+            .active_of_identity(&entry.spiffe_id, true)
+            .into_iter()
+            .filter(|id| self.leases.get(id).is_some_and(|l| l.entry_id == entry.id))
+            .collect()
     }
 
     /// Deletes a stored entry; streams that held only its identity end with PermissionDenied.
     pub async fn delete_entry(&self, id: &str, actor: Actor) -> Result<(), IssueError> {
         let _one_edit = self.entry_edits.lock().await;
         self.check_editable(id)?;
-        let ev = Event::now("entry_delete", actor).detail("entry", id);
-        commit(
-            &*self.store,
-            vec![Op::DeleteEntry(id.to_owned()), Op::Audit(ev)],
-        )
-        .await?;
+        // What it granted goes with it (as for an edit of who gets what), and no issuance
+        // that matched it before can mint after: the barrier is held until the entry set
+        // without it is out.
+        let _excl = self.barrier.write().await;
+        let gone = self
+            .stored_entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(e, _)| &*e.id == id)
+            .map(|(e, _)| e.clone());
+        let revoked = gone
+            .as_ref()
+            .map_or_else(Vec::new, |e| self.leases_of_entry(e));
+        let rev = Revocation {
+            at_ms: now_ms(),
+            by: actor.label(),
+            reason: "entry deleted".into(),
+        };
+        let mut ev = Event::now("entry_delete", actor)
+            .detail("entry", id)
+            .detail("revoked", revoked.len());
+        if let Some(e) = &gone {
+            ev = ev.spiffe_id(e.spiffe_id.as_str());
+        }
+        let mut ops = vec![Op::DeleteEntry(id.to_owned()), Op::Audit(ev)];
+        if !revoked.is_empty() {
+            ops.push(Op::Revoke(revoked.clone(), rev.clone()));
+        }
+        commit(&*self.store, ops).await?;
         self.stored_entries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -469,6 +500,9 @@ impl Issuer {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(i, _)| i != id);
         self.publish_entries();
+        if !revoked.is_empty() {
+            count_by_kind(&self.metrics, self.leases.revoke(&revoked, &Arc::new(rev)));
+        }
         // Ids are fresh per created entry: under create/delete churn the clocks would grow
         // without bound (the store drops its row with the entry's).
         self.activity.remove(id);

@@ -256,11 +256,30 @@ impl Issuer {
     /// Restores entry activity at start; entries never seen before start their idle clock
     /// now (recorded, so a restart does not reset it).
     pub fn init_activity(&self, recorded: Vec<(String, i64)>) {
-        for (id, ms) in recorded {
-            self.activity.insert(Arc::from(id.as_str()), (ms, ms));
+        let mut ops = Vec::new();
+        let known: std::collections::HashSet<&str> =
+            recorded.iter().map(|(i, _)| i.as_str()).collect();
+        for (id, ms) in &recorded {
+            // Upgrade from positional ids (`config-N`): the clock of the N-th file entry
+            // moves to its id, so an entry refused as idle stays refused until reviewed.
+            let legacy = id
+                .strip_prefix("config-")
+                .filter(|n| !n.is_empty() && n.len() <= 6 && n.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|n| n.parse::<usize>().ok());
+            if let Some(e) = legacy.and_then(|n| self.config_entries.get(n))
+                && !known.contains(&*e.id)
+            {
+                self.activity.insert(Arc::clone(&e.id), (*ms, *ms));
+                ops.push(Op::EntryActive {
+                    id: e.id.to_string(),
+                    at_ms: *ms,
+                });
+                ops.push(Op::DeleteEntry(id.clone()));
+                continue;
+            }
+            self.activity.insert(Arc::from(id.as_str()), (*ms, *ms));
         }
         let now = now_ms();
-        let mut ops = Vec::new();
         for (e, _) in self.entries() {
             if !self.activity.contains_key(&e.id) {
                 self.activity.insert(Arc::clone(&e.id), (now, now));
@@ -684,31 +703,67 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_credential_is_handed_out_only_once_its_lease_is_committed() {
-        let dir = tempfile::tempdir().unwrap();
+    fn issuer(dir: &std::path::Path, store: Arc<dyn Store>, config: Vec<Entry>) -> Arc<Issuer> {
         let td = TrustDomain::parse("td.test").unwrap();
-        let ca =
-            Arc::new(Ca::load_or_create(&td, dir.path(), None, Duration::from_secs(3600)).unwrap());
-        let held = Arc::new(Held::default());
-        let leases = Arc::new(LeaseTable::new());
-        let issuer = Arc::new(Issuer::new(
+        let ca = Arc::new(Ca::load_or_create(&td, dir, None, Duration::from_secs(3600)).unwrap());
+        Arc::new(Issuer::new(
             Arc::new(Attestor::new(1 << 30)),
             Arc::new(Registry::new(Vec::new())),
             ca,
-            Arc::clone(&leases),
-            held.clone(),
+            Arc::new(LeaseTable::new()),
+            store,
             Arc::new(Metrics::with_store_commits(Default::default())),
             IssuerSettings {
-                trust_domain: td.clone(),
+                trust_domain: td,
                 x509_svid_ttl: Duration::from_secs(600),
                 jwt_svid_ttl: Duration::from_secs(300),
                 idle_after: Duration::from_secs(86_400),
                 refuse_idle: false,
             },
-            vec![crate::config::default_entry_for_current_user(&td)],
+            config,
             Vec::new(),
-        ));
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_positional_config_entry_clock_moves_to_the_entry_at_that_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Arc::new(Held::default());
+        let td = TrustDomain::parse("td.test").unwrap();
+        let entry = |id: &str| Entry {
+            id: id.into(),
+            ..crate::config::default_entry_for_current_user(&td)
+        };
+        let i = issuer(
+            dir.path(),
+            held.clone(),
+            vec![entry("config-aaaaaaaaaaaa"), entry("config-bbbbbbbbbbbb")],
+        );
+        i.init_activity(vec![("config-1".into(), 1_000)]);
+        assert_eq!(i.last_active("config-bbbbbbbbbbbb"), Some(1_000));
+        assert!(
+            i.last_active("config-aaaaaaaaaaaa").unwrap() > 1_000,
+            "a new clock"
+        );
+        assert_eq!(i.last_active("config-1"), None);
+        let ops = held.0.lock().unwrap().pop().unwrap().0;
+        assert!(
+            ops.iter()
+                .any(|op| matches!(op, Op::DeleteEntry(id) if id == "config-1"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_credential_is_handed_out_only_once_its_lease_is_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Arc::new(Held::default());
+        let td = TrustDomain::parse("td.test").unwrap();
+        let issuer = issuer(
+            dir.path(),
+            held.clone(),
+            vec![crate::config::default_entry_for_current_user(&td)],
+        );
+        let leases = Arc::clone(issuer.leases());
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let peer = PeerInfo::from_socket(a.as_raw_fd()).unwrap();
         let caller = issuer.attest(Some(&peer)).await.unwrap();
