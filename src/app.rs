@@ -598,6 +598,9 @@ impl Running {
         for p in [&self.workload_socket, &self.admin_socket] {
             let _ = std::fs::remove_file(p);
         }
+        // The store's writer thread may still close the database and the audit file after
+        // this returns: the directory stays locked until the process ends.
+        std::mem::forget(self._data_lock);
         tracing::info!("tesserad stopped");
     }
 }
