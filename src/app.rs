@@ -161,7 +161,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         match parsed {
             Ok(pair) => stored_entries.push(pair),
             Err(e) => {
-                tracing::error!(entry = %id, error = %e, "stored entry no longer valid; it grants nothing until replaced (tessera entry update) or deleted");
+                tracing::error!(entry = %id, error = %e, "stored entry no longer valid; it grants nothing until deleted (tessera entry delete ID)");
                 invalid_entries.push((id, e));
             }
         }
