@@ -138,18 +138,22 @@ impl Registry {
             .send_replace(Arc::new(entries.into_iter().map(Arc::new).collect()));
     }
 
-    /// Whether `e`, matched from an earlier snapshot, still grants what it did: the current
-    /// set holds it, or an entry with its id, SPIFFE ID and selectors (an edit of its
-    /// lifetime or owner leaves it granting). Checked under the issuance barrier, which an
-    /// edit of the entry's identity or selectors, and its deletion, hold from revoking what
-    /// it granted until the new entry set is out.
-    pub fn still_grants(&self, e: &Arc<Entry>) -> bool {
-        self.tx.borrow().iter().any(|c| {
-            Arc::ptr_eq(c, e)
-                || (c.id == e.id
-                    && c.spiffe_id == e.spiffe_id
-                    && same_set(&c.selectors, &e.selectors))
-        })
+    /// The entry in force for `e`, matched from an earlier snapshot: `e` itself, or the
+    /// entry with its id, SPIFFE ID and selectors (an edit of its lifetime, expiry or owner
+    /// leaves it granting, under the values now in force). `None` once an edit of its
+    /// identity or selectors, or its deletion, took it away. Read under the issuance barrier,
+    /// which every entry edit holds until the new entry set is out.
+    pub fn current(&self, e: &Arc<Entry>) -> Option<Arc<Entry>> {
+        self.tx
+            .borrow()
+            .iter()
+            .find(|c| {
+                Arc::ptr_eq(c, e)
+                    || (c.id == e.id
+                        && c.spiffe_id == e.spiffe_id
+                        && same_set(&c.selectors, &e.selectors))
+            })
+            .cloned()
     }
 
     /// Live entries whose selectors the caller satisfies, in match order.

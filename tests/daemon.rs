@@ -663,6 +663,15 @@ async fn a_stored_entry_that_no_longer_validates_can_be_deleted_and_is_not_repla
         .as_str()
         .unwrap()
         .to_owned();
+    let held: spiffe::SpiffeId = "spiffe://tessera.internal/stored".parse().unwrap();
+    let token = d
+        .client()
+        .await
+        .fetch_jwt_svid(["svc"], Some(&held))
+        .await
+        .unwrap()
+        .token()
+        .to_owned();
     // Another trust domain: the stored entry no longer validates.
     let d = Daemon::start_in(d.stop(), "trust_domain = \"other.test\"\n");
     let client = d.client().await;
@@ -672,6 +681,28 @@ async fn a_stored_entry_that_no_longer_validates_can_be_deleted_and_is_not_repla
     );
     let o = d.cli(&["entry", "delete", &id]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // What it granted goes with it.
+    let jti = {
+        use base64::Engine;
+        let claims = token.split('.').nth(1).unwrap();
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(claims)
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&claims).unwrap()["jti"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let o = d.cli(&["lease", "show", &jti, "--json"]);
+    let lease: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (&lease["state"], &lease["revoke_reason"]),
+        (
+            &serde_json::json!("revoked"),
+            &serde_json::json!("entry deleted")
+        ),
+        "{lease}"
+    );
     // Nothing is configured any more: the default identity is served.
     let svid = client.fetch_x509_svid().await.unwrap();
     assert_eq!(

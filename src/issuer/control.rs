@@ -380,10 +380,9 @@ impl Issuer {
             };
             p.spiffe_id != entry.spiffe_id || set(p) != set(&entry)
         });
-        let _excl = match regrants {
-            true => Some(self.barrier.write().await),
-            false => None,
-        };
+        // Every edit: an issuance under way reads the entry in force (its lifetime and expiry
+        // included) under the barrier, so none mints from the old one after this returns.
+        let _excl = self.barrier.write().await;
         let revoked: Vec<LeaseId> = match (&previous, regrants) {
             (Some(p), true) => self.leases_of_entry(p),
             _ => Vec::new(),
@@ -472,9 +471,21 @@ impl Issuer {
             .iter()
             .find(|(e, _)| &*e.id == id)
             .map(|(e, _)| e.clone());
-        let revoked = gone
-            .as_ref()
-            .map_or_else(Vec::new, |e| self.leases_of_entry(e));
+        let revoked = match &gone {
+            Some(e) => self.leases_of_entry(e),
+            // One that no longer validates (held by id): its identity is not known here, so
+            // every active lease is looked at; a rare operation, after a trust-domain change.
+            None => self
+                .leases
+                .list(&crate::lease::Filter {
+                    state: Some(State::Active),
+                    ..Default::default()
+                })
+                .into_iter()
+                .filter(|l| &*l.entry_id == id)
+                .map(|l| l.id)
+                .collect(),
+        };
         let rev = Revocation {
             at_ms: now_ms(),
             by: actor.label(),

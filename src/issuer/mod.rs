@@ -519,13 +519,13 @@ impl Issuer {
             return Err(IssueError::Killed(entry.spiffe_id.to_string()));
         }
         let now = OffsetDateTime::now_utc();
-        // Matched a moment ago; it may have expired, or been edited or deleted, since.
+        // Matched a moment ago; it may have been edited, deleted or have expired since.
+        let Some(entry) = &self.registry.current(entry) else {
+            self.deny(caller, Kind::X509, "entry changed");
+            return Err(IssueError::NoIdentity);
+        };
         if !entry.is_live(now) {
             self.deny(caller, Kind::X509, "entry expired");
-            return Err(IssueError::NoIdentity);
-        }
-        if !self.registry.still_grants(entry) {
-            self.deny(caller, Kind::X509, "entry changed");
             return Err(IssueError::NoIdentity);
         }
         let ttl = entry.cap_ttl(
@@ -588,9 +588,12 @@ impl Issuer {
         }
         let _shared = self.barrier.read().await;
         let now = OffsetDateTime::now_utc();
-        entries.retain(|e| {
-            !self.leases.is_killed(&e.spiffe_id) && e.is_live(now) && self.registry.still_grants(e)
-        });
+        // As they are in force now (edited or deleted meanwhile), unless killed or expired.
+        let entries: Vec<Arc<Entry>> = entries
+            .iter()
+            .filter_map(|e| self.registry.current(e))
+            .filter(|e| !self.leases.is_killed(&e.spiffe_id) && e.is_live(now))
+            .collect();
         if entries.is_empty() {
             return Err(IssueError::NoIdentity);
         }

@@ -156,10 +156,12 @@ impl Issuer {
         let now = OffsetDateTime::now_utc();
         // Authenticated a moment ago, but a subject token's key fetch may have taken seconds:
         // an entry that expired meanwhile grants nothing (as for SVIDs).
-        if !entry.is_live(now) || !self.registry.still_grants(entry) {
+        // As in force now: an edit of its lifetime or expiry meanwhile applies.
+        let Some(current) = self.registry.current(entry).filter(|e| e.is_live(now)) else {
             return Err(IssueError::NoIdentity);
-        }
-        let exp = crate::ca::credential_expiry(now, g.ttl, self.ca.not_after());
+        };
+        let ttl = current.cap_ttl(g.ttl, now).max(Duration::from_secs(1));
+        let exp = crate::ca::credential_expiry(now, ttl, self.ca.not_after());
         let lease_id = LeaseId::random();
         let jti = lease_id.to_string();
         // Taken, not cloned: the grant is not used after minting.
