@@ -20,7 +20,7 @@ use super::uds::PeerConn;
 use super::{NO_IDENTITY, status};
 use crate::attest::{Attestation, PeerInfo};
 use crate::ca::TrustBundle;
-use crate::issuer::{Issuer, X509Svid};
+use crate::issuer::{IssueError, Issuer, X509Svid};
 use crate::lease::Kind;
 use crate::proto::workload as pb;
 use crate::shutdown::Shutdown;
@@ -389,14 +389,20 @@ impl X509Watch {
                     // fresh key, and identities it no longer has are dropped.
                     if let Err(s) = self.reconcile().await { return end(s); }
                     let now = Instant::now();
+                    let mut rematch = false;
                     for (s, at) in &mut self.svids {
                         if *at <= now {
                             match self.issuer.issue_x509(&self.caller, &s.entry).await {
                                 Ok(fresh) => { *at = refresh_at(&fresh, now); *s = fresh; }
+                                // Its entry was edited or deleted since the match above: match
+                                // again rather than end a stream the caller may still be
+                                // entitled to.
+                                Err(IssueError::NoIdentity) => { rematch = true; break; }
                                 Err(err) => return end(status(err)),
                             }
                         }
                     }
+                    if rematch && let Err(s) = self.reconcile().await { return end(s); }
                 }
             }
             let msg = x509_response(&self.svids, &self.bundle_rx.borrow_and_update());
@@ -418,14 +424,19 @@ impl X509Watch {
     /// identities. A failed attestation or no identity left ends the stream with
     /// `PermissionDenied`.
     async fn reconcile(&mut self) -> Result<(), Status> {
-        self.caller = self
-            .issuer
-            .attest(self.peer.as_deref())
-            .await
-            .map_err(status)?;
+        // An entry edited or deleted between the match and the mint refuses the mint: one
+        // more match settles whether the caller still has an identity.
+        match self.reconcile_once().await {
+            Err(IssueError::NoIdentity) => self.reconcile_once().await.map_err(status),
+            r => r.map_err(status),
+        }
+    }
+
+    async fn reconcile_once(&mut self) -> Result<(), IssueError> {
+        self.caller = self.issuer.attest(self.peer.as_deref()).await?;
         let current = self.issuer.identities(&self.caller);
         if current.is_empty() {
-            return Err(Status::permission_denied(NO_IDENTITY));
+            return Err(IssueError::NoIdentity);
         }
         let now_s = OffsetDateTime::now_utc().unix_timestamp();
         let mut old = std::mem::take(&mut self.svids);
@@ -437,11 +448,7 @@ impl X509Watch {
             if let Some(i) = keep {
                 self.svids.push(old.swap_remove(i));
             } else {
-                let s = self
-                    .issuer
-                    .issue_x509(&self.caller, e)
-                    .await
-                    .map_err(status)?;
+                let s = self.issuer.issue_x509(&self.caller, e).await?;
                 let at = refresh_at(&s, Instant::now());
                 self.svids.push((s, at));
             }

@@ -663,6 +663,7 @@ impl Exchanger {
             entry: Arc::clone(&entry),
             task_id: &task_id,
             ttl,
+            not_after: subject.exp,
             claims,
             x509,
             audit: details,

@@ -48,6 +48,10 @@ pub struct TaskGrant<'a> {
     pub task_id: &'a str,
     /// Lifetime (already capped).
     pub ttl: Duration,
+    /// Unix seconds the credentials may not outlive (the subject token's `exp`), checked
+    /// again at mint: `ttl` was capped from an earlier clock reading. A subject token within
+    /// its leeway still gets one second.
+    pub not_after: i64,
     /// Token claims except `iat`, `exp` and `jti`, which are set here.
     pub claims: Map<String, Value>,
     /// Also mint a task X.509-SVID.
@@ -161,7 +165,10 @@ impl Issuer {
             return Err(IssueError::NoIdentity);
         };
         let ttl = current.cap_ttl(g.ttl, now).max(Duration::from_secs(1));
-        let exp = crate::ca::credential_expiry(now, ttl, self.ca.not_after());
+        let exp = crate::ca::credential_expiry(now, ttl, self.ca.not_after()).min(
+            OffsetDateTime::from_unix_timestamp(g.not_after.max(now.unix_timestamp() + 1))
+                .unwrap_or(now),
+        );
         let lease_id = LeaseId::random();
         let jti = lease_id.to_string();
         // Taken, not cloned: the grant is not used after minting.
@@ -208,7 +215,9 @@ impl Issuer {
             ev = ev.detail(k, v);
         }
         let x509 = if let Some(id) = x509_id {
-            let m = self.ca.mint_x509(&id, g.ttl, now)?;
+            // The token's lifetime, as capped above (entry in force, subject token).
+            let ttl = Duration::try_from(exp - now).unwrap_or(Duration::from_secs(1));
+            let m = self.ca.mint_x509(&id, ttl, now)?;
             let mut l = lease(
                 LeaseId::random(),
                 Kind::X509,
