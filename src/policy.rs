@@ -149,12 +149,66 @@ fn type_name(s: &str) -> EntityTypeName {
 
 /// Parses a schema in Cedar's human-readable format.
 fn parse_schema(text: &str, origin: &str) -> Result<Schema, PolicyError> {
-    Schema::from_cedarschema_str(text)
+    let refuse = |message: String| PolicyError::Schema {
+        origin: origin.into(),
+        message,
+    };
+    let schema = Schema::from_cedarschema_str(text)
         .map(|(s, _warnings)| s)
-        .map_err(|e| PolicyError::Schema {
-            origin: origin.into(),
-            message: e.to_string(),
-        })
+        .map_err(|e| refuse(e.to_string()))?;
+    let json = cedar_policy::SchemaFragment::from_cedarschema_str(text)
+        .map_err(|e| refuse(e.to_string()))
+        .and_then(|(f, _)| f.to_json_value().map_err(|e| refuse(e.to_string())))?;
+    subject_claims_are_strings(&json).map_err(refuse)?;
+    Ok(schema)
+}
+
+/// Subject-token claims reach policies as strings (booleans and numbers included, as
+/// `"true"`, `"42"`). A schema declaring one of them another type validates, yet a policy
+/// comparing it with a value of that type never matches: `email_verified == false` in a
+/// `forbid` would never forbid. Such a schema is refused.
+fn subject_claims_are_strings(json: &serde_json::Value) -> Result<(), String> {
+    let Some(namespaces) = json.as_object() else {
+        return Ok(());
+    };
+    for ns in namespaces.values() {
+        let common = &ns["commonTypes"];
+        // A reference to a common type of this namespace, by its plain or qualified name.
+        let resolve = |t: &'_ serde_json::Value| -> serde_json::Value {
+            match t["name"]
+                .as_str()
+                .map(|n| n.rsplit("::").next().unwrap_or(n))
+            {
+                Some(n) if t["type"] == "EntityOrCommon" && common.get(n).is_some() => {
+                    common[n].clone()
+                }
+                _ => t.clone(),
+            }
+        };
+        let context = resolve(&ns["actions"]["exchange"]["appliesTo"]["context"]);
+        let subject = resolve(&context["attributes"]["subject"]);
+        let Some(attrs) = subject["attributes"].as_object() else {
+            continue;
+        };
+        let not_strings: Vec<String> = attrs
+            .iter()
+            .filter_map(|(name, t)| {
+                let ty = match t["type"].as_str() {
+                    Some("EntityOrCommon") => t["name"].as_str().unwrap_or("?"),
+                    other => other.unwrap_or("?"),
+                };
+                (!matches!(ty, "String" | "__cedar::String")).then(|| format!("{name} ({ty})"))
+            })
+            .collect();
+        if !not_strings.is_empty() {
+            return Err(format!(
+                "the exchange context's subject claims must all be String (claims reach policies as \
+                 strings, so a comparison with another type would never match): {}",
+                not_strings.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Engine {
@@ -630,6 +684,28 @@ mod tests {
             engine(r#"permit(principal, action, resource) when { principal.team == "x" };"#),
             Err(PolicyError::Invalid { .. })
         ));
+    }
+
+    #[test]
+    fn a_schema_typing_a_subject_claim_other_than_string_is_refused() {
+        // As the shipped schema advises, then with a claim typed as the IdP sends it.
+        let extended =
+            BUILTIN_SCHEMA.replace("email?: String,", "email?: String,\n    groups?: String,");
+        parse_schema(&extended, "test").unwrap();
+        let bool_claim = BUILTIN_SCHEMA.replace("email_verified?: String", "email_verified?: Bool");
+        let e = parse_schema(&bool_claim, "test").unwrap_err().to_string();
+        assert!(
+            e.contains("must all be String") && e.contains("email_verified (Bool)"),
+            "{e}"
+        );
+        // An inline record in the context, not the common type, is checked the same way.
+        let inline = BUILTIN_SCHEMA.replace(
+            "subject: Subject,",
+            "subject: { iss: String, sub: String, n: Long },",
+        );
+        assert_ne!(inline, BUILTIN_SCHEMA);
+        let e = parse_schema(&inline, "test").unwrap_err().to_string();
+        assert!(e.contains("n (Long)"), "{e}");
     }
 
     #[test]
