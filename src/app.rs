@@ -198,6 +198,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     if !invalid_entries.is_empty() {
         issuer.hold_invalid_entries(invalid_entries);
     }
+    warn_unmatchable_paths(issuer.entries().iter().map(|(e, _)| &**e));
     issuer.init_activity(snapshot.entry_activity);
     let policy = Arc::new(Engine::load(
         cfg.policy_file.as_deref(),
@@ -406,6 +407,27 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         store_failed,
         _data_lock: data_lock,
     })
+}
+
+/// Warns of `unix:path` selectors that can never match: attestation reports the path the
+/// kernel resolved (`/usr/bin/python3.11`, not the `/usr/bin/python3` link to it).
+fn warn_unmatchable_paths<'a>(entries: impl Iterator<Item = &'a crate::registry::Entry>) {
+    for e in entries {
+        for s in &e.selectors {
+            let crate::attest::Selector::Path(p) = s else {
+                continue;
+            };
+            if let Ok(resolved) = std::fs::canonicalize(p)
+                && resolved.as_os_str() != std::ffi::OsStr::new(p)
+            {
+                tracing::warn!(
+                    entry = %e.id, selector = %s, resolved = %resolved.display(),
+                    "this unix:path names a symbolic link (or a path through one), so no caller \
+                     ever matches it: attestation reports the resolved path; use that instead"
+                );
+            }
+        }
+    }
 }
 
 /// Fetches every OIDC issuer's keys at start and every 15 minutes, so a key an issuer

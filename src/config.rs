@@ -471,7 +471,9 @@ impl Config {
             &defaults.workload_socket,
         )?;
         let admin_socket = absolute("admin.socket", raw.admin.socket, &defaults.admin_socket)?;
-        if workload_socket == admin_socket {
+        // As paths, not as text: `/run/t/../t/w.sock` is `/run/t/w.sock`. (A directory
+        // reached through a symbolic link is refused when the socket is bound.)
+        if lexical(&workload_socket) == lexical(&admin_socket) {
             return Err(invalid(
                 "admin.socket",
                 "must differ from workload_api.socket: the admin API must not be reachable by workloads",
@@ -806,6 +808,22 @@ pub fn default_entry_for_current_user(td: &TrustDomain) -> Entry {
         hint: None,
         max_task_ttl: None,
     }
+}
+
+/// `p` with `.` and `..` resolved by their names alone (nothing is read from the disk).
+fn lexical(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn absolute(key: &str, v: Option<PathBuf>, default: &Path) -> Result<PathBuf, ConfigError> {
@@ -1149,6 +1167,10 @@ mod tests {
                 "`http.issuer`: an http:// issuer beyond loopback",
             ),
             ("data_dir = \"relative\"", "`data_dir`"),
+            (
+                "workload_api.socket = \"/run/t/w.sock\"\nadmin.socket = \"/run/t/../t/./w.sock\"",
+                "`admin.socket`: must differ from workload_api.socket",
+            ),
             (
                 "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/tesserad\"\nselectors = [\"unix:uid:1\"]",
                 "`entries[0].spiffe_id`: spiffe://tessera.internal/tesserad is reserved",

@@ -710,3 +710,21 @@ async fn a_stored_entry_that_no_longer_validates_can_be_deleted_and_is_not_repla
         format!("spiffe://other.test/unix/uid/{}", my_uid())
     );
 }
+
+#[test]
+fn a_path_selector_naming_a_symbolic_link_is_warned_about() {
+    let dir = open_tempdir();
+    let real = dir.path().join("agent");
+    std::fs::copy("/bin/true", &real).unwrap();
+    let link = dir.path().join("agent-link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let d = Daemon::start(&format!(
+        "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/linked\"\nselectors = [\"unix:path:{}\"]\n",
+        link.display()
+    ));
+    let log = d.log_text();
+    assert!(
+        log.contains("names a symbolic link") && log.contains(&*real.to_string_lossy()),
+        "{log}"
+    );
+}
