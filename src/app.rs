@@ -87,8 +87,6 @@ pub struct Running {
     tasks: Vec<(&'static str, JoinHandle<()>)>,
     store: Arc<dyn Store>,
     store_failed: tokio::sync::watch::Receiver<Option<String>>,
-    /// Held until the process ends (see [`crate::fsutil::lock_dir`]).
-    _data_lock: std::fs::File,
 }
 
 /// How long a drain may take before remaining connections are cut.
@@ -100,11 +98,14 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         path: cfg.data_dir.clone(),
         source,
     })?;
-    // Before anything in it is read or written.
+    // Before anything in it is read or written, and held until the process ends: the
+    // store's writer thread may still close the database and the audit file after shutdown
+    // returns (a failed start exits at once).
     let data_lock = crate::fsutil::lock_dir(&cfg.data_dir).map_err(|source| AppError::DataDir {
         path: cfg.data_dir.clone(),
         source,
     })?;
+    std::mem::forget(data_lock);
     let ca = Arc::new(Ca::load_or_create(
         &cfg.trust_domain,
         &cfg.data_dir,
@@ -405,7 +406,6 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         tasks,
         store,
         store_failed,
-        _data_lock: data_lock,
     })
 }
 
@@ -620,9 +620,6 @@ impl Running {
         for p in [&self.workload_socket, &self.admin_socket] {
             let _ = std::fs::remove_file(p);
         }
-        // The store's writer thread may still close the database and the audit file after
-        // this returns: the directory stays locked until the process ends.
-        std::mem::forget(self._data_lock);
         tracing::info!("tesserad stopped");
     }
 }

@@ -73,6 +73,14 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Grants the same identity to the same callers as `other`: the same SPIFFE ID and the
+    /// same selectors, in any order (an entry's are few and distinct).
+    pub fn same_grant(&self, other: &Entry) -> bool {
+        self.spiffe_id == other.spiffe_id
+            && self.selectors.len() == other.selectors.len()
+            && self.selectors.iter().all(|s| other.selectors.contains(s))
+    }
+
     /// True when the entry can grant at `now`.
     pub fn is_live(&self, now: OffsetDateTime) -> bool {
         self.expires_at.is_none_or(|t| now < t)
@@ -97,11 +105,6 @@ pub struct Registry {
     /// Whether any entry has a `unix:sha256` selector: most deployments have none, and then
     /// no caller needs hashing, without a look at every entry per request.
     any_sha256: std::sync::atomic::AtomicBool,
-}
-
-/// The same selectors, in any order (an entry's are few and distinct).
-fn same_set(a: &[Selector], b: &[Selector]) -> bool {
-    a.len() == b.len() && a.iter().all(|s| b.contains(s))
 }
 
 fn has_sha256(entries: &[Entry]) -> bool {
@@ -147,12 +150,7 @@ impl Registry {
         self.tx
             .borrow()
             .iter()
-            .find(|c| {
-                Arc::ptr_eq(c, e)
-                    || (c.id == e.id
-                        && c.spiffe_id == e.spiffe_id
-                        && same_set(&c.selectors, &e.selectors))
-            })
+            .find(|c| Arc::ptr_eq(c, e) || (c.id == e.id && c.same_grant(e)))
             .cloned()
     }
 

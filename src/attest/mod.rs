@@ -290,14 +290,13 @@ pub struct Attestor {
 struct GroupInterest {
     generation: u64,
     gids: HashSet<u32>,
-    names: Vec<String>,
+    names: BTreeSet<String>,
     /// `names` resolved: gid → the names (of `names`) it has.
     named: HashMap<u32, Vec<String>>,
     resolved_at: Option<Instant>,
 }
 
-/// Forgets a user's hashing turn nobody holds or awaits (a clone is taken under the same
-/// shard lock, so one being taken keeps it).
+/// Forgets a user's hashing turn when a request is done with it ([`Attestor::forget_turn`]).
 struct ForgetTurn<'a> {
     attestor: &'a Attestor,
     uid: u32,
@@ -305,9 +304,7 @@ struct ForgetTurn<'a> {
 
 impl Drop for ForgetTurn<'_> {
     fn drop(&mut self) {
-        self.attestor
-            .hashing_uid
-            .remove_if(&self.uid, |_, g| Arc::strong_count(g) == 1);
+        self.attestor.forget_turn(self.uid);
     }
 }
 
@@ -365,8 +362,7 @@ impl Attestor {
     /// Sets the supplementary groups entries name (`unix:supplementary_gid`,
     /// `unix:supplementary_group`); others are left out of attestations. Attestations kept
     /// by connections are redone at their next request.
-    pub fn want_groups(&self, gids: HashSet<u32>, mut names: Vec<String>) {
-        names.sort();
+    pub fn want_groups(&self, gids: HashSet<u32>, names: BTreeSet<String>) {
         {
             let current = self.interest.read().unwrap_or_else(|e| e.into_inner());
             // Most entry edits name no new group: kept attestations stay good.
@@ -711,17 +707,21 @@ impl Attestor {
             if let Some(h) = &h {
                 this.remember_hash(key, Arc::clone(h));
             }
+            // Ended here, not with the request, when the request was cancelled meanwhile.
             drop(user_turn);
-            // Forget the user's turn once nobody holds or awaits it (a clone is taken under
-            // the same shard lock), so the map holds the users hashing now, not every uid
-            // ever seen.
-            this.hashing_uid
-                .remove_if(&uid, |_, g| Arc::strong_count(g) == 1);
+            this.forget_turn(uid);
             h.map(|h| h.to_string())
         })
         .await
         .ok()
         .flatten()
+    }
+
+    /// Forgets `uid`'s hashing turn once nobody holds or awaits it (a clone is taken under
+    /// the same shard lock), so the map holds the users hashing now, not every uid ever seen.
+    fn forget_turn(&self, uid: u32) {
+        self.hashing_uid
+            .remove_if(&uid, |_, g| Arc::strong_count(g) == 1);
     }
 
     fn remember_hash(&self, key: FileKey, hex: Arc<str>) {
@@ -1074,7 +1074,7 @@ mod tests {
         let (conn, _) = listener.accept().unwrap();
         let peer = PeerInfo::from_socket(conn.as_raw_fd()).unwrap();
         let attestor = Arc::new(Attestor::new(1 << 30).with_admin_gids([47_103]));
-        attestor.want_groups([47_101].into(), vec!["root".into()]);
+        attestor.want_groups([47_101].into(), ["root".into()].into());
         let kept = |a: &Attestation| {
             a.selectors
                 .iter()
@@ -1101,13 +1101,13 @@ mod tests {
             &attestor.attest(&peer, |_| false).await.unwrap()
         ));
         // An entry edit that names no new group keeps it.
-        attestor.want_groups([47_101].into(), vec!["root".into()]);
+        attestor.want_groups([47_101].into(), ["root".into()].into());
         assert!(Arc::ptr_eq(
             &first,
             &attestor.attest(&peer, |_| false).await.unwrap()
         ));
         // An entry names another group: the connection is attested again, with it.
-        attestor.want_groups([47_101, 47_102].into(), Vec::new());
+        attestor.want_groups([47_101, 47_102].into(), BTreeSet::new());
         let second = attestor.attest(&peer, |_| false).await.unwrap();
         assert_eq!(
             kept(&second),

@@ -3,6 +3,7 @@
 //! Every action is made durable (with its audit record) before it takes effect in memory, and
 //! takes the issuance barrier exclusively so that no credential slips past it.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::{IssueError, Issuer, now_ms};
@@ -280,13 +281,15 @@ impl Issuer {
         }
         // Before the entries are visible: a caller matched against them is attested with
         // the groups they name.
-        let (mut gids, mut names) = (std::collections::HashSet::new(), Vec::new());
+        let (mut gids, mut names) = (std::collections::HashSet::new(), BTreeSet::new());
         for s in all.iter().flat_map(|e| &e.selectors) {
             match s {
                 Selector::SupplementaryGid(g) => {
                     gids.insert(*g);
                 }
-                Selector::SupplementaryGroup(n) if !names.contains(n) => names.push(n.clone()),
+                Selector::SupplementaryGroup(n) => {
+                    names.insert(n.clone());
+                }
                 _ => {}
             }
         }
@@ -371,15 +374,7 @@ impl Issuer {
             .iter()
             .find(|(e, _)| e.id == entry.id)
             .map(|(e, _)| e.clone());
-        let regrants = previous.as_ref().is_some_and(|p| {
-            let set = |e: &Entry| {
-                e.selectors
-                    .iter()
-                    .cloned()
-                    .collect::<std::collections::BTreeSet<_>>()
-            };
-            p.spiffe_id != entry.spiffe_id || set(p) != set(&entry)
-        });
+        let regrants = previous.as_ref().is_some_and(|p| !p.same_grant(&entry));
         // Every edit: an issuance under way reads the entry in force (its lifetime and expiry
         // included) under the barrier, so none mints from the old one after this returns.
         let _excl = self.barrier.write().await;

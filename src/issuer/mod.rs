@@ -688,23 +688,8 @@ impl Issuer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lease::store::Held;
     use std::os::fd::AsRawFd;
-    use std::sync::Mutex;
-    use tokio::sync::oneshot;
-
-    /// A store that holds every submission until the test answers it.
-    type Job = (Vec<Op>, oneshot::Sender<Result<(), StoreError>>);
-
-    #[derive(Debug, Default)]
-    struct Held(Mutex<Vec<Job>>);
-
-    impl Store for Held {
-        fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>> {
-            let (tx, rx) = oneshot::channel();
-            self.0.lock().unwrap().push((ops, tx));
-            rx
-        }
-    }
 
     fn issuer(dir: &std::path::Path, store: Arc<dyn Store>, config: Vec<Entry>) -> Arc<Issuer> {
         let td = TrustDomain::parse("td.test").unwrap();
@@ -749,7 +734,7 @@ mod tests {
             "a new clock"
         );
         assert_eq!(i.last_active("config-1"), None);
-        let ops = held.0.lock().unwrap().pop().unwrap().0;
+        let ops = held.jobs.lock().unwrap().pop().unwrap().0;
         assert!(
             ops.iter()
                 .any(|op| matches!(op, Op::DeleteEntry(id) if id == "config-1"))
@@ -787,7 +772,7 @@ mod tests {
             });
             // The lease is submitted, and nothing comes back while it is not on disk.
             let job = loop {
-                if let Some(j) = held.0.lock().unwrap().pop() {
+                if let Some(j) = held.jobs.lock().unwrap().pop() {
                     break j;
                 }
                 tokio::task::yield_now().await;

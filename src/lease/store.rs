@@ -196,6 +196,22 @@ impl Drop for Unanswered {
 
 type Job = (Vec<Op>, oneshot::Sender<Result<(), StoreError>>);
 
+/// A store whose commits land when the test says (tests of the store and the issuance path).
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct Held {
+    pub(crate) jobs: Mutex<Vec<Job>>,
+}
+
+#[cfg(test)]
+impl Store for Held {
+    fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs.lock().unwrap().push((ops, tx));
+        rx
+    }
+}
+
 /// SQLite (WAL) lease store with a single group-committing writer thread.
 #[derive(Debug)]
 pub struct SqliteStore {
@@ -1274,19 +1290,7 @@ mod tests {
         }
     }
 
-    /// A store whose commits land when the test says.
-    #[derive(Debug, Default)]
-    struct Held {
-        jobs: Mutex<Vec<Job>>,
-    }
-
-    impl Store for Held {
-        fn submit(&self, ops: Vec<Op>) -> oneshot::Receiver<Result<(), StoreError>> {
-            let (tx, rx) = oneshot::channel();
-            self.jobs.lock().unwrap().push((ops, tx));
-            rx
-        }
-    }
+    use super::Held;
 
     #[tokio::test]
     async fn an_issuance_whose_caller_went_away_is_withdrawn_once_it_lands() {
