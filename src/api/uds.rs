@@ -192,8 +192,29 @@ pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    // Bound under a temporary name, given its mode, and only then renamed into place: bound
+    // at `path` directly, the socket would sit there with the umask's mode (0777 under
+    // UMask=0000) until the chmod. The directory was checked above to be writable by this
+    // user alone, so nobody else can take or swap the temporary name.
+    let tmp = dir.join(format!(".tesserad.{}.tmp", std::process::id()));
+    // Unix socket paths hold at most 107 bytes: should the temporary name not fit where the
+    // configured one does, bind in place and chmod right after, as before.
+    if tmp.as_os_str().len() > 107 {
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        return Ok(listener);
+    }
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(&tmp)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     Ok(listener)
 }
 
@@ -315,6 +336,22 @@ mod tests {
         // Sticky, as /tmp is: only the owner of `run` can rename it.
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
         drop(bind(&open.join("run/workload.sock"), 0o666).unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_socket_appears_with_its_mode_and_no_temporary_is_left() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("a.sock");
+        let l = bind(&sock, 0o600).unwrap();
+        assert_eq!(std::fs::metadata(&sock).unwrap().mode() & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from("a.sock")]);
+        // The renamed socket is the one listening.
+        let _c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        drop(l);
     }
 
     #[tokio::test]
