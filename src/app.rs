@@ -200,6 +200,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         issuer.hold_invalid_entries(invalid_entries);
     }
     warn_unmatchable_paths(issuer.entries().iter().map(|(e, _)| &**e));
+    warn_expired(issuer.entries().iter().map(|(e, _)| &**e));
     issuer.init_activity(snapshot.entry_activity);
     let policy = Arc::new(Engine::load(
         cfg.policy_file.as_deref(),
@@ -426,6 +427,21 @@ fn warn_unmatchable_paths<'a>(entries: impl Iterator<Item = &'a crate::registry:
                      ever matches it: attestation reports the resolved path; use that instead"
                 );
             }
+        }
+    }
+}
+
+/// Warns of entries whose `expires_at` has passed: they grant nothing. Not refused, as in
+/// the API: an entry in the file would then stop the daemon from restarting once its date
+/// passed.
+fn warn_expired<'a>(entries: impl Iterator<Item = &'a crate::registry::Entry>) {
+    let now = time::OffsetDateTime::now_utc();
+    for e in entries {
+        if let Some(t) = e.expires_at.filter(|&t| t <= now) {
+            tracing::warn!(
+                entry = %e.id, spiffe_id = %e.spiffe_id, expires_at = %t,
+                "this entry has expired and grants nothing; remove it, or move its expires_at"
+            );
         }
     }
 }

@@ -1371,6 +1371,15 @@ async fn inventory_expired_and_idle_entries_get_nothing() {
         .unwrap();
     let ids: Vec<String> = svids.iter().map(|s| s.spiffe_id().to_string()).collect();
     assert_eq!(ids, ["spiffe://tessera.internal/agents/b"]);
+    // The operator is told at start-up.
+    assert!(
+        d.log_text()
+            .lines()
+            .any(|l| l.contains("has expired and grants nothing")
+                && l.contains("spiffe://tessera.internal/agents/a")),
+        "{}",
+        d.log_text()
+    );
 
     let entries = cli_json(&d, &["entry", "list"]);
     let b = entries

@@ -550,6 +550,24 @@ async fn admin_api_refuses_bad_input_and_changes_nothing() {
         "{}",
         e.message()
     );
+    // An entry that could never grant.
+    let e = a
+        .create_entry(admin_pb::CreateEntryRequest {
+            entry: Some(admin_pb::Entry {
+                spiffe_id: "spiffe://tessera.internal/x".into(),
+                selectors: vec!["unix:uid:1".into()],
+                expires_at: "2020-01-01T00:00:00Z".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("expires_at") && e.message().contains("in the past"),
+        "{}",
+        e.message()
+    );
     let e = a
         .restore_identity(admin_pb::RestoreIdentityRequest {
             spiffe_id: "spiffe://tessera.internal/never-killed".into(),

@@ -298,13 +298,27 @@ impl Issuer {
     }
 
     fn validate_spec(&self, id: &str, spec: &EntrySpec) -> Result<Entry, IssueError> {
-        spec.validate(id, "", &self.settings.trust_domain)
+        let entry = spec
+            .validate(id, "", &self.settings.trust_domain)
             .map_err(|e| match e {
                 crate::config::ConfigError::Invalid { key, message } => {
                     IssueError::InvalidArgument(format!("{key}: {message}"))
                 }
                 other => IssueError::InvalidArgument(other.to_string()),
-            })
+            })?;
+        // Such an entry could never grant. Nor would it withdraw anything already granted:
+        // that is what deleting the entry does.
+        if entry
+            .expires_at
+            .is_some_and(|t| t <= time::OffsetDateTime::now_utc())
+        {
+            return Err(IssueError::InvalidArgument(format!(
+                "expires_at: {} is in the past, so the entry could never grant; to stop an \
+                 entry and revoke what it granted, delete it",
+                spec.expires_at.as_deref().unwrap_or_default()
+            )));
+        }
+        Ok(entry)
     }
 
     /// Creates a stored entry; live streams see it at once.
