@@ -163,7 +163,14 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
             Ok(pair) => stored_entries.push(pair),
             Err(e) => {
                 tracing::error!(entry = %id, error = %e, "stored entry no longer valid; it grants nothing until deleted (tessera entry delete ID)");
-                invalid_entries.push((id, e));
+                let spiffe_id = serde_json::from_str::<serde_json::Value>(&json)
+                    .ok()
+                    .and_then(|v| v.get("spiffe_id")?.as_str().map(str::to_owned));
+                invalid_entries.push(crate::issuer::InvalidEntry {
+                    id,
+                    spiffe_id,
+                    reason: e,
+                });
             }
         }
     }

@@ -679,6 +679,37 @@ async fn a_stored_entry_that_no_longer_validates_can_be_deleted_and_is_not_repla
         client.fetch_x509_svid().await.is_err(),
         "the built-in default entry stood in for an invalid stored one"
     );
+    // The inventory still shows it, and why it grants nothing.
+    let o = d.cli(&["entry", "list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let held_entry = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(held_entry["spiffe_id"], "spiffe://tessera.internal/stored");
+    assert!(
+        held_entry["invalid"]
+            .as_str()
+            .is_some_and(|r| r.contains("other.test")),
+        "{held_entry}"
+    );
+    let o = d.cli(&["entry", "list"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(id.as_str()) && l.contains("INVALID")),
+        "{text}"
+    );
+    // An update would drop the fields the daemon can no longer read: refused, with the way out.
+    let o = d.cli(&["entry", "update", &id, "--owner", "x"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("no longer validates") && err.contains("entry delete"),
+        "{err}"
+    );
     let o = d.cli(&["entry", "delete", &id]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // What it granted goes with it.
@@ -703,6 +734,8 @@ async fn a_stored_entry_that_no_longer_validates_can_be_deleted_and_is_not_repla
         ),
         "{lease}"
     );
+    let o = d.cli(&["entry", "list", "--json"]);
+    assert!(!String::from_utf8_lossy(&o.stdout).contains(id.as_str()));
     // Nothing is configured any more: the default identity is served.
     let svid = client.fetch_x509_svid().await.unwrap();
     assert_eq!(

@@ -284,6 +284,7 @@ pub fn entry_to_pb(e: &Entry, from_config: bool) -> pb::Entry {
         max_task_ttl_seconds: e.max_task_ttl.map_or(0, |d| d.as_secs() as i64),
         last_active: 0,
         idle: false,
+        invalid: String::new(),
     }
 }
 
@@ -389,14 +390,25 @@ impl pb::admin_server::Admin for AdminApi {
         req: Request<pb::ListEntriesRequest>,
     ) -> Result<Response<pb::ListEntriesResponse>, Status> {
         self.authorize(&req).await?;
-        Ok(Response::new(pb::ListEntriesResponse {
-            entries: self
-                .issuer
-                .entries()
-                .iter()
-                .map(|(e, cfg)| self.entry_pb(e, *cfg))
-                .collect(),
-        }))
+        let mut entries: Vec<pb::Entry> = self
+            .issuer
+            .entries()
+            .iter()
+            .map(|(e, cfg)| self.entry_pb(e, *cfg))
+            .collect();
+        // The inventory shows every stored entry, those that grant nothing included.
+        entries.extend(
+            self.issuer
+                .invalid_entries()
+                .into_iter()
+                .map(|e| pb::Entry {
+                    id: e.id,
+                    spiffe_id: e.spiffe_id.unwrap_or_default(),
+                    invalid: e.reason,
+                    ..Default::default()
+                }),
+        );
+        Ok(Response::new(pb::ListEntriesResponse { entries }))
     }
 
     async fn create_entry(

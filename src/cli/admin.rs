@@ -98,6 +98,7 @@ pub(super) async fn entry_list(cli: &Cli) -> anyhow::Result<()> {
                     "from_config": e.from_config,
                     "last_active": (e.last_active > 0).then(|| rfc3339(e.last_active)),
                     "idle": e.idle,
+                    "invalid": opt(&e.invalid),
                 })
             })
             .collect();
@@ -116,6 +117,15 @@ pub(super) async fn entry_list(cli: &Cli) -> anyhow::Result<()> {
         }
     };
     for e in &r.entries {
+        if !e.invalid.is_empty() {
+            println!(
+                "{:<10} {:<44} INVALID, grants nothing until deleted: {}",
+                e.id,
+                dash(&e.spiffe_id),
+                e.invalid
+            );
+            continue;
+        }
         let active = if e.idle {
             "IDLE".to_owned()
         } else if e.last_active > 0 {
@@ -525,6 +535,15 @@ pub(super) async fn entry_update(cli: &Cli, id: &str, a: &super::EntryArgs) -> a
         .into_iter()
         .find(|e| e.id == id)
         .ok_or_else(|| anyhow::anyhow!("no entry {id}"))?;
+    // The daemon no longer knows this entry's other fields, so an update would drop them
+    // unseen.
+    if !e.invalid.is_empty() {
+        anyhow::bail!(
+            "entry {id} no longer validates ({}) and grants nothing; delete it \
+             (tessera entry delete {id}) and create what it should be",
+            e.invalid
+        );
+    }
     apply_args(&mut e, a)?;
     let updated = c
         .update_entry(pb::UpdateEntryRequest { entry: Some(e) })

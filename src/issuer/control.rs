@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use super::{IssueError, Issuer, now_ms};
+use super::{InvalidEntry, IssueError, Issuer, now_ms};
 use crate::attest::Selector;
 use crate::audit::{Actor, Event};
 use crate::config::EntrySpec;
@@ -241,10 +241,10 @@ impl Issuer {
             .collect()
     }
 
-    /// Stored entries that failed validation at start, `(id, reason)`: they grant nothing,
-    /// may be deleted or replaced by id, and, while any is held, the built-in default entry
-    /// is not served in their place.
-    pub fn hold_invalid_entries(&self, invalid: Vec<(String, String)>) {
+    /// Stored entries that failed validation at start: they grant nothing, may be deleted or
+    /// replaced by id, and, while any is held, the built-in default entry is not served in
+    /// their place.
+    pub fn hold_invalid_entries(&self, invalid: Vec<InvalidEntry>) {
         *self
             .invalid_entries
             .lock()
@@ -257,7 +257,15 @@ impl Issuer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .any(|(i, _)| i == id)
+            .any(|e| e.id == id)
+    }
+
+    /// The stored entries held because they no longer validate, for the inventory.
+    pub fn invalid_entries(&self) -> Vec<InvalidEntry> {
+        self.invalid_entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(super) fn publish_entries(&self) {
@@ -445,7 +453,7 @@ impl Issuer {
         self.invalid_entries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(i, _)| **i != *entry.id);
+            .retain(|e| *e.id != *entry.id);
         self.publish_entries();
         // After the new entry set is out: a stream woken by the revocation re-matches its
         // caller against the edited entry, not the old one (which no longer grants).
@@ -518,7 +526,7 @@ impl Issuer {
         self.invalid_entries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(i, _)| i != id);
+            .retain(|e| e.id != id);
         self.publish_entries();
         if !revoked.is_empty() {
             count_by_kind(&self.metrics, self.leases.revoke(&revoked, &Arc::new(rev)));

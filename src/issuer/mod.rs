@@ -120,6 +120,17 @@ pub struct JwtSvid {
     pub entry: Arc<Entry>,
 }
 
+/// A stored entry that no longer validates against the daemon's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidEntry {
+    /// The id it is stored under, by which it can be deleted or replaced.
+    pub id: String,
+    /// As stored, if it could be read: the inventory's clue to what the entry was.
+    pub spiffe_id: Option<String>,
+    /// Why it no longer validates.
+    pub reason: String,
+}
+
 /// Daemon-wide issuance settings.
 #[derive(Debug, Clone)]
 pub struct IssuerSettings {
@@ -195,9 +206,9 @@ pub struct Issuer {
     /// Entries from the config file (read-only) and from the store (editable).
     config_entries: Vec<Entry>,
     stored_entries: std::sync::Mutex<Vec<(Entry, EntrySpec)>>,
-    /// Stored entries that no longer validate (say, after a trust-domain change), by id with
-    /// the reason: they grant nothing, but can be deleted or replaced through the admin API.
-    invalid_entries: std::sync::Mutex<Vec<(String, String)>>,
+    /// Stored entries that no longer validate (say, after a trust-domain change): they grant
+    /// nothing, but can be deleted or replaced through the admin API.
+    invalid_entries: std::sync::Mutex<Vec<InvalidEntry>>,
     /// Per entry id: last issuance or review, and when that was last made durable (Unix ms).
     activity: dashmap::DashMap<Arc<str>, (i64, i64)>,
     /// How many refusals each caller may still write to the audit log.
