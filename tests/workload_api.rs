@@ -659,6 +659,14 @@ async fn stream_rotates_at_half_life_with_fresh_keys() {
 async fn connection_opened_by_helper(
     socket: &std::path::Path,
 ) -> (std::process::Child, std::os::unix::net::UnixStream) {
+    connection_opened_by_helper_with_groups(socket, &[]).await
+}
+
+/// Same, the helper holding exactly these supplementary groups (needs root) if any are given.
+async fn connection_opened_by_helper_with_groups(
+    socket: &std::path::Path,
+    groups: &'static [libc::gid_t],
+) -> (std::process::Child, std::os::unix::net::UnixStream) {
     use std::os::fd::FromRawFd;
     let dir = common::open_tempdir();
     let handoff = dir.path().join("handoff.sock");
@@ -670,10 +678,22 @@ async fn connection_opened_by_helper(
         socket.to_str().unwrap(),
         handoff.to_str().unwrap()
     );
-    let helper = std::process::Command::new("python3")
-        .args(["-c", &script])
-        .spawn()
-        .unwrap();
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", &script]);
+    if !groups.is_empty() {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setgroups(2) only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setgroups(groups.len(), groups.as_ptr()) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let helper = cmd.spawn().unwrap();
     let (conn, _) = listener.accept().unwrap();
     let mut buf = [0u8; 1];
     let mut iov = [std::io::IoSliceMut::new(&mut buf)];
@@ -701,12 +721,10 @@ async fn connection_opened_by_helper(
     (helper, stream)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_ends_at_rotation_once_its_process_is_gone() {
-    // The helper connects and passes the connection here, then exits: the stream it opened
-    // must not go on minting fresh keys for a process that no longer exists.
-    let d = Daemon::start(&entry_for_uid("short", my_uid(), "x509_svid_ttl = \"6s\""));
-    let (mut helper, stream) = connection_opened_by_helper(&d.socket).await;
+/// A gRPC client over a connection handed over by [`connection_opened_by_helper`].
+async fn client_over(
+    stream: std::os::unix::net::UnixStream,
+) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
     stream.set_nonblocking(true).unwrap();
     let once = std::sync::Mutex::new(Some(tokio::net::UnixStream::from_std(stream).unwrap()));
     let channel = tonic::transport::Endpoint::from_static("http://localhost")
@@ -719,7 +737,84 @@ async fn a_stream_ends_at_rotation_once_its_process_is_gone() {
         }))
         .await
         .unwrap();
-    let mut client = SpiffeWorkloadApiClient::new(channel);
+    SpiffeWorkloadApiClient::new(channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_stream_is_reattested_when_an_edit_names_a_group_its_caller_holds() {
+    if my_uid() != 0 {
+        common::skip("needs root to give the helper supplementary groups");
+        return;
+    }
+    let d = Daemon::start("");
+    let o = d.cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://tessera.internal/grouped",
+        "--selector",
+        "unix:uid:0",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The helper holds group 4242, which no entry names yet: its attestation leaves it out.
+    let (mut helper, stream) = connection_opened_by_helper_with_groups(&d.socket, &[4242]).await;
+    let mut client = client_over(stream).await;
+    let mut bundles = client
+        .fetch_x509_bundles(with_header(pb::X509BundlesRequest {}))
+        .await
+        .expect("attested as the helper")
+        .into_inner();
+    bundles.next().await.unwrap().unwrap();
+    let edit = |group: &str| {
+        let o = d.cli(&[
+            "entry",
+            "update",
+            &id,
+            "--selector",
+            "unix:uid:0",
+            "--selector",
+            &format!("unix:supplementary_gid:{group}"),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    // Now the entry requires the group the helper holds: still entitled, the stream goes on.
+    edit("4242");
+    match tokio::time::timeout(Duration::from_millis(1500), bundles.next()).await {
+        Err(_) | Ok(Some(Ok(_))) => {}
+        Ok(other) => panic!("the stream of an entitled caller ended: {other:?}"),
+    }
+    // A group it does not hold: no identity left, the stream ends.
+    edit("4243");
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match bundles.next().await {
+                Some(Ok(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream went on without an identity");
+    match end {
+        Some(Err(s)) => assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}"),
+        other => panic!("{other:?}"),
+    }
+    helper.kill().unwrap();
+    helper.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_at_rotation_once_its_process_is_gone() {
+    // The helper connects and passes the connection here, then exits: the stream it opened
+    // must not go on minting fresh keys for a process that no longer exists.
+    let d = Daemon::start(&entry_for_uid("short", my_uid(), "x509_svid_ttl = \"6s\""));
+    let (mut helper, stream) = connection_opened_by_helper(&d.socket).await;
+    let mut client = client_over(stream).await;
     let mut svids = client
         .fetch_x509svid(with_header(pb::X509svidRequest {}))
         .await

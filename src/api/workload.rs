@@ -217,7 +217,8 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let t0 = std::time::Instant::now();
         let caller = self.caller(&req).await?;
         self.check_verifier(&caller, Kind::X509)?;
-        let s = self.bundle_stream(caller, |b| pb::X509BundlesResponse {
+        let peer = req.extensions().get::<PeerConn>().and_then(|p| p.0.clone());
+        let s = self.bundle_stream(peer, caller, |b| pb::X509BundlesResponse {
             crl: crl_of(b),
             bundles: HashMap::from([(b.trust_domain.id_string(), b.x509_der.clone())]),
         });
@@ -264,7 +265,8 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let t0 = std::time::Instant::now();
         let caller = self.caller(&req).await?;
         self.check_verifier(&caller, Kind::Jwt)?;
-        let s = self.bundle_stream(caller, |b| pb::JwtBundlesResponse {
+        let peer = req.extensions().get::<PeerConn>().and_then(|p| p.0.clone());
+        let s = self.bundle_stream(peer, caller, |b| pb::JwtBundlesResponse {
             bundles: HashMap::from([(b.trust_domain.id_string(), b.jwt_jwks.clone())]),
         });
         self.issuer
@@ -460,6 +462,10 @@ impl X509Watch {
 /// State of one bundle stream after its first message.
 struct BundleWatch<F> {
     issuer: Arc<Issuer>,
+    /// The connection's peer, attested again when entries change: the attestation
+    /// keeps only the supplementary groups entries named when it was made, so after an edit
+    /// naming a group the caller holds, the old one would find no identity.
+    peer: Option<Arc<PeerInfo>>,
     caller: Arc<Attestation>,
     allow_unauthenticated: bool,
     bundle_rx: watch::Receiver<Arc<TrustBundle>>,
@@ -479,6 +485,14 @@ impl<T, F: Fn(&TrustBundle) -> T> BundleWatch<F> {
                 changed = self.entries_rx.changed() => {
                     changed.ok()?;
                     self.entries_rx.borrow_and_update();
+                    // Reused from the connection's cache unless the entries name other
+                    // groups now.
+                    if !self.allow_unauthenticated {
+                        match self.issuer.attest(self.peer.as_deref()).await {
+                            Ok(c) => self.caller = c,
+                            Err(e) => return Some((Err(status(e)), None)),
+                        }
+                    }
                 }
                 changed = self.leases_rx.changed() => {
                     changed.ok()?;
@@ -503,11 +517,13 @@ impl WorkloadApi {
     /// verifiers are allowed), and on shutdown.
     fn bundle_stream<T: Send + 'static>(
         &self,
+        peer: Option<Arc<PeerInfo>>,
         caller: Arc<Attestation>,
         render: impl Fn(&TrustBundle) -> T + Send + Sync + 'static,
     ) -> StreamOf<T> {
         let mut w = BundleWatch {
             issuer: Arc::clone(&self.issuer),
+            peer,
             caller,
             allow_unauthenticated: self.allow_unauthenticated_verifiers,
             bundle_rx: self.issuer.ca().subscribe_bundle(),
