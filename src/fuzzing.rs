@@ -154,3 +154,32 @@ pub fn workload_request(data: &[u8]) {
         check_exchange(crate::api::tasks::request_from_pb(r));
     }
 }
+
+/// The HTTP/2 `:authority` rewriter ([`crate::api::authority`]) on any client bytes after the
+/// preface: cut into pieces of any size, they give the same output and the same outcome; a
+/// connection it lets through reaches the server byte for byte.
+pub fn http2_authority(data: &[u8]) {
+    use crate::api::authority::AuthorityFix;
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
+    };
+    let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    input.extend_from_slice(rest);
+    let run = |step: usize| {
+        let mut fix = AuthorityFix::default();
+        let mut out = Vec::new();
+        let mut failed = None;
+        for piece in input.chunks(step) {
+            if let Err(e) = fix.process(piece, &mut out) {
+                failed = Some(e.kind());
+                break;
+            }
+        }
+        (out, failed, fix.passthrough())
+    };
+    let whole = run(input.len());
+    assert_eq!(run(usize::from(cut).max(1)), whole);
+    if whole.2 {
+        assert_eq!(whole.0, input, "a connection let through is changed");
+    }
+}

@@ -46,3 +46,8 @@ fn token_exchange_form_corpus() {
 fn workload_request_corpus() {
     replay("workload_request", tessera::fuzzing::workload_request);
 }
+
+#[test]
+fn http2_authority_corpus() {
+    replay("http2_authority", tessera::fuzzing::http2_authority);
+}

@@ -4,6 +4,7 @@
 //! codes ([`status`]). Nothing here mints or matches; it all goes through [`crate::issuer`].
 
 pub mod admin;
+pub mod authority;
 pub mod http;
 pub mod limits;
 pub mod tasks;

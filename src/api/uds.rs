@@ -15,6 +15,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 
+use crate::api::authority::AuthorityFix;
 use crate::api::limits::{PerUid, Slot};
 use crate::attest::PeerInfo;
 
@@ -29,6 +30,24 @@ pub struct UdsConn {
     peer: PeerConn,
     /// Counted against the peer's uid while the connection is open.
     _slot: Slot,
+    /// The client's bytes on their way to the HTTP/2 server, until the connection is known
+    /// to need no `:authority` rewriting ([`AuthorityFix`]); then `None`.
+    fix: Option<Box<Rewriting>>,
+}
+
+/// A connection's rewriter with what it produced and the server has not read yet.
+struct Rewriting {
+    fix: AuthorityFix,
+    out: Vec<u8>,
+    taken: usize,
+}
+
+impl std::fmt::Debug for Rewriting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rewriting")
+            .field("pending", &(self.out.len() - self.taken))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Connected for UdsConn {
@@ -44,7 +63,31 @@ impl AsyncRead for UdsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        loop {
+            let Some(r) = this.fix.as_mut() else {
+                return Pin::new(&mut this.stream).poll_read(cx, buf);
+            };
+            if r.taken < r.out.len() {
+                let n = (r.out.len() - r.taken).min(buf.remaining());
+                buf.put_slice(&r.out[r.taken..r.taken + n]);
+                r.taken += n;
+                return Poll::Ready(Ok(()));
+            }
+            if r.fix.passthrough() {
+                this.fix = None;
+                continue;
+            }
+            r.out.clear();
+            r.taken = 0;
+            let mut chunk = [0u8; 8192];
+            let mut read = ReadBuf::new(&mut chunk);
+            std::task::ready!(Pin::new(&mut this.stream).poll_read(cx, &mut read))?;
+            if read.filled().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            r.fix.process(read.filled(), &mut r.out)?;
+        }
     }
 }
 
@@ -290,6 +333,11 @@ pub fn incoming(
                                 stream,
                                 peer: PeerConn(peer),
                                 _slot: slot,
+                                fix: Some(Box::new(Rewriting {
+                                    fix: AuthorityFix::default(),
+                                    out: Vec::new(),
+                                    taken: 0,
+                                })),
                             }),
                             (listener, limits, warned),
                         ));
