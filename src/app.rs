@@ -270,19 +270,31 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         0o666
     };
     let admin_listener = bind_uds("admin socket", &cfg.admin_socket, admin_mode)?;
+    let access = AdminAccess::new(cfg.admin_uids.clone(), cfg.admin_gids.clone());
     let admin = AdminApi::new(
         Arc::clone(&issuer),
         Arc::clone(&approvals),
         Arc::clone(&attestor),
-        AdminAccess::new(cfg.admin_uids.clone(), cfg.admin_gids.clone()),
+        access.clone(),
         cfg.workload_socket.display().to_string(),
     );
     let router = Server::builder()
-        .max_concurrent_streams(Some(limits::STREAMS_PER_CONNECTION))
-        .add_service(proto::tessera::v1::admin_server::AdminServer::new(admin));
+        .max_concurrent_streams(Some(limits::ADMIN_STREAMS_PER_CONNECTION))
+        .add_service(
+            proto::tessera::v1::admin_server::AdminServer::new(admin)
+                .max_decoding_message_size(limits::MAX_REQUEST_BYTES),
+        );
+    // Who may be an operator is known from the connection's credentials: anyone else gets
+    // only enough bytes to hear PermissionDenied (the service's check stays the authority).
+    let operators: uds::Admit = Arc::new(move |peer, fd| {
+        access.uids.contains(&peer.uid)
+            || access.gids.contains(&peer.gid)
+            || (!access.gids.is_empty()
+                && uds::peer_groups(fd).is_ok_and(|g| g.iter().any(|g| access.gids.contains(g))))
+    });
     tasks.push((
         "admin",
-        spawn_grpc(router, admin_listener, shutdown.clone()),
+        spawn_grpc(router, admin_listener, Some(operators), shutdown.clone()),
     ));
 
     // 2. HTTP.
@@ -391,7 +403,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     let workload_listener = bind_uds("workload socket", &cfg.workload_socket, 0o666)?;
     tasks.push((
         "workload",
-        spawn_grpc(router, workload_listener, shutdown.clone()),
+        spawn_grpc(router, workload_listener, None, shutdown.clone()),
     ));
     ready.store(true, Ordering::Release);
 
@@ -581,6 +593,7 @@ fn bind_uds(
 fn spawn_grpc(
     router: tonic::transport::server::Router,
     listener: tokio::net::UnixListener,
+    admit: Option<uds::Admit>,
     mut sd: Shutdown,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -589,6 +602,7 @@ fn spawn_grpc(
                 uds::incoming(
                     listener,
                     limits::PerUid::new(limits::CONNECTIONS_PER_UID, limits::CONNECTIONS_TOTAL),
+                    admit,
                 ),
                 async move { sd.wait().await },
             )

@@ -19,7 +19,9 @@ pub const X509_STREAMS_PER_UID: usize = 256;
 /// Concurrent HTTP/2 streams (requests) per connection; tonic would otherwise allow any
 /// number.
 pub const STREAMS_PER_CONNECTION: u32 = 256;
-/// Largest request message on the Workload API socket, as the HTTP API's body limit: the
+/// Concurrent streams per admin connection: the CLI uses one.
+pub const ADMIN_STREAMS_PER_CONNECTION: u32 = 16;
+/// Largest request message on the Workload API and admin sockets, as the HTTP API's body limit: the
 /// largest legitimate one (a token exchange with two 16 KiB tokens and 32 scopes) needs
 /// under half of it, and tonic's default of 4 MiB let any local process hand the daemon
 /// megabytes to parse.

@@ -33,6 +33,49 @@ pub struct UdsConn {
     /// The client's bytes on their way to the HTTP/2 server, until the connection is known
     /// to need no `:authority` rewriting ([`AuthorityFix`]); then `None`.
     fix: Option<Box<Rewriting>>,
+    /// Bytes the client may still send, for a connection the listener's admission check
+    /// refused ([`UNADMITTED_READ_BYTES`]); `None`: no limit.
+    budget: Option<usize>,
+}
+
+/// Bytes a connection that its listener's admission check refuses may send before it is
+/// closed. Enough for a few small requests, so the caller still hears `PermissionDenied` from
+/// the service (and the probe is audited there), while no such connection can make the HTTP/2
+/// server hold more: it would otherwise buffer a message body per stream, 16 MiB per
+/// connection on the admin socket, for any local user once `[admin]` grants open the socket.
+pub const UNADMITTED_READ_BYTES: usize = 16 * 1024;
+
+/// A listener's admission check on a connection's peer credentials and socket.
+pub type Admit = Arc<dyn Fn(&PeerInfo, std::os::fd::RawFd) -> bool + Send + Sync>;
+
+/// The supplementary groups the peer held when it connected (`SO_PEERGROUPS`).
+pub fn peer_groups(fd: std::os::fd::RawFd) -> io::Result<Vec<u32>> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `groups`' buffer and sets `len`.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if r == 0 {
+            groups.truncate(n);
+            return Ok(groups);
+        }
+        let e = io::Error::last_os_error();
+        // Too small: the kernel said how much it needs.
+        if e.raw_os_error() == Some(libc::ERANGE) && n > groups.len() {
+            groups.resize(n, 0);
+            continue;
+        }
+        return Err(e);
+    }
 }
 
 /// A connection's rewriter with what it produced and the server has not read yet.
@@ -59,6 +102,31 @@ impl Connected for UdsConn {
 
 impl AsyncRead for UdsConn {
     fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let Some(left) = self.budget else {
+            return self.poll_read_unlimited(cx, buf);
+        };
+        if left == 0 {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "a connection refused by the admission check sent more than it may",
+            )));
+        }
+        let mut chunk = [0u8; 4096];
+        let room = left.min(chunk.len()).min(buf.remaining());
+        let mut limited = ReadBuf::new(&mut chunk[..room]);
+        std::task::ready!(self.as_mut().poll_read_unlimited(cx, &mut limited))?;
+        buf.put_slice(limited.filled());
+        self.budget = Some(left - limited.filled().len());
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl UdsConn {
+    fn poll_read_unlimited(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
@@ -289,14 +357,17 @@ pub async fn channel(path: &Path) -> Result<tonic::transport::Channel, tonic::tr
 }
 
 /// The accepted connections of `listener`, each with its peer credentials read at accept.
+/// With `admit`, a connection whose peer it refuses (or whose peer is unknown) may send only
+/// [`UNADMITTED_READ_BYTES`].
 pub fn incoming(
     listener: UnixListener,
     limits: Arc<PerUid>,
+    admit: Option<Admit>,
 ) -> impl Stream<Item = io::Result<UdsConn>> {
     let warned = crate::api::limits::Throttle::new(Duration::from_secs(10));
     futures_util::stream::unfold(
-        (listener, limits, warned),
-        |(listener, limits, warned)| async move {
+        (listener, limits, warned, admit),
+        |(listener, limits, warned, admit)| async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
@@ -328,9 +399,16 @@ pub fn incoming(
                             }
                             continue;
                         };
+                        let budget = admit.as_ref().and_then(|admit| {
+                            let admitted = peer
+                                .as_deref()
+                                .is_some_and(|p| admit(p, stream.as_raw_fd()));
+                            (!admitted).then_some(UNADMITTED_READ_BYTES)
+                        });
                         return Some((
                             Ok(UdsConn {
                                 stream,
+                                budget,
                                 peer: PeerConn(peer),
                                 _slot: slot,
                                 fix: Some(Box::new(Rewriting {
@@ -339,7 +417,7 @@ pub fn incoming(
                                     taken: 0,
                                 })),
                             }),
-                            (listener, limits, warned),
+                            (listener, limits, warned, admit),
                         ));
                     }
                     Err(e) => {
@@ -384,6 +462,95 @@ mod tests {
         // Sticky, as /tmp is: only the owner of `run` can rename it.
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
         drop(bind(&open.join("run/workload.sock"), 0o666).unwrap());
+    }
+
+    /// Reads what `conn` yields until an error or the end: (bytes, error kind).
+    async fn drain(mut conn: UdsConn) -> (usize, Option<io::ErrorKind>) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut n = 0;
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) => return (n, None),
+                Ok(k) => n += k,
+                Err(e) => return (n, Some(e.kind())),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_admission_check_refuses_may_send_only_a_little() {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("a.sock");
+        for (admitted, expect) in [(false, UNADMITTED_READ_BYTES), (true, 100_000)] {
+            let admit: Admit = Arc::new(move |_, fd| {
+                // The peer's groups are readable where the check runs.
+                assert!(peer_groups(fd).is_ok());
+                admitted
+            });
+            let listener = bind(&sock, 0o600).unwrap();
+            let mut conns = Box::pin(incoming(listener, PerUid::new(8, 8), Some(admit)));
+            let mut client = UnixStream::connect(&sock).await.unwrap();
+            let conn = conns.next().await.unwrap().unwrap();
+            let writer = tokio::spawn(async move {
+                let _ = client.write_all(&[7u8; 100_000]).await;
+            });
+            let (n, err) = drain(conn).await;
+            assert_eq!(n, expect);
+            assert_eq!(err, (!admitted).then_some(io::ErrorKind::ConnectionAborted));
+            writer.abort();
+            drop(conns);
+            let _ = std::fs::remove_file(&sock);
+        }
+    }
+
+    #[test]
+    fn peer_groups_are_those_of_the_connecting_process() {
+        // Root gives the connecting process groups of its own (more than the first guess of
+        // the buffer's size); anyone else checks the groups it holds itself.
+        let want: Vec<u32> = if nix::unistd::geteuid().is_root() {
+            (5000..5100).collect()
+        } else {
+            nix::unistd::getgroups()
+                .unwrap()
+                .into_iter()
+                .map(|g| g.as_raw())
+                .collect()
+        };
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("g.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let mut cmd = std::process::Command::new("python3");
+        cmd.args([
+            "-c",
+            "import socket,sys;s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);s.recv(1)",
+        ])
+        .arg(&sock);
+        if nix::unistd::geteuid().is_root() {
+            use std::os::unix::process::CommandExt;
+            let groups = want.clone();
+            // SAFETY: setgroups(2) only, between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setgroups(groups.len(), groups.as_ptr()) == 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
+        let (conn, _) = listener.accept().unwrap();
+        let mut seen = peer_groups(conn.as_raw_fd()).unwrap();
+        drop(conn);
+        child.wait().unwrap();
+        seen.sort_unstable();
+        let mut want = want;
+        want.sort_unstable();
+        assert_eq!(seen, want);
     }
 
     #[tokio::test]
