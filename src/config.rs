@@ -634,6 +634,16 @@ impl Config {
                 ));
             }
         }
+        // The issuer goes into task tokens, discovery and the JWKS URL; derived from an
+        // unspecified address it would be https://0.0.0.0:8780, which nobody can reach.
+        if http_issuer.is_none() && http_listen.ip().is_unspecified() {
+            return Err(invalid(
+                "http.issuer",
+                format!(
+                    "is required when http.listen is {http_listen}: task tokens, discovery and the JWKS URL name it, so it must be a URL relying parties reach, e.g. \"https://tessera.example:8780\""
+                ),
+            ));
+        }
         let mut oidc_issuers = Vec::with_capacity(raw.oidc_issuers.len());
         for (i, o) in raw.oidc_issuers.into_iter().enumerate() {
             let k = |f: &str| format!("oidc_issuers[{i}].{f}");
@@ -1132,7 +1142,7 @@ mod tests {
     #[test]
     fn plain_http_beyond_loopback_needs_tls_or_an_explicit_opt_in() {
         for ok in [
-            "[http]\nlisten = \"0.0.0.0:8780\"\ntls_svid = true",
+            "[http]\nlisten = \"0.0.0.0:8780\"\ntls_svid = true\nissuer = \"https://t.example:8780\"",
             "[http]\nlisten = \"0.0.0.0:8780\"\nallow_plaintext = true\nissuer = \"https://t.example\"",
             "[http]\nlisten = \"[::1]:8780\"\nissuer = \"http://localhost:8780\"",
         ] {
@@ -1157,6 +1167,10 @@ mod tests {
             (
                 "[http]\nlisten = \"0.0.0.0:8780\"",
                 "`http.listen`: 0.0.0.0:8780 is not a loopback address",
+            ),
+            (
+                "[http]\nlisten = \"[::]:8780\"\ntls_svid = true",
+                "`http.issuer`: is required when http.listen is [::]:8780",
             ),
             (
                 "[http]\nissuer = \"http://tessera.example:8780\"",
@@ -1252,6 +1266,27 @@ mod tests {
         assert_eq!(c.oidc_issuers[0].keys, KeySource::Discovery);
         assert!(c.policy_file.is_some());
         assert_eq!(c.task_retention, DEFAULT_TASK_RETENTION);
+    }
+
+    #[test]
+    fn shipped_kubernetes_config_is_valid_and_keeps_the_admin_socket_apart() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/configmap.yaml");
+        let yaml = std::fs::read_to_string(&p).unwrap();
+        // The TOML is the ConfigMap's block scalar, indented by four spaces.
+        let text: String = yaml
+            .lines()
+            .skip_while(|l| !l.contains("tesserad.toml: |"))
+            .skip(1)
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        let c = Config::from_toml(&text, &p).unwrap();
+        // Workloads mount the workload socket's directory; the admin socket is not in it.
+        assert_ne!(c.admin_socket.parent(), c.workload_socket.parent());
+        assert!(
+            !c.admin_socket
+                .starts_with(c.workload_socket.parent().unwrap())
+        );
+        assert!(c.http_issuer.is_some());
     }
 
     #[test]
