@@ -614,7 +614,13 @@ fn check_signing_cert(cert: &X509Certificate<'_>, td: &TrustDomain) -> Result<()
         Err(_) => return Err("CA certificate has a malformed basicConstraints extension".into()),
     }
     match cert.key_usage() {
-        Ok(Some(ku)) if ku.value.key_cert_sign() => {}
+        // cRLSign too: the CRL the daemon serves is signed with this key, and a relying party
+        // that checks revocation refuses a CRL whose issuer lacks it (RFC 5280 §4.2.1.3,
+        // §6.3.3 (f)), and with it every SVID.
+        Ok(Some(ku)) if ku.value.key_cert_sign() && ku.value.crl_sign() => {}
+        Ok(Some(ku)) if ku.value.key_cert_sign() => {
+            return Err("CA certificate keyUsage must include cRLSign: tesserad signs the CRL it serves with this key, and relying parties that check revocation refuse a CRL from a certificate without it".into());
+        }
         Ok(Some(_)) => return Err("CA certificate keyUsage must include keyCertSign".into()),
         Ok(None) => {
             return Err("CA certificate must have a keyUsage extension with keyCertSign".into());
@@ -1201,7 +1207,10 @@ mod tests {
             let mut p = CertificateParams::default();
             p.distinguished_name.push(DnType::CommonName, cn);
             p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+            p.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::CrlSign,
+            ];
             p.subject_alt_names = vec![rcgen::SanType::URI(
                 rcgen::string::Ia5String::try_from(td().id_string()).unwrap(),
             )];
@@ -1230,6 +1239,25 @@ mod tests {
             "{}",
             ca.not_after()
         );
+    }
+
+    #[test]
+    fn an_operator_ca_that_may_not_sign_crls_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        let cp = dir.path().join("ca.pem");
+        let kp = dir.path().join("ca.key");
+        std::fs::write(&cp, cert.pem()).unwrap();
+        std::fs::write(&kp, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&kp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let err = Ca::load_or_create(&td(), dir.path(), Some(&(cp, kp)), Duration::from_secs(1))
+            .unwrap_err();
+        assert!(err.to_string().contains("cRLSign"), "{err}");
     }
 
     #[test]
