@@ -533,6 +533,15 @@ async fn admin_api_refuses_bad_input_and_changes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // A well-formed id of no task: a typo must not look revoked.
+    let e = a
+        .revoke_task(admin_pb::RevokeTaskRequest {
+            task_id: "job-never-seen".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
     let e = a
         .create_entry(admin_pb::CreateEntryRequest {
             entry: Some(admin_pb::Entry {

@@ -99,6 +99,10 @@ impl Issuer {
         check_reason(reason)?;
         let _excl = self.barrier.write().await;
         let ids = self.leases.active_of_task(task);
+        // A mistyped id must not look revoked (and leave a record saying so) in an incident.
+        if ids.is_empty() && self.leases.task(task).is_none() {
+            return Err(IssueError::NotFound(format!("no task {task:?}")));
+        }
         let rev = Revocation {
             at_ms: now_ms(),
             by: actor.label(),
