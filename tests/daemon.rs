@@ -272,6 +272,29 @@ fn admin_socket_is_for_root_and_named_uids_only() {
     assert_eq!(v[0]["risk"], "high");
     let st = d.cli(&["status"]);
     assert!(String::from_utf8_lossy(&st.stdout).contains("tessera.internal"));
+    assert!(
+        st.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    // A workload socket given for another daemon: the admin socket's daemon is named.
+    let other = Command::new(tessera_bin())
+        .args(["status"])
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            "unix:///run/elsewhere/workload.sock",
+        )
+        .env("TESSERA_ADMIN_SOCKET", &d.admin_socket)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains(&format!(
+            "belongs to the daemon serving {}, not /run/elsewhere/workload.sock",
+            d.socket.display()
+        )),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
     if my_uid() != 0 {
         common::skip("the other-uid half needs root");
         return;

@@ -27,6 +27,17 @@ pub(super) async fn status(cli: &Cli) -> anyhow::Result<()> {
         .await
         .map_err(status_err)?
         .into_inner();
+    // The admin socket is found on its own (--admin-socket, TESSERA_ADMIN_SOCKET or the
+    // default), not from the workload socket: say so when they belong to different daemons.
+    if let Ok(Some(asked)) = cli.explicit_workload_socket()
+        && asked != std::path::Path::new(&s.workload_socket)
+    {
+        eprintln!(
+            "tessera: warning: this admin socket belongs to the daemon serving {}, not {}; give that daemon's --admin-socket",
+            s.workload_socket,
+            asked.display()
+        );
+    }
     if cli.json {
         let v = json!({
             "version": s.version,

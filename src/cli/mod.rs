@@ -376,6 +376,11 @@ pub async fn run(cli: Cli) -> i32 {
 }
 
 impl Cli {
+    /// The workload socket if one was given (`--socket` or `SPIFFE_ENDPOINT_SOCKET`).
+    fn explicit_workload_socket(&self) -> anyhow::Result<Option<PathBuf>> {
+        self.socket.as_deref().map(parse_socket_addr).transpose()
+    }
+
     fn workload_socket(&self) -> anyhow::Result<PathBuf> {
         match &self.socket {
             None => Ok(Defaults::for_current_user().workload_socket),
