@@ -389,6 +389,17 @@ async fn revoked_svid_is_replaced_at_once_and_listed_in_the_crl() {
     let mut stream = raw.fetch_x509svid(req).await.unwrap().into_inner();
     let first = stream.message().await.unwrap().unwrap();
     let serial = serial_hex(&first.svids[0].x509_svid);
+    // Bundle streams of both kinds, open before the revocation.
+    let mut req = tonic::Request::new(pb::X509BundlesRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let mut x509_bundles = raw.fetch_x509_bundles(req).await.unwrap().into_inner();
+    x509_bundles.message().await.unwrap().unwrap();
+    let mut req = tonic::Request::new(pb::JwtBundlesRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let mut jwt_bundles = raw.fetch_jwt_bundles(req).await.unwrap().into_inner();
+    jwt_bundles.message().await.unwrap().unwrap();
     let lease = lease_list(&d, &["--kind", "x509-svid"])
         .into_iter()
         .find(|l| l["serial"] == serial.as_str())
@@ -421,6 +432,23 @@ async fn revoked_svid_is_replaced_at_once_and_listed_in_the_crl() {
     assert!(
         listed(&crl, &serial),
         "the revoked serial is in the CRL sent on the stream"
+    );
+    // The X.509 bundle stream carries the new CRL; the JWT bundle, unchanged, is not sent
+    // again (Workload API §4.3: messages follow changes).
+    let mut heard = false;
+    while !heard {
+        let m = tokio::time::timeout(Duration::from_secs(2), x509_bundles.message())
+            .await
+            .expect("the X.509 bundle stream hears of the CRL")
+            .unwrap()
+            .unwrap();
+        heard = m.crl.iter().any(|c| listed(c, &serial));
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), jwt_bundles.message())
+            .await
+            .is_err(),
+        "the JWT bundle stream sent an unchanged bundle"
     );
     // The CRL over HTTP is the same kind of document, signed by the CA.
     let body = common::http_get(d.http, "/crl").1;

@@ -460,8 +460,12 @@ impl X509Watch {
 }
 
 /// State of one bundle stream after its first message.
-struct BundleWatch<F> {
+struct BundleWatch<T, F> {
     issuer: Arc<Issuer>,
+    /// The last message sent: a change that leaves this kind of bundle as it was (a JWT
+    /// bundle when only the CRL was re-signed) sends nothing (Workload API §4.3: messages
+    /// follow changes to the response).
+    last: T,
     /// The connection's peer, attested again when entries change: the attestation
     /// keeps only the supplementary groups entries named when it was made, so after an edit
     /// naming a group the caller holds, the old one would find no identity.
@@ -475,7 +479,7 @@ struct BundleWatch<F> {
     render: F,
 }
 
-impl<T, F: Fn(&TrustBundle) -> T> BundleWatch<F> {
+impl<T: Clone + PartialEq, F: Fn(&TrustBundle) -> T> BundleWatch<T, F> {
     async fn next(mut self) -> Step<T, Self> {
         loop {
             tokio::select! {
@@ -501,7 +505,10 @@ impl<T, F: Fn(&TrustBundle) -> T> BundleWatch<F> {
                 changed = self.bundle_rx.changed() => {
                     changed.ok()?;
                     let msg = (self.render)(&self.bundle_rx.borrow_and_update());
-                    return Some((Ok(msg), Some(self)));
+                    if msg != self.last {
+                        self.last = msg.clone();
+                        return Some((Ok(msg), Some(self)));
+                    }
                 }
             }
             if !self.allow_unauthenticated && self.issuer.identities(&self.caller).is_empty() {
@@ -515,18 +522,21 @@ impl WorkloadApi {
     /// A bundle stream: first message now, then one per bundle or CRL change; ends with
     /// `PermissionDenied` if the caller loses its last identity (unless unauthenticated
     /// verifiers are allowed), and on shutdown.
-    fn bundle_stream<T: Send + 'static>(
+    fn bundle_stream<T: Clone + PartialEq + Send + Sync + 'static>(
         &self,
         peer: Option<Arc<PeerInfo>>,
         caller: Arc<Attestation>,
         render: impl Fn(&TrustBundle) -> T + Send + Sync + 'static,
     ) -> StreamOf<T> {
+        let mut bundle_rx = self.issuer.ca().subscribe_bundle();
+        let first = render(&bundle_rx.borrow_and_update());
         let mut w = BundleWatch {
             issuer: Arc::clone(&self.issuer),
+            last: first.clone(),
             peer,
             caller,
             allow_unauthenticated: self.allow_unauthenticated_verifiers,
-            bundle_rx: self.issuer.ca().subscribe_bundle(),
+            bundle_rx,
             entries_rx: self.issuer.registry().subscribe(),
             leases_rx: self.issuer.leases().subscribe(),
             shutdown: self.shutdown.clone(),
@@ -534,7 +544,6 @@ impl WorkloadApi {
         };
         w.entries_rx.borrow_and_update();
         w.leases_rx.borrow_and_update();
-        let first = (w.render)(&w.bundle_rx.borrow_and_update());
         let updates = stream::unfold(Some(w), |w| async move { w?.next().await });
         stream::once(async { Ok(first) }).chain(updates).boxed()
     }
