@@ -208,6 +208,9 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     }
     warn_unmatchable_paths(issuer.entries().iter().map(|(e, _)| &**e));
     warn_expired(issuer.entries().iter().map(|(e, _)| &**e));
+    for w in unknown_names(issuer.entries().iter().map(|(e, _)| &**e)) {
+        tracing::warn!("{w}");
+    }
     issuer.init_activity(snapshot.entry_activity);
     let policy = Arc::new(Engine::load(
         cfg.policy_file.as_deref(),
@@ -448,6 +451,56 @@ fn warn_unmatchable_paths<'a>(entries: impl Iterator<Item = &'a crate::registry:
             }
         }
     }
+}
+
+/// What `tesserad --check-config` checks beyond the file itself, touching nothing: the
+/// operator CA and the TLS files as start-up loads them (errors: start-up would fail), and
+/// the OIDC key files and selector names (warnings: start-up would serve without them).
+pub fn check_files(cfg: &Config) -> Result<Vec<String>, String> {
+    if let Some(files) = &cfg.ca_files {
+        Ca::check_operator_files(&cfg.trust_domain, files).map_err(|e| e.to_string())?;
+    }
+    if let Some(crate::config::HttpTls::Files { cert, key }) = &cfg.http_tls {
+        crate::api::http::tls::check_files(cert, key)?;
+    }
+    let mut warnings = Vec::new();
+    // Start-up serves without these keys and keeps trying, so only a warning here too.
+    for o in &cfg.oidc_issuers {
+        if let crate::config::KeySource::JwksFile(p) = &o.keys
+            && let Err(e) = crate::oidc::check_jwks_file(p)
+        {
+            warnings.push(format!(
+                "OIDC issuer {}: {e}; its tokens cannot be exchanged until the file reads",
+                o.issuer
+            ));
+        }
+    }
+    warnings.extend(unknown_names(cfg.entries.iter()));
+    Ok(warnings)
+}
+
+/// Selectors naming a user or group this host cannot resolve: they never match.
+fn unknown_names<'a>(entries: impl Iterator<Item = &'a crate::registry::Entry>) -> Vec<String> {
+    use crate::attest::Selector;
+    let mut out = Vec::new();
+    for e in entries {
+        for s in &e.selectors {
+            let known = match s {
+                Selector::User(n) => nix::unistd::User::from_name(n).map(|u| u.is_some()),
+                Selector::Group(n) | Selector::SupplementaryGroup(n) => {
+                    nix::unistd::Group::from_name(n).map(|g| g.is_some())
+                }
+                _ => continue,
+            };
+            if !known.unwrap_or(true) {
+                out.push(format!(
+                    "entry {} ({}): {s} names no user or group on this host, so it never matches",
+                    e.id, e.spiffe_id
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Warns of entries whose `expires_at` has passed: they grant nothing. Not refused, as in

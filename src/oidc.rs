@@ -131,6 +131,18 @@ impl std::fmt::Debug for Verifier {
     }
 }
 
+fn jwks_file_json(p: &std::path::Path, text: &[u8]) -> Result<Value, String> {
+    serde_json::from_slice(text).map_err(|e| format!("{}: not JSON ({e})", p.display()))
+}
+
+/// Reads a `jwks_file` as the daemon does: what `tesserad --check-config` runs.
+pub fn check_jwks_file(p: &std::path::Path) -> Result<usize, String> {
+    let text = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    parse_jwks(&jwks_file_json(p, &text)?)
+        .map(|keys| keys.len())
+        .map_err(|e| format!("{}: {e}", p.display()))
+}
+
 /// Parses a JWKS document. Keys without a `kid` get their RFC 7638 thumbprint; encryption
 /// keys and key types we cannot verify with are skipped.
 pub fn parse_jwks(doc: &Value) -> Result<Vec<Jwk>, String> {
@@ -280,8 +292,7 @@ impl Verifier {
                 let text = tokio::fs::read(p)
                     .await
                     .map_err(|e| format!("{}: {e}", p.display()))?;
-                serde_json::from_slice(&text)
-                    .map_err(|e| format!("{}: not JSON ({e})", p.display()))?
+                jwks_file_json(p, &text)?
             }
             KeySource::JwksUri(u) => self.get_json(u).await?,
             KeySource::Discovery => {

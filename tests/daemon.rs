@@ -9,6 +9,68 @@ use std::time::Duration;
 use common::{Daemon, entry_for_uid, my_uid, open_tempdir, tessera_bin, tesserad_bin};
 
 /// Runs tesserad with `config` and expects it to refuse to start, naming `key`.
+/// `tesserad --check-config` on `config` (with temp paths): exit code, stdout, stderr; it
+/// must not create the data directory.
+fn check_config(config: &str) -> (Option<i32>, String, String) {
+    let dir = open_tempdir();
+    let path = dir.path().join("c.toml");
+    let full = format!(
+        "data_dir = {:?}\nworkload_api.socket = {:?}\nadmin.socket = {:?}\nhttp.listen = \"127.0.0.1:0\"\n{config}",
+        dir.path().join("data"),
+        dir.path().join("w.sock"),
+        dir.path().join("a.sock")
+    );
+    std::fs::write(&path, full).unwrap();
+    let out = Command::new(tesserad_bin())
+        .arg("--config")
+        .arg(&path)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(!dir.path().join("data").exists(), "the check wrote state");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_loads_what_startup_would_and_touches_nothing() {
+    let (code, out, err) = check_config("");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("config OK"), "{out}");
+    // Files start-up would fail on fail the check, named.
+    for (config, wanted) in [
+        (
+            "[ca]\ncert = \"/nonexistent/ca.pem\"\nkey = \"/nonexistent/ca.key\"",
+            "/nonexistent/ca",
+        ),
+        (
+            "http.tls_cert = \"/nonexistent/tls.pem\"\nhttp.tls_key = \"/nonexistent/tls.key\"",
+            "/nonexistent/tls",
+        ),
+    ] {
+        let (code, _, err) = check_config(config);
+        assert_eq!(code, Some(2), "{config}: {err}");
+        assert!(err.contains(wanted), "{config}: {err}");
+    }
+    // What start-up would serve without passes, with a warning naming it: a selector naming
+    // nobody on this host, an OIDC key file that does not read.
+    let (code, _, err) = check_config(
+        "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/x\"\nselectors = [\"unix:user:no-such-user-here\"]\n\
+         [[oidc_issuers]]\nissuer = \"https://idp.example\"\naudiences = [\"tessera\"]\njwks_file = \"/nonexistent/jwks.json\"",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    for wanted in ["unix:user:no-such-user-here", "/nonexistent/jwks.json"] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains("warning") && l.contains(wanted)),
+            "{err}"
+        );
+    }
+}
+
 fn refuses(config: &str, wanted: &str) {
     let dir = open_tempdir();
     let path = dir.path().join("bad.toml");

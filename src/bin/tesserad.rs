@@ -46,6 +46,18 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(2);
             }
         };
+        // What start-up would load from other files, so ExecStartPre catches it too.
+        match tessera::app::check_files(&cfg) {
+            Ok(warnings) => {
+                for w in warnings {
+                    eprintln!("tesserad: warning: {w}");
+                }
+            }
+            Err(e) => {
+                eprintln!("tesserad: {e}");
+                std::process::exit(2);
+            }
+        }
         println!(
             "config OK: trust domain {}, {} entries, {} OIDC issuers, {} policies",
             cfg.trust_domain,

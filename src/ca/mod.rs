@@ -329,26 +329,17 @@ impl Ca {
                 )
             }
         };
-        let signer_der = &chain[0];
-        let (_, cert) = parse_x509_certificate(signer_der)
-            .map_err(|_| bad_ca(&cert_path, "CA certificate does not parse"))?;
-        check_signing_cert(&cert, trust_domain).map_err(|m| bad_ca(&cert_path, m))?;
-        let curve = curve_of(cert.public_key())
-            .ok_or_else(|| bad_ca(&key_path, "CA key must be ECDSA P-256 or P-384"))?;
         let rng = SystemRandom::new();
-        let key =
-            EcdsaKeyPair::from_pkcs8(curve.signing_alg(), &key_pkcs8, &rng).map_err(|_| {
-                bad_ca(
-                    &key_path,
-                    "private key is not a valid key for the CA's curve",
-                )
-            })?;
-        if key.public_key().as_ref() != cert.public_key().subject_public_key.data.as_ref() {
-            return Err(bad_ca(
-                &key_path,
-                "private key does not match the CA certificate",
-            ));
-        }
+        let (key, curve) = signing_key(
+            trust_domain,
+            &chain,
+            &key_pkcs8,
+            &cert_path,
+            &key_path,
+            &rng,
+        )?;
+        let (_, cert) = parse_x509_certificate(&chain[0])
+            .map_err(|_| bad_ca(&cert_path, "CA certificate does not parse"))?;
         let aki = subject_key_id(&cert).unwrap_or_else(|| {
             ring::digest::digest(&ring::digest::SHA256, key.public_key().as_ref()).as_ref()[..20]
                 .to_vec()
@@ -389,6 +380,24 @@ impl Ca {
             bundle: watch::channel(Arc::new(bundle)).0,
             rng,
         })
+    }
+
+    /// Checks an operator CA's files as start-up loads them (chain, signing certificate, key
+    /// mode and match), touching nothing: what `tesserad --check-config` runs.
+    pub fn check_operator_files(
+        trust_domain: &TrustDomain,
+        (cert, key): &(PathBuf, PathBuf),
+    ) -> Result<(), CaError> {
+        let (chain, pkcs8, _) = read_operator_ca(cert, key, OffsetDateTime::now_utc())?;
+        signing_key(
+            trust_domain,
+            &chain,
+            &pkcs8,
+            cert,
+            key,
+            &SystemRandom::new(),
+        )
+        .map(|_| ())
     }
 
     /// The trust domain.
@@ -607,6 +616,36 @@ fn subject_key_id(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
 }
 
 /// The X509-SVID standard's rules for a signing certificate.
+/// The signing certificate (first in `chain`) checked for its role, and its key, which must
+/// be a key of its curve matching it.
+fn signing_key(
+    trust_domain: &TrustDomain,
+    chain: &[Vec<u8>],
+    key_pkcs8: &[u8],
+    cert_path: &Path,
+    key_path: &Path,
+    rng: &SystemRandom,
+) -> Result<(EcdsaKeyPair, CaCurve), CaError> {
+    let (_, cert) = parse_x509_certificate(&chain[0])
+        .map_err(|_| bad_ca(cert_path, "CA certificate does not parse"))?;
+    check_signing_cert(&cert, trust_domain).map_err(|m| bad_ca(cert_path, m))?;
+    let curve = curve_of(cert.public_key())
+        .ok_or_else(|| bad_ca(key_path, "CA key must be ECDSA P-256 or P-384"))?;
+    let key = EcdsaKeyPair::from_pkcs8(curve.signing_alg(), key_pkcs8, rng).map_err(|_| {
+        bad_ca(
+            key_path,
+            "private key is not a valid key for the CA's curve",
+        )
+    })?;
+    if key.public_key().as_ref() != cert.public_key().subject_public_key.data.as_ref() {
+        return Err(bad_ca(
+            key_path,
+            "private key does not match the CA certificate",
+        ));
+    }
+    Ok((key, curve))
+}
+
 fn check_signing_cert(cert: &X509Certificate<'_>, td: &TrustDomain) -> Result<(), String> {
     match cert.basic_constraints() {
         Ok(Some(bc)) if bc.value.ca => {}

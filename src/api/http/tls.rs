@@ -100,28 +100,9 @@ impl ResolvesServerCert for SvidResolver {
 
 /// Builds the rustls server configuration for `tls`.
 pub fn server_config(tls: &HttpTls, ca: &Arc<Ca>) -> Result<Arc<rustls::ServerConfig>, String> {
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth();
+    let builder = builder()?;
     let mut cfg = match tls {
-        HttpTls::Files { cert, key } => {
-            crate::fsutil::check_private_mode(key)
-                .map_err(|e| format!("{}: {e}", key.display()))?;
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| format!("{}: {e}", cert.display()))?
-                .collect::<Result<_, _>>()
-                .map_err(|e| format!("{}: {e}", cert.display()))?;
-            if certs.is_empty() {
-                return Err(format!("{}: no certificate found", cert.display()));
-            }
-            // The key's bytes never reach an error message.
-            let k = PrivateKeyDer::from_pem_file(key)
-                .map_err(|_| format!("{}: not a PEM private key", key.display()))?;
-            builder
-                .with_single_cert(certs, k)
-                .map_err(|e| format!("certificate and key do not form a usable pair: {e}"))?
-        }
+        HttpTls::Files { cert, key } => from_files(builder, cert, key)?,
         HttpTls::Svid => {
             let id = SpiffeId::new(ca.trust_domain(), "/tesserad").map_err(|e| e.to_string())?;
             let first = SvidResolver::mint(ca, &id)?;
@@ -134,6 +115,42 @@ pub fn server_config(tls: &HttpTls, ca: &Arc<Ca>) -> Result<Arc<rustls::ServerCo
     };
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+fn builder()
+-> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>, String> {
+    Ok(rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth())
+}
+
+/// The operator's certificate chain and key (`[http] tls_cert`, `tls_key`; the key 0600).
+fn from_files(
+    builder: rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<rustls::ServerConfig, String> {
+    crate::fsutil::check_private_mode(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", cert.display()));
+    }
+    // The key's bytes never reach an error message.
+    let k = PrivateKeyDer::from_pem_file(key)
+        .map_err(|_| format!("{}: not a PEM private key", key.display()))?;
+    builder
+        .with_single_cert(certs, k)
+        .map_err(|e| format!("certificate and key do not form a usable pair: {e}"))
+}
+
+/// Checks the operator's TLS files as start-up loads them: what `tesserad --check-config`
+/// runs.
+pub fn check_files(cert: &std::path::Path, key: &std::path::Path) -> Result<(), String> {
+    from_files(builder()?, cert, key).map(|_| ())
 }
 
 /// Connections the HTTP listener holds at once; more wait in the kernel's backlog. Each
