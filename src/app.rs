@@ -283,6 +283,10 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     );
     let router = Server::builder()
         .max_concurrent_streams(Some(limits::ADMIN_STREAMS_PER_CONNECTION))
+        .layer(limits::InFlightLayer::new(
+            limits::IN_FLIGHT_BYTES_PER_UID,
+            limits::IN_FLIGHT_BYTES_TOTAL,
+        ))
         .add_service(
             proto::tessera::v1::admin_server::AdminServer::new(admin)
                 .max_decoding_message_size(limits::MAX_REQUEST_BYTES),
@@ -384,6 +388,10 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     );
     let router = Server::builder()
         .max_concurrent_streams(Some(limits::STREAMS_PER_CONNECTION))
+        .layer(limits::InFlightLayer::new(
+            limits::IN_FLIGHT_BYTES_PER_UID,
+            limits::IN_FLIGHT_BYTES_TOTAL,
+        ))
         .add_service(
             proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(workload)
                 .max_decoding_message_size(limits::MAX_REQUEST_BYTES),
@@ -644,7 +652,9 @@ fn bind_uds(
 }
 
 fn spawn_grpc(
-    router: tonic::transport::server::Router,
+    router: tonic::transport::server::Router<
+        tower::layer::util::Stack<limits::InFlightLayer, tower::layer::util::Identity>,
+    >,
     listener: tokio::net::UnixListener,
     admit: Option<uds::Admit>,
     mut sd: Shutdown,

@@ -85,21 +85,36 @@ impl PerUid {
 
     /// A slot for `uid`, or `None` when it (or everyone together) holds the most allowed.
     pub fn take(self: &Arc<Self>, uid: u32) -> Option<Slot> {
-        if self.total.fetch_add(1, Ordering::AcqRel) >= self.total_max {
-            self.total.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        let mut n = self.counts.entry(uid).or_insert(0);
-        if *n >= self.per_uid {
-            drop(n);
-            self.total.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        *n += 1;
-        Some(Slot {
+        self.add(uid, 1).then(|| Slot {
             owner: Arc::clone(self),
             uid,
         })
+    }
+
+    /// Counts `n` more for `uid` if that stays within both caps.
+    fn add(&self, uid: u32, n: usize) -> bool {
+        if self.total.fetch_add(n, Ordering::AcqRel) + n > self.total_max {
+            self.total.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        let mut held = self.counts.entry(uid).or_insert(0);
+        if *held + n > self.per_uid {
+            drop(held);
+            self.total.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        *held += n;
+        true
+    }
+
+    /// Gives back `n` that [`Self::add`] counted for `uid`.
+    fn give(&self, uid: u32, n: usize) {
+        self.total.fetch_sub(n, Ordering::AcqRel);
+        // Forget a uid with nothing held, so the map does not keep every uid ever seen.
+        self.counts.remove_if_mut(&uid, |_, held| {
+            *held = held.saturating_sub(n);
+            *held == 0
+        });
     }
 
     /// Slots held now by `uid`.
@@ -110,12 +125,129 @@ impl PerUid {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.owner.total.fetch_sub(1, Ordering::AcqRel);
-        // Forget a uid with nothing held, so the map does not keep every uid ever seen.
-        self.owner.counts.remove_if_mut(&self.uid, |_, n| {
-            *n = n.saturating_sub(1);
-            *n == 0
-        });
+        self.owner.give(self.uid, 1);
+    }
+}
+
+/// Request bytes one uid may have received on the Unix sockets and not yet seen made into
+/// messages: sixteen requests of the largest size. HTTP/2 lets each connection carry many
+/// streams and each holds a partly received message, so without this a caller with no
+/// identity at all could make the daemon hold 64 KiB × 256 streams × 1,024 connections.
+pub const IN_FLIGHT_BYTES_PER_UID: usize = 16 * MAX_REQUEST_BYTES;
+/// Same, for all uids together.
+pub const IN_FLIGHT_BYTES_TOTAL: usize = 256 << 20;
+
+/// Counts request body bytes per caller uid ([`PerUid`] in bytes) while a request is being
+/// received: a body that would go past its caller's share or everyone's fails with
+/// `ResourceExhausted`, and what a body counted is given back when it is dropped (once its
+/// message is decoded, or the stream ends).
+#[derive(Debug, Clone)]
+pub struct InFlightLayer(Arc<PerUid>);
+
+impl InFlightLayer {
+    /// At most `per_uid` bytes per uid and `total` in all.
+    pub fn new(per_uid: usize, total: usize) -> Self {
+        Self(PerUid::new(per_uid, total))
+    }
+}
+
+impl<S> tower::Layer<S> for InFlightLayer {
+    type Service = InFlight<S>;
+    fn layer(&self, inner: S) -> InFlight<S> {
+        InFlight {
+            inner,
+            budget: Arc::clone(&self.0),
+        }
+    }
+}
+
+/// The service [`InFlightLayer`] makes.
+#[derive(Debug, Clone)]
+pub struct InFlight<S> {
+    inner: S,
+    budget: Arc<PerUid>,
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for InFlight<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        // Without credentials the request counts against one shared uid.
+        let uid = req
+            .extensions()
+            .get::<crate::api::uds::PeerConn>()
+            .and_then(|p| p.0.as_ref())
+            .map_or(u32::MAX, |p| p.uid);
+        let budget = Arc::clone(&self.budget);
+        self.inner.call(req.map(|inner| {
+            tonic::body::Body::new(CountedBody {
+                inner,
+                budget,
+                uid,
+                held: 0,
+            })
+        }))
+    }
+}
+
+/// A request body counted against its caller's share until dropped.
+struct CountedBody {
+    inner: tonic::body::Body,
+    budget: Arc<PerUid>,
+    uid: u32,
+    held: usize,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let frame = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(f)) = &frame
+            && let Some(data) = f.data_ref()
+        {
+            let n = data.len();
+            if !self.budget.add(self.uid, n) {
+                return std::task::Poll::Ready(Some(Err(tonic::Status::resource_exhausted(
+                    "too many request bytes in flight from this uid (or from all callers); \
+                     retry once earlier requests are answered",
+                ))));
+            }
+            self.held += n;
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for CountedBody {
+    fn drop(&mut self) {
+        if self.held > 0 {
+            self.budget.give(self.uid, self.held);
+        }
     }
 }
 
@@ -146,5 +278,62 @@ mod tests {
         assert_eq!((l.held(1), l.held(2)), (0, 0));
         assert!(l.counts.is_empty());
         assert_eq!(l.total.load(Ordering::Relaxed), 0);
+    }
+
+    /// A body of these chunks.
+    struct Chunks(Vec<usize>);
+
+    impl http_body::Body for Chunks {
+        type Data = bytes::Bytes;
+        type Error = tonic::Status;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+            let next = (!self.0.is_empty()).then(|| self.0.remove(0));
+            std::task::Poll::Ready(
+                next.map(|n| Ok(http_body::Frame::data(bytes::Bytes::from(vec![0u8; n])))),
+            )
+        }
+    }
+
+    /// Reads `chunks` as `uid`'s request body; the body, kept, and whether it was refused.
+    async fn receive(budget: &Arc<PerUid>, uid: u32, chunks: &[usize]) -> (CountedBody, bool) {
+        use http_body_util::BodyExt;
+        let mut body = CountedBody {
+            inner: tonic::body::Body::new(Chunks(chunks.to_vec())),
+            budget: Arc::clone(budget),
+            uid,
+            held: 0,
+        };
+        while let Some(frame) = body.frame().await {
+            if let Err(s) = frame {
+                assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+                return (body, true);
+            }
+        }
+        (body, false)
+    }
+
+    #[tokio::test]
+    async fn request_bytes_in_flight_are_capped_per_uid_and_given_back_when_dropped() {
+        let budget = PerUid::new(100, 150);
+        let (a, refused) = receive(&budget, 1, &[60, 30]).await;
+        assert!(!refused);
+        assert_eq!(budget.held(1), 90);
+        let (_, refused) = receive(&budget, 1, &[20]).await;
+        assert!(refused, "past the uid's share");
+        // The refused body counted nothing.
+        assert_eq!(budget.held(1), 90);
+        let (c, refused) = receive(&budget, 2, &[50]).await;
+        assert!(!refused);
+        let (_, refused) = receive(&budget, 3, &[20]).await;
+        assert!(refused, "past everyone's");
+        drop(a);
+        let (b, refused) = receive(&budget, 1, &[20]).await;
+        assert!(!refused, "given back when the first body went");
+        drop((b, c));
+        assert!(budget.counts.is_empty());
+        assert_eq!(budget.total.load(Ordering::Relaxed), 0);
     }
 }
