@@ -191,28 +191,39 @@ where
             .and_then(|p| p.0.as_ref())
             .map_or(u32::MAX, |p| p.uid);
         let budget = Arc::clone(&self.budget);
-        self.inner.call(req.map(|inner| {
-            tonic::body::Body::new(CountedBody {
-                inner,
-                budget,
-                uid,
-                held: 0,
-            })
-        }))
+        self.inner
+            .call(req.map(|inner| tonic::body::Body::new(CountedBody::new(inner, budget, uid))))
     }
 }
 
-/// A request body counted against its caller's share until dropped.
-struct CountedBody {
-    inner: tonic::body::Body,
+/// A request body counted against its caller's share (by uid, or one key for callers that
+/// have none) until dropped.
+pub struct CountedBody<B> {
+    inner: B,
     budget: Arc<PerUid>,
     uid: u32,
     held: usize,
 }
 
-impl http_body::Body for CountedBody {
+impl<B> CountedBody<B> {
+    /// `inner`, counted against `uid`'s share of `budget`.
+    pub fn new(inner: B, budget: Arc<PerUid>, uid: u32) -> Self {
+        Self {
+            inner,
+            budget,
+            uid,
+            held: 0,
+        }
+    }
+}
+
+impl<B> http_body::Body for CountedBody<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<tower::BoxError>,
+{
     type Data = bytes::Bytes;
-    type Error = tonic::Status;
+    type Error = tower::BoxError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
@@ -224,14 +235,17 @@ impl http_body::Body for CountedBody {
         {
             let n = data.len();
             if !self.budget.add(self.uid, n) {
-                return std::task::Poll::Ready(Some(Err(tonic::Status::resource_exhausted(
-                    "too many request bytes in flight from this uid (or from all callers); \
-                     retry once earlier requests are answered",
+                // A Status, so that gRPC callers see its code (tonic recovers it).
+                return std::task::Poll::Ready(Some(Err(Box::new(
+                    tonic::Status::resource_exhausted(
+                        "too many request bytes in flight from this uid (or from all callers); \
+                         retry once earlier requests are answered",
+                    ),
                 ))));
             }
             self.held += n;
         }
-        std::task::Poll::Ready(frame)
+        std::task::Poll::Ready(frame.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -243,7 +257,7 @@ impl http_body::Body for CountedBody {
     }
 }
 
-impl Drop for CountedBody {
+impl<B> Drop for CountedBody<B> {
     fn drop(&mut self) {
         if self.held > 0 {
             self.budget.give(self.uid, self.held);
@@ -298,16 +312,16 @@ mod tests {
     }
 
     /// Reads `chunks` as `uid`'s request body; the body, kept, and whether it was refused.
-    async fn receive(budget: &Arc<PerUid>, uid: u32, chunks: &[usize]) -> (CountedBody, bool) {
+    async fn receive(
+        budget: &Arc<PerUid>,
+        uid: u32,
+        chunks: &[usize],
+    ) -> (CountedBody<Chunks>, bool) {
         use http_body_util::BodyExt;
-        let mut body = CountedBody {
-            inner: tonic::body::Body::new(Chunks(chunks.to_vec())),
-            budget: Arc::clone(budget),
-            uid,
-            held: 0,
-        };
+        let mut body = CountedBody::new(Chunks(chunks.to_vec()), Arc::clone(budget), uid);
         while let Some(frame) = body.frame().await {
-            if let Err(s) = frame {
+            if let Err(e) = frame {
+                let s = e.downcast::<tonic::Status>().unwrap();
                 assert_eq!(s.code(), tonic::Code::ResourceExhausted);
                 return (body, true);
             }

@@ -153,6 +153,9 @@ pub fn check_files(cert: &std::path::Path, key: &std::path::Path) -> Result<(), 
     from_files(builder()?, cert, key).map(|_| ())
 }
 
+/// Request body bytes all HTTP callers together may have sent and the daemon not consumed.
+pub const HTTP_IN_FLIGHT_BYTES: usize = 64 << 20;
+
 /// Connections the HTTP listener holds at once; more wait in the kernel's backlog. Each
 /// holds a descriptor, and the daemon's descriptors also serve the Workload API and admin
 /// sockets, the store and the audit log.
@@ -284,6 +287,10 @@ pub async fn serve(
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // Request bytes received and not yet consumed, across connections: each HTTP/2 stream
+    // may hold a partly sent body until REQUEST_TIMEOUT, which without a bound let
+    // unauthenticated callers make the daemon hold gigabytes.
+    let in_flight = crate::api::limits::PerUid::new(HTTP_IN_FLIGHT_BYTES, HTTP_IN_FLIGHT_BYTES);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -317,8 +324,17 @@ pub async fn serve(
         let activity = Activity::new();
         let svc = {
             let (app, activity) = (TowerToHyperService::new(app.clone()), Arc::clone(&activity));
-            hyper::service::service_fn(move |req| {
+            let in_flight = Arc::clone(&in_flight);
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let busy = activity.begin();
+                // Callers here have no uid: one share for all.
+                let req = req.map(|b| {
+                    axum::body::Body::new(crate::api::limits::CountedBody::new(
+                        b,
+                        Arc::clone(&in_flight),
+                        0,
+                    ))
+                });
                 let answer = hyper::service::Service::call(&app, req);
                 async move {
                     let r = answer.await;
