@@ -1047,6 +1047,65 @@ async fn one_uid_holds_a_bounded_number_of_x509_streams() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_uid_holds_a_bounded_number_of_bundle_streams() {
+    use tessera::api::limits::BUNDLE_STREAMS_PER_UID;
+    let d = Daemon::start(&me_entry());
+    let clients = [raw_client(&d).await, raw_client(&d).await];
+    let mut open = Vec::new();
+    // X.509 and JWT bundle streams count together.
+    for i in 0..BUNDLE_STREAMS_PER_UID {
+        let mut c = clients[i % 2].clone();
+        if i % 2 == 0 {
+            let mut s = c
+                .fetch_x509_bundles(with_header(pb::X509BundlesRequest {}))
+                .await
+                .unwrap()
+                .into_inner();
+            s.message().await.unwrap().unwrap();
+            open.push(Ok(s));
+        } else {
+            let mut s = c
+                .fetch_jwt_bundles(with_header(pb::JwtBundlesRequest {}))
+                .await
+                .unwrap()
+                .into_inner();
+            s.message().await.unwrap().unwrap();
+            open.push(Err(s));
+        }
+    }
+    let mut c = clients[0].clone();
+    let err = c
+        .fetch_jwt_bundles(with_header(pb::JwtBundlesRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        err.message()
+    );
+    // A closed stream makes room.
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match c
+            .fetch_x509_bundles(with_header(pb::X509BundlesRequest {}))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no room after a stream closed"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn svids_never_outlive_their_entry() {
     let ends = ::time::OffsetDateTime::now_utc() + ::time::Duration::seconds(120);

@@ -16,6 +16,9 @@ pub const CONNECTIONS_PER_UID: usize = 1024;
 pub const CONNECTIONS_TOTAL: usize = 16_384;
 /// `FetchX509SVID` streams one uid may hold open.
 pub const X509_STREAMS_PER_UID: usize = 256;
+/// Bundle streams (`FetchX509Bundles`, `FetchJWTBundles`) one uid may hold open: each holds
+/// memory and a task for as long as the caller likes.
+pub const BUNDLE_STREAMS_PER_UID: usize = 256;
 /// Concurrent HTTP/2 streams (requests) per connection; tonic would otherwise allow any
 /// number.
 pub const STREAMS_PER_CONNECTION: u32 = 256;

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use super::limits::{PerUid, Slot, X509_STREAMS_PER_UID};
+use super::limits::{BUNDLE_STREAMS_PER_UID, PerUid, Slot, X509_STREAMS_PER_UID};
 use super::uds::PeerConn;
 use super::{NO_IDENTITY, status};
 use crate::attest::{Attestation, PeerInfo};
@@ -37,6 +37,8 @@ pub struct WorkloadApi {
     allow_unauthenticated_verifiers: bool,
     /// Open `FetchX509SVID` streams per uid.
     x509_streams: Arc<PerUid>,
+    /// Open bundle streams (X.509 and JWT together) per uid.
+    bundle_streams: Arc<PerUid>,
 }
 
 impl WorkloadApi {
@@ -51,6 +53,7 @@ impl WorkloadApi {
             shutdown,
             allow_unauthenticated_verifiers,
             x509_streams: PerUid::new(X509_STREAMS_PER_UID, usize::MAX),
+            bundle_streams: PerUid::new(BUNDLE_STREAMS_PER_UID, usize::MAX),
         }
     }
 
@@ -221,7 +224,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let s = self.bundle_stream(peer, caller, |b| pb::X509BundlesResponse {
             crl: crl_of(b),
             bundles: HashMap::from([(b.trust_domain.id_string(), b.x509_der.clone())]),
-        });
+        })?;
         self.issuer
             .metrics()
             .observe("FetchX509Bundles", t0.elapsed());
@@ -268,7 +271,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let peer = req.extensions().get::<PeerConn>().and_then(|p| p.0.clone());
         let s = self.bundle_stream(peer, caller, |b| pb::JwtBundlesResponse {
             bundles: HashMap::from([(b.trust_domain.id_string(), b.jwt_jwks.clone())]),
-        });
+        })?;
         self.issuer
             .metrics()
             .observe("FetchJWTBundles", t0.elapsed());
@@ -477,6 +480,8 @@ struct BundleWatch<T, F> {
     leases_rx: watch::Receiver<u64>,
     shutdown: Shutdown,
     render: F,
+    /// Counted against the caller's uid while the stream lasts.
+    _slot: Slot,
 }
 
 impl<T: Clone + PartialEq, F: Fn(&TrustBundle) -> T> BundleWatch<T, F> {
@@ -527,7 +532,13 @@ impl WorkloadApi {
         peer: Option<Arc<PeerInfo>>,
         caller: Arc<Attestation>,
         render: impl Fn(&TrustBundle) -> T + Send + Sync + 'static,
-    ) -> StreamOf<T> {
+    ) -> Result<StreamOf<T>, Status> {
+        let slot = self.bundle_streams.take(caller.uid).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "uid {} holds {BUNDLE_STREAMS_PER_UID} bundle streams, the most allowed; close some (one per process is enough)",
+                caller.uid
+            ))
+        })?;
         let mut bundle_rx = self.issuer.ca().subscribe_bundle();
         let first = render(&bundle_rx.borrow_and_update());
         let mut w = BundleWatch {
@@ -541,11 +552,12 @@ impl WorkloadApi {
             leases_rx: self.issuer.leases().subscribe(),
             shutdown: self.shutdown.clone(),
             render,
+            _slot: slot,
         };
         w.entries_rx.borrow_and_update();
         w.leases_rx.borrow_and_update();
         let updates = stream::unfold(Some(w), |w| async move { w?.next().await });
-        stream::once(async { Ok(first) }).chain(updates).boxed()
+        Ok(stream::once(async { Ok(first) }).chain(updates).boxed())
     }
 }
 
