@@ -25,21 +25,34 @@ pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` atomically with mode 0600: temp file created 0600, fsync, rename,
-/// fsync of the directory. A crash leaves either the old file or the new one.
+/// Writes `bytes` to `path` atomically with mode 0600 ([`write_atomic`]).
 pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic(path, bytes, 0o600)
+}
+
+/// Writes `bytes` to `path` atomically, created with `mode` (narrowed by the umask): a temp
+/// file beside it, fsync, rename, fsync of the directory; a crash leaves either the old file
+/// or the new one. The temp file's name is unpredictable and it is created exclusively
+/// without following links, so nothing another user planted under that name (a file of
+/// theirs, a link) is written through: opening an existing file keeps its owner and mode,
+/// and a private key written into it would be theirs to read.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
+    let mut nonce = [0u8; 8];
+    crate::entropy::fill(&mut nonce)
+        .map_err(|_| std::io::Error::other("the system random source failed"))?;
     let tmp = dir.join(format!(
-        ".{}.tmp{}",
+        ".{}.{}.{}.tmp",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
+        std::process::id(),
+        hex::encode(nonce)
     ));
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
@@ -108,4 +121,37 @@ pub fn check_private_mode(path: &Path) -> std::io::Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_writes_never_write_through_what_is_already_there() {
+        let d = tempfile::tempdir().unwrap();
+        // A link planted at the final name: replaced, not followed.
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"theirs").unwrap();
+        let path = d.path().join("svid.key");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        write_atomic(&path, b"secret", 0o600).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"theirs");
+        let m = std::fs::symlink_metadata(&path).unwrap();
+        assert!(m.file_type().is_file());
+        assert_eq!(m.mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
+        // No temp file is left, and the old fixed temp name is not used.
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        // A file planted under the old fixed temp name is left alone.
+        let planted = d.path().join("svid.tmp");
+        std::fs::write(&planted, b"").unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o666)).unwrap();
+        write_atomic(&path, b"secret2", 0o600).unwrap();
+        assert_eq!(std::fs::read(&planted).unwrap(), b"");
+    }
 }

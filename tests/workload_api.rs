@@ -1263,3 +1263,33 @@ print(json.dumps({"jwt_bundles": len(c.fetch_jwt_bundles().bundles)}))
         ]
     );
 }
+
+#[test]
+fn the_cli_validates_a_token_read_from_stdin() {
+    let d = Daemon::start(&me_entry());
+    let o = d.cli(&["svid", "jwt", "--audience", "backend"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let token = String::from_utf8(o.stdout).unwrap();
+    // `-`: from stdin, so the token is not in the process list.
+    let mut child = std::process::Command::new(common::tessera_bin())
+        .args(["svid", "validate", "--audience", "backend", "-"])
+        .env("SPIFFE_ENDPOINT_SOCKET", d.endpoint())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(token.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("spiffe://tessera.internal/me"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}

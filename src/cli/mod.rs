@@ -241,7 +241,8 @@ enum SvidCommand {
         /// The audience of the validating party.
         #[arg(long, short = 'a')]
         audience: String,
-        /// The token.
+        /// The token, or `-` to read it from stdin (an argument is visible to every local
+        /// user in the process list).
         token: String,
     },
 }

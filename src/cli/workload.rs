@@ -1,6 +1,6 @@
 //! Workload-side commands: fetch SVIDs, show bundles, validate tokens.
 
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 use anyhow::Context;
@@ -68,20 +68,30 @@ fn expiry(chain: &[u8]) -> anyhow::Result<(String, i64)> {
     ))
 }
 
+/// Created with its final mode (a key never exists on disk with looser permissions), through
+/// an exclusively created temp file ([`crate::fsutil::write_atomic`]).
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    // Create with the final mode: a key must never exist on disk with looser permissions.
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    crate::fsutil::write_atomic(path, bytes, mode)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Creates `dir` if needed and refuses one that others could change under us: in a directory
+/// group or others may write to (without the sticky bit), another user could swap the
+/// files, or the key, after they are written.
+fn output_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let m = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    use std::os::unix::fs::MetadataExt;
+    anyhow::ensure!(
+        m.mode() & 0o022 == 0 || m.mode() & 0o1000 != 0,
+        "{} may be written by group or others (mode {:o}): another user could replace the files written there; choose a directory only you can write to",
+        dir.display(),
+        m.mode() & 0o7777
+    );
     Ok(())
 }
 
@@ -107,11 +117,7 @@ pub(super) async fn x509(cli: &Cli, out: Option<&Path>) -> anyhow::Result<()> {
             format!(".{i}")
         };
         if let Some(dir) = out {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            output_dir(dir)?;
             write_file(
                 &dir.join(format!("svid{suffix}.pem")),
                 pem_certs(&s.x509_svid)?.as_bytes(),
@@ -206,12 +212,25 @@ pub(super) async fn jwt(
     Ok(())
 }
 
+/// A token given as an argument, or `-` to read it from stdin: command lines are readable by
+/// every local user (`/proc/<pid>/cmdline`), stdin is not.
+fn token_arg(arg: &str, what: &str) -> anyhow::Result<String> {
+    if arg != "-" {
+        return Ok(arg.to_owned());
+    }
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+        .with_context(|| format!("reading {what} from stdin"))?;
+    Ok(s.trim().to_owned())
+}
+
 pub(super) async fn validate(cli: &Cli, audience: &str, token: &str) -> anyhow::Result<()> {
+    let token = token_arg(token, "the token")?;
     let mut c = client(cli).await?;
     let resp = c
         .validate_jwtsvid(req(pb::ValidateJwtsvidRequest {
             audience: audience.to_owned(),
-            svid: token.to_owned(),
+            svid: token,
         }))
         .await
         .map_err(status_err)?
@@ -324,14 +343,7 @@ async fn tasks_client(cli: &Cli) -> anyhow::Result<crate::api::workload::TasksCl
 
 pub(super) async fn task_exchange(cli: &Cli, a: ExchangeArgs<'_>) -> anyhow::Result<()> {
     use crate::proto::tessera::v1 as tpb;
-    let subject_token = if a.subject_token == "-" {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-            .context("reading the subject token from stdin")?;
-        s.trim().to_owned()
-    } else {
-        a.subject_token.to_owned()
-    };
+    let subject_token = token_arg(a.subject_token, "the subject token")?;
     let r = tasks_client(cli)
         .await?
         .exchange(tpb::ExchangeRequest {
@@ -362,11 +374,7 @@ pub(super) async fn task_exchange(cli: &Cli, a: ExchangeArgs<'_>) -> anyhow::Res
         })?
         .into_inner();
     if let (Some(dir), Some(s)) = (a.x509_out, &r.x509_svid) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
+        output_dir(dir)?;
         write_file(
             &dir.join("svid.pem"),
             pem_certs(&s.x509_svid)?.as_bytes(),
@@ -419,4 +427,23 @@ pub(super) async fn task_complete(cli: &Cli, task: &str) -> anyhow::Result<()> {
         println!("task {task} complete: revoked {} lease(s)", r.revoked);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_output_directory_others_can_write_to_is_refused_unless_sticky() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let shared = d.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = output_dir(&shared).unwrap_err().to_string();
+        assert!(e.contains("group or others"), "{e}");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        output_dir(&shared).unwrap();
+        output_dir(&d.path().join("new/dir")).unwrap();
+    }
 }
