@@ -305,16 +305,24 @@ impl Issuer {
         }
     }
 
-    /// Records activity of `entry` (adding a durable record to `ops` at most hourly).
-    fn touch(&self, entry: &Entry, now_ms: i64, ops: &mut Vec<Op>) {
+    /// A durable record of `entry`'s activity at `now_ms`, if one is due (at most hourly).
+    /// Memory moves only once the issuance is committed ([`Self::touched`]): a failed commit
+    /// issued nothing, and must neither make the entry look active nor hold back its record.
+    fn activity_op(&self, entry: &Entry, now_ms: i64) -> Option<Op> {
+        let recorded = self.activity.get(&*entry.id).map_or(0, |slot| slot.1);
+        (now_ms - recorded >= ACTIVITY_RESOLUTION_MS).then(|| Op::EntryActive {
+            id: entry.id.to_string(),
+            at_ms: now_ms,
+        })
+    }
+
+    /// After an issuance under `entry` was committed: its idle clock, and, when the commit
+    /// carried [`Self::activity_op`]'s record, when the clock was last made durable.
+    fn touched(&self, entry: &Entry, now_ms: i64, recorded: bool) {
         let mut slot = self.activity.entry(Arc::clone(&entry.id)).or_insert((0, 0));
         slot.0 = slot.0.max(now_ms);
-        if now_ms - slot.1 >= ACTIVITY_RESOLUTION_MS {
-            slot.1 = now_ms;
-            ops.push(Op::EntryActive {
-                id: entry.id.to_string(),
-                at_ms: now_ms,
-            });
+        if recorded {
+            slot.1 = slot.1.max(now_ms);
         }
     }
 
@@ -562,8 +570,12 @@ impl Issuer {
             .detail("expires_at", lease.expires_at);
         let lease_id = lease.id;
         let mut ops = vec![Op::PutLease(lease.clone()), Op::Audit(ev)];
-        self.touch(entry, now_ms(), &mut ops);
+        let now_ms = now_ms();
+        let record = self.activity_op(entry, now_ms);
+        let recorded = record.is_some();
+        ops.extend(record);
         commit_issue(&self.store, ops, vec![lease_id]).await?;
+        self.touched(entry, now_ms, recorded);
         self.leases.insert(lease);
         self.metrics.issued(Kind::X509, 1);
         Ok(X509Svid {
@@ -649,10 +661,19 @@ impl Issuer {
             });
         }
         let now_ms = now_ms();
-        for entry in &entries {
-            self.touch(entry, now_ms, &mut ops);
-        }
+        let recorded: Vec<bool> = entries
+            .iter()
+            .map(|entry| {
+                let record = self.activity_op(entry, now_ms);
+                let due = record.is_some();
+                ops.extend(record);
+                due
+            })
+            .collect();
         commit_issue(&self.store, ops, leases.iter().map(|l| l.id).collect()).await?;
+        for (entry, recorded) in entries.iter().zip(recorded) {
+            self.touched(entry, now_ms, recorded);
+        }
         for l in leases {
             self.leases.insert(l);
         }
@@ -750,6 +771,48 @@ mod tests {
             ops.iter()
                 .any(|op| matches!(op, Op::DeleteEntry(id) if id == "config-1"))
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_leaves_the_idle_clock_and_its_record_as_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Arc::new(Held::default());
+        let td = TrustDomain::parse("td.test").unwrap();
+        let entry = crate::config::default_entry_for_current_user(&td);
+        let issuer = issuer(dir.path(), held.clone(), vec![entry.clone()]);
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer = PeerInfo::from_socket(a.as_raw_fd()).unwrap();
+        let caller = issuer.attest(Some(&peer)).await.unwrap();
+        // Answers the next commit with `result`; returns whether it carried an activity record.
+        let answer = |result: Result<(), crate::lease::store::StoreError>| {
+            let held = Arc::clone(&held);
+            async move {
+                let job = loop {
+                    if let Some(j) = held.jobs.lock().unwrap().pop() {
+                        break j;
+                    }
+                    tokio::task::yield_now().await;
+                };
+                let recorded = job.0.iter().any(|op| matches!(op, Op::EntryActive { .. }));
+                job.1.send(result).unwrap();
+                recorded
+            }
+        };
+        let issuing = tokio::spawn({
+            let (issuer, caller) = (Arc::clone(&issuer), Arc::clone(&caller));
+            async move { issuer.issue_jwts(&caller, &["aud".into()], None).await }
+        });
+        assert!(answer(Err(crate::lease::store::StoreError::Closed)).await);
+        assert!(issuing.await.unwrap().is_err());
+        assert_eq!(issuer.last_active(&entry.id), None, "nothing was issued");
+        // The next issuance still carries the record the failed one did not make durable.
+        let issuing = tokio::spawn({
+            let (issuer, caller) = (Arc::clone(&issuer), Arc::clone(&caller));
+            async move { issuer.issue_jwts(&caller, &["aud".into()], None).await }
+        });
+        assert!(answer(Ok(())).await);
+        assert_eq!(issuing.await.unwrap().unwrap().len(), 1);
+        assert!(issuer.last_active(&entry.id).is_some());
     }
 
     #[tokio::test]

@@ -249,8 +249,12 @@ impl Issuer {
             ops.push(Op::PutLease(l.clone()));
         }
         ops.push(Op::Audit(ev));
-        self.touch(entry, now_ms(), &mut ops);
+        let now_ms = now_ms();
+        let record = self.activity_op(entry, now_ms);
+        let recorded = record.is_some();
+        ops.extend(record);
         commit_issue(&self.store, ops, leases.iter().map(|l| l.id).collect()).await?;
+        self.touched(entry, now_ms, recorded);
         let n_x509 = u64::from(x509.is_some());
         for l in leases {
             self.leases.insert(l);
