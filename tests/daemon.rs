@@ -433,6 +433,39 @@ fn admin_socket_is_owner_only_without_extra_grants() {
     assert_eq!(workload, 0o666, "workloads of any uid can connect");
     let data = std::fs::metadata(&d.data_dir).unwrap().permissions().mode() & 0o777;
     assert_eq!(data, 0o700);
+    // The CLI says why another user is shut out, not that the daemon may be down.
+    if my_uid() == 0 {
+        let mut c = Command::new(tessera_bin());
+        c.env("TESSERA_ADMIN_SOCKET", &d.admin_socket)
+            .args(["status"]);
+        as_user(&mut c, 47_011);
+        let o = c.output().unwrap();
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("permission denied") && err.contains("allowed_uids"),
+            "{err}"
+        );
+    }
+    // A lifetime the daemon would read as "the default" is refused by the CLI.
+    for ttl in ["500ms", "0s", "1500ms"] {
+        let o = d.cli(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://tessera.internal/t",
+            "--selector",
+            "unix:uid:1",
+            "--x509-ttl",
+            ttl,
+        ]);
+        assert!(!o.status.success(), "{ttl}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("whole number of seconds"),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
 }
 
 fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {

@@ -116,8 +116,23 @@ pub(super) async fn entry_list(cli: &Cli) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    // Ids are 19 to 24 characters and SPIFFE IDs any length: the columns fit the data.
+    let idw = r
+        .entries
+        .iter()
+        .map(|e| e.id.len())
+        .max()
+        .unwrap_or(0)
+        .max(2);
+    let sidw = r
+        .entries
+        .iter()
+        .map(|e| e.spiffe_id.len())
+        .max()
+        .unwrap_or(0)
+        .max(9);
     println!(
-        "{:<10} {:<44} {:<7} {:<16} {:<21} {:<11} SELECTORS",
+        "{:<idw$} {:<sidw$} {:<7} {:<16} {:<21} {:<11} SELECTORS",
         "ID", "SPIFFE ID", "RISK", "OWNER", "EXPIRES", "ACTIVE"
     );
     let dash = |s: &str| {
@@ -130,7 +145,7 @@ pub(super) async fn entry_list(cli: &Cli) -> anyhow::Result<()> {
     for e in &r.entries {
         if !e.invalid.is_empty() {
             println!(
-                "{:<10} {:<44} INVALID, grants nothing until deleted: {}",
+                "{:<idw$} {:<sidw$} INVALID, grants nothing until deleted: {}",
                 e.id,
                 dash(&e.spiffe_id),
                 e.invalid
@@ -145,7 +160,7 @@ pub(super) async fn entry_list(cli: &Cli) -> anyhow::Result<()> {
             "-".to_owned()
         };
         println!(
-            "{:<10} {:<44} {:<7} {:<16} {:<21} {:<11} {}",
+            "{:<idw$} {:<sidw$} {:<7} {:<16} {:<21} {:<11} {}",
             e.id,
             e.spiffe_id,
             dash(&e.risk),
@@ -471,10 +486,16 @@ pub(super) async fn killed(cli: &Cli) -> anyhow::Result<()> {
 }
 
 fn apply_args(e: &mut pb::Entry, a: &super::EntryArgs) -> anyhow::Result<()> {
+    // Whole seconds, at least one: 0 means "the default" to the daemon, so a sub-second or
+    // zero value would silently become the default lifetime.
     let secs = |s: &str| -> anyhow::Result<i64> {
-        Ok(humantime::parse_duration(s)
-            .map_err(|err| anyhow::anyhow!("{s:?} is not a duration like 10m: {err}"))?
-            .as_secs() as i64)
+        let d = humantime::parse_duration(s)
+            .map_err(|err| anyhow::anyhow!("{s:?} is not a duration like 10m: {err}"))?;
+        anyhow::ensure!(
+            d.as_secs() >= 1 && d.subsec_nanos() == 0,
+            "{s:?}: give a whole number of seconds, at least 1s (leave the flag out for the default)"
+        );
+        i64::try_from(d.as_secs()).map_err(|_| anyhow::anyhow!("{s:?} is too long"))
     };
     if let Some(v) = &a.spiffe_id {
         e.spiffe_id = v.clone();

@@ -432,10 +432,33 @@ async fn connect(path: &Path) -> anyhow::Result<Channel> {
         }
     }
     crate::api::uds::channel(path).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot connect to {}: {e} (is tesserad running?)",
-            path.display()
-        )
+        // tonic's transport error hides the cause; the one that matters most is this user
+        // not being let in.
+        let mut cause = std::error::Error::source(&e);
+        let mut io = None;
+        while let Some(c) = cause {
+            if let Some(i) = c.downcast_ref::<std::io::Error>() {
+                io = Some(i.kind());
+                break;
+            }
+            cause = c.source();
+        }
+        match io {
+            Some(std::io::ErrorKind::PermissionDenied) => anyhow::anyhow!(
+                "cannot connect to {}: permission denied. The admin socket admits root, the \
+                 daemon's user and [admin] allowed_uids/allowed_gids only: ask an operator to add \
+                 you, or use sudo",
+                path.display()
+            ),
+            Some(std::io::ErrorKind::ConnectionRefused) => anyhow::anyhow!(
+                "cannot connect to {}: nothing listens there (is tesserad running?)",
+                path.display()
+            ),
+            _ => anyhow::anyhow!(
+                "cannot connect to {}: {e} (is tesserad running?)",
+                path.display()
+            ),
+        }
     })
 }
 
