@@ -150,8 +150,10 @@ pub fn workload_request(data: &[u8]) {
     if let Ok(r) = wpb::ValidateJwtsvidRequest::decode(data) {
         let _ = jose::decode(&r.svid);
     }
-    if let Ok(r) = tpb::ExchangeRequest::decode(data) {
-        check_exchange(crate::api::tasks::request_from_pb(r));
+    if let Ok(r) = tpb::ExchangeRequest::decode(data)
+        && let Ok(req) = crate::api::tasks::request_from_pb(r)
+    {
+        check_exchange(req);
     }
 }
 

@@ -980,6 +980,16 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
         format!("[URI({:?})]", svid.spiffe_id)
     );
 
+    // A list element is one scope: one holding a space, or an empty one, is refused.
+    for scopes in [&["tickets:read tickets:write"][..], &["tickets:read", ""]] {
+        let err = tasks
+            .exchange(tasks_req(&subject, "job-sc", scopes, false))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{scopes:?}");
+        assert!(err.message().contains("scopes["), "{}", err.message());
+    }
+
     // Errors carry the OAuth code.
     let err = tasks
         .exchange(tasks_req(&subject, "", &["tickets:read"], false))

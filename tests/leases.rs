@@ -561,6 +561,19 @@ async fn admin_api_refuses_bad_input_and_changes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // An empty id is the caller's mistake, not a missing object.
+    let e = a
+        .delete_entry(admin_pb::DeleteEntryRequest { id: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = a
+        .complete_task(admin_pb::CompleteTaskRequest {
+            task_id: "bad task!".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     // A well-formed id of no task: a typo must not look revoked.
     let e = a
         .revoke_task(admin_pb::RevokeTaskRequest {

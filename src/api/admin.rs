@@ -140,7 +140,7 @@ impl AdminApi {
         if approve {
             self.check_approver(&req).await?;
         }
-        let id = req.into_inner().id;
+        let id = required("id", req.into_inner().id)?;
         let a = if approve {
             self.approvals.approve(&id, actor.label(), now_ms())
         } else {
@@ -214,6 +214,15 @@ impl AdminApi {
         p.idle = self.issuer.is_idle(e, now_ms());
         p
     }
+}
+
+/// `id`, which must not be empty: an empty id is a caller's mistake (InvalidArgument), not an
+/// object that is missing (NotFound).
+fn required(field: &str, id: String) -> Result<String, Status> {
+    if id.trim().is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is required")));
+    }
+    Ok(id)
 }
 
 /// Runs an operator change to its end even if the caller goes away meanwhile
@@ -448,7 +457,10 @@ impl pb::admin_server::Admin for AdminApi {
         req: Request<pb::DeleteEntryRequest>,
     ) -> Result<Response<pb::DeleteEntryResponse>, Status> {
         let actor = self.authorize(&req).await?;
-        let (issuer, id) = (Arc::clone(&self.issuer), req.into_inner().id);
+        let (issuer, id) = (
+            Arc::clone(&self.issuer),
+            required("id", req.into_inner().id)?,
+        );
         to_completion(async move { issuer.delete_entry(&id, actor).await }).await?;
         Ok(Response::new(pb::DeleteEntryResponse {}))
     }
@@ -609,7 +621,12 @@ impl pb::admin_server::Admin for AdminApi {
         req: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
         let actor = self.authorize(&req).await?;
-        let (issuer, task) = (Arc::clone(&self.issuer), req.into_inner().task_id);
+        let task = required("task_id", req.into_inner().task_id)?;
+        crate::lease::validate_task_id(&task).map_err(|e| {
+            let shown: String = task.chars().take(128).collect();
+            Status::invalid_argument(format!("task_id {shown:?}: {e}"))
+        })?;
+        let issuer = Arc::clone(&self.issuer);
         let n =
             to_completion(async move { issuer.complete_task(&task, None, actor).await }).await?;
         Ok(Response::new(pb::CompleteTaskResponse {
@@ -651,7 +668,7 @@ impl pb::admin_server::Admin for AdminApi {
         req: Request<pb::ReviewEntryRequest>,
     ) -> Result<Response<pb::Entry>, Status> {
         let actor = self.authorize(&req).await?;
-        let id = req.into_inner().id;
+        let id = required("id", req.into_inner().id)?;
         let issuer = Arc::clone(&self.issuer);
         let e = {
             let id = id.clone();

@@ -27,9 +27,22 @@ impl TasksApi {
 }
 
 /// Protobuf exchange request to the domain request (`spiffe_id`, the acting identity, is
-/// handled by the caller).
-pub fn request_from_pb(r: pb::ExchangeRequest) -> exchange::Request {
-    exchange::Request {
+/// handled by the caller). Scopes come as a list here and as one space-separated string in
+/// RFC 8693's form: an element that is empty or holds a space would be read as no scope, or
+/// as several, so it is refused.
+pub fn request_from_pb(r: pb::ExchangeRequest) -> Result<exchange::Request, Status> {
+    if let Some((i, s)) = r
+        .scopes
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.is_empty() || s.chars().any(char::is_whitespace))
+    {
+        return Err(Status::invalid_argument(format!(
+            "scopes[{i}] {:?}: a scope is one non-empty token without spaces (RFC 6749 §3.3); give each scope as its own element",
+            s.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(exchange::Request {
         subject_token: Some(r.subject_token),
         subject_token_type: Some(r.subject_token_type),
         audience: Some(r.audience),
@@ -38,7 +51,7 @@ pub fn request_from_pb(r: pb::ExchangeRequest) -> exchange::Request {
         expires_in: (r.expires_in > 0).then(|| r.expires_in.to_string()),
         requested_token_type: Some(r.requested_token_type),
         x509: r.x509_svid,
-    }
+    })
 }
 
 #[tonic::async_trait]
@@ -53,7 +66,7 @@ impl pb::tasks_server::Tasks for TasksApi {
         let caller = issuer.attest(peer.as_deref()).await.map_err(status)?;
         let mut r = req.into_inner();
         let spiffe_id = std::mem::take(&mut r.spiffe_id);
-        let request = request_from_pb(r);
+        let request = request_from_pb(r)?;
         let actor = ActorRef::Attested {
             caller: &caller,
             spiffe_id: Some(spiffe_id.as_str()),
