@@ -1287,6 +1287,19 @@ mod tests {
                 .starts_with(c.workload_socket.parent().unwrap())
         );
         assert!(c.http_issuer.is_some());
+        // The CLI in the daemon's pod is pointed at the same sockets.
+        let ds = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/daemonset.yaml"),
+        )
+        .unwrap();
+        assert!(ds.contains(&format!(
+            "{{name: TESSERA_ADMIN_SOCKET, value: {}}}",
+            c.admin_socket.display()
+        )));
+        assert!(ds.contains(&format!(
+            "{{name: SPIFFE_ENDPOINT_SOCKET, value: \"unix://{}\"}}",
+            c.workload_socket.display()
+        )));
     }
 
     #[test]

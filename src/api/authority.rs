@@ -34,11 +34,17 @@ const PRIORITY: u8 = 0x20;
 /// SETTINGS_MAX_FRAME_SIZE's initial value (RFC 9113 §6.5.2), which the server keeps: larger
 /// frames are refused by it anyway, and re-encoded blocks are cut to this size.
 const MAX_FRAME: usize = 16_384;
-/// Largest header block held while it is completed, and largest decoded header list (by RFC
-/// 9113's count: name + value + 32 per field) sent on: four times the server's own limit,
-/// so nothing the server would take is refused here, while a block of one-byte references
-/// to large table entries cannot make this expand it without bound.
+/// Largest header block held while it is completed.
 const MAX_BLOCK: usize = 64 * 1024;
+/// Largest decoded header list (by RFC 9113's count: name + value + 32 per field) a
+/// rewritten block may have: twice the server's own limit (hyper's 16 KiB), so nothing the
+/// server would take is refused here, while a block of one-byte references to large table
+/// entries cannot expand much.
+const MAX_DECODED: usize = 32 * 1024;
+/// [`AuthorityFix::process`] stops taking input, at a frame boundary, once this much output
+/// waits: with one-byte references a few kilobytes in can decode to megabytes, and output is
+/// held until the server reads it.
+pub const MAX_PENDING_OUT: usize = 64 * 1024;
 /// SETTINGS_HEADER_TABLE_SIZE's initial value, which the server keeps: the most a client's
 /// encoder may use.
 const TABLE_SIZE: usize = 4096;
@@ -53,6 +59,8 @@ enum Mode {
     Passthrough,
     /// Header blocks are rewritten.
     Rewrite,
+    /// The connection must close: every later call fails too.
+    Failed,
 }
 
 /// Where the parser is in the client's byte stream.
@@ -126,13 +134,32 @@ impl AuthorityFix {
         self.mode == Mode::Passthrough
     }
 
-    /// Takes `input`, the next bytes from the client, and appends what the server is to read
-    /// to `out`. An error means the connection must be closed.
-    pub fn process(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+    /// Takes the next bytes from the client, appending what the server is to read to `out`,
+    /// and returns how many it took: all of them, unless `out` held [`MAX_PENDING_OUT`] at a
+    /// frame boundary (the caller hands the rest over once `out` is drained). An error means
+    /// the connection must be closed.
+    pub fn process(&mut self, input: &[u8], out: &mut Vec<u8>) -> io::Result<usize> {
+        let r = self.take(input, out);
+        if r.is_err() {
+            self.mode = Mode::Failed;
+        }
+        r
+    }
+
+    fn take(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> io::Result<usize> {
+        let given = input.len();
         while !input.is_empty() {
-            if self.mode == Mode::Passthrough {
-                out.extend_from_slice(input);
-                return Ok(());
+            match self.mode {
+                Mode::Failed => return Err(closed("the connection already failed")),
+                Mode::Passthrough => {
+                    out.extend_from_slice(input);
+                    return Ok(given);
+                }
+                Mode::Undecided | Mode::Rewrite => {}
+            }
+            if self.at == At::FrameHeader && self.header.is_empty() && out.len() >= MAX_PENDING_OUT
+            {
+                return Ok(given - input.len());
             }
             match self.at {
                 At::Preface(left) => {
@@ -175,7 +202,7 @@ impl AuthorityFix {
                 }
             }
         }
-        Ok(())
+        Ok(given)
     }
 
     fn after_payload(left: usize) -> At {
@@ -283,11 +310,11 @@ impl AuthorityFix {
         let mut size = 0usize;
         let decoded = self.decoder.decode_with_cb(&block, |name, value| {
             size = size.saturating_add(name.len() + value.len() + 32);
-            if size <= MAX_BLOCK {
+            if size <= MAX_DECODED {
                 fields.push((name.into_owned(), value.into_owned()));
             }
         });
-        if decoded.is_err() || size > MAX_BLOCK {
+        if decoded.is_err() || size > MAX_DECODED {
             return self.give_up(out);
         }
         if self.mode == Mode::Undecided {
@@ -412,13 +439,24 @@ mod tests {
         c
     }
 
+    /// Feeds `input` in pieces of `step`, draining the output as the server would; the
+    /// largest output one call left waiting is checked against the bound.
     fn run(input: &[u8], step: usize) -> io::Result<(Vec<u8>, bool)> {
         let mut fix = AuthorityFix::default();
-        let mut out = Vec::new();
-        for chunk in input.chunks(step) {
-            fix.process(chunk, &mut out)?;
+        let (mut all, mut out) = (Vec::new(), Vec::new());
+        for mut chunk in input.chunks(step) {
+            while !chunk.is_empty() {
+                let n = fix.process(chunk, &mut out)?;
+                assert!(
+                    out.len() <= MAX_PENDING_OUT + MAX_DECODED + 2 * MAX_FRAME,
+                    "{} bytes waiting after one call",
+                    out.len()
+                );
+                chunk = &chunk[n..];
+                all.append(&mut out);
+            }
         }
-        Ok((out, fix.passthrough()))
+        Ok((all, fix.passthrough()))
     }
 
     type Fields = Vec<(Vec<u8>, Vec<u8>)>;
@@ -543,6 +581,35 @@ mod tests {
     }
 
     #[test]
+    fn output_waiting_for_the_server_stays_bounded_however_the_input_expands() {
+        // A 4,000-byte table entry, then many small blocks each referring to it a few times
+        // (under the server's own header-list limit, so nothing is refused): every block
+        // decodes to ~12 KB from ~20 bytes.
+        let mut input = client_bytes(b"%2Fw.sock");
+        let mut add = vec![0x40];
+        encode_string(&mut add, b"x-big");
+        encode_string(&mut add, &[b'a'; 4000]);
+        input.extend(frame(HEADERS, END_HEADERS, 5, &add));
+        let block = [0x83, 0x86, 0x80 | 62, 0x80 | 62, 0x80 | 62];
+        for i in 0..2000u32 {
+            input.extend(frame(HEADERS, END_HEADERS, 7 + 2 * i, &block));
+        }
+        let mut fix = AuthorityFix::default();
+        let mut out = Vec::new();
+        let mut fed = 0;
+        let mut calls = 0;
+        while fed < input.len() {
+            let n = fix.process(&input[fed..], &mut out).unwrap();
+            assert!(out.len() <= MAX_PENDING_OUT + MAX_DECODED + 2 * MAX_FRAME);
+            fed += n;
+            calls += 1;
+            out.clear();
+        }
+        // It stopped early many times rather than expanding everything at once.
+        assert!(calls > 100, "{calls}");
+    }
+
+    #[test]
     fn continuation_frames_without_end_are_not_held_without_bound() {
         let mut input = client_bytes(b"%2Fw.sock");
         input.extend(frame(HEADERS, 0, 5, &[0x83]));
@@ -556,7 +623,8 @@ mod tests {
     #[test]
     fn a_long_block_is_cut_into_continuation_frames() {
         let mut block = first_block(b"%2Fw.sock");
-        for i in 0..40 {
+        // About 28 KB decoded: more than one frame, within what a rewritten block may hold.
+        for i in 0..30 {
             block.push(0x00);
             encode_string(&mut block, format!("x-h{i}").as_bytes());
             encode_string(&mut block, &[b'v'; 900]);
@@ -579,12 +647,9 @@ mod tests {
             joined.extend(&rest[9..9 + len]);
             rest = &rest[9 + len..];
         }
-        assert_eq!(
-            kinds,
-            [(HEADERS, 0), (CONTINUATION, 0), (CONTINUATION, END_HEADERS)]
-        );
+        assert_eq!(kinds, [(HEADERS, 0), (CONTINUATION, END_HEADERS)]);
         let fields = Decoder::new().decode(&joined).unwrap();
-        assert_eq!(fields.len(), 44);
+        assert_eq!(fields.len(), 34);
         assert_eq!(field(&fields, b":authority"), Some(&b"localhost"[..]));
     }
 }

@@ -81,8 +81,13 @@ pub fn peer_groups(fd: std::os::fd::RawFd) -> io::Result<Vec<u32>> {
 /// A connection's rewriter with what it produced and the server has not read yet.
 struct Rewriting {
     fix: AuthorityFix,
+    /// What the rewriter produced, and how much of it the server has read.
     out: Vec<u8>,
     taken: usize,
+    /// What was read from the client and the rewriter has not taken yet (it stops once
+    /// [`crate::api::authority::MAX_PENDING_OUT`] waits), and how much of it it took.
+    input: Vec<u8>,
+    used: usize,
 }
 
 impl std::fmt::Debug for Rewriting {
@@ -142,19 +147,32 @@ impl UdsConn {
                 r.taken += n;
                 return Poll::Ready(Ok(()));
             }
+            r.out.clear();
+            r.taken = 0;
+            // A burst of rewritten blocks must not stay allocated for the connection's life.
+            if r.out.capacity() > 2 * crate::api::authority::MAX_PENDING_OUT {
+                r.out = Vec::new();
+            }
+            if r.used < r.input.len() {
+                let n = r.fix.process(&r.input[r.used..], &mut r.out)?;
+                r.used += n;
+                if r.used == r.input.len() {
+                    r.input.clear();
+                    r.used = 0;
+                }
+                continue;
+            }
             if r.fix.passthrough() {
                 this.fix = None;
                 continue;
             }
-            r.out.clear();
-            r.taken = 0;
             let mut chunk = [0u8; 8192];
             let mut read = ReadBuf::new(&mut chunk);
             std::task::ready!(Pin::new(&mut this.stream).poll_read(cx, &mut read))?;
             if read.filled().is_empty() {
                 return Poll::Ready(Ok(()));
             }
-            r.fix.process(read.filled(), &mut r.out)?;
+            r.input.extend_from_slice(read.filled());
         }
     }
 }
@@ -415,6 +433,8 @@ pub fn incoming(
                                     fix: AuthorityFix::default(),
                                     out: Vec::new(),
                                     taken: 0,
+                                    input: Vec::new(),
+                                    used: 0,
                                 })),
                             }),
                             (listener, limits, warned, admit),
