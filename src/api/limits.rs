@@ -199,13 +199,73 @@ where
     }
 }
 
+/// How long a gRPC request message may take to arrive whole once its first bytes came, on
+/// the Unix sockets: what it held in the caller's share is given back when it fails, so an
+/// unfinished message cannot hold it for ever (HTTP has its own request timeout).
+pub const MESSAGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A request body counted against its caller's share (by uid, or one key for callers that
-/// have none) until dropped.
+/// have none) until dropped. With gRPC framing, a message's bytes are given back as soon as
+/// it is whole (a long request stream is not refused for what it sent long ago), and a
+/// message that does not arrive whole within [`MESSAGE_DEADLINE`] fails the request.
 pub struct CountedBody<B> {
     inner: B,
     budget: Arc<PerUid>,
     uid: u32,
     held: usize,
+    grpc: Option<Framing>,
+}
+
+/// Where a gRPC request body is in its length-prefixed messages.
+#[derive(Default)]
+struct Framing {
+    /// Bytes of the current message's 5-byte prefix seen so far.
+    prefix: Vec<u8>,
+    /// Bytes of the current message's payload still to come.
+    left: usize,
+    /// Bytes of the current message seen so far, its prefix included.
+    seen: usize,
+    /// Until when the current, partly received message may take to arrive.
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Framing {
+    /// Walks `data`; returns how many of its bytes belong to messages it completes (those
+    /// started before it included: the caller gives back what it counted for them).
+    fn complete(&mut self, mut data: &[u8]) -> usize {
+        let mut done = 0;
+        while !data.is_empty() {
+            if self.left == 0 && self.prefix.len() < 5 {
+                let n = (5 - self.prefix.len()).min(data.len());
+                self.prefix.extend_from_slice(&data[..n]);
+                data = &data[n..];
+                self.seen += n;
+                if self.prefix.len() == 5 {
+                    self.left = u32::from_be_bytes([
+                        self.prefix[1],
+                        self.prefix[2],
+                        self.prefix[3],
+                        self.prefix[4],
+                    ]) as usize;
+                }
+            } else {
+                let n = self.left.min(data.len());
+                self.left -= n;
+                data = &data[n..];
+                self.seen += n;
+            }
+            if self.prefix.len() == 5 && self.left == 0 {
+                self.prefix.clear();
+                done += self.seen;
+                self.seen = 0;
+            }
+        }
+        done
+    }
+
+    fn partial(&self) -> bool {
+        !self.prefix.is_empty() || self.left > 0
+    }
 }
 
 impl<B> CountedBody<B> {
@@ -216,8 +276,21 @@ impl<B> CountedBody<B> {
             budget,
             uid,
             held: 0,
+            grpc: None,
         }
     }
+
+    /// Same, for a gRPC request body ([`CountedBody`]'s framing rules).
+    pub fn grpc(inner: B, budget: Arc<PerUid>, uid: u32) -> Self {
+        let mut body = Self::new(inner, budget, uid);
+        body.grpc = Some(Framing::default());
+        body
+    }
+}
+
+fn refused(status: tonic::Status) -> tower::BoxError {
+    // A Status, so that gRPC callers see its code (tonic recovers it).
+    Box::new(status)
 }
 
 impl<B> http_body::Body for CountedBody<B>
@@ -232,23 +305,49 @@ where
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let frame = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
+        use std::task::Poll;
+        let this = &mut *self;
+        let frame = match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(f) => f,
+            Poll::Pending => {
+                if let Some(d) = this.grpc.as_mut().and_then(|g| g.deadline.as_mut())
+                    && d.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Some(Err(refused(tonic::Status::deadline_exceeded(
+                        format!(
+                            "a request message did not arrive whole within {} s",
+                            MESSAGE_DEADLINE.as_secs()
+                        ),
+                    )))));
+                }
+                return Poll::Pending;
+            }
+        };
         if let Some(Ok(f)) = &frame
             && let Some(data) = f.data_ref()
         {
             let n = data.len();
-            if !self.budget.add(self.uid, n) {
-                // A Status, so that gRPC callers see its code (tonic recovers it).
-                return std::task::Poll::Ready(Some(Err(Box::new(
-                    tonic::Status::resource_exhausted(
-                        "too many request bytes in flight from this uid (or from all callers); \
-                         retry once earlier requests are answered",
-                    ),
-                ))));
+            if !this.budget.add(this.uid, n) {
+                return Poll::Ready(Some(Err(refused(tonic::Status::resource_exhausted(
+                    "too many request bytes in flight from this uid (or from all callers); \
+                     retry once earlier requests are answered",
+                )))));
             }
-            self.held += n;
+            this.held += n;
+            if let Some(g) = this.grpc.as_mut() {
+                let done = g.complete(data).min(this.held);
+                if done > 0 {
+                    this.budget.give(this.uid, done);
+                    this.held -= done;
+                }
+                if !g.partial() {
+                    g.deadline = None;
+                } else if g.deadline.is_none() {
+                    g.deadline = Some(Box::pin(tokio::time::sleep(MESSAGE_DEADLINE)));
+                }
+            }
         }
-        std::task::Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+        Poll::Ready(frame.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -352,5 +451,65 @@ mod tests {
         drop((b, c));
         assert!(budget.counts.is_empty());
         assert_eq!(budget.total.load(Ordering::Relaxed), 0);
+    }
+
+    /// A body that yields these byte chunks, then waits for ever.
+    struct Stalls(Vec<Vec<u8>>);
+
+    impl http_body::Body for Stalls {
+        type Data = bytes::Bytes;
+        type Error = tonic::Status;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+            if self.0.is_empty() {
+                return std::task::Poll::Pending;
+            }
+            let next = self.0.remove(0);
+            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from(next)))))
+        }
+    }
+
+    /// A gRPC message: the 5-byte prefix and `n` payload bytes.
+    fn message(n: usize) -> Vec<u8> {
+        let mut m = vec![0u8];
+        m.extend_from_slice(&(n as u32).to_be_bytes());
+        m.extend(std::iter::repeat_n(7u8, n));
+        m
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn whole_grpc_messages_are_given_back_and_a_partial_one_has_a_deadline() {
+        use http_body_util::BodyExt;
+        let budget = PerUid::new(1000, 1000);
+        // Two whole messages, the second cut across frames, then half of a third.
+        let mut two = message(10);
+        let second = message(20);
+        two.extend_from_slice(&second[..8]);
+        let third = message(100);
+        let mut body = CountedBody::grpc(
+            Stalls(vec![two, second[8..].to_vec(), third[..50].to_vec()]),
+            Arc::clone(&budget),
+            1,
+        );
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(
+            budget.held(1),
+            8,
+            "the first message went back, the second's start is held"
+        );
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(budget.held(1), 0, "both whole: nothing held");
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(budget.held(1), 50);
+        // The rest never comes: the request fails at the deadline, and its bytes go back.
+        let waited = tokio::time::Instant::now();
+        let e = body.frame().await.unwrap().unwrap_err();
+        assert!(waited.elapsed() >= MESSAGE_DEADLINE);
+        let s = e.downcast::<tonic::Status>().unwrap();
+        assert_eq!(s.code(), tonic::Code::DeadlineExceeded);
+        drop(body);
+        assert_eq!(budget.held(1), 0);
     }
 }
