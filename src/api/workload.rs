@@ -494,8 +494,9 @@ impl<T: Clone + PartialEq, F: Fn(&TrustBundle) -> T> BundleWatch<T, F> {
                 changed = self.entries_rx.changed() => {
                     changed.ok()?;
                     self.entries_rx.borrow_and_update();
-                    // Reused from the connection's cache unless the entries name other
-                    // groups now.
+                    // As for any request: the connection's cached attestation if under
+                    // 30 s old and the entries name no other groups, else a full one (which
+                    // ends the stream, as an X.509 stream's, if the process is gone).
                     if !self.allow_unauthenticated {
                         match self.issuer.attest(self.peer.as_deref()).await {
                             Ok(c) => self.caller = c,

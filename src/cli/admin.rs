@@ -7,7 +7,7 @@ use crate::proto::tessera::v1 as pb;
 use crate::proto::tessera::v1::admin_client::AdminClient;
 
 async fn client(cli: &Cli) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
-    Ok(AdminClient::new(connect(&cli.admin_socket()).await?))
+    Ok(AdminClient::new(connect(&cli.admin_socket(), true).await?))
 }
 
 fn rfc3339(unix: i64) -> String {

@@ -410,7 +410,7 @@ fn parse_socket_addr(s: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// A gRPC channel over a Unix socket, with an error that says what to check.
-async fn connect(path: &Path) -> anyhow::Result<Channel> {
+async fn connect(path: &Path, admin: bool) -> anyhow::Result<Channel> {
     // The same check the daemon makes before it binds: a directory someone else controls
     // could hold their socket, not tesserad's.
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -444,10 +444,15 @@ async fn connect(path: &Path) -> anyhow::Result<Channel> {
             cause = c.source();
         }
         match io {
-            Some(std::io::ErrorKind::PermissionDenied) => anyhow::anyhow!(
+            Some(std::io::ErrorKind::PermissionDenied) if admin => anyhow::anyhow!(
                 "cannot connect to {}: permission denied. The admin socket admits root, the \
                  daemon's user and [admin] allowed_uids/allowed_gids only: ask an operator to add \
                  you, or use sudo",
+                path.display()
+            ),
+            Some(std::io::ErrorKind::PermissionDenied) => anyhow::anyhow!(
+                "cannot connect to {}: permission denied (the socket's directory or the socket \
+                 shuts this user out; the workload socket is normally 0666 in a 0755 directory)",
                 path.display()
             ),
             Some(std::io::ErrorKind::ConnectionRefused) => anyhow::anyhow!(

@@ -16,7 +16,7 @@ type Client = SpiffeWorkloadApiClient<tonic::transport::Channel>;
 
 async fn client(cli: &Cli) -> anyhow::Result<Client> {
     Ok(SpiffeWorkloadApiClient::new(
-        connect(&cli.workload_socket()?).await?,
+        connect(&cli.workload_socket()?, false).await?,
     ))
 }
 
@@ -84,15 +84,15 @@ fn output_dir(dir: &Path) -> anyhow::Result<()> {
         .mode(0o755)
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
-    let m = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
-    use std::os::unix::fs::MetadataExt;
-    anyhow::ensure!(
-        m.mode() & 0o022 == 0 || m.mode() & 0o1000 != 0,
-        "{} may be written by group or others (mode {:o}): another user could replace the files written there; choose a directory only you can write to",
-        dir.display(),
-        m.mode() & 0o7777
-    );
-    Ok(())
+    // The daemon's rule for its socket directory: owned by this user or root, not writable
+    // by group or others, and no directory above writable by others unless sticky.
+    crate::api::uds::check_socket_dir(dir, Some(nix::unistd::geteuid().as_raw())).map_err(
+        |e| {
+            anyhow::anyhow!(
+                "{e}: another user could replace the files written there; choose a directory only you control"
+            )
+        },
+    )
 }
 
 pub(super) async fn x509(cli: &Cli, out: Option<&Path>) -> anyhow::Result<()> {
@@ -337,7 +337,7 @@ pub(super) struct ExchangeArgs<'a> {
 
 async fn tasks_client(cli: &Cli) -> anyhow::Result<crate::api::workload::TasksClient> {
     Ok(crate::api::workload::tasks_client(
-        connect(&cli.workload_socket()?).await?,
+        connect(&cli.workload_socket()?, false).await?,
     ))
 }
 
@@ -434,7 +434,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_output_directory_others_can_write_to_is_refused_unless_sticky() {
+    fn an_output_directory_others_could_change_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
         let shared = d.path().join("shared");
@@ -442,8 +442,17 @@ mod tests {
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
         let e = output_dir(&shared).unwrap_err().to_string();
         assert!(e.contains("group or others"), "{e}");
-        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
-        output_dir(&shared).unwrap();
+        // Inside a directory anyone may rename things in: refused too.
+        let e = output_dir(&shared.join("out")).unwrap_err().to_string();
+        assert!(e.contains("unless sticky"), "{e}");
         output_dir(&d.path().join("new/dir")).unwrap();
+        // Another user's directory (as root, which can make one).
+        if nix::unistd::geteuid().is_root() {
+            let theirs = d.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(4711)), None).unwrap();
+            let e = output_dir(&theirs).unwrap_err().to_string();
+            assert!(e.contains("must be owned by"), "{e}");
+        }
     }
 }
