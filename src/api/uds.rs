@@ -339,12 +339,47 @@ pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
     }
     let listener = UnixListener::bind(&tmp)?;
     let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-        .and_then(|()| std::fs::rename(&tmp, path));
+        .and_then(|()| rename_no_replace(&tmp, path));
     if let Err(e) = placed {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
     Ok(listener)
+}
+
+/// Renames `from` to `to` unless `to` exists: a socket another daemon bound at `to` after the
+/// probe above is not taken away (bind at `to` itself would have failed with EADDRINUSE).
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))
+    };
+    let (from_c, to_c) = (c(from)?, c(to)?);
+    // SAFETY: two valid NUL-terminated paths, relative to the working directory.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EEXIST) {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "{} appeared while binding (another tesserad starting?)",
+                to.display()
+            ),
+        ));
+    }
+    Err(e)
 }
 
 trait IsSocket {
@@ -571,6 +606,20 @@ mod tests {
         let mut want = want;
         want.sort_unstable();
         assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn the_rename_into_place_never_replaces_what_appeared_there() {
+        let d = tempfile::tempdir().unwrap();
+        let (from, to) = (d.path().join("from"), d.path().join("to"));
+        std::fs::write(&from, b"ours").unwrap();
+        std::fs::write(&to, b"theirs").unwrap();
+        let e = rename_no_replace(&from, &to).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert_eq!(std::fs::read(&to).unwrap(), b"theirs");
+        std::fs::remove_file(&to).unwrap();
+        rename_no_replace(&from, &to).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"ours");
     }
 
     #[tokio::test]
