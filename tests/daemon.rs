@@ -8,11 +8,8 @@ use std::time::Duration;
 
 use common::{Daemon, entry_for_uid, my_uid, open_tempdir, tessera_bin, tesserad_bin};
 
-/// Runs tesserad with `config` and expects it to refuse to start, naming `key`.
-/// `tesserad --check-config` on `config` (with temp paths): exit code, stdout, stderr; it
-/// must not create the data directory.
-fn check_config(config: &str) -> (Option<i32>, String, String) {
-    let dir = open_tempdir();
+/// Writes `config` after keys that put every path in `dir`; returns the file.
+fn config_in(dir: &tempfile::TempDir, config: &str) -> std::path::PathBuf {
     let path = dir.path().join("c.toml");
     let full = format!(
         "data_dir = {:?}\nworkload_api.socket = {:?}\nadmin.socket = {:?}\nhttp.listen = \"127.0.0.1:0\"\n{config}",
@@ -21,6 +18,14 @@ fn check_config(config: &str) -> (Option<i32>, String, String) {
         dir.path().join("a.sock")
     );
     std::fs::write(&path, full).unwrap();
+    path
+}
+
+/// `tesserad --check-config` on `config` (with temp paths): exit code, stdout, stderr; it
+/// must not create the data directory.
+fn check_config(config: &str) -> (Option<i32>, String, String) {
+    let dir = open_tempdir();
+    let path = config_in(&dir, config);
     let out = Command::new(tesserad_bin())
         .arg("--config")
         .arg(&path)
@@ -71,16 +76,10 @@ fn check_config_loads_what_startup_would_and_touches_nothing() {
     }
 }
 
+/// Runs tesserad with `config` and expects it to refuse to start, naming `wanted`.
 fn refuses(config: &str, wanted: &str) {
     let dir = open_tempdir();
-    let path = dir.path().join("bad.toml");
-    let full = format!(
-        "data_dir = {:?}\nworkload_api.socket = {:?}\nadmin.socket = {:?}\nhttp.listen = \"127.0.0.1:0\"\n{config}",
-        dir.path().join("data"),
-        dir.path().join("w.sock"),
-        dir.path().join("a.sock")
-    );
-    std::fs::write(&path, full).unwrap();
+    let path = config_in(&dir, config);
     let out = Command::new(tesserad_bin())
         .arg("--config")
         .arg(&path)
