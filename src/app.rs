@@ -487,7 +487,8 @@ pub fn check_files(cfg: &Config) -> Result<Vec<String>, String> {
     Ok(warnings)
 }
 
-/// Selectors naming a user or group this host cannot resolve: they never match.
+/// Selectors naming a user or group this host cannot resolve, or a path the daemon cannot see:
+/// they never match.
 fn unknown_names<'a>(entries: impl Iterator<Item = &'a crate::registry::Entry>) -> Vec<String> {
     use crate::attest::Selector;
     let mut out = Vec::new();
@@ -497,6 +498,19 @@ fn unknown_names<'a>(entries: impl Iterator<Item = &'a crate::registry::Entry>) 
                 Selector::User(n) => nix::unistd::User::from_name(n).map(|u| u.is_some()),
                 Selector::Group(n) | Selector::SupplementaryGroup(n) => {
                     nix::unistd::Group::from_name(n).map(|g| g.is_some())
+                }
+                // Matched in the daemon's own view of the file system: a unit's PrivateTmp,
+                // or another mount namespace, can hide the caller's binary from it.
+                Selector::Path(p) => {
+                    if std::fs::symlink_metadata(p)
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+                    {
+                        out.push(format!(
+                            "entry {} ({}): {s} names no file the daemon can see (not installed yet, or hidden from it by PrivateTmp or another mount namespace), so no caller matches it until it does",
+                            e.id, e.spiffe_id
+                        ));
+                    }
+                    continue;
                 }
                 _ => continue,
             };

@@ -525,7 +525,7 @@ fn parse_head(line: &[u8]) -> Option<(u64, String)> {
 
 /// Why verification failed: the file, its first bad line (1-based) and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: line {line}: {why}", file.display())]
+#[error("{}{}: {why}", file.display(), if *line == 0 { String::new() } else { format!(": line {line}") })]
 pub struct VerifyError {
     /// The file.
     pub file: PathBuf,

@@ -946,7 +946,10 @@ fn validate_entry(
     if spiffe_id.trust_domain_name() != td.as_str() {
         return Err(invalid(
             k("spiffe_id"),
-            format!("{raw_id} is not in this daemon's trust domain {td:?}; it cannot be issued"),
+            format!(
+                "{raw_id} is not in this daemon's trust domain {}; it cannot be issued",
+                td.as_str()
+            ),
         ));
     }
     if spiffe_id.path().is_empty() {

@@ -63,11 +63,15 @@ fn check_config_loads_what_startup_would_and_touches_nothing() {
     // What start-up would serve without passes, with a warning naming it: a selector naming
     // nobody on this host, an OIDC key file that does not read.
     let (code, _, err) = check_config(
-        "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/x\"\nselectors = [\"unix:user:no-such-user-here\"]\n\
+        "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/x\"\nselectors = [\"unix:user:no-such-user-here\", \"unix:path:/nonexistent/agent\"]\n\
          [[oidc_issuers]]\nissuer = \"https://idp.example\"\naudiences = [\"tessera\"]\njwks_file = \"/nonexistent/jwks.json\"",
     );
     assert_eq!(code, Some(0), "{err}");
-    for wanted in ["unix:user:no-such-user-here", "/nonexistent/jwks.json"] {
+    for wanted in [
+        "unix:user:no-such-user-here",
+        "/nonexistent/jwks.json",
+        "unix:path:/nonexistent/agent",
+    ] {
         assert!(
             err.lines()
                 .any(|l| l.contains("warning") && l.contains(wanted)),

@@ -29,8 +29,10 @@ pub(super) async fn status(cli: &Cli) -> anyhow::Result<()> {
         .into_inner();
     // The admin socket is found on its own (--admin-socket, TESSERA_ADMIN_SOCKET or the
     // default), not from the workload socket: say so when they belong to different daemons.
+    // As the kernel resolves them: /var/run/... and /run/... are one socket.
+    let real = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
     if let Ok(Some(asked)) = cli.explicit_workload_socket()
-        && asked != std::path::Path::new(&s.workload_socket)
+        && real(&asked) != real(std::path::Path::new(&s.workload_socket))
     {
         eprintln!(
             "tessera: warning: this admin socket belongs to the daemon serving {}, not {}; give that daemon's --admin-socket",

@@ -143,7 +143,7 @@ enum TaskCommand {
         /// Lifetime in seconds (can only shorten the default).
         #[arg(long)]
         expires_in: Option<u64>,
-        /// Also fetch a task X.509-SVID and write svid.pem, svid_key.pem, bundle.pem here.
+        /// Also fetch a task X.509-SVID and write svid.pem, svid.key, bundle.pem here.
         #[arg(long)]
         x509_out: Option<std::path::PathBuf>,
         /// Act as this one of the caller's identities.
