@@ -43,8 +43,8 @@ const MAX_SCOPE_STRING: usize = MAX_SCOPES * (MAX_SCOPE_LEN + 1);
 const MAX_AUDIENCE_LEN: usize = 512;
 
 /// An exchange request, as received (every field optional so that a missing one gets its own
-/// error message).
-#[derive(Debug, Default, Clone)]
+/// error message). Its `Debug` leaves the subject token out.
+#[derive(Default, Clone)]
 pub struct Request {
     /// The user's or pipeline's token.
     pub subject_token: Option<String>,
@@ -64,8 +64,30 @@ pub struct Request {
     pub x509: bool,
 }
 
-/// Who is acting.
-#[derive(Debug, Clone, Copy)]
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field(
+                "subject_token",
+                &self.subject_token.as_ref().map(|_| REDACTED),
+            )
+            .field("subject_token_type", &self.subject_token_type)
+            .field("audience", &self.audience)
+            .field("scope", &self.scope)
+            .field("task_id", &self.task_id)
+            .field("expires_in", &self.expires_in)
+            .field("requested_token_type", &self.requested_token_type)
+            .field("x509", &self.x509)
+            .finish()
+    }
+}
+
+/// What `Debug` shows for a bearer token: a log line or error that formats a request must
+/// not hand the token to whoever reads it.
+const REDACTED: &str = "<redacted>";
+
+/// Who is acting. Its `Debug` leaves a token out.
+#[derive(Clone, Copy)]
 pub enum ActorRef<'a> {
     /// An attested caller on the Workload API socket, optionally choosing one of its
     /// identities.
@@ -84,8 +106,24 @@ pub enum ActorRef<'a> {
     },
 }
 
-/// A successful exchange.
-#[derive(Debug)]
+impl std::fmt::Debug for ActorRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Attested { caller, spiffe_id } => f
+                .debug_struct("Attested")
+                .field("caller", caller)
+                .field("spiffe_id", spiffe_id)
+                .finish(),
+            Self::Token { token_type, .. } => f
+                .debug_struct("Token")
+                .field("token", &REDACTED)
+                .field("token_type", token_type)
+                .finish(),
+        }
+    }
+}
+
+/// A successful exchange. Its `Debug` leaves the task token out.
 pub struct Grant {
     /// The task token.
     pub access_token: String,
@@ -99,6 +137,19 @@ pub struct Grant {
     pub agent: SpiffeId,
     /// Leases and the task X.509-SVID.
     pub credentials: TaskCredentials,
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("access_token", &REDACTED)
+            .field("issued_token_type", &self.issued_token_type)
+            .field("expires_in", &self.expires_in)
+            .field("scope", &self.scope)
+            .field("agent", &self.agent)
+            .field("credentials", &self.credentials)
+            .finish()
+    }
 }
 
 /// Why an exchange was refused, in RFC 6749/8693 terms.
@@ -245,8 +296,9 @@ fn check_token_type(
     }
 }
 
-/// A request whose parameters passed [`check_request`].
-#[derive(Debug, Clone)]
+/// A request whose parameters passed [`check_request`]. Its `Debug` leaves the subject
+/// token out.
+#[derive(Clone)]
 pub struct Checked {
     /// The subject token (not yet validated).
     pub subject_token: String,
@@ -262,6 +314,20 @@ pub struct Checked {
     pub expires_in: Option<Duration>,
     /// Task X.509-SVID wanted.
     pub x509: bool,
+}
+
+impl std::fmt::Debug for Checked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checked")
+            .field("subject_token", &REDACTED)
+            .field("issued_token_type", &self.issued_token_type)
+            .field("task_id", &self.task_id)
+            .field("audience", &self.audience)
+            .field("scopes", &self.scopes)
+            .field("expires_in", &self.expires_in)
+            .field("x509", &self.x509)
+            .finish()
+    }
 }
 
 /// Step 1 of an exchange: the parameters alone, before any token or state is looked at.
@@ -801,6 +867,32 @@ fn task_claims(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_never_shows_a_token() {
+        let secret = "eyJhbGciOiJFUzI1NiJ9.c2VjcmV0.c2lnbmF0dXJl";
+        let req = Request {
+            subject_token: Some(secret.into()),
+            subject_token_type: Some(TOKEN_TYPE_ID_TOKEN.into()),
+            audience: Some("https://api.example".into()),
+            scope: Some("read".into()),
+            task_id: Some("job-1".into()),
+            ..Default::default()
+        };
+        let checked = check_request(req.clone()).unwrap();
+        let actor = ActorRef::Token {
+            token: secret,
+            token_type: None,
+        };
+        for shown in [
+            format!("{req:?}"),
+            format!("{checked:?}"),
+            format!("{actor:?}"),
+        ] {
+            assert!(!shown.contains("c2VjcmV0"), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
+        }
+    }
 
     #[test]
     fn task_ids() {

@@ -105,8 +105,7 @@ impl std::fmt::Debug for X509Svid {
     }
 }
 
-/// A JWT-SVID ready to hand out.
-#[derive(Debug)]
+/// A JWT-SVID ready to hand out. Its `Debug` leaves the token out.
 pub struct JwtSvid {
     /// The identity.
     pub spiffe_id: SpiffeId,
@@ -118,6 +117,18 @@ pub struct JwtSvid {
     pub expires_at: OffsetDateTime,
     /// The entry that granted it.
     pub entry: Arc<Entry>,
+}
+
+impl std::fmt::Debug for JwtSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtSvid")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("token", &"<redacted>")
+            .field("id", &self.id)
+            .field("expires_at", &self.expires_at)
+            .field("entry", &self.entry.id)
+            .finish()
+    }
 }
 
 /// A stored entry that no longer validates against the daemon's configuration.

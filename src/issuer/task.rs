@@ -60,8 +60,7 @@ pub struct TaskGrant<'a> {
     pub audit: Vec<(&'static str, Value)>,
 }
 
-/// What was minted.
-#[derive(Debug)]
+/// What was minted. Its `Debug` leaves the token out (the X.509-SVID's hides its key).
 pub struct TaskCredentials {
     /// Compact JWS.
     pub token: String,
@@ -73,6 +72,18 @@ pub struct TaskCredentials {
     pub expires_at: OffsetDateTime,
     /// Task X.509-SVID, when asked for.
     pub x509: Option<X509Svid>,
+}
+
+impl std::fmt::Debug for TaskCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskCredentials")
+            .field("token", &"<redacted>")
+            .field("lease_id", &self.lease_id)
+            .field("issued_at", &self.issued_at)
+            .field("expires_at", &self.expires_at)
+            .field("x509", &self.x509)
+            .finish()
+    }
 }
 
 /// A token Tessera signed, with its signature verified.
