@@ -195,7 +195,7 @@ where
             .map_or(u32::MAX, |p| p.uid);
         let budget = Arc::clone(&self.budget);
         self.inner
-            .call(req.map(|inner| tonic::body::Body::new(CountedBody::new(inner, budget, uid))))
+            .call(req.map(|inner| tonic::body::Body::new(CountedBody::grpc(inner, budget, uid))))
     }
 }
 
@@ -511,5 +511,29 @@ mod tests {
         assert_eq!(s.code(), tonic::Code::DeadlineExceeded);
         drop(body);
         assert_eq!(budget.held(1), 0);
+    }
+
+    #[tokio::test]
+    async fn the_grpc_layer_gives_back_a_whole_message_while_the_request_lasts() {
+        use http_body_util::BodyExt;
+        use tower::{Layer, Service, ServiceExt};
+        let layer = InFlightLayer::new(1000, 1000);
+        let budget = Arc::clone(&layer.0);
+        // A service that reads one frame and keeps the request open while it looks.
+        let seen = Arc::clone(&budget);
+        let mut svc = layer.layer(tower::service_fn(
+            move |req: http::Request<tonic::body::Body>| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    let mut body = req.into_body();
+                    body.frame().await.unwrap().unwrap();
+                    Ok::<_, std::convert::Infallible>(seen.held(u32::MAX))
+                }
+            },
+        ));
+        // Fifteen zero bytes: three whole, empty gRPC messages (a prefix of zeros each).
+        let req = http::Request::new(tonic::body::Body::new(Chunks(vec![15])));
+        let held = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(held, 0, "the layer counted whole messages as in flight");
     }
 }
