@@ -770,20 +770,10 @@ fn http_connections_that_never_finish_their_headers_are_closed() {
 async fn a_stored_entry_that_no_longer_validates_can_be_deleted_and_is_not_replaced_by_the_default()
 {
     let d = Daemon::start("");
-    let o = d.cli(&[
-        "entry",
-        "create",
-        "--spiffe-id",
+    let id = d.create_entry(
         "spiffe://tessera.internal/stored",
-        "--selector",
         &format!("unix:uid:{}", my_uid()),
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let id = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    );
     let held: spiffe::SpiffeId = "spiffe://tessera.internal/stored".parse().unwrap();
     let token = d
         .client()

@@ -761,20 +761,7 @@ async fn a_bundle_stream_is_reattested_when_an_edit_names_a_group_its_caller_hol
         return;
     }
     let d = Daemon::start("");
-    let o = d.cli(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        "spiffe://tessera.internal/grouped",
-        "--selector",
-        "unix:uid:0",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let id = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = d.create_entry("spiffe://tessera.internal/grouped", "unix:uid:0");
     // The helper holds group 4242, which no entry names yet: its attestation leaves it out.
     let (mut helper, stream) = connection_opened_by_helper_with_groups(&d.socket, &[4242]).await;
     let mut client = client_over(stream).await;

@@ -229,12 +229,10 @@ impl AuthorityFix {
             _ => false,
         };
         if !block_frame || len > MAX_FRAME || self.block.len() + len > MAX_BLOCK {
-            // Not a frame this can follow (or a protocol error the server is to report).
+            // Passed through; if it breaks into a header block or is one this cannot follow
+            // (a protocol error the server is to report), the rewriting stops.
             if in_block || self.frame.kind == CONTINUATION || block_frame {
                 self.give_up(out)?;
-                out.extend_from_slice(&h);
-                self.at = Self::after_payload(len);
-                return Ok(());
             }
             out.extend_from_slice(&h);
             self.at = Self::after_payload(len);
@@ -341,35 +339,24 @@ impl AuthorityFix {
             encode_string(&mut encoded, name);
             encode_string(&mut encoded, value);
         }
-        let mut chunks = encoded.chunks(MAX_FRAME).peekable();
-        let mut first = true;
-        if chunks.peek().is_none() {
-            write_frame(
-                out,
-                HEADERS,
-                END_HEADERS | self.end_stream_flag(),
-                stream,
-                &[],
-            );
-        }
-        while let Some(chunk) = chunks.next() {
-            let last = chunks.peek().is_none();
-            let (kind, mut flags) = if first {
-                (HEADERS, self.end_stream_flag())
-            } else {
-                (CONTINUATION, 0)
+        // One HEADERS frame, then CONTINUATION frames; an empty block is one empty HEADERS.
+        let chunks: Vec<&[u8]> = if encoded.is_empty() {
+            vec![&[]]
+        } else {
+            encoded.chunks(MAX_FRAME).collect()
+        };
+        for (i, chunk) in chunks.iter().enumerate() {
+            let (kind, mut flags) = match (i, self.block_end_stream) {
+                (0, true) => (HEADERS, END_STREAM),
+                (0, false) => (HEADERS, 0),
+                _ => (CONTINUATION, 0),
             };
-            if last {
+            if i + 1 == chunks.len() {
                 flags |= END_HEADERS;
             }
             write_frame(out, kind, flags, stream, chunk);
-            first = false;
         }
         Ok(())
-    }
-
-    fn end_stream_flag(&self) -> u8 {
-        if self.block_end_stream { END_STREAM } else { 0 }
     }
 }
 

@@ -396,8 +396,21 @@ mod tests {
         assert_eq!(l.total.load(Ordering::Relaxed), 0);
     }
 
-    /// A body of these chunks.
-    struct Chunks(Vec<usize>);
+    /// A body yielding these byte chunks; then it ends, or, with `stall`, waits for ever.
+    struct Chunks {
+        chunks: Vec<Vec<u8>>,
+        stall: bool,
+    }
+
+    impl Chunks {
+        /// Chunks of zero bytes of these sizes, then the end.
+        fn zeros(sizes: &[usize]) -> Self {
+            Self {
+                chunks: sizes.iter().map(|&n| vec![0u8; n]).collect(),
+                stall: false,
+            }
+        }
+    }
 
     impl http_body::Body for Chunks {
         type Data = bytes::Bytes;
@@ -406,10 +419,11 @@ mod tests {
             mut self: std::pin::Pin<&mut Self>,
             _: &mut std::task::Context<'_>,
         ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-            let next = (!self.0.is_empty()).then(|| self.0.remove(0));
-            std::task::Poll::Ready(
-                next.map(|n| Ok(http_body::Frame::data(bytes::Bytes::from(vec![0u8; n])))),
-            )
+            if self.chunks.is_empty() && self.stall {
+                return std::task::Poll::Pending;
+            }
+            let next = (!self.chunks.is_empty()).then(|| self.chunks.remove(0));
+            std::task::Poll::Ready(next.map(|c| Ok(http_body::Frame::data(bytes::Bytes::from(c)))))
         }
     }
 
@@ -420,7 +434,7 @@ mod tests {
         chunks: &[usize],
     ) -> (CountedBody<Chunks>, bool) {
         use http_body_util::BodyExt;
-        let mut body = CountedBody::new(Chunks(chunks.to_vec()), Arc::clone(budget), uid);
+        let mut body = CountedBody::new(Chunks::zeros(chunks), Arc::clone(budget), uid);
         while let Some(frame) = body.frame().await {
             if let Err(e) = frame {
                 let s = e.downcast::<tonic::Status>().unwrap();
@@ -453,24 +467,6 @@ mod tests {
         assert_eq!(budget.total.load(Ordering::Relaxed), 0);
     }
 
-    /// A body that yields these byte chunks, then waits for ever.
-    struct Stalls(Vec<Vec<u8>>);
-
-    impl http_body::Body for Stalls {
-        type Data = bytes::Bytes;
-        type Error = tonic::Status;
-        fn poll_frame(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-            if self.0.is_empty() {
-                return std::task::Poll::Pending;
-            }
-            let next = self.0.remove(0);
-            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from(next)))))
-        }
-    }
-
     /// A gRPC message: the 5-byte prefix and `n` payload bytes.
     fn message(n: usize) -> Vec<u8> {
         let mut m = vec![0u8];
@@ -489,7 +485,10 @@ mod tests {
         two.extend_from_slice(&second[..8]);
         let third = message(100);
         let mut body = CountedBody::grpc(
-            Stalls(vec![two, second[8..].to_vec(), third[..50].to_vec()]),
+            Chunks {
+                chunks: vec![two, second[8..].to_vec(), third[..50].to_vec()],
+                stall: true,
+            },
             Arc::clone(&budget),
             1,
         );
@@ -532,7 +531,7 @@ mod tests {
             },
         ));
         // Fifteen zero bytes: three whole, empty gRPC messages (a prefix of zeros each).
-        let req = http::Request::new(tonic::body::Body::new(Chunks(vec![15])));
+        let req = http::Request::new(tonic::body::Body::new(Chunks::zeros(&[15])));
         let held = svc.ready().await.unwrap().call(req).await.unwrap();
         assert_eq!(held, 0, "the layer counted whole messages as in flight");
     }

@@ -79,6 +79,7 @@ pub fn peer_groups(fd: std::os::fd::RawFd) -> io::Result<Vec<u32>> {
 }
 
 /// A connection's rewriter with what it produced and the server has not read yet.
+#[derive(Default)]
 struct Rewriting {
     fix: AuthorityFix,
     /// What the rewriter produced, and how much of it the server has read.
@@ -464,13 +465,7 @@ pub fn incoming(
                                 budget,
                                 peer: PeerConn(peer),
                                 _slot: slot,
-                                fix: Some(Box::new(Rewriting {
-                                    fix: AuthorityFix::default(),
-                                    out: Vec::new(),
-                                    taken: 0,
-                                    input: Vec::new(),
-                                    used: 0,
-                                })),
+                                fix: Some(Box::default()),
                             }),
                             (listener, limits, warned, admit),
                         ));

@@ -330,16 +330,10 @@ impl Ca {
             }
         };
         let rng = SystemRandom::new();
-        let (key, curve) = signing_key(
-            trust_domain,
-            &chain,
-            &key_pkcs8,
-            &cert_path,
-            &key_path,
-            &rng,
-        )?;
         let (_, cert) = parse_x509_certificate(&chain[0])
             .map_err(|_| bad_ca(&cert_path, "CA certificate does not parse"))?;
+        let (key, curve) =
+            signing_key(trust_domain, &cert, &key_pkcs8, &cert_path, &key_path, &rng)?;
         let aki = subject_key_id(&cert).unwrap_or_else(|| {
             ring::digest::digest(&ring::digest::SHA256, key.public_key().as_ref()).as_ref()[..20]
                 .to_vec()
@@ -389,9 +383,11 @@ impl Ca {
         (cert, key): &(PathBuf, PathBuf),
     ) -> Result<(), CaError> {
         let (chain, pkcs8, _) = read_operator_ca(cert, key, OffsetDateTime::now_utc())?;
+        let (_, signer) = parse_x509_certificate(&chain[0])
+            .map_err(|_| bad_ca(cert, "CA certificate does not parse"))?;
         signing_key(
             trust_domain,
-            &chain,
+            &signer,
             &pkcs8,
             cert,
             key,
@@ -615,20 +611,17 @@ fn subject_key_id(cert: &X509Certificate<'_>) -> Option<Vec<u8>> {
         })
 }
 
-/// The X509-SVID standard's rules for a signing certificate.
-/// The signing certificate (first in `chain`) checked for its role, and its key, which must
-/// be a key of its curve matching it.
+/// The signing certificate checked for its role, and its key, which must be a key of its
+/// curve matching it.
 fn signing_key(
     trust_domain: &TrustDomain,
-    chain: &[Vec<u8>],
+    cert: &X509Certificate<'_>,
     key_pkcs8: &[u8],
     cert_path: &Path,
     key_path: &Path,
     rng: &SystemRandom,
 ) -> Result<(EcdsaKeyPair, CaCurve), CaError> {
-    let (_, cert) = parse_x509_certificate(&chain[0])
-        .map_err(|_| bad_ca(cert_path, "CA certificate does not parse"))?;
-    check_signing_cert(&cert, trust_domain).map_err(|m| bad_ca(cert_path, m))?;
+    check_signing_cert(cert, trust_domain).map_err(|m| bad_ca(cert_path, m))?;
     let curve = curve_of(cert.public_key())
         .ok_or_else(|| bad_ca(key_path, "CA key must be ECDSA P-256 or P-384"))?;
     let key = EcdsaKeyPair::from_pkcs8(curve.signing_alg(), key_pkcs8, rng).map_err(|_| {
@@ -646,6 +639,7 @@ fn signing_key(
     Ok((key, curve))
 }
 
+/// The X509-SVID standard's rules for a signing certificate.
 fn check_signing_cert(cert: &X509Certificate<'_>, td: &TrustDomain) -> Result<(), String> {
     match cert.basic_constraints() {
         Ok(Some(bc)) if bc.value.ca => {}

@@ -119,20 +119,16 @@ pub(super) async fn entry_list(cli: &Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     // Ids are 19 to 24 characters and SPIFFE IDs any length: the columns fit the data.
-    let idw = r
-        .entries
-        .iter()
-        .map(|e| e.id.len())
-        .max()
-        .unwrap_or(0)
-        .max(2);
-    let sidw = r
-        .entries
-        .iter()
-        .map(|e| e.spiffe_id.len())
-        .max()
-        .unwrap_or(0)
-        .max(9);
+    let width = |of: fn(&pb::Entry) -> usize, heading: &str| {
+        r.entries
+            .iter()
+            .map(of)
+            .max()
+            .unwrap_or(0)
+            .max(heading.len())
+    };
+    let idw = width(|e| e.id.len(), "ID");
+    let sidw = width(|e| e.spiffe_id.len(), "SPIFFE ID");
     println!(
         "{:<idw$} {:<sidw$} {:<7} {:<16} {:<21} {:<11} SELECTORS",
         "ID", "SPIFFE ID", "RISK", "OWNER", "EXPIRES", "ACTIVE"

@@ -434,15 +434,9 @@ async fn connect(path: &Path, admin: bool) -> anyhow::Result<Channel> {
     crate::api::uds::channel(path).await.map_err(|e| {
         // tonic's transport error hides the cause; the one that matters most is this user
         // not being let in.
-        let mut cause = std::error::Error::source(&e);
-        let mut io = None;
-        while let Some(c) = cause {
-            if let Some(i) = c.downcast_ref::<std::io::Error>() {
-                io = Some(i.kind());
-                break;
-            }
-            cause = c.source();
-        }
+        let io = std::iter::successors(std::error::Error::source(&e), |c| c.source())
+            .find_map(|c| c.downcast_ref::<std::io::Error>())
+            .map(std::io::Error::kind);
         match io {
             Some(std::io::ErrorKind::PermissionDenied) if admin => anyhow::anyhow!(
                 "cannot connect to {}: permission denied. The admin socket admits root, the \

@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 use crate::attest::Attestation;
 use crate::audit::Actor;
 use crate::issuer::task::{Holder, TaskCredentials, TaskGrant};
-use crate::issuer::{IssueError, Issuer};
+use crate::issuer::{IssueError, Issuer, REDACTED};
 use crate::lease::Kind;
 use crate::oidc::{Subject, Verifier};
 use crate::policy::{self, Engine};
@@ -81,10 +81,6 @@ impl std::fmt::Debug for Request {
             .finish()
     }
 }
-
-/// What `Debug` shows for a bearer token: a log line or error that formats a request must
-/// not hand the token to whoever reads it.
-const REDACTED: &str = "<redacted>";
 
 /// Who is acting. Its `Debug` leaves a token out.
 #[derive(Clone, Copy)]

@@ -105,6 +105,10 @@ impl std::fmt::Debug for X509Svid {
     }
 }
 
+/// What `Debug` shows for a bearer token: a log line or error that formats a credential or a
+/// request must not hand the token to whoever reads it.
+pub(crate) const REDACTED: &str = "<redacted>";
+
 /// A JWT-SVID ready to hand out. Its `Debug` leaves the token out.
 pub struct JwtSvid {
     /// The identity.
@@ -123,7 +127,7 @@ impl std::fmt::Debug for JwtSvid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwtSvid")
             .field("spiffe_id", &self.spiffe_id)
-            .field("token", &"<redacted>")
+            .field("token", &REDACTED)
             .field("id", &self.id)
             .field("expires_at", &self.expires_at)
             .field("entry", &self.entry.id)

@@ -77,7 +77,7 @@ pub struct TaskCredentials {
 impl std::fmt::Debug for TaskCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TaskCredentials")
-            .field("token", &"<redacted>")
+            .field("token", &super::REDACTED)
             .field("lease_id", &self.lease_id)
             .field("issued_at", &self.issued_at)
             .field("expires_at", &self.expires_at)

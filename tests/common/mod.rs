@@ -210,6 +210,24 @@ impl Daemon {
             .unwrap()
     }
 
+    /// Creates a stored entry through the CLI; returns its id.
+    pub fn create_entry(&self, spiffe_id: &str, selector: &str) -> String {
+        let o = self.cli(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            spiffe_id,
+            "--selector",
+            selector,
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
     /// All log lines so far.
     pub fn log_text(&self) -> String {
         self.logs.lock().unwrap().join("\n")
