@@ -723,9 +723,10 @@ impl Running {
             }
         }
         // Records submitted without waiting (refusals, approval decisions) are still queued
-        // for the store's writer: an empty batch behind them returns once they are committed
-        // and in the audit file, before the process exits and takes the queue with it.
-        if tokio::time::timeout(DRAIN_DEADLINE, commit(&*self.store, Vec::new()))
+        // for the store's writer: a batch behind them returns once they are committed and in
+        // the audit file, before the process exits and takes the queue with it. It also
+        // leaves the whole store in its database file.
+        if tokio::time::timeout(DRAIN_DEADLINE, commit(&*self.store, vec![Op::Checkpoint]))
             .await
             .is_err()
         {

@@ -15,6 +15,7 @@
 //!
 //! Records never contain key material or whole tokens: only ids, names and reasons.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -437,7 +438,7 @@ fn rotated_files(path: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
-    let mut v: Vec<(i128, String)> = entries
+    let v: Vec<(i128, String)> = entries
         .filter_map(|e| {
             let name = e.ok()?.file_name().into_string().ok()?;
             let stamp: i128 = name
@@ -449,8 +450,30 @@ fn rotated_files(path: &Path) -> Vec<PathBuf> {
             Some((stamp, name))
         })
         .collect();
+    // In chain order, by the first record each holds: the stamp is the wall clock at the
+    // rotation, and a clock set back made a newer file sort before older ones (`audit
+    // verify` then called an intact chain cut, and a start could continue from the wrong
+    // file). The stamp only breaks ties (files with no readable first record).
+    let mut v: Vec<(u64, i128, String)> = v
+        .into_iter()
+        .map(|(stamp, name)| {
+            let first = first_seq(&path.with_file_name(&name)).unwrap_or(u64::MAX);
+            (first, stamp, name)
+        })
+        .collect();
     v.sort();
-    v.into_iter().map(|(_, n)| path.with_file_name(n)).collect()
+    v.into_iter()
+        .map(|(_, _, n)| path.with_file_name(n))
+        .collect()
+}
+
+/// The `seq` of the first record in `path`.
+fn first_seq(path: &Path) -> Option<u64> {
+    let mut line = Vec::new();
+    BufReader::new(File::open(path).ok()?)
+        .read_until(b'\n', &mut line)
+        .ok()?;
+    parse_head(line.strip_suffix(b"\n").unwrap_or(&line)).map(|(seq, _)| seq)
 }
 
 /// The newest file [`AuditWriter::write`] rotated `path` to.
@@ -483,6 +506,33 @@ pub fn hash_of(current: &Path, seq: u64) -> Option<String> {
         }
     }
     None
+}
+
+/// The events of the records numbered `from` and later in `current`'s chain, by name and
+/// count, read from the newest file back. For start-up, when the file holds records the
+/// store never committed: what a store older than the log would lose.
+pub fn events_from(current: &Path, from: u64) -> BTreeMap<String, u64> {
+    let mut events = BTreeMap::new();
+    for path in chain_files(current).iter().rev() {
+        let Ok(file) = File::open(path) else { continue };
+        let mut reached = false;
+        for line in BufReader::new(file).split(b'\n') {
+            let Ok(c) = line
+                .map_err(|e| e.to_string())
+                .and_then(|l| check_record(&l))
+            else {
+                continue;
+            };
+            reached |= c.seq <= from;
+            if c.seq >= from {
+                *events.entry(c.event).or_default() += 1;
+            }
+        }
+        if reached {
+            break;
+        }
+    }
+    events
 }
 
 /// Reads the last complete line: `(next seq, its hash, byte length up to and including it)`.
@@ -891,6 +941,16 @@ mod tests {
         assert_eq!(hash_of(&p, 11).as_deref(), Some(head.1.as_str()));
         assert!(hash_of(&p, 0).is_some());
         assert_eq!(hash_of(&p, 12), None);
+
+        // The newest rotated file named by a clock that had been set back (review Z): still
+        // in chain order, by the records it holds.
+        let newest = files[files.len() - 2].clone();
+        let back = p.with_extension("1000.jsonl");
+        std::fs::rename(&newest, &back).unwrap();
+        let reordered = chain_files(&p);
+        assert_eq!(reordered[reordered.len() - 2], back, "{reordered:?}");
+        verify_chain(&p, Some((head.0, &head.1))).unwrap();
+        std::fs::rename(&back, &newest).unwrap();
 
         // A whole rotated file gone from the middle, then from the start.
         let middle = files[1].clone();

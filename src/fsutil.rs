@@ -65,48 +65,78 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     result
 }
 
-/// Takes `dir/tesserad.lock` exclusively for as long as the returned file stays open (the
-/// kernel drops the lock when the process ends, `kill -9` included), so that one daemon at a
+/// The data directory's lock, held until dropped (the kernel drops it when the process
+/// ends, `kill -9` included).
+#[derive(Debug)]
+pub struct DirLock {
+    _dir: fs::File,
+    _pid_file: fs::File,
+}
+
+/// Locks `dir` exclusively for as long as the returned lock lives, so that one daemon at a
 /// time uses a data directory. A second would generate a CA beside the first, or open the
 /// live store and audit file (and cut what it takes for a torn last record) before failing
-/// on a socket. The file holds the holder's pid, for the message the next one gives.
-pub fn lock_dir(dir: &Path) -> std::io::Result<fs::File> {
+/// on a socket; two serving one directory each keep their own kill list and break the audit
+/// chain between them.
+///
+/// The lock is on the directory itself: a lock file can be deleted (by a cleanup script, or
+/// an operator "removing a stale lock") and a new file at its path is a new lock, which let
+/// a second daemon in beside the first. `dir/tesserad.lock` is still locked too (daemons
+/// before this one lock only that file) and holds the holder's pid, for the message the
+/// next one gives.
+pub fn lock_dir(dir: &Path) -> std::io::Result<DirLock> {
     use std::io::{Read, Seek};
-    use std::os::fd::AsRawFd;
-    let path = dir.join("tesserad.lock");
-    let mut f = OpenOptions::new()
+    let dir_file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)?;
+    let mut pid_file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&path)?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
+        .open(dir.join("tesserad.lock"))?;
+    let locked = flock_exclusive(&dir_file).and_then(|()| flock_exclusive(&pid_file));
+    if let Err(e) = locked {
         if e.kind() != std::io::ErrorKind::WouldBlock {
             return Err(e);
         }
-        let mut holder = String::new();
-        let _ = f.read_to_string(&mut holder);
-        let holder = holder.trim();
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::WouldBlock,
-            format!(
-                "is in use by another tesserad{}: one daemon per data directory",
-                if holder.is_empty() || !holder.bytes().all(|b| b.is_ascii_digit()) {
-                    String::new()
-                } else {
-                    format!(" (pid {holder})")
-                }
-            ),
-        ));
+        {
+            let mut holder = String::new();
+            let _ = pid_file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!(
+                    "is in use by another tesserad{}: one daemon per data directory",
+                    if holder.is_empty() || !holder.bytes().all(|b| b.is_ascii_digit()) {
+                        String::new()
+                    } else {
+                        format!(" (pid {holder})")
+                    }
+                ),
+            ));
+        }
     }
-    f.set_len(0)?;
-    f.rewind()?;
-    writeln!(f, "{}", std::process::id())?;
-    Ok(f)
+    pid_file.set_len(0)?;
+    pid_file.rewind()?;
+    writeln!(pid_file, "{}", std::process::id())?;
+    Ok(DirLock {
+        _dir: dir_file,
+        _pid_file: pid_file,
+    })
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: `WouldBlock` when another open file holds the lock.
+fn flock_exclusive(f: &fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Fails unless `path` is readable by its owner only (0600 or stricter).
@@ -126,6 +156,25 @@ pub fn check_private_mode(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_data_directory_stays_locked_when_its_lock_file_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_dir(dir.path()).unwrap();
+        let again = lock_dir(dir.path()).unwrap_err();
+        assert_eq!(again.kind(), std::io::ErrorKind::WouldBlock);
+        assert!(
+            again
+                .to_string()
+                .contains(&format!("(pid {})", std::process::id()))
+        );
+        // A cleanup script or an operator removes the "stale" lock file.
+        fs::remove_file(dir.path().join("tesserad.lock")).unwrap();
+        let err = lock_dir(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock, "{err}");
+        drop(held);
+        lock_dir(dir.path()).unwrap();
+    }
 
     #[test]
     fn atomic_writes_never_write_through_what_is_already_there() {

@@ -783,8 +783,11 @@ async fn a_stored_entry_that_no_longer_validates_can_be_deleted_and_is_not_repla
         .unwrap()
         .token()
         .to_owned();
-    // Another trust domain: the stored entry no longer validates.
-    let d = Daemon::start_in(d.stop(), "trust_domain = \"other.test\"\n");
+    // Another trust domain: the stored entry no longer validates. (The generated CA is for
+    // the old one: the daemon refuses to replace it, so the operator moves it away.)
+    let dir = d.stop();
+    std::fs::rename(dir.path().join("data/ca"), dir.path().join("ca.old")).unwrap();
+    let d = Daemon::start_in(dir, "trust_domain = \"other.test\"\n");
     let client = d.client().await;
     assert!(
         client.fetch_x509_svid().await.is_err(),

@@ -284,6 +284,9 @@ pub enum JwtSvidError {
 pub const MAX_CRL_ENTRIES: usize = 60_000;
 /// CRL `nextUpdate` distance; the CRL is re-signed well before (see `app`).
 pub const CRL_VALIDITY: time::Duration = time::Duration::hours(1);
+/// How far a CRL's `thisUpdate` is dated back, for relying parties whose clocks run behind
+/// (SVIDs' `notBefore` is dated back as much).
+pub const CRL_BACKDATE: time::Duration = time::Duration::seconds(30);
 
 /// Small allowance for `nbf`/`iat` of tokens signed on another host whose clock runs ahead.
 const NBF_LEEWAY_SECS: i64 = 30;
@@ -438,12 +441,9 @@ impl Ca {
         let left_out = revoked.len() - listed.len();
         let current = self.bundle();
         let sequence = next_sequence(current.sequence, now);
-        let crl = self.leaf.sign_crl(
-            &listed,
-            now - time::Duration::seconds(30),
-            now + CRL_VALIDITY,
-            sequence,
-        )?;
+        let crl = self
+            .leaf
+            .sign_crl(&listed, now - CRL_BACKDATE, now + CRL_VALIDITY, sequence)?;
         let mut next = TrustBundle::new(
             current.trust_domain.clone(),
             current.x509_authorities.clone(),
@@ -886,20 +886,30 @@ fn load_or_generate_root(
                 .into_contents();
             let (_, cert) = parse_x509_certificate(&chain[0])
                 .map_err(|_| bad_ca(&cert_path, "does not parse"))?;
-            let expired = cert.validity().not_after.timestamp() <= now.unix_timestamp();
-            let other_td = check_signing_cert(&cert, td).is_err();
-            if !expired && !other_td {
+            // Never replaced for a config change: a trust_domain typo, then its correction,
+            // would otherwise have thrown away the CA every relying party trusts.
+            if let Err(why) = check_signing_cert(&cert, td) {
+                return Err(bad_ca(
+                    &cert_path,
+                    format!(
+                        "cannot sign for trust domain {td}: {why}. If trust_domain was changed \
+                         by mistake, set it back; to start a new trust domain, move {} away \
+                         (a new CA is then created, and relying parties need its bundle)",
+                        dir.display()
+                    ),
+                ));
+            }
+            if cert.validity().not_after.timestamp() > now.unix_timestamp() {
                 return Ok((chain, key));
             }
-            // A generated CA that expired or belongs to another trust domain cannot sign
-            // anything useful; replace it, keeping the old files for the operator.
-            tracing::warn!(
+            // An expired generated CA cannot sign anything: replace it, keeping the old files
+            // under names no later replacement reuses.
+            let archived = archive_expired_root(dir, &chain[0], &cert_path, &key_path)?;
+            tracing::error!(
                 path = %cert_path.display(),
-                expired, other_trust_domain = other_td,
-                "replacing the generated CA; the old one is kept with a .old suffix"
+                kept_as = %archived.display(),
+                "the generated CA expired: replacing it; relying parties need the new bundle"
             );
-            std::fs::rename(&cert_path, dir.join("root.pem.old")).map_err(io_err(&cert_path))?;
-            std::fs::rename(&key_path, dir.join("root.key.old")).map_err(io_err(&key_path))?;
         }
         (true, false) | (false, true) => {
             return Err(bad_ca(
@@ -920,6 +930,38 @@ fn load_or_generate_root(
         .map_err(|_| CaError::Generate("key PEM".into()))?
         .into_contents();
     Ok((chain, key))
+}
+
+/// Moves an expired `root.pem` and `root.key` to `root.<fingerprint>.pem.old` and
+/// `.key.old`, named after the certificate so that no later archive replaces them. Returns the
+/// certificate's new path.
+fn archive_expired_root(
+    dir: &Path,
+    der: &[u8],
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<std::path::PathBuf, CaError> {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let tag = hex::encode(&digest.as_ref()[..8]);
+    let (cert_old, key_old) = (
+        dir.join(format!("root.{tag}.pem.old")),
+        dir.join(format!("root.{tag}.key.old")),
+    );
+    // Linked, then unlinked: a link never replaces an existing file (a rename would). Both
+    // are linked before either goes, so a crash leaves both at one place or the other.
+    let moves = [(key_path, &key_old), (cert_path, &cert_old)];
+    for (from, to) in moves {
+        match std::fs::hard_link(from, to) {
+            Ok(()) => {}
+            // The same certificate archived before (a crash between link and unlink).
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(to)(e)),
+        }
+    }
+    for (from, _) in moves {
+        std::fs::remove_file(from).map_err(io_err(from))?;
+    }
+    Ok(cert_old)
 }
 
 fn generate_root(
@@ -1219,6 +1261,54 @@ mod tests {
         );
         assert!(listed.contains(&serial(1)[..]));
         assert!(listed.contains(&serial(n - 1)[..]));
+    }
+
+    #[test]
+    fn a_generated_ca_is_never_replaced_for_another_trust_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        ca(dir.path());
+        let key = std::fs::read(dir.path().join("ca/root.key")).unwrap();
+        let typo = TrustDomain::parse("exmaple.org").unwrap();
+        let err =
+            Ca::load_or_create(&typo, dir.path(), None, Duration::from_secs(86400)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("set it back") && msg.contains("move"), "{msg}");
+        // The typo corrected: the same CA, nothing created or moved meanwhile.
+        ca(dir.path());
+        assert_eq!(std::fs::read(dir.path().join("ca/root.key")).unwrap(), key);
+        let files = std::fs::read_dir(dir.path().join("ca")).unwrap().count();
+        assert_eq!(files, 2, "only root.pem and root.key");
+    }
+
+    #[test]
+    fn expired_generated_cas_are_all_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        fsutil::ensure_private_dir(&ca_dir).unwrap();
+        let t0 = OffsetDateTime::now_utc();
+        let hour = Duration::from_secs(3600);
+        let mut keys = Vec::new();
+        for h in [0, 2, 4] {
+            let now = t0 + time::Duration::hours(h);
+            let (_, key) = load_or_generate_root(&td(), &ca_dir, hour, now).unwrap();
+            keys.push(key);
+        }
+        // Each start found the CA before expired and made a new one; both old ones are kept.
+        let mut archived: Vec<Vec<u8>> = std::fs::read_dir(&ca_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with(".key.old"))
+            .map(|p| {
+                fsutil::check_private_mode(&p).unwrap();
+                let text = std::fs::read_to_string(p).unwrap();
+                pem::parse(&text).unwrap().into_contents()
+            })
+            .collect();
+        archived.sort();
+        let mut expected = keys[..2].to_vec();
+        expected.sort();
+        assert_eq!(archived, expected, "an expired CA's key was lost");
+        assert_eq!(std::fs::read_dir(&ca_dir).unwrap().count(), 6);
     }
 
     #[test]

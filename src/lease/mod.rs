@@ -53,6 +53,20 @@ impl std::fmt::Display for LeaseId {
     }
 }
 
+/// Seconds after its expiry at which a revoked certificate's lease asks for a CRL to be
+/// signed that still lists it. RFC 5280 §3.3: a revoked serial MUST NOT leave the CRL before it
+/// appears on one CRL issued beyond the certificate's validity, and a CRL's `thisUpdate` is
+/// dated [`crate::ca::CRL_BACKDATE`] back, so only one signed this much after `notAfter` is
+/// issued beyond it. Without it a relying party whose clock runs behind (`notBefore` is dated
+/// back for such peers) could still accept the revoked certificate from a CRL without it.
+pub const CRL_RESIGN_AFTER_EXPIRY_S: i64 = crate::ca::CRL_BACKDATE.whole_seconds() + 1;
+
+/// Seconds after its expiry at which a revoked certificate's lease is retired and its serial
+/// leaves the CRL: [`CRL_RESIGN_AFTER_EXPIRY_S`] later again, time for that CRL to be signed
+/// and fetched. Until then the lease is kept, in memory and in the store (so a restart keeps
+/// the serial listed too), and shown as revoked.
+pub const CRL_KEPT_AFTER_EXPIRY_S: i64 = 2 * CRL_RESIGN_AFTER_EXPIRY_S;
+
 /// What kind of credential a lease stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -830,12 +844,15 @@ impl LeaseTable {
     }
 
     /// Removes up to `max` leases whose expiry is at or before `now_s`, soonest first;
-    /// returns their ids and whether any revoked certificate left the CRL. Bounded so that a
-    /// caller retiring a mass expiry holds the expiry queue's lock (which every issuance
-    /// takes) and its thread for a short slice at a time. It does not notify subscribers:
-    /// when the CRL changed, the caller calls [`Self::announce_change`] once it has retired
-    /// everything due, so that the CRL is rebuilt once per expiry, not once per slice.
-    #[must_use = "a revoked certificate that left the CRL must be announced"]
+    /// returns their ids and whether the CRL must be signed again (a revoked certificate left
+    /// it, or one just expired must appear on a CRL issued after its expiry). A revoked
+    /// certificate's lease is kept [`CRL_KEPT_AFTER_EXPIRY_S`] past its expiry, asking for a
+    /// CRL at [`CRL_RESIGN_AFTER_EXPIRY_S`]. Bounded so that a caller retiring a mass expiry
+    /// holds the expiry queue's lock (which every issuance takes) and its thread for a short
+    /// slice at a time. It does not notify subscribers: when the CRL changed, the caller calls
+    /// [`Self::announce_change`] once it has retired everything due, so that the CRL is
+    /// rebuilt once per expiry, not once per slice.
+    #[must_use = "a change to the CRL must be announced"]
     pub(crate) fn expire_due(&self, now_s: i64, max: usize) -> (Vec<LeaseId>, bool) {
         let mut due = Vec::new();
         {
@@ -850,7 +867,25 @@ impl LeaseTable {
         }
         let mut crl_changed = false;
         let mut removed = Vec::with_capacity(due.len());
+        let mut kept = Vec::new();
         for id in due {
+            // Revoked: the certificate's serial is (or is about to be) on the CRL.
+            let listed_until = self
+                .leases
+                .get(&id)
+                .filter(|l| l.state != State::Active && l.serial.is_some())
+                .map(|l| l.expires_at);
+            if let Some(exp) = listed_until {
+                if now_s < exp + CRL_RESIGN_AFTER_EXPIRY_S {
+                    kept.push(Reverse((exp + CRL_RESIGN_AFTER_EXPIRY_S, id)));
+                    continue;
+                }
+                if now_s < exp + CRL_KEPT_AFTER_EXPIRY_S {
+                    crl_changed = true;
+                    kept.push(Reverse((exp + CRL_KEPT_AFTER_EXPIRY_S, id)));
+                    continue;
+                }
+            }
             if let Some((_, l)) = self.leases.remove(&id) {
                 if let Some(t) = &l.task_id {
                     self.release_task(t);
@@ -867,6 +902,13 @@ impl LeaseTable {
                 }
                 removed.push(id);
             }
+        }
+        if !kept.is_empty() {
+            // Due later than `now_s`, so a caller looping until nothing is due stops.
+            self.expiry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(kept);
         }
         (removed, crl_changed)
     }
@@ -910,7 +952,8 @@ impl LeaseTable {
         self.expiry_changed.notified().await;
     }
 
-    /// Revoked certificates still within their validity, latest expiry first.
+    /// Revoked certificates still within their validity (or expired less than
+    /// [`CRL_KEPT_AFTER_EXPIRY_S`] ago), latest expiry first.
     pub fn revoked_serials(&self) -> Vec<RevokedSerial> {
         let mut v: Vec<_> = self
             .revoked_serials
@@ -1195,9 +1238,16 @@ mod tests {
         assert!(!t.is_active(&a.id, 60));
         assert_eq!(t.active_of_task("t1"), vec![b.id]);
         assert_eq!(t.revoked_serials().len(), 1);
-        // Revoked stays listed until its own expiry, then leaves memory and the CRL.
+        // A revoked certificate stays on the CRL past its expiry (RFC 5280 §3.3): kept at its
+        // expiry, a CRL asked for once one can be dated after it, then retired.
+        let (gone, crl) = t.expire_due(100, usize::MAX);
+        assert_eq!((gone.len(), crl), (0, false));
+        assert_eq!(t.next_deadline(), Some(100 + CRL_RESIGN_AFTER_EXPIRY_S));
+        let (gone, crl) = t.expire_due(100 + CRL_RESIGN_AFTER_EXPIRY_S, usize::MAX);
+        assert_eq!((gone.len(), crl), (0, true), "no CRL after its expiry");
+        assert_eq!(t.revoked_serials().len(), 1);
         assert_eq!(t.get(&a.id).unwrap().state, State::Revoked);
-        let (gone, crl) = t.expire_due(150, usize::MAX);
+        let (gone, crl) = t.expire_due(100 + CRL_KEPT_AFTER_EXPIRY_S, usize::MAX);
         assert_eq!(gone, vec![a.id]);
         assert!(crl);
         assert!(t.revoked_serials().is_empty());
@@ -1213,7 +1263,7 @@ mod tests {
         let l = lease(&t, "spiffe://td/a", None, 100);
         t.insert(l.clone());
         t.leases.get_mut(&l.id).unwrap().state = State::Revoked;
-        let (gone, crl) = t.expire_due(100, usize::MAX);
+        let (gone, crl) = t.expire_due(100 + CRL_KEPT_AFTER_EXPIRY_S, usize::MAX);
         assert_eq!((gone, crl), (vec![l.id], false));
         let keep = lease(&t, "spiffe://td/a", None, 500);
         t.insert(keep.clone());
@@ -1264,7 +1314,7 @@ mod tests {
                 });
                 s.spawn(|| {
                     while !t.leases.is_empty() {
-                        let _ = t.expire_due(100, 8);
+                        let _ = t.expire_due(100 + CRL_KEPT_AFTER_EXPIRY_S, 8);
                         std::thread::yield_now();
                     }
                 });
@@ -1472,7 +1522,7 @@ mod tests {
         });
         t.revoke(&[busy.id], &rev);
         assert!(t.stale_tasks(5_000, Some(&ids(&["old-busy"]))).is_empty());
-        let _ = t.expire_due(10_000, usize::MAX);
+        let _ = t.expire_due(10_000 + CRL_KEPT_AFTER_EXPIRY_S, usize::MAX);
         assert_eq!(
             t.stale_tasks(5_000, Some(&ids(&["old-busy", "new"]))),
             ids(&["old-busy"])
@@ -1516,7 +1566,7 @@ mod tests {
         );
         assert_eq!(t.compact(), 0, "full tables are left alone");
 
-        let _ = t.expire_due(100, usize::MAX);
+        let _ = t.expire_due(100 + CRL_KEPT_AFTER_EXPIRY_S, usize::MAX);
         assert_eq!(t.len(), 100);
         // The index sets shrink as they empty; the tables at compaction.
         assert!(set_cap(&t.by_identity, "spiffe://td/burst") * 10 < before.3);

@@ -230,7 +230,8 @@ mod tests {
             ..Recorder::default()
         });
         // Several slices and chunks, the last of each partial. Every other lease is a revoked
-        // certificate, so the expiry empties the CRL.
+        // certificate, so the expiry empties the CRL: they expired earlier, by as long as a
+        // revoked certificate stays on the CRL, so they leave at 1010 with the rest.
         let n = RETIRE_SLICE * 3 + DELETE_CHUNK + 7;
         let revocation = Arc::new(Revocation {
             at_ms: 1_000_000,
@@ -241,6 +242,7 @@ mod tests {
             .map(|i| {
                 let mut l = lease(1_010);
                 if i % 2 == 0 {
+                    l.expires_at -= crate::lease::CRL_KEPT_AFTER_EXPIRY_S;
                     l.kind = Kind::X509;
                     l.state = State::Revoked;
                     l.serial = Some(Box::new(l.id.0));
@@ -252,16 +254,19 @@ mod tests {
             .collect();
         assert_eq!(table.revoked_serials().len(), n.div_ceil(2));
         let changes = table.subscribe();
-        let announced = *changes.borrow();
         let keep = lease(1_100);
         table.insert(keep.clone());
         let (trigger, task) = start(&table, &store);
+        // At 1000 the revoked ones asked for a CRL still listing them (past their expiry).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(table.len(), n + 1, "nothing retired before 1010");
+        let announced = *changes.borrow();
         // Another task on the same (single) thread, woken at the expiry: it only gets to run
         // in the middle of the retirement if the reaper hands the thread back between slices.
         let probe = tokio::spawn({
             let table = Arc::clone(&table);
             async move {
-                tokio::time::sleep(Duration::from_secs(10)).await;
+                tokio::time::sleep(Duration::from_secs(9)).await;
                 let mut seen = Vec::new();
                 for _ in 0..100_000 {
                     let len = table.len();
@@ -275,7 +280,7 @@ mod tests {
             }
         });
 
-        tokio::time::sleep(Duration::from_secs(11)).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
         let mut seen = probe.await.unwrap();
         seen.dedup();
         let midway = seen.iter().filter(|&&len| len > 1 && len <= n).count();

@@ -54,6 +54,9 @@ pub enum StoreError {
     /// writer stops, and the daemon with it: at the next start what is on disk is the truth.
     #[error("lease store: a commit failed and its outcome is unknown until restart: {0}")]
     Uncertain(String),
+    /// At start-up: the audit log holds committed events the store lacks.
+    #[error("{0}")]
+    OlderThanAudit(String),
 }
 
 /// One durable change.
@@ -107,6 +110,10 @@ pub enum Op {
     },
     /// Append an audit record.
     Audit(Event),
+    /// Once this batch is committed, copy the whole log into the database file and empty it
+    /// (the last batch of a clean stop): the database file alone is then the store, so a
+    /// copy of it taken without its `-wal` file lacks nothing.
+    Checkpoint,
 }
 
 /// What [`Store::load`] restores at start.
@@ -267,6 +274,16 @@ pub const AUDIT_SYNC_INTERVAL: Duration = Duration::from_millis(50);
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
+}
+
+/// A lease row whose `column` holds no value this daemon knows: named, so that an operator can
+/// look at it (`sqlite3 tessera.db "SELECT * FROM leases WHERE id = X'…'"`).
+fn bad_row(id: LeaseId, column: &str) -> StoreError {
+    StoreError::Db(format!(
+        "lease {id} (id X'{}') has an unknown {column}; it was written by another version or \
+         edited by hand",
+        hex::encode(id.0)
+    ))
 }
 
 fn open_db(path: &Path) -> Result<Connection, StoreError> {
@@ -444,6 +461,30 @@ fn recover_audit(
             seq - 1
         ));
     }
+    let store_seq = recorded.map_or(0, |r| r.0);
+    if why.is_empty() && file_seq > store_seq {
+        // The file goes on past what the store committed. Records reach the file only after
+        // their commit, so past the one gap record written below before its own commit, this
+        // is a store older than the log: restored from a copy, or its WAL lost or damaged
+        // (SQLite drops a damaged commit and every later one without a word). Serving from it
+        // would lift the kills and revocations it lacks.
+        let mut beyond = audit::events_from(audit.path(), store_seq);
+        beyond.remove(audit::GAP_EVENT);
+        if !beyond.is_empty() {
+            let events: Vec<String> = beyond.iter().map(|(e, n)| format!("{n} {e}")).collect();
+            return Err(StoreError::OlderThanAudit(format!(
+                "the lease store is older than the audit log: {} holds records {store_seq}..{} \
+                 that the store never committed ({}); serving from this store would lift \
+                 every kill and revocation among them. Put back the store that wrote them \
+                 (tessera.db with its tessera.db-wal), or, to start from this store anyway, \
+                 move the audit log away (`tessera audit verify FILE` still checks it) and \
+                 repeat those kills and revocations",
+                audit.path().display(),
+                file_seq - 1,
+                events.join(", ")
+            )));
+        }
+    }
     let tx = conn.unchecked_transaction().map_err(db_err)?;
     if !why.is_empty() {
         let why = why.join("; ");
@@ -618,6 +659,16 @@ fn writer(
             Ok(()) => sync.request(audit.file(), audit.head().0),
             // They stay in the store and are retried with the next batch.
             Err(e) => tracing::error!(error = %e, "audit log append failed"),
+        }
+        if result.is_ok()
+            && jobs
+                .iter()
+                .any(|(ops, _)| ops.iter().any(|o| matches!(o, Op::Checkpoint)))
+        {
+            match conn.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::TRUNCATE) {
+                Ok(_) => tracing::debug!("lease store log copied into the database"),
+                Err(e) => tracing::warn!(error = %e, "lease store: the final checkpoint failed"),
+            }
         }
         let took = started.elapsed();
         commits.observe(took);
@@ -830,6 +881,8 @@ fn apply(
                         pend.execute(params![seq, audit.push(ev)]).map_err(db_err)?;
                         audited = true;
                     }
+                    // After the commit, in the writer.
+                    Op::Checkpoint => {}
                 }
             }
         }
@@ -1037,14 +1090,13 @@ fn load(
             None => min_issued_unstamped = min_issued_unstamped.min(issued_at),
         }
         let expires_at: i64 = r.get(9).map_err(db_err)?;
-        if expires_at <= now_s {
+        if expires_at + super::CRL_KEPT_AFTER_EXPIRY_S <= now_s {
             snap.expired.push(id);
             continue;
         }
-        let kind =
-            Kind::from_u8(r.get(1).map_err(db_err)?).ok_or_else(|| db_err("bad lease kind"))?;
+        let kind = Kind::from_u8(r.get(1).map_err(db_err)?).ok_or_else(|| bad_row(id, "kind"))?;
         let mut state =
-            State::from_u8(r.get(11).map_err(db_err)?).ok_or_else(|| db_err("bad lease state"))?;
+            State::from_u8(r.get(11).map_err(db_err)?).ok_or_else(|| bad_row(id, "state"))?;
         let spiffe_id: &str = r.get_ref(2).map_err(db_err)?.as_str().map_err(db_err)?;
         let task_id = r
             .get_ref(7)
@@ -1091,6 +1143,12 @@ fn load(
             .as_blob_or_null()
             .map_err(db_err)?
             .and_then(|s| <[u8; 16]>::try_from(s).ok());
+        // An expired certificate stays on the CRL a little past its expiry if it was revoked
+        // (see `CRL_KEPT_AFTER_EXPIRY_S`); anything else expired is gone.
+        if expires_at <= now_s && (state == State::Active || serial.is_none()) {
+            snap.expired.push(id);
+            continue;
+        }
         snap.restored += 1;
         chunk.push(Lease {
             id,
@@ -1665,6 +1723,84 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(pending(d.path()), vec![5]);
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_batch_leaves_the_whole_store_in_the_database_file() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, _) = SqliteStore::open(d.path(), u64::MAX, 100, &mut |_| {}).unwrap();
+        let l = lease("spiffe://td/a", 100, 1000);
+        commit(&s, vec![Op::PutLease(l)]).await.unwrap();
+        let wal = d.path().join("tessera.db-wal");
+        assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+        commit(&s, vec![Op::Checkpoint]).await.unwrap();
+        assert_eq!(
+            std::fs::metadata(&wal).unwrap().len(),
+            0,
+            "the log was emptied"
+        );
+        // A copy of the database file alone (a backup that left out the -wal) is complete.
+        let copy = tempfile::tempdir().unwrap();
+        for f in ["tessera.db", "audit.jsonl"] {
+            std::fs::copy(d.path().join(f), copy.path().join(f)).unwrap();
+        }
+        let mut restored = 0;
+        SqliteStore::open(copy.path(), u64::MAX, 100, &mut |v| restored += v.len()).unwrap();
+        assert_eq!(restored, 1);
+    }
+
+    #[tokio::test]
+    async fn a_store_older_than_the_audit_log_is_refused() {
+        let (d, s, _) = audited(2).await;
+        // A consistent copy of the store, taken before a kill (a backup put back later, or
+        // the WAL holding the kill lost).
+        let older = tempfile::tempdir().unwrap();
+        Connection::open(d.path().join("tessera.db"))
+            .unwrap()
+            .execute(
+                "VACUUM INTO ?1",
+                params![older.path().join("tessera.db").to_str()],
+            )
+            .unwrap();
+        let ev = Event::now("kill", Actor::Daemon).spiffe_id("spiffe://td/a");
+        commit(&s, vec![kill(1, "spiffe://td/a", 5), Op::Audit(ev)])
+            .await
+            .unwrap();
+        let log = d.path().join("audit.jsonl");
+        std::fs::copy(&log, older.path().join("audit.jsonl")).unwrap();
+        let err = match SqliteStore::open(older.path(), u64::MAX, 100, &mut |_| {}) {
+            Ok(_) => panic!("a store older than the log was taken"),
+            Err(e) => e,
+        };
+        let msg = err.to_string();
+        assert!(
+            msg.contains("records 2..2") && msg.contains("(1 kill)"),
+            "{msg}"
+        );
+        assert!(msg.contains("move the audit log away"), "{msg}");
+        // Nothing was written: the log is as it was, the store still lacks the kill.
+        assert_eq!(
+            std::fs::read(older.path().join("audit.jsonl")).unwrap(),
+            std::fs::read(&log).unwrap()
+        );
+        assert!(kill_rows(older.path()).is_empty());
+
+        // A store lost altogether (no recorded head) beside a log with history.
+        let lost = tempfile::tempdir().unwrap();
+        std::fs::copy(&log, lost.path().join("audit.jsonl")).unwrap();
+        let err = match SqliteStore::open(lost.path(), u64::MAX, 100, &mut |_| {}) {
+            Ok(_) => panic!("an empty store beside a log with history was taken"),
+            Err(e) => e,
+        };
+        assert!(err.to_string().contains("(2 issue, 1 kill)"), "{err}");
+
+        // The way out the message gives: the log moved away, the store starts.
+        std::fs::rename(
+            older.path().join("audit.jsonl"),
+            older.path().join("audit.old"),
+        )
+        .unwrap();
+        SqliteStore::open(older.path(), u64::MAX, 100, &mut |_| {}).unwrap();
     }
 
     fn rejected(d: &Path) -> Vec<(i64, String)> {
