@@ -364,12 +364,21 @@ pub fn url_allowed(url: &str) -> Result<(), String> {
     }
 }
 
-/// Whether the URL's host is loopback (`localhost`, 127.0.0.0/8, ::1); `None` without a host.
+/// Whether the URL's host names this machine: `localhost` and its subdomains (RFC 6761
+/// §6.3), 127.0.0.0/8, ::1, the unspecified addresses (a connection to 0.0.0.0 or :: reaches
+/// this host) and their IPv4-mapped IPv6 forms; `None` without a host. Names are not
+/// resolved, so one that a DNS server maps to a loopback address is not caught.
 fn host_is_loopback(u: &reqwest::Url) -> Option<bool> {
+    let v4 = |ip: std::net::Ipv4Addr| ip.is_loopback() || ip.is_unspecified();
     Some(match u.host()? {
-        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
-        url::Host::Ipv4(ip) => ip.is_loopback(),
-        url::Host::Ipv6(ip) => ip.is_loopback(),
+        url::Host::Domain(d) => {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            d == "localhost" || d.ends_with(".localhost")
+        }
+        url::Host::Ipv4(ip) => v4(ip),
+        url::Host::Ipv6(ip) => {
+            ip.is_loopback() || ip.is_unspecified() || ip.to_ipv4_mapped().is_some_and(v4)
+        }
     })
 }
 
@@ -1314,6 +1323,13 @@ mod tests {
             "https://localhost:8443/keys",
             "https://[::1]/jwks",
             "http://127.0.0.1:8780/jwks",
+            // Other spellings of this host (review AA).
+            "https://0.0.0.0:8443/jwks",
+            "https://[::]/jwks",
+            "https://[::ffff:127.0.0.1]/jwks",
+            "https://[::ffff:0.0.0.0]/jwks",
+            "https://keys.localhost/jwks",
+            "https://LOCALHOST./jwks",
         ] {
             assert!(jwks_uri_allowed(remote, local).is_err(), "{local}");
         }

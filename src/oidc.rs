@@ -31,7 +31,7 @@ const MAX_SUB_LEN: usize = 1024;
 /// bidirectional controls (which can reorder what an approving operator reads), zero-width
 /// and invisible format characters, line and paragraph separators, the soft hyphen, tag
 /// characters and the byte-order mark.
-fn is_invisible_format(c: char) -> bool {
+pub(crate) fn is_invisible_format(c: char) -> bool {
     matches!(c,
         '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}'
         | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}' | '\u{E0000}'..='\u{E007F}')

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -750,6 +751,15 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
     let mut f = base_fields(&good, &actor, "t1", "tickets:read");
     f.push(("audience", "https://other"));
     assert_eq!(exchange(&d, &f).1["error"], "invalid_target");
+    // An audience that reorders what the approving operator reads (review AA).
+    let mut f = base_fields(&good, &actor, "t1", "tickets:read");
+    f[5].1 = "https://tickets.example/\u{202E}etirw";
+    let (code, r) = exchange(&d, &f);
+    assert_eq!(
+        (code, r["error"].as_str()),
+        (400, Some("invalid_target")),
+        "{r}"
+    );
     // RFC 8693 `resource` is not supported: refused, not ignored (the token would not be
     // limited to it).
     let mut f = base_fields(&good, &actor, "t1", "tickets:read");
@@ -879,6 +889,42 @@ async fn rotated_issuer_keys_are_fetched_on_first_sight_with_a_rate_limit() {
         assert_eq!(r["error"], "invalid_request");
     }
     assert_eq!(idp.fetches.load(Ordering::SeqCst), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_actor_token_revoked_during_the_exchange_gets_nothing() {
+    let (idp, d, actor) = daemon_after_its_key_fetch().await;
+    // The issuer rotates in a key and is slow to serve it: the exchange waits in its key
+    // fetch, after the actor token was checked.
+    let mut rotated = idp.jwks.lock().unwrap()[0].clone();
+    rotated["kid"] = "rsa-2".into();
+    idp.jwks.lock().unwrap().push(rotated);
+    idp.open.send_replace(false);
+    let before = idp.fetches.load(Ordering::SeqCst);
+    let t = idp.sign("RS256", Some("rsa-2"), &idp.claims("a1"));
+    let (d, actor) = (Arc::new(d), Arc::new(actor));
+    let pending = std::thread::spawn({
+        let (d, actor) = (Arc::clone(&d), Arc::clone(&actor));
+        move || exchange(&d, &base_fields(&t, &actor, "r-revoked", "tickets:read"))
+    });
+    eventually("the exchange's key fetch", || {
+        idp.fetches.load(Ordering::SeqCst) > before
+    })
+    .await;
+    // The agent's JWT-SVID leaked: the operator revokes it, and the revocation returns.
+    let jti: String = {
+        let claims: Value =
+            serde_json::from_slice(&B64.decode(actor.split('.').nth(1).unwrap()).unwrap()).unwrap();
+        claims["jti"].as_str().unwrap().to_owned()
+    };
+    let o = d.cli(&["lease", "revoke", &jti, "--reason", "leaked"]);
+    assert!(o.status.success(), "{o:?}");
+    idp.open.send_replace(true);
+    let (code, r) = pending.join().unwrap();
+    assert_eq!(code, 400, "a token minted for a revoked actor token: {r}");
+    assert_refused(&r, "revoked during the exchange");
+    let tasks = cli_json(&d, &["lease", "list", "--json", "--kind", "task-token"]);
+    assert!(tasks.as_array().unwrap().is_empty(), "{tasks}");
 }
 
 fn tasks_req(subject: &str, task: &str, scopes: &[&str], x509: bool) -> pb::ExchangeRequest {
@@ -1305,6 +1351,14 @@ async fn high_risk_agents_wait_for_a_single_use_approval() {
     let (_, r) = exchange(&d, &longer);
     assert_eq!(r["error"], "authorization_pending", "{r}");
     assert_ne!(r["request_id"], id);
+    // The operator's table tells such requests apart (review AA): lifetime, task
+    // X.509-SVID, and the subject's issuer are shown.
+    let out = d.cli(&["approvals"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains(" 240s ") && table.contains(&idp.issuer) && table.contains("X509"),
+        "{table}"
+    );
     // Approving twice is an error, and says why.
     let out = d.cli(&["approve", &id]);
     let err = String::from_utf8_lossy(&out.stderr);

@@ -260,11 +260,62 @@ fn form_error(e: &FormError) -> Response {
     oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string())
 }
 
+/// The body of a form POST, read within [`MAX_FORM_BYTES`]. What stops it is answered as an
+/// OAuth error (axum's own extractor answered every failure `400` in plain text): the
+/// listener's shared budget for bodies in flight (`api::http::tls`) is `503` with
+/// `Retry-After`, since it is other callers' load, not this request, that is at fault.
+struct FormBody(Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for FormBody {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, _: &S) -> Result<Self, Response> {
+        axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES)
+            .await
+            .map(Self)
+            .map_err(|e| body_error(&e))
+    }
+}
+
+fn body_error(e: &axum::Error) -> Response {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<tonic::Status>()
+            .is_some_and(|s| s.code() == tonic::Code::ResourceExhausted)
+        {
+            return with_retry_after(oauth_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                "the daemon is receiving too many request bodies at once; retry shortly",
+            ));
+        }
+        if c.downcast_ref::<http_body_util::LengthLimitError>()
+            .is_some()
+        {
+            return oauth_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request",
+                &format!("the request body is larger than {MAX_FORM_BYTES} bytes"),
+            );
+        }
+        cause = c.source();
+    }
+    oauth_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "the request body could not be read",
+    )
+}
+
 fn field(m: &Map<String, Value>, k: &str) -> Option<String> {
     m.get(k).and_then(Value::as_str).map(str::to_owned)
 }
 
-async fn token(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn token(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    FormBody(body): FormBody,
+) -> Response {
     let started = std::time::Instant::now();
     let form = match parse_form(&headers, &body) {
         Ok(f) => f,
@@ -460,7 +511,11 @@ fn bearer_agent(s: &HttpState, headers: &HeaderMap, how: Caller) -> Result<Strin
         })
 }
 
-async fn introspect(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn introspect(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    FormBody(body): FormBody,
+) -> Response {
     if let Err(r) = bearer_agent(&s, &headers, Caller::Resource) {
         return *r;
     }
@@ -504,7 +559,11 @@ async fn introspect(State(s): State<HttpState>, headers: HeaderMap, body: Bytes)
     json_response(StatusCode::OK, &Value::Object(out))
 }
 
-async fn revoke(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn revoke(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    FormBody(body): FormBody,
+) -> Response {
     let caller = match bearer_agent(&s, &headers, Caller::Client) {
         Ok(c) => c,
         Err(r) => return *r,
@@ -576,6 +635,39 @@ async fn revoke(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn form_bodies_refused_by_the_shared_budget_are_503_and_oversized_ones_413() {
+        use axum::extract::FromRequest;
+        let refused = |r: Response| {
+            let code = r.status();
+            let retry = r.headers().contains_key(header::RETRY_AFTER);
+            (code, retry)
+        };
+        // Others' bodies hold the listener's whole share (review X L1: this was a plain-text
+        // 400, which tells a client its request is wrong and not to retry).
+        let budget = crate::api::limits::PerUid::new(100, 100);
+        let body = crate::api::limits::CountedBody::new(
+            http_body_util::Full::new(Bytes::from(vec![b'a'; 1000])),
+            budget,
+            0,
+        );
+        let req = axum::http::Request::post("/token")
+            .body(axum::body::Body::new(body))
+            .unwrap();
+        let r = FormBody::from_request(req, &()).await.err().unwrap();
+        assert_eq!(refused(r), (StatusCode::SERVICE_UNAVAILABLE, true));
+        let big = axum::http::Request::post("/token")
+            .body(axum::body::Body::from(vec![b'a'; MAX_FORM_BYTES + 1]))
+            .unwrap();
+        let r = FormBody::from_request(big, &()).await.err().unwrap();
+        assert_eq!(refused(r), (StatusCode::PAYLOAD_TOO_LARGE, false));
+        let fits = axum::http::Request::post("/token")
+            .body(axum::body::Body::from(vec![b'a'; MAX_FORM_BYTES]))
+            .unwrap();
+        let FormBody(b) = FormBody::from_request(fits, &()).await.ok().unwrap();
+        assert_eq!(b.len(), MAX_FORM_BYTES);
+    }
 
     #[test]
     fn form_parameters_without_a_value_are_omitted_and_repeats_refused() {

@@ -351,19 +351,24 @@ pub(super) async fn approvals(cli: &Cli) -> anyhow::Result<()> {
         println!("no requests waiting for approval");
         return Ok(());
     }
+    // Everything an approval grants is shown: two requests that differ only in lifetime, in
+    // whether a task X.509-SVID (with its private key) comes too, or in the subject's issuer
+    // must not look alike to the operator deciding.
     println!(
-        "{:<22} {:<8} {:<40} {:<16} {:<24} {:<28} SCOPES",
-        "ID", "STATUS", "AGENT", "TASK", "SUBJECT", "AUDIENCE"
+        "{:<22} {:<8} {:<40} {:<16} {:<40} {:<28} {:>6} {:<4} SCOPES",
+        "ID", "STATUS", "AGENT", "TASK", "SUBJECT (ISSUER)", "AUDIENCE", "TTL", "X509"
     );
     for a in &r.requests {
         println!(
-            "{:<22} {:<8} {:<40} {:<16} {:<24} {:<28} {}",
+            "{:<22} {:<8} {:<40} {:<16} {:<40} {:<28} {:>6} {:<4} {}",
             a.id,
             a.status,
             a.agent,
             a.task_id,
-            a.subject_sub,
+            format!("{} ({})", a.subject_sub, a.subject_iss),
             a.audience,
+            format!("{}s", a.ttl_seconds),
+            if a.x509_svid { "yes" } else { "no" },
             a.scopes.join(" ")
         );
     }
@@ -384,12 +389,20 @@ pub(super) async fn decide(cli: &Cli, id: &str, approve: bool) -> anyhow::Result
         println!("{}", approval_json(&a));
     } else {
         println!(
-            "{} request {} ({} for task {} of {}); it expires at {}",
+            "{} request {} ({} for task {} of {}, acting for {} of {}, {} s{}); it expires at {}",
             a.status,
             a.id,
             a.scopes.join(" "),
             a.task_id,
             a.agent,
+            a.subject_sub,
+            a.subject_iss,
+            a.ttl_seconds,
+            if a.x509_svid {
+                ", with a task X.509-SVID and its key"
+            } else {
+                ""
+            },
             rfc3339(a.expires_at)
         );
     }

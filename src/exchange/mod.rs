@@ -356,9 +356,15 @@ pub fn check_request(req: Request) -> Result<Checked, ExchangeError> {
         .audience
         .filter(|s| !s.is_empty())
         .ok_or_else(|| bad("audience is required: the tool or API the token is for"))?;
-    if audience.len() > MAX_AUDIENCE_LEN || audience.chars().any(char::is_control) {
+    // Shown to approving operators and written to the audit log, as the subject's `sub` is.
+    if audience.len() > MAX_AUDIENCE_LEN
+        || audience
+            .chars()
+            .any(|c| c.is_control() || crate::oidc::is_invisible_format(c))
+    {
         return Err(ExchangeError::InvalidTarget(format!(
-            "audience must be at most {MAX_AUDIENCE_LEN} printable characters"
+            "audience must be at most {MAX_AUDIENCE_LEN} printable characters, without \
+             invisible or text-direction characters"
         )));
     }
     let scopes =
@@ -487,6 +493,7 @@ impl Exchanger {
                 actor: Actor::Agent {
                     spiffe_id: id.to_string(),
                 },
+                credential: Some(lease),
             },
         ))
     }
@@ -809,6 +816,7 @@ impl Exchanger {
                             pid: caller.pid,
                             exe: caller.exe_path.as_deref().map(str::to_owned),
                         },
+                        credential: None,
                     },
                 ))
             }

@@ -35,6 +35,8 @@ pub struct Holder {
     pub exe: Option<Arc<str>>,
     /// Audit actor.
     pub actor: Actor,
+    /// The lease of the JWT-SVID the agent authenticated with, when it did so by token.
+    pub credential: Option<LeaseId>,
 }
 
 /// What to mint: decided by the exchange.
@@ -155,6 +157,19 @@ impl Issuer {
         };
         if let Some(id) = x509_id.as_ref().filter(|id| self.leases.is_killed(id)) {
             return Err(IssueError::Killed(id.to_string()));
+        }
+        // The agent's JWT-SVID was checked when the exchange began, but a subject token's key
+        // fetch may have taken seconds since. Revocation holds the barrier exclusively, so
+        // under it the token is either still active here, or this is refused.
+        if let Some(l) = g.holder.credential
+            && !self
+                .leases
+                .is_active(&l, OffsetDateTime::now_utc().unix_timestamp())
+        {
+            return Err(IssueError::FailedPrecondition(
+                "actor_token is not valid: the agent's JWT-SVID was revoked during the exchange"
+                    .into(),
+            ));
         }
         // Checked under the barrier: completion holds it exclusively, so a token is either
         // minted before completion (and revoked by it) or refused.

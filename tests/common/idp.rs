@@ -27,6 +27,8 @@ pub struct Idp {
     pub fetches: Arc<AtomicUsize>,
     /// While set, /jwks answers 503 (an outage).
     pub down: Arc<std::sync::atomic::AtomicBool>,
+    /// While false, /jwks holds its answers back (a slow issuer).
+    pub open: Arc<tokio::sync::watch::Sender<bool>>,
     rng: ring::rand::SystemRandom,
 }
 
@@ -88,11 +90,13 @@ impl Idp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let issuer = format!("http://{}", listener.local_addr().unwrap());
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (iss, keys, count, is_down) = (
+        let open = Arc::new(tokio::sync::watch::Sender::new(true));
+        let (iss, keys, count, is_down, gate) = (
             issuer.clone(),
             Arc::clone(&jwks),
             Arc::clone(&fetches),
             Arc::clone(&down),
+            Arc::clone(&open),
         );
         let app = axum::Router::new()
             .route(
@@ -114,8 +118,10 @@ impl Idp {
                     count.fetch_add(1, Ordering::SeqCst);
                     let k = keys.lock().unwrap().clone();
                     let down = is_down.load(Ordering::SeqCst);
+                    let mut gate = gate.subscribe();
                     async move {
                         use axum::response::IntoResponse;
+                        let _ = gate.wait_for(|open| *open).await;
                         if down {
                             return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
                         }
@@ -131,6 +137,7 @@ impl Idp {
             jwks,
             fetches,
             down,
+            open,
             rng,
         }
     }
