@@ -621,7 +621,8 @@ async fn prune_tasks(issuer: Arc<Issuer>, retention: Duration, mut sd: Shutdown)
 }
 
 /// Re-publishes the CRL when the set of revoked serials changes (coalescing bursts such as a
-/// kill) and at least every 20 minutes, well before its one-hour `nextUpdate`.
+/// kill), when the lease table asks for one (a revoked certificate's CRL dated after its
+/// expiry), and at least every 20 minutes, well before its one-hour `nextUpdate`.
 async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, mut sd: Shutdown) {
     let fingerprint = |l: &LeaseTable| {
         let s = l.revoked_serials();
@@ -646,7 +647,7 @@ async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, mut sd: Shutdown) {
         tokio::time::sleep(Duration::from_millis(5)).await;
         rx.borrow_and_update();
         let now = fingerprint(&leases);
-        if forced || now != last {
+        if leases.take_crl_resign() || forced || now != last {
             publish_crl(&ca, &leases);
             last = now;
         }

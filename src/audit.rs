@@ -509,13 +509,14 @@ pub fn hash_of(current: &Path, seq: u64) -> Option<String> {
 }
 
 /// The events of the records numbered `from` and later in `current`'s chain, by name and
-/// count, read from the newest file back. For start-up, when the file holds records the
-/// store never committed: what a store older than the log would lose.
-pub fn events_from(current: &Path, from: u64) -> BTreeMap<String, u64> {
+/// count, and the files holding them, read from the newest file back. For start-up, when the
+/// log holds records the store never committed: what a store older than the log would lose.
+pub fn events_from(current: &Path, from: u64) -> (BTreeMap<String, u64>, Vec<PathBuf>) {
     let mut events = BTreeMap::new();
+    let mut files = Vec::new();
     for path in chain_files(current).iter().rev() {
         let Ok(file) = File::open(path) else { continue };
-        let mut reached = false;
+        let (mut reached, mut holds) = (false, false);
         for line in BufReader::new(file).split(b'\n') {
             let Ok(c) = line
                 .map_err(|e| e.to_string())
@@ -526,13 +527,18 @@ pub fn events_from(current: &Path, from: u64) -> BTreeMap<String, u64> {
             reached |= c.seq <= from;
             if c.seq >= from {
                 *events.entry(c.event).or_default() += 1;
+                holds = true;
             }
+        }
+        if holds {
+            files.push(path.clone());
         }
         if reached {
             break;
         }
     }
-    events
+    files.reverse();
+    (events, files)
 }
 
 /// Reads the last complete line: `(next seq, its hash, byte length up to and including it)`.

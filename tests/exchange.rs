@@ -922,7 +922,7 @@ async fn an_actor_token_revoked_during_the_exchange_gets_nothing() {
     idp.open.send_replace(true);
     let (code, r) = pending.join().unwrap();
     assert_eq!(code, 400, "a token minted for a revoked actor token: {r}");
-    assert_refused(&r, "revoked during the exchange");
+    assert_refused(&r, "revoked or expired during the exchange");
     let tasks = cli_json(&d, &["lease", "list", "--json", "--kind", "task-token"]);
     assert!(tasks.as_array().unwrap().is_empty(), "{tasks}");
 }

@@ -458,6 +458,41 @@ async fn revoked_svid_is_replaced_at_once_and_listed_in_the_crl() {
     parsed.verify_signature(ca.public_key()).unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_on_a_crl_dated_after_its_expiry() {
+    // RFC 5280 §3.3: the serial stays until one CRL issued beyond the certificate's validity
+    // lists it; CRLs are dated 30 s back, so that one is signed 31 s after notAfter.
+    let d = Daemon::start(&entry_for_uid("agent", my_uid(), "x509_svid_ttl = \"2s\""));
+    let svid = d.client().await.fetch_x509_svid().await.unwrap();
+    let cert = svid.cert_chain()[0].as_ref().to_vec();
+    let serial = serial_hex(&cert);
+    let (_, parsed) = x509_parser::parse_x509_certificate(&cert).unwrap();
+    let not_after = parsed.validity().not_after.timestamp();
+    let lease = lease_list(&d, &["--kind", "x509-svid"])
+        .into_iter()
+        .find(|l| l["serial"] == serial.as_str())
+        .unwrap();
+    let o = d.cli(&["lease", "revoke", lease["id"].as_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let body = common::http_get(d.http, "/crl").1;
+        let (_, crl) = x509_parser::parse_x509_crl(&body).unwrap();
+        if crl.last_update().timestamp() > not_after {
+            assert!(
+                listed(&body, &serial),
+                "the first CRL dated after the expiry lacks the revoked serial"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no CRL dated after the certificate's expiry was signed"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn listed(crl: &[u8], serial: &str) -> bool {
     let Ok((_, c)) = x509_parser::parse_x509_crl(crl) else {
         return false;

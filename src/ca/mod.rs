@@ -911,6 +911,15 @@ fn load_or_generate_root(
                 "the generated CA expired: replacing it; relying parties need the new bundle"
             );
         }
+        // An archive interrupted after the key was unlinked (it goes first): both are in the
+        // archive, so finish it.
+        (true, false) if archived_root(dir, &cert_path).is_some() => {
+            std::fs::remove_file(&cert_path).map_err(io_err(&cert_path))?;
+            tracing::warn!(
+                path = %cert_path.display(),
+                "finished archiving the expired CA an interrupted start left half moved"
+            );
+        }
         (true, false) | (false, true) => {
             return Err(bad_ca(
                 dir,
@@ -941,14 +950,10 @@ fn archive_expired_root(
     cert_path: &Path,
     key_path: &Path,
 ) -> Result<std::path::PathBuf, CaError> {
-    let digest = ring::digest::digest(&ring::digest::SHA256, der);
-    let tag = hex::encode(&digest.as_ref()[..8]);
-    let (cert_old, key_old) = (
-        dir.join(format!("root.{tag}.pem.old")),
-        dir.join(format!("root.{tag}.key.old")),
-    );
+    let (cert_old, key_old) = archive_names(dir, der);
     // Linked, then unlinked: a link never replaces an existing file (a rename would). Both
-    // are linked before either goes, so a crash leaves both at one place or the other.
+    // are linked before either goes, and the key goes first: a crash leaves both in the
+    // archive, and at most the certificate behind too, which the next start removes.
     let moves = [(key_path, &key_old), (cert_path, &cert_old)];
     for (from, to) in moves {
         match std::fs::hard_link(from, to) {
@@ -962,6 +967,24 @@ fn archive_expired_root(
         std::fs::remove_file(from).map_err(io_err(from))?;
     }
     Ok(cert_old)
+}
+
+/// Where [`archive_expired_root`] keeps the CA whose first certificate is `der`.
+fn archive_names(dir: &Path, der: &[u8]) -> (std::path::PathBuf, std::path::PathBuf) {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let tag = hex::encode(&digest.as_ref()[..8]);
+    (
+        dir.join(format!("root.{tag}.pem.old")),
+        dir.join(format!("root.{tag}.key.old")),
+    )
+}
+
+/// The archive of the CA at `cert_path`, if both of its files are there.
+fn archived_root(dir: &Path, cert_path: &Path) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(cert_path).ok()?;
+    let der = parse_pem_certs(cert_path, &text).ok()?.into_iter().next()?;
+    let (cert_old, key_old) = archive_names(dir, &der);
+    (cert_old.exists() && key_old.exists()).then_some(cert_old)
 }
 
 fn generate_root(
@@ -1309,6 +1332,22 @@ mod tests {
         expected.sort();
         assert_eq!(archived, expected, "an expired CA's key was lost");
         assert_eq!(std::fs::read_dir(&ca_dir).unwrap().count(), 6);
+
+        // A start that crashed between the key's unlink and the certificate's (review AB):
+        // the next one finishes the archive instead of refusing.
+        let now = t0 + time::Duration::hours(6);
+        let der = parse_pem_certs(
+            &ca_dir.join("root.pem"),
+            &std::fs::read_to_string(ca_dir.join("root.pem")).unwrap(),
+        )
+        .unwrap()
+        .remove(0);
+        let (cert_old, key_old) = archive_names(&ca_dir, &der);
+        std::fs::hard_link(ca_dir.join("root.pem"), cert_old).unwrap();
+        std::fs::rename(ca_dir.join("root.key"), &key_old).unwrap();
+        let (_, key) = load_or_generate_root(&td(), &ca_dir, hour, now).unwrap();
+        assert!(!keys.contains(&key), "a new CA");
+        assert_eq!(std::fs::read_dir(&ca_dir).unwrap().count(), 8);
     }
 
     #[test]

@@ -84,7 +84,8 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum LeaseCommand {
-    /// List leases (active and revoked; expired leases are gone).
+    /// List leases (active and revoked; expired leases are gone, a revoked certificate's about
+    /// a minute after its expiry, once a CRL dated after the expiry listed it).
     List {
         /// Only this identity.
         #[arg(long)]

@@ -167,7 +167,7 @@ impl Issuer {
                 .is_active(&l, OffsetDateTime::now_utc().unix_timestamp())
         {
             return Err(IssueError::FailedPrecondition(
-                "actor_token is not valid: the agent's JWT-SVID was revoked during the exchange"
+                "actor_token is not valid: the agent's JWT-SVID was revoked or expired during the exchange"
                     .into(),
             ));
         }

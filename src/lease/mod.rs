@@ -290,6 +290,9 @@ pub struct LeaseTable {
     /// Bumped on every revocation, kill and restore, and by the reaper when an expiry took
     /// revoked certificates off the CRL: streams and the CRL publisher re-check.
     changes: watch::Sender<u64>,
+    /// Set when a revoked certificate must appear on a CRL signed from now on, although the
+    /// set of revoked serials is unchanged (see [`CRL_RESIGN_AFTER_EXPIRY_S`]).
+    crl_resign: std::sync::atomic::AtomicBool,
 }
 
 /// Below this many slots a table is left as it is: shrinking it would return little.
@@ -364,7 +367,15 @@ impl LeaseTable {
             kill_epoch: Default::default(),
             tasks: DashMap::new(),
             changes: watch::channel(0).0,
+            crl_resign: Default::default(),
         }
+    }
+
+    /// Whether a CRL must be signed although the revoked serials are the same (a revoked
+    /// certificate just expired); clears the request.
+    pub fn take_crl_resign(&self) -> bool {
+        self.crl_resign
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// Restores task records at start.
@@ -881,6 +892,8 @@ impl LeaseTable {
                     continue;
                 }
                 if now_s < exp + CRL_KEPT_AFTER_EXPIRY_S {
+                    self.crl_resign
+                        .store(true, std::sync::atomic::Ordering::Release);
                     crl_changed = true;
                     kept.push(Reverse((exp + CRL_KEPT_AFTER_EXPIRY_S, id)));
                     continue;
@@ -1243,8 +1256,12 @@ mod tests {
         let (gone, crl) = t.expire_due(100, usize::MAX);
         assert_eq!((gone.len(), crl), (0, false));
         assert_eq!(t.next_deadline(), Some(100 + CRL_RESIGN_AFTER_EXPIRY_S));
+        assert!(!t.take_crl_resign());
         let (gone, crl) = t.expire_due(100 + CRL_RESIGN_AFTER_EXPIRY_S, usize::MAX);
         assert_eq!((gone.len(), crl), (0, true), "no CRL after its expiry");
+        // The serials are the same, so the publisher is told to sign anyway.
+        assert!(t.take_crl_resign());
+        assert!(!t.take_crl_resign(), "taken once");
         assert_eq!(t.revoked_serials().len(), 1);
         assert_eq!(t.get(&a.id).unwrap().state, State::Revoked);
         let (gone, crl) = t.expire_due(100 + CRL_KEPT_AFTER_EXPIRY_S, usize::MAX);

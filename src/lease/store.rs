@@ -286,11 +286,18 @@ fn bad_row(id: LeaseId, column: &str) -> StoreError {
     ))
 }
 
+/// How long a statement waits for another connection's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the checkpoint of a clean stop waits for readers.
+const FINAL_CHECKPOINT_WAIT: Duration = Duration::from_millis(500);
+
 fn open_db(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(db_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
     // FULL: the WAL is fsync'd at every commit, so an acknowledged lease survives power loss.
     conn.execute_batch(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA busy_timeout=5000;",
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;",
     )
     .map_err(db_err)?;
     conn.execute_batch(SCHEMA).map_err(db_err)?;
@@ -452,7 +459,9 @@ fn recover_audit(
     } else if let Some((seq, hash)) = recorded
         && file_seq > *seq
         && *seq > 0
-        && audit::hash_of(audit.path(), seq - 1).as_ref() != Some(hash)
+        // A record in no file present (its rotated file archived) cannot be compared: the
+        // check below, of what the files hold past the head, decides then.
+        && audit::hash_of(audit.path(), seq - 1).is_some_and(|h| h != *hash)
     {
         // More records than committed is legitimate only past the committed head; a rewritten
         // history padded beyond it must not be taken over (and its head committed).
@@ -468,20 +477,21 @@ fn recover_audit(
         // is a store older than the log: restored from a copy, or its WAL lost or damaged
         // (SQLite drops a damaged commit and every later one without a word). Serving from it
         // would lift the kills and revocations it lacks.
-        let mut beyond = audit::events_from(audit.path(), store_seq);
+        let (mut beyond, files) = audit::events_from(audit.path(), store_seq);
         beyond.remove(audit::GAP_EVENT);
         if !beyond.is_empty() {
             let events: Vec<String> = beyond.iter().map(|(e, n)| format!("{n} {e}")).collect();
+            let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
             return Err(StoreError::OlderThanAudit(format!(
-                "the lease store is older than the audit log: {} holds records {store_seq}..{} \
-                 that the store never committed ({}); serving from this store would lift \
-                 every kill and revocation among them. Put back the store that wrote them \
-                 (tessera.db with its tessera.db-wal), or, to start from this store anyway, \
-                 move the audit log away (`tessera audit verify FILE` still checks it) and \
-                 repeat those kills and revocations",
-                audit.path().display(),
+                "the lease store is older than the audit log: the log holds records \
+                 {store_seq}..{} that the store never committed ({}); serving from this store \
+                 would lift every kill and revocation among them. Put back the store that \
+                 wrote them (tessera.db with its tessera.db-wal), or, to start from this store \
+                 anyway, move away the audit files that hold them ({}; `tessera audit verify \
+                 FILE` still checks each) and repeat those kills and revocations",
                 file_seq - 1,
-                events.join(", ")
+                events.join(", "),
+                files.join(", ")
             )));
         }
     }
@@ -665,10 +675,19 @@ fn writer(
                 .iter()
                 .any(|(ops, _)| ops.iter().any(|o| matches!(o, Op::Checkpoint)))
         {
+            // A reader of the database (a backup, an operator's sqlite3 shell) makes the
+            // truncation wait: briefly, well inside the shutdown's drain deadline, then the
+            // log is left for the next start to replay.
+            let _ = conn.busy_timeout(FINAL_CHECKPOINT_WAIT);
             match conn.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::TRUNCATE) {
                 Ok(_) => tracing::debug!("lease store log copied into the database"),
-                Err(e) => tracing::warn!(error = %e, "lease store: the final checkpoint failed"),
+                Err(e) => tracing::info!(
+                    error = %e,
+                    "lease store: the log was not emptied at stop (a reader holds the \
+                     database); the next start replays it"
+                ),
             }
+            let _ = conn.busy_timeout(BUSY_TIMEOUT);
         }
         let took = started.elapsed();
         commits.observe(took);
@@ -1749,23 +1768,34 @@ mod tests {
         assert_eq!(restored, 1);
     }
 
+    /// A consistent copy of the store in `d` (a backup), in a new directory.
+    fn store_copy(d: &Path) -> tempfile::TempDir {
+        let copy = tempfile::tempdir().unwrap();
+        Connection::open(d.join("tessera.db"))
+            .unwrap()
+            .execute(
+                "VACUUM INTO ?1",
+                params![copy.path().join("tessera.db").to_str()],
+            )
+            .unwrap();
+        copy
+    }
+
+    /// Commits a kill of spiffe://td/a with its audit record.
+    async fn commit_kill(s: &SqliteStore) {
+        let ev = Event::now("kill", Actor::Daemon).spiffe_id("spiffe://td/a");
+        commit(s, vec![kill(1, "spiffe://td/a", 5), Op::Audit(ev)])
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn a_store_older_than_the_audit_log_is_refused() {
         let (d, s, _) = audited(2).await;
         // A consistent copy of the store, taken before a kill (a backup put back later, or
         // the WAL holding the kill lost).
-        let older = tempfile::tempdir().unwrap();
-        Connection::open(d.path().join("tessera.db"))
-            .unwrap()
-            .execute(
-                "VACUUM INTO ?1",
-                params![older.path().join("tessera.db").to_str()],
-            )
-            .unwrap();
-        let ev = Event::now("kill", Actor::Daemon).spiffe_id("spiffe://td/a");
-        commit(&s, vec![kill(1, "spiffe://td/a", 5), Op::Audit(ev)])
-            .await
-            .unwrap();
+        let older = store_copy(d.path());
+        commit_kill(&s).await;
         let log = d.path().join("audit.jsonl");
         std::fs::copy(&log, older.path().join("audit.jsonl")).unwrap();
         let err = match SqliteStore::open(older.path(), u64::MAX, 100, &mut |_| {}) {
@@ -1777,7 +1807,11 @@ mod tests {
             msg.contains("records 2..2") && msg.contains("(1 kill)"),
             "{msg}"
         );
-        assert!(msg.contains("move the audit log away"), "{msg}");
+        assert!(
+            msg.contains("move away the audit files that hold them")
+                && msg.contains(&older.path().join("audit.jsonl").display().to_string()),
+            "{msg}"
+        );
         // Nothing was written: the log is as it was, the store still lacks the kill.
         assert_eq!(
             std::fs::read(older.path().join("audit.jsonl")).unwrap(),
@@ -1801,6 +1835,43 @@ mod tests {
         )
         .unwrap();
         SqliteStore::open(older.path(), u64::MAX, 100, &mut |_| {}).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_store_older_than_the_log_is_refused_with_rotated_files_archived() {
+        // Rotation every few records; the store copied after record 5 (review AB F2).
+        let d = tempfile::tempdir().unwrap();
+        let (s, _) = SqliteStore::open(d.path(), 600, 100, &mut |_| {}).unwrap();
+        let issue = |i: usize| Op::Audit(Event::now("issue", Actor::Daemon).lease(format!("l{i}")));
+        for i in 0..6 {
+            commit(&s, vec![issue(i)]).await.unwrap();
+        }
+        let older = store_copy(d.path());
+        for i in 6..12 {
+            commit(&s, vec![issue(i)]).await.unwrap();
+        }
+        commit_kill(&s).await;
+        drop(s);
+        // The log beside the old store, but the rotated file holding the store's last record
+        // (5) archived elsewhere, as the README advises for rotated files.
+        let chain = audit::chain_files(&d.path().join("audit.jsonl"));
+        assert!(chain.len() >= 3, "{chain:?}");
+        let mut archived = 0;
+        for f in &chain {
+            let text = std::fs::read_to_string(f).unwrap();
+            if text.lines().any(|l| l.contains("\"seq\":5,")) {
+                archived += 1;
+                continue;
+            }
+            std::fs::copy(f, older.path().join(f.file_name().unwrap())).unwrap();
+        }
+        assert_eq!(archived, 1);
+        let err = match SqliteStore::open(older.path(), 600, 100, &mut |_| {}) {
+            Ok(_) => panic!("a store older than the log was taken"),
+            Err(e) => e,
+        };
+        assert!(err.to_string().contains(", 1 kill)"), "{err}");
+        assert!(kill_rows(older.path()).is_empty());
     }
 
     fn rejected(d: &Path) -> Vec<(i64, String)> {
