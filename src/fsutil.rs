@@ -103,22 +103,20 @@ pub fn lock_dir(dir: &Path) -> std::io::Result<DirLock> {
         if e.kind() != std::io::ErrorKind::WouldBlock {
             return Err(e);
         }
-        {
-            let mut holder = String::new();
-            let _ = pid_file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::WouldBlock,
-                format!(
-                    "is in use by another tesserad{}: one daemon per data directory",
-                    if holder.is_empty() || !holder.bytes().all(|b| b.is_ascii_digit()) {
-                        String::new()
-                    } else {
-                        format!(" (pid {holder})")
-                    }
-                ),
-            ));
-        }
+        let mut holder = String::new();
+        let _ = pid_file.read_to_string(&mut holder);
+        let holder = holder.trim();
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!(
+                "is in use by another tesserad{}: one daemon per data directory",
+                if holder.is_empty() || !holder.bytes().all(|b| b.is_ascii_digit()) {
+                    String::new()
+                } else {
+                    format!(" (pid {holder})")
+                }
+            ),
+        ));
     }
     pid_file.set_len(0)?;
     pid_file.rewind()?;

@@ -278,8 +278,10 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for FormBody {
 }
 
 fn body_error(e: &axum::Error) -> Response {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cause {
+    let causes = std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |c| {
+        c.source()
+    });
+    for c in causes {
         if c.downcast_ref::<tonic::Status>()
             .is_some_and(|s| s.code() == tonic::Code::ResourceExhausted)
         {
@@ -298,7 +300,6 @@ fn body_error(e: &axum::Error) -> Response {
                 &format!("the request body is larger than {MAX_FORM_BYTES} bytes"),
             );
         }
-        cause = c.source();
     }
     oauth_error(
         StatusCode::BAD_REQUEST,

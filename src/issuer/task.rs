@@ -161,10 +161,9 @@ impl Issuer {
         // The agent's JWT-SVID was checked when the exchange began, but a subject token's key
         // fetch may have taken seconds since. Revocation holds the barrier exclusively, so
         // under it the token is either still active here, or this is refused.
+        let now = OffsetDateTime::now_utc();
         if let Some(l) = g.holder.credential
-            && !self
-                .leases
-                .is_active(&l, OffsetDateTime::now_utc().unix_timestamp())
+            && !self.leases.is_active(&l, now.unix_timestamp())
         {
             return Err(IssueError::FailedPrecondition(
                 "actor_token is not valid: the agent's JWT-SVID was revoked or expired during the exchange"
@@ -183,7 +182,6 @@ impl Issuer {
                 g.task_id
             )));
         }
-        let now = OffsetDateTime::now_utc();
         // Authenticated a moment ago, but a subject token's key fetch may have taken seconds:
         // an entry that expired meanwhile grants nothing (as for SVIDs).
         // As in force now: an edit of its lifetime or expiry meanwhile applies.

@@ -880,41 +880,42 @@ impl LeaseTable {
         let mut removed = Vec::with_capacity(due.len());
         let mut kept = Vec::new();
         for id in due {
-            // Revoked: the certificate's serial is (or is about to be) on the CRL.
-            let listed_until = self
-                .leases
-                .get(&id)
-                .filter(|l| l.state != State::Active && l.serial.is_some())
-                .map(|l| l.expires_at);
-            if let Some(exp) = listed_until {
+            // One lookup for all but a revoked certificate within its time on the CRL past
+            // its expiry, which stays (its serial is, or is about to be, on the CRL).
+            let listed = |l: &Lease| {
+                l.state != State::Active
+                    && l.serial.is_some()
+                    && now_s < l.expires_at + CRL_KEPT_AFTER_EXPIRY_S
+            };
+            let Some((_, l)) = self.leases.remove_if(&id, |_, l| !listed(l)) else {
+                // Kept, or gone already.
+                let Some(exp) = self.leases.get(&id).map(|l| l.expires_at) else {
+                    continue;
+                };
                 if now_s < exp + CRL_RESIGN_AFTER_EXPIRY_S {
                     kept.push(Reverse((exp + CRL_RESIGN_AFTER_EXPIRY_S, id)));
-                    continue;
-                }
-                if now_s < exp + CRL_KEPT_AFTER_EXPIRY_S {
+                } else {
                     self.crl_resign
                         .store(true, std::sync::atomic::Ordering::Release);
                     crl_changed = true;
                     kept.push(Reverse((exp + CRL_KEPT_AFTER_EXPIRY_S, id)));
-                    continue;
                 }
+                continue;
+            };
+            if let Some(t) = &l.task_id {
+                self.release_task(t);
             }
-            if let Some((_, l)) = self.leases.remove(&id) {
-                if let Some(t) = &l.task_id {
-                    self.release_task(t);
-                }
-                if l.state == State::Active {
-                    self.unindex(&l);
-                } else if l.serial.is_some() {
-                    crl_changed |= self
-                        .revoked_serials
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&id)
-                        .is_some();
-                }
-                removed.push(id);
+            if l.state == State::Active {
+                self.unindex(&l);
+            } else if l.serial.is_some() {
+                crl_changed |= self
+                    .revoked_serials
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id)
+                    .is_some();
             }
+            removed.push(id);
         }
         if !kept.is_empty() {
             // Due later than `now_s`, so a caller looping until nothing is due stops.

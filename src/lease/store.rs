@@ -1697,14 +1697,7 @@ mod tests {
     /// What a power loss leaves while `d`'s store is open: the database as committed and an
     /// audit file holding only its first `keep` records.
     fn power_loss(d: &Path, full: &str, keep: usize) -> tempfile::TempDir {
-        let crashed = tempfile::tempdir().unwrap();
-        Connection::open(d.join("tessera.db"))
-            .unwrap()
-            .execute(
-                "VACUUM INTO ?1",
-                params![crashed.path().join("tessera.db").to_str()],
-            )
-            .unwrap();
+        let crashed = store_copy(d);
         let kept: String = full.lines().take(keep).map(|l| format!("{l}\n")).collect();
         std::fs::write(crashed.path().join("audit.jsonl"), kept).unwrap();
         crashed
