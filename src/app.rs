@@ -112,6 +112,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         cfg.ca_files.as_ref(),
         cfg.ca_ttl,
     )?);
+    warn_if_ca_expires_soon(&ca);
     let started = std::time::Instant::now();
     let now_s = time::OffsetDateTime::now_utc().unix_timestamp();
     // Restore before any socket opens: leases, revocations, the kill list and stored entries.
@@ -588,6 +589,24 @@ fn report_policy(issuer: &Issuer, r: Result<Option<usize>, &crate::policy::Polic
 }
 
 /// Signs and publishes a CRL of the revoked certificates still within their validity.
+/// How long before the CA's expiry start-up warns.
+const CA_EXPIRY_WARNING: time::Duration = time::Duration::days(30);
+
+/// An operator CA (often a short-lived intermediate) stops X.509 issuance at its expiry, and
+/// a generated one is replaced only at a start: say so while there is time to act.
+fn warn_if_ca_expires_soon(ca: &Ca) {
+    let left = ca.not_after() - time::OffsetDateTime::now_utc();
+    if left < CA_EXPIRY_WARNING {
+        tracing::warn!(
+            not_after = %ca.not_after(),
+            days_left = left.whole_days(),
+            "the CA certificate expires soon: no X.509-SVID is issued after it; renew an \
+             operator CA, or restart tesserad after it expires to replace a generated one \
+             (tessera_ca_not_after_seconds in /metrics)"
+        );
+    }
+}
+
 fn publish_crl(ca: &Ca, leases: &LeaseTable) {
     let serials = leases.revoked_serials();
     match ca.publish_crl(&serials, time::OffsetDateTime::now_utc()) {

@@ -471,6 +471,41 @@ fn admin_socket_is_owner_only_without_extra_grants() {
     }
 }
 
+#[test]
+fn an_entry_granting_the_same_identity_to_the_same_selectors_is_created_once() {
+    let d = Daemon::start("");
+    let uid = format!("unix:uid:{}", my_uid());
+    let id = d.create_entry("spiffe://tessera.internal/web", &uid);
+    // The same again, with one selector more and then in another order: the first is a twin;
+    // the second and third are another grant and its twin.
+    let create = |sels: &[&str]| {
+        let mut args = vec![
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://tessera.internal/web",
+        ];
+        for s in sels {
+            args.extend(["--selector", s]);
+        }
+        d.cli(&args)
+    };
+    let o = create(&[&uid]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("AlreadyExists") && err.contains(&id) && err.contains("entry update"),
+        "{err}"
+    );
+    let o = create(&[&uid, "unix:gid:0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = create(&["unix:gid:0", &uid]);
+    assert!(!o.status.success(), "the same selectors in another order");
+    let o = d.cli(&["entry", "list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+}
+
 fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let (code, body) = common::http_get(addr, path);
     (code, String::from_utf8(body).unwrap())
@@ -658,6 +693,25 @@ fn operator_ca_chain_is_served_with_intermediates() {
         2,
         "leaf + intermediate"
     );
+    // The lab intermediate lives 20 days: start-up warns, and /metrics says when.
+    assert!(
+        d.log_text().contains("the CA certificate expires soon"),
+        "{}",
+        d.log_text()
+    );
+    let (_, metrics) = http_get(d.http, "/metrics");
+    let not_after: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tessera_ca_not_after_seconds "))
+        .expect("tessera_ca_not_after_seconds")
+        .parse()
+        .unwrap();
+    let in_20_days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + 20 * 86_400;
+    assert!((not_after - in_20_days).abs() < 120, "{not_after}");
     let bundle = std::fs::read_to_string(out.join("bundle.pem")).unwrap();
     assert_eq!(
         bundle.trim(),

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -419,7 +420,7 @@ fn assert_no_secret(d: &Daemon, tokens: &[String], keys: &[&[u8]]) {
 /// Introspection says `active` only while Tessera itself would honour the token: deleting the
 /// entry that granted it ends it at once, as it ends the agent's own authentication.
 #[tokio::test(flavor = "multi_thread")]
-async fn introspection_ends_with_the_entry() {
+async fn introspection_answers_for_task_tokens_only_and_ends_with_the_entry() {
     let idp = Idp::start().await;
     let d = daemon(&idp, POLICY, "", "");
     let sel = format!("unix:uid:{}", my_uid());
@@ -438,19 +439,29 @@ async fn introspection_ends_with_the_entry() {
     );
     let c_token = actor_token(&d, "c").await;
     let rp = actor_token(&d, "b").await;
+    // A live JWT-SVID is a workload's credential, not an access token of this server: inactive
+    // to introspection, whatever its audience; ValidateJWTSVID is its check.
     let (code, i) = post_auth(&d, "/introspect", Some(&rp), &c_token);
-    assert_eq!((code, &i["active"]), (200, &json!(true)), "{i}");
-    assert_eq!(i["sub"], "spiffe://tessera.internal/agents/c");
+    assert_eq!((code, i), (200, json!({"active": false})));
     let c = d.client().await;
     assert!(
         c.validate_jwt_token(&issuer_url(&d), &c_token)
             .await
             .is_ok()
     );
+    let (code, r) = exchange(
+        &d,
+        &base_fields(&idp.token("frank"), &c_token, "c-1", "tickets:read"),
+    );
+    assert_eq!(code, 200, "{r}");
+    let task_token = r["access_token"].as_str().unwrap();
+    let (code, i) = post_auth(&d, "/introspect", Some(&rp), task_token);
+    assert_eq!((code, &i["active"]), (200, &json!(true)), "{i}");
+    assert_eq!(i["client_id"], "spiffe://tessera.internal/agents/c");
 
     let out = d.cli(&["entry", "delete", created["id"].as_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
-    let (code, i) = post_auth(&d, "/introspect", Some(&rp), &c_token);
+    let (code, i) = post_auth(&d, "/introspect", Some(&rp), task_token);
     assert_eq!((code, i), (200, json!({"active": false})));
     // The Workload API agrees: ValidateJWTSVID refuses it too.
     assert!(
@@ -797,10 +808,9 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
     let actor_b = actor_token(&d, "b").await;
     let (code, r) = exchange(&d, &base_fields(&good, &actor_b, "t1", "tickets:read"));
     assert_eq!(code, 200, "{r}");
-    // Now t1 is b's: a cannot use it.
+    // Task ids are each agent's own: a's t1 is another task, not b's.
     let (code, r) = exchange(&d, &base_fields(&good, &actor, "t1", "tickets:read"));
-    assert_eq!(code, 400, "{r}");
-    assert_refused(&r, "another agent");
+    assert_eq!(code, 200, "{r}");
 
     // A correctly signed token without a kid is accepted.
     let (code, r) = exchange(&d, &base_fields(&kidless, &actor_b, "t1", "tickets:read"));
@@ -817,7 +827,7 @@ async fn refusals_are_rfc_errors_and_change_nothing() {
     }
     let out = d.cli(&["--json", "lease", "list", "--kind", "task-token"]);
     let leases: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(leases.as_array().unwrap().len(), 2, "{leases}");
+    assert_eq!(leases.as_array().unwrap().len(), 3, "{leases}");
 }
 
 /// An issuer, a daemon trusting it once its start-up key fetch is done (an exchange before
@@ -1645,43 +1655,89 @@ fn tls_key_readable_by_others_is_refused_at_start() {
     assert!(!dir.path().join("w.sock").exists());
 }
 
+/// `a`'s and `b`'s task `id` by its full name.
+fn task_name(agent: &str, id: &str) -> String {
+    format!("spiffe://tessera.internal/agents/{agent}/task/{id}")
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn task_ownership_and_completion_survive_a_restart() {
+async fn task_ids_are_each_agents_own_and_completion_survives_a_restart() {
     let idp = Idp::start().await;
     let d = daemon(&idp, POLICY, "", "");
     let actor_a = actor_token(&d, "a").await;
+    let actor_b = actor_token(&d, "b").await;
     let subject = idp.token("frank");
-    let (code, r) = exchange(
-        &d,
-        &base_fields(&subject, &actor_a, "owned", "tickets:read"),
+    // b uses the id first; a uses it too, and gets its own task.
+    let mut tokens = HashMap::new();
+    for (agent, actor) in [("b", &actor_b), ("a", &actor_a)] {
+        let (code, r) = exchange(&d, &base_fields(&subject, actor, "T-101", "tickets:read"));
+        assert_eq!(code, 200, "{agent}: {r}");
+        tokens.insert(agent, r["access_token"].as_str().unwrap().to_owned());
+    }
+    let listed = cli_json(&d, &["lease", "list", "--task", "T-101"]);
+    let mut names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["task_id"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, [task_name("a", "T-101"), task_name("b", "T-101")]);
+    // An operator's bare id is ambiguous now: refused with both names, nothing revoked.
+    let out = d.cli(&["task", "complete", "--operator", "T-101"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("used by 2 agents")
+            && err.contains(&task_name("a", "T-101"))
+            && err.contains(&task_name("b", "T-101")),
+        "{err}"
     );
-    assert_eq!(code, 200, "{r}");
-    let (code, _) = exchange(&d, &base_fields(&subject, &actor_a, "done", "tickets:read"));
-    assert_eq!(code, 200);
-    let done = cli_json(&d, &["task", "complete", "done"]);
+    let out = d.cli(&["task", "revoke", "T-101"]);
+    assert!(!out.status.success());
+    for agent in ["a", "b"] {
+        let (_, i) = post_auth(&d, "/introspect", Some(&actor_a), &tokens[agent]);
+        assert_eq!(i["active"], true, "{agent}: {i}");
+    }
+    // Completing a's task by its full name leaves b's alone.
+    let done = cli_json(
+        &d,
+        &["task", "complete", "--operator", &task_name("a", "T-101")],
+    );
     assert_eq!(done["revoked"], 1);
-    let token = r["access_token"].as_str().unwrap().to_owned();
+    let (_, i) = post_auth(&d, "/introspect", Some(&actor_a), &tokens["a"]);
+    assert_eq!(i["active"], false, "{i}");
+    let (_, i) = post_auth(&d, "/introspect", Some(&actor_a), &tokens["b"]);
+    assert_eq!(i["active"], true, "{i}");
+    // A bare id that only one agent used is enough.
+    let (code, _) = exchange(&d, &base_fields(&subject, &actor_a, "solo", "tickets:read"));
+    assert_eq!(code, 200);
+    assert_eq!(
+        cli_json(&d, &["task", "complete", "--operator", "solo"])["revoked"],
+        1
+    );
 
     let d = crash_and_restart(d);
 
     let actor_a = actor_token(&d, "a").await;
     let actor_b = actor_token(&d, "b").await;
-    // The task still belongs to a; the completed task stays complete.
-    let (_, r) = exchange(
+    // a's tasks stay complete; b's task of the same id is still open, and its token live.
+    for task in ["T-101", "solo"] {
+        let (_, r) = exchange(&d, &base_fields(&subject, &actor_a, task, "tickets:read"));
+        assert_refused(&r, "complete");
+    }
+    let (code, r) = exchange(
         &d,
-        &base_fields(&subject, &actor_b, "owned", "tickets:read"),
+        &base_fields(&subject, &actor_b, "T-101", "tickets:read"),
     );
-    assert_refused(&r, "another agent");
-    let (_, r) = exchange(&d, &base_fields(&subject, &actor_a, "done", "tickets:read"));
-    assert_refused(&r, "complete");
-    let (code, _) = exchange(
-        &d,
-        &base_fields(&subject, &actor_a, "owned", "tickets:read"),
+    assert_eq!(code, 200, "{r}");
+    let (_, i) = post_auth(&d, "/introspect", Some(&actor_b), &tokens["b"]);
+    assert_eq!(
+        i["active"], true,
+        "the token from before the crash is live: {i}"
     );
-    assert_eq!(code, 200);
-    // The token from before the crash is still a live lease.
-    let (_, i) = post_auth(&d, "/introspect", Some(&actor_b), &token);
-    assert_eq!(i["active"], true, "{i}");
+    let (code, r) = exchange(&d, &base_fields(&subject, &actor_b, "solo", "tickets:read"));
+    assert_eq!(code, 200, "b's solo is b's own: {r}");
 }
 
 /// The daemon's `tessera_tasks` gauge.
@@ -1723,27 +1779,17 @@ async fn task_records_are_forgotten_after_retention_while_no_credential_exists()
         d.log_text()
             .contains("task records past retention forgotten")
     );
-    let actor_b = actor_token(&d, "b").await;
-    let (code, r) = exchange(
-        &d,
-        &base_fields(&subject, &actor_b, "short", "tickets:read"),
-    );
-    assert_eq!(code, 200, "a forgotten task id is free again: {r}");
-    for task in ["live", "revoked"] {
-        let (_, r) = exchange(&d, &base_fields(&subject, &actor_b, task, "tickets:read"));
-        assert_refused(&r, "another agent");
-    }
-
-    // The store forgot it too: after kill -9, "short" is b's (its new first use), and the
-    // others are still a's, the completed one still complete.
-    let d = crash_and_restart(d);
-    assert_eq!(task_records(&d), 3);
-    let actor_a = actor_token(&d, "a").await;
+    // The completed task is remembered while its revoked token exists.
     let (_, r) = exchange(
         &d,
-        &base_fields(&subject, &actor_a, "short", "tickets:read"),
+        &base_fields(&subject, &actor_a, "revoked", "tickets:read"),
     );
-    assert_refused(&r, "another agent");
+    assert_refused(&r, "complete");
+
+    // The store forgot it too: after kill -9 there are the same two records.
+    let d = crash_and_restart(d);
+    assert_eq!(task_records(&d), 2);
+    let actor_a = actor_token(&d, "a").await;
     let (_, r) = exchange(
         &d,
         &base_fields(&subject, &actor_a, "revoked", "tickets:read"),

@@ -1,6 +1,7 @@
 //! Crash test: under load, `kill -9` the daemon again and again; after each restart every
 //! credential a client received must be in the lease store, every revocation the operator saw
-//! acknowledged must still be revoked, and the kill list must still hold.
+//! acknowledged must still be revoked, and the kill must still hold: listed, and no SVID of
+//! the killed identity handed out in any round.
 //!
 //! Clients keep a ledger of what they received (JWT-SVID `jti`s, X.509-SVID serials) and of
 //! acknowledged revocations; nothing counts until the client has the full response.
@@ -21,6 +22,24 @@ struct Ledger {
     jtis: Vec<String>,
     serials: Vec<String>,
     revoked: Vec<String>,
+    /// SVIDs received for the killed identity: each one is a kill not in force.
+    served_killed: usize,
+    /// SVIDs whose `jti` or serial could not be read: they cannot be looked up, so they
+    /// count as lost rather than drop out of the check.
+    unreadable: usize,
+}
+
+const KILLED: &str = "spiffe://tessera.internal/crash/killed";
+
+impl Ledger {
+    fn received(&mut self, spiffe_id: &str, id: Option<String>, x509: bool) {
+        self.served_killed += usize::from(spiffe_id == KILLED);
+        match (id, x509) {
+            (Some(id), false) => self.jtis.push(id),
+            (Some(id), true) => self.serials.push(id),
+            (None, _) => self.unreadable += 1,
+        }
+    }
 }
 
 fn serial_hex(cert_der: &[u8]) -> Option<String> {
@@ -66,7 +85,7 @@ async fn load_until_crash(d: &common::Daemon, clients: usize, ledger: Arc<Mutex<
                         Ok(Ok(r)) => {
                             let mut l = ledger.lock().unwrap();
                             for s in r.into_inner().svids {
-                                l.jtis.extend(jti(&s.svid));
+                                l.received(&s.spiffe_id, jti(&s.svid), false);
                             }
                             true
                         }
@@ -81,7 +100,7 @@ async fn load_until_crash(d: &common::Daemon, clients: usize, ledger: Arc<Mutex<
                         Ok(Ok(Some(m))) => {
                             let mut l = ledger.lock().unwrap();
                             for s in m.svids {
-                                l.serials.extend(serial_hex(&s.x509_svid));
+                                l.received(&s.spiffe_id, serial_hex(&s.x509_svid), true);
                             }
                             true
                         }
@@ -161,7 +180,7 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
     let report = async {
         let mut d = common::Daemon::start(&config());
         // A kill before the first crash must hold through every restart.
-        let o = d.cli(&["kill", "spiffe://tessera.internal/crash/killed", "--reason", "crash test"]);
+        let o = d.cli(&["kill", KILLED, "--reason", "crash test"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let ledger = Arc::new(Mutex::new(Ledger::default()));
         let (mut lost_leases, mut lost_revocations, mut lost_kills) = (0usize, 0usize, 0usize);
@@ -195,8 +214,7 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
                 .filter(|r| by_id.get(*r).map(String::as_str) != Some("revoked"))
                 .count();
             let killed = d.cli(&["--json", "killed"]);
-            let still_killed = String::from_utf8_lossy(&killed.stdout)
-                .contains("spiffe://tessera.internal/crash/killed");
+            let still_killed = String::from_utf8_lossy(&killed.stdout).contains(KILLED);
             lost_leases += missing_jwt + missing_x509;
             lost_revocations += unrevoked;
             lost_kills += usize::from(!still_killed);
@@ -212,6 +230,9 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             );
         }
         let l = ledger.lock().unwrap();
+        // Listed is not enough: the identity must also have got nothing.
+        lost_kills += l.served_killed;
+        lost_leases += l.unreadable;
         json!({
             "rounds": rounds,
             "clients": clients,
@@ -222,6 +243,8 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             "lost_leases": lost_leases,
             "lost_revocations": lost_revocations,
             "lost_kills": lost_kills,
+            "svids_served_to_killed_identity": l.served_killed,
+            "unreadable_svids": l.unreadable,
         })
     }
     .await;

@@ -4,9 +4,12 @@
 //! (1) HTTP token endpoint, each client on its own keep-alive connection, actor token = the
 //! agent's JWT-SVID; (2) gRPC `tessera.v1.Tasks` on the Workload API socket (attested caller);
 //! (3) HTTP again, paced at half the rate (1) reached. Every client starts a new task every 10
-//! exchanges.
+//! exchanges, for a new user: each task's subject token is a fresh ES256 ID token, so the
+//! daemon verifies a subject token's signature once per task, as it would for many users
+//! (its cache of verified tokens would otherwise answer for the whole run).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tessera::proto::tessera::v1 as pb;
@@ -16,6 +19,8 @@ use super::{Load, Opts, Outcome, Report, Target, drive, grpc_outcome};
 use crate::common;
 
 const TT_ID: &str = "urn:ietf:params:oauth:token-type:id_token";
+/// What a 200 from `/token` must hold to count: a JWS in `access_token`.
+const TOKEN_FIELD: &[u8] = b"\"access_token\":\"ey";
 
 /// A keep-alive HTTP/1.1 connection that posts forms and reads `Content-Length` bodies:
 /// as little client work as possible, since the load generator shares the daemon's cores.
@@ -73,9 +78,20 @@ struct HttpClient {
     body: Vec<u8>,
 }
 
+/// A fresh ID token of a user of its own for client `c`'s task `task`.
+fn subject_token(idp: &Idp, tag: &str, c: usize, task: u64) -> String {
+    idp.sign(
+        "ES256",
+        Some("ec-1"),
+        &idp.claims(&format!("{tag}-user-{c}-{task}")),
+    )
+}
+
+type Idp = common::idp::Idp;
+
 async fn drive_http(
     addr: SocketAddr,
-    subject: &str,
+    idp: &Arc<Idp>,
     actor: &str,
     clients: usize,
     secs: f64,
@@ -89,19 +105,21 @@ async fn drive_http(
             body: Vec::new(),
         });
     }
-    let (subject, actor, tag) = (subject.to_owned(), actor.to_owned(), tag.to_owned());
+    let (actor, tag) = (actor.to_owned(), tag.to_owned());
+    let idp = Arc::clone(idp);
     drive(
         &format!("exchange {tag}"),
         conns,
         secs,
         pace,
         move |mut h, c, i| {
-            let (subject, actor, tag) = (subject.clone(), actor.clone(), tag.clone());
+            let (idp, actor, tag) = (Arc::clone(&idp), actor.clone(), tag.clone());
             async move {
                 // The body changes only with the task: encode it once per task, so the load
                 // generator spends its share of the two cores on requests.
                 if i % 10 == 0 {
                     let task = format!("{tag}-{c}-{}", i / 10);
+                    let subject = subject_token(&idp, &tag, c, i / 10);
                     h.body = common::form(&[
                         (
                             "grant_type",
@@ -124,7 +142,9 @@ async fn drive_http(
                     },
                 };
                 let outcome = match conn.post("/token", &h.body).await {
-                    Ok((200, _)) => Outcome::Ok,
+                    Ok((200, b)) if b.windows(TOKEN_FIELD.len()).any(|w| w == TOKEN_FIELD) => {
+                        Outcome::Ok
+                    }
                     Ok((503, _)) => Outcome::Shed,
                     Ok(_) => Outcome::Err,
                     Err(_) => {
@@ -139,38 +159,51 @@ async fn drive_http(
     .await
 }
 
-async fn drive_grpc(d: &common::Daemon, subject: &str, clients: usize, secs: f64) -> Load {
+async fn drive_grpc(d: &common::Daemon, idp: &Arc<Idp>, clients: usize, secs: f64) -> Load {
     let mut pool = Vec::new();
     for _ in 0..clients.div_ceil(4) {
         pool.push(tessera::api::workload::tasks_client(
             common::channel(&d.socket).await,
         ));
     }
-    let all: Vec<_> = (0..clients).map(|i| pool[i % pool.len()].clone()).collect();
-    let subject = subject.to_owned();
-    drive("exchange grpc", all, secs, None, move |mut client, c, i| {
-        let subject = subject.clone();
-        async move {
-            let req = pb::ExchangeRequest {
-                subject_token: subject,
-                subject_token_type: TT_ID.into(),
-                audience: "https://tickets.example".into(),
-                scopes: vec!["tickets:read".into()],
-                task_id: format!("grpc-{c}-{}", i / 10),
-                ..Default::default()
-            };
-            let outcome = match client.exchange(req).await {
-                Ok(_) => Outcome::Ok,
-                Err(s) => grpc_outcome(&s),
-            };
-            (client, outcome)
-        }
-    })
+    // Each client with its current task's subject token.
+    let all: Vec<_> = (0..clients)
+        .map(|i| (pool[i % pool.len()].clone(), String::new()))
+        .collect();
+    let idp = Arc::clone(idp);
+    drive(
+        "exchange grpc",
+        all,
+        secs,
+        None,
+        move |(mut client, mut subject), c, i| {
+            // One token per task, as over HTTP: signed once per 10 requests.
+            if i % 10 == 0 {
+                subject = subject_token(&idp, "grpc", c, i / 10);
+            }
+            async move {
+                let req = pb::ExchangeRequest {
+                    subject_token: subject.clone(),
+                    subject_token_type: TT_ID.into(),
+                    audience: "https://tickets.example".into(),
+                    scopes: vec!["tickets:read".into()],
+                    task_id: format!("grpc-{c}-{}", i / 10),
+                    ..Default::default()
+                };
+                let outcome = match client.exchange(req).await {
+                    Ok(r) if !r.get_ref().access_token.is_empty() => Outcome::Ok,
+                    Ok(_) => Outcome::Err,
+                    Err(s) => grpc_outcome(&s),
+                };
+                ((client, subject), outcome)
+            }
+        },
+    )
     .await
 }
 
 pub async fn run(o: &Opts, r: &mut Report) {
-    let idp = common::idp::Idp::start().await;
+    let idp = Arc::new(common::idp::Idp::start().await);
     let dir = common::open_tempdir();
     let policy = dir.path().join("policy.cedar");
     std::fs::write(
@@ -199,20 +232,18 @@ forbid(principal, action, resource) when { context.scope == "tickets:delete" };"
         .unwrap()
         .token()
         .to_owned();
-    // The subject's token lives for 10 minutes, long enough for every phase.
-    let subject = idp.token("bench-user");
     // Warm up (first key fetch, policy, connections).
-    drive_http(d.http, &subject, &actor, 4, 0.5, None, "warm").await;
+    drive_http(d.http, &idp, &actor, 4, 0.5, None, "warm").await;
 
     let c = o.clients.min(32);
     eprintln!("[exchange] HTTP token endpoint, {c} clients (actor token = JWT-SVID) ...");
-    let http = drive_http(d.http, &subject, &actor, c, o.secs, None, "http").await;
+    let http = drive_http(d.http, &idp, &actor, c, o.secs, None, "http").await;
     eprintln!("[exchange] gRPC tessera.v1.Tasks/Exchange (attested caller) ...");
-    let grpc = drive_grpc(&d, &subject, c, o.secs).await;
+    let grpc = drive_grpc(&d, &idp, c, o.secs).await;
     let half_rate = http.rate / 2.0;
     eprintln!("[exchange] HTTP at half load ({half_rate:.0}/s) ...");
     let pace = Duration::from_secs_f64(c as f64 / half_rate.max(1.0));
-    let half = drive_http(d.http, &subject, &actor, c, o.secs, Some(pace), "half").await;
+    let half = drive_http(d.http, &idp, &actor, c, o.secs, Some(pace), "half").await;
     drop(d);
 
     r.figure(

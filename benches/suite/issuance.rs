@@ -206,7 +206,13 @@ pub async fn run(o: &Opts, r: &mut Report) -> Figures {
     .await;
     let over_clients = c * 8;
     eprintln!("[issuance] overload: X.509-SVIDs from {over_clients} clients ...");
+    let mut d = d;
     let over = x509_bare(&d, "overload", over_clients, secs).await;
+    // A daemon that died under the load would leave only refused connections behind.
+    assert!(
+        d.is_running(),
+        "tesserad exited during the overload phase; see its log"
+    );
     drop(d);
 
     r.figure(
@@ -276,6 +282,23 @@ pub async fn run(o: &Opts, r: &mut Report) -> Figures {
         over.error_ratio(),
         "ratio",
         Target::Below(0.001),
+    );
+    // What got through, and how much was refused by the per-uid limits (all clients here are
+    // one uid, so beyond its 256 concurrent FetchX509SVID streams it is refused at once).
+    r.figure(
+        "overload_ok_per_sec",
+        "  X.509-SVIDs issued under overload",
+        over.rate,
+        "/s",
+        Target::None,
+    );
+    let all = (over.ok + over.shed + over.errors).max(1) as f64;
+    r.figure(
+        "overload_shed_ratio",
+        "  refused by the per-uid limits (ResourceExhausted)",
+        over.shed as f64 / all,
+        "ratio",
+        Target::None,
     );
     r.detail(
         "issuance",

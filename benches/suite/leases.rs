@@ -170,12 +170,27 @@ pub async fn run(o: &Opts, r: &mut Report) {
     let d = tokio::task::spawn_blocking(move || common::Daemon::start_in(dir, &config))
         .await
         .unwrap();
+    // Serving means a real SVID: the clock stops when the first JWT-SVID is received.
+    d.client()
+        .await
+        .fetch_jwt_svid(["restart"], None)
+        .await
+        .expect("a JWT-SVID after the restart");
     let restart = t.elapsed().as_secs_f64();
     let restored = d
         .log_text()
         .lines()
         .find(|l| l.contains("state restored"))
         .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+    // Every stored lease came back: the restart did the whole work.
+    let restored_leases = restored
+        .as_ref()
+        .and_then(|v| v["fields"]["leases"].as_u64());
+    assert_eq!(
+        restored_leases,
+        Some((n + bulk) as u64),
+        "leases restored at start"
+    );
     let restored_ms = restored.as_ref().and_then(|v| v["fields"]["ms"].as_u64());
     let load_ms = restored
         .as_ref()

@@ -398,10 +398,13 @@ pub fn workload_req<T>(m: T) -> tonic::Request<T> {
     r
 }
 
-/// A gRPC status mapped to an outcome: `Unavailable` and `ResourceExhausted` are shedding.
+/// A gRPC status mapped to an outcome. Only the daemon's deliberate refusals are shedding:
+/// `ResourceExhausted` from its per-uid limits (streams, request bytes in flight). Every
+/// `Unavailable` is an error: the daemon answers it when it cannot attest, record or sign,
+/// and tonic when the connection is refused or lost, as to a daemon that died.
 pub fn grpc_outcome(s: &tonic::Status) -> Outcome {
     match s.code() {
-        tonic::Code::Unavailable | tonic::Code::ResourceExhausted => Outcome::Shed,
+        tonic::Code::ResourceExhausted => Outcome::Shed,
         _ => Outcome::Err,
     }
 }

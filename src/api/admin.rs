@@ -481,6 +481,10 @@ impl pb::admin_server::Admin for AdminApi {
             })?);
         }
         if !r.task_id.is_empty() {
+            crate::lease::validate_task_name(&r.task_id).map_err(|e| {
+                let shown: String = r.task_id.chars().take(128).collect();
+                Status::invalid_argument(format!("task_id {shown:?}: {e}"))
+            })?;
             f.task_id = Some(r.task_id);
         }
         if !r.state.is_empty() {
@@ -621,14 +625,10 @@ impl pb::admin_server::Admin for AdminApi {
         req: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
         let actor = self.authorize(&req).await?;
-        let task = required("task_id", req.into_inner().task_id)?;
-        crate::lease::validate_task_id(&task).map_err(|e| {
-            let shown: String = task.chars().take(128).collect();
-            Status::invalid_argument(format!("task_id {shown:?}: {e}"))
-        })?;
+        let given = required("task_id", req.into_inner().task_id)?;
+        let task = self.issuer.resolve_task(&given).map_err(super::status)?;
         let issuer = Arc::clone(&self.issuer);
-        let n =
-            to_completion(async move { issuer.complete_task(&task, None, actor).await }).await?;
+        let n = to_completion(async move { issuer.complete_task(&task, actor).await }).await?;
         Ok(Response::new(pb::CompleteTaskResponse {
             revoked: n as u32,
         }))

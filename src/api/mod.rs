@@ -77,6 +77,7 @@ pub fn status(e: IssueError) -> Status {
         // A killed identity is, to the workload, an identity it does not have.
         IssueError::Killed(_) => Status::permission_denied(NO_IDENTITY),
         IssueError::NotFound(m) => Status::not_found(m),
+        IssueError::AlreadyExists(m) => Status::already_exists(m),
         IssueError::FailedPrecondition(m) | IssueError::TaskConflict(m) => {
             Status::failed_precondition(m)
         }

@@ -121,11 +121,9 @@ impl pb::tasks_server::Tasks for TasksApi {
         };
         let issuer = Arc::clone(issuer);
         let n =
-            super::to_completion(
-                async move { issuer.complete_task(&task, Some(&ids), actor).await },
-            )
-            .await
-            .map_err(status)?;
+            super::to_completion(async move { issuer.complete_own_task(&ids, &task, actor).await })
+                .await
+                .map_err(status)?;
         Ok(Response::new(pb::CompleteResponse { revoked: n as u32 }))
     }
 }

@@ -6,8 +6,35 @@ use super::{Cli, connect, status_err};
 use crate::proto::tessera::v1 as pb;
 use crate::proto::tessera::v1::admin_client::AdminClient;
 
+/// As the kernel resolves a socket path: /var/run/... and /run/... are one socket.
+fn real(p: &std::path::Path) -> std::path::PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
+}
+
 async fn client(cli: &Cli) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
-    Ok(AdminClient::new(connect(&cli.admin_socket(), true).await?))
+    let admin = cli.admin_socket();
+    let mut c = AdminClient::new(connect(&admin, true).await?);
+    // Only a workload socket named (--socket, SPIFFE_ENDPOINT_SOCKET): the admin socket is
+    // then the default one, which may belong to another daemon, and reading or changing that
+    // one unasked is worse than stopping.
+    if cli.admin_socket.is_none()
+        && let Ok(Some(asked)) = cli.explicit_workload_socket()
+    {
+        let s = c
+            .status(pb::StatusRequest {})
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        anyhow::ensure!(
+            real(&asked) == real(std::path::Path::new(&s.workload_socket)),
+            "the default admin socket {} belongs to the daemon serving {}, not {}; give the \
+             admin socket of the daemon you mean (--admin-socket or TESSERA_ADMIN_SOCKET)",
+            admin.display(),
+            s.workload_socket,
+            asked.display()
+        );
+    }
+    Ok(c)
 }
 
 fn rfc3339(unix: i64) -> String {
@@ -27,10 +54,8 @@ pub(super) async fn status(cli: &Cli) -> anyhow::Result<()> {
         .await
         .map_err(status_err)?
         .into_inner();
-    // The admin socket is found on its own (--admin-socket, TESSERA_ADMIN_SOCKET or the
-    // default), not from the workload socket: say so when they belong to different daemons.
-    // As the kernel resolves them: /var/run/... and /run/... are one socket.
-    let real = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+    // An admin socket given on its own (--admin-socket, TESSERA_ADMIN_SOCKET) beside a
+    // workload socket of another daemon: say so (without one, `client` refused already).
     if let Ok(Some(asked)) = cli.explicit_workload_socket()
         && real(&asked) != real(std::path::Path::new(&s.workload_socket))
     {
@@ -231,10 +256,11 @@ pub(super) async fn lease_list(
             l.state,
             rfc3339(l.issued_at),
             rfc3339(l.expires_at),
+            // The agent's part: the SPIFFE ID column names the agent (or is the full name).
             if l.task_id.is_empty() {
                 "-"
             } else {
-                &l.task_id
+                crate::lease::task_id_of(&l.task_id)
             },
             l.spiffe_id
         );

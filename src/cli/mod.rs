@@ -93,7 +93,8 @@ enum LeaseCommand {
         /// With --spiffe-id: identities under its path too.
         #[arg(long)]
         prefix: bool,
-        /// Only this task.
+        /// Only this task: a task id (that id of every agent), or a task's full name
+        /// (<agent SPIFFE ID>/task/<task id>).
         #[arg(long)]
         task: Option<String>,
         /// active or revoked.
@@ -138,11 +139,12 @@ enum TaskCommand {
         /// A scope; repeat for several.
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
-        /// Task id ([A-Za-z0-9_-], 1 to 128 characters).
+        /// Task id ([A-Za-z0-9_-], 1 to 128 characters); the agent's own: another agent's
+        /// task of the same id is another task.
         #[arg(long)]
         task: String,
-        /// Lifetime in seconds (can only shorten the default).
-        #[arg(long)]
+        /// Lifetime in seconds, 1 or more (can only shorten the default).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         expires_in: Option<u64>,
         /// Also fetch a task X.509-SVID and write svid.pem, svid.key, bundle.pem here.
         #[arg(long)]
@@ -154,7 +156,8 @@ enum TaskCommand {
     /// Complete a task: revoke all its credentials and refuse it more. As an agent (the
     /// task's owner) over the Workload API, or with --operator over the admin API.
     Complete {
-        /// Task id.
+        /// Task id; with --operator, or the task's full name (<agent SPIFFE ID>/task/<task
+        /// id>) when several agents used the id.
         task_id: String,
         /// Use the admin API (operators).
         #[arg(long)]
@@ -162,7 +165,8 @@ enum TaskCommand {
     },
     /// Revoke every credential of a task.
     Revoke {
-        /// Task id.
+        /// Task id, or the task's full name (<agent SPIFFE ID>/task/<task id>) when several
+        /// agents used the id.
         task_id: String,
         /// Why.
         #[arg(long, default_value = "task revoked by operator")]

@@ -596,24 +596,22 @@ impl Exchanger {
             .cap_ttl(ttl, time::OffsetDateTime::now_utc())
             .max(Duration::from_secs(1));
 
-        // 5. Task ownership (binding claim happens at issuance; this gives the early answer).
-        if let Some(t) = self.issuer.leases().task(&task_id) {
-            if *t.agent != *entry.spiffe_id.as_str() {
-                return Err(self.refuse(
-                    &holder,
-                    &entry,
-                    &task_id,
-                    format!("task_id {task_id:?} belongs to another agent; use a new task id"),
-                ));
-            }
-            if t.completed_ms.is_some() {
-                return Err(self.refuse(
-                    &holder,
-                    &entry,
-                    &task_id,
-                    format!("task {task_id:?} is complete; it gets no more credentials"),
-                ));
-            }
+        // 5. A completed task gets nothing (checked again at issuance, under the barrier; this
+        //    gives the early answer). Task ids are the agent's own: no other agent's task is
+        //    in the way.
+        let key = crate::lease::task_key(entry.spiffe_id.as_str(), &task_id);
+        if self
+            .issuer
+            .leases()
+            .task(&key)
+            .is_some_and(|t| t.completed_ms.is_some())
+        {
+            return Err(self.refuse(
+                &holder,
+                &entry,
+                &task_id,
+                format!("task {task_id:?} is complete; it gets no more credentials"),
+            ));
         }
 
         // 6. Policy: each scope on its own.

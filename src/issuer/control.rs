@@ -87,22 +87,38 @@ impl Issuer {
         }))
     }
 
-    /// Revokes every active lease of a task; returns how many.
+    /// The one task an operator names by `given` (a task id or a task's full name). A task
+    /// id that several agents used is refused with their tasks' full names: an operator acts
+    /// on one agent's task at a time.
+    pub fn resolve_task(&self, given: &str) -> Result<crate::lease::Task, IssueError> {
+        let shown: String = given.chars().take(128).collect();
+        crate::lease::validate_task_name(given)
+            .map_err(|e| IssueError::InvalidArgument(format!("task_id {shown:?}: {e}")))?;
+        let mut found = self.leases.find_tasks(given);
+        match found.len() {
+            0 => Err(IssueError::NotFound(format!("no task {shown:?}"))),
+            1 => Ok(found.remove(0)),
+            n => Err(IssueError::InvalidArgument(format!(
+                "task id {shown:?} is used by {n} agents; name one of their tasks in full: {}",
+                found.iter().map(|t| &*t.id).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    /// Revokes every active lease of the task an operator names (see
+    /// [`Issuer::resolve_task`]); returns how many.
     pub async fn revoke_task(
         &self,
-        task: &str,
+        given: &str,
         actor: Actor,
         reason: &str,
     ) -> Result<usize, IssueError> {
-        crate::lease::validate_task_id(task)
-            .map_err(|e| IssueError::InvalidArgument(format!("task_id {task:?}: {e}")))?;
+        // A mistyped id must not look revoked (and leave a record saying so) in an incident.
+        let t = self.resolve_task(given)?;
         check_reason(reason)?;
+        let task = &*t.id;
         let _excl = self.barrier.write().await;
         let ids = self.leases.active_of_task(task);
-        // A mistyped id must not look revoked (and leave a record saying so) in an incident.
-        if ids.is_empty() && self.leases.task(task).is_none() {
-            return Err(IssueError::NotFound(format!("no task {task:?}")));
-        }
         let rev = Revocation {
             at_ms: now_ms(),
             by: actor.label(),
@@ -110,7 +126,8 @@ impl Issuer {
         };
         let ev = Event::now("revoke", actor)
             .reason(reason)
-            .detail("task_id", task)
+            .spiffe_id(&*t.agent)
+            .detail("task_id", crate::lease::task_id_of(task))
             .detail("count", ids.len());
         commit(
             &*self.store,
@@ -342,7 +359,58 @@ impl Issuer {
         let id = format!("e-{}", LeaseId::random());
         let entry = self.validate_spec(&id, &spec)?;
         let _one_edit = self.entry_edits.lock().await;
-        self.put_entry(entry, spec, actor, "entry_create").await
+        // A twin would keep granting the identity after the entry an operator knows of is
+        // deleted, and a provisioning script run on every deploy would add one each time.
+        let selectors = |e: &Entry| {
+            e.selectors
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<BTreeSet<_>>()
+        };
+        let wanted = selectors(&entry);
+        let twin = {
+            let stored = self
+                .stored_entries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.config_entries
+                .iter()
+                .chain(stored.iter().map(|(e, _)| e))
+                .find(|e| e.spiffe_id == entry.spiffe_id && selectors(e) == wanted)
+                .map(|e| e.id.clone())
+        };
+        if let Some(twin) = twin {
+            return Err(IssueError::AlreadyExists(format!(
+                "entry {twin} already grants {} to the same selectors; update it (tessera entry \
+                 update {twin}) instead of creating another",
+                entry.spiffe_id
+            )));
+        }
+        // The built-in default identity stands in only while nothing is configured or stored:
+        // the first entry takes it away from the user who started the daemon.
+        let default_served = self.config_entries.is_empty()
+            && self
+                .stored_entries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+            && self
+                .invalid_entries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty();
+        let created = self.put_entry(entry, spec, actor, "entry_create").await?;
+        if default_served {
+            let default =
+                crate::config::default_entry_for_current_user(&self.settings.trust_domain);
+            tracing::warn!(
+                spiffe_id = %default.spiffe_id,
+                "the built-in default entry is no longer served now that an entry exists; create \
+                 an entry for that identity if its user still needs it (its credentials already \
+                 handed out stay valid until they expire or are revoked)"
+            );
+        }
+        Ok(created)
     }
 
     /// Replaces a stored entry. Entries from the config file are changed in the file.

@@ -60,9 +60,12 @@ pub enum IssueError {
     /// The CA cannot sign.
     #[error("CA unavailable: {0}")]
     Ca(#[from] CaError),
-    /// The task belongs to another agent, or is complete.
+    /// The task is complete.
     #[error("{0}")]
     TaskConflict(String),
+    /// What the request would create exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The lease could not be made durable, so nothing was handed out.
     #[error("lease store unavailable: {0}")]
     Store(#[from] StoreError),

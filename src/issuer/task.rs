@@ -95,6 +95,8 @@ pub struct OwnToken {
     pub claims: Map<String, Value>,
     /// Its lease (`jti`).
     pub lease_id: LeaseId,
+    /// Its lease's kind (a task token or a JWT-SVID), while the table holds the lease.
+    pub kind: Option<Kind>,
     /// Not expired and its lease active: there is something left to revoke.
     pub revocable: bool,
     /// Revocable, and the entry that granted it still exists, is live and is not refused as
@@ -105,7 +107,7 @@ pub struct OwnToken {
 
 /// The SPIFFE ID of a task X.509-SVID: `<agent id>/task/<task id>`.
 pub fn task_spiffe_id(agent: &SpiffeId, task_id: &str) -> Result<SpiffeId, IssueError> {
-    SpiffeId::parse(&format!("{}/task/{task_id}", agent.as_str())).map_err(|e| {
+    SpiffeId::parse(&crate::lease::task_key(agent.as_str(), task_id)).map_err(|e| {
         IssueError::InvalidArgument(format!(
             "task X.509-SVID ID for task {task_id:?} is not valid: {e}"
         ))
@@ -120,14 +122,8 @@ impl Issuer {
         // Claimed under the barrier, which task pruning holds exclusively: a task found here
         // keeps its record until this credential's lease is live (and then is not stale).
         let _shared = self.barrier.read().await;
-        let task = match self.leases.claim_task(g.task_id, agent, now_ms()) {
+        let task = match self.leases.claim_task(agent, g.task_id, now_ms()) {
             TaskClaim::Open(t) => t,
-            TaskClaim::Foreign => {
-                return Err(IssueError::TaskConflict(format!(
-                    "task_id {:?} belongs to another agent; use a new task id",
-                    g.task_id
-                )));
-            }
             TaskClaim::Completed => {
                 return Err(IssueError::TaskConflict(format!(
                     "task {:?} is complete; it gets no more credentials",
@@ -136,7 +132,7 @@ impl Issuer {
             }
         };
         // The claim stays if minting fails: a concurrent request of the same agent may
-        // already rely on it (undoing it let another agent claim a task that held a lease).
+        // already rely on it (undoing it let task pruning forget a task that held a lease).
         self.mint_task(&mut g, task).await
     }
 
@@ -174,7 +170,7 @@ impl Issuer {
         // minted before completion (and revoked by it) or refused.
         if self
             .leases
-            .task(g.task_id)
+            .task(&task_record.id)
             .is_some_and(|t| t.completed_ms.is_some())
         {
             return Err(IssueError::TaskConflict(format!(
@@ -201,7 +197,7 @@ impl Issuer {
         claims.insert("exp".into(), exp.unix_timestamp().into());
         claims.insert("jti".into(), jti.clone().into());
         let token = self.ca.sign_jwt_claims(&Value::Object(claims))?;
-        let task: Arc<str> = Arc::from(g.task_id);
+        let task = Arc::clone(&task_record.id);
         let lease = |id: LeaseId, kind: Kind, spiffe_id: &str, exp: i64| Lease {
             id,
             kind,
@@ -330,39 +326,52 @@ impl Issuer {
         Ok(pruned)
     }
 
-    /// Completes a task: every lease of it is revoked and it gets no more credentials.
-    /// `owner`, when given, must be the task's agent (agents complete their own tasks;
-    /// operators pass `None`). Returns how many leases were revoked. Completing a completed
-    /// task is not an error.
-    pub async fn complete_task(
+    /// Completes `agents`' task `task_id` (an agent completes its own; an agent with several
+    /// identities, each one's task of that id): every lease of it is revoked and it gets no
+    /// more credentials. Returns how many leases were revoked. Completing a completed task is
+    /// not an error.
+    pub async fn complete_own_task(
         &self,
-        task: &str,
-        owner: Option<&[SpiffeId]>,
+        agents: &[SpiffeId],
+        task_id: &str,
         actor: Actor,
     ) -> Result<usize, IssueError> {
-        let not_found = || {
-            IssueError::NotFound(format!(
-                "no task {:?}",
-                task.chars().take(128).collect::<String>()
-            ))
-        };
-        let Some(t) = self.leases.task(task) else {
-            return Err(not_found());
-        };
-        if let Some(ids) = owner
-            && !ids.iter().any(|i| i.as_str() == &*t.agent)
-        {
-            return Err(IssueError::NotEntitled(format!("task {task:?}")));
+        let tasks: Vec<_> = agents
+            .iter()
+            .filter_map(|a| {
+                self.leases
+                    .task(&crate::lease::task_key(a.as_str(), task_id))
+            })
+            .collect();
+        if tasks.is_empty() {
+            return Err(IssueError::NotFound(format!(
+                "no task {task_id:?} of this workload"
+            )));
         }
+        let mut n = 0;
+        for t in tasks {
+            n += self.complete_task(&t, actor.clone()).await?;
+        }
+        Ok(n)
+    }
+
+    /// Completes task `t` (found a moment ago): every lease of it is revoked and it gets no
+    /// more credentials. Returns how many leases were revoked.
+    pub async fn complete_task(
+        &self,
+        t: &crate::lease::Task,
+        actor: Actor,
+    ) -> Result<usize, IssueError> {
+        let task = &*t.id;
         let _excl = self.barrier.write().await;
         // Again under the barrier: the record may have been forgotten (task pruning) and the
-        // id claimed by another agent while this call waited.
+        // id used afresh while this call waited; that is another task.
         if self
             .leases
             .task(task)
-            .is_none_or(|now| now.agent != t.agent || now.created_ms != t.created_ms)
+            .is_none_or(|now| now.created_ms != t.created_ms)
         {
-            return Err(not_found());
+            return Err(IssueError::NotFound(format!("no task {task:?}")));
         }
         let at_ms = now_ms();
         let ids = self.leases.active_of_task(task);
@@ -373,7 +382,7 @@ impl Issuer {
         };
         let ev = Event::now("complete", actor)
             .spiffe_id(&*t.agent)
-            .detail("task_id", task)
+            .detail("task_id", crate::lease::task_id_of(task))
             .detail("count", ids.len());
         commit(
             &*self.store,
@@ -416,6 +425,7 @@ impl Issuer {
         let active = revocable && self.entry_of_lease(&lease_id).is_some();
         Some(OwnToken {
             claims: jws.claims,
+            kind: self.leases.get(&lease_id).map(|l| l.kind),
             lease_id,
             revocable,
             active,

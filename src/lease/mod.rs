@@ -238,12 +238,37 @@ pub fn validate_task_id(t: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The name a task is kept under: `<agent SPIFFE ID>/task/<task id>`, which is also the
+/// SPIFFE ID of its task X.509-SVID. Task ids are the agent's own: agents that pick the same
+/// id (ticket numbers, say) name two tasks, and none can take or block another's.
+pub fn task_key(agent: &str, task_id: &str) -> String {
+    format!("{agent}/task/{task_id}")
+}
+
+/// The task id (the agent's part) of a task name made by [`task_key`]. Unambiguous: a task id
+/// has no `/`.
+pub fn task_id_of(key: &str) -> &str {
+    key.rsplit_once("/task/").map_or(key, |(_, id)| id)
+}
+
+/// What an operator may name a task by: a task id (`[A-Za-z0-9_-]`), or a task's full name,
+/// `<agent SPIFFE ID>/task/<task id>`.
+pub fn validate_task_name(given: &str) -> Result<(), String> {
+    let Some((agent, id)) = given.rsplit_once("/task/") else {
+        return validate_task_id(given).map_err(|e| {
+            format!("{e} (or name a task in full: <agent SPIFFE ID>/task/<task id>)")
+        });
+    };
+    SpiffeId::parse(agent).map_err(|e| format!("the agent part of the task name {e}"))?;
+    validate_task_id(id)
+}
+
 /// A task: the unit task-scoped credentials belong to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Task {
-    /// Task id (`[A-Za-z0-9_-]{1,128}`).
+    /// Its name, [`task_key`]`(agent, task id)`.
     pub id: Arc<str>,
-    /// SPIFFE ID of the agent that first used it; only it may use it again.
+    /// SPIFFE ID of the agent whose task it is.
     pub agent: Arc<str>,
     /// First use, Unix ms.
     pub created_ms: i64,
@@ -259,8 +284,6 @@ pub enum TaskClaim {
     /// memory is not known to be durable; a claim whose credential was never issued stays
     /// until task pruning forgets it, as it holds no lease.)
     Open(Task),
-    /// Another agent's.
-    Foreign,
     /// Completed: no more credentials.
     Completed,
 }
@@ -343,7 +366,7 @@ pub struct Filter {
     pub spiffe_id: Option<SpiffeId>,
     /// Match identities under `spiffe_id` too.
     pub prefix: bool,
-    /// Task.
+    /// Task: its full name, or a task id (that id of every agent).
     pub task_id: Option<String>,
     /// State.
     pub state: Option<State>,
@@ -385,21 +408,35 @@ impl LeaseTable {
         }
     }
 
-    /// A task's record.
-    pub fn task(&self, id: &str) -> Option<Task> {
-        self.tasks.get(id).map(|t| t.clone())
+    /// A task's record, by its name ([`task_key`]).
+    pub fn task(&self, key: &str) -> Option<Task> {
+        self.tasks.get(key).map(|t| t.clone())
     }
 
-    /// Claims `id` for `agent` atomically: of two agents racing for a new task id, exactly one
-    /// gets [`TaskClaim::New`].
-    pub fn claim_task(&self, id: &str, agent: &str, now_ms: i64) -> TaskClaim {
+    /// The tasks an operator means by `given`: a task's full name, or a bare task id, which
+    /// matches that id of every agent that used it. Sorted by name.
+    pub fn find_tasks(&self, given: &str) -> Vec<Task> {
+        let mut out: Vec<Task> = if given.contains('/') {
+            self.task(given).into_iter().collect()
+        } else {
+            self.tasks
+                .iter()
+                .filter(|t| task_id_of(&t.id) == given)
+                .map(|t| t.clone())
+                .collect()
+        };
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Opens `agent`'s task `task_id` (creating its record on first use), atomically with
+    /// any completion.
+    pub fn claim_task(&self, agent: &str, task_id: &str, now_ms: i64) -> TaskClaim {
         use dashmap::mapref::entry::Entry as E;
-        match self.tasks.entry(Arc::from(id)) {
+        match self.tasks.entry(Arc::from(task_key(agent, task_id))) {
             E::Occupied(o) => {
                 let t = o.get();
-                if &*t.agent != agent {
-                    TaskClaim::Foreign
-                } else if t.completed_ms.is_some() {
+                if t.completed_ms.is_some() {
                     TaskClaim::Completed
                 } else {
                     TaskClaim::Open(t.clone())
@@ -620,7 +657,7 @@ impl LeaseTable {
         out
     }
 
-    /// Ids of the active leases of a task.
+    /// Ids of the active leases of a task (by its name, [`task_key`]).
     pub fn active_of_task(&self, task: &str) -> Vec<LeaseId> {
         self.by_task
             .get(task)
@@ -990,9 +1027,10 @@ impl LeaseTable {
                 .filter_map(|i| self.get(i))
                 .collect(),
             (None, Some(t), Some(State::Active)) => self
-                .active_of_task(t)
+                .find_tasks(t)
                 .iter()
-                .filter_map(|i| self.get(i))
+                .flat_map(|t| self.active_of_task(&t.id))
+                .filter_map(|i| self.get(&i))
                 .collect(),
             _ => {
                 let kills = self.kills.read().unwrap_or_else(|e| e.into_inner());
@@ -1005,9 +1043,11 @@ impl LeaseTable {
         out.retain(|l| {
             f.kind.is_none_or(|k| l.kind == k)
                 && f.state.is_none_or(|s| l.state == s)
-                && f.task_id
-                    .as_deref()
-                    .is_none_or(|t| l.task_id.as_deref() == Some(t))
+                && f.task_id.as_deref().is_none_or(|t| {
+                    l.task_id
+                        .as_deref()
+                        .is_some_and(|k| k == t || (!t.contains('/') && task_id_of(k) == t))
+                })
                 && f.spiffe_id.as_ref().is_none_or(|id| {
                     &*l.spiffe_id == id.as_str()
                         || (f.prefix
@@ -1502,6 +1542,62 @@ mod tests {
             ..Default::default()
         };
         assert!(t.list(&f).is_empty());
+    }
+
+    #[test]
+    fn task_ids_are_each_agents_own() {
+        let t = LeaseTable::new();
+        let (a, b) = ("spiffe://td/a", "spiffe://td/b");
+        let TaskClaim::Open(ta) = t.claim_task(a, "T-1", 1) else {
+            panic!()
+        };
+        let TaskClaim::Open(tb) = t.claim_task(b, "T-1", 2) else {
+            panic!()
+        };
+        assert_eq!(&*ta.id, "spiffe://td/a/task/T-1");
+        assert_eq!(task_id_of(&tb.id), "T-1");
+        assert!(t.complete_task(&ta.id, 3));
+        assert_eq!(t.claim_task(a, "T-1", 4), TaskClaim::Completed);
+        assert_eq!(t.claim_task(b, "T-1", 4), TaskClaim::Open(tb.clone()));
+        // An operator's bare id finds both; a full name one.
+        let names = |given: &str| {
+            t.find_tasks(given)
+                .into_iter()
+                .map(|t| t.id.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names("T-1"), [&*ta.id, &*tb.id]);
+        assert_eq!(names(&tb.id), [&*tb.id]);
+        assert!(names("T-2").is_empty() && names("spiffe://td/c/task/T-1").is_empty());
+        // The lease filter takes either too.
+        for (agent, task) in [(a, &ta.id), (b, &tb.id), (b, &tb.id)] {
+            t.insert(lease(&t, agent, Some(task), 1000));
+        }
+        let listed = |task: &str, state| {
+            t.list(&Filter {
+                task_id: Some(task.into()),
+                state,
+                ..Default::default()
+            })
+            .len()
+        };
+        for state in [None, Some(State::Active)] {
+            assert_eq!(listed("T-1", state), 3);
+            assert_eq!(listed(&tb.id, state), 2);
+            assert_eq!(listed("T", state), 0);
+        }
+        for ok in ["T-1", "spiffe://td/a/task/T-1"] {
+            validate_task_name(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "a b",
+            "spiffe://td/a/task/",
+            "nope/task/T-1",
+            "spiffe://td/a/T-1",
+        ] {
+            assert!(validate_task_name(bad).is_err(), "{bad}");
+        }
     }
 
     fn task(id: &str, created_ms: i64) -> Task {

@@ -310,6 +310,27 @@ fn open_db(path: &Path) -> Result<Connection, StoreError> {
         conn.execute_batch("ALTER TABLE leases ADD COLUMN kill_epoch INTEGER")
             .map_err(db_err)?;
     }
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(db_err)?;
+    if version < 1 {
+        // Version 1 names a task `<agent>/task/<id>` (task ids became each agent's own); a
+        // store from before keyed it by the bare id, which has no '/'. Renamed once, with
+        // the leases of it: a task token's lease names the agent, a task X.509-SVID's is
+        // already the full name.
+        conn.execute_batch(
+            "BEGIN IMMEDIATE;
+             UPDATE leases SET task_id = coalesce(
+               (SELECT t.agent || '/task/' || t.id FROM tasks t WHERE t.id = leases.task_id),
+               CASE WHEN substr(spiffe_id, -length('/task/' || task_id)) = '/task/' || task_id
+                    THEN spiffe_id ELSE spiffe_id || '/task/' || task_id END)
+             WHERE task_id IS NOT NULL AND instr(task_id, '/') = 0;
+             UPDATE tasks SET id = agent || '/task/' || id WHERE instr(id, '/') = 0;
+             PRAGMA user_version = 1;
+             COMMIT;",
+        )
+        .map_err(db_err)?;
+    }
     Ok(conn)
 }
 
@@ -1441,6 +1462,95 @@ mod tests {
             "SELECT spiffe_id, killed_at FROM kills ORDER BY seq",
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_per_agent_task_ids_is_renamed_once() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, _) = SqliteStore::open(d.path(), u64::MAX, 100, &mut |_| {}).unwrap();
+        let in_task = |spiffe_id: &str, task: &str| Lease {
+            task_id: Some(task.into()),
+            ..lease(spiffe_id, 200, 1000)
+        };
+        // A task token, its task X.509-SVID, a lease of a completed task and one whose task
+        // record is gone: keyed by bare ids, as before.
+        let token = in_task("spiffe://td/a", "T-1");
+        let svid = Lease {
+            kind: Kind::X509,
+            serial: Some(Box::new([7; 16])),
+            ..in_task("spiffe://td/a/task/T-1", "T-1")
+        };
+        let completed = in_task("spiffe://td/b", "T-1x");
+        let orphan = in_task("spiffe://td/c", "lost");
+        let task = |id: &str, agent: &str| {
+            Op::PutTask(Task {
+                id: id.into(),
+                agent: agent.into(),
+                created_ms: 150_000,
+                completed_ms: None,
+            })
+        };
+        let mut ops: Vec<Op> = [&token, &svid, &completed, &orphan]
+            .into_iter()
+            .map(|l| Op::PutLease(l.clone()))
+            .collect();
+        ops.extend([
+            task("T-1", "spiffe://td/a"),
+            task("T-1x", "spiffe://td/b"),
+            Op::CompleteTask {
+                id: "T-1x".into(),
+                at_ms: 250_000,
+                by: "agent".into(),
+            },
+        ]);
+        commit(&s, ops).await.unwrap();
+        drop(s);
+        let db = d.path().join("tessera.db");
+        Connection::open(&db)
+            .unwrap()
+            .execute_batch("PRAGMA user_version = 0")
+            .unwrap();
+        let mut leases = Vec::new();
+        let (s, snap) =
+            SqliteStore::open(d.path(), u64::MAX, 500, &mut |c| leases.extend(c)).unwrap();
+        let task_of = |id: LeaseId| {
+            let l = leases.iter().find(|l| l.id == id).unwrap();
+            (l.task_id.as_deref().unwrap().to_owned(), l.state)
+        };
+        assert_eq!(
+            task_of(token.id),
+            ("spiffe://td/a/task/T-1".into(), State::Active)
+        );
+        assert_eq!(
+            task_of(svid.id),
+            ("spiffe://td/a/task/T-1".into(), State::Active)
+        );
+        assert_eq!(
+            task_of(completed.id),
+            ("spiffe://td/b/task/T-1x".into(), State::Revoked),
+            "the completion still applies to its lease"
+        );
+        assert_eq!(task_of(orphan.id).0, "spiffe://td/c/task/lost");
+        let mut names: Vec<(&str, bool)> = snap
+            .tasks
+            .iter()
+            .map(|t| (&*t.id, t.completed_ms.is_some()))
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                ("spiffe://td/a/task/T-1", false),
+                ("spiffe://td/b/task/T-1x", true)
+            ]
+        );
+        // Once: a bare id written from now on (as the test above does) is left as it is.
+        commit(&s, vec![task("bare", "spiffe://td/x")])
+            .await
+            .unwrap();
+        drop(s);
+        let (_s, snap) = SqliteStore::open(d.path(), u64::MAX, 500, &mut |_| {}).unwrap();
+        assert!(snap.tasks.iter().any(|t| &*t.id == "bare"));
     }
 
     #[tokio::test]
