@@ -64,6 +64,18 @@ struct Args {
     bench: bool,
 }
 
+/// `git args` in the source tree, trimmed; `None` outside a git checkout.
+fn git(args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 fn main() {
     let a = Args::parse();
     let q = a.quick;
@@ -146,6 +158,13 @@ fn main() {
         "quick": q,
         "wall_seconds": started.elapsed().as_secs_f64(),
         "version": env!("CARGO_PKG_VERSION"),
+        // What was measured: figures are tied to a build, not to a name.
+        "commit": git(&["rev-parse", "HEAD"]),
+        "tree_modified": git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty()),
+        "tesserad": common::tesserad_bin(),
+        "tesserad_sha256": std::fs::read(common::tesserad_bin())
+            .ok()
+            .map(|b| hex::encode(ring::digest::digest(&ring::digest::SHA256, &b))),
     });
     let path = a.json.unwrap_or_else(|| {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench/results.json")
@@ -180,6 +199,14 @@ async fn cfssl(o: &suite::Opts, r: &mut suite::Report, issued: Option<&suite::is
                 "cfssl serve newcert (Go CA server)",
                 c.rate,
                 "/s",
+                suite::Target::None,
+            );
+            // cfssl's failures would flatter the ratio below: shown, not only in the JSON.
+            r.figure(
+                "cfssl_errors",
+                "  cfssl errors (failed or unverifiable answers)",
+                c.errors as f64,
+                "count",
                 suite::Target::None,
             );
             if let Some(i) = issued {

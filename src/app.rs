@@ -48,7 +48,7 @@ pub enum AppError {
     #[error("CA: {0}")]
     Ca(#[from] CaError),
     /// A socket or listener could not be bound.
-    #[error("cannot listen on {what} {addr}: {source}")]
+    #[error("cannot listen on {what} {addr}: {source}{hint}")]
     Bind {
         /// Which listener.
         what: &'static str,
@@ -56,6 +56,8 @@ pub enum AppError {
         addr: String,
         /// Underlying error.
         source: std::io::Error,
+        /// What to do about it, when known (empty, or starting with "; ").
+        hint: &'static str,
     },
     /// gRPC reflection setup failed.
     #[error("gRPC reflection: {0}")]
@@ -209,7 +211,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     }
     warn_unmatchable_paths(issuer.entries().iter().map(|(e, _)| &**e));
     warn_expired(issuer.entries().iter().map(|(e, _)| &**e));
-    for w in unknown_names(issuer.entries().iter().map(|(e, _)| &**e)) {
+    for w in crate::registry::never_matching(issuer.entries().iter().map(|(e, _)| &**e)) {
         tracing::warn!("{w}");
     }
     issuer.init_activity(snapshot.entry_activity);
@@ -311,12 +313,22 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         .map_err(|source| AppError::Bind {
             what: "[http] listen",
             addr: cfg.http_listen.to_string(),
+            // Every daemon on built-in defaults asks for the same port: a system one and a
+            // user's, or two users'.
+            hint: if source.kind() == std::io::ErrorKind::AddrInUse {
+                "; another program (another tesserad?) holds it: set [http] listen in a config \
+                 file to another port, or to \"127.0.0.1:0\" for any free one (the daemon logs \
+                 which)"
+            } else {
+                ""
+            },
             source,
         })?;
     let http_addr = tcp.local_addr().map_err(|source| AppError::Bind {
         what: "[http] listen",
         addr: cfg.http_listen.to_string(),
         source,
+        hint: "",
     })?;
     let scheme = if cfg.http_tls.is_some() {
         "https"
@@ -466,8 +478,11 @@ fn warn_unmatchable_paths<'a>(entries: impl Iterator<Item = &'a crate::registry:
 /// operator CA and the TLS files as start-up loads them (errors: start-up would fail), and
 /// the OIDC key files and selector names (warnings: start-up would serve without them).
 pub fn check_files(cfg: &Config) -> Result<Vec<String>, String> {
-    if let Some(files) = &cfg.ca_files {
-        Ca::check_operator_files(&cfg.trust_domain, files).map_err(|e| e.to_string())?;
+    match &cfg.ca_files {
+        Some(files) => {
+            Ca::check_operator_files(&cfg.trust_domain, files).map_err(|e| e.to_string())?;
+        }
+        None => Ca::check_generated(&cfg.trust_domain, &cfg.data_dir).map_err(|e| e.to_string())?,
     }
     if let Some(crate::config::HttpTls::Files { cert, key }) = &cfg.http_tls {
         crate::api::http::tls::check_files(cert, key)?;
@@ -484,46 +499,8 @@ pub fn check_files(cfg: &Config) -> Result<Vec<String>, String> {
             ));
         }
     }
-    warnings.extend(unknown_names(cfg.entries.iter()));
+    warnings.extend(crate::registry::never_matching(cfg.entries.iter()));
     Ok(warnings)
-}
-
-/// Selectors naming a user or group this host cannot resolve, or a path the daemon cannot see:
-/// they never match.
-fn unknown_names<'a>(entries: impl Iterator<Item = &'a crate::registry::Entry>) -> Vec<String> {
-    use crate::attest::Selector;
-    let mut out = Vec::new();
-    for e in entries {
-        for s in &e.selectors {
-            let known = match s {
-                Selector::User(n) => nix::unistd::User::from_name(n).map(|u| u.is_some()),
-                Selector::Group(n) | Selector::SupplementaryGroup(n) => {
-                    nix::unistd::Group::from_name(n).map(|g| g.is_some())
-                }
-                // Matched in the daemon's own view of the file system: a unit's PrivateTmp,
-                // or another mount namespace, can hide the caller's binary from it.
-                Selector::Path(p) => {
-                    if std::fs::symlink_metadata(p)
-                        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
-                    {
-                        out.push(format!(
-                            "entry {} ({}): {s} names no file the daemon can see (not installed yet, or hidden from it by PrivateTmp or another mount namespace), so no caller matches it until it does",
-                            e.id, e.spiffe_id
-                        ));
-                    }
-                    continue;
-                }
-                _ => continue,
-            };
-            if !known.unwrap_or(true) {
-                out.push(format!(
-                    "entry {} ({}): {s} names no user or group on this host, so it never matches",
-                    e.id, e.spiffe_id
-                ));
-            }
-        }
-    }
-    out
 }
 
 /// Warns of entries whose `expires_at` has passed: they grant nothing. Not refused, as in
@@ -588,7 +565,6 @@ fn report_policy(issuer: &Issuer, r: Result<Option<usize>, &crate::policy::Polic
     }
 }
 
-/// Signs and publishes a CRL of the revoked certificates still within their validity.
 /// How long before the CA's expiry start-up warns.
 const CA_EXPIRY_WARNING: time::Duration = time::Duration::days(30);
 
@@ -607,6 +583,7 @@ fn warn_if_ca_expires_soon(ca: &Ca) {
     }
 }
 
+/// Signs and publishes a CRL of the revoked certificates still within their validity.
 fn publish_crl(ca: &Ca, leases: &LeaseTable) {
     let serials = leases.revoked_serials();
     match ca.publish_crl(&serials, time::OffsetDateTime::now_utc()) {
@@ -682,6 +659,7 @@ fn bind_uds(
         what,
         addr: path.display().to_string(),
         source,
+        hint: "",
     })
 }
 

@@ -1278,6 +1278,20 @@ mod tests {
         assert_eq!(c.oidc_issuers[0].keys, KeySource::Discovery);
         assert!(c.policy_file.is_some());
         assert_eq!(c.task_retention, DEFAULT_TASK_RETENTION);
+        // The example policy installed beside it is for this config: its pinned issuer is
+        // one the config trusts, and the agents it names are of this trust domain.
+        let policy = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/policy/tessera.cedar"),
+        )
+        .unwrap();
+        let pinned = format!("context.subject.iss == {:?}", c.oidc_issuers[0].issuer);
+        assert!(policy.contains(&pinned), "{pinned}");
+        for agent in policy.split("Tessera::Agent::\"").skip(1) {
+            assert!(
+                agent.starts_with(&format!("spiffe://{}/", c.trust_domain.as_str())),
+                "{agent}"
+            );
+        }
     }
 
     #[test]

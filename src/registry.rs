@@ -186,6 +186,44 @@ pub fn matching(entries: &Entries, caller: &Attestation, now: OffsetDateTime) ->
         .collect()
 }
 
+/// Selectors naming a user or group this host cannot resolve, or a path the daemon cannot see:
+/// they never match.
+pub fn never_matching<'a>(entries: impl Iterator<Item = &'a Entry>) -> Vec<String> {
+    use crate::attest::Selector;
+    let mut out = Vec::new();
+    for e in entries {
+        for s in &e.selectors {
+            let known = match s {
+                Selector::User(n) => nix::unistd::User::from_name(n).map(|u| u.is_some()),
+                Selector::Group(n) | Selector::SupplementaryGroup(n) => {
+                    nix::unistd::Group::from_name(n).map(|g| g.is_some())
+                }
+                // Matched in the daemon's own view of the file system: a unit's PrivateTmp,
+                // or another mount namespace, can hide the caller's binary from it.
+                Selector::Path(p) => {
+                    if std::fs::symlink_metadata(p)
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+                    {
+                        out.push(format!(
+                            "entry {} ({}): {s} names no file the daemon can see (not installed yet, or hidden from it by PrivateTmp or another mount namespace), so no caller matches it until it does",
+                            e.id, e.spiffe_id
+                        ));
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            if !known.unwrap_or(true) {
+                out.push(format!(
+                    "entry {} ({}): {s} names no user or group on this host, so it never matches",
+                    e.id, e.spiffe_id
+                ));
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

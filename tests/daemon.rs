@@ -80,6 +80,41 @@ fn check_config_loads_what_startup_would_and_touches_nothing() {
     }
 }
 
+#[test]
+fn check_config_refuses_a_trust_domain_the_generated_ca_cannot_sign_for() {
+    let d = Daemon::start("");
+    let data = d.data_dir.clone();
+    let dir = d.stop();
+    let check = |td: &str| {
+        let path = dir.path().join("check.toml");
+        std::fs::write(
+            &path,
+            format!("trust_domain = {td:?}\ndata_dir = {data:?}\nhttp.listen = \"127.0.0.1:0\"\n"),
+        )
+        .unwrap();
+        Command::new(tesserad_bin())
+            .arg("--config")
+            .arg(&path)
+            .arg("--check-config")
+            .output()
+            .unwrap()
+    };
+    let ca = std::fs::read(data.join("ca/root.pem")).unwrap();
+    let out = check("other.test");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot sign for trust domain other.test"),
+        "{err}"
+    );
+    assert_eq!(check("tessera.internal").status.code(), Some(0));
+    assert_eq!(
+        std::fs::read(data.join("ca/root.pem")).unwrap(),
+        ca,
+        "read only"
+    );
+}
+
 /// Runs tesserad with `config` and expects it to refuse to start, naming `wanted`.
 fn refuses(config: &str, wanted: &str) {
     let dir = open_tempdir();
@@ -165,6 +200,21 @@ fn run_to_exit(dir: &std::path::Path, config: &str) -> (Option<i32>, String) {
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+#[test]
+fn an_http_port_in_use_is_named_with_the_way_out() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = open_tempdir();
+    let (code, err) = run_to_exit(
+        dir.path(),
+        &format!("http.listen = \"{}\"\n", taken.local_addr().unwrap()),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("another program (another tesserad?) holds it") && err.contains("127.0.0.1:0"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -360,6 +410,24 @@ fn admin_socket_is_for_root_and_named_uids_only() {
         "{}",
         String::from_utf8_lossy(&other.stderr)
     );
+    // The two sockets swapped, and a socket file that is not there: each says what to check.
+    let cli_err = |args: &[&str], admin: &std::path::Path, socket: &std::path::Path| {
+        let o = Command::new(tessera_bin())
+            .args(args)
+            .env("TESSERA_ADMIN_SOCKET", admin)
+            .env("SPIFFE_ENDPOINT_SOCKET", socket)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let swapped = cli_err(&["status"], &d.socket, &d.socket);
+    assert!(swapped.contains("does not serve this API"), "{swapped}");
+    let swapped = cli_err(&["svid", "x509"], &d.admin_socket, &d.admin_socket);
+    assert!(swapped.contains("does not serve this API"), "{swapped}");
+    let missing = d.dir.path().join("nothing.sock");
+    let missing = cli_err(&["svid", "x509"], &d.admin_socket, &missing);
+    assert!(missing.contains("no socket there"), "{missing}");
     if my_uid() != 0 {
         common::skip("the other-uid half needs root");
         return;
@@ -501,9 +569,68 @@ fn an_entry_granting_the_same_identity_to_the_same_selectors_is_created_once() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = create(&["unix:gid:0", &uid]);
     assert!(!o.status.success(), "the same selectors in another order");
+    // An update that changes nothing is refused (it would be audited as a change).
+    let o = d.cli(&["entry", "update", &id]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("nothing to change"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let o = d.cli(&["entry", "list", "--json"]);
     let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    // A selector that can never match here is stored, with a warning saying so.
+    let o = d.cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://tessera.internal/later",
+        "--selector",
+        "unix:user:no-such-user-here",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning") && err.contains("unix:user:no-such-user-here"),
+        "{err}"
+    );
+    let o = d.cli(&[
+        "entry",
+        "delete",
+        "--",
+        &listed_id(&d, "spiffe://tessera.internal/later"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Nor can an update make one entry the other's twin.
+    let other = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .find(|e| *e != id)
+        .unwrap();
+    let o = d.cli(&["entry", "update", other, "--selector", &uid]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(&format!("entry {id} already grants")),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The id of the entry granting `spiffe_id`.
+fn listed_id(d: &Daemon, spiffe_id: &str) -> String {
+    let o = d.cli(&["entry", "list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["spiffe_id"] == spiffe_id)
+        .and_then(|e| e["id"].as_str())
+        .unwrap()
+        .to_owned()
 }
 
 fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {

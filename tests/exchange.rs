@@ -1076,6 +1076,7 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
     let n = tasks
         .complete(pb::CompleteRequest {
             task_id: "job-42".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1096,10 +1097,47 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
     let err = tasks
         .complete(pb::CompleteRequest {
             task_id: "nope".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
+    // This workload is agents a and b: each with a task "dual", which are two tasks. Completing
+    // "dual" must say which; naming b completes b's alone.
+    for agent in ["a", "b"] {
+        let mut req = tasks_req(&subject, "dual", &["tickets:read"], false);
+        req.spiffe_id = format!("spiffe://tessera.internal/agents/{agent}");
+        tasks.exchange(req).await.unwrap();
+    }
+    let err = tasks
+        .complete(pb::CompleteRequest {
+            task_id: "dual".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("say which"), "{}", err.message());
+    let n = tasks
+        .complete(pb::CompleteRequest {
+            task_id: "dual".into(),
+            spiffe_id: "spiffe://tessera.internal/agents/b".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revoked;
+    assert_eq!(n, 1);
+    let open = cli_json(
+        &d,
+        &["lease", "list", "--task", "dual", "--state", "active"],
+    );
+    assert_eq!(
+        open.as_array().unwrap()[0]["task_id"],
+        "spiffe://tessera.internal/agents/a/task/dual",
+        "{open}"
+    );
+    assert_eq!(open.as_array().unwrap().len(), 1, "{open}");
 
     // The CLI does the same for agents (as this uid, over the Workload API socket).
     let g = cli_json(

@@ -332,16 +332,21 @@ async fn killing_one_identity_updates_a_stream_that_has_others() {
     let mut stream = d.client().await.stream_x509_contexts().await.unwrap();
     let first = stream.next().await.unwrap().unwrap();
     assert_eq!(first.svids().len(), 2);
-    // Kill matches whole path segments: killing /agen touches neither /agent nor /other.
+    // Kill matches whole path segments: killing /agen touches neither /agent nor /other. It
+    // stands, but the operator is told that nothing has that identity (a typo, perhaps).
+    let typo = d.cli(&["kill", "spiffe://tessera.internal/agen"]);
+    assert!(typo.status.success());
     assert!(
-        d.cli(&["kill", "spiffe://tessera.internal/agen"])
-            .status
-            .success()
+        String::from_utf8_lossy(&typo.stderr).contains("no entry grants"),
+        "{}",
+        String::from_utf8_lossy(&typo.stderr)
     );
+    let real = d.cli(&["kill", "spiffe://tessera.internal/other"]);
+    assert!(real.status.success());
     assert!(
-        d.cli(&["kill", "spiffe://tessera.internal/other"])
-            .status
-            .success()
+        real.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&real.stderr)
     );
     let next = tokio::time::timeout(Duration::from_secs(2), stream.next())
         .await

@@ -426,6 +426,7 @@ async fn missing_security_header_is_invalid_argument_on_every_rpc() {
     let ch = common::channel(&d.socket).await;
     let complete = || tpb::CompleteRequest {
         task_id: "job-1".into(),
+        ..Default::default()
     };
     let e = tpb::tasks_client::TasksClient::new(ch.clone())
         .complete(complete())

@@ -19,6 +19,9 @@ use super::{Load, Opts, Outcome, Report, Target, drive, grpc_outcome};
 use crate::common;
 
 const TT_ID: &str = "urn:ietf:params:oauth:token-type:id_token";
+/// The listener's refusal of request bodies beyond its budget (`api::http`), the one 503
+/// that is shedding.
+const SHED: &[u8] = b"too many request bodies at once";
 /// What a 200 from `/token` must hold to count: a JWS in `access_token`.
 const TOKEN_FIELD: &[u8] = b"\"access_token\":\"ey";
 
@@ -145,7 +148,9 @@ async fn drive_http(
                     Ok((200, b)) if b.windows(TOKEN_FIELD.len()).any(|w| w == TOKEN_FIELD) => {
                         Outcome::Ok
                     }
-                    Ok((503, _)) => Outcome::Shed,
+                    // Only the listener's deliberate refusal is shedding; a 503 because the
+                    // store, the CA or the issuer's keys failed is an error.
+                    Ok((503, b)) if b.windows(SHED.len()).any(|w| w == SHED) => Outcome::Shed,
                     Ok(_) => Outcome::Err,
                     Err(_) => {
                         h.conn = None;

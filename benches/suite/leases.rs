@@ -357,6 +357,25 @@ pub async fn run(o: &Opts, r: &mut Report) {
         "ratio",
         Target::AtMost(2.0),
     );
+    // The load is a closed loop, where a stall holds up only the requests in flight: these
+    // two show one that the p99 would hide.
+    r.figure(
+        "mass_expiry_rate_ratio",
+        "  JWT rate during / baseline",
+        during.rate / baseline.rate.max(1e-9),
+        "ratio",
+        Target::None,
+    );
+    r.figure(
+        "mass_expiry_max_ms",
+        &format!(
+            "  slowest JWT-SVID during (baseline {:.1} ms)",
+            baseline.max_ms
+        ),
+        during.max_ms,
+        "ms",
+        Target::None,
+    );
     r.detail(
         "leases",
         json!({

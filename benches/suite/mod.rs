@@ -31,7 +31,8 @@ pub struct Opts {
 }
 
 /// What one request came to. `Shed` is the daemon refusing load on purpose (gRPC
-/// `Unavailable`, HTTP 503), which the overload target allows; `Err` is anything else.
+/// `ResourceExhausted` from its per-uid limits, HTTP 503 from the listener's body budget),
+/// which the overload target allows; `Err` is anything else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Ok,

@@ -294,6 +294,7 @@ pub fn entry_to_pb(e: &Entry, from_config: bool) -> pb::Entry {
         last_active: 0,
         idle: false,
         invalid: String::new(),
+        warnings: Vec::new(),
     }
 }
 
@@ -431,7 +432,10 @@ impl pb::admin_server::Admin for AdminApi {
             .ok_or_else(|| Status::invalid_argument("entry is required"))?;
         let (issuer, spec) = (Arc::clone(&self.issuer), entry_spec(e)?);
         let created = to_completion(async move { issuer.create_entry(spec, actor).await }).await?;
-        Ok(Response::new(self.entry_pb(&created, false)))
+        Ok(Response::new(with_warnings(
+            self.entry_pb(&created, false),
+            &created,
+        )))
     }
 
     async fn update_entry(
@@ -449,7 +453,10 @@ impl pb::admin_server::Admin for AdminApi {
         let (issuer, id, spec) = (Arc::clone(&self.issuer), e.id.clone(), entry_spec(e)?);
         let updated =
             to_completion(async move { issuer.update_entry(&id, spec, actor).await }).await?;
-        Ok(Response::new(self.entry_pb(&updated, false)))
+        Ok(Response::new(with_warnings(
+            self.entry_pb(&updated, false),
+            &updated,
+        )))
     }
 
     async fn delete_entry(
@@ -702,4 +709,10 @@ impl pb::admin_server::Admin for AdminApi {
                 .collect(),
         }))
     }
+}
+
+/// An entry as answered to its creation or update: with what about it can never match.
+fn with_warnings(mut pb: pb::Entry, e: &crate::registry::Entry) -> pb::Entry {
+    pb.warnings = crate::registry::never_matching(std::iter::once(e));
+    pb
 }

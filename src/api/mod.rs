@@ -13,6 +13,7 @@ pub mod workload;
 
 use tonic::Status;
 
+use crate::ca::CaError;
 use crate::exchange::ExchangeError;
 use crate::issuer::IssueError;
 use crate::lease::store::StoreError;
@@ -92,6 +93,15 @@ pub fn status(e: IssueError) -> Status {
         IssueError::Store(err) => {
             tracing::error!(error = %err, "lease store unavailable; refusing to issue unrecorded credentials");
             Status::unavailable("credentials cannot be recorded right now")
+        }
+        // Still Unavailable (Workload Endpoint: "unable to handle the request"), so clients
+        // keep retrying and recover once it is renewed; but say what is wrong.
+        IssueError::Ca(CaError::Expired) => {
+            tracing::error!(error = %CaError::Expired, "CA cannot sign");
+            Status::unavailable(
+                "the CA certificate has expired, so no X.509-SVID can be issued until an \
+                 operator renews it (or restarts tesserad to replace a generated CA)",
+            )
         }
         IssueError::Ca(err) => {
             tracing::error!(error = %err, "CA cannot sign");

@@ -104,15 +104,25 @@ impl pb::tasks_server::Tasks for TasksApi {
         let issuer = self.exchanger.issuer();
         let peer = req.extensions().get::<PeerConn>().and_then(|p| p.0.clone());
         let caller = issuer.attest(peer.as_deref()).await.map_err(status)?;
-        let task = req.into_inner().task_id;
+        let r = req.into_inner();
+        let task = r.task_id;
         exchange::validate_task_id(&task).map_err(Status::invalid_argument)?;
-        let ids: Vec<SpiffeId> = issuer
+        let mut ids: Vec<SpiffeId> = issuer
             .identities(&caller)
             .iter()
             .map(|e| e.spiffe_id.clone())
             .collect();
         if ids.is_empty() {
             return Err(Status::permission_denied(super::NO_IDENTITY));
+        }
+        if !r.spiffe_id.is_empty() {
+            ids.retain(|i| i.as_str() == r.spiffe_id);
+            if ids.is_empty() {
+                return Err(Status::permission_denied(format!(
+                    "caller is not entitled to {}",
+                    r.spiffe_id.chars().take(2048).collect::<String>()
+                )));
+            }
         }
         let actor = crate::audit::Actor::Workload {
             uid: caller.uid,

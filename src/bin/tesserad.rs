@@ -16,7 +16,7 @@ use tessera::config::{Config, LogFormat};
 /// With no --config it runs on built-in defaults and serves an identity to the user who
 /// started it.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "tesserad", version)]
 struct Args {
     /// TOML config file (every key optional).
     #[arg(long, short = 'c', env = "TESSERA_CONFIG")]
@@ -101,8 +101,12 @@ fn main() -> anyhow::Result<()> {
 fn init_tracing(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
+    // Colour only for a person at a terminal: in a file or a pipe the escape codes are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match cfg.log_format {
         LogFormat::Json => builder.json().init(),

@@ -399,6 +399,22 @@ impl Ca {
         .map(|_| ())
     }
 
+    /// For `--check-config` without `[ca]` files: a CA generated earlier in `data_dir` that
+    /// start-up would refuse for `trust_domain`. Reads only.
+    pub fn check_generated(trust_domain: &TrustDomain, data_dir: &Path) -> Result<(), CaError> {
+        let dir = data_dir.join("ca");
+        let cert_path = dir.join("root.pem");
+        let text = match std::fs::read_to_string(&cert_path) {
+            Ok(t) => t,
+            // None yet (start-up generates one), or not ours to read: start-up will say.
+            Err(_) => return Ok(()),
+        };
+        let chain = parse_pem_certs(&cert_path, &text)?;
+        let (_, cert) =
+            parse_x509_certificate(&chain[0]).map_err(|_| bad_ca(&cert_path, "does not parse"))?;
+        check_generated_root(&cert, trust_domain, &cert_path, &dir)
+    }
+
     /// The trust domain.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
@@ -865,6 +881,26 @@ fn sec1_to_pkcs8(curve_oid: &[u8], sec1: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The generated CA at `cert_path` (in `dir`) signs for `td`, or the error says what to do.
+fn check_generated_root(
+    cert: &X509Certificate<'_>,
+    td: &TrustDomain,
+    cert_path: &Path,
+    dir: &Path,
+) -> Result<(), CaError> {
+    check_signing_cert(cert, td).map_err(|why| {
+        bad_ca(
+            cert_path,
+            format!(
+                "cannot sign for trust domain {td}: {why}. If trust_domain was changed by \
+                 mistake, set it back; to start a new trust domain, move {} away (a new CA is \
+                 then created, and relying parties need its bundle)",
+                dir.display()
+            ),
+        )
+    })
+}
+
 /// Loads `dir/root.pem` + `dir/root.key`, or creates them. A missing half is an error, not a
 /// reason to silently replace the CA that relying parties already trust.
 fn load_or_generate_root(
@@ -888,17 +924,7 @@ fn load_or_generate_root(
                 .map_err(|_| bad_ca(&cert_path, "does not parse"))?;
             // Never replaced for a config change: a trust_domain typo, then its correction,
             // would otherwise have thrown away the CA every relying party trusts.
-            if let Err(why) = check_signing_cert(&cert, td) {
-                return Err(bad_ca(
-                    &cert_path,
-                    format!(
-                        "cannot sign for trust domain {td}: {why}. If trust_domain was changed \
-                         by mistake, set it back; to start a new trust domain, move {} away \
-                         (a new CA is then created, and relying parties need its bundle)",
-                        dir.display()
-                    ),
-                ));
-            }
+            check_generated_root(&cert, td, &cert_path, dir)?;
             if cert.validity().not_after.timestamp() > now.unix_timestamp() {
                 return Ok((chain, key));
             }

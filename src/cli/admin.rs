@@ -6,9 +6,18 @@ use super::{Cli, connect, status_err};
 use crate::proto::tessera::v1 as pb;
 use crate::proto::tessera::v1::admin_client::AdminClient;
 
-/// As the kernel resolves a socket path: /var/run/... and /run/... are one socket.
-fn real(p: &std::path::Path) -> std::path::PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
+/// Whether two paths name one socket: the same file (through symlinks, `/var/run` and `/run`,
+/// or a bind mount), else, when either cannot be looked at, the same resolved path.
+fn same_socket(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        _ => {
+            let real =
+                |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+            real(a) == real(b)
+        }
+    }
 }
 
 async fn client(cli: &Cli) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
@@ -26,7 +35,7 @@ async fn client(cli: &Cli) -> anyhow::Result<AdminClient<tonic::transport::Chann
             .map_err(status_err)?
             .into_inner();
         anyhow::ensure!(
-            real(&asked) == real(std::path::Path::new(&s.workload_socket)),
+            same_socket(&asked, std::path::Path::new(&s.workload_socket)),
             "the default admin socket {} belongs to the daemon serving {}, not {}; give the \
              admin socket of the daemon you mean (--admin-socket or TESSERA_ADMIN_SOCKET)",
             admin.display(),
@@ -57,7 +66,7 @@ pub(super) async fn status(cli: &Cli) -> anyhow::Result<()> {
     // An admin socket given on its own (--admin-socket, TESSERA_ADMIN_SOCKET) beside a
     // workload socket of another daemon: say so (without one, `client` refused already).
     if let Ok(Some(asked)) = cli.explicit_workload_socket()
-        && real(&asked) != real(std::path::Path::new(&s.workload_socket))
+        && !same_socket(&asked, std::path::Path::new(&s.workload_socket))
     {
         eprintln!(
             "tessera: warning: this admin socket belongs to the daemon serving {}, not {}; give that daemon's --admin-socket",
@@ -454,8 +463,8 @@ pub(super) async fn entry_review(cli: &Cli, id: &str) -> anyhow::Result<()> {
 }
 
 pub(super) async fn kill(cli: &Cli, id: &str, reason: &str) -> anyhow::Result<()> {
-    let r = client(cli)
-        .await?
+    let mut c = client(cli).await?;
+    let r = c
         .kill_identity(pb::KillIdentityRequest {
             spiffe_id: id.into(),
             reason: reason.into(),
@@ -463,6 +472,26 @@ pub(super) async fn kill(cli: &Cli, id: &str, reason: &str) -> anyhow::Result<()
         .await
         .map_err(status_err)?
         .into_inner();
+    // A kill ahead of time is legitimate, so it stands; but in an incident a mistyped ID
+    // that matches nothing must not read as done.
+    if r.revoked == 0 {
+        let entries = c
+            .list_entries(pb::ListEntriesRequest {})
+            .await
+            .map_err(status_err)?
+            .into_inner()
+            .entries;
+        let under = format!("{}/", id.trim_end_matches('/'));
+        if !entries
+            .iter()
+            .any(|e| e.spiffe_id == id || e.spiffe_id.starts_with(&under))
+        {
+            eprintln!(
+                "tessera: warning: no entry grants {id} or an identity under it, and it held no \
+                 credentials: check the spelling (tessera entry list); the kill stays in force"
+            );
+        }
+    }
     if cli.json {
         println!("{}", json!({"spiffe_id": id, "revoked": r.revoked}));
     } else {
@@ -564,10 +593,13 @@ fn apply_args(e: &mut pb::Entry, a: &super::EntryArgs) -> anyhow::Result<()> {
 }
 
 fn print_entry(cli: &Cli, e: &pb::Entry) -> anyhow::Result<()> {
+    for w in &e.warnings {
+        eprintln!("tessera: warning: {w}");
+    }
     if cli.json {
         println!(
             "{}",
-            json!({"id": e.id, "spiffe_id": e.spiffe_id, "selectors": e.selectors})
+            json!({"id": e.id, "spiffe_id": e.spiffe_id, "selectors": e.selectors, "warnings": e.warnings})
         );
     } else {
         println!(
@@ -603,7 +635,7 @@ pub(super) async fn entry_update(cli: &Cli, id: &str, a: &super::EntryArgs) -> a
         .entries
         .into_iter()
         .find(|e| e.id == id)
-        .ok_or_else(|| anyhow::anyhow!("no entry {id}"))?;
+        .ok_or_else(|| anyhow::anyhow!("NotFound: no entry {id}"))?;
     // The daemon no longer knows this entry's other fields, so an update would drop them
     // unseen.
     if !e.invalid.is_empty() {
@@ -613,7 +645,14 @@ pub(super) async fn entry_update(cli: &Cli, id: &str, a: &super::EntryArgs) -> a
             e.invalid
         );
     }
+    let before = e.clone();
     apply_args(&mut e, a)?;
+    // An update that changes nothing would still be audited as one.
+    anyhow::ensure!(
+        e != before,
+        "nothing to change: entry {id} already is what these options say (give at least one \
+         option that differs; see tessera entry update --help)"
+    );
     let updated = c
         .update_entry(pb::UpdateEntryRequest { entry: Some(e) })
         .await

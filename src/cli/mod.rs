@@ -162,6 +162,9 @@ enum TaskCommand {
         /// Use the admin API (operators).
         #[arg(long)]
         operator: bool,
+        /// As an agent with several identities: which one's task (without --operator).
+        #[arg(long, conflicts_with = "operator")]
+        spiffe_id: Option<String>,
     },
     /// Revoke every credential of a task.
     Revoke {
@@ -309,11 +312,13 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Task(TaskCommand::Complete {
             task_id,
             operator: true,
+            ..
         }) => admin::task_complete(&cli, task_id).await,
         Command::Task(TaskCommand::Complete {
             task_id,
             operator: false,
-        }) => workload::task_complete(&cli, task_id).await,
+            spiffe_id,
+        }) => workload::task_complete(&cli, task_id, spiffe_id.as_deref()).await,
         Command::Task(TaskCommand::Exchange {
             subject_token,
             subject_token_type,
@@ -429,9 +434,10 @@ async fn connect(path: &Path, admin: bool) -> anyhow::Result<Channel> {
             Ok(()) => {}
             // Refused all the same: a directory missing now may be someone's by the connect.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
-                "cannot connect to {}: {} does not exist (is tesserad running?)",
+                "cannot connect to {}: {} does not exist (is tesserad running?){}",
                 path.display(),
-                dir.display()
+                dir.display(),
+                system_socket_hint(path)
             ),
             Err(e) => anyhow::bail!("refusing to connect to {}: {e}", path.display()),
         }
@@ -458,6 +464,12 @@ async fn connect(path: &Path, admin: bool) -> anyhow::Result<Channel> {
                 "cannot connect to {}: nothing listens there (is tesserad running?)",
                 path.display()
             ),
+            Some(std::io::ErrorKind::NotFound) => anyhow::anyhow!(
+                "cannot connect to {}: no socket there (is tesserad running, and is this the \
+                 path it logged at start?){}",
+                path.display(),
+                system_socket_hint(path)
+            ),
             _ => anyhow::anyhow!(
                 "cannot connect to {}: {e} (is tesserad running?)",
                 path.display()
@@ -466,8 +478,34 @@ async fn connect(path: &Path, admin: bool) -> anyhow::Result<Channel> {
     })
 }
 
+/// Where a user's own default Workload API socket is missing but the system daemon's is
+/// there (the systemd unit's path), how to reach that one: a workload user of a deployed
+/// daemon would otherwise be told to start one.
+fn system_socket_hint(path: &Path) -> String {
+    const SYSTEM: &str = "/run/tessera/workload.sock";
+    let own_default = nix::unistd::geteuid().as_raw() != 0
+        && path == Defaults::for_current_user().workload_socket;
+    if own_default && Path::new(SYSTEM).exists() {
+        format!(
+            "; a system tesserad listens on {SYSTEM}: use --socket unix://{SYSTEM} or \
+             SPIFFE_ENDPOINT_SOCKET=unix://{SYSTEM}"
+        )
+    } else {
+        String::new()
+    }
+}
+
 /// Formats a gRPC status for people.
 fn status_err(s: tonic::Status) -> anyhow::Error {
+    if s.code() == tonic::Code::Unimplemented {
+        // tesserad serves every method of its two APIs, each on its own socket: an
+        // unknown method means the other socket was named.
+        return anyhow::anyhow!(
+            "Unimplemented: that socket does not serve this API; is it tesserad's other \
+             socket? The Workload API is --socket (SPIFFE_ENDPOINT_SOCKET), the admin API \
+             --admin-socket (TESSERA_ADMIN_SOCKET)"
+        );
+    }
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 

@@ -412,11 +412,16 @@ pub(super) async fn task_exchange(cli: &Cli, a: ExchangeArgs<'_>) -> anyhow::Res
     Ok(())
 }
 
-pub(super) async fn task_complete(cli: &Cli, task: &str) -> anyhow::Result<()> {
+pub(super) async fn task_complete(
+    cli: &Cli,
+    task: &str,
+    spiffe_id: Option<&str>,
+) -> anyhow::Result<()> {
     let r = tasks_client(cli)
         .await?
         .complete(crate::proto::tessera::v1::CompleteRequest {
             task_id: task.into(),
+            spiffe_id: spiffe_id.unwrap_or_default().into(),
         })
         .await
         .map_err(status_err)?

@@ -359,33 +359,7 @@ impl Issuer {
         let id = format!("e-{}", LeaseId::random());
         let entry = self.validate_spec(&id, &spec)?;
         let _one_edit = self.entry_edits.lock().await;
-        // A twin would keep granting the identity after the entry an operator knows of is
-        // deleted, and a provisioning script run on every deploy would add one each time.
-        let selectors = |e: &Entry| {
-            e.selectors
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<BTreeSet<_>>()
-        };
-        let wanted = selectors(&entry);
-        let twin = {
-            let stored = self
-                .stored_entries
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            self.config_entries
-                .iter()
-                .chain(stored.iter().map(|(e, _)| e))
-                .find(|e| e.spiffe_id == entry.spiffe_id && selectors(e) == wanted)
-                .map(|e| e.id.clone())
-        };
-        if let Some(twin) = twin {
-            return Err(IssueError::AlreadyExists(format!(
-                "entry {twin} already grants {} to the same selectors; update it (tessera entry \
-                 update {twin}) instead of creating another",
-                entry.spiffe_id
-            )));
-        }
+        self.refuse_twin(&entry, "creating another")?;
         // The built-in default identity stands in only while nothing is configured or stored:
         // the first entry takes it away from the user who started the daemon.
         let default_served = self.config_entries.is_empty()
@@ -413,6 +387,36 @@ impl Issuer {
         Ok(created)
     }
 
+    /// Refuses `entry` when another entry grants the same identity to the same selectors: a
+    /// twin would keep granting it after the entry an operator knows of is deleted, and a
+    /// provisioning script run on every deploy would add one each time.
+    fn refuse_twin(&self, entry: &Entry, instead_of: &str) -> Result<(), IssueError> {
+        let selectors = |e: &Entry| {
+            e.selectors
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<BTreeSet<_>>()
+        };
+        let wanted = selectors(entry);
+        let stored = self
+            .stored_entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let twin = self
+            .config_entries
+            .iter()
+            .chain(stored.iter().map(|(e, _)| e))
+            .find(|e| e.id != entry.id && e.spiffe_id == entry.spiffe_id && selectors(e) == wanted);
+        match twin {
+            Some(t) => Err(IssueError::AlreadyExists(format!(
+                "entry {} already grants {} to the same selectors; update it (tessera entry \
+                 update {}) instead of {instead_of}",
+                t.id, entry.spiffe_id, t.id
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Replaces a stored entry. Entries from the config file are changed in the file.
     pub async fn update_entry(
         &self,
@@ -425,6 +429,7 @@ impl Issuer {
         let _one_edit = self.entry_edits.lock().await;
         self.check_editable(id)?;
         let entry = self.validate_spec(id, &spec)?;
+        self.refuse_twin(&entry, "making this one its twin")?;
         self.put_entry(entry, spec, actor, "entry_update").await
     }
 

@@ -326,10 +326,10 @@ impl Issuer {
         Ok(pruned)
     }
 
-    /// Completes `agents`' task `task_id` (an agent completes its own; an agent with several
-    /// identities, each one's task of that id): every lease of it is revoked and it gets no
-    /// more credentials. Returns how many leases were revoked. Completing a completed task is
-    /// not an error.
+    /// Completes the task `task_id` of one of `agents` (the caller's identities, or the one it
+    /// chose): every lease of it is revoked and it gets no more credentials. Several of them
+    /// with a task of that id are refused, naming them: each is its own task. Returns how many
+    /// leases were revoked. Completing a completed task is not an error.
     pub async fn complete_own_task(
         &self,
         agents: &[SpiffeId],
@@ -343,16 +343,22 @@ impl Issuer {
                     .task(&crate::lease::task_key(a.as_str(), task_id))
             })
             .collect();
-        if tasks.is_empty() {
-            return Err(IssueError::NotFound(format!(
+        match tasks.as_slice() {
+            [] => Err(IssueError::NotFound(format!(
                 "no task {task_id:?} of this workload"
-            )));
+            ))),
+            [t] => self.complete_task(t, actor).await,
+            several => Err(IssueError::InvalidArgument(format!(
+                "{} of this workload's identities have a task {task_id:?} ({}); say which with \
+                 spiffe_id",
+                several.len(),
+                several
+                    .iter()
+                    .map(|t| &*t.agent)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
         }
-        let mut n = 0;
-        for t in tasks {
-            n += self.complete_task(&t, actor.clone()).await?;
-        }
-        Ok(n)
     }
 
     /// Completes task `t` (found a moment ago): every lease of it is revoked and it gets no

@@ -313,11 +313,18 @@ fn open_db(path: &Path) -> Result<Connection, StoreError> {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(db_err)?;
-    if version < 1 {
-        // Version 1 names a task `<agent>/task/<id>` (task ids became each agent's own); a
-        // store from before keyed it by the bare id, which has no '/'. Renamed once, with
-        // the leases of it: a task token's lease names the agent, a task X.509-SVID's is
-        // already the full name.
+    // A store the previous version wrote to since (a rollback and back) has bare ids again.
+    let bare = conn
+        .prepare("SELECT 1 FROM tasks WHERE instr(id, '/') = 0 LIMIT 1")
+        .and_then(|mut st| st.exists([]))
+        .map_err(db_err)?;
+    if version < 1 || bare {
+        // Version 1 names a task `<agent>/task/<id>` (task ids became each agent's own); the
+        // version before keyed it by the bare id, which has no '/'. Renamed with the leases
+        // of it: a task token's lease names the agent, a task X.509-SVID's is already the
+        // full name. A task the previous version recorded beside its full-named record (a
+        // rollback) is one task: the two are merged, a completion from either kept, and the
+        // load then revokes whatever a completed task still holds.
         conn.execute_batch(
             "BEGIN IMMEDIATE;
              UPDATE leases SET task_id = coalesce(
@@ -325,6 +332,14 @@ fn open_db(path: &Path) -> Result<Connection, StoreError> {
                CASE WHEN substr(spiffe_id, -length('/task/' || task_id)) = '/task/' || task_id
                     THEN spiffe_id ELSE spiffe_id || '/task/' || task_id END)
              WHERE task_id IS NOT NULL AND instr(task_id, '/') = 0;
+             UPDATE tasks AS f SET
+               completed_ms = coalesce(f.completed_ms, b.completed_ms),
+               completed_by = coalesce(f.completed_by, b.completed_by),
+               created_ms = min(f.created_ms, b.created_ms)
+             FROM tasks AS b
+             WHERE instr(b.id, '/') = 0 AND f.id = b.agent || '/task/' || b.id;
+             DELETE FROM tasks WHERE instr(id, '/') = 0
+               AND agent || '/task/' || id IN (SELECT id FROM tasks);
              UPDATE tasks SET id = agent || '/task/' || id WHERE instr(id, '/') = 0;
              PRAGMA user_version = 1;
              COMMIT;",
@@ -1318,6 +1333,7 @@ pub fn holds_audit_record(dir: &Path, seq: u64) -> bool {
 mod tests {
     use super::*;
     use crate::audit::Actor;
+    use crate::lease::task_id_of;
 
     #[test]
     fn slow_commits_are_warned_about_at_most_once_per_interval() {
@@ -1465,7 +1481,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_store_from_before_per_agent_task_ids_is_renamed_once() {
+    async fn a_store_from_before_per_agent_task_ids_is_renamed_and_again_after_a_rollback() {
         let d = tempfile::tempdir().unwrap();
         let (s, _) = SqliteStore::open(d.path(), u64::MAX, 100, &mut |_| {}).unwrap();
         let in_task = |spiffe_id: &str, task: &str| Lease {
@@ -1544,13 +1560,42 @@ mod tests {
                 ("spiffe://td/b/task/T-1x", true)
             ]
         );
-        // Once: a bare id written from now on (as the test above does) is left as it is.
-        commit(&s, vec![task("bare", "spiffe://td/x")])
-            .await
-            .unwrap();
+        // The previous version run again on this store (a rollback) keys by bare ids again:
+        // here it issued a token for a:T-1 and completed it. Back on this version, that is
+        // the one task a:T-1, complete, and the token's lease is revoked at load.
+        let rollback_token = in_task("spiffe://td/a", "T-1");
+        commit(
+            &s,
+            vec![
+                Op::PutLease(rollback_token.clone()),
+                task("T-1", "spiffe://td/a"),
+                Op::CompleteTask {
+                    id: "T-1".into(),
+                    at_ms: 400_000,
+                    by: "agent".into(),
+                },
+            ],
+        )
+        .await
+        .unwrap();
         drop(s);
-        let (_s, snap) = SqliteStore::open(d.path(), u64::MAX, 500, &mut |_| {}).unwrap();
-        assert!(snap.tasks.iter().any(|t| &*t.id == "bare"));
+        let mut leases = Vec::new();
+        let (_s, snap) =
+            SqliteStore::open(d.path(), u64::MAX, 500, &mut |c| leases.extend(c)).unwrap();
+        let t1: Vec<_> = snap
+            .tasks
+            .iter()
+            .filter(|t| task_id_of(&t.id) == "T-1")
+            .collect();
+        assert_eq!(t1.len(), 1, "{t1:?}");
+        assert_eq!(&*t1[0].id, "spiffe://td/a/task/T-1");
+        assert_eq!(t1[0].created_ms, 150_000, "the earlier first use");
+        assert_eq!(t1[0].completed_ms, Some(400_000));
+        for id in [token.id, rollback_token.id] {
+            let l = leases.iter().find(|l| l.id == id).unwrap();
+            assert_eq!(l.state, State::Revoked, "{id}");
+            assert_eq!(l.task_id.as_deref(), Some("spiffe://td/a/task/T-1"));
+        }
     }
 
     #[tokio::test]

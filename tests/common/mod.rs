@@ -21,7 +21,13 @@ pub fn env_num(name: &str, default: u64) -> u64 {
 
 /// Path of the daemon binary built by cargo for this test run.
 pub fn tesserad_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_tesserad"))
+    // TESSERAD: another build of the daemon (the bench suite against a release to compare).
+    std::env::var_os("TESSERAD")
+        .filter(|p| !p.is_empty())
+        .map_or_else(
+            || PathBuf::from(env!("CARGO_BIN_EXE_tesserad")),
+            PathBuf::from,
+        )
 }
 
 /// Path of the CLI binary.
