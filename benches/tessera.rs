@@ -159,8 +159,9 @@ fn main() {
         "wall_seconds": started.elapsed().as_secs_f64(),
         "version": env!("CARGO_PKG_VERSION"),
         // What was measured: figures are tied to a build, not to a name.
-        "commit": git(&["rev-parse", "HEAD"]),
-        "tree_modified": git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty()),
+        // The bench's own source; with TESSERAD set, the daemon's hash says what ran.
+        "source_commit": git(&["rev-parse", "HEAD"]),
+        "source_modified": git(&["status", "--porcelain"]).map(|s| !s.is_empty()),
         "tesserad": common::tesserad_bin(),
         "tesserad_sha256": std::fs::read(common::tesserad_bin())
             .ok()

@@ -113,6 +113,11 @@ fn check_config_refuses_a_trust_domain_the_generated_ca_cannot_sign_for() {
         ca,
         "read only"
     );
+    // Half a CA is refused as start-up refuses it.
+    std::fs::rename(data.join("ca/root.key"), dir.path().join("root.key")).unwrap();
+    let out = check("tessera.internal");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only one of root.pem and root.key"));
 }
 
 /// Runs tesserad with `config` and expects it to refuse to start, naming `wanted`.

@@ -299,7 +299,14 @@ pub struct Ca {
     jwt: Es256Signer,
     bundle: watch::Sender<Arc<TrustBundle>>,
     rng: SystemRandom,
+    /// `data_dir/crl_number`: the highest sequence reserved on disk (see [`Ca::reserve`]).
+    sequence_file: PathBuf,
+    reserved: std::sync::atomic::AtomicU64,
 }
+
+/// How far past the sequence in use a reservation on disk reaches (in its unit, ms): one
+/// write an hour of the clock, and one at each start.
+const SEQUENCE_RESERVE: u64 = 3_600_000;
 
 impl Ca {
     /// Loads the operator's CA (`ca_files`) or the one generated earlier under `data_dir`,
@@ -364,19 +371,54 @@ impl Ca {
         let authority = authority_info(&anchor, operator_supplied)
             .ok_or_else(|| bad_ca(&key_path, "trust anchor certificate does not parse"))?;
         let jwt = load_or_generate_jwt_key(data_dir)?;
+        // Start above every number handed out before, even if the clock is now behind the
+        // one that ran then (a start with a clock hours ahead, then the right one).
+        let sequence_file = data_dir.join("crl_number");
+        let reserved = match std::fs::read_to_string(&sequence_file) {
+            Ok(t) => t.trim().parse::<u64>().map_err(|_| {
+                bad_ca(
+                    &sequence_file,
+                    "is not a number; it holds the highest CRL number reserved: remove it only \
+                     if the clock has never been ahead of now",
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io_err(&sequence_file)(e)),
+        };
+        let sequence = next_sequence(reserved, OffsetDateTime::now_utc());
         let bundle = TrustBundle::new(
             trust_domain.clone(),
             vec![authority],
             vec![jwt.jwk()],
-            next_sequence(0, OffsetDateTime::now_utc()),
+            sequence,
         );
-        Ok(Self {
+        let ca = Self {
             trust_domain: trust_domain.clone(),
             leaf,
             jwt,
             bundle: watch::channel(Arc::new(bundle)).0,
             rng,
-        })
+            sequence_file,
+            reserved: std::sync::atomic::AtomicU64::new(reserved),
+        };
+        ca.reserve(sequence)?;
+        Ok(ca)
+    }
+
+    /// Makes sure `sequence` is covered by the reservation on disk, writing a new one (up to
+    /// [`SEQUENCE_RESERVE`] ahead) when it is not. RFC 5280 §5.2.3: CRL numbers only
+    /// increase, restarts included; from the clock alone they went back after it had run
+    /// ahead. Durable before the number is used.
+    fn reserve(&self, sequence: u64) -> Result<(), CaError> {
+        use std::sync::atomic::Ordering;
+        if sequence <= self.reserved.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let next = sequence.saturating_add(SEQUENCE_RESERVE);
+        fsutil::write_atomic(&self.sequence_file, format!("{next}\n").as_bytes(), 0o600)
+            .map_err(io_err(&self.sequence_file))?;
+        self.reserved.fetch_max(next, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Checks an operator CA's files as start-up loads them (chain, signing certificate, key
@@ -404,6 +446,12 @@ impl Ca {
     pub fn check_generated(trust_domain: &TrustDomain, data_dir: &Path) -> Result<(), CaError> {
         let dir = data_dir.join("ca");
         let cert_path = dir.join("root.pem");
+        // As start-up judges the pair: one half alone is refused, unless it is what an
+        // interrupted archive of an expired CA left (start-up finishes that).
+        let (has_cert, has_key) = (cert_path.exists(), dir.join("root.key").exists());
+        if has_cert != has_key && !(has_cert && archived_root(&dir, &cert_path).is_some()) {
+            return Err(bad_ca(&dir, ONE_HALF));
+        }
         let text = match std::fs::read_to_string(&cert_path) {
             Ok(t) => t,
             // None yet (start-up generates one), or not ours to read: start-up will say.
@@ -457,6 +505,7 @@ impl Ca {
         let left_out = revoked.len() - listed.len();
         let current = self.bundle();
         let sequence = next_sequence(current.sequence, now);
+        self.reserve(sequence)?;
         let crl = self
             .leaf
             .sign_crl(&listed, now - CRL_BACKDATE, now + CRL_VALIDITY, sequence)?;
@@ -881,6 +930,10 @@ fn sec1_to_pkcs8(curve_oid: &[u8], sec1: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A generated CA directory with one of its two files.
+const ONE_HALF: &str = "holds only one of root.pem and root.key; restore the missing file or \
+                        remove both to generate a new CA";
+
 /// The generated CA at `cert_path` (in `dir`) signs for `td`, or the error says what to do.
 fn check_generated_root(
     cert: &X509Certificate<'_>,
@@ -946,12 +999,7 @@ fn load_or_generate_root(
                 "finished archiving the expired CA an interrupted start left half moved"
             );
         }
-        (true, false) | (false, true) => {
-            return Err(bad_ca(
-                dir,
-                "holds only one of root.pem and root.key; restore the missing file or remove both to generate a new CA",
-            ));
-        }
+        (true, false) | (false, true) => return Err(bad_ca(dir, ONE_HALF)),
         (false, false) => {}
     }
     let (cert_pem, key_pem) = generate_root(td, ttl, now)?;
@@ -1243,6 +1291,27 @@ mod tests {
         let again = ca(dir.path());
         assert!(again.bundle().sequence >= b);
         assert!(crl_number(&again) > b);
+        // A run whose clock was far ahead reserved numbers up there; with the clock right
+        // again, the next start still begins above them.
+        drop(again);
+        let file = dir.path().join("crl_number");
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let ahead = b + 86_400_000 * 365;
+        std::fs::write(&file, format!("{ahead}\n")).unwrap();
+        let after = ca(dir.path());
+        assert!(after.bundle().sequence > ahead);
+        assert!(crl_number(&after) > ahead);
+        let reserved: u64 = std::fs::read_to_string(&file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(reserved >= after.bundle().sequence, "durable before use");
+        std::fs::write(&file, "garbage").unwrap();
+        assert!(Ca::load_or_create(&td(), dir.path(), None, Duration::from_secs(86_400)).is_err());
         // A clock that went back (or a burst within one millisecond) still counts up.
         let t = OffsetDateTime::from_unix_timestamp(1_000).unwrap();
         assert_eq!(next_sequence(5_000_000, t), 5_000_001);

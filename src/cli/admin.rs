@@ -482,10 +482,12 @@ pub(super) async fn kill(cli: &Cli, id: &str, reason: &str) -> anyhow::Result<()
             .into_inner()
             .entries;
         let under = format!("{}/", id.trim_end_matches('/'));
-        if !entries
-            .iter()
-            .any(|e| e.spiffe_id == id || e.spiffe_id.starts_with(&under))
-        {
+        // An entry's identity, one under the ID, or a task identity of an entry's agent.
+        if !entries.iter().any(|e| {
+            e.spiffe_id == id
+                || e.spiffe_id.starts_with(&under)
+                || id.starts_with(&format!("{}/task/", e.spiffe_id))
+        }) {
             eprintln!(
                 "tessera: warning: no entry grants {id} or an identity under it, and it held no \
                  credentials: check the spelling (tessera entry list); the kill stays in force"

@@ -487,8 +487,8 @@ fn system_socket_hint(path: &Path) -> String {
         && path == Defaults::for_current_user().workload_socket;
     if own_default && Path::new(SYSTEM).exists() {
         format!(
-            "; a system tesserad listens on {SYSTEM}: use --socket unix://{SYSTEM} or \
-             SPIFFE_ENDPOINT_SOCKET=unix://{SYSTEM}"
+            "; there is a system tesserad's socket at {SYSTEM}: use --socket unix://{SYSTEM} \
+             or SPIFFE_ENDPOINT_SOCKET=unix://{SYSTEM}"
         )
     } else {
         String::new()
@@ -501,9 +501,13 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
         // tesserad serves every method of its two APIs, each on its own socket: an
         // unknown method means the other socket was named.
         return anyhow::anyhow!(
-            "Unimplemented: that socket does not serve this API; is it tesserad's other \
-             socket? The Workload API is --socket (SPIFFE_ENDPOINT_SOCKET), the admin API \
-             --admin-socket (TESSERA_ADMIN_SOCKET)"
+            "Unimplemented: {}; is that tesserad's other socket? The Workload API is --socket \
+             (SPIFFE_ENDPOINT_SOCKET), the admin API --admin-socket (TESSERA_ADMIN_SOCKET)",
+            if s.message().is_empty() {
+                "that socket does not serve this API"
+            } else {
+                s.message()
+            }
         );
     }
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())

@@ -402,6 +402,13 @@ impl Issuer {
             .stored_entries
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        // An update that keeps the grant as it was is no new twin: a twin from before (a
+        // config entry, an earlier version) must not stop an owner or expiry change.
+        if stored.iter().any(|(e, _)| {
+            e.id == entry.id && e.spiffe_id == entry.spiffe_id && selectors(e) == wanted
+        }) {
+            return Ok(());
+        }
         let twin = self
             .config_entries
             .iter()

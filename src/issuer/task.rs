@@ -350,7 +350,7 @@ impl Issuer {
             [t] => self.complete_task(t, actor).await,
             several => Err(IssueError::InvalidArgument(format!(
                 "{} of this workload's identities have a task {task_id:?} ({}); say which with \
-                 spiffe_id",
+                 spiffe_id (tessera task complete --spiffe-id)",
                 several.len(),
                 several
                     .iter()

@@ -328,7 +328,8 @@ fn open_db(path: &Path) -> Result<Connection, StoreError> {
         conn.execute_batch(
             "BEGIN IMMEDIATE;
              UPDATE leases SET task_id = coalesce(
-               (SELECT t.agent || '/task/' || t.id FROM tasks t WHERE t.id = leases.task_id),
+               (SELECT t.agent || '/task/' || t.id FROM tasks t WHERE t.id = leases.task_id
+                  AND leases.spiffe_id IN (t.agent, t.agent || '/task/' || t.id)),
                CASE WHEN substr(spiffe_id, -length('/task/' || task_id)) = '/task/' || task_id
                     THEN spiffe_id ELSE spiffe_id || '/task/' || task_id END)
              WHERE task_id IS NOT NULL AND instr(task_id, '/') = 0;
