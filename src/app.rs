@@ -89,6 +89,7 @@ pub struct Running {
     tasks: Vec<(&'static str, JoinHandle<()>)>,
     store: Arc<dyn Store>,
     store_failed: tokio::sync::watch::Receiver<Option<String>>,
+    ca: Arc<Ca>,
 }
 
 /// How long a drain may take before remaining connections are cut.
@@ -258,12 +259,13 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
             shutdown.clone(),
         )),
     ));
-    publish_crl(&ca, &leases);
+    let published = publish_crl(&ca, &leases);
     tasks.push((
         "crl",
         tokio::spawn(crl_publisher(
             Arc::clone(&ca),
             Arc::clone(&leases),
+            !published,
             shutdown.clone(),
         )),
     ));
@@ -450,6 +452,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         tasks,
         store,
         store_failed,
+        ca,
     })
 }
 
@@ -484,6 +487,7 @@ pub fn check_files(cfg: &Config) -> Result<Vec<String>, String> {
         }
         None => Ca::check_generated(&cfg.trust_domain, &cfg.data_dir).map_err(|e| e.to_string())?,
     }
+    Ca::check_data_files(&cfg.data_dir).map_err(|e| e.to_string())?;
     if let Some(crate::config::HttpTls::Files { cert, key }) = &cfg.http_tls {
         crate::api::http::tls::check_files(cert, key)?;
     }
@@ -583,17 +587,24 @@ fn warn_if_ca_expires_soon(ca: &Ca) {
     }
 }
 
-/// Signs and publishes a CRL of the revoked certificates still within their validity.
-fn publish_crl(ca: &Ca, leases: &LeaseTable) {
+/// Signs and publishes a CRL of the revoked certificates still within their validity;
+/// false if it could not.
+fn publish_crl(ca: &Ca, leases: &LeaseTable) -> bool {
     let serials = leases.revoked_serials();
     match ca.publish_crl(&serials, time::OffsetDateTime::now_utc()) {
-        Ok(0) => {}
-        Ok(left_out) => tracing::warn!(
-            left_out,
-            listed = crate::ca::MAX_CRL_ENTRIES,
-            "more revoked certificates than one CRL may list; those expiring soonest were left out"
-        ),
-        Err(e) => tracing::error!(error = %e, "cannot sign the CRL"),
+        Ok(0) => true,
+        Ok(left_out) => {
+            tracing::warn!(
+                left_out,
+                listed = crate::ca::MAX_CRL_ENTRIES,
+                "more revoked certificates than one CRL may list; those expiring soonest were left out"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot sign the CRL; trying again (1 s, doubling to 1 min)");
+            false
+        }
     }
 }
 
@@ -619,7 +630,7 @@ async fn prune_tasks(issuer: Arc<Issuer>, retention: Duration, mut sd: Shutdown)
 /// Re-publishes the CRL when the set of revoked serials changes (coalescing bursts such as a
 /// kill), when the lease table asks for one (a revoked certificate's CRL dated after its
 /// expiry), and at least every 20 minutes, well before its one-hour `nextUpdate`.
-async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, mut sd: Shutdown) {
+async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, failed: bool, mut sd: Shutdown) {
     let fingerprint = |l: &LeaseTable| {
         let s = l.revoked_serials();
         (
@@ -633,18 +644,29 @@ async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, mut sd: Shutdown) {
     let mut last = fingerprint(&leases);
     let mut refresh = tokio::time::interval(Duration::from_secs(20 * 60));
     refresh.tick().await;
+    // A publication that failed is retried until one succeeds: a revocation it carried must
+    // not wait for the next change or refresh.
+    let mut failed = failed;
+    let mut retry = Duration::from_secs(1);
     loop {
         let forced = tokio::select! {
             () = sd.wait() => return,
             r = rx.changed() => { if r.is_err() { return; } false }
             _ = refresh.tick() => true,
+            () = tokio::time::sleep(retry), if failed => {
+                retry = (retry * 2).min(Duration::from_secs(60));
+                true
+            }
         };
         // Let a burst of revocations settle into one CRL.
         tokio::time::sleep(Duration::from_millis(5)).await;
         rx.borrow_and_update();
         let now = fingerprint(&leases);
         if leases.take_crl_resign() || forced || now != last {
-            publish_crl(&ca, &leases);
+            failed = !publish_crl(&ca, &leases);
+            if !failed {
+                retry = Duration::from_secs(1);
+            }
             last = now;
         }
     }
@@ -730,6 +752,7 @@ impl Running {
         {
             tracing::warn!("the lease store did not finish its queue before shutdown");
         }
+        self.ca.settle_reservation();
         for p in [&self.workload_socket, &self.admin_socket] {
             let _ = std::fs::remove_file(p);
         }

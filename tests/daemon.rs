@@ -113,11 +113,31 @@ fn check_config_refuses_a_trust_domain_the_generated_ca_cannot_sign_for() {
         ca,
         "read only"
     );
-    // Half a CA is refused as start-up refuses it.
+    // Half a CA, a key others can read and a damaged CRL number reservation are refused as
+    // start-up refuses them.
     std::fs::rename(data.join("ca/root.key"), dir.path().join("root.key")).unwrap();
     let out = check("tessera.internal");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("only one of root.pem and root.key"));
+    std::fs::rename(dir.path().join("root.key"), data.join("ca/root.key")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    for key in [data.join("ca/root.key"), data.join("jwt/signing.key")] {
+        mode(&key, 0o644);
+        let out = check("tessera.internal");
+        assert_eq!(out.status.code(), Some(2), "{}", key.display());
+        mode(&key, 0o600);
+    }
+    let reservation = data.join("crl_number");
+    let kept = std::fs::read(&reservation).unwrap();
+    std::fs::write(&reservation, "garbage").unwrap();
+    let out = check("tessera.internal");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("crl_number"));
+    std::fs::write(&reservation, kept).unwrap();
+    assert_eq!(check("tessera.internal").status.code(), Some(0));
 }
 
 /// Runs tesserad with `config` and expects it to refuse to start, naming `wanted`.

@@ -301,12 +301,41 @@ pub struct Ca {
     rng: SystemRandom,
     /// `data_dir/crl_number`: the highest sequence reserved on disk (see [`Ca::reserve`]).
     sequence_file: PathBuf,
-    reserved: std::sync::atomic::AtomicU64,
+    /// What the file holds. Locked across its write, so a clean stop's settling and a
+    /// publication cannot interleave.
+    reserved: std::sync::Mutex<u64>,
 }
 
-/// How far past the sequence in use a reservation on disk reaches (in its unit, ms): one
-/// write an hour of the clock, and one at each start.
-const SEQUENCE_RESERVE: u64 = 3_600_000;
+/// How far past the sequence in use a reservation on disk reaches (in its unit, ms). It is
+/// renewed once half is used: a write every five minutes of clock and one per start; a start
+/// after a crash begins at most this far ahead of the clock (a clean stop settles it).
+const SEQUENCE_RESERVE: u64 = 600_000;
+
+/// The most a reservation may run ahead of the clock before start-up calls it damaged: a
+/// number there would pin every later CRL number (they saturate).
+const SEQUENCE_MAX_AHEAD: u64 = 100 * 365 * 86_400_000;
+
+/// Reads `data_dir/crl_number` (0 when absent), refusing what start-up could not use.
+fn read_reservation(path: &Path, now: OffsetDateTime) -> Result<u64, CaError> {
+    let way_out = "it holds the highest CRL number reserved; if this host's clock has never run \
+                   ahead of now, remove it (CRL numbers then follow the clock again)";
+    let n = match std::fs::read_to_string(path) {
+        Ok(t) => t
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| bad_ca(path, format!("is not a number: {way_out}")))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let now_ms = u64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+    if n > now_ms.saturating_add(SEQUENCE_MAX_AHEAD) {
+        return Err(bad_ca(
+            path,
+            format!("holds {n}, a century or more ahead of the clock: {way_out}"),
+        ));
+    }
+    Ok(n)
+}
 
 impl Ca {
     /// Loads the operator's CA (`ca_files`) or the one generated earlier under `data_dir`,
@@ -374,17 +403,7 @@ impl Ca {
         // Start above every number handed out before, even if the clock is now behind the
         // one that ran then (a start with a clock hours ahead, then the right one).
         let sequence_file = data_dir.join("crl_number");
-        let reserved = match std::fs::read_to_string(&sequence_file) {
-            Ok(t) => t.trim().parse::<u64>().map_err(|_| {
-                bad_ca(
-                    &sequence_file,
-                    "is not a number; it holds the highest CRL number reserved: remove it only \
-                     if the clock has never been ahead of now",
-                )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(io_err(&sequence_file)(e)),
-        };
+        let reserved = read_reservation(&sequence_file, now)?;
         let sequence = next_sequence(reserved, OffsetDateTime::now_utc());
         let bundle = TrustBundle::new(
             trust_domain.clone(),
@@ -399,9 +418,12 @@ impl Ca {
             bundle: watch::channel(Arc::new(bundle)).0,
             rng,
             sequence_file,
-            reserved: std::sync::atomic::AtomicU64::new(reserved),
+            reserved: std::sync::Mutex::new(reserved),
         };
-        ca.reserve(sequence)?;
+        ca.reserve(
+            &mut ca.reserved.lock().unwrap_or_else(|e| e.into_inner()),
+            sequence,
+        )?;
         Ok(ca)
     }
 
@@ -409,16 +431,46 @@ impl Ca {
     /// [`SEQUENCE_RESERVE`] ahead) when it is not. RFC 5280 §5.2.3: CRL numbers only
     /// increase, restarts included; from the clock alone they went back after it had run
     /// ahead. Durable before the number is used.
-    fn reserve(&self, sequence: u64) -> Result<(), CaError> {
-        use std::sync::atomic::Ordering;
-        if sequence <= self.reserved.load(Ordering::Acquire) {
+    ///
+    /// Renewed once half of it is used, so a write that fails (a full disk, a read-only
+    /// file) is only warned about while what is left covers the numbers: nothing is refused
+    /// until the reservation is used up.
+    fn reserve(&self, reserved: &mut u64, sequence: u64) -> Result<(), CaError> {
+        if sequence.saturating_add(SEQUENCE_RESERVE / 2) <= *reserved {
             return Ok(());
         }
         let next = sequence.saturating_add(SEQUENCE_RESERVE);
-        fsutil::write_atomic(&self.sequence_file, format!("{next}\n").as_bytes(), 0o600)
-            .map_err(io_err(&self.sequence_file))?;
-        self.reserved.fetch_max(next, Ordering::AcqRel);
-        Ok(())
+        match self.write_reservation(next) {
+            Ok(()) => {
+                *reserved = next;
+                Ok(())
+            }
+            Err(e) if sequence <= *reserved => {
+                tracing::warn!(error = %e, "cannot renew the CRL number reservation; CRLs are signed while it lasts, and it is tried again at each one");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn write_reservation(&self, n: u64) -> Result<(), CaError> {
+        fsutil::write_atomic(&self.sequence_file, format!("{n}\n").as_bytes(), 0o600)
+            .map_err(io_err(&self.sequence_file))
+    }
+
+    /// At a clean stop: the reservation shrinks to the last number used, so the next start
+    /// goes on from the clock (or just above that number) instead of a reservation ahead.
+    pub fn settle_reservation(&self) {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        let used = self.bundle().sequence;
+        if used < *reserved {
+            match self.write_reservation(used) {
+                Ok(()) => *reserved = used,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot settle the CRL number reservation; the next start begins above it")
+                }
+            }
+        }
     }
 
     /// Checks an operator CA's files as start-up loads them (chain, signing certificate, key
@@ -460,7 +512,21 @@ impl Ca {
         let chain = parse_pem_certs(&cert_path, &text)?;
         let (_, cert) =
             parse_x509_certificate(&chain[0]).map_err(|_| bad_ca(&cert_path, "does not parse"))?;
+        let key_path = dir.join("root.key");
+        if key_path.exists() {
+            check_key_file(&key_path)?;
+        }
         check_generated_root(&cert, trust_domain, &cert_path, &dir)
+    }
+
+    /// For `--check-config`, with any CA: the files start-up reads from `data_dir` besides
+    /// the CA (the JWT signing key, the CRL number reservation). Reads only.
+    pub fn check_data_files(data_dir: &Path) -> Result<(), CaError> {
+        let jwt = data_dir.join("jwt").join("signing.key");
+        if jwt.exists() {
+            check_key_file(&jwt)?;
+        }
+        read_reservation(&data_dir.join("crl_number"), OffsetDateTime::now_utc()).map(|_| ())
     }
 
     /// The trust domain.
@@ -503,9 +569,11 @@ impl Ca {
             })
             .collect();
         let left_out = revoked.len() - listed.len();
+        // Held until the CRL is published: a clean stop's settling then sees its number.
+        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.bundle();
         let sequence = next_sequence(current.sequence, now);
-        self.reserve(sequence)?;
+        self.reserve(&mut reserved, sequence)?;
         let crl = self
             .leaf
             .sign_crl(&listed, now - CRL_BACKDATE, now + CRL_VALIDITY, sequence)?;
@@ -930,6 +998,14 @@ fn sec1_to_pkcs8(curve_oid: &[u8], sec1: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A private key file as start-up takes it: 0600 and PEM.
+fn check_key_file(path: &Path) -> Result<(), CaError> {
+    fsutil::check_private_mode(path).map_err(|e| bad_ca(path, e.to_string()))?;
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    pem::parse(&text).map_err(|_| bad_ca(path, "not a PEM private key"))?;
+    Ok(())
+}
+
 /// A generated CA directory with one of its two files.
 const ONE_HALF: &str = "holds only one of root.pem and root.key; restore the missing file or \
                         remove both to generate a new CA";
@@ -1304,13 +1380,45 @@ mod tests {
         let after = ca(dir.path());
         assert!(after.bundle().sequence > ahead);
         assert!(crl_number(&after) > ahead);
-        let reserved: u64 = std::fs::read_to_string(&file)
-            .unwrap()
-            .trim()
-            .parse()
+        let on_disk = || -> u64 {
+            std::fs::read_to_string(&file)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        assert!(on_disk() >= after.bundle().sequence, "durable before use");
+        // A clean stop settles the reservation on the last number used.
+        after.settle_reservation();
+        assert_eq!(on_disk(), after.bundle().sequence);
+        // A renewal that cannot be written is only warned about while the reservation
+        // lasts; past it, nothing is signed.
+        let now = OffsetDateTime::from_unix_timestamp_nanos(
+            i128::from(after.bundle().sequence) * 1_000_000,
+        )
+        .unwrap();
+        after.publish_crl(&[], now).unwrap();
+        let reserved = on_disk();
+        std::fs::remove_file(&file).unwrap();
+        std::fs::create_dir(&file).unwrap();
+        let ms = |n: u64| time::Duration::milliseconds(n as i64);
+        let before = after.bundle().sequence;
+        after
+            .publish_crl(&[], now + ms(SEQUENCE_RESERVE * 3 / 4))
             .unwrap();
-        assert!(reserved >= after.bundle().sequence, "durable before use");
+        assert!(after.bundle().sequence > before && after.bundle().sequence <= reserved);
+        let before = after.bundle().sequence;
+        assert!(
+            after
+                .publish_crl(&[], now + ms(SEQUENCE_RESERVE * 2))
+                .is_err()
+        );
+        assert_eq!(after.bundle().sequence, before, "nothing published past it");
+        std::fs::remove_dir(&file).unwrap();
+        // Damaged files stop start-up: not a number, or a century ahead of the clock.
         std::fs::write(&file, "garbage").unwrap();
+        assert!(Ca::load_or_create(&td(), dir.path(), None, Duration::from_secs(86_400)).is_err());
+        std::fs::write(&file, format!("{}", u64::MAX)).unwrap();
         assert!(Ca::load_or_create(&td(), dir.path(), None, Duration::from_secs(86_400)).is_err());
         // A clock that went back (or a burst within one millisecond) still counts up.
         let t = OffsetDateTime::from_unix_timestamp(1_000).unwrap();

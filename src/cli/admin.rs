@@ -482,12 +482,20 @@ pub(super) async fn kill(cli: &Cli, id: &str, reason: &str) -> anyhow::Result<()
             .into_inner()
             .entries;
         let under = format!("{}/", id.trim_end_matches('/'));
-        // An entry's identity, one under the ID, or a task identity of an entry's agent.
-        if !entries.iter().any(|e| {
-            e.spiffe_id == id
-                || e.spiffe_id.starts_with(&under)
-                || id.starts_with(&format!("{}/task/", e.spiffe_id))
-        }) {
+        // An entry's identity, one under the ID, or an entry's agent's task identities (all
+        // of them, or one).
+        let task_of_agent = |e: &pb::Entry| {
+            id.strip_prefix(e.spiffe_id.as_str()).is_some_and(|rest| {
+                rest == "/task"
+                    || rest
+                        .strip_prefix("/task/")
+                        .is_some_and(|t| crate::lease::validate_task_id(t).is_ok())
+            })
+        };
+        if !entries
+            .iter()
+            .any(|e| e.spiffe_id == id || e.spiffe_id.starts_with(&under) || task_of_agent(e))
+        {
             eprintln!(
                 "tessera: warning: no entry grants {id} or an identity under it, and it held no \
                  credentials: check the spelling (tessera entry list); the kill stays in force"

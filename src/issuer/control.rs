@@ -414,14 +414,16 @@ impl Issuer {
             .iter()
             .chain(stored.iter().map(|(e, _)| e))
             .find(|e| e.id != entry.id && e.spiffe_id == entry.spiffe_id && selectors(e) == wanted);
-        match twin {
-            Some(t) => Err(IssueError::AlreadyExists(format!(
-                "entry {} already grants {} to the same selectors; update it (tessera entry \
-                 update {}) instead of {instead_of}",
-                t.id, entry.spiffe_id, t.id
-            ))),
-            None => Ok(()),
-        }
+        let Some(t) = twin else { return Ok(()) };
+        let way = if self.config_entries.iter().any(|c| c.id == t.id) {
+            "change it in the config file".to_owned()
+        } else {
+            format!("update it (tessera entry update {})", t.id)
+        };
+        Err(IssueError::AlreadyExists(format!(
+            "entry {} already grants {} to the same selectors; {way} instead of {instead_of}",
+            t.id, entry.spiffe_id
+        )))
     }
 
     /// Replaces a stored entry. Entries from the config file are changed in the file.
