@@ -453,6 +453,22 @@ fn admin_socket_is_for_root_and_named_uids_only() {
     let missing = d.dir.path().join("nothing.sock");
     let missing = cli_err(&["svid", "x509"], &d.admin_socket, &missing);
     assert!(missing.contains("no socket there"), "{missing}");
+    let relative = cli_err(&["status"], std::path::Path::new("a.sock"), &d.socket);
+    assert!(relative.contains("must be an absolute path"), "{relative}");
+    // Without --out, --json carries what the human form prints: chain and bundle, no key.
+    let o = d.cli(&["--json", "svid", "x509"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!out.contains("PRIVATE KEY"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for field in ["certificate_pem", "bundle_pem"] {
+        assert!(
+            v[0][field]
+                .as_str()
+                .is_some_and(|p| p.starts_with("-----BEGIN CERTIFICATE-----")),
+            "{field}: {out}"
+        );
+    }
     if my_uid() != 0 {
         common::skip("the other-uid half needs root");
         return;

@@ -432,10 +432,9 @@ impl pb::admin_server::Admin for AdminApi {
             .ok_or_else(|| Status::invalid_argument("entry is required"))?;
         let (issuer, spec) = (Arc::clone(&self.issuer), entry_spec(e)?);
         let created = to_completion(async move { issuer.create_entry(spec, actor).await }).await?;
-        Ok(Response::new(with_warnings(
-            self.entry_pb(&created, false),
-            &created,
-        )))
+        Ok(Response::new(
+            with_warnings(self.entry_pb(&created, false), created).await,
+        ))
     }
 
     async fn update_entry(
@@ -453,10 +452,9 @@ impl pb::admin_server::Admin for AdminApi {
         let (issuer, id, spec) = (Arc::clone(&self.issuer), e.id.clone(), entry_spec(e)?);
         let updated =
             to_completion(async move { issuer.update_entry(&id, spec, actor).await }).await?;
-        Ok(Response::new(with_warnings(
-            self.entry_pb(&updated, false),
-            &updated,
-        )))
+        Ok(Response::new(
+            with_warnings(self.entry_pb(&updated, false), updated).await,
+        ))
     }
 
     async fn delete_entry(
@@ -712,7 +710,11 @@ impl pb::admin_server::Admin for AdminApi {
 }
 
 /// An entry as answered to its creation or update: with what about it can never match.
-fn with_warnings(mut pb: pb::Entry, e: &crate::registry::Entry) -> pb::Entry {
-    pb.warnings = crate::registry::never_matching(std::iter::once(e));
+/// Off the async workers: a user or group lookup may ask a directory service (LDAP, sssd).
+async fn with_warnings(mut pb: pb::Entry, e: Arc<crate::registry::Entry>) -> pb::Entry {
+    pb.warnings =
+        tokio::task::spawn_blocking(move || crate::registry::never_matching(std::iter::once(&*e)))
+            .await
+            .unwrap_or_default();
     pb
 }

@@ -22,6 +22,12 @@ fn same_socket(a: &std::path::Path, b: &std::path::Path) -> bool {
 
 async fn client(cli: &Cli) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
     let admin = cli.admin_socket();
+    // As for --socket: a relative path would name a different socket from each directory.
+    anyhow::ensure!(
+        admin.is_absolute(),
+        "admin socket {:?} must be an absolute path",
+        admin.display().to_string()
+    );
     let mut c = AdminClient::new(connect(&admin, true).await?);
     // Only a workload socket named (--socket, SPIFFE_ENDPOINT_SOCKET): the admin socket is
     // then the default one, which may belong to another daemon, and reading or changing that

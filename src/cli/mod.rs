@@ -47,10 +47,11 @@ enum Command {
     /// Leases: every credential handed out (admin API).
     #[command(subcommand)]
     Lease(LeaseCommand),
-    /// Task-scoped credentials: exchange (Workload API), complete and revoke.
+    /// Task-scoped credentials: exchange and complete (Workload API, as the agent); complete
+    /// --operator and revoke (admin API).
     #[command(subcommand)]
     Task(TaskCommand),
-    /// High-risk token exchanges waiting for an operator (admin API).
+    /// High-risk token exchanges: pending, and decided until used or expired (admin API).
     Approvals,
     /// Approve a pending request; the agent's next identical exchange gets its token, once.
     Approve {
@@ -497,17 +498,14 @@ fn system_socket_hint(path: &Path) -> String {
 
 /// Formats a gRPC status for people.
 fn status_err(s: tonic::Status) -> anyhow::Error {
-    if s.code() == tonic::Code::Unimplemented {
+    // An unknown method comes with no message; the daemon's own refusals (WIT-SVIDs) say why.
+    if s.code() == tonic::Code::Unimplemented && s.message().is_empty() {
         // tesserad serves every method of its two APIs, each on its own socket: an
         // unknown method means the other socket was named.
         return anyhow::anyhow!(
-            "Unimplemented: {}; is that tesserad's other socket? The Workload API is --socket \
-             (SPIFFE_ENDPOINT_SOCKET), the admin API --admin-socket (TESSERA_ADMIN_SOCKET)",
-            if s.message().is_empty() {
-                "that socket does not serve this API"
-            } else {
-                s.message()
-            }
+            "Unimplemented: that socket does not serve this API; is it tesserad's other socket? \
+             The Workload API is --socket (SPIFFE_ENDPOINT_SOCKET), the admin API \
+             --admin-socket (TESSERA_ADMIN_SOCKET)"
         );
     }
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())

@@ -148,6 +148,12 @@ pub(super) async fn x509(cli: &Cli, out: Option<&Path>) -> anyhow::Result<()> {
                 "bundle": d.join("bundle.pem"),
             })),
         }));
+        // Without --out, what the human form prints: the chain and the bundle, never the key.
+        if out.is_none() {
+            let last = summary.len() - 1;
+            summary[last]["certificate_pem"] = pem_certs(&s.x509_svid)?.into();
+            summary[last]["bundle_pem"] = pem_certs(&s.bundle)?.into();
+        }
     }
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
