@@ -89,6 +89,19 @@ pub struct Metrics {
     pub store_commit: std::sync::Arc<Histogram>,
 }
 
+/// Gauges read from the daemon's state when metrics are rendered.
+#[derive(Debug, Clone, Copy)]
+pub struct Gauges {
+    /// Leases held in memory, active and revoked.
+    pub live_leases: usize,
+    /// Of those, the active ones.
+    pub active_leases: usize,
+    /// Task records held.
+    pub tasks: usize,
+    /// The CA certificate's `notAfter`, Unix seconds.
+    pub ca_not_after: i64,
+}
+
 impl Metrics {
     /// Metrics whose store-commit histogram is the one the store's writer records into.
     pub fn with_store_commits(store_commit: std::sync::Arc<Histogram>) -> Self {
@@ -131,8 +144,14 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text exposition.
-    pub fn render(&self, live_leases: usize, active_leases: usize, tasks: usize) -> String {
+    /// Prometheus text exposition, with the gauges the caller read from the daemon's state.
+    pub fn render(&self, g: &Gauges) -> String {
+        let Gauges {
+            live_leases,
+            active_leases,
+            tasks,
+            ca_not_after,
+        } = *g;
         let mut o = String::with_capacity(4096);
         let kinds = [Kind::X509, Kind::Jwt, Kind::Task];
         for (name, help, arr) in [
@@ -177,6 +196,11 @@ impl Metrics {
             o,
             "# HELP tessera_tasks Task records held (open and completed, until retention).\n# TYPE tessera_tasks gauge\ntessera_tasks {tasks}"
         );
+        // What to alert on before X.509 issuance stops.
+        let _ = writeln!(
+            o,
+            "# HELP tessera_ca_not_after_seconds When the CA certificate expires (Unix seconds); no X.509-SVID is issued after it.\n# TYPE tessera_ca_not_after_seconds gauge\ntessera_ca_not_after_seconds {ca_not_after}"
+        );
         let _ = writeln!(
             o,
             "# HELP tessera_reaper_lag_seconds How late the reaper retired the last expired leases.\n# TYPE tessera_reaper_lag_seconds gauge"
@@ -217,7 +241,13 @@ mod tests {
         m.issued(Kind::X509, 3);
         m.observe("FetchX509SVID", Duration::from_micros(700));
         m.observe("FetchX509SVID", Duration::from_millis(30));
-        let t = m.render(5, 4, 2);
+        let g = Gauges {
+            live_leases: 5,
+            active_leases: 4,
+            tasks: 2,
+            ca_not_after: 0,
+        };
+        let t = m.render(&g);
         assert!(t.contains("tessera_issued_total{kind=\"x509-svid\"} 3"));
         assert!(t.contains("tessera_leases{state=\"revoked\"} 1"));
         assert!(t.contains(
@@ -227,7 +257,7 @@ mod tests {
             "tessera_request_duration_seconds_bucket{rpc=\"FetchX509SVID\",le=\"+Inf\"} 2"
         ));
         m.store_commit.observe(Duration::from_micros(300));
-        let t = m.render(5, 4, 2);
+        let t = m.render(&g);
         assert!(t.contains("tessera_store_commit_duration_seconds_bucket{le=\"0.0005\"} 1"));
         assert!(t.contains("tessera_store_commit_duration_seconds_count 1"));
         assert!(t.contains("tessera_store_commit_duration_seconds_sum 0.0003"));

@@ -868,12 +868,7 @@ fn operator_ca_chain_is_served_with_intermediates() {
         d.log_text()
     );
     let (_, metrics) = http_get(d.http, "/metrics");
-    let not_after: i64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tessera_ca_not_after_seconds "))
-        .expect("tessera_ca_not_after_seconds")
-        .parse()
-        .unwrap();
+    let not_after: i64 = common::metric(&metrics, "tessera_ca_not_after_seconds");
     let in_20_days = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -1782,12 +1782,7 @@ async fn task_ids_are_each_agents_own_and_completion_survives_a_restart() {
 fn task_records(d: &Daemon) -> u64 {
     let (code, body) = http_get(d.http, "/metrics");
     assert_eq!(code, 200);
-    String::from_utf8(body)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("tessera_tasks "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("tessera_tasks in /metrics")
+    common::metric(&String::from_utf8(body).unwrap(), "tessera_tasks")
 }
 
 #[tokio::test(flavor = "multi_thread")]

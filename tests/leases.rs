@@ -1080,12 +1080,7 @@ async fn metrics_count_what_happened() {
     );
     // Each credential was committed before it was handed out, and the client waited for
     // each before asking again: one commit each at least.
-    let commits: u64 = body
-        .lines()
-        .find_map(|l| l.strip_prefix("tessera_store_commit_duration_seconds_count "))
-        .expect("store commit histogram")
-        .parse()
-        .unwrap();
+    let commits: u64 = common::metric(&body, "tessera_store_commit_duration_seconds_count");
     assert!(commits >= 4, "{body}");
 }
 

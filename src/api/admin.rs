@@ -486,10 +486,7 @@ impl pb::admin_server::Admin for AdminApi {
             })?);
         }
         if !r.task_id.is_empty() {
-            crate::lease::validate_task_name(&r.task_id).map_err(|e| {
-                let shown: String = r.task_id.chars().take(128).collect();
-                Status::invalid_argument(format!("task_id {shown:?}: {e}"))
-            })?;
+            crate::lease::validate_task_name(&r.task_id).map_err(Status::invalid_argument)?;
             f.task_id = Some(r.task_id);
         }
         if !r.state.is_empty() {

@@ -94,31 +94,27 @@ async fn crl(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(s): State<HttpState>) -> impl IntoResponse {
-    let mut body = s.metrics.render(
-        s.leases.len(),
-        s.leases.active_count(),
-        s.leases.task_count(),
-    );
-    // What to alert on before X.509 issuance stops.
-    body.push_str(&format!(
-        "# HELP tessera_ca_not_after_seconds When the CA certificate expires (Unix seconds); no X.509-SVID is issued after it.\n# TYPE tessera_ca_not_after_seconds gauge\ntessera_ca_not_after_seconds {}\n",
-        s.ca.not_after().unix_timestamp()
-    ));
+    let body = s.metrics.render(&crate::metrics::Gauges {
+        live_leases: s.leases.len(),
+        active_leases: s.leases.active_count(),
+        tasks: s.leases.task_count(),
+        ca_not_after: s.ca.not_after().unix_timestamp(),
+    });
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
-    let expired = s.ca.not_after();
+    let not_after = s.ca.not_after();
     if !s.ready.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_owned())
-    } else if expired <= time::OffsetDateTime::now_utc() {
+    } else if not_after <= time::OffsetDateTime::now_utc() {
         // Not ready for what most callers come for: every X.509-SVID request fails.
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "the CA certificate expired at {}: no X.509-SVID can be issued; renew it \
                  (operator CA) or restart tesserad (a generated CA is replaced at start)\n",
-                expired
+                not_after
                     .format(&time::format_description::well_known::Rfc3339)
                     .unwrap_or_default()
             ),
@@ -557,7 +553,7 @@ async fn introspect(
     // credential, minted without subject token, policy or approval: answered active, a
     // resource server checking "active and aud is me" would take one for a task token.
     // Its check is the Workload API's ValidateJWTSVID.
-    if !t.active || t.kind != Some(crate::lease::Kind::Task) {
+    if t.active != Some(crate::lease::Kind::Task) {
         return inactive();
     }
     let mut out = Map::new();

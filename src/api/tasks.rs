@@ -104,10 +104,9 @@ impl pb::tasks_server::Tasks for TasksApi {
         let issuer = self.exchanger.issuer();
         let peer = req.extensions().get::<PeerConn>().and_then(|p| p.0.clone());
         let caller = issuer.attest(peer.as_deref()).await.map_err(status)?;
-        let r = req.into_inner();
-        let task = r.task_id;
-        exchange::validate_task_id(&task).map_err(Status::invalid_argument)?;
-        let mut ids: Vec<SpiffeId> = issuer
+        let pb::CompleteRequest { task_id, spiffe_id } = req.into_inner();
+        exchange::validate_task_id(&task_id).map_err(Status::invalid_argument)?;
+        let ids: Vec<SpiffeId> = issuer
             .identities(&caller)
             .iter()
             .map(|e| e.spiffe_id.clone())
@@ -115,25 +114,20 @@ impl pb::tasks_server::Tasks for TasksApi {
         if ids.is_empty() {
             return Err(Status::permission_denied(super::NO_IDENTITY));
         }
-        if !r.spiffe_id.is_empty() {
-            ids.retain(|i| i.as_str() == r.spiffe_id);
-            if ids.is_empty() {
-                return Err(Status::permission_denied(format!(
-                    "caller is not entitled to {}",
-                    r.spiffe_id.chars().take(2048).collect::<String>()
-                )));
-            }
-        }
         let actor = crate::audit::Actor::Workload {
             uid: caller.uid,
             pid: caller.pid,
             exe: caller.exe_path.as_deref().map(str::to_owned),
         };
         let issuer = Arc::clone(issuer);
-        let n =
-            super::to_completion(async move { issuer.complete_own_task(&ids, &task, actor).await })
+        let n = super::to_completion(async move {
+            let chosen = (!spiffe_id.is_empty()).then_some(spiffe_id.as_str());
+            issuer
+                .complete_own_task(&ids, chosen, &task_id, actor)
                 .await
-                .map_err(status)?;
+        })
+        .await
+        .map_err(status)?;
         Ok(Response::new(pb::CompleteResponse { revoked: n as u32 }))
     }
 }

@@ -514,7 +514,7 @@ impl Ca {
             parse_x509_certificate(&chain[0]).map_err(|_| bad_ca(&cert_path, "does not parse"))?;
         let key_path = dir.join("root.key");
         if key_path.exists() {
-            check_key_file(&key_path)?;
+            read_key_file(&key_path)?;
         }
         check_generated_root(&cert, trust_domain, &cert_path, &dir)
     }
@@ -524,7 +524,7 @@ impl Ca {
     pub fn check_data_files(data_dir: &Path) -> Result<(), CaError> {
         let jwt = data_dir.join("jwt").join("signing.key");
         if jwt.exists() {
-            check_key_file(&jwt)?;
+            read_key_file(&jwt)?;
         }
         read_reservation(&data_dir.join("crl_number"), OffsetDateTime::now_utc()).map(|_| ())
     }
@@ -958,9 +958,7 @@ fn read_operator_ca(
     let text = std::fs::read_to_string(cert_path).map_err(io_err(cert_path))?;
     let chain = parse_pem_certs(cert_path, &text)?;
     let not_after = check_chain(&chain, cert_path, now)?;
-    fsutil::check_private_mode(key_path).map_err(|e| bad_ca(key_path, e.to_string()))?;
-    let key_text = std::fs::read_to_string(key_path).map_err(io_err(key_path))?;
-    let key_pem = pem::parse(&key_text).map_err(|_| bad_ca(key_path, "not a PEM private key"))?;
+    let key_pem = read_key_file(key_path)?;
     let pkcs8 = match key_pem.tag() {
         "PRIVATE KEY" => key_pem.into_contents(),
         "EC PRIVATE KEY" => {
@@ -998,12 +996,11 @@ fn sec1_to_pkcs8(curve_oid: &[u8], sec1: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A private key file as start-up takes it: 0600 and PEM.
-fn check_key_file(path: &Path) -> Result<(), CaError> {
+/// A private key file as start-up takes it: the file 0600, its content PEM.
+fn read_key_file(path: &Path) -> Result<pem::Pem, CaError> {
     fsutil::check_private_mode(path).map_err(|e| bad_ca(path, e.to_string()))?;
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    pem::parse(&text).map_err(|_| bad_ca(path, "not a PEM private key"))?;
-    Ok(())
+    pem::parse(&text).map_err(|_| bad_ca(path, "not a PEM private key"))
 }
 
 /// A generated CA directory with one of its two files.
@@ -1044,11 +1041,7 @@ fn load_or_generate_root(
         (true, true) => {
             let text = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
             let chain = parse_pem_certs(&cert_path, &text)?;
-            fsutil::check_private_mode(&key_path).map_err(|e| bad_ca(&key_path, e.to_string()))?;
-            let key_text = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
-            let key = pem::parse(&key_text)
-                .map_err(|_| bad_ca(&key_path, "not a PEM private key"))?
-                .into_contents();
+            let key = read_key_file(&key_path)?.into_contents();
             let (_, cert) = parse_x509_certificate(&chain[0])
                 .map_err(|_| bad_ca(&cert_path, "does not parse"))?;
             // Never replaced for a config change: a trust_domain typo, then its correction,
@@ -1175,11 +1168,7 @@ fn load_or_generate_jwt_key(data_dir: &Path) -> Result<Es256Signer, CaError> {
     fsutil::ensure_private_dir(&dir).map_err(io_err(&dir))?;
     let path = dir.join("signing.key");
     let pkcs8 = if path.exists() {
-        fsutil::check_private_mode(&path).map_err(|e| bad_ca(&path, e.to_string()))?;
-        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-        pem::parse(&text)
-            .map_err(|_| bad_ca(&path, "not a PEM private key"))?
-            .into_contents()
+        read_key_file(&path)?.into_contents()
     } else {
         let doc = EcdsaKeyPair::generate_pkcs8(
             &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,

@@ -137,7 +137,7 @@ pub(super) async fn x509(cli: &Cli, out: Option<&Path>) -> anyhow::Result<()> {
                 )?;
             }
         }
-        summary.push(json!({
+        let mut item = json!({
             "spiffe_id": s.spiffe_id,
             "expires_at": exp,
             "expires_at_unix": exp_ts,
@@ -147,13 +147,13 @@ pub(super) async fn x509(cli: &Cli, out: Option<&Path>) -> anyhow::Result<()> {
                 "key": d.join(format!("svid{suffix}.key")),
                 "bundle": d.join("bundle.pem"),
             })),
-        }));
+        });
         // Without --out, what the human form prints: the chain and the bundle, never the key.
         if out.is_none() {
-            let last = summary.len() - 1;
-            summary[last]["certificate_pem"] = pem_certs(&s.x509_svid)?.into();
-            summary[last]["bundle_pem"] = pem_certs(&s.bundle)?.into();
+            item["certificate_pem"] = pem_certs(&s.x509_svid)?.into();
+            item["bundle_pem"] = pem_certs(&s.bundle)?.into();
         }
+        summary.push(item);
     }
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -91,9 +91,8 @@ impl Issuer {
     /// id that several agents used is refused with their tasks' full names: an operator acts
     /// on one agent's task at a time.
     pub fn resolve_task(&self, given: &str) -> Result<crate::lease::Task, IssueError> {
+        crate::lease::validate_task_name(given).map_err(IssueError::InvalidArgument)?;
         let shown: String = given.chars().take(128).collect();
-        crate::lease::validate_task_name(given)
-            .map_err(|e| IssueError::InvalidArgument(format!("task_id {shown:?}: {e}")))?;
         let mut found = self.leases.find_tasks(given);
         match found.len() {
             0 => Err(IssueError::NotFound(format!("no task {shown:?}"))),

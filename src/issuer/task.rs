@@ -95,14 +95,12 @@ pub struct OwnToken {
     pub claims: Map<String, Value>,
     /// Its lease (`jti`).
     pub lease_id: LeaseId,
-    /// Its lease's kind (a task token or a JWT-SVID), while the table holds the lease.
-    pub kind: Option<Kind>,
     /// Not expired and its lease active: there is something left to revoke.
     pub revocable: bool,
-    /// Revocable, and the entry that granted it still exists, is live and is not refused as
-    /// idle: Tessera itself would still honour it (as [`crate::exchange`] does for actor
-    /// tokens), so introspection says `active` exactly then.
-    pub active: bool,
+    /// Its lease's kind (a task token or a JWT-SVID) when it is active: revocable, and the
+    /// entry that granted it still exists, is live and is not refused as idle. Tessera itself
+    /// would still honour it then (as [`crate::exchange`] does for actor tokens).
+    pub active: Option<Kind>,
 }
 
 /// The SPIFFE ID of a task X.509-SVID: `<agent id>/task/<task id>`.
@@ -326,18 +324,25 @@ impl Issuer {
         Ok(pruned)
     }
 
-    /// Completes the task `task_id` of one of `agents` (the caller's identities, or the one it
-    /// chose): every lease of it is revoked and it gets no more credentials. Several of them
-    /// with a task of that id are refused, naming them: each is its own task. Returns how many
-    /// leases were revoked. Completing a completed task is not an error.
+    /// Completes the task `task_id` of one of `agents` (the caller's identities), or of the
+    /// one `chosen` among them: every lease of it is revoked and it gets no more credentials.
+    /// Several of them with a task of that id are refused, naming them: each is its own task.
+    /// Returns how many leases were revoked. Completing a completed task is not an error.
     pub async fn complete_own_task(
         &self,
         agents: &[SpiffeId],
+        chosen: Option<&str>,
         task_id: &str,
         actor: Actor,
     ) -> Result<usize, IssueError> {
+        if let Some(c) = chosen
+            && !agents.iter().any(|a| a.as_str() == c)
+        {
+            return Err(IssueError::NotEntitled(c.chars().take(2048).collect()));
+        }
         let tasks: Vec<_> = agents
             .iter()
+            .filter(|a| chosen.is_none_or(|c| a.as_str() == c))
             .filter_map(|a| {
                 self.leases
                     .task(&crate::lease::task_key(a.as_str(), task_id))
@@ -428,10 +433,12 @@ impl Issuer {
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let exp = jws.claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
         let revocable = exp > now && self.leases.is_active(&lease_id, now);
-        let active = revocable && self.entry_of_lease(&lease_id).is_some();
+        let active = revocable
+            .then(|| self.entry_of_lease(&lease_id))
+            .flatten()
+            .map(|(l, _)| l.kind);
         Some(OwnToken {
             claims: jws.claims,
-            kind: self.leases.get(&lease_id).map(|l| l.kind),
             lease_id,
             revocable,
             active,

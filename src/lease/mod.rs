@@ -252,15 +252,19 @@ pub fn task_id_of(key: &str) -> &str {
 }
 
 /// What an operator may name a task by: a task id (`[A-Za-z0-9_-]`), or a task's full name,
-/// `<agent SPIFFE ID>/task/<task id>`.
+/// `<agent SPIFFE ID>/task/<task id>`. The error names what was given.
 pub fn validate_task_name(given: &str) -> Result<(), String> {
-    let Some((agent, id)) = given.rsplit_once("/task/") else {
-        return validate_task_id(given).map_err(|e| {
-            format!("{e} (or name a task in full: <agent SPIFFE ID>/task/<task id>)")
-        });
+    let why = match given.rsplit_once("/task/") {
+        None => validate_task_id(given)
+            .map_err(|e| format!("{e} (or name a task in full: <agent SPIFFE ID>/task/<task id>)")),
+        Some((agent, id)) => SpiffeId::parse(agent)
+            .map_err(|e| format!("the agent part of the task name {e}"))
+            .and_then(|_| validate_task_id(id)),
     };
-    SpiffeId::parse(agent).map_err(|e| format!("the agent part of the task name {e}"))?;
-    validate_task_id(id)
+    why.map_err(|e| {
+        let shown: String = given.chars().take(128).collect();
+        format!("task_id {shown:?}: {e}")
+    })
 }
 
 /// A task: the unit task-scoped credentials belong to.

@@ -378,6 +378,20 @@ pub async fn channel(path: &Path) -> tonic::transport::Channel {
         .expect("connect to the socket")
 }
 
+/// The value of the unlabelled metric `name` in a `/metrics` body.
+#[allow(dead_code)]
+pub fn metric<T: std::str::FromStr>(body: &str, name: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} in /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// A plain HTTP/1.1 GET on loopback: (status code, body bytes).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
     use std::io::{Read, Write};
