@@ -11,7 +11,7 @@ use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
 use tessera::proto::workload as pb;
 use tessera::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 
-use super::{Load, Opts, Outcome, Report, Target, drive, grpc_outcome, workload_req};
+use super::{CpuMark, Load, Opts, Outcome, Report, Target, drive, grpc_outcome, workload_req};
 use crate::common;
 
 /// What later phases compare against.
@@ -81,6 +81,108 @@ async fn bare_clients(
         ));
     }
     (0..clients).map(|i| pool[i % pool.len()].clone()).collect()
+}
+
+/// The disk under the daemon's data directory: fdatasync of a 4 KiB overwrite, `n` times, as
+/// sorted microseconds. Every issuance waits for one such flush (its batch's commit), so the
+/// disk's own tail is a floor under the issuance tail that no code in the daemon can lower.
+fn disk_syncs(dir: &std::path::Path, n: usize) -> Vec<u64> {
+    use std::io::{Seek, SeekFrom, Write};
+    let path = dir.join("bench-disk-probe");
+    let mut f = std::fs::File::create(&path).expect("create the disk probe");
+    f.write_all(&[0u8; 64 * 4096]).unwrap();
+    f.sync_all().unwrap();
+    let block = [0x5au8; 4096];
+    let mut took = Vec::with_capacity(n);
+    for i in 0..n {
+        f.seek(SeekFrom::Start((i % 64) as u64 * 4096)).unwrap();
+        f.write_all(&block).unwrap();
+        let t = Instant::now();
+        f.sync_data().unwrap();
+        took.push(t.elapsed().as_micros() as u64);
+    }
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    took.sort_unstable();
+    took
+}
+
+/// A histogram's cumulative bucket counts in a `/metrics` body, as (upper bound in
+/// seconds, count) in the order served; `label` picks one series (`rpc="FetchJWTSVID"`).
+fn buckets(body: &str, name: &str, label: &str) -> Vec<(f64, u64)> {
+    let prefix = format!("{name}_bucket{{");
+    body.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter(|l| label.is_empty() || l.contains(label))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((bound, l.rsplit(' ').next()?.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The daemon's own account of a phase, from its `/metrics` before and after: the bucket
+/// bound (ms) under which 99% of its `rpc` handler times fell, and how many store commits
+/// there were and took longer than 25 ms. It sets apart what the daemon spent from what the
+/// socket, the client library and the generator added.
+struct DaemonView {
+    handler_p99_at_most_ms: f64,
+    commits: u64,
+    commits_over_25ms: u64,
+}
+
+impl DaemonView {
+    fn between(before: &str, after: &str, rpc: &str) -> Self {
+        let delta = |name: &str, label: &str| -> Vec<(f64, u64)> {
+            let b = buckets(before, name, label);
+            buckets(after, name, label)
+                .into_iter()
+                .map(|(le, n)| {
+                    let was = b.iter().find(|(l, _)| *l == le).map_or(0, |(_, n)| *n);
+                    (le, n.saturating_sub(was))
+                })
+                .collect()
+        };
+        let handler = delta(
+            "tessera_request_duration_seconds",
+            &format!("rpc=\"{rpc}\""),
+        );
+        let total = handler.last().map_or(0, |(_, n)| *n);
+        let handler_p99_at_most_ms = handler
+            .iter()
+            .find(|(_, n)| *n as f64 >= total as f64 * 0.99)
+            .map_or(f64::NAN, |(le, _)| le * 1000.0);
+        let commits = delta("tessera_store_commit_duration_seconds", "");
+        let all = commits.last().map_or(0, |(_, n)| *n);
+        let within = commits
+            .iter()
+            .find(|(le, _)| *le >= 0.025)
+            .map_or(all, |(_, n)| *n);
+        DaemonView {
+            handler_p99_at_most_ms,
+            commits: all,
+            commits_over_25ms: all - within,
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "handler_p99_at_most_ms": self.handler_p99_at_most_ms,
+            "store_commits": self.commits,
+            "store_commits_over_25ms": self.commits_over_25ms,
+        })
+    }
+}
+
+fn metrics_body(d: &common::Daemon) -> String {
+    let (code, body) = common::http_get(d.http, "/metrics");
+    assert_eq!(code, 200, "GET /metrics");
+    String::from_utf8(body).expect("/metrics is text")
 }
 
 /// Which SVID a load phase asks for.
@@ -172,16 +274,30 @@ pub async fn run(o: &Opts, r: &mut Report) -> Figures {
         common::entry_for_uid("bench", common::my_uid(), "")
     ));
     let c = o.clients;
+    let probe = d.data_dir.clone();
+    let disk = tokio::task::spawn_blocking(move || disk_syncs(&probe, 2000))
+        .await
+        .unwrap();
     eprintln!("[issuance] fresh X.509-SVIDs, spiffe client, {c} clients ...");
+    let m0 = CpuMark::now(d.pid());
     let x509 = spiffe_load(&d, Svid::X509, "x509", c, secs, None).await;
+    let m1 = CpuMark::now(d.pid());
     eprintln!("[issuance] fresh X.509-SVIDs, bare gRPC client ...");
     let bare = x509_bare(&d, "x509 bare", c, secs).await;
+    let m2 = CpuMark::now(d.pid());
     eprintln!("[issuance] JWT-SVIDs, spiffe client ...");
     let jwt = spiffe_load(&d, Svid::Jwt, "jwt", c, secs, None).await;
+    let m3 = CpuMark::now(d.pid());
+    // Requests that were not served count too: they also cost CPU.
+    let all = |l: &Load| l.ok + l.shed + l.errors;
+    let x509_cpu = m0.per_op(&m1, all(&x509), cores);
+    let bare_cpu = m1.per_op(&m2, all(&bare), cores);
+    let jwt_cpu = m2.per_op(&m3, all(&jwt), cores);
     eprintln!(
         "[issuance] X.509-SVIDs at half load ({:.0}/s) ...",
         x509.rate / 2.0
     );
+    let before = metrics_body(&d);
     let x509_half = spiffe_load(
         &d,
         Svid::X509,
@@ -191,6 +307,8 @@ pub async fn run(o: &Opts, r: &mut Report) -> Figures {
         Some(pace_for(x509.rate / 2.0, c)),
     )
     .await;
+    let between = metrics_body(&d);
+    let x509_view = DaemonView::between(&before, &between, "FetchX509SVID");
     eprintln!(
         "[issuance] JWT-SVIDs at half load ({:.0}/s) ...",
         jwt.rate / 2.0
@@ -204,6 +322,7 @@ pub async fn run(o: &Opts, r: &mut Report) -> Figures {
         Some(pace_for(jwt.rate / 2.0, c)),
     )
     .await;
+    let jwt_view = DaemonView::between(&between, &metrics_body(&d), "FetchJWTSVID");
     let over_clients = c * 8;
     eprintln!("[issuance] overload: X.509-SVIDs from {over_clients} clients ...");
     let mut d = d;
@@ -250,7 +369,38 @@ pub async fn run(o: &Opts, r: &mut Report) -> Figures {
         "ratio",
         Target::AtLeast(0.44),
     );
-    for (key, name, load) in [("x509", "X.509", &x509_half), ("jwt", "JWT", &jwt_half)] {
+    for (key, name, cpu) in [
+        ("x509", "X.509-SVID", &x509_cpu),
+        ("x509_bare", "X.509-SVID, bare client", &bare_cpu),
+        ("jwt", "JWT-SVID", &jwt_cpu),
+    ] {
+        for (what, label, value) in [
+            ("daemon", "daemon", cpu.daemon_us),
+            ("writer", "  its store writer", cpu.writer_us),
+            ("generator", "load generator", cpu.generator_us),
+        ] {
+            r.figure(
+                &format!("{key}_cpu_{what}_us"),
+                &format!("  CPU per {name}: {label}"),
+                value,
+                "µs",
+                Target::None,
+            );
+        }
+        // What the two CPU costs allow on this machine: the rate targets are beyond it
+        // whenever this is below them, however the work is spread over the cores.
+        r.figure(
+            &format!("{key}_cpu_ceiling_per_sec"),
+            &format!("  {name}s per second {cores} cores carry at that cost"),
+            cpu.ceiling_per_sec,
+            "/s",
+            Target::None,
+        );
+    }
+    for (key, name, load, view) in [
+        ("x509", "X.509", &x509_half, &x509_view),
+        ("jwt", "JWT", &jwt_half, &jwt_view),
+    ] {
         let (sent_p50, sent_p99, _) = load.from_send.unwrap_or_default();
         for (what, value, target) in [
             ("p50", load.p50_ms, Target::None),
@@ -275,6 +425,34 @@ pub async fn run(o: &Opts, r: &mut Report) -> Figures {
                 Target::None,
             );
         }
+        r.figure(
+            &format!("{key}_half_load_daemon_p99_at_most_ms"),
+            "  inside the daemon (its histogram), p99 at most",
+            view.handler_p99_at_most_ms,
+            "ms",
+            Target::None,
+        );
+        r.figure(
+            &format!("{key}_half_load_commits_over_25ms"),
+            &format!("  store commits over 25 ms (of {})", view.commits),
+            view.commits_over_25ms as f64,
+            "",
+            Target::None,
+        );
+    }
+    let disk_ms = |p: f64| super::quantile_ms(&disk, p);
+    for (what, value) in [
+        ("p50", disk_ms(0.5)),
+        ("p99", disk_ms(0.99)),
+        ("max", disk_ms(1.0)),
+    ] {
+        r.figure(
+            &format!("disk_fdatasync_{what}_ms"),
+            &format!("disk: 4 KiB fdatasync in the data dir, {what}"),
+            value,
+            "ms",
+            Target::None,
+        );
     }
     r.figure(
         "overload_error_ratio",
@@ -307,6 +485,15 @@ pub async fn run(o: &Opts, r: &mut Report) -> Figures {
             "x509": x509.json(), "x509_bare": bare.json(), "jwt": jwt.json(),
             "x509_half_load": x509_half.json(), "jwt_half_load": jwt_half.json(),
             "overload": over.json(), "overload_clients": over_clients,
+            "cpu_per_request": {
+                "x509": x509_cpu.json(), "x509_bare": bare_cpu.json(), "jwt": jwt_cpu.json(),
+            },
+            "x509_half_load_daemon": x509_view.json(), "jwt_half_load_daemon": jwt_view.json(),
+            "disk_fdatasync_4k": {
+                "syncs": disk.len(), "p50_ms": disk_ms(0.5), "p99_ms": disk_ms(0.99),
+                "max_ms": disk_ms(1.0),
+                "over_10ms": disk.iter().filter(|&&us| us > 10_000).count(),
+            },
         }),
     );
     Figures { x509: x509.rate }

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 /// Knobs shared by every phase.
 #[derive(Debug, Clone)]
@@ -52,15 +53,16 @@ pub struct Load {
     pub max_ms: f64,
     /// Paced phases only: p50, p99 and max counted from when each request was actually sent.
     /// The headline figures count from the scheduled time, which also charges the
-    /// generator's own lateness: tokio's timer fires up to a millisecond after the deadline.
-    /// The max tells a stall apart: one in the daemon shows in it, a stall before the
-    /// send (the generator) only in the scheduled figures, since so few requests are in
-    /// flight at half load that either kind of stall leaves the p99 from the send alone.
+    /// generator's own lateness (the pacer thread's wake-up, see [`pacer`]) and the wait
+    /// of a request whose client was still busy with its previous one. The max tells a
+    /// stall apart: one in the daemon shows in it, a stall before the send (the generator)
+    /// only in the scheduled figures, since so few requests are in flight at half load
+    /// that either kind of stall leaves the p99 from the send alone.
     pub from_send: Option<(f64, f64, f64)>,
 }
 
 /// The `p`-quantile of sorted microseconds, in milliseconds.
-fn quantile_ms(sorted_us: &[u64], p: f64) -> f64 {
+pub fn quantile_ms(sorted_us: &[u64], p: f64) -> f64 {
     sorted_us
         .get(((sorted_us.len() as f64 * p) as usize).min(sorted_us.len().saturating_sub(1)))
         .map_or(0.0, |&us| us as f64 / 1000.0)
@@ -114,11 +116,132 @@ impl Load {
     }
 }
 
+/// CPU time used so far by the daemon (every thread it ever had), by its store writer
+/// thread, and by this process, the load generator. Taken before and after a phase, it
+/// gives each one's CPU per request ([`CpuMark::per_op`]): a figure the VM's noise hardly
+/// moves, unlike rates, and the one that says how many requests two cores can carry.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMark {
+    daemon_s: f64,
+    writer_s: f64,
+    generator_s: f64,
+}
+
+/// CPU per request in microseconds, and the rate both sides together would reach on
+/// `cores` fully used.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuPerOp {
+    pub daemon_us: f64,
+    pub writer_us: f64,
+    pub generator_us: f64,
+    pub ceiling_per_sec: f64,
+}
+
+/// user + system seconds of a whole process, from `/proc/<pid>/stat`.
+fn process_cpu_s(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The name in parentheses may hold spaces; fields 14 and 15 (utime, stime) are the
+    // 12th and 13th after it.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    f.iter().sum::<u64>() as f64 / hz
+}
+
+/// Seconds on the CPU of `pid`'s threads named `name`, from their `schedstat`.
+fn threads_cpu_s(pid: &str, name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum::<u64>() as f64
+        / 1e9
+}
+
+impl CpuMark {
+    pub fn now(daemon_pid: i32) -> Self {
+        let pid = daemon_pid.to_string();
+        CpuMark {
+            daemon_s: process_cpu_s(&pid),
+            writer_s: threads_cpu_s(&pid, "tessera-store"),
+            generator_s: process_cpu_s("self"),
+        }
+    }
+
+    /// Per request of the `ops` served between `self` and `later`.
+    pub fn per_op(&self, later: &CpuMark, ops: u64, cores: usize) -> CpuPerOp {
+        let per = |a: f64, b: f64| (b - a).max(0.0) * 1e6 / ops.max(1) as f64;
+        let daemon_us = per(self.daemon_s, later.daemon_s);
+        let generator_us = per(self.generator_s, later.generator_s);
+        CpuPerOp {
+            daemon_us,
+            writer_us: per(self.writer_s, later.writer_s),
+            generator_us,
+            ceiling_per_sec: cores as f64 * 1e6 / (daemon_us + generator_us).max(1e-9),
+        }
+    }
+}
+
+impl CpuPerOp {
+    pub fn json(&self) -> Value {
+        json!({
+            "daemon_us": self.daemon_us, "store_writer_us": self.writer_us,
+            "generator_us": self.generator_us, "ceiling_per_sec": self.ceiling_per_sec,
+        })
+    }
+}
+
+/// Hands out send times for paced loops: loop `c` of `n` is due at `start + c·pace/n`, then
+/// every `pace`, until `deadline`. Each time is sent when it is reached, from an OS thread
+/// that sleeps with `clock_nanosleep`, so a loop is woken within tens of microseconds of
+/// its schedule. (Loops sleeping on tokio's timer were woken up to a millisecond late:
+/// its wheel counts whole milliseconds. That lateness counted as the daemon's latency and
+/// put about 0.8 ms on every scheduled figure at half load.) A time whose loop is still
+/// waiting for its previous answer queues, and counts from when it was due.
+fn pacer(
+    n: usize,
+    pace: Duration,
+    start: Instant,
+    deadline: Instant,
+) -> Vec<UnboundedReceiver<Instant>> {
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| unbounded_channel()).unzip();
+    let step_ns = (pace.as_nanos() / n as u128).max(1) as u64;
+    std::thread::Builder::new()
+        .name("bench-pacer".into())
+        .spawn(move || {
+            for k in 0u64.. {
+                let due = start + Duration::from_nanos(step_ns.saturating_mul(k));
+                if due >= deadline {
+                    break;
+                }
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                // A loop that already stopped is no error: the others go on.
+                let _ = txs[(k % n as u64) as usize].send(due);
+            }
+            // Dropping the senders ends the loops waiting for their next time.
+        })
+        .expect("start the pacer thread");
+    rxs
+}
+
 /// Runs one loop per element of `clients` for `secs`. Each loop owns its client state and gets
 /// it back from `op` with the outcome, so HTTP connections and gRPC clients fit alike.
-/// With `pace`, each loop sends one request per `pace` (open loop) and latency counts from
-/// the scheduled send time, so a stalled daemon is not hidden by requests never sent (and
-/// from the actual send as well, see [`Load::from_send`]).
+/// With `pace`, each loop sends one request per `pace` (open loop, timed by [`pacer`]) and
+/// latency counts from the scheduled send time, so a stalled daemon is not hidden by
+/// requests never sent (and from the actual send as well, see [`Load::from_send`]).
 pub async fn drive<C, F, Fut>(
     label: &str,
     clients: Vec<C>,
@@ -135,26 +258,28 @@ where
     let progress = Progress::start(label, secs);
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(secs);
+    let mut due = match pace {
+        Some(p) => pacer(n, p, start, deadline).into_iter().map(Some).collect(),
+        None => Vec::new(),
+    };
+    due.resize_with(n, || None);
     let tasks: Vec<_> = clients
         .into_iter()
+        .zip(due)
         .enumerate()
-        .map(|(c, mut client)| {
+        .map(|(c, (mut client, mut due))| {
             let op = op.clone();
             let done = Arc::clone(&progress.done);
             tokio::spawn(async move {
                 let (mut lat, mut shed, mut errors) = (Vec::with_capacity(8192), 0u64, 0u64);
                 let mut lat_sent = Vec::with_capacity(if pace.is_some() { 8192 } else { 0 });
-                // Spread paced clients over the interval instead of firing them together.
-                let mut next = Instant::now() + pace.unwrap_or_default() * c as u32 / n as u32;
                 let mut i = 0u64;
                 while Instant::now() < deadline {
-                    let t = match pace {
-                        Some(p) => {
-                            tokio::time::sleep_until(next.into()).await;
-                            let t = next;
-                            next += p;
-                            t
-                        }
+                    let t = match &mut due {
+                        Some(rx) => match rx.recv().await {
+                            Some(t) => t,
+                            None => break,
+                        },
                         None => Instant::now(),
                     };
                     let sent = Instant::now();
