@@ -590,8 +590,9 @@ fn warn_if_ca_expires_soon(ca: &Ca) {
 /// Signs and publishes a CRL of the revoked certificates still within their validity;
 /// false if it could not.
 fn publish_crl(ca: &Ca, leases: &LeaseTable) -> bool {
-    let serials = leases.revoked_serials();
-    match ca.publish_crl(&serials, time::OffsetDateTime::now_utc()) {
+    let now = time::OffsetDateTime::now_utc();
+    let serials = leases.revoked_serials(now.unix_timestamp());
+    match ca.publish_crl(&serials, now) {
         Ok(0) => true,
         Ok(left_out) => {
             tracing::warn!(
@@ -632,7 +633,7 @@ async fn prune_tasks(issuer: Arc<Issuer>, retention: Duration, mut sd: Shutdown)
 /// expiry), and at least every 20 minutes, well before its one-hour `nextUpdate`.
 async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, failed: bool, mut sd: Shutdown) {
     let fingerprint = |l: &LeaseTable| {
-        let s = l.revoked_serials();
+        let s = l.revoked_serials(time::OffsetDateTime::now_utc().unix_timestamp());
         (
             s.len(),
             s.iter().fold(0u64, |a, r| {

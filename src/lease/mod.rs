@@ -61,11 +61,18 @@ impl std::fmt::Display for LeaseId {
 /// back for such peers) could still accept the revoked certificate from a CRL without it.
 pub const CRL_RESIGN_AFTER_EXPIRY_S: i64 = crate::ca::CRL_BACKDATE.whole_seconds() + 1;
 
-/// Seconds after its expiry at which a revoked certificate's lease is retired and its serial
-/// leaves the CRL: [`CRL_RESIGN_AFTER_EXPIRY_S`] later again, time for that CRL to be signed
-/// and fetched. Until then the lease is kept, in memory and in the store (so a restart keeps
-/// the serial listed too), and shown as revoked.
+/// Seconds after its expiry at which a revoked certificate's serial leaves the CRL:
+/// [`CRL_RESIGN_AFTER_EXPIRY_S`] later again, time for that CRL to be signed and fetched.
 pub const CRL_KEPT_AFTER_EXPIRY_S: i64 = 2 * CRL_RESIGN_AFTER_EXPIRY_S;
+
+/// Seconds after its expiry at which a revoked certificate's lease is retired. Until then it
+/// is kept, in memory and in the store, and shown as revoked; the CRL lists it only while
+/// the clock is before [`CRL_KEPT_AFTER_EXPIRY_S`] past its expiry. A wall clock that steps
+/// forward (a bad NTP step, an RTC ahead at boot) takes the serial off the CRL while it is
+/// wrong, but not for good: once it is back, the next CRL lists the serial again. (Retired at
+/// the CRL's own horizon, the revocation was gone while the certificate was still valid for
+/// every relying party with a right clock.) Revocations are few, so a day costs little.
+pub const REVOKED_KEPT_AFTER_EXPIRY_S: i64 = 24 * 60 * 60;
 
 /// What kind of credential a lease stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -220,6 +227,13 @@ pub struct RevokedSerial {
     pub revoked_at: i64,
     /// Unix seconds (the certificate's notAfter).
     pub expires_at: i64,
+}
+
+impl RevokedSerial {
+    /// Whether a CRL signed at `now_s` lists it (see [`CRL_KEPT_AFTER_EXPIRY_S`]).
+    pub fn listed_at(&self, now_s: i64) -> bool {
+        now_s < self.expires_at + CRL_KEPT_AFTER_EXPIRY_S
+    }
 }
 
 const MAX_TASK_ID_LEN: usize = 128;
@@ -898,8 +912,9 @@ impl LeaseTable {
     /// Removes up to `max` leases whose expiry is at or before `now_s`, soonest first;
     /// returns their ids and whether the CRL must be signed again (a revoked certificate left
     /// it, or one just expired must appear on a CRL issued after its expiry). A revoked
-    /// certificate's lease is kept [`CRL_KEPT_AFTER_EXPIRY_S`] past its expiry, asking for a
-    /// CRL at [`CRL_RESIGN_AFTER_EXPIRY_S`]. Bounded so that a caller retiring a mass expiry
+    /// certificate's lease is kept [`REVOKED_KEPT_AFTER_EXPIRY_S`] past its expiry, asking for
+    /// a CRL at [`CRL_RESIGN_AFTER_EXPIRY_S`] and again at [`CRL_KEPT_AFTER_EXPIRY_S`], when
+    /// its serial leaves the CRL. Bounded so that a caller retiring a mass expiry
     /// holds the expiry queue's lock (which every issuance takes) and its thread for a short
     /// slice at a time. It does not notify subscribers: when the CRL changed, the caller calls
     /// [`Self::announce_change`] once it has retired everything due, so that the CRL is
@@ -921,25 +936,30 @@ impl LeaseTable {
         let mut removed = Vec::with_capacity(due.len());
         let mut kept = Vec::new();
         for id in due {
-            // One lookup for all but a revoked certificate within its time on the CRL past
-            // its expiry, which stays (its serial is, or is about to be, on the CRL).
-            let listed = |l: &Lease| {
+            // One lookup for all but a revoked certificate within its time kept past its
+            // expiry, which stays.
+            let kept_revoked = |l: &Lease| {
                 l.state != State::Active
                     && l.serial.is_some()
-                    && now_s < l.expires_at + CRL_KEPT_AFTER_EXPIRY_S
+                    && now_s < l.expires_at + REVOKED_KEPT_AFTER_EXPIRY_S
             };
-            let Some((_, l)) = self.leases.remove_if(&id, |_, l| !listed(l)) else {
+            let Some((_, l)) = self.leases.remove_if(&id, |_, l| !kept_revoked(l)) else {
                 // Kept, or gone already.
                 let Some(exp) = self.leases.get(&id).map(|l| l.expires_at) else {
                     continue;
                 };
                 if now_s < exp + CRL_RESIGN_AFTER_EXPIRY_S {
                     kept.push(Reverse((exp + CRL_RESIGN_AFTER_EXPIRY_S, id)));
-                } else {
+                } else if now_s < exp + CRL_KEPT_AFTER_EXPIRY_S {
+                    // Its serial is unchanged on the CRL, so the publisher must be told.
                     self.crl_resign
                         .store(true, std::sync::atomic::Ordering::Release);
                     crl_changed = true;
                     kept.push(Reverse((exp + CRL_KEPT_AFTER_EXPIRY_S, id)));
+                } else {
+                    // Off the CRL from now on (see `revoked_serials`), still kept.
+                    crl_changed = true;
+                    kept.push(Reverse((exp + REVOKED_KEPT_AFTER_EXPIRY_S, id)));
                 }
                 continue;
             };
@@ -949,12 +969,14 @@ impl LeaseTable {
             if l.state == State::Active {
                 self.unindex(&l);
             } else if l.serial.is_some() {
-                crl_changed |= self
+                // Normally off the CRL for a day by now; listed still if the clock went back.
+                let was_listed = self
                     .revoked_serials
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&id)
-                    .is_some();
+                    .is_some_and(|r| r.listed_at(now_s));
+                crl_changed |= was_listed;
             }
             removed.push(id);
         }
@@ -1007,14 +1029,16 @@ impl LeaseTable {
         self.expiry_changed.notified().await;
     }
 
-    /// Revoked certificates still within their validity (or expired less than
-    /// [`CRL_KEPT_AFTER_EXPIRY_S`] ago), latest expiry first.
-    pub fn revoked_serials(&self) -> Vec<RevokedSerial> {
+    /// What the CRL lists at `now_s`: revoked certificates still within their validity (or
+    /// expired less than [`CRL_KEPT_AFTER_EXPIRY_S`] ago), latest expiry first. Decided by
+    /// the clock at each call, so that kept serials come back after a clock went back.
+    pub fn revoked_serials(&self, now_s: i64) -> Vec<RevokedSerial> {
         let mut v: Vec<_> = self
             .revoked_serials
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
+            .filter(|r| r.listed_at(now_s))
             .copied()
             .collect();
         v.sort_by_key(|r| Reverse(r.expires_at));
@@ -1295,7 +1319,7 @@ mod tests {
         assert_eq!(t.revoke(&[a.id, a.id], &rev), [1, 0, 0]);
         assert!(!t.is_active(&a.id, 60));
         assert_eq!(t.active_of_task("t1"), vec![b.id]);
-        assert_eq!(t.revoked_serials().len(), 1);
+        assert_eq!(t.revoked_serials(0).len(), 1);
         // A revoked certificate stays on the CRL past its expiry (RFC 5280 §3.3): kept at its
         // expiry, a CRL asked for once one can be dated after it, then retired.
         let (gone, crl) = t.expire_due(100, usize::MAX);
@@ -1307,14 +1331,27 @@ mod tests {
         // The serials are the same, so the publisher is told to sign anyway.
         assert!(t.take_crl_resign());
         assert!(!t.take_crl_resign(), "taken once");
-        assert_eq!(t.revoked_serials().len(), 1);
+        assert_eq!(t.revoked_serials(100 + CRL_RESIGN_AFTER_EXPIRY_S).len(), 1);
         assert_eq!(t.get(&a.id).unwrap().state, State::Revoked);
-        let (gone, crl) = t.expire_due(100 + CRL_KEPT_AFTER_EXPIRY_S, usize::MAX);
-        assert_eq!(gone, vec![a.id]);
-        assert!(crl);
-        assert!(t.revoked_serials().is_empty());
+        // Its serial leaves the CRL; the lease stays, revoked.
+        let kept = 100 + CRL_KEPT_AFTER_EXPIRY_S;
+        let (gone, crl) = t.expire_due(kept, usize::MAX);
+        assert_eq!((gone.len(), crl), (0, true), "no CRL without it");
+        assert!(t.revoked_serials(kept).is_empty());
+        assert_eq!(t.get(&a.id).unwrap().state, State::Revoked);
         assert_eq!(t.next_deadline(), Some(200));
         assert_eq!(t.active_count(), 2);
+        // Had the clock run ahead and come back, the serial is listed again.
+        assert_eq!(t.revoked_serials(100).len(), 1);
+        // A day past its expiry it is gone, with nothing left to take off the CRL.
+        let day = 100 + REVOKED_KEPT_AFTER_EXPIRY_S;
+        let (gone, crl) = t.expire_due(day - 1, usize::MAX);
+        assert_eq!((gone.len(), crl), (2, false), "b and c, active, retired");
+        assert!(t.get(&a.id).is_some());
+        let (gone, crl) = t.expire_due(day, usize::MAX);
+        assert_eq!((gone, crl), (vec![a.id], false));
+        assert!(t.revoked_serials(0).is_empty());
+        assert_eq!(t.next_deadline(), None);
     }
 
     #[test]
@@ -1325,7 +1362,7 @@ mod tests {
         let l = lease(&t, "spiffe://td/a", None, 100);
         t.insert(l.clone());
         t.leases.get_mut(&l.id).unwrap().state = State::Revoked;
-        let (gone, crl) = t.expire_due(100 + CRL_KEPT_AFTER_EXPIRY_S, usize::MAX);
+        let (gone, crl) = t.expire_due(100 + REVOKED_KEPT_AFTER_EXPIRY_S, usize::MAX);
         assert_eq!((gone, crl), (vec![l.id], false));
         let keep = lease(&t, "spiffe://td/a", None, 500);
         t.insert(keep.clone());
@@ -1376,13 +1413,13 @@ mod tests {
                 });
                 s.spawn(|| {
                     while !t.leases.is_empty() {
-                        let _ = t.expire_due(100 + CRL_KEPT_AFTER_EXPIRY_S, 8);
+                        let _ = t.expire_due(100 + REVOKED_KEPT_AFTER_EXPIRY_S, 8);
                         std::thread::yield_now();
                     }
                 });
             });
             assert!(t.leases.is_empty());
-            assert_eq!(t.revoked_serials().len(), 0, "serials of retired leases");
+            assert_eq!(t.revoked_serials(0).len(), 0, "serials of retired leases");
         }
     }
 
@@ -1440,8 +1477,8 @@ mod tests {
             3,
             "copies of one string share a set"
         );
-        assert_eq!(other.revoked_serials(), one.revoked_serials());
-        assert_eq!(other.revoked_serials().len(), 300 / 7 + 1);
+        assert_eq!(other.revoked_serials(0), one.revoked_serials(0));
+        assert_eq!(other.revoked_serials(0).len(), 300 / 7 + 1);
         assert_eq!(other.next_deadline(), Some(1000));
     }
 
@@ -1465,7 +1502,7 @@ mod tests {
         );
         assert_eq!(t.active_of_task("t1"), vec![c.id], "task index updated");
         assert!(t.is_active(&c.id, 0));
-        assert_eq!(t.revoked_serials().len(), 2);
+        assert_eq!(t.revoked_serials(0).len(), 2);
         assert_eq!(t.active_count(), 1);
     }
 
@@ -1522,7 +1559,7 @@ mod tests {
         t.revoke_identity_tree(&SpiffeId::parse("spiffe://td/a").unwrap(), &rev);
         t.remove_kill("spiffe://td/a");
         assert!(!t.is_active(&a.id, 0) && !t.is_active(&b.id, 0));
-        assert_eq!(t.revoked_serials().len(), 2);
+        assert_eq!(t.revoked_serials(0).len(), 2);
     }
 
     #[test]
@@ -1640,7 +1677,7 @@ mod tests {
         });
         t.revoke(&[busy.id], &rev);
         assert!(t.stale_tasks(5_000, Some(&ids(&["old-busy"]))).is_empty());
-        let _ = t.expire_due(10_000 + CRL_KEPT_AFTER_EXPIRY_S, usize::MAX);
+        let _ = t.expire_due(10_000 + REVOKED_KEPT_AFTER_EXPIRY_S, usize::MAX);
         assert_eq!(
             t.stale_tasks(5_000, Some(&ids(&["old-busy", "new"]))),
             ids(&["old-busy"])
@@ -1668,7 +1705,7 @@ mod tests {
         }
         let mut keep = Vec::new();
         for _ in 0..100 {
-            let l = lease(&t, "spiffe://td/burst", Some("job"), 10_000);
+            let l = lease(&t, "spiffe://td/burst", Some("job"), 1_000_000);
             keep.push(l.id);
             t.insert(l);
         }
@@ -1684,7 +1721,7 @@ mod tests {
         );
         assert_eq!(t.compact(), 0, "full tables are left alone");
 
-        let _ = t.expire_due(100 + CRL_KEPT_AFTER_EXPIRY_S, usize::MAX);
+        let _ = t.expire_due(100 + REVOKED_KEPT_AFTER_EXPIRY_S, usize::MAX);
         assert_eq!(t.len(), 100);
         // The index sets shrink as they empty; the tables at compaction.
         assert!(set_cap(&t.by_identity, "spiffe://td/burst") * 10 < before.3);
@@ -1699,6 +1736,6 @@ mod tests {
         assert_eq!(t.active_of_task("job").len(), 100);
         let id = SpiffeId::parse("spiffe://td/burst").unwrap();
         assert_eq!(t.active_of_identity(&id, false).len(), 100);
-        assert!(t.revoked_serials().is_empty());
+        assert!(t.revoked_serials(0).is_empty());
     }
 }

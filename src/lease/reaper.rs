@@ -32,6 +32,34 @@ const DELETE_CHUNK: usize = 256;
 /// How often the reaper wakes even with nothing due: bounds the effect of a wall-clock jump.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 
+/// Seconds by which the wall clock must move more, or less, than the monotonic clock between
+/// two wakes of the reaper to count as stepped.
+const CLOCK_STEP_S: i64 = 60;
+
+/// Tells the operator about a stepped wall clock, and after a step back has the CRL signed
+/// again: serials a clock that ran ahead took off it are listed again (their leases were kept,
+/// see [`super::REVOKED_KEPT_AFTER_EXPIRY_S`]), at once rather than at the next refresh.
+fn check_clock(table: &LeaseTable, seen: &mut Option<(i64, tokio::time::Instant)>, now: i64) {
+    if let Some((wall, at)) = *seen {
+        let step = now - wall - at.elapsed().as_secs() as i64;
+        if step <= -CLOCK_STEP_S {
+            tracing::warn!(
+                seconds = -step,
+                "the wall clock went back; signing the CRL again, with any revoked certificate \
+                 that the clock ahead had taken off it"
+            );
+            table.announce_change();
+        } else if step >= CLOCK_STEP_S {
+            tracing::warn!(
+                seconds = step,
+                "the wall clock jumped ahead: leases expire by it, and revoked certificates \
+                 expired by it leave the CRL until it comes back (their leases are kept a day)"
+            );
+        }
+    }
+    *seen = Some((now, tokio::time::Instant::now()));
+}
+
 /// Runs until shutdown. `lag_ms` receives how late the last batch was handled.
 pub async fn run(
     table: Arc<LeaseTable>,
@@ -40,6 +68,7 @@ pub async fn run(
     lag_ms: Arc<AtomicI64>,
     mut shutdown: Shutdown,
 ) {
+    let mut seen = None;
     loop {
         // Checked here as well as in the sleep: a backlog of due leases never sleeps.
         if shutdown.is_triggered() {
@@ -59,6 +88,7 @@ pub async fn run(
             }
         }
         let now = clock();
+        check_clock(&table, &mut seen, now);
         let due = table.next_deadline();
         let started = std::time::Instant::now();
         let mut removed = Vec::new();
@@ -164,8 +194,20 @@ mod tests {
         table: &Arc<LeaseTable>,
         store: &Arc<Recorder>,
     ) -> (crate::shutdown::Trigger, tokio::task::JoinHandle<()>) {
+        start_with(table, store, &Arc::new(AtomicI64::new(0)))
+    }
+
+    /// The same, with the wall clock 1000 plus tokio's (paused) time plus `step`, which the
+    /// test may change.
+    fn start_with(
+        table: &Arc<LeaseTable>,
+        store: &Arc<Recorder>,
+        step: &Arc<AtomicI64>,
+    ) -> (crate::shutdown::Trigger, tokio::task::JoinHandle<()>) {
         let base = tokio::time::Instant::now();
-        let clock: Clock = Arc::new(move || 1_000 + base.elapsed().as_secs() as i64);
+        let step = Arc::clone(step);
+        let clock: Clock =
+            Arc::new(move || 1_000 + base.elapsed().as_secs() as i64 + step.load(Ordering::SeqCst));
         let (trigger, sd) = crate::shutdown::channel();
         let task = tokio::spawn(run(
             Arc::clone(table),
@@ -175,6 +217,20 @@ mod tests {
             sd,
         ));
         (trigger, task)
+    }
+
+    /// A revoked X.509-SVID's lease.
+    fn revoked_cert(exp: i64) -> Lease {
+        let mut l = lease(exp);
+        l.kind = Kind::X509;
+        l.state = State::Revoked;
+        l.serial = Some(Box::new(l.id.0));
+        l.revocation = Some(Arc::new(Revocation {
+            at_ms: 1_000_000,
+            by: "op".into(),
+            reason: "leaked".into(),
+        }));
+        l
     }
 
     fn lease(exp: i64) -> Lease {
@@ -231,28 +287,23 @@ mod tests {
         });
         // Several slices and chunks, the last of each partial. Every other lease is a revoked
         // certificate, so the expiry empties the CRL: they expired earlier, by as long as a
-        // revoked certificate stays on the CRL, so they leave at 1010 with the rest.
+        // revoked certificate stays on the CRL, so their serials leave it at 1010 while the
+        // rest are retired. Their leases stay (a day past expiry).
         let n = RETIRE_SLICE * 3 + DELETE_CHUNK + 7;
-        let revocation = Arc::new(Revocation {
-            at_ms: 1_000_000,
-            by: "op".into(),
-            reason: "test".into(),
-        });
+        let revoked = n.div_ceil(2);
         let mut due: Vec<LeaseId> = (0..n)
-            .map(|i| {
-                let mut l = lease(1_010);
-                if i % 2 == 0 {
-                    l.expires_at -= crate::lease::CRL_KEPT_AFTER_EXPIRY_S;
-                    l.kind = Kind::X509;
-                    l.state = State::Revoked;
-                    l.serial = Some(Box::new(l.id.0));
-                    l.revocation = Some(Arc::clone(&revocation));
-                }
+            .filter_map(|i| {
+                let retired = i % 2 == 1;
+                let l = if retired {
+                    lease(1_010)
+                } else {
+                    revoked_cert(1_010 - crate::lease::CRL_KEPT_AFTER_EXPIRY_S)
+                };
                 table.insert(l.clone());
-                l.id
+                retired.then_some(l.id)
             })
             .collect();
-        assert_eq!(table.revoked_serials().len(), n.div_ceil(2));
+        assert_eq!(table.revoked_serials(0).len(), revoked);
         let changes = table.subscribe();
         let keep = lease(1_100);
         table.insert(keep.clone());
@@ -270,7 +321,7 @@ mod tests {
                 let mut seen = Vec::new();
                 for _ in 0..100_000 {
                     let len = table.len();
-                    if len == 1 {
+                    if len == revoked + 1 {
                         break;
                     }
                     seen.push(len);
@@ -283,16 +334,19 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(10)).await;
         let mut seen = probe.await.unwrap();
         seen.dedup();
-        let midway = seen.iter().filter(|&&len| len > 1 && len <= n).count();
+        let midway = seen
+            .iter()
+            .filter(|&&len| len > revoked + 1 && len <= n)
+            .count();
         assert!(midway >= 2, "the probe ran between slices only at {seen:?}");
         assert_eq!(
             table.len(),
-            1,
-            "every due lease retired, the later one kept"
+            revoked + 1,
+            "every due lease retired, the later one and the revoked certificates kept"
         );
         assert!(table.get(&keep.id).is_some());
         let mut deleted = store.deleted();
-        assert_eq!(deleted.len(), n, "each deleted once");
+        assert_eq!(deleted.len(), n - revoked, "each deleted once");
         deleted.sort();
         due.sort();
         assert_eq!(deleted, due);
@@ -307,7 +361,8 @@ mod tests {
             chunks.iter().all(|&c| c <= DELETE_CHUNK),
             "chunks {chunks:?}"
         );
-        assert!(table.revoked_serials().is_empty());
+        assert!(table.revoked_serials(1_010).is_empty(), "left the CRL");
+        assert_eq!(table.revoked_serials(0).len(), revoked, "kept");
         assert_eq!(
             *changes.borrow(),
             announced + 1,
@@ -315,7 +370,35 @@ mod tests {
         );
         // Memory is not paced by the store: every slice was retired before the first delete.
         let lens = store.table_len.lock().unwrap().clone();
-        assert!(lens.iter().all(|&len| len == 1), "{lens:?}");
+        assert!(lens.iter().all(|&len| len == revoked + 1), "{lens:?}");
+        trigger.trigger();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_clock_that_ran_ahead_and_came_back_lists_the_revoked_serial_again() {
+        let table = Arc::new(LeaseTable::new());
+        let store = Arc::new(Recorder::default());
+        let l = revoked_cert(1_100);
+        table.insert(l.clone());
+        let changes = table.subscribe();
+        let step = Arc::new(AtomicI64::new(0));
+        let (trigger, task) = start_with(&table, &store, &step);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = *changes.borrow();
+        // An hour ahead: the certificate expired long enough ago to leave the CRL.
+        step.store(3_600, Ordering::SeqCst);
+        tokio::time::sleep(MAX_SLEEP * 2).await;
+        let ahead = *changes.borrow();
+        assert!(ahead > before, "the CRL without it was not asked for");
+        assert!(table.revoked_serials(4_700).is_empty());
+        assert!(table.get(&l.id).is_some(), "the revoked lease was retired");
+        assert!(store.deleted().is_empty(), "deleted from the store");
+        // Back to the right time: the CRL is asked for again, and lists it.
+        step.store(0, Ordering::SeqCst);
+        tokio::time::sleep(MAX_SLEEP * 2).await;
+        assert!(*changes.borrow() > ahead, "no CRL once the clock came back");
+        assert_eq!(table.revoked_serials(1_061).len(), 1);
         trigger.trigger();
         task.await.unwrap();
     }

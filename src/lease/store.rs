@@ -1146,7 +1146,7 @@ fn load(
             None => min_issued_unstamped = min_issued_unstamped.min(issued_at),
         }
         let expires_at: i64 = r.get(9).map_err(db_err)?;
-        if expires_at + super::CRL_KEPT_AFTER_EXPIRY_S <= now_s {
+        if expires_at + super::REVOKED_KEPT_AFTER_EXPIRY_S <= now_s {
             snap.expired.push(id);
             continue;
         }
@@ -1199,8 +1199,8 @@ fn load(
             .as_blob_or_null()
             .map_err(db_err)?
             .and_then(|s| <[u8; 16]>::try_from(s).ok());
-        // An expired certificate stays on the CRL a little past its expiry if it was revoked
-        // (see `CRL_KEPT_AFTER_EXPIRY_S`); anything else expired is gone.
+        // An expired certificate's lease is kept a day past its expiry if it was revoked
+        // (see `REVOKED_KEPT_AFTER_EXPIRY_S`); anything else expired is gone.
         if expires_at <= now_s && (state == State::Active || serial.is_none()) {
             snap.expired.push(id);
             continue;
@@ -1722,6 +1722,64 @@ mod tests {
         drop(_s);
         let (_s, snap) = SqliteStore::open(d.path(), u64::MAX, 500, &mut |_| {}).unwrap();
         assert_eq!(snap.kill_epoch, 3);
+    }
+
+    #[tokio::test]
+    async fn a_revoked_certificate_is_kept_a_day_past_its_expiry() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, _) = SqliteStore::open(d.path(), u64::MAX, 100, &mut |_| {}).unwrap();
+        let cert = || {
+            let mut l = lease("spiffe://td/a", 100, 1_000);
+            l.kind = Kind::X509;
+            l.serial = Some(Box::new([9; 16]));
+            l
+        };
+        let (revoked, live, token) = (cert(), cert(), lease("spiffe://td/a", 100, 1_000));
+        let r = Revocation {
+            at_ms: 150_000,
+            by: "op".into(),
+            reason: "leaked".into(),
+        };
+        commit(
+            &s,
+            vec![
+                Op::PutLease(revoked.clone()),
+                Op::PutLease(live.clone()),
+                Op::PutLease(token.clone()),
+                Op::Revoke(vec![revoked.id, token.id], r),
+            ],
+        )
+        .await
+        .unwrap();
+        drop(s);
+        let sorted = |mut v: Vec<LeaseId>| {
+            v.sort();
+            v
+        };
+        // A start an hour past their expiry (a clock ahead): the revoked certificate stays,
+        // for the CRL to list it again once the clock is back.
+        let mut leases = Vec::new();
+        let (s, snap) =
+            SqliteStore::open(d.path(), u64::MAX, 4_600, &mut |c| leases.extend(c)).unwrap();
+        assert_eq!(sorted(snap.expired), sorted(vec![live.id, token.id]));
+        assert_eq!(leases.len(), 1);
+        assert_eq!(
+            (leases[0].id, leases[0].state),
+            (revoked.id, State::Revoked)
+        );
+        drop(s);
+        // A day past its expiry it goes as well.
+        let (_s, snap) = SqliteStore::open(
+            d.path(),
+            u64::MAX,
+            1_000 + super::super::REVOKED_KEPT_AFTER_EXPIRY_S,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(
+            sorted(snap.expired),
+            sorted(vec![revoked.id, live.id, token.id])
+        );
     }
 
     #[tokio::test]
