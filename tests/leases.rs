@@ -464,6 +464,60 @@ async fn revoked_svid_is_replaced_at_once_and_listed_in_the_crl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_entry_revokes_what_the_default_entry_granted() {
+    // Nothing configured: the built-in default entry serves the user who started it.
+    let d = Daemon::start("");
+    let c = d.client().await;
+    let svid = c.fetch_x509_svid().await.unwrap();
+    let default_id = format!("spiffe://tessera.internal/unix/uid/{}", my_uid());
+    assert_eq!(svid.spiffe_id().to_string(), default_id);
+    let serial = serial_hex(svid.cert_chain()[0].as_ref());
+    c.fetch_jwt_svid(&["db"], None).await.unwrap();
+    d.create_entry("spiffe://tessera.internal/svc/web", "unix:uid:47099");
+    // Both of its credentials are revoked, with the reason, and the certificate is on the CRL.
+    let held: Vec<_> = common::all_leases(&d.admin_socket)
+        .await
+        .into_iter()
+        .filter(|l| l.spiffe_id == default_id)
+        .collect();
+    assert_eq!(held.len(), 2, "{held:?}");
+    for l in &held {
+        assert_eq!(l.state, "revoked", "{l:?}");
+        assert!(l.revoke_reason.contains("default entry"), "{l:?}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !listed(&common::http_get(d.http, "/crl").1, &serial) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the default entry's certificate is not on the CRL"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The audit record of the create says so.
+    let audit = std::fs::read_to_string(d.data_dir.join("audit.jsonl")).unwrap();
+    let create: serde_json::Value = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["event"] == "entry_create")
+        .expect("an entry_create record");
+    assert_eq!(create["detail"]["revoked"], 2, "{create}");
+    assert_eq!(
+        create["detail"]["default_entry_withdrawn"],
+        default_id.as_str()
+    );
+    // A second entry revokes nothing more, and says nothing of the default entry.
+    d.create_entry("spiffe://tessera.internal/svc/api", "unix:uid:47098");
+    let audit = std::fs::read_to_string(d.data_dir.join("audit.jsonl")).unwrap();
+    let second = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "entry_create")
+        .nth(1)
+        .expect("a second entry_create record");
+    assert!(second["detail"].get("revoked").is_none(), "{second}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_certificate_is_on_a_crl_dated_after_its_expiry() {
     // RFC 5280 §3.3: the serial stays until one CRL issued beyond the certificate's validity
     // lists it; CRLs are dated 30 s back, so that one is signed 31 s after notAfter.

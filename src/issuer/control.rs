@@ -372,15 +372,20 @@ impl Issuer {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .is_empty();
-        let created = self.put_entry(entry, spec, actor, "entry_create").await?;
-        if default_served {
-            let default =
-                crate::config::default_entry_for_current_user(&self.settings.trust_domain);
+        // What it granted is revoked with the create, as a deleted entry's is: otherwise the
+        // inventory lists those credentials as active under an entry that no longer exists,
+        // and its X.509-SVIDs stay off the CRL until they expire.
+        let default = default_served
+            .then(|| crate::config::default_entry_for_current_user(&self.settings.trust_domain));
+        let created = self
+            .put_entry(entry, spec, actor, "entry_create", default.as_ref())
+            .await?;
+        if let Some(default) = default {
             tracing::warn!(
                 spiffe_id = %default.spiffe_id,
-                "the built-in default entry is no longer served now that an entry exists; create \
-                 an entry for that identity if its user still needs it (its credentials already \
-                 handed out stay valid until they expire or are revoked)"
+                "the built-in default entry is no longer served now that an entry exists, and \
+                 the credentials it granted are revoked; create an entry for that identity if \
+                 its user still needs it"
             );
         }
         Ok(created)
@@ -438,7 +443,8 @@ impl Issuer {
         self.check_editable(id)?;
         let entry = self.validate_spec(id, &spec)?;
         self.refuse_twin(&entry, "making this one its twin")?;
-        self.put_entry(entry, spec, actor, "entry_update").await
+        self.put_entry(entry, spec, actor, "entry_update", None)
+            .await
     }
 
     fn check_editable(&self, id: &str) -> Result<(), IssueError> {
@@ -460,12 +466,15 @@ impl Issuer {
         Ok(())
     }
 
+    /// Stores `entry` (created or updated). `withdrawn`: the built-in default entry, which
+    /// this one ends, and whose credentials are revoked in the same commit.
     async fn put_entry(
         &self,
         entry: Entry,
         spec: EntrySpec,
         actor: Actor,
         what: &'static str,
+        withdrawn: Option<&Entry>,
     ) -> Result<Arc<Entry>, IssueError> {
         let json =
             serde_json::to_string(&spec).map_err(|e| IssueError::InvalidArgument(e.to_string()))?;
@@ -485,9 +494,16 @@ impl Issuer {
         // Every edit: an issuance under way reads the entry in force (its lifetime and expiry
         // included) under the barrier, so none mints from the old one after this returns.
         let _excl = self.barrier.write().await;
-        let revoked: Vec<LeaseId> = match (&previous, regrants) {
-            (Some(p), true) => self.leases_of_entry(p),
-            _ => Vec::new(),
+        let (revoked, reason): (Vec<LeaseId>, &str) = match (&previous, regrants, withdrawn) {
+            (Some(p), true, _) => (
+                self.leases_of_entry(p),
+                "entry identity or selectors changed",
+            ),
+            (_, _, Some(d)) => (
+                self.leases_of_entry(d),
+                "the built-in default entry is no longer served",
+            ),
+            _ => (Vec::new(), ""),
         };
         let mut ev = Event::now(what, actor.clone())
             .spiffe_id(entry.spiffe_id.as_str())
@@ -496,10 +512,15 @@ impl Issuer {
         if regrants {
             ev = ev.detail("revoked", revoked.len());
         }
+        if let Some(d) = withdrawn {
+            ev = ev
+                .detail("default_entry_withdrawn", d.spiffe_id.as_str())
+                .detail("revoked", revoked.len());
+        }
         let rev = Revocation {
             at_ms: now_ms(),
             by: actor.label(),
-            reason: "entry identity or selectors changed".into(),
+            reason: reason.into(),
         };
         let mut ops = vec![
             Op::PutEntry {
