@@ -11,8 +11,10 @@ use crate::lease::Kind;
 
 /// Latency bucket bounds, seconds.
 /// Starts at 100 µs: a store commit takes ~0.2 ms and a JWT-SVID ~0.5 ms when all is well.
-const BUCKETS: [f64; 14] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+/// 2 ms is the half-load p99 target the benchmark holds the daemon to.
+const BUCKETS: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5,
 ];
 
 /// A fixed-bucket latency histogram.

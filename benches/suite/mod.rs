@@ -59,6 +59,31 @@ pub struct Load {
     /// only in the scheduled figures, since so few requests are in flight at half load
     /// that either kind of stall leaves the p99 from the send alone.
     pub from_send: Option<(f64, f64, f64)>,
+    /// Paced phases only: how the schedule was kept (see [`Paced`]).
+    pub paced: Option<Paced>,
+}
+
+/// How a paced phase kept its schedule: each loop has one request in flight, and its
+/// times are evenly spaced (not random arrivals), which an outside generator must copy to
+/// compare latencies.
+#[derive(Debug, Clone, Default)]
+pub struct Paced {
+    /// The pacer thread's own lateness in handing out a send time: p99 and max, ms.
+    pub pacer_late_p99_ms: f64,
+    pub pacer_late_max_ms: f64,
+    /// Send times that waited over a millisecond for their loop's previous request.
+    pub waited_behind: u64,
+    /// Send times due before the end that were never sent: their loop was still waiting.
+    /// They count in the percentiles from the schedule with the time they had waited.
+    pub unsent_at_end: u64,
+}
+
+/// What the paced loops collected beyond their latencies.
+#[derive(Debug, Default)]
+struct PacedSamples {
+    pacer_late_us: Vec<u64>,
+    waited_behind: u64,
+    unsent_us: Vec<u64>,
 }
 
 /// The `p`-quantile of sorted microseconds, in milliseconds.
@@ -72,24 +97,43 @@ impl Load {
     fn from_latencies(
         mut lat_us: Vec<u64>,
         from_send_us: Option<Vec<u64>>,
+        paced: Option<PacedSamples>,
         shed: u64,
         errors: u64,
         elapsed: f64,
     ) -> Self {
-        lat_us.sort_unstable();
+        let ok = lat_us.len() as u64;
+        let sorted = |mut v: Vec<u64>| {
+            v.sort_unstable();
+            v
+        };
+        let max_ms = |v: &[u64]| v.last().map_or(0.0, |&us| us as f64 / 1000.0);
+        let paced = paced.map(|p| {
+            // Lower bounds of latencies never completed: left out, a stall at the end of
+            // the phase would go uncounted.
+            lat_us.extend(&p.unsent_us);
+            let late = sorted(p.pacer_late_us);
+            Paced {
+                pacer_late_p99_ms: quantile_ms(&late, 0.99),
+                pacer_late_max_ms: max_ms(&late),
+                waited_behind: p.waited_behind,
+                unsent_at_end: p.unsent_us.len() as u64,
+            }
+        });
+        let lat_us = sorted(lat_us);
         Load {
-            rate: lat_us.len() as f64 / elapsed,
-            ok: lat_us.len() as u64,
+            rate: ok as f64 / elapsed,
+            ok,
             shed,
             errors,
             p50_ms: quantile_ms(&lat_us, 0.50),
             p99_ms: quantile_ms(&lat_us, 0.99),
-            max_ms: lat_us.last().map_or(0.0, |&us| us as f64 / 1000.0),
-            from_send: from_send_us.map(|mut v| {
-                v.sort_unstable();
-                let max = v.last().map_or(0.0, |&us| us as f64 / 1000.0);
-                (quantile_ms(&v, 0.50), quantile_ms(&v, 0.99), max)
+            max_ms: max_ms(&lat_us),
+            from_send: from_send_us.map(|v| {
+                let v = sorted(v);
+                (quantile_ms(&v, 0.50), quantile_ms(&v, 0.99), max_ms(&v))
             }),
+            paced,
         }
     }
 
@@ -112,6 +156,15 @@ impl Load {
             v["from_send_p99_ms"] = json!(p99);
             v["from_send_max_ms"] = json!(max);
         }
+        if let Some(p) = &self.paced {
+            v["schedule"] = json!({
+                "arrivals": "evenly spaced; each loop one request in flight",
+                "pacer_late_p99_ms": p.pacer_late_p99_ms,
+                "pacer_late_max_ms": p.pacer_late_max_ms,
+                "waited_behind_previous_request": p.waited_behind,
+                "unsent_at_end": p.unsent_at_end,
+            });
+        }
         v
     }
 }
@@ -122,9 +175,14 @@ impl Load {
 /// moves, unlike rates, and the one that says how many requests two cores can carry.
 #[derive(Debug, Clone, Copy)]
 pub struct CpuMark {
+    at: Instant,
     daemon_s: f64,
     writer_s: f64,
     generator_s: f64,
+    /// The whole machine, from `/proc/stat`: busy (user, nice, system, irq, softirq) and
+    /// stolen by the hypervisor.
+    box_busy_s: f64,
+    box_steal_s: f64,
 }
 
 /// CPU per request in microseconds, and the rate both sides together would reach on
@@ -135,6 +193,11 @@ pub struct CpuPerOp {
     pub writer_us: f64,
     pub generator_us: f64,
     pub ceiling_per_sec: f64,
+    /// Cores busy meanwhile with anything but the daemon and the generator (other
+    /// processes, kernel threads), and cores the hypervisor stole: the phase's figures are
+    /// the daemon's own only when both are near zero.
+    pub other_cores: f64,
+    pub steal_cores: f64,
 }
 
 /// user + system seconds of a whole process, from `/proc/<pid>/stat`.
@@ -154,6 +217,25 @@ fn process_cpu_s(pid: &str) -> f64 {
     f.iter().sum::<u64>() as f64 / hz
 }
 
+/// (busy, stolen) seconds of the whole machine since boot, from `/proc/stat`.
+fn machine_cpu_s() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (busy as f64 / hz, at(7) as f64 / hz)
+}
+
 /// Seconds on the CPU of `pid`'s threads named `name`, from their `schedstat`.
 fn threads_cpu_s(pid: &str, name: &str) -> f64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -171,10 +253,14 @@ fn threads_cpu_s(pid: &str, name: &str) -> f64 {
 impl CpuMark {
     pub fn now(daemon_pid: i32) -> Self {
         let pid = daemon_pid.to_string();
+        let (box_busy_s, box_steal_s) = machine_cpu_s();
         CpuMark {
+            at: Instant::now(),
             daemon_s: process_cpu_s(&pid),
             writer_s: threads_cpu_s(&pid, "tessera-store"),
             generator_s: process_cpu_s("self"),
+            box_busy_s,
+            box_steal_s,
         }
     }
 
@@ -183,11 +269,15 @@ impl CpuMark {
         let per = |a: f64, b: f64| (b - a).max(0.0) * 1e6 / ops.max(1) as f64;
         let daemon_us = per(self.daemon_s, later.daemon_s);
         let generator_us = per(self.generator_s, later.generator_s);
+        let wall = (later.at - self.at).as_secs_f64().max(1e-9);
+        let ours = (later.daemon_s - self.daemon_s) + (later.generator_s - self.generator_s);
         CpuPerOp {
             daemon_us,
             writer_us: per(self.writer_s, later.writer_s),
             generator_us,
             ceiling_per_sec: cores as f64 * 1e6 / (daemon_us + generator_us).max(1e-9),
+            other_cores: ((later.box_busy_s - self.box_busy_s - ours) / wall).max(0.0),
+            steal_cores: (later.box_steal_s - self.box_steal_s).max(0.0) / wall,
         }
     }
 }
@@ -197,28 +287,41 @@ impl CpuPerOp {
         json!({
             "daemon_us": self.daemon_us, "store_writer_us": self.writer_us,
             "generator_us": self.generator_us, "ceiling_per_sec": self.ceiling_per_sec,
+            "other_cores": self.other_cores, "steal_cores": self.steal_cores,
         })
     }
 }
 
+/// A send time from the pacer: when it was due, and when the pacer handed it out.
+#[derive(Debug, Clone, Copy)]
+struct Ticket {
+    due: Instant,
+    handed: Instant,
+}
+
 /// Hands out send times for paced loops: loop `c` of `n` is due at `start + c·pace/n`, then
 /// every `pace`, until `deadline`. Each time is sent when it is reached, from an OS thread
-/// that sleeps with `clock_nanosleep`, so a loop is woken within tens of microseconds of
-/// its schedule. (Loops sleeping on tokio's timer were woken up to a millisecond late:
-/// its wheel counts whole milliseconds. That lateness counted as the daemon's latency and
-/// put about 0.8 ms on every scheduled figure at half load.) A time whose loop is still
-/// waiting for its previous answer queues, and counts from when it was due.
+/// that sleeps in the kernel's high-resolution timer (`nanosleep`, timer slack 1 ns), so a
+/// loop is woken within tens of microseconds of its schedule on an idle core. (Loops
+/// sleeping on tokio's timer were woken up to a millisecond late: its wheel counts whole
+/// milliseconds. That lateness counted as the daemon's latency and put about 0.8 ms on
+/// every scheduled figure at half load.) The pacer's own lateness is reported
+/// ([`Paced`]); it still counts as latency. A time whose loop is still waiting for its
+/// previous answer queues, and counts from when it was due.
 fn pacer(
     n: usize,
     pace: Duration,
     start: Instant,
     deadline: Instant,
-) -> Vec<UnboundedReceiver<Instant>> {
+) -> Vec<UnboundedReceiver<Ticket>> {
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| unbounded_channel()).unzip();
     let step_ns = (pace.as_nanos() / n as u128).max(1) as u64;
     std::thread::Builder::new()
         .name("bench-pacer".into())
         .spawn(move || {
+            // The default slack of 50 µs would let every sleep end that much late.
+            // SAFETY: prctl(PR_SET_TIMERSLACK) only sets this thread's timer slack.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
             for k in 0u64.. {
                 let due = start + Duration::from_nanos(step_ns.saturating_mul(k));
                 if due >= deadline {
@@ -228,8 +331,9 @@ fn pacer(
                 if due > now {
                     std::thread::sleep(due - now);
                 }
+                let handed = Instant::now();
                 // A loop that already stopped is no error: the others go on.
-                let _ = txs[(k % n as u64) as usize].send(due);
+                let _ = txs[(k % n as u64) as usize].send(Ticket { due, handed });
             }
             // Dropping the senders ends the loops waiting for their next time.
         })
@@ -273,11 +377,19 @@ where
             tokio::spawn(async move {
                 let (mut lat, mut shed, mut errors) = (Vec::with_capacity(8192), 0u64, 0u64);
                 let mut lat_sent = Vec::with_capacity(if pace.is_some() { 8192 } else { 0 });
+                let mut paced = PacedSamples::default();
                 let mut i = 0u64;
                 while Instant::now() < deadline {
                     let t = match &mut due {
                         Some(rx) => match rx.recv().await {
-                            Some(t) => t,
+                            Some(tk) => {
+                                let us = |d: Duration| d.as_micros() as u64;
+                                paced.pacer_late_us.push(us(tk.handed - tk.due));
+                                if tk.handed.elapsed() > Duration::from_millis(1) {
+                                    paced.waited_behind += 1;
+                                }
+                                tk.due
+                            }
                             None => break,
                         },
                         None => Instant::now(),
@@ -298,21 +410,33 @@ where
                         Outcome::Err => errors += 1,
                     }
                 }
-                (lat, lat_sent, shed, errors)
+                // Send times this loop was too far behind to reach.
+                if let Some(rx) = &mut due {
+                    while let Ok(tk) = rx.try_recv() {
+                        paced.unsent_us.push(tk.due.elapsed().as_micros() as u64);
+                    }
+                }
+                (lat, lat_sent, paced, shed, errors)
             })
         })
         .collect();
     let (mut all, mut all_sent, mut shed, mut errors) = (Vec::new(), Vec::new(), 0, 0);
+    let mut paced = PacedSamples::default();
     for t in tasks {
-        let (l, ls, s, e) = t.await.expect("load task panicked");
+        let (l, ls, p, s, e) = t.await.expect("load task panicked");
         all.extend(l);
         all_sent.extend(ls);
+        paced.pacer_late_us.extend(p.pacer_late_us);
+        paced.waited_behind += p.waited_behind;
+        paced.unsent_us.extend(p.unsent_us);
         shed += s;
         errors += e;
     }
     progress.finish();
     let from_send = pace.is_some().then_some(all_sent);
-    Load::from_latencies(all, from_send, shed, errors, start.elapsed().as_secs_f64())
+    let paced = pace.is_some().then_some(paced);
+    let elapsed = start.elapsed().as_secs_f64();
+    Load::from_latencies(all, from_send, paced, shed, errors, elapsed)
 }
 
 /// A progress line for a running phase: rewritten in place on a terminal, a line every five
