@@ -186,7 +186,7 @@ impl Metrics {
         );
         let _ = writeln!(
             o,
-            "# HELP tessera_leases Leases held in memory (active, and revoked until expiry; revoked certificates about a minute longer, for the CRL).\n# TYPE tessera_leases gauge"
+            "# HELP tessera_leases Leases held in memory (active, and revoked until expiry; revoked certificates a day longer, in case the clock steps back).\n# TYPE tessera_leases gauge"
         );
         let _ = writeln!(o, "tessera_leases{{state=\"active\"}} {active_leases}");
         let _ = writeln!(

@@ -85,8 +85,8 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum LeaseCommand {
-    /// List leases (active and revoked; expired leases are gone, a revoked certificate's about
-    /// a minute after its expiry, once a CRL dated after the expiry listed it).
+    /// List leases (active and revoked; expired leases are gone, but a revoked certificate's
+    /// stays a day past its expiry, off the CRL from about a minute after it: see EXPIRES).
     List {
         /// Only this identity.
         #[arg(long)]

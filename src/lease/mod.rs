@@ -479,7 +479,7 @@ impl LeaseTable {
     }
 
     /// Tasks first used before `cutoff_ms` of which the table holds no lease (active, or
-    /// revoked and not yet expired): the records
+    /// revoked and not yet retired): the records
     /// [`crate::issuer::Issuer::prune_tasks`] may forget. Of `ids` when given (the re-check
     /// under the issuance barrier), else of all tasks.
     pub fn stale_tasks(&self, cutoff_ms: i64, ids: Option<&[Arc<str>]>) -> Vec<Arc<str>> {
@@ -596,7 +596,7 @@ impl LeaseTable {
         }
     }
 
-    /// Number of leases held (active and revoked-not-expired).
+    /// Number of leases held (active, and revoked until retired: see [`Self::expire_due`]).
     pub fn len(&self) -> usize {
         self.leases.len()
     }
@@ -988,6 +988,37 @@ impl LeaseTable {
                 .extend(kept);
         }
         (removed, crl_changed)
+    }
+
+    /// After the wall clock went back: revoked certificates listed on the CRL again are
+    /// queued at their expiry once more, so that a CRL dated after it lists them (RFC 5280
+    /// §3.3; a clock that ran ahead had queued them straight for retirement). A lease queued
+    /// twice is retired once: the later entry finds it gone.
+    pub fn requeue_listed(&self, now_s: i64) {
+        let listed: Vec<Reverse<(i64, LeaseId)>> = self
+            .revoked_serials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, r)| r.listed_at(now_s))
+            .map(|(id, r)| Reverse((r.expires_at + CRL_RESIGN_AFTER_EXPIRY_S, *id)))
+            .collect();
+        if !listed.is_empty() {
+            self.expiry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(listed);
+            self.expiry_changed.notify_one();
+        }
+    }
+
+    /// Has the CRL publisher sign a CRL now even if the set of serials it lists is unchanged:
+    /// after the wall clock went back, the CRL served is dated in the future, which relying
+    /// parties refuse ("not yet valid") until a new one is signed.
+    pub fn request_crl_resign(&self) {
+        self.crl_resign
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.announce_change();
     }
 
     /// Tells subscribers (the CRL publisher, Workload API streams) that revocation state

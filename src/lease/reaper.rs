@@ -37,8 +37,9 @@ const MAX_SLEEP: Duration = Duration::from_secs(30);
 const CLOCK_STEP_S: i64 = 60;
 
 /// Tells the operator about a stepped wall clock, and after a step back has the CRL signed
-/// again: serials a clock that ran ahead took off it are listed again (their leases were kept,
-/// see [`super::REVOKED_KEPT_AFTER_EXPIRY_S`]), at once rather than at the next refresh.
+/// again, at once rather than at the next refresh: the one served is dated by the clock that
+/// ran ahead (relying parties refuse it as not yet valid), and serials that clock took off it
+/// are listed again (their leases were kept, see [`super::REVOKED_KEPT_AFTER_EXPIRY_S`]).
 fn check_clock(table: &LeaseTable, seen: &mut Option<(i64, tokio::time::Instant)>, now: i64) {
     if let Some((wall, at)) = *seen {
         let step = now - wall - at.elapsed().as_secs() as i64;
@@ -48,12 +49,14 @@ fn check_clock(table: &LeaseTable, seen: &mut Option<(i64, tokio::time::Instant)
                 "the wall clock went back; signing the CRL again, with any revoked certificate \
                  that the clock ahead had taken off it"
             );
-            table.announce_change();
+            table.requeue_listed(now);
+            table.request_crl_resign();
         } else if step >= CLOCK_STEP_S {
             tracing::warn!(
                 seconds = step,
-                "the wall clock jumped ahead: leases expire by it, and revoked certificates \
-                 expired by it leave the CRL until it comes back (their leases are kept a day)"
+                "the wall clock jumped ahead (or the host was suspended): leases expire by it, \
+                 and revoked certificates expired by it leave the CRL until it comes back (their \
+                 leases are kept a day)"
             );
         }
     }
@@ -68,7 +71,8 @@ pub async fn run(
     lag_ms: Arc<AtomicI64>,
     mut shutdown: Shutdown,
 ) {
-    let mut seen = None;
+    // From the start, so that a step before anything falls due is seen too.
+    let mut seen = Some((clock(), tokio::time::Instant::now()));
     loop {
         // Checked here as well as in the sleep: a backlog of due leases never sleeps.
         if shutdown.is_triggered() {
@@ -398,6 +402,15 @@ mod tests {
         step.store(0, Ordering::SeqCst);
         tokio::time::sleep(MAX_SLEEP * 2).await;
         assert!(*changes.borrow() > ahead, "no CRL once the clock came back");
+        assert!(
+            table.take_crl_resign(),
+            "signed only if the serials changed"
+        );
+        // Queued at its expiry again, so that a CRL dated after it lists it (RFC 5280 §3.3).
+        let resign_at = 1_100 + crate::lease::CRL_RESIGN_AFTER_EXPIRY_S;
+        assert_eq!(table.next_deadline(), Some(resign_at));
+        tokio::time::sleep(Duration::from_secs((resign_at - 1_121 + 5) as u64)).await;
+        assert!(table.take_crl_resign(), "no CRL dated after its expiry");
         assert_eq!(table.revoked_serials(1_061).len(), 1);
         trigger.trigger();
         task.await.unwrap();
