@@ -99,12 +99,14 @@ impl WalKeeper {
     fn checkpoint(&mut self, conn: &Connection) {
         self.tried_at = self.last_frames;
         self.checkpoints += 1;
+        let started = std::time::Instant::now();
         // Passive: never waits for a reader, whose snapshot's frames stay for later.
         match conn.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
             Ok((log, copied)) => tracing::debug!(
                 log,
                 copied,
                 checkpoints = self.checkpoints,
+                us = started.elapsed().as_micros() as u64,
                 "lease store checkpoint"
             ),
             Err(e) => tracing::warn!(error = %e, "lease store checkpoint failed"),
