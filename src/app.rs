@@ -259,7 +259,20 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
             shutdown.clone(),
         )),
     ));
-    let published = publish_crl(&ca, &leases);
+    // Before the first CRL, so that it lists them.
+    match issuer.withdraw_unserved_default().await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            revoked = n,
+            "the built-in default entry is no longer served (entries are configured now, or \
+             tesserad runs as another user): the credentials it granted are revoked"
+        ),
+        Err(e) => tracing::error!(
+            error = %e,
+            "could not revoke what the built-in default entry granted; it no longer grants it"
+        ),
+    }
+    let published = publish_crl(&ca, &leases, time::OffsetDateTime::now_utc());
     tasks.push((
         "crl",
         tokio::spawn(crl_publisher(
@@ -587,10 +600,9 @@ fn warn_if_ca_expires_soon(ca: &Ca) {
     }
 }
 
-/// Signs and publishes a CRL of the revoked certificates still within their validity;
-/// false if it could not.
-fn publish_crl(ca: &Ca, leases: &LeaseTable) -> bool {
-    let now = time::OffsetDateTime::now_utc();
+/// Signs and publishes a CRL of the revoked certificates still within their validity, dated
+/// `now`; false if it could not.
+fn publish_crl(ca: &Ca, leases: &LeaseTable, now: time::OffsetDateTime) -> bool {
     let serials = leases.revoked_serials(now.unix_timestamp());
     match ca.publish_crl(&serials, now) {
         Ok(0) => true,
@@ -645,6 +657,15 @@ async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, failed: bool, mut s
     let mut last = fingerprint(&leases);
     let mut refresh = tokio::time::interval(Duration::from_secs(20 * 60));
     refresh.tick().await;
+    // A CRL signed while the wall clock was ahead is dated in the future once it is back, and
+    // relying parties refuse it as not yet valid; X.509-SVIDs minted then are not valid yet
+    // either. The reaper sees steps at its wakes only (up to 30 s apart), so an excursion
+    // shorter than that would leave both in service: checked here too, every few seconds.
+    // A CRL signed again is a new bundle, on which X.509 streams replace SVIDs not yet valid.
+    let mut signed_at = time::OffsetDateTime::now_utc();
+    let mut ticked = (signed_at, tokio::time::Instant::now());
+    let mut clock_check = tokio::time::interval(Duration::from_secs(5));
+    clock_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A publication that failed is retried until one succeeds: a revocation it carried must
     // not wait for the next change or refresh.
     let mut failed = failed;
@@ -654,6 +675,22 @@ async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, failed: bool, mut s
             () = sd.wait() => return,
             r = rx.changed() => { if r.is_err() { return; } false }
             _ = refresh.tick() => true,
+            _ = clock_check.tick() => {
+                let now = time::OffsetDateTime::now_utc();
+                let (wall, at) = std::mem::replace(&mut ticked, (now, tokio::time::Instant::now()));
+                let went_back = now - wall
+                    < time::Duration::try_from(at.elapsed()).unwrap_or_default()
+                        - time::Duration::minutes(1);
+                if signed_at - crate::ca::CRL_BACKDATE <= now && !went_back {
+                    continue;
+                }
+                tracing::info!(
+                    signed_at = %signed_at,
+                    "the wall clock went back, or the CRL in service was signed by a clock \
+                     ahead of it; signing it again"
+                );
+                true
+            }
             () = tokio::time::sleep(retry), if failed => {
                 retry = (retry * 2).min(Duration::from_secs(60));
                 true
@@ -664,7 +701,11 @@ async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, failed: bool, mut s
         rx.borrow_and_update();
         let now = fingerprint(&leases);
         if leases.take_crl_resign() || forced || now != last {
-            failed = !publish_crl(&ca, &leases);
+            let at = time::OffsetDateTime::now_utc();
+            failed = !publish_crl(&ca, &leases, at);
+            if !failed {
+                signed_at = at;
+            }
             if !failed {
                 retry = Duration::from_secs(1);
             }

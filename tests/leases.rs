@@ -494,10 +494,8 @@ async fn the_first_entry_revokes_what_the_default_entry_granted() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The audit record of the create says so.
-    let audit = std::fs::read_to_string(d.data_dir.join("audit.jsonl")).unwrap();
-    let create: serde_json::Value = audit
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let create = audit_records(&d)
+        .into_iter()
         .find(|v| v["event"] == "entry_create")
         .expect("an entry_create record");
     assert_eq!(create["detail"]["revoked"], 2, "{create}");
@@ -507,14 +505,46 @@ async fn the_first_entry_revokes_what_the_default_entry_granted() {
     );
     // A second entry revokes nothing more, and says nothing of the default entry.
     d.create_entry("spiffe://tessera.internal/svc/api", "unix:uid:47098");
-    let audit = std::fs::read_to_string(d.data_dir.join("audit.jsonl")).unwrap();
-    let second = audit
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let second = audit_records(&d)
+        .into_iter()
         .filter(|v| v["event"] == "entry_create")
         .nth(1)
         .expect("a second entry_create record");
     assert!(second["detail"].get("revoked").is_none(), "{second}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_configured_entries_revokes_what_the_default_entry_granted() {
+    let d = Daemon::start("");
+    let svid = d.client().await.fetch_x509_svid().await.unwrap();
+    let serial = serial_hex(svid.cert_chain()[0].as_ref());
+    // An entry put in the config file ends the default entry at the next start.
+    let d = Daemon::start_in(d.stop(), &entry_for_uid("svc", 47_099, ""));
+    let held: Vec<_> = common::all_leases(&d.admin_socket)
+        .await
+        .into_iter()
+        .filter(|l| l.serial == serial)
+        .collect();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].state, "revoked", "{:?}", held[0]);
+    assert!(
+        held[0].revoke_reason.contains("default entry"),
+        "{:?}",
+        held[0]
+    );
+    assert!(listed(&common::http_get(d.http, "/crl").1, &serial));
+    let withdrawn = audit_records(&d)
+        .into_iter()
+        .find(|v| v["event"] == "default_entry_withdrawn")
+        .expect("a default_entry_withdrawn record");
+    assert_eq!(withdrawn["detail"]["revoked"], 1, "{withdrawn}");
+    // Once revoked, a later start has nothing more to do.
+    let d = Daemon::start_in(d.stop(), &entry_for_uid("svc", 47_099, ""));
+    let withdrawals = audit_records(&d)
+        .into_iter()
+        .filter(|v| v["event"] == "default_entry_withdrawn")
+        .count();
+    assert_eq!(withdrawals, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -550,6 +580,15 @@ async fn a_revoked_certificate_is_on_a_crl_dated_after_its_expiry() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// The daemon's audit log, one JSON value per record.
+fn audit_records(d: &Daemon) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(d.data_dir.join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn listed(crl: &[u8], serial: &str) -> bool {

@@ -388,7 +388,18 @@ impl X509Watch {
                     }
                     if let Err(s) = self.reconcile().await { return end(s); }
                 }
-                changed = self.bundle_rx.changed() => { changed.ok()?; }
+                changed = self.bundle_rx.changed() => {
+                    changed.ok()?;
+                    // A bundle re-signed after the wall clock went back (see the reaper):
+                    // SVIDs minted while it was ahead are not valid yet for anyone, so they
+                    // are replaced at once rather than at their rotation.
+                    let now = OffsetDateTime::now_utc();
+                    for (s, at) in &mut self.svids {
+                        if s.not_before > now {
+                            *at = Instant::now();
+                        }
+                    }
+                }
                 () = tokio::time::sleep_until(next) => {
                     // Attested again first: an exited, replaced or re-exec'd caller gets no
                     // fresh key, and identities it no longer has are dropped.

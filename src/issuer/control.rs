@@ -391,6 +391,42 @@ impl Issuer {
         Ok(created)
     }
 
+    /// At start: revokes what the built-in default entry granted and no longer grants (entries
+    /// were configured since, or tesserad now runs as another user), as `entry create` does
+    /// while running; otherwise those leases stay active in the inventory and their
+    /// X.509-SVIDs off the CRL. Returns how many were revoked.
+    pub async fn withdraw_unserved_default(&self) -> Result<usize, IssueError> {
+        let served = self
+            .registry
+            .snapshot()
+            .iter()
+            .find(|e| &*e.id == "default")
+            .map(|e| e.spiffe_id.to_string());
+        let under =
+            |id: &str, d: &str| id == d || id.strip_prefix(d).is_some_and(|r| r.starts_with('/'));
+        let ids = self.leases.active_of_entry("default", |id| {
+            served.as_deref().is_none_or(|d| !under(id, d))
+        });
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let rev = Revocation {
+            at_ms: now_ms(),
+            by: Actor::Daemon.label(),
+            reason: "the built-in default entry is no longer served".into(),
+        };
+        let ev = Event::now("default_entry_withdrawn", Actor::Daemon)
+            .detail("entry", "default")
+            .detail("revoked", ids.len());
+        commit(
+            &*self.store,
+            vec![Op::Revoke(ids.clone(), rev.clone()), Op::Audit(ev)],
+        )
+        .await?;
+        count_by_kind(&self.metrics, self.leases.revoke(&ids, &Arc::new(rev)));
+        Ok(ids.len())
+    }
+
     /// Refuses `entry` when another entry grants the same identity to the same selectors: a
     /// twin would keep granting it after the entry an operator knows of is deleted, and a
     /// provisioning script run on every deploy would add one each time.

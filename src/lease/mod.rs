@@ -606,6 +606,16 @@ impl LeaseTable {
         self.leases.is_empty()
     }
 
+    /// Active leases granted by entry `entry_id` whose identity `keep` accepts. Walks the
+    /// whole table: for start-up, not the issuance path.
+    pub fn active_of_entry(&self, entry_id: &str, keep: impl Fn(&str) -> bool) -> Vec<LeaseId> {
+        self.leases
+            .iter()
+            .filter(|l| l.state == State::Active && &*l.entry_id == entry_id && keep(&l.spiffe_id))
+            .map(|l| l.id)
+            .collect()
+    }
+
     /// Number of active leases.
     pub fn active_count(&self) -> usize {
         self.by_identity.iter().map(|e| e.value().len()).sum()
@@ -993,14 +1003,17 @@ impl LeaseTable {
     /// After the wall clock went back: revoked certificates listed on the CRL again are
     /// queued at their expiry once more, so that a CRL dated after it lists them (RFC 5280
     /// §3.3; a clock that ran ahead had queued them straight for retirement). A lease queued
-    /// twice is retired once: the later entry finds it gone.
-    pub fn requeue_listed(&self, now_s: i64) {
+    /// twice is retired once: the later entry finds it gone. Only those `ahead_s`, the clock
+    /// as it last was ahead, had taken past that point: the others are still queued there.
+    pub fn requeue_listed(&self, now_s: i64, ahead_s: i64) {
         let listed: Vec<Reverse<(i64, LeaseId)>> = self
             .revoked_serials
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|(_, r)| r.listed_at(now_s))
+            .filter(|(_, r)| {
+                r.listed_at(now_s) && r.expires_at + CRL_RESIGN_AFTER_EXPIRY_S <= ahead_s
+            })
             .map(|(id, r)| Reverse((r.expires_at + CRL_RESIGN_AFTER_EXPIRY_S, *id)))
             .collect();
         if !listed.is_empty() {
@@ -1245,6 +1258,37 @@ mod tests {
             revocation: None,
             kill_epoch: 0,
         }
+    }
+
+    #[test]
+    fn a_step_back_requeues_only_what_the_clock_ahead_took_past_its_expiry() {
+        let t = LeaseTable::new();
+        let (a, b) = (
+            lease(&t, "spiffe://td/a", None, 100),
+            lease(&t, "spiffe://td/b", None, 10_000),
+        );
+        t.insert(a.clone());
+        t.insert(b.clone());
+        let rev = Arc::new(Revocation {
+            at_ms: 50_000,
+            by: "op".into(),
+            reason: "r".into(),
+        });
+        t.revoke(&[a.id, b.id], &rev);
+        let queued = || t.expiry.lock().unwrap().len();
+        assert_eq!(queued(), 2);
+        // The clock ran ahead to 200 and is back at 50: a was taken past its expiry, b was
+        // not and is still queued at it.
+        t.requeue_listed(50, 200);
+        assert_eq!(queued(), 3);
+        assert_eq!(t.next_deadline(), Some(100));
+        assert!(
+            t.expiry
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|Reverse((at, id))| *id == a.id && *at == 100 + CRL_RESIGN_AFTER_EXPIRY_S)
+        );
     }
 
     #[test]

@@ -49,7 +49,7 @@ fn check_clock(table: &LeaseTable, seen: &mut Option<(i64, tokio::time::Instant)
                 "the wall clock went back; signing the CRL again, with any revoked certificate \
                  that the clock ahead had taken off it"
             );
-            table.requeue_listed(now);
+            table.requeue_listed(now, wall);
             table.request_crl_resign();
         } else if step >= CLOCK_STEP_S {
             tracing::warn!(
