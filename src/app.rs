@@ -663,7 +663,7 @@ async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, failed: bool, mut s
     // shorter than that would leave both in service: checked here too, every few seconds.
     // A CRL signed again is a new bundle, on which X.509 streams replace SVIDs not yet valid.
     let mut signed_at = time::OffsetDateTime::now_utc();
-    let mut ticked = (signed_at, tokio::time::Instant::now());
+    let mut watch = reaper::ClockWatch::new(signed_at.unix_timestamp());
     let mut clock_check = tokio::time::interval(Duration::from_secs(5));
     clock_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A publication that failed is retried until one succeeds: a revocation it carried must
@@ -677,10 +677,8 @@ async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, failed: bool, mut s
             _ = refresh.tick() => true,
             _ = clock_check.tick() => {
                 let now = time::OffsetDateTime::now_utc();
-                let (wall, at) = std::mem::replace(&mut ticked, (now, tokio::time::Instant::now()));
-                let went_back = now - wall
-                    < time::Duration::try_from(at.elapsed()).unwrap_or_default()
-                        - time::Duration::minutes(1);
+                let (_, step) = watch.observe(now.unix_timestamp());
+                let went_back = step <= -reaper::CLOCK_STEP_S;
                 if signed_at - crate::ca::CRL_BACKDATE <= now && !went_back {
                     continue;
                 }
@@ -705,8 +703,6 @@ async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, failed: bool, mut s
             failed = !publish_crl(&ca, &leases, at);
             if !failed {
                 signed_at = at;
-            }
-            if !failed {
                 retry = Duration::from_secs(1);
             }
             last = now;

@@ -142,11 +142,17 @@ impl SpiffeId {
     /// True when `self` is `other` or lies under it by whole path segments
     /// (`/a/agent` covers `/a/agent/task/1` but not `/a/agent2`).
     pub fn is_within(&self, other: &SpiffeId) -> bool {
-        match self.full.strip_prefix(other.full.as_str()) {
-            Some("") => true,
-            Some(rest) => rest.starts_with('/'),
-            None => false,
-        }
+        within(&self.full, &other.full)
+    }
+}
+
+/// [`SpiffeId::is_within`] for IDs held as strings (leases keep theirs so): true when `id`
+/// is `of` or lies under it by whole path segments.
+pub fn within(id: &str, of: &str) -> bool {
+    match id.strip_prefix(of) {
+        Some("") => true,
+        Some(rest) => rest.starts_with('/'),
+        None => false,
     }
 }
 

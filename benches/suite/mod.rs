@@ -212,9 +212,13 @@ fn process_cpu_s(pid: &str) -> f64 {
         .take(2)
         .filter_map(|v| v.parse().ok())
         .collect();
+    f.iter().sum::<u64>() as f64 / clock_ticks_per_s()
+}
+
+/// The unit of `/proc`'s CPU times.
+fn clock_ticks_per_s() -> f64 {
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    f.iter().sum::<u64>() as f64 / hz
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
 /// (busy, stolen) seconds of the whole machine since boot, from `/proc/stat`.
@@ -231,8 +235,7 @@ fn machine_cpu_s() -> (f64, f64) {
     let at = |i: usize| f.get(i).copied().unwrap_or(0);
     // user nice system idle iowait irq softirq steal (guest time is inside user).
     let busy = at(0) + at(1) + at(2) + at(5) + at(6);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = clock_ticks_per_s();
     (busy as f64 / hz, at(7) as f64 / hz)
 }
 
@@ -383,8 +386,8 @@ where
                     let t = match &mut due {
                         Some(rx) => match rx.recv().await {
                             Some(tk) => {
-                                let us = |d: Duration| d.as_micros() as u64;
-                                paced.pacer_late_us.push(us(tk.handed - tk.due));
+                                let late = tk.handed - tk.due;
+                                paced.pacer_late_us.push(late.as_micros() as u64);
                                 if tk.handed.elapsed() > Duration::from_millis(1) {
                                     paced.waited_behind += 1;
                                 }

@@ -15,6 +15,9 @@ use crate::lease::{Kill, Kind, Lease, LeaseId, Revocation, State};
 use crate::registry::Entry;
 use crate::spiffe_id::SpiffeId;
 
+/// Why the built-in default entry's credentials were revoked, at a create or at start.
+const DEFAULT_WITHDRAWN: &str = "the built-in default entry is no longer served";
+
 pub(super) fn count_by_kind(m: &crate::metrics::Metrics, counts: [usize; 3]) -> usize {
     for k in [Kind::X509, Kind::Jwt, Kind::Task] {
         let n = counts[k as usize - 1] as u64;
@@ -402,10 +405,10 @@ impl Issuer {
             .iter()
             .find(|e| &*e.id == "default")
             .map(|e| e.spiffe_id.to_string());
-        let under =
-            |id: &str, d: &str| id == d || id.strip_prefix(d).is_some_and(|r| r.starts_with('/'));
         let ids = self.leases.active_of_entry("default", |id| {
-            served.as_deref().is_none_or(|d| !under(id, d))
+            served
+                .as_deref()
+                .is_none_or(|d| !crate::spiffe_id::within(id, d))
         });
         if ids.is_empty() {
             return Ok(0);
@@ -413,7 +416,7 @@ impl Issuer {
         let rev = Revocation {
             at_ms: now_ms(),
             by: Actor::Daemon.label(),
-            reason: "the built-in default entry is no longer served".into(),
+            reason: DEFAULT_WITHDRAWN.into(),
         };
         let ev = Event::now("default_entry_withdrawn", Actor::Daemon)
             .detail("entry", "default")
@@ -535,10 +538,7 @@ impl Issuer {
                 self.leases_of_entry(p),
                 "entry identity or selectors changed",
             ),
-            (_, _, Some(d)) => (
-                self.leases_of_entry(d),
-                "the built-in default entry is no longer served",
-            ),
+            (_, _, Some(d)) => (self.leases_of_entry(d), DEFAULT_WITHDRAWN),
             _ => (Vec::new(), ""),
         };
         let mut ev = Event::now(what, actor.clone())

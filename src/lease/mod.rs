@@ -979,14 +979,12 @@ impl LeaseTable {
             if l.state == State::Active {
                 self.unindex(&l);
             } else if l.serial.is_some() {
-                // Normally off the CRL for a day by now; listed still if the clock went back.
-                let was_listed = self
-                    .revoked_serials
+                // Retired a day past its expiry: off the CRL since `CRL_KEPT_AFTER_EXPIRY_S`,
+                // so the CRL does not change.
+                self.revoked_serials
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id)
-                    .is_some_and(|r| r.listed_at(now_s));
-                crl_changed |= was_listed;
+                    .remove(&id);
             }
             removed.push(id);
         }

@@ -33,34 +33,57 @@ const DELETE_CHUNK: usize = 256;
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 
 /// Seconds by which the wall clock must move more, or less, than the monotonic clock between
-/// two wakes of the reaper to count as stepped.
-const CLOCK_STEP_S: i64 = 60;
+/// two readings to count as stepped.
+pub const CLOCK_STEP_S: i64 = 60;
+
+/// The wall clock as last read, with the monotonic instant of that reading: what the reaper
+/// and the CRL publisher compare each new reading with to see a stepped clock.
+#[derive(Debug, Clone, Copy)]
+pub struct ClockWatch {
+    wall_s: i64,
+    at: tokio::time::Instant,
+}
+
+impl ClockWatch {
+    /// Starts from the wall clock reading `now_s`, taken now.
+    pub fn new(now_s: i64) -> Self {
+        ClockWatch {
+            wall_s: now_s,
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Records the reading `now_s`; returns the previous one and how far the wall clock moved
+    /// beyond the time that passed since (seconds; negative when it went back).
+    pub fn observe(&mut self, now_s: i64) -> (i64, i64) {
+        let last = std::mem::replace(self, ClockWatch::new(now_s));
+        let step = now_s - last.wall_s - last.at.elapsed().as_secs() as i64;
+        (last.wall_s, step)
+    }
+}
 
 /// Tells the operator about a stepped wall clock, and after a step back has the CRL signed
 /// again, at once rather than at the next refresh: the one served is dated by the clock that
 /// ran ahead (relying parties refuse it as not yet valid), and serials that clock took off it
 /// are listed again (their leases were kept, see [`super::REVOKED_KEPT_AFTER_EXPIRY_S`]).
-fn check_clock(table: &LeaseTable, seen: &mut Option<(i64, tokio::time::Instant)>, now: i64) {
-    if let Some((wall, at)) = *seen {
-        let step = now - wall - at.elapsed().as_secs() as i64;
-        if step <= -CLOCK_STEP_S {
-            tracing::warn!(
-                seconds = -step,
-                "the wall clock went back; signing the CRL again, with any revoked certificate \
-                 that the clock ahead had taken off it"
-            );
-            table.requeue_listed(now, wall);
-            table.request_crl_resign();
-        } else if step >= CLOCK_STEP_S {
-            tracing::warn!(
-                seconds = step,
-                "the wall clock jumped ahead (or the host was suspended): leases expire by it, \
-                 and revoked certificates expired by it leave the CRL until it comes back (their \
-                 leases are kept a day)"
-            );
-        }
+fn check_clock(table: &LeaseTable, watch: &mut ClockWatch, now: i64) {
+    let (ahead, step) = watch.observe(now);
+    if step <= -CLOCK_STEP_S {
+        tracing::warn!(
+            seconds = -step,
+            "the wall clock went back; signing the CRL again, with any revoked certificate \
+             that the clock ahead had taken off it"
+        );
+        table.requeue_listed(now, ahead);
+        table.request_crl_resign();
+    } else if step >= CLOCK_STEP_S {
+        tracing::warn!(
+            seconds = step,
+            "the wall clock jumped ahead (or the host was suspended): leases expire by it, \
+             and revoked certificates expired by it leave the CRL until it comes back (their \
+             leases are kept a day)"
+        );
     }
-    *seen = Some((now, tokio::time::Instant::now()));
 }
 
 /// Runs until shutdown. `lag_ms` receives how late the last batch was handled.
@@ -72,7 +95,7 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) {
     // From the start, so that a step before anything falls due is seen too.
-    let mut seen = Some((clock(), tokio::time::Instant::now()));
+    let mut watch = ClockWatch::new(clock());
     loop {
         // Checked here as well as in the sleep: a backlog of due leases never sleeps.
         if shutdown.is_triggered() {
@@ -92,7 +115,7 @@ pub async fn run(
             }
         }
         let now = clock();
-        check_clock(&table, &mut seen, now);
+        check_clock(&table, &mut watch, now);
         let due = table.next_deadline();
         let started = std::time::Instant::now();
         let mut removed = Vec::new();
