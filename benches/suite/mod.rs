@@ -370,12 +370,15 @@ where
         None => Vec::new(),
     };
     due.resize_with(n, || None);
+    let trace_dir = std::env::var_os("TESSERA_BENCH_TRACE");
+    let trace = trace_dir.is_some();
     let tasks: Vec<_> = clients
         .into_iter()
         .zip(due)
         .enumerate()
         .map(|(c, (mut client, mut due))| {
             let op = op.clone();
+            let mut trace = trace.then(Vec::new);
             let done = Arc::clone(&progress.done);
             tokio::spawn(async move {
                 let (mut lat, mut shed, mut errors) = (Vec::with_capacity(8192), 0u64, 0u64);
@@ -401,6 +404,12 @@ where
                     let (back, outcome) = op(client, c, i).await;
                     client = back;
                     i += 1;
+                    if let Some(tr) = &mut trace {
+                        tr.push((
+                            t.duration_since(start).as_micros() as u64,
+                            t.elapsed().as_micros() as u64,
+                        ));
+                    }
                     match outcome {
                         Outcome::Ok => {
                             lat.push(t.elapsed().as_micros() as u64);
@@ -419,14 +428,16 @@ where
                         paced.unsent_us.push(tk.due.elapsed().as_micros() as u64);
                     }
                 }
-                (lat, lat_sent, paced, shed, errors)
+                (lat, lat_sent, paced, shed, errors, trace)
             })
         })
         .collect();
     let (mut all, mut all_sent, mut shed, mut errors) = (Vec::new(), Vec::new(), 0, 0);
+    let mut traced = Vec::new();
     let mut paced = PacedSamples::default();
     for t in tasks {
-        let (l, ls, p, s, e) = t.await.expect("load task panicked");
+        let (l, ls, p, s, e, tr) = t.await.expect("load task panicked");
+        traced.extend(tr.unwrap_or_default());
         all.extend(l);
         all_sent.extend(ls);
         paced.pacer_late_us.extend(p.pacer_late_us);
@@ -436,6 +447,20 @@ where
         errors += e;
     }
     progress.finish();
+    if let Some(dir) = trace_dir {
+        // For looking into a run: every request's send time (from the phase's start) and
+        // latency, in microseconds, to line up with the daemon's log (its file is named
+        // with the phase's start in Unix microseconds).
+        traced.sort_unstable();
+        let text: String = traced.iter().map(|(t, l)| format!("{t} {l}\n")).collect();
+        let began = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000
+            - start.elapsed().as_micros() as i128;
+        let file =
+            std::path::Path::new(&dir).join(format!("{}.{began}.txt", label.replace(' ', "_")));
+        if let Err(e) = std::fs::write(&file, text) {
+            eprintln!("      cannot write {}: {e}", file.display());
+        }
+    }
     let from_send = pace.is_some().then_some(all_sent);
     let paced = pace.is_some().then_some(paced);
     let elapsed = start.elapsed().as_secs_f64();

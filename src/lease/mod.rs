@@ -7,16 +7,18 @@
 //! [`store`] (its WAL checkpoints in [`checkpoint`]); the background expiry in [`reaper`].
 
 pub mod checkpoint;
+pub mod expiry;
 pub mod reaper;
 pub mod store;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
 use dashmap::DashMap;
 use tokio::sync::{Notify, watch};
 
+use self::expiry::ExpiryQueue;
 use crate::spiffe_id::SpiffeId;
 
 /// A lease id, written as 22 base64url characters; it is also the JWT `jti`.
@@ -317,7 +319,7 @@ pub struct LeaseTable {
     /// Per task, how many of its leases the table holds in any state: a revoked credential
     /// still exists until it expires, and while one does its task is not forgotten.
     task_leases: DashMap<Arc<str>, u32>,
-    expiry: Mutex<BinaryHeap<Reverse<(i64, LeaseId)>>>,
+    expiry: Mutex<ExpiryQueue>,
     expiry_changed: Notify,
     revoked_serials: Mutex<HashMap<LeaseId, RevokedSerial>>,
     kills: RwLock<HashMap<String, Kill>>,
@@ -400,7 +402,7 @@ impl LeaseTable {
             by_identity: DashMap::new(),
             by_task: DashMap::new(),
             task_leases: DashMap::new(),
-            expiry: Mutex::new(BinaryHeap::new()),
+            expiry: Mutex::new(ExpiryQueue::default()),
             expiry_changed: Notify::new(),
             revoked_serials: Mutex::new(HashMap::new()),
             kills: RwLock::new(HashMap::new()),
@@ -520,14 +522,6 @@ impl LeaseTable {
         n += usize::from(shrink_map(&self.by_task));
         n += usize::from(shrink_map(&self.task_leases));
         n += usize::from(shrink_map(&self.tasks));
-        {
-            let mut heap = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
-            if sparse(heap.capacity(), heap.len(), COMPACT_MIN_CAPACITY) {
-                let keep = heap.len() * SHRINK_TO;
-                heap.shrink_to(keep);
-                n += 1;
-            }
-        }
         let mut serials = self
             .revoked_serials
             .lock()
@@ -587,10 +581,10 @@ impl LeaseTable {
             self.hold_task(t);
         }
         self.leases.insert(id, Box::new(lease));
-        let mut heap = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
-        let sooner = heap.peek().is_none_or(|Reverse((t, _))| exp < *t);
-        heap.push(Reverse((exp, id)));
-        drop(heap);
+        let mut queue = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+        let sooner = queue.next_due().is_none_or(|t| exp < t);
+        queue.push(exp, id);
+        drop(queue);
         if sooner {
             self.expiry_changed.notify_one();
         }
@@ -875,12 +869,12 @@ impl LeaseTable {
         counts
     }
 
-    /// Adds many leases at once (restore at start): one heap build instead of n pushes.
+    /// Adds many leases at once (restore at start).
     pub fn insert_many(&self, leases: Vec<Lease>) {
-        let mut heap: Vec<Reverse<(i64, LeaseId)>> = Vec::with_capacity(leases.len());
+        let mut queue: Vec<(i64, LeaseId)> = Vec::with_capacity(leases.len());
         let mut revoked = Vec::new();
         for lease in leases {
-            heap.push(Reverse((lease.expires_at, lease.id)));
+            queue.push((lease.expires_at, lease.id));
             if lease.state == State::Active {
                 self.by_identity
                     .entry(Arc::clone(&lease.spiffe_id))
@@ -911,11 +905,10 @@ impl LeaseTable {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(revoked);
-        // BinaryHeap::extend rebuilds in O(n) when that is cheaper than pushing one by one.
         self.expiry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .extend(heap);
+            .extend(queue);
         self.expiry_changed.notify_one();
     }
 
@@ -931,17 +924,11 @@ impl LeaseTable {
     /// rebuilt once per expiry, not once per slice.
     #[must_use = "a change to the CRL must be announced"]
     pub(crate) fn expire_due(&self, now_s: i64, max: usize) -> (Vec<LeaseId>, bool) {
-        let mut due = Vec::new();
-        {
-            let mut heap = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
-            while let Some(Reverse((t, id))) = heap.peek().copied() {
-                if t > now_s || due.len() == max {
-                    break;
-                }
-                heap.pop();
-                due.push(id);
-            }
-        }
+        let mut due = Vec::with_capacity(max.min(4096));
+        self.expiry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_due(now_s, max, &mut due);
         let mut crl_changed = false;
         let mut removed = Vec::with_capacity(due.len());
         let mut kept = Vec::new();
@@ -959,17 +946,17 @@ impl LeaseTable {
                     continue;
                 };
                 if now_s < exp + CRL_RESIGN_AFTER_EXPIRY_S {
-                    kept.push(Reverse((exp + CRL_RESIGN_AFTER_EXPIRY_S, id)));
+                    kept.push((exp + CRL_RESIGN_AFTER_EXPIRY_S, id));
                 } else if now_s < exp + CRL_KEPT_AFTER_EXPIRY_S {
                     // Its serial is unchanged on the CRL, so the publisher must be told.
                     self.crl_resign
                         .store(true, std::sync::atomic::Ordering::Release);
                     crl_changed = true;
-                    kept.push(Reverse((exp + CRL_KEPT_AFTER_EXPIRY_S, id)));
+                    kept.push((exp + CRL_KEPT_AFTER_EXPIRY_S, id));
                 } else {
                     // Off the CRL from now on (see `revoked_serials`), still kept.
                     crl_changed = true;
-                    kept.push(Reverse((exp + REVOKED_KEPT_AFTER_EXPIRY_S, id)));
+                    kept.push((exp + REVOKED_KEPT_AFTER_EXPIRY_S, id));
                 }
                 continue;
             };
@@ -1004,7 +991,7 @@ impl LeaseTable {
     /// twice is retired once: the later entry finds it gone. Only those `ahead_s`, the clock
     /// as it last was ahead, had taken past that point: the others are still queued there.
     pub fn requeue_listed(&self, now_s: i64, ahead_s: i64) {
-        let listed: Vec<Reverse<(i64, LeaseId)>> = self
+        let listed: Vec<(i64, LeaseId)> = self
             .revoked_serials
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1012,7 +999,7 @@ impl LeaseTable {
             .filter(|(_, r)| {
                 r.listed_at(now_s) && r.expires_at + CRL_RESIGN_AFTER_EXPIRY_S <= ahead_s
             })
-            .map(|(id, r)| Reverse((r.expires_at + CRL_RESIGN_AFTER_EXPIRY_S, *id)))
+            .map(|(id, r)| (r.expires_at + CRL_RESIGN_AFTER_EXPIRY_S, *id))
             .collect();
         if !listed.is_empty() {
             self.expiry
@@ -1062,8 +1049,7 @@ impl LeaseTable {
         self.expiry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .peek()
-            .map(|Reverse((t, _))| *t)
+            .next_due()
     }
 
     /// Resolves when a lease with an earlier expiry than any before it was added.
@@ -1285,7 +1271,7 @@ mod tests {
                 .lock()
                 .unwrap()
                 .iter()
-                .any(|Reverse((at, id))| *id == a.id && *at == 100 + CRL_RESIGN_AFTER_EXPIRY_S)
+                .any(|(at, id)| id == a.id && at == 100 + CRL_RESIGN_AFTER_EXPIRY_S)
         );
     }
 
@@ -1799,9 +1785,10 @@ mod tests {
         // The index sets shrink as they empty; the tables at compaction.
         assert!(set_cap(&t.by_identity, "spiffe://td/burst") * 10 < before.3);
         assert!(set_cap(&t.by_task, "job") * 10 < before.4);
-        assert_eq!(t.compact(), 3, "leases, expiry queue, revoked serials");
-        assert!(t.leases.capacity() * 10 < before.0);
+        // So does the expiry queue: its buckets went with their leases.
         assert!(t.expiry.lock().unwrap().capacity() * 10 < before.1);
+        assert_eq!(t.compact(), 2, "leases, revoked serials");
+        assert!(t.leases.capacity() * 10 < before.0);
         assert!(t.revoked_serials.lock().unwrap().capacity() * 10 < before.2);
         assert_eq!(t.compact(), 0, "nothing left to give back");
         // What stayed is intact.
