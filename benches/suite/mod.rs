@@ -408,6 +408,7 @@ where
                         tr.push((
                             t.duration_since(start).as_micros() as u64,
                             t.elapsed().as_micros() as u64,
+                            outcome as u8,
                         ));
                     }
                     match outcome {
@@ -447,12 +448,17 @@ where
         errors += e;
     }
     progress.finish();
+    let elapsed = start.elapsed().as_secs_f64();
     if let Some(dir) = trace_dir {
-        // For looking into a run: every request's send time (from the phase's start) and
-        // latency, in microseconds, to line up with the daemon's log (its file is named
-        // with the phase's start in Unix microseconds).
+        // For looking into a run: every request's send time (scheduled, when paced) from the
+        // phase's start and latency, in microseconds, and its outcome (0 issued, 1 shed, 2
+        // error), to line up with the daemon's log (the file is named with the phase's start
+        // in Unix microseconds).
         traced.sort_unstable();
-        let text: String = traced.iter().map(|(t, l)| format!("{t} {l}\n")).collect();
+        let text: String = traced
+            .iter()
+            .map(|(t, l, o)| format!("{t} {l} {o}\n"))
+            .collect();
         let began = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000
             - start.elapsed().as_micros() as i128;
         let file =
@@ -463,7 +469,6 @@ where
     }
     let from_send = pace.is_some().then_some(all_sent);
     let paced = pace.is_some().then_some(paced);
-    let elapsed = start.elapsed().as_secs_f64();
     Load::from_latencies(all, from_send, paced, shed, errors, elapsed)
 }
 

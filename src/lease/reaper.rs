@@ -165,22 +165,36 @@ pub async fn run(
             table.announce_change();
         }
         if !removed.is_empty() {
-            tracing::debug!(
-                count = removed.len(),
-                ms = started.elapsed().as_millis() as u64,
-                cpu_us = cpu.as_micros() as u64,
-                "expired leases retired"
-            );
+            let ms = started.elapsed().as_millis() as u64;
             // Before the store deletes, which take seconds for a million rows.
             let on_cpu = thread_cpu();
             let shrunk = table.compact();
-            if shrunk > 0 {
-                tracing::debug!(
-                    tables = shrunk,
-                    cpu_us = thread_cpu().saturating_sub(on_cpu).as_micros() as u64,
-                    "lease tables shrunk after expiry"
-                );
-            }
+            tracing::debug!(
+                count = removed.len(),
+                ms,
+                cpu_us = cpu.as_micros() as u64,
+                tables_shrunk = shrunk,
+                shrink_cpu_us = thread_cpu().saturating_sub(on_cpu).as_micros() as u64,
+                "expired leases retired"
+            );
+            // In key order, as SQLite stores them: chunks of ids scattered over the table
+            // touch a page per row (a test deleting half of 300k rows, 256 at a time, wrote
+            // 11 times the log). The queue hands out one second's leases in no order. Off the
+            // workers: a million ids take ~0.1 s to sort.
+            let removed = if removed.len() > DELETE_CHUNK {
+                match tokio::task::spawn_blocking(move || {
+                    removed.sort_unstable();
+                    removed
+                })
+                .await
+                {
+                    Ok(sorted) => sorted,
+                    Err(_) => continue,
+                }
+            } else {
+                removed.sort_unstable();
+                removed
+            };
             // Forgetting expired rows is housekeeping: on failure they are found expired and
             // deleted again at the next start.
             // In small chunks, one commit at a time: the store's single writer folds each into
@@ -413,6 +427,8 @@ mod tests {
             chunks.iter().all(|&c| c <= DELETE_CHUNK),
             "chunks {chunks:?}"
         );
+        // In the store's key order across all chunks, whatever order the queue gave.
+        assert!(store.deleted().is_sorted(), "deletes not in key order");
         assert!(table.revoked_serials(1_010).is_empty(), "left the CRL");
         assert_eq!(table.revoked_serials(0).len(), revoked, "kept");
         assert_eq!(
