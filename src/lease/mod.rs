@@ -522,6 +522,14 @@ impl LeaseTable {
         n += usize::from(shrink_map(&self.by_task));
         n += usize::from(shrink_map(&self.task_leases));
         n += usize::from(shrink_map(&self.tasks));
+        {
+            let mut queue = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+            let (capacity, len) = queue.heap_room();
+            if sparse(capacity, len, COMPACT_MIN_CAPACITY) {
+                queue.shrink_heap_to(len * SHRINK_TO);
+                n += 1;
+            }
+        }
         let mut serials = self
             .revoked_serials
             .lock()
@@ -1744,6 +1752,28 @@ mod tests {
         t.forget_tasks(&ids(&["old-busy"]));
         assert!(t.task("old-busy").is_none());
         assert_eq!(t.task_count(), 2);
+    }
+
+    #[test]
+    fn compaction_gives_back_the_expiry_heap_a_burst_of_long_leases_left() {
+        let t = LeaseTable::new();
+        // Due beyond the hour: they wait in the expiry queue's heap, not in its buckets.
+        let later = time::OffsetDateTime::now_utc().unix_timestamp() + 3 * expiry::BUCKETED_S;
+        for _ in 0..40_000 {
+            let mut l = lease(&t, "spiffe://td/long", None, later);
+            l.serial = None;
+            t.insert(l);
+        }
+        let before = t.expiry.lock().unwrap().heap_room().0;
+        assert!(before >= 40_000);
+        let (gone, _) = t.expire_due(later, usize::MAX);
+        assert_eq!((gone.len(), t.len()), (40_000, 0));
+        assert_eq!(t.compact(), 2, "the lease map and the expiry heap");
+        let mut keep = lease(&t, "spiffe://td/long", None, later + 10);
+        keep.serial = None;
+        t.insert(keep);
+        assert_eq!(t.compact(), 0);
+        assert!(t.expiry.lock().unwrap().heap_room().0 < before / 8);
     }
 
     #[test]
