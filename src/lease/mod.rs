@@ -920,7 +920,8 @@ impl LeaseTable {
         self.expiry_changed.notify_one();
     }
 
-    /// Removes up to `max` leases whose expiry is at or before `now_s`, soonest first;
+    /// Removes up to `max` leases whose expiry is at or before `now_s` (soonest second first,
+    /// but see [`ExpiryQueue::take_due`]);
     /// returns their ids and whether the CRL must be signed again (a revoked certificate left
     /// it, or one just expired must appear on a CRL issued after its expiry). A revoked
     /// certificate's lease is kept [`REVOKED_KEPT_AFTER_EXPIRY_S`] past its expiry, asking for
@@ -1050,6 +1051,16 @@ impl LeaseTable {
         if gone {
             self.task_leases.remove_if(t, |_, n| *n == 0);
         }
+    }
+
+    /// Moves up to `max` leases coming within the expiry queue's bucketed window out of its
+    /// heap (see [`expiry`]); returns how many moved. The reaper calls it after each pass,
+    /// until fewer than `max` move, taking the queue's lock once per call.
+    pub(crate) fn promote_expiries(&self, now_s: i64, max: usize) -> usize {
+        self.expiry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .promote(now_s, max)
     }
 
     /// The soonest expiry in the queue.

@@ -26,6 +26,10 @@ pub fn system_clock() -> Clock {
 /// Expired leases taken out of memory before the reaper yields its thread (~1 ms).
 const RETIRE_SLICE: usize = 512;
 
+/// Leases moved from the expiry queue's heap into its buckets per lock (~0.3 ms in a heap of a
+/// million).
+const PROMOTE_SLICE: usize = 1024;
+
 /// Expired leases deleted per store commit (see the loop for why so few).
 const DELETE_CHUNK: usize = 256;
 
@@ -163,6 +167,14 @@ pub async fn run(
         // serial and re-sign the CRL.
         if crl_changed {
             table.announce_change();
+        }
+        // Leases coming within the next hours move into the expiry queue's lists now, a slice
+        // at a time, so that they are not popped from its heap one by one when they expire.
+        while table.promote_expiries(now, PROMOTE_SLICE) == PROMOTE_SLICE {
+            tokio::task::yield_now().await;
+            if shutdown.is_triggered() {
+                return;
+            }
         }
         if !removed.is_empty() {
             let ms = started.elapsed().as_millis() as u64;
@@ -476,6 +488,30 @@ mod tests {
         tokio::time::sleep(Duration::from_secs((resign_at - 1_121 + 5) as u64)).await;
         assert!(table.take_crl_resign(), "no CRL dated after its expiry");
         assert_eq!(table.revoked_serials(1_061).len(), 1);
+        trigger.trigger();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_due_beyond_the_bucketed_window_leave_the_heap_before_they_expire() {
+        use crate::lease::expiry::BUCKETED_S;
+        let table = Arc::new(LeaseTable::new());
+        let store = Arc::new(Recorder::default());
+        let (trigger, task) = start(&table, &store);
+        let in_heap = || table.expiry.lock().unwrap().heap_room().1;
+        // After a pass the window runs from the reaper's clock (about 1030).
+        tokio::time::sleep(MAX_SLEEP + Duration::from_secs(1)).await;
+        let exp = 1_031 + BUCKETED_S + 100;
+        let l = lease(exp);
+        table.insert(l.clone());
+        assert_eq!(in_heap(), 1, "beyond the window: in the heap");
+        // Once within the window, a pass moves it, long before it falls due.
+        tokio::time::sleep(Duration::from_secs(200)).await;
+        assert_eq!(in_heap(), 0, "not moved out of the heap");
+        assert!(table.get(&l.id).is_some());
+        assert_eq!(table.next_deadline(), Some(exp));
+        tokio::time::sleep(Duration::from_secs(BUCKETED_S as u64)).await;
+        assert!(table.get(&l.id).is_none(), "retired at its expiry");
         trigger.trigger();
         task.await.unwrap();
     }
