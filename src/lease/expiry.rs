@@ -301,6 +301,21 @@ mod tests {
         assert_eq!(q.bucketed(), 0);
     }
 
+    #[test]
+    fn the_window_follows_the_clock_back_as_well_as_forward() {
+        const W: i64 = BUCKETED_S;
+        let mut q = ExpiryQueue::starting_at(0);
+        // A clock a year ahead, then right again: a lease due in three windows goes to the
+        // heap, not to a bucket of its own.
+        let _ = q.promote(365 * 86_400, 10);
+        q.push(W / 2, id(1));
+        assert_eq!(q.bucketed(), 1, "within the year-ahead window");
+        let _ = q.promote(0, 10);
+        q.push(3 * W, id(2));
+        assert_eq!((q.bucketed(), q.len()), (1, 2));
+        assert_eq!(q.heap_room().1, 1);
+    }
+
     /// Random pushes, restores, takes, moves and clock steps against a plain list: every id
     /// comes out once, when due, never more than asked for, and `next_due` and `len` agree.
     #[test]
