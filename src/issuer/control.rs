@@ -75,13 +75,7 @@ impl Issuer {
             .lease(id)
             .reason(reason)
             .detail("kind", l.kind.as_str());
-        commit(
-            &*self.store,
-            vec![Op::Revoke(vec![lease_id], rev.clone()), Op::Audit(ev)],
-        )
-        .await?;
-        let rev = Arc::new(rev);
-        count_by_kind(&self.metrics, self.leases.revoke(&[lease_id], &rev));
+        let (_, rev) = self.revoke_durably(vec![lease_id], rev, ev).await?;
         // Reaped at its expiry meanwhile (the reaper takes no barrier): what was stored.
         Ok(self.leases.get(&lease_id).unwrap_or(Lease {
             state: State::Revoked,
@@ -131,15 +125,26 @@ impl Issuer {
             .spiffe_id(&*t.agent)
             .detail("task_id", crate::lease::task_id_of(task))
             .detail("count", ids.len());
+        Ok(self.revoke_durably(ids, rev, ev).await?.0)
+    }
+
+    /// Makes the revocation of `ids` durable with its audit record, then puts it in force in
+    /// memory and counts it by kind in the metrics. Returns how many were revoked and the
+    /// shared revocation record.
+    async fn revoke_durably(
+        &self,
+        ids: Vec<LeaseId>,
+        rev: Revocation,
+        ev: Event,
+    ) -> Result<(usize, Arc<Revocation>), IssueError> {
         commit(
             &*self.store,
             vec![Op::Revoke(ids.clone(), rev.clone()), Op::Audit(ev)],
         )
         .await?;
-        Ok(count_by_kind(
-            &self.metrics,
-            self.leases.revoke(&ids, &Arc::new(rev)),
-        ))
+        let rev = Arc::new(rev);
+        let n = count_by_kind(&self.metrics, self.leases.revoke(&ids, &rev));
+        Ok((n, rev))
     }
 
     /// Kill switch: revokes every lease of `id` and of identities under its path, and refuses
@@ -421,13 +426,9 @@ impl Issuer {
         let ev = Event::now("default_entry_withdrawn", Actor::Daemon)
             .detail("entry", "default")
             .detail("revoked", ids.len());
-        commit(
-            &*self.store,
-            vec![Op::Revoke(ids.clone(), rev.clone()), Op::Audit(ev)],
-        )
-        .await?;
-        count_by_kind(&self.metrics, self.leases.revoke(&ids, &Arc::new(rev)));
-        Ok(ids.len())
+        let n = ids.len();
+        self.revoke_durably(ids, rev, ev).await?;
+        Ok(n)
     }
 
     /// Refuses `entry` when another entry grants the same identity to the same selectors: a

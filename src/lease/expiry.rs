@@ -15,6 +15,7 @@
 //! in linear time.
 
 use std::cmp::Reverse;
+use std::collections::binary_heap::PeekMut;
 use std::collections::{BTreeMap, BinaryHeap};
 
 use super::LeaseId;
@@ -71,10 +72,7 @@ impl ExpiryQueue {
     pub fn next_due(&self) -> Option<i64> {
         let bucketed = self.buckets.first_key_value().map(|(t, _)| *t);
         let later = self.later.peek().map(|Reverse((t, _))| *t);
-        match (bucketed, later) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        bucketed.into_iter().chain(later).min()
     }
 
     /// Moves up to `max` ids due at or before `now_s` into `out`: the buckets' soonest second
@@ -103,14 +101,14 @@ impl ExpiryQueue {
         // Due, but not moved into a bucket in time (a clock step forward): taken as the heap
         // hands them out.
         while left > 0 {
-            match self.later.peek() {
-                Some(Reverse((t, _))) if *t <= now_s => {}
-                _ => break,
+            let Some(top) = self.later.peek_mut() else {
+                break;
+            };
+            if top.0.0 > now_s {
+                break;
             }
-            if let Some(Reverse((_, id))) = self.later.pop() {
-                out.push(id);
-                left -= 1;
-            }
+            out.push(PeekMut::pop(top).0.1);
+            left -= 1;
         }
     }
 
@@ -125,15 +123,17 @@ impl ExpiryQueue {
         self.horizon = now_s.saturating_add(BUCKETED_S);
         let mut moved = 0;
         while moved < max {
-            match self.later.peek() {
-                Some(Reverse((t, _))) if *t > now_s && *t < self.horizon => {}
-                _ => break,
+            let Some(top) = self.later.peek_mut() else {
+                break;
+            };
+            let t = top.0.0;
+            if t <= now_s || t >= self.horizon {
+                break;
             }
-            if let Some(Reverse((t, id))) = self.later.pop() {
-                self.buckets.entry(t).or_default().push(id);
-                self.bucketed += 1;
-                moved += 1;
-            }
+            let Reverse((_, id)) = PeekMut::pop(top);
+            self.buckets.entry(t).or_default().push(id);
+            self.bucketed += 1;
+            moved += 1;
         }
         moved
     }
@@ -181,7 +181,7 @@ impl ExpiryQueue {
 }
 
 impl Extend<(i64, LeaseId)> for ExpiryQueue {
-    /// Sorts what falls due within the hour by second first, so that each second costs one map
+    /// Sorts what falls due within the window by second first, so that each second costs one map
     /// lookup: a restore hands over leases in id order, which mixed TTLs leave in no order of
     /// expiry. The rest goes to the heap, which builds in linear time.
     fn extend<I: IntoIterator<Item = (i64, LeaseId)>>(&mut self, items: I) {

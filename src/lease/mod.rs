@@ -1768,7 +1768,7 @@ mod tests {
     #[test]
     fn compaction_gives_back_the_expiry_heap_a_burst_of_long_leases_left() {
         let t = LeaseTable::new();
-        // Due beyond the hour: they wait in the expiry queue's heap, not in its buckets.
+        // Due beyond the window: they wait in the expiry queue's heap, not in its buckets.
         let later = time::OffsetDateTime::now_utc().unix_timestamp() + 3 * expiry::BUCKETED_S;
         for _ in 0..40_000 {
             let mut l = lease(&t, "spiffe://td/long", None, later);
