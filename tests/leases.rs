@@ -622,6 +622,74 @@ async fn revoked_jwt_no_longer_validates() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("already revoked"));
 }
 
+/// Whether every thread of `pid` is traced.
+fn all_threads_traced(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("status")).is_ok_and(|s| {
+            s.lines()
+                .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_credential_waits_for_a_data_sync_of_the_store_log() {
+    // An fsync() of the log would also write its inode for the new mtime on every commit: a
+    // second write and wait per credential. The bundled SQLite uses fsync() unless built with
+    // HAVE_FDATASYNC (.cargo/config.toml), which a build could silently lose.
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        common::skip("strace is not installed");
+        return;
+    }
+    let d = Daemon::start(&entry_for_uid("agent", my_uid(), ""));
+    let client = d.client().await;
+    // The log exists once something is committed.
+    client.fetch_jwt_svid(["svc"], None).await.unwrap();
+    let out = d.dir.path().join("syncs.txt");
+    let mut strace = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o"])
+        .arg(&out)
+        .args(["-p", &d.pid().to_string()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !all_threads_traced(d.pid()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "strace did not attach: {:?}",
+            strace.try_wait()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for i in 0..5 {
+        client
+            .fetch_jwt_svid([format!("svc{i}")], None)
+            .await
+            .unwrap();
+    }
+    client.fetch_x509_svid().await.unwrap();
+    // SAFETY: kill(2) on our child; strace detaches and exits on SIGINT.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    strace.wait().unwrap();
+    let trace = std::fs::read_to_string(&out).unwrap();
+    let log: Vec<&str> = trace
+        .lines()
+        .filter(|l| l.contains("tessera.db-wal>"))
+        .collect();
+    // Six credentials, each committed on its own, each answered after its own sync.
+    let data_syncs = log.iter().filter(|l| l.contains(" fdatasync(")).count();
+    assert!(data_syncs >= 6, "{trace}");
+    assert!(!log.iter().any(|l| l.contains(" fsync(")), "{trace}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_refuses_bad_input_and_changes_nothing() {
     let cfg = entry_for_uid("agent", my_uid(), "");

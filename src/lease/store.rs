@@ -3,9 +3,11 @@
 //! Owns: what survives a crash. [`Store`] is the interface the issuance path writes through
 //! (a PostgreSQL backend can implement it for several replicas); [`SqliteStore`] is the
 //! embedded default: SQLite in WAL mode with `synchronous=FULL`, written by one thread that
-//! commits everything queued since its last commit in one transaction (group commit), so an
-//! fsync is shared by every request waiting on it. A submit resolves only after its commit
-//! has returned, i.e. after the data is on disk. The writer copies the WAL into the database
+//! commits everything queued since its last commit in one transaction (group commit), so a
+//! sync is shared by every request waiting on it. A submit resolves only after its commit
+//! has returned, i.e. after the data is on disk. The bundled SQLite is built with
+//! `HAVE_FDATASYNC` (`.cargo/config.toml`): its default, `fsync()`, also wrote the log's inode
+//! for its new mtime at every commit, a second write and wait per batch. The writer copies the WAL into the database
 //! file when it has nothing to commit, not inside a commit ([`super::checkpoint`]).
 //!
 //! Each audit record is committed in the same transaction as the change it describes (table
@@ -295,7 +297,7 @@ const FINAL_CHECKPOINT_WAIT: Duration = Duration::from_millis(500);
 fn open_db(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(db_err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
-    // FULL: the WAL is fsync'd at every commit, so an acknowledged lease survives power loss.
+    // FULL: the WAL is synced at every commit, so an acknowledged lease survives power loss.
     conn.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;",
     )
