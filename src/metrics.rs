@@ -85,7 +85,7 @@ pub struct Metrics {
     /// Milliseconds between a lease's expiry and the reaper retiring it, last batch.
     pub reaper_lag_ms: std::sync::Arc<AtomicI64>,
     latency: [Histogram; 6],
-    /// Lease store commits (statements, log write and fsync), shared with the store's writer:
+    /// Lease store commits (statements, log write and sync), shared with the store's writer:
     /// every credential of a batch waits for its commit, so this is the floor under issuance
     /// latency and where a slow disk shows.
     pub store_commit: std::sync::Arc<Histogram>,
@@ -225,7 +225,7 @@ impl Metrics {
         }
         let _ = writeln!(
             o,
-            "# HELP tessera_store_commit_duration_seconds Lease store group commits, fsync included; credentials wait for them.\n# TYPE tessera_store_commit_duration_seconds histogram"
+            "# HELP tessera_store_commit_duration_seconds Lease store group commits, the log sync included; credentials wait for them.\n# TYPE tessera_store_commit_duration_seconds histogram"
         );
         self.store_commit
             .render(&mut o, "tessera_store_commit_duration_seconds", "");

@@ -6,12 +6,12 @@
 //! commits everything queued since its last commit in one transaction (group commit), so a
 //! sync is shared by every request waiting on it. A submit resolves only after its commit
 //! has returned, i.e. after the data is on disk. The bundled SQLite is built with
-//! `HAVE_FDATASYNC` (`.cargo/config.toml`): its default, `fsync()`, also wrote the log's inode
-//! for its new mtime at every commit, a second write and wait per batch. The writer copies the WAL into the database
+//! `HAVE_FDATASYNC` (`.cargo/config.toml`): its default, `fsync()`, also flushed the log's
+//! inode whenever its mtime had ticked, under load nearly every commit. The writer copies the WAL into the database
 //! file when it has nothing to commit, not inside a commit ([`super::checkpoint`]).
 //!
 //! Each audit record is committed in the same transaction as the change it describes (table
-//! `audit_pending`), together with the chain head, so one fsync makes both durable and a
+//! `audit_pending`), together with the chain head, so one sync makes both durable and a
 //! truncated audit tail is detectable. After the commit the records are appended to the audit
 //! file before anyone is answered; a sync thread fdatasyncs the file at most every
 //! [`AUDIT_SYNC_INTERVAL`] and the rows it covers are then deleted. A crash between the commit
