@@ -7,7 +7,7 @@ use prost::Message;
 /// `.cargo/config.toml` sets `LIBSQLITE3_FLAGS`, but only where Cargo reads that file (not for
 /// `--manifest-path` from elsewhere, `cargo install --git`, or Tessera as a dependency), and a
 /// `LIBSQLITE3_FLAGS` already in the environment takes its place. SQLite then falls back to
-/// `fsync()`: as durable, slower, and not what the README says, so say so.
+/// `fsync()`: as durable, slower on a journaled filesystem, and not what the README says.
 fn check_sqlite_flags() {
     println!("cargo:rerun-if-env-changed=LIBSQLITE3_FLAGS");
     println!("cargo:rerun-if-env-changed=LIBSQLITE3_SYS_USE_PKG_CONFIG");
@@ -23,7 +23,8 @@ fn check_sqlite_flags() {
         println!(
             "cargo:warning=the bundled SQLite is built without HAVE_FDATASYNC \
              (LIBSQLITE3_FLAGS={flags:?}): the lease store will sync its log with fsync(), \
-             as durable but slower; add -DHAVE_FDATASYNC=1 to LIBSQLITE3_FLAGS"
+             as durable but, on a journaled filesystem, a journal commit more per commit; \
+             add -DHAVE_FDATASYNC=1 to LIBSQLITE3_FLAGS"
         );
     }
 }

@@ -639,9 +639,9 @@ fn all_threads_traced_by(pid: i32, tracer: u32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_credential_is_answered_only_after_an_fdatasync_of_the_store_log() {
-    // An fsync() of the log also flushes its inode whenever its mtime ticked: under load a
-    // second write and wait per commit. The bundled SQLite uses fsync() unless built with
-    // HAVE_FDATASYNC (.cargo/config.toml), which a build can lose without failing.
+    // An fsync() of the log also makes its new mtime durable: on a journaled ext4 one more
+    // device write and flush per commit. The bundled SQLite uses fsync() unless built with
+    // HAVE_FDATASYNC (.cargo/config.toml), which a build can lose with only a warning.
     use std::io::Read;
     if std::process::Command::new("strace")
         .arg("-V")

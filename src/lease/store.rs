@@ -7,8 +7,9 @@
 //! sync is shared by every request waiting on it. A submit resolves only after its commit
 //! has returned, i.e. after the data is on disk. The bundled SQLite is built with
 //! `HAVE_FDATASYNC` (`.cargo/config.toml`): its default, `fsync()`, also made the log's new
-//! mtime durable, on a journaled ext4 one more device write and flush per commit. The writer copies the WAL into the database
-//! file when it has nothing to commit, not inside a commit ([`super::checkpoint`]).
+//! mtime durable, on a journaled ext4 one more device write and flush per commit. The writer
+//! copies the WAL into the database file when it has nothing to commit, not inside a commit
+//! ([`super::checkpoint`]).
 //!
 //! Each audit record is committed in the same transaction as the change it describes (table
 //! `audit_pending`), together with the chain head, so one sync makes both durable and a
