@@ -178,19 +178,34 @@ struct DaemonView {
     commits_over_25ms: u64,
 }
 
+/// A histogram's cumulative bucket counts gained between two `/metrics` bodies.
+fn bucket_delta(before: &str, after: &str, name: &str, label: &str) -> Vec<(f64, u64)> {
+    let b = buckets(before, name, label);
+    buckets(after, name, label)
+        .into_iter()
+        .map(|(le, n)| {
+            let was = b.iter().find(|(l, _)| *l == le).map_or(0, |(_, n)| *n);
+            (le, n.saturating_sub(was))
+        })
+        .collect()
+}
+
+/// The store commits' cumulative bucket counts gained between two `/metrics` bodies; the
+/// last (`+Inf`) is how many commits there were.
+fn commit_delta(before: &str, after: &str) -> Vec<(f64, u64)> {
+    bucket_delta(before, after, "tessera_store_commit_duration_seconds", "")
+}
+
+/// How many store commits there were between two `/metrics` bodies.
+fn store_commits(before: &str, after: &str) -> u64 {
+    commit_delta(before, after).last().map_or(0, |(_, n)| *n)
+}
+
 impl DaemonView {
     fn between(before: &str, after: &str, rpc: &str) -> Self {
-        let delta = |name: &str, label: &str| -> Vec<(f64, u64)> {
-            let b = buckets(before, name, label);
-            buckets(after, name, label)
-                .into_iter()
-                .map(|(le, n)| {
-                    let was = b.iter().find(|(l, _)| *l == le).map_or(0, |(_, n)| *n);
-                    (le, n.saturating_sub(was))
-                })
-                .collect()
-        };
-        let handler = delta(
+        let handler = bucket_delta(
+            before,
+            after,
             "tessera_request_duration_seconds",
             &format!("rpc=\"{rpc}\""),
         );
@@ -199,7 +214,7 @@ impl DaemonView {
             .iter()
             .find(|(_, n)| total > 0 && *n as f64 >= total as f64 * 0.99)
             .map_or(f64::NAN, |(le, _)| le * 1000.0);
-        let commits = delta("tessera_store_commit_duration_seconds", "");
+        let commits = commit_delta(before, after);
         let all = commits.last().map_or(0, |(_, n)| *n);
         let within = commits
             .iter()
@@ -340,7 +355,6 @@ pub async fn run(o: &Opts, r: &mut Report) -> Figures {
     let jwt = spiffe_load(&d, Svid::Jwt, "jwt", c, secs, None).await;
     let m3 = CpuMark::now(d.pid());
     let s3 = metrics_body(&d);
-    let store_commits = |a: &str, b: &str| DaemonView::between(a, b, "").commits;
     let full_commits = [
         store_commits(&s0, &s1),
         store_commits(&s1, &s2),
@@ -427,16 +441,24 @@ pub async fn run(o: &Opts, r: &mut Report) -> Figures {
         "ratio",
         Target::AtLeast(0.44),
     );
-    for ((key, name, plural, cpu, load), commits) in [
-        ("x509", "X.509-SVID", "X.509-SVIDs", &x509_cpu, &x509),
+    for ((key, phase, name, plural, cpu, load), commits) in [
+        (
+            "x509",
+            "X.509",
+            "X.509-SVID",
+            "X.509-SVIDs",
+            &x509_cpu,
+            &x509,
+        ),
         (
             "x509_bare",
+            "X.509 bare",
             "X.509-SVID, bare client",
             "X.509-SVIDs (bare client)",
             &bare_cpu,
             &bare,
         ),
-        ("jwt", "JWT-SVID", "JWT-SVIDs", &jwt_cpu, &jwt),
+        ("jwt", "JWT", "JWT-SVID", "JWT-SVIDs", &jwt_cpu, &jwt),
     ]
     .into_iter()
     .zip(full_commits)
@@ -461,11 +483,6 @@ pub async fn run(o: &Opts, r: &mut Report) -> Figures {
             f64::NAN
         } else {
             commits as f64
-        };
-        let phase = match key {
-            "x509" => "X.509",
-            "x509_bare" => "X.509 bare",
-            _ => "JWT",
         };
         r.figure(
             &format!("{key}_per_store_commit"),
