@@ -374,7 +374,13 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     );
     let tls_cfg = match &cfg.http_tls {
         None => None,
-        Some(tls) => Some(http::tls::server_config(tls, &ca).map_err(AppError::Tls)?),
+        Some(tls) => {
+            let host = reqwest::Url::parse(&issuer_url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .unwrap_or_default();
+            Some(http::tls::server_config(tls, &ca, &host).map_err(AppError::Tls)?)
+        }
     };
     tasks.push((
         if tls_cfg.is_some() { "https" } else { "http" },

@@ -59,6 +59,12 @@ pub enum Actor {
         /// Its SPIFFE ID.
         spiffe_id: String,
     },
+    /// Someone not authenticated who presented a token Tessera issued to `token_of`, refused
+    /// (expired, revoked, another audience): whoever holds a copy, not necessarily its owner.
+    Presenter {
+        /// The SPIFFE ID the token was issued to.
+        token_of: String,
+    },
     /// The daemon itself (expiry, restore).
     Daemon,
 }
@@ -88,6 +94,11 @@ impl Actor {
                 let _ = serde_json::to_writer(&mut *b, spiffe_id);
                 b.push(b'}');
             }
+            Self::Presenter { token_of } => {
+                b.extend_from_slice(br#"{"presented_token_of":"#);
+                let _ = serde_json::to_writer(&mut *b, token_of);
+                b.push(b'}');
+            }
             Self::Daemon => b.extend_from_slice(br#""tesserad""#),
         }
     }
@@ -101,6 +112,7 @@ impl Actor {
                 uid, gid: Some(g), ..
             } => format!("operator uid:{uid} gid:{g}"),
             Self::Agent { spiffe_id } => format!("agent {spiffe_id}"),
+            Self::Presenter { token_of } => format!("presenter of a token of {token_of}"),
             Self::Daemon => "tesserad".into(),
         }
     }
@@ -181,6 +193,10 @@ pub struct AuditWriter {
     buf: Vec<u8>,
     /// Rotated away but the new file is not open yet (its open failed): retry the open.
     reopen: bool,
+    /// An fdatasync of the file failed: a later one may succeed without the pages the kernel
+    /// could not write, so nothing written since the last good sync can be trusted to be on
+    /// disk (the store's writer stops; see [`AuditWriter::rewrite_unsynced`]).
+    sync_failed: bool,
 }
 
 /// A point in the chain to roll back to ([`AuditWriter::mark`]).
@@ -267,7 +283,112 @@ impl AuditWriter {
             prev,
             buf: Vec::with_capacity(1 << 16),
             reopen: false,
+            sync_failed: false,
         })
+    }
+
+    /// Whether an fdatasync of the file has failed since it was opened.
+    pub fn sync_failed(&self) -> bool {
+        self.sync_failed
+    }
+
+    /// Makes the end of the live file hold exactly `rows`: records the store kept because no
+    /// sync of them was confirmed, `(seq, line)` in order, ending before the head. Where the
+    /// file differs from them (a hole left by a failed fdatasync whose pages the kernel
+    /// dropped, then a crash or power loss), it is cut there and the store's records follow
+    /// (with the usual checks of [`AuditWriter::push_recovered`]; the caller flushes).
+    /// Returns how many records were written again. Rows not all in the live file (a rotation
+    /// since), or not contiguous, are left to the checks that follow.
+    pub fn rewrite_unsynced(&mut self, rows: &[(u64, Vec<u8>)]) -> Result<usize, AuditError> {
+        let io = |source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let Some(&(first, _)) = rows.first() else {
+            return Ok(0);
+        };
+        // The rows the file should hold: from `first` to the head, without a gap (the store
+        // lacking one the file ends with would cut it).
+        let rows = &rows[..rows.partition_point(|(s, _)| *s < self.seq)];
+        if first >= self.seq
+            || !self.buf.is_empty()
+            || first + rows.len() as u64 != self.seq
+            || rows
+                .iter()
+                .enumerate()
+                .any(|(i, (s, _))| *s != first + i as u64)
+        {
+            return Ok(0);
+        }
+        // Where record `first` starts: the rows end where the file does (its last record is
+        // the one before the head, and a hole keeps the length), so that many bytes back. The
+        // record before it was synced before any failure, so it is intact: it gives the hash
+        // to chain from (the genesis at the start of the first file).
+        let bytes: u64 = rows.iter().map(|(_, l)| l.len() as u64 + 1).sum();
+        let Some(start) = self.size.checked_sub(bytes) else {
+            return Ok(0);
+        };
+        let mut file = File::open(&self.path).map_err(io)?;
+        let prev = match start {
+            0 if first == 0 => GENESIS.to_owned(),
+            // The record before is in a rotated file: left to the checks that follow.
+            0 => return Ok(0),
+            _ => match record_ending_at(&mut file, start).map_err(io)? {
+                Some((s, hash)) if s + 1 == first => hash,
+                _ => return Ok(0),
+            },
+        };
+        let mut on_disk = Vec::new();
+        file.seek(SeekFrom::Start(start)).map_err(io)?;
+        file.read_to_end(&mut on_disk).map_err(io)?;
+        // The first row whose line the file does not hold as it is, at its place.
+        let mut at = 0usize;
+        let mut k = 0usize;
+        for (_, line) in rows {
+            let end = at + line.len();
+            if on_disk.get(at..end) != Some(line.as_slice()) || on_disk.get(end) != Some(&b'\n') {
+                break;
+            }
+            at = end + 1;
+            k += 1;
+        }
+        if k == rows.len() {
+            return Ok(0);
+        }
+        // The store's rows from there must be whole records that continue the chain, or the
+        // file (whose records may be the intact ones) is left as it is for the checks that
+        // follow: nothing is cut for a row that could not replace it.
+        let mut chain = match k {
+            0 => prev.clone(),
+            _ => match check_record(&rows[k - 1].1) {
+                Ok(c) => c.hash,
+                Err(_) => return Ok(0),
+            },
+        };
+        for (seq, line) in &rows[k..] {
+            match check_record(line) {
+                Ok(c) if c.seq == *seq && c.prev == chain => chain = c.hash,
+                _ => return Ok(0),
+            }
+        }
+        let cut = start + at as u64;
+        self.file.set_len(cut).map_err(io)?;
+        self.size = cut;
+        self.seq = first + k as u64;
+        self.prev = match k {
+            0 => prev,
+            _ => check_record(&rows[k - 1].1)
+                .map(|c| c.hash)
+                .map_err(|_| AuditError::Damaged(self.path.clone()))?,
+        };
+        let mut n = 0;
+        for (_, line) in &rows[k..] {
+            if self.push_recovered(line).is_err() {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// The chain head: next sequence number and the last hash.
@@ -379,9 +500,12 @@ impl AuditWriter {
     /// Writes the pending records and makes them durable (fdatasync).
     pub fn flush(&mut self) -> Result<(), AuditError> {
         self.write()?;
-        self.file.sync_data().map_err(|source| AuditError::Io {
-            path: self.path.clone(),
-            source,
+        self.file.sync_data().map_err(|source| {
+            self.sync_failed = true;
+            AuditError::Io {
+                path: self.path.clone(),
+                source,
+            }
         })
     }
 
@@ -399,7 +523,11 @@ impl AuditWriter {
         };
         if self.reopen || (self.size > 0 && self.size + self.buf.len() as u64 > self.max_size) {
             if !self.reopen {
-                self.file.sync_data().map_err(io(&self.path))?;
+                if let Err(e) = self.file.sync_data() {
+                    // Retried, it could succeed without what it failed to write.
+                    self.sync_failed = true;
+                    return Err(io(&self.path)(e));
+                }
                 let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
                 let rotated = self.path.with_extension(format!("{stamp}.jsonl"));
                 std::fs::rename(&self.path, &rotated).map_err(io(&self.path))?;
@@ -539,6 +667,26 @@ pub fn events_from(current: &Path, from: u64) -> (BTreeMap<String, u64>, Vec<Pat
     }
     files.reverse();
     (events, files)
+}
+
+/// The record whose line ends just before byte `at` of `file`: `(seq, hash)`, if that line is
+/// whole and a record.
+fn record_ending_at(file: &mut File, at: u64) -> std::io::Result<Option<(u64, String)>> {
+    // A record is a few hundred bytes; an audit line is never near this long.
+    let from = at.saturating_sub(64 * 1024);
+    let mut window = vec![0u8; (at - from) as usize];
+    file.seek(SeekFrom::Start(from))?;
+    file.read_exact(&mut window)?;
+    let Some(b'\n') = window.last() else {
+        return Ok(None);
+    };
+    let body = &window[..window.len() - 1];
+    let line = match body.iter().rposition(|b| *b == b'\n') {
+        Some(i) => &body[i + 1..],
+        None if from == 0 => body,
+        None => return Ok(None),
+    };
+    Ok(parse_head(line))
 }
 
 /// Reads the last complete line: `(next seq, its hash, byte length up to and including it)`.

@@ -588,7 +588,9 @@ impl Config {
                         "must be an http(s) URL with no path, query or fragment, e.g. \"https://tessera.example:8780\"",
                     ));
                 }
-                Some(i.trim_end_matches('/').to_owned())
+                // Kept as written: relying parties compare issuers as strings, and a trailing
+                // slash is a different issuer to them (endpoints are built without it).
+                Some(i)
             }
         };
         let http_tls = match (raw.http.tls_cert, raw.http.tls_key, raw.http.tls_svid) {
@@ -1159,6 +1161,21 @@ mod tests {
             "[http]\nlisten = \"[::1]:8780\"\nissuer = \"http://localhost:8780\"",
         ] {
             Config::from_toml(ok, Path::new("t.toml")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn the_issuer_is_kept_as_written() {
+        // Relying parties compare issuers as strings: a trailing slash stays.
+        for issuer in ["https://t.example/", "https://t.example"] {
+            let c = Config::from_toml(
+                &format!(
+                    "[http]\nlisten = \"0.0.0.0:8780\"\ntls_svid = true\nissuer = \"{issuer}\""
+                ),
+                Path::new("t.toml"),
+            )
+            .unwrap();
+            assert_eq!(c.http_issuer.as_deref(), Some(issuer));
         }
     }
 

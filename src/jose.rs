@@ -398,8 +398,9 @@ impl Es256Signer {
         }
     }
 
-    /// Serializes `claims` and signs them as a JWT (`typ` `JWT`: JWT-SVIDs).
-    pub fn sign(&self, claims: &Value) -> Result<String, JoseError> {
+    /// Serializes `claims` and signs them as a JWT (`typ` `JWT`: JWT-SVIDs). Any `Serialize`
+    /// type: a struct of claims goes straight to JSON, without building a `Value` first.
+    pub fn sign<C: serde::Serialize + ?Sized>(&self, claims: &C) -> Result<String, JoseError> {
         self.sign_with(&self.header_b64, claims)
     }
 
@@ -408,18 +409,24 @@ impl Es256Signer {
         self.sign_with(&self.access_header_b64, claims)
     }
 
-    fn sign_with(&self, header_b64: &str, claims: &Value) -> Result<String, JoseError> {
-        let payload = b64_encode(claims.to_string().as_bytes());
-        let mut token = String::with_capacity(header_b64.len() + payload.len() + 90);
+    fn sign_with<C: serde::Serialize + ?Sized>(
+        &self,
+        header_b64: &str,
+        claims: &C,
+    ) -> Result<String, JoseError> {
+        // Claims are a struct or a `Value` with string keys: serializing them cannot fail.
+        let json = serde_json::to_vec(claims).expect("JWT claims serialize");
+        // header.payload.signature, the signature's 64 bytes being 86 characters.
+        let mut token = String::with_capacity(header_b64.len() + json.len() * 4 / 3 + 92);
         token.push_str(header_b64);
         token.push('.');
-        token.push_str(&payload);
+        URL_SAFE_NO_PAD.encode_string(&json, &mut token);
         let sig = self
             .key
             .sign(&self.rng, token.as_bytes())
             .map_err(|_| JoseError::BadSignature)?;
         token.push('.');
-        token.push_str(&b64_encode(sig.as_ref()));
+        URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut token);
         Ok(token)
     }
 }

@@ -444,10 +444,13 @@ impl Verifier {
             .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
             .filter(|(k, _)| k != "aud")
             .collect();
-        // Booleans such as email_verified are useful in policy; pass them as strings.
+        // Booleans such as email_verified and numbers such as auth_time are useful in policy;
+        // they reach it as strings ("true", "1700000000"), as the schema check requires.
         for (k, v) in &jws.claims {
-            if let Value::Bool(b) = v {
-                string_claims.push((k.clone(), b.to_string()));
+            match v {
+                Value::Bool(b) => string_claims.push((k.clone(), b.to_string())),
+                Value::Number(n) => string_claims.push((k.clone(), n.to_string())),
+                _ => {}
             }
         }
         let subject = Subject {
@@ -550,6 +553,20 @@ mod tests {
                                        "aud": "tessera", "exp": now_s() + 600}))
             .unwrap();
         assert_eq!(v.validate(&access).await.unwrap().sub, "bob");
+        // Booleans and numbers reach policies as strings; objects and arrays do not.
+        let claims = old
+            .sign(
+                &json!({"iss": "https://idp.example", "sub": "carol", "aud": "tessera",
+                          "exp": now_s() + 600, "auth_time": 1_700_000_000,
+                          "email_verified": true, "groups": ["a"], "addr": {"c": "d"}}),
+            )
+            .unwrap();
+        let got = v.validate(&claims).await.unwrap().string_claims.clone();
+        let get = |k: &str| got.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("auth_time"), Some("1700000000"));
+        assert_eq!(get("email_verified"), Some("true"));
+        assert_eq!(get("sub"), Some("carol"));
+        assert_eq!((get("groups"), get("addr"), get("aud")), (None, None, None));
         // A subject that could redraw an operator's approval prompt is refused.
         for sub in [
             "bob\n1  ok  tickets:read".to_owned(),

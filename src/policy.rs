@@ -9,7 +9,7 @@
 //! principal `Tessera::Agent::"<SPIFFE ID>"` with `owner`, `purpose`, `risk` from its entry;
 //! action `Tessera::Action::"exchange"`; resource `Tessera::Audience::"<audience>"`; context
 //! `scope`, `task_id`, `ttl_seconds`, `subject` (`iss`, `sub` and the subject token's other
-//! string claims).
+//! string, boolean and number claims, as strings).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -84,7 +84,7 @@ pub struct Input<'a> {
     pub task_id: &'a str,
     /// The lifetime the token would get.
     pub ttl_seconds: i64,
-    /// `iss`, `sub` and the subject token's other string claims.
+    /// `iss`, `sub` and the subject token's other string, boolean and number claims, as strings.
     pub subject: &'a [(String, String)],
 }
 
@@ -713,6 +713,35 @@ mod tests {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/policy/tessera.cedar");
         let e = Engine::load(Some(&p), None).unwrap();
         assert_eq!(e.len(), 4);
+        // Its write permit pins the subject as its read permit does: a token from another
+        // trusted issuer (here a CI's, which anyone can get) writes nothing.
+        let ask = |subject: &[(String, String)], scope: &str| {
+            let mut i = input(subject, "low");
+            i.owner = "platform";
+            i.audience = "https://tickets.example.com";
+            e.decide(&i, &[scope.into()])[0].allowed
+        };
+        let s = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect()
+        };
+        let colleague = s(&[
+            ("iss", "https://accounts.example.com"),
+            ("sub", "u1"),
+            ("email", "ann@example.com"),
+            ("email_verified", "true"),
+        ]);
+        let stranger = s(&[
+            ("iss", "https://token.actions.githubusercontent.com"),
+            ("sub", "repo:attacker/x:ref:refs/heads/main"),
+            ("repository", "attacker/x"),
+        ]);
+        for scope in ["tickets:read", "tickets:write"] {
+            assert!(ask(&colleague, scope), "{scope}");
+            assert!(!ask(&stranger, scope), "{scope}");
+        }
     }
 
     #[test]

@@ -81,9 +81,23 @@ impl Entry {
             && self.selectors.iter().all(|s| other.selectors.contains(s))
     }
 
-    /// True when the entry can grant at `now`.
+    /// True when an X.509-SVID minted under `other` would be the same as one minted under this
+    /// entry: same entry, grant, lifetime, hint and expiry. Its owner, purpose, risk and JWT
+    /// and task settings do not enter the certificate.
+    pub fn mints_same_x509(&self, other: &Entry) -> bool {
+        self.id == other.id
+            && self.same_grant(other)
+            && self.x509_svid_ttl == other.x509_svid_ttl
+            && self.hint == other.hint
+            && self.expires_at == other.expires_at
+    }
+
+    /// True when the entry can grant at `now`: at least a whole second before its expiry, as
+    /// credentials state their expiry in whole seconds and one granted in the last fraction of
+    /// a second would be expired when issued.
     pub fn is_live(&self, now: OffsetDateTime) -> bool {
-        self.expires_at.is_none_or(|t| now < t)
+        self.expires_at
+            .is_none_or(|t| t - now >= time::Duration::SECOND)
     }
 
     /// `ttl`, cut short so that nothing granted at `now` outlives the entry's `expires_at`.
@@ -257,6 +271,18 @@ mod tests {
                 .map(|s| Selector::parse(s).unwrap())
                 .collect::<BTreeSet<_>>(),
         }
+    }
+
+    #[test]
+    fn an_entry_grants_until_its_last_whole_second() {
+        let now = OffsetDateTime::now_utc();
+        let at = |ms| entry("a", &[], Some(now + time::Duration::milliseconds(ms)));
+        // Less than a second left: a credential stating its expiry in whole seconds could be
+        // expired as it is issued.
+        assert!(!at(999).is_live(now));
+        assert!(!at(-1).is_live(now));
+        assert!(at(1000).is_live(now));
+        assert!(entry("a", &[], None).is_live(now));
     }
 
     #[test]

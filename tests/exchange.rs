@@ -532,6 +532,10 @@ async fn task_token_lifetime_is_capped_by_the_entry_the_subject_and_expires_at()
     // A subject token just past exp, within the leeway, still gets a token, of 1 second.
     claims["exp"] = (now() - 10).into();
     assert_eq!(lifetime(&idp.sign("RS256", Some("rsa-1"), &claims)).1, 1);
+    // A subject token that expires after year 9999 (past what a date holds) caps nothing: the
+    // default 5 minutes, not a token expired as it is issued.
+    claims["exp"] = 253_402_300_800_i64.into();
+    assert_eq!(lifetime(&idp.sign("RS256", Some("rsa-1"), &claims)).1, 300);
 
     // The entry's expires_at, a minute away, under a 10-minute subject token.
     let expires_at = now() + 60;
@@ -922,13 +926,7 @@ async fn an_actor_token_revoked_during_the_exchange_gets_nothing() {
     })
     .await;
     // The agent's JWT-SVID leaked: the operator revokes it, and the revocation returns.
-    let jti: String = {
-        let claims: Value =
-            serde_json::from_slice(&B64.decode(actor.split('.').nth(1).unwrap()).unwrap()).unwrap();
-        claims["jti"].as_str().unwrap().to_owned()
-    };
-    let o = d.cli(&["lease", "revoke", &jti, "--reason", "leaked"]);
-    assert!(o.status.success(), "{o:?}");
+    revoke_token_lease(&d, &actor);
     idp.open.send_replace(true);
     let (code, r) = pending.join().unwrap();
     assert_eq!(code, 400, "a token minted for a revoked actor token: {r}");
@@ -1161,8 +1159,8 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
     let done = cli_json(&d, &["task", "complete", "cli-1"]);
     assert_eq!(done["revoked"], 1);
 
-    // A task's own X.509 identity can be killed: no new certificate for it, the agent is
-    // otherwise unaffected.
+    // A task's own identity can be killed: no new certificate or token for the task, the agent
+    // is otherwise unaffected.
     let r46 = tasks
         .exchange(tasks_req(&subject, "job-46", &["tickets:read"], true))
         .await
@@ -1176,24 +1174,32 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let err = tasks
-        .exchange(tasks_req(&subject, "job-46", &["tickets:read"], true))
+    for x509 in [true, false] {
+        let err = tasks
+            .exchange(tasks_req(&subject, "job-46", &["tickets:read"], x509))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{}",
+            err.message()
+        );
+        assert!(err.message().contains(task_id), "{}", err.message());
+    }
+    let other = tasks
+        .exchange(tasks_req(&subject, "job-48", &["tickets:read"], false))
         .await
-        .unwrap_err();
-    assert_eq!(
-        err.code(),
-        tonic::Code::InvalidArgument,
-        "{}",
-        err.message()
-    );
-    assert!(err.message().contains(task_id), "{}", err.message());
+        .unwrap()
+        .into_inner();
+    secrets.push(other.access_token);
+    assert!(d.cli(&["restore", task_id]).status.success());
     let r46 = tasks
         .exchange(tasks_req(&subject, "job-46", &["tickets:read"], false))
         .await
         .unwrap()
         .into_inner();
     secrets.push(r46.access_token);
-    assert!(d.cli(&["restore", task_id]).status.success());
 
     // Kill switch: the agent's live task token goes inactive, and it gets nothing new.
     let r = tasks
@@ -1536,7 +1542,9 @@ async fn inventory_expired_and_idle_entries_get_nothing() {
 }
 
 /// Sends one HTTP request through `openssl s_client` (an independent TLS client) trusting
-/// `ca`; returns everything it printed (handshake summary and the HTTP response).
+/// `ca`, and checking that the certificate names the address's IP, as an HTTPS client checks
+/// the host it connected to; returns everything it printed (handshake summary and the HTTP
+/// response).
 fn https_via_openssl(addr: std::net::SocketAddr, ca: &std::path::Path, path: &str) -> String {
     use std::io::Write;
     let mut child = std::process::Command::new("openssl")
@@ -1545,6 +1553,8 @@ fn https_via_openssl(addr: std::net::SocketAddr, ca: &std::path::Path, path: &st
             "-connect",
             &addr.to_string(),
             "-verify_return_error",
+            "-verify_ip",
+            &addr.ip().to_string(),
             "-CAfile",
         ])
         .arg(ca)
@@ -1754,13 +1764,25 @@ async fn task_ids_are_each_agents_own_and_completion_survives_a_restart() {
         cli_json(&d, &["task", "complete", "--operator", "solo"])["revoked"],
         1
     );
+    // A task whose first exchange was refused (its identity killed) exists in memory only;
+    // completing it must still hold after the restart.
+    let first_refused = task_name("a", "T-202");
+    assert!(d.cli(&["kill", &first_refused]).status.success());
+    let (_, r) = exchange(
+        &d,
+        &base_fields(&subject, &actor_a, "T-202", "tickets:read"),
+    );
+    assert_refused(&r, "is killed");
+    let done = cli_json(&d, &["task", "complete", "--operator", &first_refused]);
+    assert_eq!(done["revoked"], 0, "{done}");
+    assert!(d.cli(&["restore", &first_refused]).status.success());
 
     let d = crash_and_restart(d);
 
     let actor_a = actor_token(&d, "a").await;
     let actor_b = actor_token(&d, "b").await;
     // a's tasks stay complete; b's task of the same id is still open, and its token live.
-    for task in ["T-101", "solo"] {
+    for task in ["T-101", "solo", "T-202"] {
         let (_, r) = exchange(&d, &base_fields(&subject, &actor_a, task, "tickets:read"));
         assert_refused(&r, "complete");
     }
@@ -1779,6 +1801,80 @@ async fn task_ids_are_each_agents_own_and_completion_survives_a_restart() {
 }
 
 /// The daemon's `tessera_tasks` gauge.
+/// An agent token Tessera signed that is refused (here revoked after it was used), as the
+/// actor token of an exchange or the Bearer token of introspection and revocation, is
+/// recorded as presented by someone holding that agent's token; a token that does not verify
+/// names nobody and is not recorded.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_agent_tokens_are_recorded_denials() {
+    let idp = Idp::start().await;
+    let d = daemon(&idp, POLICY, "", "");
+    let actor = actor_token(&d, "a").await;
+    // Used once: verified and remembered, so the refusals below come from the cached path.
+    let (code, r) = exchange(
+        &d,
+        &base_fields(&idp.token("alice"), &actor, "t-0", "tickets:read"),
+    );
+    assert_eq!(code, 200, "{r}");
+    revoke_token_lease(&d, &actor);
+    let denied = || -> u64 {
+        let (_, body) = http_get(d.http, "/metrics");
+        common::metric(
+            &String::from_utf8(body).unwrap(),
+            "tessera_denied_total{kind=\"task-token\"}",
+        )
+    };
+    let before = denied();
+    let (code, r) = exchange(
+        &d,
+        &base_fields(&idp.token("alice"), &actor, "t-1", "tickets:read"),
+    );
+    assert_eq!(code, 400, "{r}");
+    assert_refused(&r, "revoked");
+    let (code, _) = post_auth(&d, "/introspect", Some(&actor), "x");
+    assert_eq!(code, 401);
+    let (code, _) = post_auth(&d, "/revoke", Some(&actor), "x");
+    assert_eq!(code, 401);
+    let (code, _) = exchange(
+        &d,
+        &base_fields(&idp.token("alice"), "junk", "t-1", "tickets:read"),
+    );
+    assert_eq!(code, 400);
+    // Denials are recorded without waiting for the disk: looked for until they are there.
+    let denials = || -> Vec<Value> {
+        let audit = std::fs::read_to_string(d.data_dir.join("audit.jsonl")).unwrap();
+        audit
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|e| e["event"] == "deny")
+            .collect()
+    };
+    eventually("three denials recorded", || denials().len() >= 3).await;
+    assert_eq!(denied(), before + 3);
+    let denials = denials();
+    let agent = "spiffe://tessera.internal/agents/a";
+    for what in ["actor_token", "/introspect", "/revoke"] {
+        assert!(
+            denials
+                .iter()
+                .any(|e| e["actor"]["presented_token_of"] == agent
+                    && e["spiffe_id"] == agent
+                    && e["reason"].as_str().is_some_and(|r| r.contains(what))),
+            "{what}: {denials:?}"
+        );
+    }
+    assert_eq!(denials.len(), 3, "junk is not recorded: {denials:?}");
+}
+
+/// Revokes the lease of `token` (its `jti`) as an operator would.
+fn revoke_token_lease(d: &Daemon, token: &str) {
+    let claims: Value =
+        serde_json::from_slice(&B64.decode(token.split('.').nth(1).unwrap()).unwrap()).unwrap();
+    let jti = claims["jti"].as_str().unwrap();
+    let o = d.cli(&["lease", "revoke", jti, "--reason", "leaked"]);
+    assert!(o.status.success(), "{o:?}");
+}
+
 fn task_records(d: &Daemon) -> u64 {
     let (code, body) = http_get(d.http, "/metrics");
     assert_eq!(code, 200);

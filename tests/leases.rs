@@ -1025,6 +1025,28 @@ async fn entry_changes_reach_live_streams_and_survive_restart() {
         .unwrap()
         .unwrap();
     assert_eq!(next.svids()[1].hint(), Some("extra"));
+    // Edits that change no certificate of this caller send nothing (Workload API §4.3: some
+    // clients reload on every message): the entry's owner, an entry another uid matches.
+    assert!(
+        d.cli(&["entry", "update", &id, "--owner", "ops2"])
+            .status
+            .success()
+    );
+    let o = d.cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://tessera.internal/someone-else",
+        "--selector",
+        "unix:uid:4242",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), stream.next())
+            .await
+            .is_err(),
+        "a message although the response is as it was"
+    );
 
     // A JWT-SVID of the entry survives an edit of its owner, not one of its selectors: a
     // caller the entry no longer matches must not keep a token of it.

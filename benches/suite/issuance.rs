@@ -635,7 +635,7 @@ pub async fn run(o: &Opts, r: &mut Report) -> Figures {
     let all = (over.ok + over.shed + over.errors).max(1) as f64;
     r.figure(
         "overload_shed_ratio",
-        "  refused by the per-uid limits (ResourceExhausted)",
+        "  refused by the per-uid limits (Unavailable, shedding)",
         over.shed as f64 / all,
         "ratio",
         Target::None,

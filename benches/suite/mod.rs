@@ -32,7 +32,8 @@ pub struct Opts {
 }
 
 /// What one request came to. `Shed` is the daemon refusing load on purpose (gRPC
-/// `ResourceExhausted` from its per-uid limits, HTTP 503 from the listener's body budget),
+/// `Unavailable` "shedding load" from its per-uid limits, HTTP 503 from the listener's body
+/// budget),
 /// which the overload target allows; `Err` is anything else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -682,12 +683,13 @@ pub fn workload_req<T>(m: T) -> tonic::Request<T> {
 }
 
 /// A gRPC status mapped to an outcome. Only the daemon's deliberate refusals are shedding:
-/// `ResourceExhausted` from its per-uid limits (streams, request bytes in flight). Every
-/// `Unavailable` is an error: the daemon answers it when it cannot attest, record or sign,
-/// and tonic when the connection is refused or lost, as to a daemon that died.
+/// `Unavailable` from its per-uid limits (streams, request bytes in flight), whose message says
+/// so. Every other `Unavailable` is an error: the daemon answers it when it cannot attest,
+/// record or sign, and tonic when the connection is refused or lost, as to a daemon that died.
 pub fn grpc_outcome(s: &tonic::Status) -> Outcome {
-    match s.code() {
-        tonic::Code::ResourceExhausted => Outcome::Shed,
-        _ => Outcome::Err,
+    if tessera::api::limits::is_shed(s) {
+        Outcome::Shed
+    } else {
+        Outcome::Err
     }
 }

@@ -25,6 +25,7 @@ use crate::audit::Actor;
 use crate::ca::Ca;
 use crate::exchange::{self, ActorRef, ExchangeError, Exchanger};
 use crate::issuer::IssueError;
+use crate::lease::Kind;
 use crate::lease::LeaseTable;
 use crate::metrics::Metrics;
 
@@ -184,12 +185,14 @@ fn oauth_error(status: StatusCode, code: &str, desc: &str) -> Response {
 
 async fn discovery(State(s): State<HttpState>) -> Response {
     let iss = s.exchanger.issuer_url();
+    // RFC 8414 §3: a terminating "/" is not part of the paths beneath the issuer.
+    let base = iss.trim_end_matches('/');
     public_json(&json!({
         "issuer": iss,
-        "jwks_uri": format!("{iss}/jwks"),
-        "token_endpoint": format!("{iss}/token"),
-        "introspection_endpoint": format!("{iss}/introspect"),
-        "revocation_endpoint": format!("{iss}/revoke"),
+        "jwks_uri": format!("{base}/jwks"),
+        "token_endpoint": format!("{base}/token"),
+        "introspection_endpoint": format!("{base}/introspect"),
+        "revocation_endpoint": format!("{base}/revoke"),
         "grant_types_supported": [exchange::GRANT_TYPE],
         "response_types_supported": ["none"],
         "subject_types_supported": ["public"],
@@ -297,7 +300,7 @@ fn body_error(e: &axum::Error) -> Response {
     });
     for c in causes {
         if c.downcast_ref::<tonic::Status>()
-            .is_some_and(|s| s.code() == tonic::Code::ResourceExhausted)
+            .is_some_and(crate::api::limits::is_shed)
         {
             return with_retry_after(oauth_error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -509,8 +512,12 @@ fn bearer_agent(s: &HttpState, headers: &HeaderMap, how: Caller) -> Result<Strin
             ));
         }
     };
+    let what = match how {
+        Caller::Resource => "the Bearer token of /introspect",
+        Caller::Client => "the Bearer token of /revoke",
+    };
     s.exchanger
-        .authenticate_agent(token)
+        .authenticate_agent(token, what)
         .map(|(e, _)| e.spiffe_id.to_string())
         .map_err(|e| {
             let desc = format!("the Bearer JWT-SVID is not accepted: {e}");
@@ -617,6 +624,15 @@ async fn revoke(
         .and_then(Value::as_str)
         .unwrap_or("");
     if holder != caller {
+        s.exchanger.issuer().deny_actor(
+            Actor::Agent {
+                spiffe_id: caller.clone(),
+            },
+            &caller,
+            Kind::Task,
+            "/revoke refused: the token was not issued to this agent",
+            vec![("lease_id", Value::from(t.lease_id.to_string()))],
+        );
         return oauth_error(
             StatusCode::BAD_REQUEST,
             "unauthorized_client",

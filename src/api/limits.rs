@@ -132,6 +132,22 @@ impl Drop for Slot {
     }
 }
 
+/// The start of the message of every refusal for load (the per-uid stream and byte limits).
+/// They are `Unavailable`: the SPIFFE Workload Endpoint (§6) has a client retry with a backoff
+/// when the endpoint sheds load, and lists no other code for it. The prefix tells them from the
+/// daemon's failures, which are `Unavailable` too.
+pub const SHED: &str = "shedding load: ";
+
+/// A refusal for load: `Unavailable`, its message [`SHED`] and then `detail`.
+pub fn shed(detail: impl std::fmt::Display) -> tonic::Status {
+    tonic::Status::unavailable(format!("{SHED}{detail}"))
+}
+
+/// Whether `s` is a refusal for load ([`shed`]) rather than a failure.
+pub fn is_shed(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable && s.message().starts_with(SHED)
+}
+
 /// Request bytes one uid may have received on the Unix sockets and not yet seen made into
 /// messages: sixteen requests of the largest size. HTTP/2 lets each connection carry many
 /// streams and each holds a partly received message, so without this a caller with no
@@ -142,7 +158,7 @@ pub const IN_FLIGHT_BYTES_TOTAL: usize = 256 << 20;
 
 /// Counts request body bytes per caller uid ([`PerUid`] in bytes) while a request is being
 /// received: a body that would go past its caller's share or everyone's fails with
-/// `ResourceExhausted`, and what a body counted is given back when it is dropped (once its
+/// [`shed`], and what a body counted is given back when it is dropped (once its
 /// message is decoded, or the stream ends).
 #[derive(Debug, Clone)]
 pub struct InFlightLayer(Arc<PerUid>);
@@ -328,7 +344,7 @@ where
         {
             let n = data.len();
             if !this.budget.add(this.uid, n) {
-                return Poll::Ready(Some(Err(refused(tonic::Status::resource_exhausted(
+                return Poll::Ready(Some(Err(refused(shed(
                     "too many request bytes in flight from this uid (or from all callers); \
                      retry once earlier requests are answered",
                 )))));
@@ -438,7 +454,7 @@ mod tests {
         while let Some(frame) = body.frame().await {
             if let Err(e) = frame {
                 let s = e.downcast::<tonic::Status>().unwrap();
-                assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+                assert!(is_shed(&s), "{s:?}");
                 return (body, true);
             }
         }

@@ -25,7 +25,13 @@ pub fn exchange_status(e: ExchangeError) -> Status {
     let code = e.oauth_code();
     let msg = format!("{code}: {e}");
     let (mut s, request_id) = match e {
-        ExchangeError::NoIdentity(i) | ExchangeError::Unavailable(i) => return status(i),
+        ExchangeError::NoIdentity(i) => return status(i),
+        // A full approval queue: to be retried later, and not `FailedPrecondition`, which
+        // tells a client polling an approval that it is still pending.
+        ExchangeError::Unavailable(IssueError::FailedPrecondition(m)) => {
+            (Status::unavailable(format!("{code}: {m}")), None)
+        }
+        ExchangeError::Unavailable(i) => (status(i), None),
         ExchangeError::InvalidRequest(_) | ExchangeError::InvalidTarget(_) => {
             (Status::invalid_argument(msg), None)
         }
@@ -99,8 +105,8 @@ pub fn status(e: IssueError) -> Status {
         IssueError::Ca(CaError::Expired) => {
             tracing::error!(error = %CaError::Expired, "CA cannot sign");
             Status::unavailable(
-                "the CA certificate has expired, so no X.509-SVID can be issued until an \
-                 operator renews it (or restarts tesserad to replace a generated CA)",
+                "the CA certificate has expired, so no SVID can be issued until an operator \
+                 renews it (or restarts tesserad to replace a generated CA)",
             )
         }
         IssueError::Ca(err) => {

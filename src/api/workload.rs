@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use super::limits::{BUNDLE_STREAMS_PER_UID, PerUid, Slot, X509_STREAMS_PER_UID};
+use super::limits::{self, BUNDLE_STREAMS_PER_UID, PerUid, Slot, X509_STREAMS_PER_UID};
 use super::uds::PeerConn;
 use super::{NO_IDENTITY, status};
 use crate::attest::{Attestation, PeerInfo};
@@ -170,7 +170,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let t0 = std::time::Instant::now();
         let caller = self.caller(&req).await?;
         let slot = self.x509_streams.take(caller.uid).ok_or_else(|| {
-            Status::resource_exhausted(format!(
+            limits::shed(format_args!(
                 "uid {} holds {X509_STREAMS_PER_UID} FetchX509SVID streams, the most allowed; close some (one stream per process is enough)",
                 caller.uid
             ))
@@ -186,10 +186,18 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let entries = self.issuer.entitled(&caller, Kind::X509).map_err(status)?;
         let now = Instant::now();
         let mut svids = Vec::with_capacity(entries.len());
+        // One identity killed (or its entry changed) while the others are minted does not end
+        // the call: the caller is matched again below.
+        let mut rematch = false;
         for e in &entries {
-            let s = self.issuer.issue_x509(&caller, e).await.map_err(status)?;
-            let at = refresh_at(&s, now);
-            svids.push((s, at));
+            match self.issuer.issue_x509(&caller, e).await {
+                Ok(s) => {
+                    let at = refresh_at(&s, now);
+                    svids.push((s, at));
+                }
+                Err(IssueError::NoIdentity | IssueError::Killed(_)) => rematch = true,
+                Err(err) => return Err(status(err)),
+            }
         }
         let mut w = X509Watch {
             issuer: Arc::clone(&self.issuer),
@@ -202,8 +210,12 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             svids,
             _slot: slot,
             kills_seen,
+            sent: (Vec::new(), None),
         };
-        let first = x509_response(&w.svids, &w.bundle_rx.borrow_and_update());
+        if rematch {
+            w.reconcile().await?;
+        }
+        let first = w.message().await?;
         self.issuer.metrics().observe("FetchX509SVID", t0.elapsed());
         let updates = stream::unfold(Some(w), |w| async move { w?.next().await });
         Ok(Response::new(
@@ -353,6 +365,10 @@ struct X509Watch {
     _slot: Slot,
     /// The kill list generation last looked at.
     kills_seen: u64,
+    /// What the last message held: its SVIDs' leases and the bundle it carried. A change that
+    /// leaves both as they were sends nothing (Workload API §4.3: messages follow changes to
+    /// the response, and some clients reload on each).
+    sent: (Vec<crate::lease::LeaseId>, Option<Arc<TrustBundle>>),
 }
 
 impl X509Watch {
@@ -410,10 +426,10 @@ impl X509Watch {
                         if *at <= now {
                             match self.issuer.issue_x509(&self.caller, &s.entry).await {
                                 Ok(fresh) => { *at = refresh_at(&fresh, now); *s = fresh; }
-                                // Its entry was edited or deleted since the match above: match
-                                // again rather than end a stream the caller may still be
-                                // entitled to.
-                                Err(IssueError::NoIdentity) => { rematch = true; break; }
+                                // Its entry was edited or deleted, or its identity killed, since
+                                // the match above: match again rather than end a stream the
+                                // caller may still be entitled to.
+                                Err(IssueError::NoIdentity | IssueError::Killed(_)) => { rematch = true; break; }
                                 Err(err) => return end(status(err)),
                             }
                         }
@@ -421,9 +437,61 @@ impl X509Watch {
                     if rematch && let Err(s) = self.reconcile().await { return end(s); }
                 }
             }
-            let msg = x509_response(&self.svids, &self.bundle_rx.borrow_and_update());
-            return Some((Ok(msg), Some(self)));
+            let before = self.sent.clone();
+            return match self.message().await {
+                Ok(_)
+                    if self.sent.0 == before.0
+                        && match (&self.sent.1, &before.1) {
+                            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                            _ => false,
+                        } =>
+                {
+                    continue;
+                }
+                Ok(msg) => Some((Ok(msg), Some(self))),
+                Err(s) => end(s),
+            };
         }
+    }
+
+    /// The full state as a message, with no SVID whose lease stopped being active since it
+    /// was minted. The SVIDs are minted one identity at a time, and a kill or revocation can
+    /// land between two mints: without this, a certificate and key of an identity killed
+    /// before the send would still go out after `tessera kill` had returned.
+    async fn message(&mut self) -> Result<pb::X509svidResponse, Status> {
+        for _ in 0..3 {
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            let leases = self.issuer.leases();
+            if self
+                .svids
+                .iter()
+                .all(|(s, _)| leases.is_active(&s.lease_id, now))
+            {
+                return Ok(self.response());
+            }
+            self.reconcile().await?;
+        }
+        // Changes keep landing during the reconciles: what is not active now stays out of
+        // this message (the change that made it so wakes the stream for the next one).
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let leases = self.issuer.leases();
+        self.svids
+            .retain(|(s, _)| leases.is_active(&s.lease_id, now));
+        if self.svids.is_empty() {
+            return Err(status(IssueError::NoIdentity));
+        }
+        Ok(self.response())
+    }
+
+    /// The message for the current state, noted as sent.
+    fn response(&mut self) -> pb::X509svidResponse {
+        let bundle = Arc::clone(&self.bundle_rx.borrow_and_update());
+        let msg = x509_response(&self.svids, &bundle);
+        self.sent = (
+            self.svids.iter().map(|(s, _)| s.lease_id).collect(),
+            Some(bundle),
+        );
+        msg
     }
 
     /// True when the caller now holds an identity this stream has no SVID for. Uses the
@@ -442,8 +510,11 @@ impl X509Watch {
     async fn reconcile(&mut self) -> Result<(), Status> {
         // An entry edited or deleted between the match and the mint refuses the mint: one
         // more match settles whether the caller still has an identity.
+        // Likewise an identity killed between the match and its mint.
         match self.reconcile_once().await {
-            Err(IssueError::NoIdentity) => self.reconcile_once().await.map_err(status),
+            Err(IssueError::NoIdentity | IssueError::Killed(_)) => {
+                self.reconcile_once().await.map_err(status)
+            }
             r => r.map_err(status),
         }
     }
@@ -457,12 +528,15 @@ impl X509Watch {
         let now_s = OffsetDateTime::now_utc().unix_timestamp();
         let mut old = std::mem::take(&mut self.svids);
         for e in &current {
-            // Same entry, same settings, lease still active: the SVID already issued is right.
+            // Same entry, settings that make the same certificate, lease still active: the SVID
+            // already issued is right (an edit of the entry's owner, say, re-mints nothing).
             let keep = old.iter().position(|(s, _)| {
-                *s.entry == **e && self.issuer.leases().is_active(&s.lease_id, now_s)
+                s.entry.mints_same_x509(e) && self.issuer.leases().is_active(&s.lease_id, now_s)
             });
             if let Some(i) = keep {
-                self.svids.push(old.swap_remove(i));
+                let (mut s, at) = old.swap_remove(i);
+                s.entry = Arc::clone(e);
+                self.svids.push((s, at));
             } else {
                 let s = self.issuer.issue_x509(&self.caller, e).await?;
                 let at = refresh_at(&s, Instant::now());
@@ -546,7 +620,7 @@ impl WorkloadApi {
         render: impl Fn(&TrustBundle) -> T + Send + Sync + 'static,
     ) -> Result<StreamOf<T>, Status> {
         let slot = self.bundle_streams.take(caller.uid).ok_or_else(|| {
-            Status::resource_exhausted(format!(
+            limits::shed(format_args!(
                 "uid {} holds {BUNDLE_STREAMS_PER_UID} bundle streams, the most allowed; close some (one per process is enough)",
                 caller.uid
             ))

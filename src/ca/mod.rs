@@ -373,6 +373,18 @@ impl Ca {
             .map_err(|_| bad_ca(&cert_path, "CA certificate does not parse"))?;
         let (key, curve) =
             signing_key(trust_domain, &cert, &key_pkcs8, &cert_path, &key_path, &rng)?;
+        // The certificates after it go out with every X.509-SVID: each is a signing
+        // certificate, whose SPIFFE ID, if any, has no path (X509-SVID §3.2).
+        for (i, der) in chain.iter().enumerate().skip(1) {
+            if let Ok((_, c)) = parse_x509_certificate(der) {
+                check_signing_id(&c, trust_domain).map_err(|m| {
+                    bad_ca(
+                        &cert_path,
+                        format!("certificate {} of the chain: {m}", i + 1),
+                    )
+                })?;
+            }
+        }
         let aki = subject_key_id(&cert).unwrap_or_else(|| {
             ring::digest::digest(&ring::digest::SHA256, key.public_key().as_ref()).as_ref()[..20]
                 .to_vec()
@@ -608,6 +620,30 @@ impl Ca {
         self.leaf.mint(id, ttl, now)
     }
 
+    /// Mints an X.509-SVID for serving TLS at `host` (a DNS name or an IP address, as in a
+    /// URL): the SPIFFE ID and, for clients that check the name they connected to (RFC 6125),
+    /// `host` as a dNSName or iPAddress.
+    pub fn mint_x509_serving(
+        &self,
+        id: &SpiffeId,
+        host: &str,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<MintedX509, CaError> {
+        let mut name = Vec::new();
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        match bare.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => der::tlv(&mut name, 0x87, &ip.octets()), // [7]
+            Ok(std::net::IpAddr::V6(ip)) => der::tlv(&mut name, 0x87, &ip.octets()),
+            // [2] dNSName, an IA5String: a URL's host is ASCII (IDNA-encoded) already.
+            Err(_) if host.is_ascii() && !host.is_empty() => {
+                der::tlv(&mut name, 0x82, host.as_bytes());
+            }
+            Err(_) => {}
+        }
+        self.leaf.mint_named(id, &name, ttl, now)
+    }
+
     /// Mints a JWT-SVID. `jti` must be unique (it is the lease id). Returns the token and its
     /// expiry.
     pub fn mint_jwt(
@@ -618,14 +654,27 @@ impl Ca {
         now: OffsetDateTime,
         jti: &str,
     ) -> Result<(String, OffsetDateTime), CaError> {
+        /// A JWT-SVID's claims (JWT-SVID §3), serialized in this order.
+        #[derive(serde::Serialize)]
+        struct Claims<'a> {
+            sub: &'a str,
+            aud: &'a [String],
+            exp: i64,
+            iat: i64,
+            jti: &'a str,
+        }
+        // As for X.509-SVIDs: past the CA's expiry every token would be expired when issued.
+        if now >= self.not_after() {
+            return Err(CaError::Expired);
+        }
         let exp = credential_expiry(now, ttl, self.not_after());
-        let claims = json!({
-            "sub": id.as_str(),
-            "aud": audience,
-            "exp": exp.unix_timestamp(),
-            "iat": now.unix_timestamp(),
-            "jti": jti,
-        });
+        let claims = Claims {
+            sub: id.as_str(),
+            aud: audience,
+            exp: exp.unix_timestamp(),
+            iat: now.unix_timestamp(),
+            jti,
+        };
         let token = self
             .jwt
             .sign(&claims)
@@ -780,6 +829,10 @@ fn check_signing_cert(cert: &X509Certificate<'_>, td: &TrustDomain) -> Result<()
         Err(_) => return Err("CA certificate has a malformed basicConstraints extension".into()),
     }
     match cert.key_usage() {
+        // X509-SVID §4.3: set on all SVIDs, signing certificates included, and critical.
+        Ok(Some(ku)) if !ku.critical => {
+            return Err("CA certificate keyUsage must be marked critical (X509-SVID §4.3)".into());
+        }
         // cRLSign too: the CRL the daemon serves is signed with this key, and a relying party
         // that checks revocation refuses a CRL whose issuer lacks it (RFC 5280 §4.2.1.3,
         // §6.3.3 (f)), and with it every SVID.
@@ -793,10 +846,18 @@ fn check_signing_cert(cert: &X509Certificate<'_>, td: &TrustDomain) -> Result<()
         }
         Err(_) => return Err("CA certificate has a malformed keyUsage extension".into()),
     }
+    check_signing_id(cert, td)
+}
+
+/// A signing certificate's SPIFFE ID, if it has one, is the trust domain's own (no path). A
+/// URI SAN is a SPIFFE ID whatever the case of its scheme.
+fn check_signing_id(cert: &X509Certificate<'_>, td: &TrustDomain) -> Result<(), String> {
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
             if let GeneralName::URI(uri) = name
-                && uri.starts_with("spiffe://")
+                && uri
+                    .get(.."spiffe://".len())
+                    .is_some_and(|s| s.eq_ignore_ascii_case("spiffe://"))
             {
                 let id = SpiffeId::parse(uri)
                     .map_err(|e| format!("CA certificate URI SAN {uri:?} {e}"))?;
@@ -1262,6 +1323,16 @@ mod tests {
             )
             .unwrap();
         assert!(exp <= ca.not_after());
+        // Once the CA has expired, nothing is signed: every credential would be expired.
+        let past = ca.not_after();
+        assert!(matches!(
+            ca.mint_x509(&id, Duration::from_secs(60), past),
+            Err(CaError::Expired)
+        ));
+        assert!(matches!(
+            ca.mint_jwt(&id, &["a".into()], Duration::from_secs(60), past, "j"),
+            Err(CaError::Expired)
+        ));
     }
 
     #[test]
@@ -1581,18 +1652,77 @@ mod tests {
         let signer = params("signer", 24)
             .signed_by(&key, &Issuer::from_params(&anchor_params, &anchor_key))
             .unwrap();
-        let cp = dir.path().join("ca.pem");
-        let kp = dir.path().join("ca.key");
-        std::fs::write(&cp, format!("{}{}", signer.pem(), anchor.pem())).unwrap();
-        std::fs::write(&kp, key.serialize_pem()).unwrap();
-        std::fs::set_permissions(&kp, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let ca =
-            Ca::load_or_create(&td(), dir.path(), Some(&(cp, kp)), Duration::from_secs(1)).unwrap();
+        let chain = format!("{}{}", signer.pem(), anchor.pem());
+        let ca = load_operator_ca(dir.path(), &chain, &key.serialize_pem()).unwrap();
         assert!(
             ca.not_after() <= now + time::Duration::hours(1),
             "{}",
             ca.not_after()
         );
+    }
+
+    /// Loads an operator CA of `signer` (signed by `anchor`, whose file follows it) with
+    /// `anchor_san` and, for the signer, a keyUsage marked critical or not.
+    fn operator_chain(anchor_san: &str, ku_critical: bool) -> Result<Ca, CaError> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let params = |san: &str| {
+            let mut p = CertificateParams::default();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::CrlSign,
+            ];
+            p.subject_alt_names = vec![rcgen::SanType::URI(
+                rcgen::string::Ia5String::try_from(san).unwrap(),
+            )];
+            p
+        };
+        let anchor_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let anchor_params = params(anchor_san);
+        let anchor = anchor_params.self_signed(&anchor_key).unwrap();
+        let mut signer_params = params(&td().id_string());
+        if !ku_critical {
+            // keyCertSign and cRLSign, as a BIT STRING, in an extension not marked critical.
+            signer_params.key_usages = Vec::new();
+            let mut ku = rcgen::CustomExtension::from_oid_content(
+                &[2, 5, 29, 15],
+                vec![0x03, 0x02, 0x01, 0x06],
+            );
+            ku.set_criticality(false);
+            signer_params.custom_extensions = vec![ku];
+        }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let signer = signer_params
+            .signed_by(&key, &Issuer::from_params(&anchor_params, &anchor_key))
+            .unwrap();
+        let chain = format!("{}{}", signer.pem(), anchor.pem());
+        load_operator_ca(dir.path(), &chain, &key.serialize_pem())
+    }
+
+    /// Loads the operator CA of `chain` (PEM, signing certificate first) and `key` (PEM),
+    /// written to `dir` as `[ca] cert` and `key` (0600).
+    fn load_operator_ca(dir: &Path, chain: &str, key: &str) -> Result<Ca, CaError> {
+        let cp = dir.join("ca.pem");
+        let kp = dir.join("ca.key");
+        std::fs::write(&cp, chain).unwrap();
+        std::fs::write(&kp, key).unwrap();
+        std::fs::set_permissions(&kp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Ca::load_or_create(&td(), dir, Some(&(cp, kp)), Duration::from_secs(1))
+    }
+
+    #[test]
+    fn every_signing_certificate_of_an_operator_chain_follows_x509_svid() {
+        operator_chain(&td().id_string(), true).unwrap();
+        // X509-SVID §3.2: a signing certificate's SPIFFE ID has no path, the anchor's too.
+        let err = operator_chain("spiffe://example.org/ca/root", true).unwrap_err();
+        assert!(
+            err.to_string().contains("certificate 2 of the chain"),
+            "{err}"
+        );
+        // §4.3: keyUsage is critical.
+        let err = operator_chain(&td().id_string(), false).unwrap_err();
+        assert!(err.to_string().contains("critical"), "{err}");
     }
 
     #[test]

@@ -251,6 +251,19 @@ impl LeafTemplate {
         ttl: std::time::Duration,
         now: OffsetDateTime,
     ) -> Result<MintedX509, CaError> {
+        self.mint_named(id, &[], ttl, now)
+    }
+
+    /// [`Self::mint`], with `more_names` (DER of GeneralNames, such as a dNSName) in the
+    /// subject alternative name after the SPIFFE ID: X509-SVID §2 allows other SAN types
+    /// beside the one URI.
+    pub fn mint_named(
+        &self,
+        id: &SpiffeId,
+        more_names: &[u8],
+        ttl: std::time::Duration,
+        now: OffsetDateTime,
+    ) -> Result<MintedX509, CaError> {
         if now >= self.ca_not_after {
             return Err(CaError::Expired);
         }
@@ -298,6 +311,7 @@ impl LeafTemplate {
                     extension(exts, oid::SUBJECT_ALT_NAME, false, |v| {
                         der::nested(v, tag::SEQUENCE, |s| {
                             der::tlv(s, 0x86, id.as_str().as_bytes()); // [6] URI
+                            s.extend_from_slice(more_names);
                         });
                     });
                 });

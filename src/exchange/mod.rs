@@ -427,9 +427,37 @@ impl Exchanger {
     }
 
     /// Authenticates an agent by a JWT-SVID whose audience is Tessera's issuer (actor tokens
-    /// and the Bearer token of introspection and revocation). Returns its entry and lease
-    /// holder details.
-    pub fn authenticate_agent(&self, token: &str) -> Result<(Arc<Entry>, Holder), String> {
+    /// and the Bearer token of introspection and revocation; `what` names which, for the
+    /// record). Returns its entry and lease holder details. A token Tessera signed that is
+    /// refused (expired, revoked, its identity killed or gone, another audience) is recorded as
+    /// that agent's denial; one that does not verify names nobody and is not recorded.
+    pub fn authenticate_agent(
+        &self,
+        token: &str,
+        what: &'static str,
+    ) -> Result<(Arc<Entry>, Holder), String> {
+        let mut agent = None;
+        let r = self.authenticate_agent_inner(token, &mut agent);
+        if let (Err(e), Some(id)) = (&r, agent) {
+            self.issuer.deny_actor(
+                Actor::Presenter {
+                    token_of: id.clone(),
+                },
+                &id,
+                Kind::Task,
+                &format!("{what} refused: {e}"),
+                Vec::new(),
+            );
+        }
+        r
+    }
+
+    /// [`Self::authenticate_agent`]; sets `agent` once the token is known to be Tessera's.
+    fn authenticate_agent_inner(
+        &self,
+        token: &str,
+        agent: &mut Option<String>,
+    ) -> Result<(Arc<Entry>, Holder), String> {
         let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
             .as_ref()
             .try_into()
@@ -442,7 +470,20 @@ impl Exchanger {
                 let (id, claims) = self
                     .issuer
                     .validate_jwt(token, &self.settings.issuer_url)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| {
+                        // Signed by Tessera, refused for its audience, lifetime or lease: the
+                        // holder it was issued to (an agent's task token: its actor).
+                        *agent = self.issuer.verify_own_token(token).and_then(|t| {
+                            t.claims
+                                .get("act")
+                                .and_then(|a| a.get("sub"))
+                                .or_else(|| t.claims.get("sub"))
+                                .and_then(Value::as_str)
+                                .map(str::to_owned)
+                        });
+                        e.to_string()
+                    })?;
+                *agent = Some(id.to_string());
                 // Tessera's issuer alone: another audience (a tool the agent called) could
                 // otherwise replay the token here as the agent.
                 let sole = match claims.get("aud") {
@@ -473,6 +514,8 @@ impl Exchanger {
                 v
             }
         };
+        // Verified now or before: refused from here on, it is a known agent's token.
+        *agent = Some(id.to_string());
         if exp <= now {
             return Err("JWT-SVID is not valid: it has expired".into());
         }
@@ -684,6 +727,13 @@ impl Exchanger {
             let new_id = crate::lease::LeaseId::random().to_string();
             match self.approvals.check(proto, now_s * 1000, new_id) {
                 None => {
+                    self.issuer.deny_actor(
+                        holder.actor.clone(),
+                        entry.spiffe_id.as_str(),
+                        Kind::Task,
+                        "approval queue full: too many requests are waiting for approval",
+                        audit_details.clone(),
+                    );
                     return Err(ExchangeError::Unavailable(IssueError::FailedPrecondition(
                         "too many requests are waiting for approval".into(),
                     )));
@@ -797,9 +847,19 @@ impl Exchanger {
                 if let Some(want) = spiffe_id.filter(|s| !s.is_empty()) {
                     entries.retain(|e| e.spiffe_id.as_str() == want);
                     if entries.is_empty() {
-                        return Err(ExchangeError::NoIdentity(IssueError::NotEntitled(
-                            want.chars().take(200).collect(),
-                        )));
+                        let want: String = want.chars().take(200).collect();
+                        self.issuer.deny_actor(
+                            Actor::Workload {
+                                uid: caller.uid,
+                                pid: caller.pid,
+                                exe: caller.exe_path.as_deref().map(str::to_owned),
+                            },
+                            &want,
+                            Kind::Task,
+                            "the caller holds no such identity",
+                            Vec::new(),
+                        );
+                        return Err(ExchangeError::NoIdentity(IssueError::NotEntitled(want)));
                     }
                 }
                 let entry = Arc::clone(&entries[0]);
@@ -825,7 +885,7 @@ impl Exchanger {
                     ));
                 }
                 check_token_type("actor_token_type", token_type, &[TOKEN_TYPE_JWT])?;
-                self.authenticate_agent(token)
+                self.authenticate_agent(token, "actor_token")
                     .map_err(|e| bad(format!("actor_token is not valid: {e}")))
             }
         }

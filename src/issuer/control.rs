@@ -137,6 +137,7 @@ impl Issuer {
         rev: Revocation,
         ev: Event,
     ) -> Result<(usize, Arc<Revocation>), IssueError> {
+        let certs = self.active_certificates(&ids);
         commit(
             &*self.store,
             vec![Op::Revoke(ids.clone(), rev.clone()), Op::Audit(ev)],
@@ -144,7 +145,51 @@ impl Issuer {
         .await?;
         let rev = Arc::new(rev);
         let n = count_by_kind(&self.metrics, self.leases.revoke(&ids, &rev));
-        Ok((n, rev))
+        let kept = self.keep_retired(certs, &rev).await;
+        Ok((n + kept, rev))
+    }
+
+    /// Copies of the active certificate leases among `ids`, taken before their revocation
+    /// commits (see [`Issuer::keep_retired`]).
+    pub(super) fn active_certificates(&self, ids: &[LeaseId]) -> Vec<Lease> {
+        ids.iter()
+            .filter_map(|id| self.leases.get(id))
+            .filter(|l| l.serial.is_some() && l.state == State::Active)
+            .collect()
+    }
+
+    /// The reaper takes no barrier: it can retire a certificate at its expiry while its
+    /// revocation commits, and the revocation then finds no lease to mark. Its serial must
+    /// still reach a CRL dated after the expiry (RFC 5280 §3.3), so such a lease is put back,
+    /// revoked, in memory and in the store (whose reaper delete keeps a revoked certificate's
+    /// row). Returns how many.
+    pub(super) async fn keep_retired(&self, certs: Vec<Lease>, rev: &Arc<Revocation>) -> usize {
+        let gone: Vec<Lease> = certs
+            .into_iter()
+            .filter(|l| self.leases.get(&l.id).is_none())
+            .map(|l| Lease {
+                state: State::Revoked,
+                revocation: Some(Arc::clone(rev)),
+                ..l
+            })
+            .collect();
+        if gone.is_empty() {
+            return 0;
+        }
+        let ops = gone.iter().cloned().map(Op::PutLease).collect();
+        if let Err(e) = commit(&*self.store, ops).await {
+            // In memory all the same: listed until a restart.
+            tracing::warn!(error = %e, "cannot store the revocation of certificates retired while it committed");
+        }
+        let n = gone.len();
+        for l in gone {
+            self.leases.insert(l);
+        }
+        // The CRL is signed again now, not at the next change: relying parties whose clocks
+        // run behind must find the serial listed before they stop accepting the certificate.
+        self.leases.announce_change();
+        self.metrics.revoked(Kind::X509, n as u64);
+        n
     }
 
     /// Kill switch: revokes every lease of `id` and of identities under its path, and refuses

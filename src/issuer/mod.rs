@@ -483,6 +483,9 @@ impl Issuer {
             Actor::Workload { uid, .. } => format!("uid:{uid}"),
             Actor::Operator { uid, .. } => format!("operator:{uid}"),
             Actor::Agent { spiffe_id } => spiffe_id.clone(),
+            // A share of its own: a copy of an agent's old token replayed by anyone must not
+            // use up the share of the agent's own refusals.
+            Actor::Presenter { token_of } => format!("presented:{token_of}"),
             Actor::Daemon => return self.audit_only(ev),
         };
         match self.denials.admit(&caller, std::time::Instant::now()) {

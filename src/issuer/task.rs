@@ -143,15 +143,17 @@ impl Issuer {
         if self.leases.is_killed(&entry.spiffe_id) {
             return Err(IssueError::Killed(entry.spiffe_id.to_string()));
         }
-        // The task's own X.509 identity can be killed by itself (it is what `lease list` shows
-        // for the task's certificate).
-        let x509_id = match g.x509 {
-            true => Some(task_spiffe_id(&entry.spiffe_id, g.task_id)?),
-            false => None,
-        };
-        if let Some(id) = x509_id.as_ref().filter(|id| self.leases.is_killed(id)) {
+        // The task's own identity can be killed by itself (it is what `lease list` shows for
+        // the task's certificate): the task then gets nothing more, token or certificate. A
+        // name too long to be a SPIFFE ID cannot have been killed, and needs to be one only
+        // for a certificate.
+        let task_id = task_spiffe_id(&entry.spiffe_id, g.task_id);
+        if let Ok(id) = &task_id
+            && self.leases.is_killed(id)
+        {
             return Err(IssueError::Killed(id.to_string()));
         }
+        let x509_id = if g.x509 { Some(task_id?) } else { None };
         // The agent's JWT-SVID was checked when the exchange began, but a subject token's key
         // fetch may have taken seconds since. Revocation holds the barrier exclusively, so
         // under it the token is either still active here, or this is refused.
@@ -182,11 +184,16 @@ impl Issuer {
         let Some(current) = self.registry.current(entry).filter(|e| e.is_live(now)) else {
             return Err(IssueError::NoIdentity);
         };
+        // Past the CA's expiry every token would be expired when issued (as for JWT-SVIDs).
+        if now >= self.ca.not_after() {
+            return Err(crate::ca::CaError::Expired.into());
+        }
         let ttl = current.cap_ttl(g.ttl, now).max(Duration::from_secs(1));
-        let exp = crate::ca::credential_expiry(now, ttl, self.ca.not_after()).min(
-            OffsetDateTime::from_unix_timestamp(g.not_after.max(now.unix_timestamp() + 1))
-                .unwrap_or(now),
-        );
+        let exp = crate::ca::credential_expiry(now, ttl, self.ca.not_after());
+        // Not after the subject token's own expiry; one past what a date can hold (year 10000
+        // on) caps nothing, rather than making the token expire as it is issued.
+        let exp = OffsetDateTime::from_unix_timestamp(g.not_after.max(now.unix_timestamp() + 1))
+            .map_or(exp, |t| exp.min(t));
         let lease_id = LeaseId::random();
         let jti = lease_id.to_string();
         // Taken, not cloned: the grant is not used after minting.
@@ -395,9 +402,17 @@ impl Issuer {
             .spiffe_id(&*t.agent)
             .detail("task_id", crate::lease::task_id_of(task))
             .detail("count", ids.len());
+        let certs = self.active_certificates(&ids);
         commit(
             &*self.store,
             vec![
+                // The record may be in memory only: claimed by an exchange that was then
+                // refused or failed to commit. Written here (a no-op if stored), or the
+                // completion would update nothing and the task be open again after a restart.
+                Op::PutTask(crate::lease::Task {
+                    completed_ms: None,
+                    ..t.clone()
+                }),
                 Op::CompleteTask {
                     id: task.to_owned(),
                     at_ms,
@@ -409,10 +424,9 @@ impl Issuer {
         )
         .await?;
         self.leases.complete_task(task, at_ms);
-        Ok(super::control::count_by_kind(
-            &self.metrics,
-            self.leases.revoke(&ids, &Arc::new(rev)),
-        ))
+        let rev = Arc::new(rev);
+        let n = super::control::count_by_kind(&self.metrics, self.leases.revoke(&ids, &rev));
+        Ok(n + self.keep_retired(certs, &rev).await)
     }
 
     /// Verifies that `token` is a JWT Tessera signed (task token or JWT-SVID) and says whether

@@ -941,13 +941,24 @@ impl LeaseTable {
         let mut crl_changed = false;
         let mut removed = Vec::with_capacity(due.len());
         let mut kept = Vec::new();
+        // A copy, not the lock: the lease map's shard is locked while a lease is looked at,
+        // and readers take the kill list's lock before the shards'.
+        let kills = {
+            let k = self.kills.read().unwrap_or_else(|e| e.into_inner());
+            (!k.is_empty()).then(|| k.clone())
+        };
         for id in due {
             // One lookup for all but a revoked certificate within its time kept past its
             // expiry, which stays.
+            // A certificate under a kill counts as revoked even before the kill's marking
+            // reaches it: retired now, its serial would never be listed.
             let kept_revoked = |l: &Lease| {
-                l.state != State::Active
-                    && l.serial.is_some()
+                l.serial.is_some()
                     && now_s < l.expires_at + REVOKED_KEPT_AFTER_EXPIRY_S
+                    && (l.state != State::Active
+                        || kills
+                            .as_ref()
+                            .is_some_and(|k| covering_kill(k, &l.spiffe_id).is_some()))
             };
             let Some((_, l)) = self.leases.remove_if(&id, |_, l| !kept_revoked(l)) else {
                 // Kept, or gone already.
@@ -1499,6 +1510,37 @@ mod tests {
             assert!(t.leases.is_empty());
             assert_eq!(t.revoked_serials(0).len(), 0, "serials of retired leases");
         }
+    }
+
+    #[test]
+    fn a_killed_certificate_due_before_the_kill_marks_it_stays_for_the_crl() {
+        let t = LeaseTable::new();
+        let (killed, other) = (
+            lease(&t, "spiffe://td/a/w", None, 100),
+            lease(&t, "spiffe://td/b", None, 100),
+        );
+        let (k_id, o_id) = (killed.id, other.id);
+        t.insert(killed);
+        t.insert(other);
+        t.add_kill(Kill {
+            seq: 1,
+            spiffe_id: "spiffe://td/a".into(),
+            at_ms: 0,
+            by: "x".into(),
+            reason: "r".into(),
+        });
+        // Due before the kill's marking reached it: kept, not retired with the other.
+        let (removed, _) = t.expire_due(100, 16);
+        assert_eq!(removed, vec![o_id]);
+        assert!(t.leases.contains_key(&k_id));
+        // The marking then puts it on the CRL, where a CRL dated after its expiry lists it.
+        let rev = Arc::new(Revocation {
+            at_ms: 99_000,
+            by: "op".into(),
+            reason: "killed".into(),
+        });
+        t.revoke_identity_tree(&SpiffeId::parse("spiffe://td/a").unwrap(), &rev);
+        assert_eq!(t.revoked_serials(100).len(), 1);
     }
 
     #[test]

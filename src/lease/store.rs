@@ -451,6 +451,34 @@ fn recover_audit(
     audit: &mut AuditWriter,
     recorded: Option<&(u64, String)>,
 ) -> Result<(), StoreError> {
+    // Records the file holds but whose sync was never confirmed: after a failed fdatasync the
+    // file can lack some while a later sync succeeded. Where it differs from the store, the
+    // store's copies are written again (they are the ones committed).
+    let unconfirmed: Vec<(u64, Vec<u8>)> = conn
+        .prepare("SELECT seq, line FROM audit_pending WHERE seq < ?1 ORDER BY seq")
+        .and_then(|mut st| {
+            st.query_map(params![audit.head().0 as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get_ref(1)?
+                        .as_bytes()
+                        .map(<[u8]>::to_vec)
+                        .unwrap_or_default(),
+                ))
+            })?
+            .collect()
+        })
+        .map_err(db_err)?;
+    let rewritten = audit
+        .rewrite_unsynced(&unconfirmed)
+        .map_err(|e| StoreError::Audit(e.to_string()))?;
+    if rewritten > 0 {
+        tracing::warn!(
+            records = rewritten,
+            "the audit file differed from the store's copies of records whose sync was never \
+             confirmed (a failed fdatasync, then a crash); wrote them again from the store"
+        );
+    }
     let from = audit.head().0;
     let mut st = conn
         .prepare("SELECT seq, line FROM audit_pending WHERE seq >= ?1 ORDER BY seq")
@@ -588,6 +616,11 @@ struct AuditSync {
     wake: Condvar,
     /// Every record with a lower `seq` is durable in the audit files.
     synced: AtomicU64,
+    /// An fdatasync failed. Linux reports a write-back error once and may drop the pages it
+    /// could not write, so a later fdatasync can succeed without them: from the first failure
+    /// on, nothing counts as synced, and the store keeps every record for the next start to
+    /// write again ([`AuditWriter::rewrite_unsynced`]).
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl AuditSync {
@@ -617,11 +650,14 @@ impl AuditSync {
                 }
             };
             match file.sync_data() {
-                Ok(()) => {
+                Ok(()) if !self.failed.load(Ordering::Acquire) => {
                     self.synced.fetch_max(upto, Ordering::AcqRel);
                 }
-                // The records stay in the store; the next request retries.
-                Err(e) => tracing::error!(error = %e, "audit log fdatasync failed"),
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "audit log fdatasync failed");
+                    self.failed.store(true, Ordering::Release);
+                }
             }
             std::thread::sleep(AUDIT_SYNC_INTERVAL);
         }
@@ -710,6 +746,7 @@ fn writer(
             // They stay in the store and are retried with the next batch.
             Err(e) => tracing::error!(error = %e, "audit log append failed"),
         }
+        let audit_unsynced = sync.failed.load(Ordering::Acquire) || audit.sync_failed();
         if result.is_ok()
             && jobs
                 .iter()
@@ -743,6 +780,19 @@ fn writer(
         for (_, done) in jobs {
             let _ = done.send(result.clone());
         }
+        if audit_unsynced {
+            // The file may now miss records the disk never got, and no later sync can tell.
+            // The store keeps them (nothing counts as synced any more); the next start writes
+            // them to the file again. Until then no more records are made.
+            let e = "the audit log could not be synced to disk (fdatasync failed); the daemon \
+                     stops, and at the next start writes the records the file may have lost \
+                     again from the lease store"
+                .to_owned();
+            tracing::error!("{e}");
+            uncertain = true;
+            fail.send_replace(Some(e));
+            break;
+        }
         if let Err(StoreError::Uncertain(e)) = result {
             // Memory now holds the change as refused while the disk may hold it as made.
             // Going on would serve from one and restart into the other (a restore reported
@@ -761,8 +811,10 @@ fn writer(
     // Shutdown: leave the file complete and durable so the store holds nothing for it.
     stop.store(true, Ordering::Release);
     sync.wake.notify_one();
-    // After an uncertain commit the database is left as it is for the next start to read.
-    if audit.flush().is_ok() && !uncertain {
+    // After an uncertain commit the database is left as it is for the next start to read;
+    // after a failed sync of the audit file, a sync now could succeed without what was lost.
+    let unsynced = sync.failed.load(Ordering::Acquire) || audit.sync_failed();
+    if !unsynced && audit.flush().is_ok() && !uncertain {
         let _ = conn.execute(
             "DELETE FROM audit_pending WHERE seq < ?1",
             params![audit.head().0 as i64],
@@ -827,9 +879,16 @@ fn apply(
         let mut revoke = tx
             .prepare_cached("UPDATE leases SET state=?2, revoked_at=?3, revoked_by=?4, reason=?5 WHERE id=?1 AND state=?6")
             .map_err(db_err)?;
+        // Not a revoked certificate still within its time kept past expiry: a revocation that
+        // committed while the reaper retired the lease at its expiry must stay, for a CRL dated
+        // after the expiry to list it (the retirement a day later deletes it).
         let mut delete = tx
-            .prepare_cached("DELETE FROM leases WHERE id=?1")
+            .prepare_cached(
+                "DELETE FROM leases WHERE id=?1 \
+                 AND NOT (state=?2 AND serial IS NOT NULL AND expires_at + ?3 > ?4)",
+            )
             .map_err(db_err)?;
+        let now_s = time::OffsetDateTime::now_utc().unix_timestamp();
         for (ops, _) in jobs {
             for op in ops {
                 match op {
@@ -871,7 +930,14 @@ fn apply(
                     }
                     Op::Delete(ids) => {
                         for id in ids {
-                            delete.execute(params![&id.0[..]]).map_err(db_err)?;
+                            delete
+                                .execute(params![
+                                    &id.0[..],
+                                    State::Revoked as u8,
+                                    super::REVOKED_KEPT_AFTER_EXPIRY_S,
+                                    now_s
+                                ])
+                                .map_err(db_err)?;
                         }
                     }
                     Op::Kill(k) => {
@@ -1952,6 +2018,145 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(pending(d.path()), vec![5]);
+    }
+
+    /// A copy of `d`'s store as a failed fdatasync leaves it: records 2.. of `full` kept
+    /// (none counts as synced), and the audit file as `file` gives it.
+    fn unconfirmed_from_2(d: &Path, full: &str, file: &[u8]) -> tempfile::TempDir {
+        let copy = store_copy(d);
+        let c = Connection::open(copy.path().join("tessera.db")).unwrap();
+        for (seq, line) in full.lines().enumerate().skip(2) {
+            c.execute(
+                "INSERT OR REPLACE INTO audit_pending(seq, line) VALUES(?1, ?2)",
+                params![seq as i64, line.as_bytes()],
+            )
+            .unwrap();
+        }
+        std::fs::write(copy.path().join("audit.jsonl"), file).unwrap();
+        copy
+    }
+
+    #[tokio::test]
+    async fn records_a_failed_sync_left_out_of_the_file_are_written_again_at_open() {
+        let (d, _s, full) = audited(5).await;
+        let recorded = recorded_audit_head(d.path()).unwrap().unwrap();
+        // The file intact: left exactly as it is.
+        let intact = unconfirmed_from_2(d.path(), &full, full.as_bytes());
+        SqliteStore::open(intact.path(), u64::MAX, 100, &mut |_| {}).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(intact.path().join("audit.jsonl")).unwrap(),
+            full
+        );
+        // Record 2 is a hole of zeros (pages the kernel dropped after a failed write-back, then
+        // a power loss), newline included; records 3 and 4 after it are intact.
+        let start: usize = full.lines().take(2).map(|l| l.len() + 1).sum();
+        let len = full.lines().nth(2).unwrap().len() + 1;
+        let mut holed = full.clone().into_bytes();
+        holed[start..start + len].fill(0);
+        let crashed = unconfirmed_from_2(d.path(), &full, &holed);
+        let file = crashed.path().join("audit.jsonl");
+        assert!(crate::audit::verify(&file, Some((recorded.0, &recorded.1))).is_err());
+        let (_s2, snap) = SqliteStore::open(crashed.path(), u64::MAX, 100, &mut |_| {}).unwrap();
+        assert_eq!(snap.audit_head.as_ref().unwrap().0, 5);
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            full,
+            "records 2-4 written again from the store, byte for byte"
+        );
+        crate::audit::verify(&file, Some((recorded.0, &recorded.1))).unwrap();
+        // A store row edited since (it no longer continues the chain) replaces nothing: the
+        // intact file stays as it is.
+        let edited = unconfirmed_from_2(d.path(), &full, full.as_bytes());
+        Connection::open(edited.path().join("tessera.db"))
+            .unwrap()
+            .execute(
+                "UPDATE audit_pending SET line = replace(line, 'l3', 'l9') WHERE seq = 3",
+                [],
+            )
+            .unwrap();
+        SqliteStore::open(edited.path(), u64::MAX, 100, &mut |_| {}).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(edited.path().join("audit.jsonl")).unwrap(),
+            full
+        );
+    }
+
+    #[test]
+    fn after_a_failed_audit_sync_nothing_counts_as_synced() {
+        use std::os::fd::OwnedFd;
+        // fdatasync of a pipe fails (EINVAL), as of a file whose write-back failed.
+        let (r, w) = std::io::pipe().unwrap();
+        let failing = Arc::new(std::fs::File::from(OwnedFd::from(w)));
+        let dir = tempfile::tempdir().unwrap();
+        let good = Arc::new(std::fs::File::create(dir.path().join("f")).unwrap());
+        let sync = Arc::new(AuditSync::default());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let t = {
+            let (sync, stop) = (Arc::clone(&sync), Arc::clone(&stop));
+            std::thread::spawn(move || sync.run(&stop))
+        };
+        let settle = |upto| {
+            sync.request(Arc::clone(&good), upto);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while sync.want.lock().unwrap().is_some() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(AUDIT_SYNC_INTERVAL * 2);
+        };
+        settle(3);
+        assert_eq!(sync.synced.load(Ordering::Acquire), 3, "a good sync counts");
+        sync.request(failing, 7);
+        std::thread::sleep(AUDIT_SYNC_INTERVAL * 2);
+        assert!(sync.failed.load(Ordering::Acquire));
+        // A later sync that succeeds proves nothing about what the failed one lost.
+        settle(9);
+        assert_eq!(sync.synced.load(Ordering::Acquire), 3);
+        stop.store(true, Ordering::Release);
+        sync.wake.notify_one();
+        t.join().unwrap();
+        drop(r);
+    }
+
+    #[tokio::test]
+    async fn the_reapers_delete_keeps_a_certificate_revoked_meanwhile() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, _) = SqliteStore::open(d.path(), u64::MAX, 100, &mut |_| {}).unwrap();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let cert = |exp| Lease {
+            kind: Kind::X509,
+            serial: Some(Box::new([7; 16])),
+            ..lease("spiffe://td/a", exp - 60, exp)
+        };
+        // Expired a moment ago: revoked while the reaper retired it (active in its eyes).
+        let (racing, active, long_gone) = (cert(now - 1), cert(now - 1), cert(now - 90_000));
+        let rev = Revocation {
+            at_ms: now * 1000,
+            by: "operator uid:0".into(),
+            reason: "leaked".into(),
+        };
+        commit(
+            &s,
+            vec![
+                Op::PutLease(racing.clone()),
+                Op::PutLease(active.clone()),
+                Op::PutLease(long_gone.clone()),
+                Op::Revoke(vec![racing.id, long_gone.id], rev),
+            ],
+        )
+        .await
+        .unwrap();
+        commit(
+            &s,
+            vec![Op::Delete(vec![racing.id, active.id, long_gone.id])],
+        )
+        .await
+        .unwrap();
+        let left = rows(d.path(), "SELECT id FROM leases", |r| {
+            r.get::<_, Vec<u8>>(0)
+        });
+        // The revoked certificate within its day past expiry stays, for the CRL; the active
+        // one and the one revoked more than a day past its expiry go.
+        assert_eq!(left, vec![racing.id.0.to_vec()]);
     }
 
     #[tokio::test]

@@ -49,13 +49,15 @@ fn split_der(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
 struct SvidResolver {
     ca: Arc<Ca>,
     id: SpiffeId,
+    /// The issuer URL's host, named in the certificate too.
+    host: String,
     current: ArcSwap<(Arc<CertifiedKey>, Instant)>,
 }
 
 impl SvidResolver {
-    fn mint(ca: &Ca, id: &SpiffeId) -> Result<(Arc<CertifiedKey>, Instant), String> {
+    fn mint(ca: &Ca, id: &SpiffeId, host: &str) -> Result<(Arc<CertifiedKey>, Instant), String> {
         let m = ca
-            .mint_x509(id, SVID_TTL, time::OffsetDateTime::now_utc())
+            .mint_x509_serving(id, host, SVID_TTL, time::OffsetDateTime::now_utc())
             .map_err(|e| e.to_string())?;
         let chain = split_der(&m.chain_der)?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(m.key_pkcs8.as_ref().to_vec()));
@@ -76,7 +78,7 @@ impl ResolvesServerCert for SvidResolver {
         if Instant::now() < cur.1 {
             return Some(Arc::clone(&cur.0));
         }
-        match Self::mint(&self.ca, &self.id) {
+        match Self::mint(&self.ca, &self.id, &self.host) {
             Ok(next) => {
                 let key = Arc::clone(&next.0);
                 self.current.store(Arc::new(next));
@@ -98,17 +100,24 @@ impl ResolvesServerCert for SvidResolver {
     }
 }
 
-/// Builds the rustls server configuration for `tls`.
-pub fn server_config(tls: &HttpTls, ca: &Arc<Ca>) -> Result<Arc<rustls::ServerConfig>, String> {
+/// Builds the rustls server configuration for `tls`. `host` is the issuer URL's host, which
+/// the daemon's own SVID names beside its SPIFFE ID, so that HTTPS clients that check the
+/// name they connected to accept it (once they trust the bundle).
+pub fn server_config(
+    tls: &HttpTls,
+    ca: &Arc<Ca>,
+    host: &str,
+) -> Result<Arc<rustls::ServerConfig>, String> {
     let builder = builder()?;
     let mut cfg = match tls {
         HttpTls::Files { cert, key } => from_files(builder, cert, key)?,
         HttpTls::Svid => {
             let id = SpiffeId::new(ca.trust_domain(), "/tesserad").map_err(|e| e.to_string())?;
-            let first = SvidResolver::mint(ca, &id)?;
+            let first = SvidResolver::mint(ca, &id, host)?;
             builder.with_cert_resolver(Arc::new(SvidResolver {
                 ca: Arc::clone(ca),
                 id,
+                host: host.to_owned(),
                 current: ArcSwap::from_pointee(first),
             }))
         }
