@@ -199,6 +199,20 @@ pub struct AuditWriter {
     sync_failed: bool,
 }
 
+/// What [`AuditWriter::rewrite_unsynced`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unsynced {
+    /// The file holds every record as the store committed it (or there were none).
+    Intact,
+    /// The file was cut where it differed, and this many records written again.
+    Rewritten(usize),
+    /// The records could not be compared with the file, for this reason; nothing changed.
+    Unchecked(&'static str),
+}
+
+const DAMAGED_COPIES: &str =
+    "the store's copies differ from the file and are not whole records continuing the chain";
+
 /// A point in the chain to roll back to ([`AuditWriter::mark`]).
 #[derive(Debug)]
 pub struct Mark {
@@ -297,28 +311,32 @@ impl AuditWriter {
     /// file differs from them (a hole left by a failed fdatasync whose pages the kernel
     /// dropped, then a crash or power loss), it is cut there and the store's records follow
     /// (with the usual checks of [`AuditWriter::push_recovered`]; the caller flushes).
-    /// Returns how many records were written again. Rows not all in the live file (a rotation
-    /// since), or not contiguous, are left to the checks that follow.
-    pub fn rewrite_unsynced(&mut self, rows: &[(u64, Vec<u8>)]) -> Result<usize, AuditError> {
+    /// Rows it cannot compare (not all in the live file, not contiguous, or not whole records
+    /// that continue the chain) change nothing, and say why.
+    pub fn rewrite_unsynced(&mut self, rows: &[(u64, Vec<u8>)]) -> Result<Unsynced, AuditError> {
         let io = |source| AuditError::Io {
             path: self.path.clone(),
             source,
         };
         let Some(&(first, _)) = rows.first() else {
-            return Ok(0);
+            return Ok(Unsynced::Intact);
         };
         // The rows the file should hold: from `first` to the head, without a gap (the store
         // lacking one the file ends with would cut it).
         let rows = &rows[..rows.partition_point(|(s, _)| *s < self.seq)];
-        if first >= self.seq
-            || !self.buf.is_empty()
+        if first >= self.seq {
+            return Ok(Unsynced::Intact);
+        }
+        if !self.buf.is_empty()
             || first + rows.len() as u64 != self.seq
             || rows
                 .iter()
                 .enumerate()
                 .any(|(i, (s, _))| *s != first + i as u64)
         {
-            return Ok(0);
+            return Ok(Unsynced::Unchecked(
+                "the store's copies do not run without a gap to the file's last record",
+            ));
         }
         // Where record `first` starts: the rows end where the file does (its last record is
         // the one before the head, and a hole keeps the length), so that many bytes back. The
@@ -326,16 +344,25 @@ impl AuditWriter {
         // to chain from (the genesis at the start of the first file).
         let bytes: u64 = rows.iter().map(|(_, l)| l.len() as u64 + 1).sum();
         let Some(start) = self.size.checked_sub(bytes) else {
-            return Ok(0);
+            return Ok(Unsynced::Unchecked(
+                "the live file is shorter than the records it should hold (a rotation since?)",
+            ));
         };
         let mut file = File::open(&self.path).map_err(io)?;
         let prev = match start {
             0 if first == 0 => GENESIS.to_owned(),
-            // The record before is in a rotated file: left to the checks that follow.
-            0 => return Ok(0),
+            0 => {
+                return Ok(Unsynced::Unchecked(
+                    "the record before them is in a rotated file",
+                ));
+            }
             _ => match record_ending_at(&mut file, start).map_err(io)? {
                 Some((s, hash)) if s + 1 == first => hash,
-                _ => return Ok(0),
+                _ => {
+                    return Ok(Unsynced::Unchecked(
+                        "the record before them is not where they put it (a rotation since?)",
+                    ));
+                }
             },
         };
         let mut on_disk = Vec::new();
@@ -353,7 +380,7 @@ impl AuditWriter {
             k += 1;
         }
         if k == rows.len() {
-            return Ok(0);
+            return Ok(Unsynced::Intact);
         }
         // The store's rows from there must be whole records that continue the chain, or the
         // file (whose records may be the intact ones) is left as it is for the checks that
@@ -362,13 +389,13 @@ impl AuditWriter {
             0 => prev.clone(),
             _ => match check_record(&rows[k - 1].1) {
                 Ok(c) => c.hash,
-                Err(_) => return Ok(0),
+                Err(_) => return Ok(Unsynced::Unchecked(DAMAGED_COPIES)),
             },
         };
         for (seq, line) in &rows[k..] {
             match check_record(line) {
                 Ok(c) if c.seq == *seq && c.prev == chain => chain = c.hash,
-                _ => return Ok(0),
+                _ => return Ok(Unsynced::Unchecked(DAMAGED_COPIES)),
             }
         }
         let cut = start + at as u64;
@@ -388,7 +415,7 @@ impl AuditWriter {
             }
             n += 1;
         }
-        Ok(n)
+        Ok(Unsynced::Rewritten(n))
     }
 
     /// The chain head: next sequence number and the last hash.

@@ -623,6 +623,7 @@ impl Issuer {
                 at_ms: now,
             });
         }
+        let certs = self.active_certificates(&revoked);
         commit(&*self.store, ops).await?;
         if fresh {
             self.activity.insert(Arc::clone(&entry.id), (now, now));
@@ -646,7 +647,9 @@ impl Issuer {
         // After the new entry set is out: a stream woken by the revocation re-matches its
         // caller against the edited entry, not the old one (which no longer grants).
         if !revoked.is_empty() {
-            count_by_kind(&self.metrics, self.leases.revoke(&revoked, &Arc::new(rev)));
+            let rev = Arc::new(rev);
+            count_by_kind(&self.metrics, self.leases.revoke(&revoked, &rev));
+            self.keep_retired(certs, &rev).await;
         }
         Ok(Arc::new(entry))
     }
@@ -706,6 +709,7 @@ impl Issuer {
         if !revoked.is_empty() {
             ops.push(Op::Revoke(revoked.clone(), rev.clone()));
         }
+        let certs = self.active_certificates(&revoked);
         commit(&*self.store, ops).await?;
         self.stored_entries
             .lock()
@@ -717,7 +721,9 @@ impl Issuer {
             .retain(|e| e.id != id);
         self.publish_entries();
         if !revoked.is_empty() {
-            count_by_kind(&self.metrics, self.leases.revoke(&revoked, &Arc::new(rev)));
+            let rev = Arc::new(rev);
+            count_by_kind(&self.metrics, self.leases.revoke(&revoked, &rev));
+            self.keep_retired(certs, &rev).await;
         }
         // Ids are fresh per created entry: under create/delete churn the clocks would grow
         // without bound (the store drops its row with the entry's).

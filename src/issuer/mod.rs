@@ -766,6 +766,67 @@ mod tests {
         ))
     }
 
+    /// Answers the next job the held store gets (waiting for it), and returns its ops.
+    async fn answer_next(held: &Held) -> Vec<Op> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some((ops, done)) = held.jobs.lock().unwrap().pop() {
+                let _ = done.send(Ok(()));
+                return ops;
+            }
+            assert!(std::time::Instant::now() < deadline, "no commit came");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_certificate_reaped_while_its_revocation_commits_is_kept_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Arc::new(Held::default());
+        let i = issuer(dir.path(), held.clone(), Vec::new());
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let l = Lease {
+            id: LeaseId::random(),
+            kind: Kind::X509,
+            state: State::Active,
+            uid: 1,
+            pid: 2,
+            issued_at: now - 60,
+            expires_at: now,
+            spiffe_id: i.leases().intern_identity("spiffe://td.test/w"),
+            entry_id: "e".into(),
+            exe: None,
+            task_id: None,
+            serial: Some(Box::new([9; 16])),
+            revocation: None,
+            kill_epoch: 0,
+        };
+        let id = l.id;
+        i.leases().insert(l);
+        let revoking = tokio::spawn({
+            let i = Arc::clone(&i);
+            async move {
+                i.revoke_lease(&id.to_string(), Actor::Daemon, "leaked")
+                    .await
+            }
+        });
+        // The revocation waits for its commit; the reaper retires the lease meanwhile.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (removed, _) = i.leases().expire_due(now + 1, 16);
+        assert_eq!(removed, vec![id]);
+        assert!(matches!(answer_next(&held).await[0], Op::Revoke(..)));
+        // Put back, revoked, in the store and in memory: on the CRL past its expiry.
+        let ops = answer_next(&held).await;
+        assert!(
+            matches!(&ops[..], [Op::PutLease(p)] if p.id == id && p.state == State::Revoked),
+            "{ops:?}"
+        );
+        let revoked = revoking.await.unwrap().unwrap();
+        assert_eq!(revoked.state, State::Revoked);
+        assert_eq!(i.leases().get(&id).map(|l| l.state), Some(State::Revoked));
+        assert_eq!(i.leases().revoked_serials(now + 1).len(), 1);
+    }
+
     #[tokio::test]
     async fn a_positional_config_entry_clock_moves_to_the_entry_at_that_place() {
         let dir = tempfile::tempdir().unwrap();

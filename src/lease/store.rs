@@ -469,15 +469,22 @@ fn recover_audit(
             .collect()
         })
         .map_err(db_err)?;
-    let rewritten = audit
+    match audit
         .rewrite_unsynced(&unconfirmed)
-        .map_err(|e| StoreError::Audit(e.to_string()))?;
-    if rewritten > 0 {
-        tracing::warn!(
-            records = rewritten,
+        .map_err(|e| StoreError::Audit(e.to_string()))?
+    {
+        audit::Unsynced::Intact => {}
+        audit::Unsynced::Rewritten(n) => tracing::warn!(
+            records = n,
             "the audit file differed from the store's copies of records whose sync was never \
              confirmed (a failed fdatasync, then a crash); wrote them again from the store"
-        );
+        ),
+        audit::Unsynced::Unchecked(why) => tracing::error!(
+            records = unconfirmed.len(),
+            why,
+            "records whose sync was never confirmed could not be compared with the audit \
+             file; `tessera audit verify` tells whether it holds them"
+        ),
     }
     let from = audit.head().0;
     let mut st = conn
