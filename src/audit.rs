@@ -385,13 +385,14 @@ impl AuditWriter {
         // The store's rows from there must be whole records that continue the chain, or the
         // file (whose records may be the intact ones) is left as it is for the checks that
         // follow: nothing is cut for a row that could not replace it.
-        let mut chain = match k {
-            0 => prev.clone(),
+        let base = match k {
+            0 => prev,
             _ => match check_record(&rows[k - 1].1) {
                 Ok(c) => c.hash,
                 Err(_) => return Ok(Unsynced::Unchecked(DAMAGED_COPIES)),
             },
         };
+        let mut chain = base.clone();
         for (seq, line) in &rows[k..] {
             match check_record(line) {
                 Ok(c) if c.seq == *seq && c.prev == chain => chain = c.hash,
@@ -402,12 +403,7 @@ impl AuditWriter {
         self.file.set_len(cut).map_err(io)?;
         self.size = cut;
         self.seq = first + k as u64;
-        self.prev = match k {
-            0 => prev,
-            _ => check_record(&rows[k - 1].1)
-                .map(|c| c.hash)
-                .map_err(|_| AuditError::Damaged(self.path.clone()))?,
-        };
+        self.prev = base;
         let mut n = 0;
         for (_, line) in &rows[k..] {
             if self.push_recovered(line).is_err() {

@@ -615,15 +615,7 @@ async fn revoke(
     if !t.revocable {
         return ok();
     }
-    // Task tokens belong to their actor; JWT-SVIDs to their subject.
-    let holder = t
-        .claims
-        .get("act")
-        .and_then(|a| a.get("sub"))
-        .or_else(|| t.claims.get("sub"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    if holder != caller {
+    if t.holder() != Some(caller.as_str()) {
         s.exchanger.issuer().deny_actor(
             Actor::Agent {
                 spiffe_id: caller.clone(),

@@ -210,7 +210,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             svids,
             _slot: slot,
             kills_seen,
-            sent: (Vec::new(), None),
+            sent: Sent::default(),
         };
         if rematch {
             w.reconcile().await?;
@@ -365,10 +365,27 @@ struct X509Watch {
     _slot: Slot,
     /// The kill list generation last looked at.
     kills_seen: u64,
-    /// What the last message held: its SVIDs' leases and the bundle it carried. A change that
-    /// leaves both as they were sends nothing (Workload API §4.3: messages follow changes to
-    /// the response, and some clients reload on each).
-    sent: (Vec<crate::lease::LeaseId>, Option<Arc<TrustBundle>>),
+    /// What the last message held. A change that leaves it as it was sends nothing (Workload
+    /// API §4.3: messages follow changes to the response, and some clients reload on each).
+    sent: Sent,
+}
+
+/// What an X.509-SVID message held: its SVIDs' leases and the bundle it carried (the same
+/// one, not an equal one: a re-signed CRL is a new bundle).
+#[derive(Clone, Default)]
+struct Sent {
+    leases: Vec<crate::lease::LeaseId>,
+    bundle: Option<Arc<TrustBundle>>,
+}
+
+impl PartialEq for Sent {
+    fn eq(&self, other: &Self) -> bool {
+        self.leases == other.leases
+            && match (&self.bundle, &other.bundle) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
 }
 
 impl X509Watch {
@@ -439,15 +456,7 @@ impl X509Watch {
             }
             let before = self.sent.clone();
             return match self.message().await {
-                Ok(_)
-                    if self.sent.0 == before.0
-                        && match (&self.sent.1, &before.1) {
-                            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                            _ => false,
-                        } =>
-                {
-                    continue;
-                }
+                Ok(_) if self.sent == before => continue,
                 Ok(msg) => Some((Ok(msg), Some(self))),
                 Err(s) => end(s),
             };
@@ -460,37 +469,40 @@ impl X509Watch {
     /// before the send would still go out after `tessera kill` had returned.
     async fn message(&mut self) -> Result<pb::X509svidResponse, Status> {
         for _ in 0..3 {
-            let now = OffsetDateTime::now_utc().unix_timestamp();
-            let leases = self.issuer.leases();
-            if self
-                .svids
-                .iter()
-                .all(|(s, _)| leases.is_active(&s.lease_id, now))
-            {
+            if self.inactive().is_empty() {
                 return Ok(self.response());
             }
             self.reconcile().await?;
         }
         // Changes keep landing during the reconciles: what is not active now stays out of
         // this message (the change that made it so wakes the stream for the next one).
-        let now = OffsetDateTime::now_utc().unix_timestamp();
-        let leases = self.issuer.leases();
-        self.svids
-            .retain(|(s, _)| leases.is_active(&s.lease_id, now));
+        let gone = self.inactive();
+        self.svids.retain(|(s, _)| !gone.contains(&s.lease_id));
         if self.svids.is_empty() {
             return Err(status(IssueError::NoIdentity));
         }
         Ok(self.response())
     }
 
+    /// Leases of this stream's SVIDs that are no longer active (revoked, killed, expired).
+    fn inactive(&self) -> Vec<crate::lease::LeaseId> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let leases = self.issuer.leases();
+        self.svids
+            .iter()
+            .map(|(s, _)| s.lease_id)
+            .filter(|id| !leases.is_active(id, now))
+            .collect()
+    }
+
     /// The message for the current state, noted as sent.
     fn response(&mut self) -> pb::X509svidResponse {
         let bundle = Arc::clone(&self.bundle_rx.borrow_and_update());
         let msg = x509_response(&self.svids, &bundle);
-        self.sent = (
-            self.svids.iter().map(|(s, _)| s.lease_id).collect(),
-            Some(bundle),
-        );
+        self.sent = Sent {
+            leases: self.svids.iter().map(|(s, _)| s.lease_id).collect(),
+            bundle: Some(bundle),
+        };
         msg
     }
 

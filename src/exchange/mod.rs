@@ -473,14 +473,10 @@ impl Exchanger {
                     .map_err(|e| {
                         // Signed by Tessera, refused for its audience, lifetime or lease: the
                         // holder it was issued to (an agent's task token: its actor).
-                        *agent = self.issuer.verify_own_token(token).and_then(|t| {
-                            t.claims
-                                .get("act")
-                                .and_then(|a| a.get("sub"))
-                                .or_else(|| t.claims.get("sub"))
-                                .and_then(Value::as_str)
-                                .map(str::to_owned)
-                        });
+                        *agent = self
+                            .issuer
+                            .verify_own_token(token)
+                            .and_then(|t| t.holder().map(str::to_owned));
                         e.to_string()
                     })?;
                 *agent = Some(id.to_string());
@@ -849,11 +845,7 @@ impl Exchanger {
                     if entries.is_empty() {
                         let want: String = want.chars().take(200).collect();
                         self.issuer.deny_actor(
-                            Actor::Workload {
-                                uid: caller.uid,
-                                pid: caller.pid,
-                                exe: caller.exe_path.as_deref().map(str::to_owned),
-                            },
+                            crate::issuer::workload_actor(caller),
                             &want,
                             Kind::Task,
                             "the caller holds no such identity",

@@ -239,7 +239,8 @@ fn now_ms() -> i64 {
     (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-fn workload_actor(c: &Attestation) -> Actor {
+/// The audit actor of an attested caller.
+pub fn workload_actor(c: &Attestation) -> Actor {
     Actor::Workload {
         uid: c.uid,
         pid: c.pid,

@@ -103,6 +103,17 @@ pub struct OwnToken {
     pub active: Option<Kind>,
 }
 
+impl OwnToken {
+    /// Who it was issued to: a task token's actor (`act.sub`), a JWT-SVID's subject.
+    pub fn holder(&self) -> Option<&str> {
+        self.claims
+            .get("act")
+            .and_then(|a| a.get("sub"))
+            .or_else(|| self.claims.get("sub"))
+            .and_then(Value::as_str)
+    }
+}
+
 /// The SPIFFE ID of a task X.509-SVID: `<agent id>/task/<task id>`.
 pub fn task_spiffe_id(agent: &SpiffeId, task_id: &str) -> Result<SpiffeId, IssueError> {
     SpiffeId::parse(&crate::lease::task_key(agent.as_str(), task_id)).map_err(|e| {
