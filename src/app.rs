@@ -95,6 +95,44 @@ pub struct Running {
 /// How long a drain may take before remaining connections are cut.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
+/// Descriptors the two sockets need at their connection caps: the socket and a pidfd each.
+const DESCRIPTORS_AT_CAPS: u64 = 2 * 2 * limits::CONNECTIONS_TOTAL as u64;
+
+/// Raises the soft limit on open files to the hard one, and warns when even that is below
+/// what the connection caps need: a flood of connections would then make `accept`, and
+/// attestation's `/proc` reads, fail for every caller before any cap refuses the flood.
+fn raise_open_file_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid, writable rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                r = raised;
+            }
+        }
+    }
+    let needed = DESCRIPTORS_AT_CAPS + 1024;
+    if r.rlim_cur < needed {
+        tracing::warn!(
+            limit = r.rlim_cur,
+            needed,
+            "the open-file limit is below what the connection caps need (a socket and a pidfd \
+             per connection): a flood of connections would exhaust descriptors for every caller \
+             first; raise it (LimitNOFILE= in the systemd unit, ulimit -Hn)"
+        );
+    }
+}
+
 /// Builds every part and starts serving.
 pub async fn build(cfg: Config) -> Result<Running, AppError> {
     crate::fsutil::ensure_private_dir(&cfg.data_dir).map_err(|source| AppError::DataDir {
@@ -109,6 +147,15 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         source,
     })?;
     std::mem::forget(data_lock);
+    raise_open_file_limit();
+    // Before any socket counts connections by uid.
+    let subordinate = limits::load_subordinate_uids(std::path::Path::new("/etc/subuid"));
+    if subordinate > 0 {
+        tracing::info!(
+            ranges = subordinate,
+            "subordinate uid ranges (/etc/subuid): their uids share their user's per-uid limits"
+        );
+    }
     let ca = Arc::new(Ca::load_or_create(
         &cfg.trust_domain,
         &cfg.data_dir,

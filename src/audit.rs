@@ -544,7 +544,26 @@ impl AuditWriter {
             let p = p.to_owned();
             move |source| AuditError::Io { path: p, source }
         };
-        if self.reopen || (self.size > 0 && self.size + self.buf.len() as u64 > self.max_size) {
+        // Someone else wrote to or cut the live file: records appended now would be glued to
+        // their bytes (and the next start would refuse the file) or continue a chain whose
+        // records they removed. The changed file is moved aside as it is, among the chain's
+        // files, where `tessera audit verify` reports the change; the chain goes on in a new
+        // file. One fstat per batch.
+        let foreign = !self.reopen && self.file.metadata().is_ok_and(|m| m.len() != self.size);
+        if foreign {
+            tracing::error!(
+                file = %self.path.display(),
+                written = self.size,
+                found = self.file.metadata().map_or(0, |m| m.len()),
+                "the audit log was changed by something other than tesserad; it is moved \
+                 aside as it is (`tessera audit verify` reports the change) and the chain \
+                 goes on in a new file"
+            );
+        }
+        if self.reopen
+            || foreign
+            || (self.size > 0 && self.size + self.buf.len() as u64 > self.max_size)
+        {
             if !self.reopen {
                 if let Err(e) = self.file.sync_data() {
                     // Retried, it could succeed without what it failed to write.
@@ -782,6 +801,21 @@ pub struct Verified {
     pub unfinished_tail: bool,
 }
 
+impl Verified {
+    /// The records (first and last `seq`) after the `head_seq` records the store has
+    /// committed, other than [`GAP_EVENT`] records: none of them was written by tesserad,
+    /// which commits every record to its store before appending it to the file (a failed
+    /// commit's records never reach the file). The exception is the gap record, appended
+    /// at start before the commit that records it. `head_seq` must be read after the walk,
+    /// or records appended meanwhile would count.
+    pub fn past_head(&self, head_seq: u64) -> Option<(u64, u64)> {
+        let last = self.last_seq?;
+        (head_seq..=last)
+            .find(|s| !self.gaps.contains(s))
+            .map(|first| (first, last))
+    }
+}
+
 /// What [`check_record`] reads from a record.
 struct Checked {
     seq: u64,
@@ -967,9 +1001,10 @@ impl Walk {
                     missing_from: Some(have),
                 });
             }
-            // The record the store last committed must be in the chain as it was. Records
-            // after it are allowed (appended while we read, or a failed commit's), but not a
-            // rewritten history that merely grew past it.
+            // The record the store last committed must be in the chain as it was, not a
+            // rewritten history that merely grew past it. Records after it are checked by
+            // [`Verified::past_head`] against the head read again after the walk: the daemon
+            // may have committed and appended more while this read.
             // (`watched` is the record at `head_seq - 1`, so `head_seq` is at least 1.)
             if self.watched.as_deref().is_some_and(|h| h != head_hash) {
                 return Err(VerifyError {
@@ -1299,6 +1334,55 @@ mod tests {
         let w = AuditWriter::open(&p, u64::MAX).unwrap();
         assert_eq!(w.head().0, 3);
         assert!(verify(&p, None).is_ok());
+    }
+
+    #[test]
+    fn a_live_file_changed_by_someone_else_is_moved_aside_not_written_onto() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.jsonl");
+        let mut w = AuditWriter::open(&p, u64::MAX).unwrap();
+        for i in 0..3 {
+            w.push(&Event::now("issue", Actor::Daemon).lease(format!("{i}")));
+        }
+        w.write().unwrap();
+        // Stray bytes: before, the next record was glued onto them, and the next start
+        // refused the file.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .unwrap()
+            .write_all(br#"{"seq":3,"ti"#)
+            .unwrap();
+        w.push(&Event::now("issue", Actor::Daemon).lease("3"));
+        w.write().unwrap();
+        let moved = newest_rotated(&p).expect("the changed file was moved aside");
+        assert!(
+            std::fs::read_to_string(&moved)
+                .unwrap()
+                .ends_with(r#"{"seq":3,"ti"#)
+        );
+        let live = verify(&p, None).unwrap();
+        assert_eq!((live.records, live.last_seq), (1, Some(3)));
+        let e = verify_chain(&p, Some((4, w.head().1))).unwrap_err();
+        assert_eq!(e.file, moved, "{e}");
+        drop(w);
+        AuditWriter::open(&p, u64::MAX).expect("the daemon starts on what it wrote");
+
+        // A cut tail: the new file's first record names the missing one as its predecessor,
+        // at the file boundary.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.jsonl");
+        let mut w = AuditWriter::open(&p, u64::MAX).unwrap();
+        w.push(&Event::now("issue", Actor::Daemon).lease("0"));
+        w.push(&Event::now("issue", Actor::Daemon).lease("1"));
+        w.write().unwrap();
+        let first = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(&p, first.lines().next().unwrap().to_owned() + "\n").unwrap();
+        w.push(&Event::now("issue", Actor::Daemon).lease("2"));
+        w.write().unwrap();
+        assert_eq!(rotated_files(&p).len(), 1);
+        let e = verify_chain(&p, None).unwrap_err();
+        assert_eq!((e.file.as_path(), e.line), (p.as_path(), 1), "{e}");
     }
 
     #[test]

@@ -751,6 +751,13 @@ impl Config {
             DEFAULT_IDLE_AFTER,
             Duration::from_secs(1),
         )?;
+        // Beyond that, milliseconds no longer fit the i64 the activity times are kept in.
+        if idle_after > MAX_CA_TTL {
+            return Err(invalid(
+                "inventory.idle_after",
+                "must be at most 100y (an entry unused for longer than it is never idle)",
+            ));
+        }
 
         let mut entries: Vec<Entry> = Vec::with_capacity(raw.entries.len());
         for (i, e) in raw.entries.into_iter().enumerate() {
@@ -886,6 +893,18 @@ fn duration_at_least(
         return Err(invalid(
             key,
             format!("must be at least {}", humantime::format_duration(min)),
+        ));
+    }
+    Ok(d)
+}
+
+/// An entry's cap on its task credentials: within the bounds `[tasks]` lifetimes have.
+fn entry_task_ttl(key: &str, v: &str) -> Result<Duration, ConfigError> {
+    let d = duration_at_least(key, Some(v), DEFAULT_TASK_TTL, Duration::from_secs(10))?;
+    if d > Duration::from_secs(24 * 3600) {
+        return Err(invalid(
+            key,
+            "must be at most 24h: task credentials are short-lived by design",
         ));
     }
     Ok(d)
@@ -1045,7 +1064,7 @@ fn validate_entry(
     let max_task_ttl = e
         .max_task_ttl
         .as_deref()
-        .map(|s| svid_ttl(&k("max_task_ttl"), Some(s), DEFAULT_TASK_TTL))
+        .map(|s| entry_task_ttl(&k("max_task_ttl"), s))
         .transpose()?;
     Ok(Entry {
         id: id.into(),
@@ -1235,6 +1254,18 @@ mod tests {
                 "`tasks.max_ttl`: task lifetimes",
             ),
             ("[log]\nformat = \"xml\"", "`log.format`"),
+            (
+                "[inventory]\nidle_after = \"300000000y\"",
+                "`inventory.idle_after`: must be at most 100y",
+            ),
+            (
+                "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/a\"\nselectors = [\"unix:uid:1\"]\nmax_task_ttl = \"5s\"",
+                "`entries[0].max_task_ttl`: must be at least 10s",
+            ),
+            (
+                "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/a\"\nselectors = [\"unix:uid:1\"]\nmax_task_ttl = \"25d\"",
+                "`entries[0].max_task_ttl`: must be at most 24h",
+            ),
             (
                 "[tasks]\nretention = \"500ms\"",
                 "`tasks.retention`: must be at least 1s",

@@ -256,7 +256,6 @@ impl Jwk {
 }
 
 /// A JWS split and decoded, not yet verified.
-#[derive(Debug)]
 pub struct Jws<'a> {
     /// Protected header.
     pub header: Map<String, Value>,
@@ -270,6 +269,17 @@ pub struct Jws<'a> {
     pub signing_input: &'a str,
     /// Decoded signature.
     pub signature: Vec<u8>,
+}
+
+/// Without the signing input and signature: together they are the bearer token itself.
+impl std::fmt::Debug for Jws<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jws")
+            .field("header", &self.header)
+            .field("alg", &self.alg)
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `typ` of Tessera's task tokens: JWT access tokens (RFC 9068 §2.1). Explicit typing

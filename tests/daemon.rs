@@ -502,6 +502,30 @@ fn admin_socket_is_for_root_and_named_uids_only() {
         "{}",
         String::from_utf8_lossy(&member.stderr)
     );
+    // A supplementary group counts too, when the kernel reports it at connect time.
+    let mut c = Command::new(tessera_bin());
+    c.env("TESSERA_ADMIN_SOCKET", &d.admin_socket)
+        .args(["killed"]);
+    // SAFETY: setgroups/setgid/setuid only, between fork and exec; in that order, as the
+    // first two need root.
+    unsafe {
+        c.pre_exec(|| {
+            let groups = [47_050u32];
+            if libc::setgroups(1, groups.as_ptr()) != 0
+                || libc::setgid(47_007) != 0
+                || libc::setuid(47_007) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let supplementary = c.output().unwrap();
+    assert!(
+        supplementary.status.success(),
+        "{}",
+        String::from_utf8_lossy(&supplementary.stderr)
+    );
     let refused = run(47_005);
     assert!(!refused.status.success());
     assert!(
@@ -583,6 +607,19 @@ fn admin_socket_is_owner_only_without_extra_grants() {
 #[test]
 fn an_entry_granting_the_same_identity_to_the_same_selectors_is_created_once() {
     let d = Daemon::start("");
+    // The built-in entry is listed, so editing it says why not and what to do instead.
+    for args in [
+        &["entry", "update", "default", "--owner", "me"][..],
+        &["entry", "delete", "default"],
+    ] {
+        let o = d.cli(args);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("FailedPrecondition") && err.contains("entry create"),
+            "{err}"
+        );
+    }
     let uid = format!("unix:uid:{}", my_uid());
     let id = d.create_entry("spiffe://tessera.internal/web", &uid);
     // The same again, with one selector more and then in another order: the first is a twin;

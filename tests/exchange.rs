@@ -1116,6 +1116,29 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("say which"), "{}", err.message());
+    // A malformed choice of identity is bad input, not an identity the caller lacks; a
+    // well-formed one it lacks is refused.
+    let mut req = tasks_req(&subject, "dual", &["tickets:read"], false);
+    req.spiffe_id = "bogus".into();
+    let err = tasks.exchange(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("spiffe://"), "{}", err.message());
+    let err = tasks
+        .complete(pb::CompleteRequest {
+            task_id: "dual".into(),
+            spiffe_id: "bogus".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let err = tasks
+        .complete(pb::CompleteRequest {
+            task_id: "dual".into(),
+            spiffe_id: "spiffe://tessera.internal/agents/z".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     let n = tasks
         .complete(pb::CompleteRequest {
             task_id: "dual".into(),
@@ -1158,6 +1181,15 @@ async fn grpc_exchange_task_svid_complete_and_kill() {
     secrets.push(g["access_token"].as_str().unwrap().to_owned());
     let done = cli_json(&d, &["task", "complete", "cli-1"]);
     assert_eq!(done["revoked"], 1);
+    // Again: nothing to do, and nothing recorded as if it were a second completion.
+    let again = cli_json(&d, &["task", "complete", "cli-1"]);
+    assert_eq!(again["revoked"], 0);
+    let audit = std::fs::read_to_string(d.data_dir.join("audit.jsonl")).unwrap();
+    let completions = audit
+        .lines()
+        .filter(|l| l.contains("\"event\":\"complete\"") && l.contains("\"cli-1\""))
+        .count();
+    assert_eq!(completions, 1, "{audit}");
 
     // A task's own identity can be killed: no new certificate or token for the task, the agent
     // is otherwise unaffected.

@@ -1164,13 +1164,41 @@ async fn audit_log_records_everything_and_detects_tampering() {
     );
     // The chain head goes to the daemon's log too (an anchor outside the data directory).
     let logs = d.log_text();
-    let logged_head = logs
+    let (logged_records, logged_head) = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|l| l["fields"]["message"] == "audit chain head")
-        .and_then(|l| l["fields"]["head"].as_str().map(str::to_owned))
+        .and_then(|l| {
+            Some((
+                l["fields"]["records"].as_u64()?,
+                l["fields"]["head"].as_str()?.to_owned(),
+            ))
+        })
         .unwrap_or_else(|| panic!("no audit chain head in the log:\n{logs}"));
-    let dir = d.stop();
+    let mut d = d;
+    assert!(
+        d.signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
+            .success()
+    );
+    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
+    // A clean stop logs the head too, so the newest records are anchored off the host.
+    let records = std::fs::read_to_string(dir.path().join("data/audit.jsonl"))
+        .unwrap()
+        .lines()
+        .count() as u64;
+    let head_at = |logs: &str| {
+        logs.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["fields"]["message"] == "audit chain head")
+            .filter_map(|l| l["fields"]["records"].as_u64())
+            .next_back()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while head_at(&d.log_text()) != Some(records) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(head_at(&d.log_text()), Some(records), "{}", d.log_text());
+    drop(d);
     let audit = dir.path().join("data/audit.jsonl");
     let text = std::fs::read_to_string(&audit).unwrap();
     for ev in [
@@ -1199,6 +1227,22 @@ async fn audit_log_records_everything_and_detects_tampering() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
+    // A head the daemon logged is an anchor verify can check the chain against.
+    let anchored = |anchor: &str| {
+        std::process::Command::new(common::tessera_bin())
+            .args(["audit", "verify", "--anchor", anchor])
+            .arg(&audit)
+            .output()
+            .unwrap()
+    };
+    let o = anchored(&format!("{logged_records}:{logged_head}"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = anchored(&format!("{logged_records}:{}", "0".repeat(64)));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("against the logged head"),
+        "{err}"
+    );
 
     let mut lines: Vec<String> = text.lines().map(String::from).collect();
     let original = lines.clone();
@@ -1220,6 +1264,29 @@ async fn audit_log_records_everything_and_detects_tampering() {
         String::from_utf8_lossy(&bad.stderr).contains("starts at record 1"),
         "{}",
         String::from_utf8_lossy(&bad.stderr)
+    );
+
+    // Records that continue the chain past the head the store committed were not written by
+    // the daemon (which commits each record before appending it), though anyone can compute
+    // their hashes.
+    let last: serde_json::Value = serde_json::from_str(original.last().unwrap()).unwrap();
+    let body = serde_json::json!({
+        "seq": last["seq"].as_u64().unwrap() + 1,
+        "time": "2026-12-07T13:40:00.000Z",
+        "event": "kill",
+        "actor": {"operator_uid": 1001, "operator_pid": 4242},
+        "spiffe_id": "spiffe://tessera.internal/prod",
+        "prev": last["hash"],
+    })
+    .to_string();
+    let hash = hex::encode(ring::digest::digest(&ring::digest::SHA256, body.as_bytes()));
+    let forged = format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1]);
+    std::fs::write(&audit, original.join("\n") + "\n" + &forged + "\n").unwrap();
+    let bad = verify(&audit);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("past the head the store committed"),
+        "{err}"
     );
 
     // Deleting the last record is caught against the head the store committed.

@@ -171,13 +171,30 @@ async fn every_fetch_gets_a_fresh_key() {
 #[tokio::test]
 async fn openssl_accepts_what_the_cli_writes() {
     let d = Daemon::start(&me_entry());
+    // A directory others could write to is refused before anything is minted: no lease
+    // nobody holds, and nothing created in it.
+    use std::os::unix::fs::PermissionsExt;
+    let shared = d.dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let o = d.cli(&[
+        "svid",
+        "x509",
+        "--out",
+        shared.join("out").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("output directory"), "{err}");
+    assert!(!shared.join("out").exists());
+    assert!(common::all_leases(&d.admin_socket).await.is_empty());
+
     let out = d.dir.path().join("svid-out/nested");
     let o = d.cli(&["svid", "x509", "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("spiffe://tessera.internal/me"), "{stdout}");
     assert!(stdout.contains("Expires:"), "{stdout}");
-    use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(out.join("svid.key"))
         .unwrap()
         .permissions()

@@ -110,7 +110,12 @@ impl AdminApi {
         if self.access.gids.contains(&peer.gid) {
             return Ok(actor(Some(peer.gid)));
         }
-        if self.access.gids.is_empty() {
+        // By a supplementary group: one the kernel reported at connect time (the admission
+        // check at accept, `SO_PEERGROUPS`, the same moment as the uid and gid), and still held
+        // now. /proc alone would admit a process that gained the group after it connected
+        // (a setuid helper calling setgroups), and pair it with the uid of another moment.
+        if self.access.gids.is_empty() || !peer.admitted.load(std::sync::atomic::Ordering::Acquire)
+        {
             return Err(denied());
         }
         // Supplementary groups come from /proc, read with the same PID-reuse checks as
@@ -200,7 +205,7 @@ impl AdminApi {
             .any(|e| e.spiffe_id.as_str() == a.agent);
         if holds_it {
             return Err(Status::permission_denied(format!(
-                "this process holds {} itself, so it could be the agent approving its own request; approve from a process that does not match the agent's entry (give high-risk agents a unix:path or unix:sha256 selector, or another uid)",
+                "this process holds {} itself, so it could be the agent approving its own request; approve from a process that does not match the agent's entry, best as another uid (run high-risk agents under a uid of their own that is not an operator: a child process of the agent would not match a unix:path or unix:sha256 selector)",
                 a.agent
             )));
         }
@@ -490,9 +495,22 @@ impl pb::admin_server::Admin for AdminApi {
             f.task_id = Some(r.task_id);
         }
         if !r.state.is_empty() {
-            f.state = Some(State::parse(&r.state).ok_or_else(|| {
-                Status::invalid_argument("state must be \"active\" or \"revoked\"")
-            })?);
+            f.state = match State::parse(&r.state) {
+                Some(State::Expired) => {
+                    // An empty answer would read as "nothing expired".
+                    return Err(Status::invalid_argument(
+                        "state \"expired\" cannot be listed: a lease leaves the table when \
+                         it expires (a revoked certificate stays a day, listed as revoked); \
+                         state must be \"active\" or \"revoked\"",
+                    ));
+                }
+                Some(s) => Some(s),
+                None => {
+                    return Err(Status::invalid_argument(
+                        "state must be \"active\" or \"revoked\"",
+                    ));
+                }
+            };
         }
         if !r.kind.is_empty() {
             f.kind = Some(Kind::parse(&r.kind).ok_or_else(|| {

@@ -212,13 +212,19 @@ impl AsyncWrite for UdsConn {
 /// serve a fake Workload API to workloads and the CLI. With `owner` `None` (a client that does
 /// not know which uid the daemon runs as) ownership is not checked, the rest is.
 pub fn check_socket_dir(dir: &Path, owner: Option<u32>) -> io::Result<()> {
+    check_private_dir(dir, owner, "socket directory")
+}
+
+/// [`check_socket_dir`]'s rule for any directory whose contents others must not swap;
+/// `what` names it in the messages ("socket directory", "output directory").
+pub fn check_private_dir(dir: &Path, owner: Option<u32>, what: &str) -> io::Result<()> {
     let owned_ok = |uid: u32| owner.is_none_or(|me| uid == me || uid == 0);
     let me = owner.map_or_else(|| "the daemon's uid".to_owned(), |u| format!("uid {u}"));
     let refuse = |why: String| io::Error::new(io::ErrorKind::PermissionDenied, why);
     let meta = std::fs::symlink_metadata(dir)?;
     if meta.file_type().is_symlink() {
         return Err(refuse(format!(
-            "socket directory {} is a symbolic link; give the real directory",
+            "{what} {} is a symbolic link; give the real directory",
             dir.display()
         )));
     }
@@ -227,7 +233,7 @@ pub fn check_socket_dir(dir: &Path, owner: Option<u32>) -> io::Result<()> {
     }
     if !owned_ok(meta.uid()) || meta.mode() & 0o022 != 0 {
         return Err(refuse(format!(
-            "socket directory {} must be owned by {me} or root and not writable by group or others (owner {}, mode {:o})",
+            "{what} {} must be owned by {me} or root and not writable by group or others (owner {}, mode {:o})",
             dir.display(),
             meta.uid(),
             meta.mode() & 0o777
@@ -241,7 +247,7 @@ pub fn check_socket_dir(dir: &Path, owner: Option<u32>) -> io::Result<()> {
         let sticky = m.mode() & 0o1000 != 0;
         if !owned_ok(m.uid()) || (m.mode() & 0o022 != 0 && !sticky) {
             return Err(refuse(format!(
-                "{} (above the socket directory {}) must be owned by {me} or root and not writable by group or others unless sticky (owner {}, mode {:o}): otherwise another user could replace the socket directory",
+                "{} (above the {what} {}) must be owned by {me} or root and not writable by group or others unless sticky (owner {}, mode {:o}): otherwise another user could replace the {what}",
                 up.display(),
                 dir.display(),
                 m.uid(),
@@ -457,6 +463,10 @@ pub fn incoming(
                             let admitted = peer
                                 .as_deref()
                                 .is_some_and(|p| admit(p, stream.as_raw_fd()));
+                            if let Some(p) = peer.as_deref() {
+                                p.admitted
+                                    .store(admitted, std::sync::atomic::Ordering::Release);
+                            }
                             (!admitted).then_some(UNADMITTED_READ_BYTES)
                         });
                         return Some((

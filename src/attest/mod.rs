@@ -36,6 +36,16 @@ pub enum AttestError {
     /// The process exited or its pid was reused while we looked at it.
     #[error("caller's process {0} exited or was replaced during attestation")]
     ProcessGone(i32),
+    /// Reading what attestation needs did not finish in time: the caller's executable sits
+    /// on a filesystem that does not answer (a FUSE mount it serves, a hung NFS share), or
+    /// the caller's uid already has [`OBSERVING_PER_UID`] such reads waiting.
+    #[error("attesting caller's process {pid} did not finish: {why}")]
+    Stalled {
+        /// Process id.
+        pid: i32,
+        /// What waited.
+        why: &'static str,
+    },
     /// `/proc/<pid>` could not be read.
     #[error("cannot read /proc/{pid}/{what}: {source}")]
     Proc {
@@ -54,6 +64,8 @@ impl AttestError {
     /// gone, a file it may not read, an unexpected format are the caller's.
     pub fn is_daemon_side(&self) -> bool {
         match self {
+            // Says nothing about who the caller is either; the caller may retry.
+            Self::Stalled { .. } => true,
             Self::Proc { source, .. } => matches!(
                 source.raw_os_error(),
                 Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EIO | libc::EAGAIN)
@@ -79,6 +91,9 @@ pub struct PeerInfo {
     pub accepted_at_ticks: u64,
     /// The last full attestation of this connection's process.
     cache: Mutex<Option<Cached>>,
+    /// A listener's admission check passed at accept, on the kernel's credentials of that
+    /// moment (the admin socket's supplementary groups, `SO_PEERGROUPS`).
+    pub admitted: std::sync::atomic::AtomicBool,
 }
 
 /// A full attestation, reused for later requests on the same connection while the process is
@@ -99,6 +114,17 @@ struct Cached {
 /// How long a connection's attestation is reused before it is done again in full, so that
 /// changes the cheap re-check cannot see (user or group renames) still arrive.
 const ATTESTATION_REUSE: Duration = Duration::from_secs(30);
+
+/// How long a full attestation's reads (`/proc`, the executable, user and group names) may
+/// take before the request is refused. Its thread may go on waiting; the request does not.
+const OBSERVE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long hashing an executable may take before the attestation goes on without its
+/// `sha256` selector (entries that need it do not match: fail closed).
+const HASH_DEADLINE: Duration = Duration::from_secs(30);
+/// Full attestations of one uid whose reads are still running, past which its next ones are
+/// refused at once: reads that never return hold a blocking thread each, and the pool is
+/// shared by every caller.
+pub const OBSERVING_PER_UID: usize = 32;
 
 impl PeerInfo {
     /// Reads the peer credentials of a connected Unix socket.
@@ -129,6 +155,7 @@ impl PeerInfo {
             pidfd: peer_pidfd(fd)?.map(Arc::new),
             accepted_at_ticks: boottime_ticks(),
             cache: Mutex::new(None),
+            admitted: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -223,6 +250,46 @@ struct FileKey {
 }
 
 impl FileKey {
+    /// The key of `path` (relative to `dirfd`; `""` with `AT_EMPTY_PATH` for `dirfd` itself)
+    /// from the attributes the kernel holds, never asking the file's filesystem: a caller's
+    /// binary may sit on a FUSE mount the caller serves, or a hung NFS share, where a
+    /// synced stat waits as long as the server wants. Called inline on an async worker, such
+    /// a wait stopped every request of every caller. Enough to see an exec: another file is
+    /// another inode, whatever its cached attributes say.
+    fn cached(dirfd: libc::c_int, path: &std::ffi::CStr, flags: libc::c_int) -> Option<Self> {
+        // SAFETY: an all-zero statx is a valid value for the kernel to fill.
+        let mut st: libc::statx = unsafe { std::mem::zeroed() };
+        // SAFETY: `path` is NUL-terminated and `st` a valid, writable statx.
+        let r = unsafe {
+            libc::statx(
+                dirfd,
+                path.as_ptr(),
+                flags | libc::AT_STATX_DONT_SYNC,
+                libc::STATX_BASIC_STATS,
+                &mut st,
+            )
+        };
+        (r == 0).then(|| Self {
+            dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor),
+            ino: st.stx_ino,
+            size: st.stx_size,
+            mtime: (st.stx_mtime.tv_sec, i64::from(st.stx_mtime.tv_nsec)),
+            ctime: (st.stx_ctime.tv_sec, i64::from(st.stx_ctime.tv_nsec)),
+        })
+    }
+
+    /// [`Self::cached`] of what `/proc/<pid>/exe` links to.
+    fn of_exe(pid: i32) -> Option<Self> {
+        let path = std::ffi::CString::new(format!("/proc/{pid}/exe")).ok()?;
+        Self::cached(libc::AT_FDCWD, &path, 0)
+    }
+
+    /// [`Self::cached`] of an open file.
+    fn of_file(f: &File) -> Option<Self> {
+        Self::cached(f.as_raw_fd(), c"", libc::AT_EMPTY_PATH)
+    }
+
+    #[cfg(test)]
     fn of(meta: &std::fs::Metadata) -> Self {
         Self {
             dev: meta.dev(),
@@ -231,6 +298,37 @@ impl FileKey {
             mtime: (meta.mtime(), meta.mtime_nsec()),
             ctime: (meta.ctime(), meta.ctime_nsec()),
         }
+    }
+}
+
+/// A uid's place among [`OBSERVING_PER_UID`]; given back when dropped, and the uid forgotten
+/// once it holds none.
+struct ObservingTurn {
+    map: Arc<DashMap<u32, usize>>,
+    uid: u32,
+}
+
+impl ObservingTurn {
+    fn take(map: &Arc<DashMap<u32, usize>>, uid: u32) -> Option<Self> {
+        let mut n = map.entry(uid).or_insert(0);
+        if *n >= OBSERVING_PER_UID {
+            return None;
+        }
+        *n += 1;
+        drop(n);
+        Some(Self {
+            map: Arc::clone(map),
+            uid,
+        })
+    }
+}
+
+impl Drop for ObservingTurn {
+    fn drop(&mut self) {
+        if let Some(mut n) = self.map.get_mut(&self.uid) {
+            *n -= 1;
+        }
+        self.map.remove_if(&self.uid, |_, n| *n == 0);
     }
 }
 
@@ -267,6 +365,8 @@ pub struct Attestor {
     /// One lock per uid: a user hashes one executable at a time, so one user's churn of new
     /// binaries (or of `touch`ed large files) queues behind itself, not in front of others.
     hashing_uid: DashMap<u32, Arc<tokio::sync::Mutex<()>>>,
+    /// Full attestations' reads still running, per uid (see [`OBSERVING_PER_UID`]).
+    observing: Arc<DashMap<u32, usize>>,
     /// Executables read and hashed in full, for the single-flight test and debugging.
     files_hashed: std::sync::atomic::AtomicU64,
     users: DashMap<u32, (Instant, Option<String>)>,
@@ -343,6 +443,7 @@ impl Attestor {
             hash_clock: Default::default(),
             hashing: DashMap::new(),
             hashing_uid: DashMap::new(),
+            observing: Arc::default(),
             files_hashed: Default::default(),
             users: DashMap::new(),
             groups: DashMap::new(),
@@ -421,7 +522,8 @@ impl Attestor {
 
     /// Attests the peer. The blocking work of a full attestation (its `/proc` reads, user and
     /// group name lookups, hashing a new executable) runs off the async threads; the cheap
-    /// re-check of a reused one (a pidfd poll, one `stat`) runs inline.
+    /// re-check of a reused one (a pidfd poll, one `statx` that never waits on the
+    /// executable's filesystem) runs inline.
     ///
     /// The executable is hashed only when `wants_hash`, given the attestation without a hash,
     /// says some entry could match by it.
@@ -476,9 +578,7 @@ impl Attestor {
             }
             _ => {}
         }
-        let exe_now = std::fs::metadata(format!("/proc/{pid}/exe"))
-            .ok()
-            .map(|m| FileKey::of(&m));
+        let exe_now = FileKey::of_exe(pid);
         if exe_now != c.exe
             || (c.hash_skipped && wants_hash(&c.attestation))
             || c.groups_gen != self.interest_gen()
@@ -505,15 +605,27 @@ impl Attestor {
             peer.accepted_at_ticks,
             peer.pidfd.is_some(),
         );
-        let observed = tokio::task::spawn_blocking(move || {
-            this.observe(pid, uid, gid, accepted_at, has_pidfd)
-        })
-        .await
-        .map_err(|e| AttestError::Proc {
+        let observing = ObservingTurn::take(&self.observing, uid).ok_or(AttestError::Stalled {
             pid,
-            what: "status",
-            source: std::io::Error::other(e.to_string()),
-        })??;
+            why: "too many attestations of this uid are still waiting for their reads",
+        })?;
+        let reads = tokio::task::spawn_blocking(move || {
+            // Held by the thread: ended when its reads return, whenever that is.
+            let _observing = observing;
+            this.observe(pid, uid, gid, accepted_at, has_pidfd)
+        });
+        let observed = tokio::time::timeout(OBSERVE_DEADLINE, reads)
+            .await
+            .map_err(|_| AttestError::Stalled {
+                pid,
+                why: "reading its process or executable took too long (a filesystem that \
+                      does not answer?)",
+            })?
+            .map_err(|e| AttestError::Proc {
+                pid,
+                what: "status",
+                source: std::io::Error::other(e.to_string()),
+            })??;
         let Observed {
             mut attestation,
             exe,
@@ -531,7 +643,18 @@ impl Attestor {
                     "executable over the hash size cap; no sha256 selector"
                 );
             } else if wants_hash(&attestation) {
-                attestation.exe_sha256 = self.hash_exe(f, key, uid).await;
+                attestation.exe_sha256 =
+                    tokio::time::timeout(HASH_DEADLINE, self.hash_exe(f, key, uid))
+                        .await
+                        .unwrap_or_else(|_| {
+                            tracing::warn!(
+                                pid,
+                                uid,
+                                "hashing the caller's executable took too long (a filesystem that \
+                             does not answer?): no sha256 selector for it"
+                            );
+                            None
+                        });
             } else {
                 hash_skipped = true;
             }
@@ -606,10 +729,8 @@ impl Attestor {
                 .map(Arc::from),
             None => None,
         };
-        let exe_key = exe
-            .as_ref()
-            .and_then(|f| f.metadata().ok())
-            .map(|m| FileKey::of(&m));
+        // Read the way `reuse` reads it, or every reuse would see another file.
+        let exe_key = exe.as_ref().and_then(FileKey::of_file);
         // The link names the file in the caller's mount namespace, which the caller may have
         // made itself (`unshare -rm` and a bind mount make any binary read as /usr/bin/x). A
         // path is only a selector if it names the same file in the daemon's own view.
@@ -699,8 +820,11 @@ impl Attestor {
             return None;
         };
         let this = Arc::clone(self);
+        // The slot is this request's, not the thread's: a read that never returns gives it
+        // back at the caller's deadline, and then holds up only its own user's hashes (the
+        // user's turn stays with the thread).
+        let _slot = slot;
         tokio::task::spawn_blocking(move || {
-            let _slot = slot;
             this.files_hashed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let h = sha256_reader(file, this.max_hash_bytes).map(Arc::<str>::from);
@@ -885,6 +1009,7 @@ mod tests {
         assert!(!proc(libc::ESRCH).is_daemon_side());
         assert!(!AttestError::ProcessGone(1).is_daemon_side());
         assert!(!AttestError::NoPid.is_daemon_side());
+        assert!(AttestError::Stalled { pid: 1, why: "" }.is_daemon_side());
     }
 
     #[test]
@@ -1217,6 +1342,21 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, AttestError::ProcessGone(_)), "{err}");
         drop(b);
+    }
+
+    #[test]
+    fn a_uid_has_a_bounded_number_of_attestations_waiting_for_reads() {
+        let map = Arc::default();
+        let held: Vec<_> = (0..OBSERVING_PER_UID)
+            .map(|_| ObservingTurn::take(&map, 1000).unwrap())
+            .collect();
+        assert!(ObservingTurn::take(&map, 1000).is_none());
+        // Another uid is not held up by it.
+        let other = ObservingTurn::take(&map, 1001).unwrap();
+        drop(other);
+        drop(held);
+        assert!(map.is_empty(), "uids are forgotten once they hold none");
+        assert!(ObservingTurn::take(&map, 1000).is_some());
     }
 
     #[tokio::test]

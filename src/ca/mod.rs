@@ -206,9 +206,45 @@ fn jwt_jwk(k: &Jwk) -> Value {
     Value::Object(m)
 }
 
-/// JWK members for a certificate key: EC P-256/P-384 (what Tessera signs with) or RSA (an
-/// operator's offline root often is).
+/// JWK members for a certificate key: EC P-256/P-384 (what Tessera signs with), RSA (an
+/// operator's offline root often is), or EC P-521 and Ed25519/Ed448 (RFC 7518 §6.2,
+/// RFC 8037 §2), which an operator's anchor may use although nothing here signs with them.
 fn spki_jwk_members(spki: &SubjectPublicKeyInfo<'_>) -> Option<Map<String, Value>> {
+    use x509_parser::oid_registry as r;
+    let alg = &spki.algorithm.algorithm;
+    let key_bytes = spki.subject_public_key.data.as_ref();
+    // Members written here, not through `jose::PublicKey`: that type is what tokens are
+    // verified with, and these curves verify no token.
+    let okp = |crv: &str, len: usize| {
+        (key_bytes.len() == len).then(|| {
+            let mut m = Map::new();
+            m.insert("kty".into(), "OKP".into());
+            m.insert("crv".into(), crv.into());
+            m.insert("x".into(), jose::b64_encode(key_bytes).into());
+            m
+        })
+    };
+    if *alg == r::OID_SIG_ED25519 {
+        return okp("Ed25519", 32);
+    }
+    if *alg == r::OID_SIG_ED448 {
+        return okp("Ed448", 57);
+    }
+    if *alg == r::OID_KEY_TYPE_EC_PUBLIC_KEY
+        && spki.algorithm.parameters.as_ref()?.as_oid().ok()? == r::OID_NIST_EC_P521
+    {
+        // Uncompressed point, 66 octets per coordinate (RFC 7518 §6.2.1.2).
+        let (x, y) = match key_bytes {
+            [4, xy @ ..] if xy.len() == 132 => xy.split_at(66),
+            _ => return None,
+        };
+        let mut m = Map::new();
+        m.insert("kty".into(), "EC".into());
+        m.insert("crv".into(), "P-521".into());
+        m.insert("x".into(), jose::b64_encode(x).into());
+        m.insert("y".into(), jose::b64_encode(y).into());
+        return Some(m);
+    }
     let key = if let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = spki.parsed() {
         // Base64urlUInt: no leading zero octets (RFC 7518 §2, §6.3.1).
         let unsigned = |b: &[u8]| {
@@ -411,6 +447,19 @@ impl Ca {
         );
         let authority = authority_info(&anchor, operator_supplied)
             .ok_or_else(|| bad_ca(&key_path, "trust anchor certificate does not parse"))?;
+        if parse_x509_certificate(&anchor)
+            .ok()
+            .and_then(|(_, c)| spki_jwk_members(c.public_key()))
+            .is_none()
+        {
+            // The gRPC bundles carry it; only the JSON bundle document has no way to.
+            tracing::warn!(
+                cert = %cert_path.display(),
+                "the trust anchor's key type has no JWK form: /bundle leaves it out, so \
+                 relying parties that fetch the trust bundle over HTTP will not trust \
+                 X.509-SVIDs from this CA"
+            );
+        }
         let jwt = load_or_generate_jwt_key(data_dir)?;
         // Start above every number handed out before, even if the clock is now behind the
         // one that ran then (a start with a clock hours ahead, then the right one).
@@ -1387,6 +1436,65 @@ mod tests {
             .collect();
         assert_eq!(uses, ["x509-svid", "jwt-svid"]);
         assert!(doc["keys"][0].get("kid").is_none());
+    }
+
+    #[test]
+    fn anchors_of_every_standard_key_type_reach_the_bundle_document() {
+        use x509_parser::prelude::FromDer;
+        // SubjectPublicKeyInfo DER: SEQUENCE { AlgorithmIdentifier, BIT STRING }.
+        fn spki(alg: &[u8], key: &[u8]) -> Vec<u8> {
+            // Lengths under 256 (one long-form octet past 127) are all these keys need.
+            let tlv = |tag: u8, body: &[u8]| {
+                let mut v = vec![tag];
+                if body.len() < 128 {
+                    v.push(body.len() as u8);
+                } else {
+                    v.extend([0x81, body.len() as u8]);
+                }
+                v.extend_from_slice(body);
+                v
+            };
+            let mut bits = vec![0];
+            bits.extend_from_slice(key);
+            let mut body = tlv(0x30, alg);
+            body.extend(tlv(0x03, &bits));
+            tlv(0x30, &body)
+        }
+        let members = |der: &[u8]| {
+            let (_, s) = SubjectPublicKeyInfo::from_der(der).unwrap();
+            spki_jwk_members(&s).map(Value::Object)
+        };
+        let b64 = jose::b64_encode;
+        // id-Ed25519, no parameters (RFC 8410 §3).
+        let ed = [7u8; 32];
+        assert_eq!(
+            members(&spki(&[0x06, 0x03, 0x2b, 0x65, 0x70], &ed)),
+            Some(json!({"kty": "OKP", "crv": "Ed25519", "x": b64(&ed)}))
+        );
+        let ed448 = [9u8; 57];
+        assert_eq!(
+            members(&spki(&[0x06, 0x03, 0x2b, 0x65, 0x71], &ed448)),
+            Some(json!({"kty": "OKP", "crv": "Ed448", "x": b64(&ed448)}))
+        );
+        // A key of the wrong length is left out, not published half-formed.
+        assert_eq!(
+            members(&spki(&[0x06, 0x03, 0x2b, 0x65, 0x70], &[7; 31])),
+            None
+        );
+        // id-ecPublicKey with secp521r1.
+        let p521_alg = [
+            0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b, 0x81, 0x04,
+            0x00, 0x23,
+        ];
+        let mut point = vec![4u8];
+        point.extend([1u8; 66]);
+        point.extend([2u8; 66]);
+        assert_eq!(
+            members(&spki(&p521_alg, &point)),
+            Some(json!({"kty": "EC", "crv": "P-521", "x": b64(&[1; 66]), "y": b64(&[2; 66])}))
+        );
+        point[0] = 2;
+        assert_eq!(members(&spki(&p521_alg, &point[..67])), None);
     }
 
     #[test]

@@ -693,6 +693,7 @@ pub(super) fn audit_verify(
     cli: &Cli,
     file: Option<&std::path::Path>,
     no_store: bool,
+    anchors: &[String],
 ) -> anyhow::Result<()> {
     let path = file.map_or_else(
         || {
@@ -725,6 +726,43 @@ pub(super) fn audit_verify(
     } else {
         " (this file alone; give the live audit.jsonl, or no FILE, to check the whole chain)"
     };
+    if !anchors.is_empty() && !whole_chain {
+        anyhow::bail!("--anchor checks the whole chain: give the live audit.jsonl, or no FILE");
+    }
+    for a in anchors {
+        let parsed = a
+            .split_once(':')
+            .and_then(|(n, h)| Some((n.parse::<u64>().ok().filter(|&n| n > 0)?, h)))
+            .filter(|(_, h)| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+        let Some((records, hash)) = parsed else {
+            anyhow::bail!(
+                "--anchor {a:?}: give RECORDS:HASH from an `audit chain head` log line (records=N head=<64 hex digits>)"
+            );
+        };
+        if let Err(e) = crate::audit::verify_chain(&path, Some((records, hash))) {
+            anyhow::bail!("against the logged head {records}:{hash}: {e}");
+        }
+    }
+    // Read again after the walk: whatever the daemon appended meanwhile it committed first.
+    let past_head = match (&result, head.is_some().then(|| path.parent()).flatten()) {
+        (Ok(v), Some(dir)) => crate::lease::store::recorded_audit_head(dir)
+            .ok()
+            .flatten()
+            .and_then(|(seq, _)| v.past_head(seq)),
+        _ => None,
+    };
+    if let Some((first, last)) = past_head {
+        if cli.json {
+            println!(
+                "{}",
+                json!({"file": path, "ok": false, "past_head": [first, last]})
+            );
+        }
+        anyhow::bail!(
+            "{}: records {first} to {last} continue the chain but are past the head the store committed: tesserad commits every record to its store before it appends it, so either they were added to the file by hand, or the store is older than the log (restored from a copy; the daemon then refuses to start); the records before them check out",
+            path.display()
+        )
+    }
     match result {
         Ok(v) if !v.gaps.is_empty() => {
             if cli.json {

@@ -190,6 +190,11 @@ enum AuditCommand {
         /// read): a deleted tail then goes unnoticed.
         #[arg(long)]
         no_store: bool,
+        /// A head the daemon logged (`audit chain head`: RECORDS:HASH, from `records=` and
+        /// `head=`), kept off the host: the chain must hold it, so a history rewritten in
+        /// both the file and the store is caught. Repeatable.
+        #[arg(long, value_name = "RECORDS:HASH")]
+        anchor: Vec<String>,
     },
 }
 
@@ -374,9 +379,11 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Kill { spiffe_id, reason } => admin::kill(&cli, spiffe_id, reason).await,
         Command::Restore { spiffe_id } => admin::restore(&cli, spiffe_id).await,
         Command::Killed => admin::killed(&cli).await,
-        Command::Audit(AuditCommand::Verify { file, no_store }) => {
-            admin::audit_verify(&cli, file.as_deref(), *no_store)
-        }
+        Command::Audit(AuditCommand::Verify {
+            file,
+            no_store,
+            anchor,
+        }) => admin::audit_verify(&cli, file.as_deref(), *no_store, anchor),
     };
     match result {
         Ok(()) => 0,

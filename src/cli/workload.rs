@@ -1,6 +1,6 @@
 //! Workload-side commands: fetch SVIDs, show bundles, validate tokens.
 
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::Path;
 
 use anyhow::Context;
@@ -77,8 +77,32 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
 
 /// Creates `dir` if needed and refuses one that others could change under us: in a directory
 /// group or others may write to (without the sticky bit), another user could swap the
-/// files, or the key, after they are written.
+/// files, or the key, after they are written. Called before the daemon is asked for
+/// anything: credentials minted for a directory refused afterwards would be leases nobody
+/// holds, and an approval used up for nothing.
 fn output_dir(dir: &Path) -> anyhow::Result<()> {
+    let me = Some(nix::unistd::geteuid().as_raw());
+    let refused = |e: std::io::Error| {
+        anyhow::anyhow!(
+            "{e}: another user could replace the files written there; choose a directory only you control"
+        )
+    };
+    // The nearest directory that exists is checked before anything is created in it, so a
+    // refused place is left as it was.
+    if let Some(existing) = dir
+        .ancestors()
+        .skip(1)
+        .find(|a| !a.as_os_str().is_empty() && std::fs::symlink_metadata(a).is_ok())
+        && std::fs::symlink_metadata(dir).is_err()
+    {
+        // Sticky and world-writable (/tmp) is fine for the parent of a directory we create:
+        // only its owner can then rename it.
+        let sticky = std::fs::metadata(existing).is_ok_and(|m| m.mode() & 0o1000 != 0);
+        if !sticky {
+            crate::api::uds::check_private_dir(existing, me, "output directory's parent")
+                .map_err(refused)?;
+        }
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
@@ -86,16 +110,13 @@ fn output_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", dir.display()))?;
     // The daemon's rule for its socket directory: owned by this user or root, not writable
     // by group or others, and no directory above writable by others unless sticky.
-    crate::api::uds::check_socket_dir(dir, Some(nix::unistd::geteuid().as_raw())).map_err(
-        |e| {
-            anyhow::anyhow!(
-                "{e}: another user could replace the files written there; choose a directory only you control"
-            )
-        },
-    )
+    crate::api::uds::check_private_dir(dir, me, "output directory").map_err(refused)
 }
 
 pub(super) async fn x509(cli: &Cli, out: Option<&Path>) -> anyhow::Result<()> {
+    if let Some(dir) = out {
+        output_dir(dir)?;
+    }
     let mut c = client(cli).await?;
     let mut stream = c
         .fetch_x509svid(req(pb::X509svidRequest {}))
@@ -117,7 +138,6 @@ pub(super) async fn x509(cli: &Cli, out: Option<&Path>) -> anyhow::Result<()> {
             format!(".{i}")
         };
         if let Some(dir) = out {
-            output_dir(dir)?;
             write_file(
                 &dir.join(format!("svid{suffix}.pem")),
                 pem_certs(&s.x509_svid)?.as_bytes(),
@@ -350,6 +370,9 @@ async fn tasks_client(cli: &Cli) -> anyhow::Result<crate::api::workload::TasksCl
 pub(super) async fn task_exchange(cli: &Cli, a: ExchangeArgs<'_>) -> anyhow::Result<()> {
     use crate::proto::tessera::v1 as tpb;
     let subject_token = token_arg(a.subject_token, "the subject token")?;
+    if let Some(dir) = a.x509_out {
+        output_dir(dir)?;
+    }
     let r = tasks_client(cli)
         .await?
         .exchange(tpb::ExchangeRequest {
@@ -380,7 +403,6 @@ pub(super) async fn task_exchange(cli: &Cli, a: ExchangeArgs<'_>) -> anyhow::Res
         })?
         .into_inner();
     if let (Some(dir), Some(s)) = (a.x509_out, &r.x509_svid) {
-        output_dir(dir)?;
         write_file(
             &dir.join("svid.pem"),
             pem_certs(&s.x509_svid)?.as_bytes(),
@@ -453,9 +475,22 @@ mod tests {
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
         let e = output_dir(&shared).unwrap_err().to_string();
         assert!(e.contains("group or others"), "{e}");
-        // Inside a directory anyone may rename things in: refused too.
+        assert!(e.starts_with("output directory"), "{e}");
+        // Inside a directory anyone may rename things in: refused too, before anything is
+        // created there.
+        let e = output_dir(&shared.join("out/deeper"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("output directory's parent"), "{e}");
+        assert!(!shared.join("out").exists());
+        std::fs::create_dir(shared.join("out")).unwrap();
         let e = output_dir(&shared.join("out")).unwrap_err().to_string();
         assert!(e.contains("unless sticky"), "{e}");
+        // In a sticky world-writable directory (/tmp), a new directory of our own is fine.
+        let sticky = d.path().join("sticky");
+        std::fs::create_dir(&sticky).unwrap();
+        std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        output_dir(&sticky.join("mine")).unwrap();
         output_dir(&d.path().join("new/dir")).unwrap();
         // Another user's directory (as root, which can make one).
         if nix::unistd::geteuid().is_root() {

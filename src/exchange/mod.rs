@@ -841,6 +841,7 @@ impl Exchanger {
                     .entitled(caller, Kind::Task)
                     .map_err(ExchangeError::NoIdentity)?;
                 if let Some(want) = spiffe_id.filter(|s| !s.is_empty()) {
+                    crate::issuer::check_requested_id(want).map_err(ExchangeError::NoIdentity)?;
                     entries.retain(|e| e.spiffe_id.as_str() == want);
                     if entries.is_empty() {
                         let want: String = want.chars().take(200).collect();

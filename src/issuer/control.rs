@@ -394,7 +394,8 @@ impl Issuer {
             .is_some_and(|t| t <= time::OffsetDateTime::now_utc())
         {
             return Err(IssueError::InvalidArgument(format!(
-                "expires_at: {} is in the past, so the entry could never grant; to stop an \
+                "expires_at: {} is in the past, so the entry could never grant; give a later \
+                 expires_at (--expires-at), or an empty one to remove the expiry; to stop an \
                  entry and revoke what it granted, delete it",
                 spec.expires_at.as_deref().unwrap_or_default()
             )));
@@ -546,6 +547,16 @@ impl Issuer {
             .any(|(e, _)| &*e.id == id)
             && !self.is_invalid_entry(id)
         {
+            // Listed by `entry list`, so "no entry" would contradict what the operator sees.
+            if id == "default" && self.registry.snapshot().iter().any(|e| &*e.id == id) {
+                return Err(IssueError::FailedPrecondition(
+                    "entry default is built in: it is served only while no other entry \
+                     exists, and cannot be edited or deleted; create an entry (tessera entry \
+                     create --spiffe-id ... --selector unix:uid:N), which replaces it and \
+                     revokes what it granted"
+                        .into(),
+                ));
+            }
             return Err(IssueError::NotFound(format!("no entry {id}")));
         }
         Ok(())

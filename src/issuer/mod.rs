@@ -195,16 +195,18 @@ pub fn check_jwt_request(
             )));
         }
     }
-    requested
-        .map(|s| {
-            SpiffeId::parse(s).map_err(|e| {
-                IssueError::InvalidArgument(format!(
-                    "spiffe_id {:?} {e}",
-                    s.chars().take(80).collect::<String>()
-                ))
-            })
-        })
-        .transpose()
+    requested.map(check_requested_id).transpose()
+}
+
+/// A caller's choice among its identities (`spiffe_id` of a request) is a SPIFFE ID, or the
+/// request is invalid: told apart from a well-formed identity the caller does not hold.
+pub fn check_requested_id(s: &str) -> Result<SpiffeId, IssueError> {
+    SpiffeId::parse(s).map_err(|e| {
+        IssueError::InvalidArgument(format!(
+            "spiffe_id {:?} {e}",
+            s.chars().take(80).collect::<String>()
+        ))
+    })
 }
 
 /// The issuance path and the parts it needs.
@@ -352,8 +354,10 @@ impl Issuer {
 
     /// Idle: no issuance or review for `[inventory] idle_after`.
     pub fn is_idle(&self, entry: &Entry, now_ms: i64) -> bool {
-        self.last_active(&entry.id)
-            .is_some_and(|t| now_ms - t > self.settings.idle_after.as_millis() as i64)
+        self.last_active(&entry.id).is_some_and(|t| {
+            now_ms.saturating_sub(t)
+                > i64::try_from(self.settings.idle_after.as_millis()).unwrap_or(i64::MAX)
+        })
     }
 
     fn is_idle_refused(&self, entry: &Entry, now_ms: i64) -> bool {

@@ -353,6 +353,9 @@ impl Issuer {
         task_id: &str,
         actor: Actor,
     ) -> Result<usize, IssueError> {
+        if let Some(c) = chosen {
+            super::check_requested_id(c)?;
+        }
         if let Some(c) = chosen
             && !agents.iter().any(|a| a.as_str() == c)
         {
@@ -402,8 +405,18 @@ impl Issuer {
         {
             return Err(IssueError::NotFound(format!("no task {task:?}")));
         }
-        let at_ms = now_ms();
         let ids = self.leases.active_of_task(task);
+        // A repeat changes nothing: no second `complete` record naming another actor and
+        // time than the completion the store keeps.
+        if ids.is_empty()
+            && self
+                .leases
+                .task(task)
+                .is_some_and(|now| now.completed_ms.is_some())
+        {
+            return Ok(0);
+        }
+        let at_ms = now_ms();
         let rev = Revocation {
             at_ms,
             by: actor.label(),

@@ -563,7 +563,9 @@ fn recover_audit(
                  would lift every kill and revocation among them. Put back the store that \
                  wrote them (tessera.db with its tessera.db-wal), or, to start from this store \
                  anyway, move away the audit files that hold them ({}; `tessera audit verify \
-                 FILE` still checks each) and repeat those kills and revocations",
+                 FILE` still checks each) and repeat those kills and revocations. If nobody \
+                 restored the store, the records may have been added to the log by hand: \
+                 `tessera audit verify` then reports them as past the committed head",
                 file_seq - 1,
                 events.join(", "),
                 files.join(", ")
@@ -700,7 +702,11 @@ fn writer(
     // The chain's only anchor is the head in this store, beside the file: whoever can edit
     // both can rewrite history. The head also goes to the daemon's log every few minutes
     // (forwarded off the host by journald or syslog, it is an anchor they cannot edit).
-    let mut head_logged: Option<std::time::Instant> = None;
+    // Logged at start, at most every few minutes while records come, once more when they
+    // stop coming (not only at the next commit), and at a clean stop: records written just
+    // before a stop or a quiet spell are anchored too.
+    let mut head_log = HeadLog::default();
+    head_log.log(&audit);
     let mut uncertain = false;
     loop {
         let first = match rx.try_recv() {
@@ -711,7 +717,17 @@ fn writer(
                 if let Some(w) = &mut wal {
                     w.idle(&conn);
                 }
-                let Ok(job) = rx.recv() else { break };
+                let next = loop {
+                    let Some(wait) = head_log.due_in(&audit) else {
+                        break rx.recv().ok();
+                    };
+                    match rx.recv_timeout(wait) {
+                        Ok(job) => break Some(job),
+                        Err(mpsc::RecvTimeoutError::Timeout) => head_log.log(&audit),
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+                    }
+                };
+                let Some(job) = next else { break };
                 job
             }
         };
@@ -754,11 +770,10 @@ fn writer(
             Err(e) => tracing::error!(error = %e, "audit log append failed"),
         }
         let audit_unsynced = sync.failed.load(Ordering::Acquire) || audit.sync_failed();
-        if result.is_ok()
-            && jobs
-                .iter()
-                .any(|(ops, _)| ops.iter().any(|o| matches!(o, Op::Checkpoint)))
-        {
+        let stopping = jobs
+            .iter()
+            .any(|(ops, _)| ops.iter().any(|o| matches!(o, Op::Checkpoint)));
+        if result.is_ok() && stopping {
             // A reader of the database (a backup, an operator's sqlite3 shell) makes the
             // truncation wait: briefly, well inside the shutdown's drain deadline, then the
             // log is left for the next start to replay.
@@ -776,13 +791,10 @@ fn writer(
         let took = started.elapsed();
         commits.observe(took);
         slow.record(took, jobs.len());
-        if result.is_ok()
-            && audit.head().0 > 0
-            && head_logged.is_none_or(|t| t.elapsed() >= HEAD_LOG_INTERVAL)
-        {
-            head_logged = Some(std::time::Instant::now());
-            let (seq, hash) = audit.head();
-            tracing::info!(records = seq, head = hash, "audit chain head");
+        // The daemon's last commit (its shutdown's checkpoint) may be the last thing this
+        // thread does before the process exits: the head is logged with it.
+        if result.is_ok() && (stopping || head_log.due_in(&audit) == Some(Duration::ZERO)) {
+            head_log.log(&audit);
         }
         for (_, done) in jobs {
             let _ = done.send(result.clone());
@@ -826,11 +838,40 @@ fn writer(
             "DELETE FROM audit_pending WHERE seq < ?1",
             params![audit.head().0 as i64],
         );
+        head_log.log(&audit);
     }
 }
 
-/// How often the audit chain head is written to the daemon's log.
+/// How often, at most, the audit chain head is written to the daemon's log.
 const HEAD_LOG_INTERVAL: Duration = Duration::from_secs(300);
+
+/// When the audit chain head was last written to the daemon's log, and which.
+#[derive(Default)]
+struct HeadLog {
+    at: Option<std::time::Instant>,
+    records: u64,
+}
+
+impl HeadLog {
+    /// Writes the head, unless it is the one last written (or the chain is empty).
+    fn log(&mut self, audit: &AuditWriter) {
+        let (records, hash) = audit.head();
+        if records > self.records {
+            tracing::info!(records, head = hash, "audit chain head");
+            self.records = records;
+            self.at = Some(std::time::Instant::now());
+        }
+    }
+
+    /// How long until a head not yet written is due; `None` when there is none.
+    fn due_in(&self, audit: &AuditWriter) -> Option<Duration> {
+        (audit.head().0 > self.records).then(|| {
+            self.at.map_or(Duration::ZERO, |t| {
+                HEAD_LOG_INTERVAL.saturating_sub(t.elapsed())
+            })
+        })
+    }
+}
 
 /// Rate-limited warnings about commits slower than [`SLOW_COMMIT`].
 #[derive(Default)]
