@@ -149,11 +149,13 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     std::mem::forget(data_lock);
     raise_open_file_limit();
     // Before any socket counts connections by uid.
-    let subordinate = limits::load_subordinate_uids(std::path::Path::new("/etc/subuid"));
+    let subordinate =
+        crate::attest::principal::load_subordinate_uids(std::path::Path::new("/etc/subuid"));
     if subordinate > 0 {
         tracing::info!(
             ranges = subordinate,
-            "subordinate uid ranges (/etc/subuid): their uids share their user's per-uid limits"
+            "subordinate uid ranges (/etc/subuid): each block of 65,536 of their uids shares \
+             one per-uid share"
         );
     }
     let ca = Arc::new(Ca::load_or_create(

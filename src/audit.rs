@@ -544,22 +544,40 @@ impl AuditWriter {
             let p = p.to_owned();
             move |source| AuditError::Io { path: p, source }
         };
+        // The live name no longer names the file written so far (`sed -i`, an editor, a
+        // rotation by another tool, `rm`): records appended to it would go to a file nobody
+        // can find, and the store would drop its copies once they were synced.
+        if !self.reopen && self.replaced() {
+            tracing::error!(
+                file = %self.path.display(),
+                "the audit log was replaced or removed by something other than tesserad; \
+                 whatever is there now is moved aside as it is, and the file tesserad wrote is \
+                 put back under the live name (`tessera audit verify` reports the change)"
+            );
+            self.put_back().map_err(io(&self.path))?;
+        }
         // Someone else wrote to or cut the live file: records appended now would be glued to
         // their bytes (and the next start would refuse the file) or continue a chain whose
         // records they removed. The changed file is moved aside as it is, among the chain's
         // files, where `tessera audit verify` reports the change; the chain goes on in a new
-        // file. One fstat per batch.
-        let foreign = !self.reopen && self.file.metadata().is_ok_and(|m| m.len() != self.size);
+        // file. An emptied file holds nothing to keep: the chain goes on in it. One fstat per
+        // batch.
+        let found = self.file.metadata().map_or(self.size, |m| m.len());
+        let foreign = !self.reopen && found != self.size;
         if foreign {
             tracing::error!(
                 file = %self.path.display(),
                 written = self.size,
-                found = self.file.metadata().map_or(0, |m| m.len()),
+                found,
                 "the audit log was changed by something other than tesserad; it is moved \
-                 aside as it is (`tessera audit verify` reports the change) and the chain \
-                 goes on in a new file"
+                 aside as it is, unless emptied (`tessera audit verify` reports the change), \
+                 and the chain goes on in a new file"
             );
         }
+        if foreign && found == 0 {
+            self.size = 0;
+        }
+        let foreign = foreign && found > 0;
         if self.reopen
             || foreign
             || (self.size > 0 && self.size + self.buf.len() as u64 > self.max_size)
@@ -595,6 +613,51 @@ impl AuditWriter {
         }
         self.size += self.buf.len() as u64;
         self.buf.clear();
+        Ok(())
+    }
+}
+
+impl AuditWriter {
+    /// Whether the live name now names another file than the one written, or nothing.
+    fn replaced(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.file.metadata(), std::fs::symlink_metadata(&self.path)) {
+            (Ok(f), Ok(p)) => (f.dev(), f.ino()) != (p.dev(), p.ino()),
+            (Ok(_), Err(e)) => e.kind() == std::io::ErrorKind::NotFound,
+            _ => false,
+        }
+    }
+
+    /// After [`Self::replaced`]: moves what the live name holds aside (a file with anything
+    /// in it is kept, as a rotated file of the chain), and puts a copy of the file written so
+    /// far, synced, under the live name in its place.
+    fn put_back(&mut self) -> std::io::Result<()> {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if m.is_file() && m.len() > 0 {
+                let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+                std::fs::rename(
+                    &self.path,
+                    self.path.with_extension(format!("{stamp}.jsonl")),
+                )?;
+            } else {
+                std::fs::remove_file(&self.path)?;
+            }
+        }
+        let mut copy = open_live(&self.path)?;
+        let mut ours = &*self.file;
+        ours.seek(SeekFrom::Start(0))?;
+        let copied = std::io::copy(&mut ours.take(self.size), &mut copy)?;
+        if copied != self.size {
+            return Err(std::io::Error::other(format!(
+                "copied {copied} of the {} bytes written",
+                self.size
+            )));
+        }
+        copy.sync_all()?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        self.file = Arc::new(copy);
         Ok(())
     }
 }
@@ -1336,8 +1399,8 @@ mod tests {
         assert!(verify(&p, None).is_ok());
     }
 
-    #[test]
-    fn a_live_file_changed_by_someone_else_is_moved_aside_not_written_onto() {
+    /// A live file in a temporary directory with three records written to it.
+    fn three_records_written() -> (tempfile::TempDir, PathBuf, AuditWriter) {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("audit.jsonl");
         let mut w = AuditWriter::open(&p, u64::MAX).unwrap();
@@ -1345,6 +1408,12 @@ mod tests {
             w.push(&Event::now("issue", Actor::Daemon).lease(format!("{i}")));
         }
         w.write().unwrap();
+        (d, p, w)
+    }
+
+    #[test]
+    fn a_live_file_changed_by_someone_else_is_moved_aside_not_written_onto() {
+        let (_d, p, mut w) = three_records_written();
         // Stray bytes: before, the next record was glued onto them, and the next start
         // refused the file.
         std::fs::OpenOptions::new()
@@ -1383,6 +1452,53 @@ mod tests {
         assert_eq!(rotated_files(&p).len(), 1);
         let e = verify_chain(&p, None).unwrap_err();
         assert_eq!((e.file.as_path(), e.line), (p.as_path(), 1), "{e}");
+    }
+
+    #[test]
+    fn a_live_file_replaced_or_removed_by_someone_else_is_put_back() {
+        let (d, p, mut w) = three_records_written();
+        let ours = std::fs::read_to_string(&p).unwrap();
+        // `sed -i '$d'`: a new file with the last record cut, renamed over the live name.
+        let edited: String = ours.lines().take(2).map(|l| format!("{l}\n")).collect();
+        let tmp = d.path().join("sedXYZ");
+        std::fs::write(&tmp, &edited).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        w.push(&Event::now("issue", Actor::Daemon).lease("3"));
+        w.write().unwrap();
+        let now = std::fs::read_to_string(&p).unwrap();
+        assert!(
+            now.starts_with(&ours),
+            "the daemon's records are back under the live name"
+        );
+        assert_eq!(now.lines().count(), 4);
+        let moved = newest_rotated(&p).expect("the edited file was kept");
+        assert_eq!(std::fs::read_to_string(&moved).unwrap(), edited);
+        assert!(verify(&p, None).is_ok());
+        // The whole chain holds both: verify reports the edit.
+        assert!(verify_chain(&p, Some((4, w.head().1))).is_err());
+
+        // Removed: put back, and nothing else kept.
+        std::fs::remove_file(&moved).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        w.push(&Event::now("issue", Actor::Daemon).lease("4"));
+        w.write().unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap().lines().count(), 5);
+        assert!(rotated_files(&p).is_empty());
+        verify_chain(&p, Some((5, w.head().1))).unwrap();
+
+        // Emptied in place (`copytruncate`): nothing moved aside, the chain goes on in it and
+        // verify reports the records that went.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        w.push(&Event::now("issue", Actor::Daemon).lease("5"));
+        w.write().unwrap();
+        assert!(rotated_files(&p).is_empty());
+        assert_eq!(std::fs::read_to_string(&p).unwrap().lines().count(), 1);
+        assert!(verify_chain(&p, None).is_err());
     }
 
     #[test]

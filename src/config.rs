@@ -762,6 +762,7 @@ impl Config {
         let mut entries: Vec<Entry> = Vec::with_capacity(raw.entries.len());
         for (i, e) in raw.entries.into_iter().enumerate() {
             let mut entry = e.validate("", &format!("entries[{i}]."), &trust_domain)?;
+            check_task_cap(&format!("entries[{i}].max_task_ttl"), entry.max_task_ttl)?;
             let id = config_entry_id(&entry);
             // Entries granting the same identity to the same callers (say, with other
             // hints) are told apart by their order among themselves.
@@ -898,16 +899,21 @@ fn duration_at_least(
     Ok(d)
 }
 
-/// An entry's cap on its task credentials: within the bounds `[tasks]` lifetimes have.
-fn entry_task_ttl(key: &str, v: &str) -> Result<Duration, ConfigError> {
-    let d = duration_at_least(key, Some(v), DEFAULT_TASK_TTL, Duration::from_secs(10))?;
-    if d > Duration::from_secs(24 * 3600) {
-        return Err(invalid(
+/// An entry's cap on its task credentials, as new input (the config file, `entry create` and
+/// `update`) must give it: within the bounds `[tasks]` lifetimes have. Entries stored before
+/// this bound are loaded as they were (2s to 30d): their cap is only ever applied below
+/// `[tasks] max_ttl`, and refusing them would stop all their credentials, not only tasks'.
+pub fn check_task_cap(key: &str, cap: Option<Duration>) -> Result<(), ConfigError> {
+    match cap {
+        Some(d) if d < Duration::from_secs(10) => {
+            Err(invalid(key, "must be at least 10s, as task lifetimes are"))
+        }
+        Some(d) if d > Duration::from_secs(24 * 3600) => Err(invalid(
             key,
             "must be at most 24h: task credentials are short-lived by design",
-        ));
+        )),
+        _ => Ok(()),
     }
-    Ok(d)
 }
 
 fn svid_ttl(key: &str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
@@ -1064,7 +1070,7 @@ fn validate_entry(
     let max_task_ttl = e
         .max_task_ttl
         .as_deref()
-        .map(|s| entry_task_ttl(&k("max_task_ttl"), s))
+        .map(|s| svid_ttl(&k("max_task_ttl"), Some(s), DEFAULT_TASK_TTL))
         .transpose()?;
     Ok(Entry {
         id: id.into(),
@@ -1260,7 +1266,7 @@ mod tests {
             ),
             (
                 "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/a\"\nselectors = [\"unix:uid:1\"]\nmax_task_ttl = \"5s\"",
-                "`entries[0].max_task_ttl`: must be at least 10s",
+                "`entries[0].max_task_ttl`: must be at least 10s, as task lifetimes are",
             ),
             (
                 "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/a\"\nselectors = [\"unix:uid:1\"]\nmax_task_ttl = \"25d\"",

@@ -827,6 +827,46 @@ async fn admin_api_refuses_bad_input_and_changes_nothing() {
         "{}",
         e.message()
     );
+    // Out of bounds: named as sent (the checks are the config file's, with its key names).
+    for (entry, field) in [
+        (
+            admin_pb::Entry {
+                x509_svid_ttl_seconds: 1,
+                ..Default::default()
+            },
+            "x509_svid_ttl_seconds (--x509-ttl): must be at least 2s",
+        ),
+        (
+            admin_pb::Entry {
+                max_task_ttl_seconds: 5,
+                ..Default::default()
+            },
+            "max_task_ttl_seconds (--max-task-ttl): must be at least 10s, as task lifetimes are",
+        ),
+    ] {
+        let e = a
+            .create_entry(admin_pb::CreateEntryRequest {
+                entry: Some(admin_pb::Entry {
+                    spiffe_id: "spiffe://tessera.internal/x".into(),
+                    selectors: vec!["unix:uid:1".into()],
+                    ..entry
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(e.message(), field);
+    }
+    // An expired lease is not listed: an empty list would read as "nothing expired".
+    let e = a
+        .list_leases(admin_pb::ListLeasesRequest {
+            state: "expired".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("leaves the table"), "{}", e.message());
     // An entry that could never grant.
     let e = a
         .create_entry(admin_pb::CreateEntryRequest {
@@ -1125,6 +1165,40 @@ async fn entry_changes_reach_live_streams_and_survive_restart() {
     );
 }
 
+/// A record that continues `prev` (seq `seq`), hashed as the daemon hashes its records: what
+/// anyone who can write the file can make, since the chain has no key.
+fn forged_record(seq: u64, prev: &str) -> String {
+    let body = serde_json::json!({
+        "seq": seq,
+        "time": "2026-12-07T13:40:00.000Z",
+        "event": "kill",
+        "actor": {"operator_uid": 1001, "operator_pid": 4242},
+        "spiffe_id": "spiffe://tessera.internal/prod",
+        "prev": prev,
+    })
+    .to_string();
+    let hash = hex::encode(ring::digest::digest(&ring::digest::SHA256, body.as_bytes()));
+    format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1])
+}
+
+#[test]
+fn records_forged_into_a_log_the_store_never_committed_to_fail_verify() {
+    // A daemon that has recorded nothing: its store holds no chain head yet.
+    let dir = Daemon::start("").stop();
+    let audit = dir.path().join("data/audit.jsonl");
+    std::fs::write(&audit, forged_record(0, &"0".repeat(64)) + "\n").unwrap();
+    let o = std::process::Command::new(common::tessera_bin())
+        .args(["audit", "verify"])
+        .arg(&audit)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("past the head the store committed"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_log_records_everything_and_detects_tampering() {
     let d = Daemon::start(&entry_for_uid("agent", my_uid(), ""));
@@ -1240,7 +1314,7 @@ async fn audit_log_records_everything_and_detects_tampering() {
     let o = anchored(&format!("{logged_records}:{}", "0".repeat(64)));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        !o.status.success() && err.contains("against the logged head"),
+        !o.status.success() && err.contains("is not the one in the logged head"),
         "{err}"
     );
 
@@ -1270,17 +1344,10 @@ async fn audit_log_records_everything_and_detects_tampering() {
     // the daemon (which commits each record before appending it), though anyone can compute
     // their hashes.
     let last: serde_json::Value = serde_json::from_str(original.last().unwrap()).unwrap();
-    let body = serde_json::json!({
-        "seq": last["seq"].as_u64().unwrap() + 1,
-        "time": "2026-12-07T13:40:00.000Z",
-        "event": "kill",
-        "actor": {"operator_uid": 1001, "operator_pid": 4242},
-        "spiffe_id": "spiffe://tessera.internal/prod",
-        "prev": last["hash"],
-    })
-    .to_string();
-    let hash = hex::encode(ring::digest::digest(&ring::digest::SHA256, body.as_bytes()));
-    let forged = format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1]);
+    let forged = forged_record(
+        last["seq"].as_u64().unwrap() + 1,
+        last["hash"].as_str().unwrap(),
+    );
     std::fs::write(&audit, original.join("\n") + "\n" + &forged + "\n").unwrap();
     let bad = verify(&audit);
     let err = String::from_utf8_lossy(&bad.stderr);

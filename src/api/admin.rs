@@ -232,6 +232,28 @@ fn required(field: &str, id: String) -> Result<String, Status> {
 
 /// Runs an operator change to its end even if the caller goes away meanwhile
 /// ([`super::to_completion`]).
+/// An entry change's error, with a lifetime named as the caller sent it: the checks are the
+/// config file's and name its keys (`x509_svid_ttl: must be at least 2s`), where this API's
+/// field is `x509_svid_ttl_seconds` and the CLI's flag `--x509-ttl`.
+fn entry_status(e: crate::issuer::IssueError) -> Status {
+    use crate::issuer::IssueError;
+    const SENT_AS: [(&str, &str); 3] = [
+        ("x509_svid_ttl:", "x509_svid_ttl_seconds (--x509-ttl):"),
+        ("jwt_svid_ttl:", "jwt_svid_ttl_seconds (--jwt-ttl):"),
+        ("max_task_ttl:", "max_task_ttl_seconds (--max-task-ttl):"),
+    ];
+    match e {
+        IssueError::InvalidArgument(m) => {
+            let m = SENT_AS
+                .iter()
+                .find_map(|(key, field)| m.strip_prefix(key).map(|rest| format!("{field}{rest}")))
+                .unwrap_or(m);
+            status(IssueError::InvalidArgument(m))
+        }
+        other => status(other),
+    }
+}
+
 async fn to_completion<T: Send + 'static>(
     change: impl std::future::Future<Output = Result<T, crate::issuer::IssueError>> + Send + 'static,
 ) -> Result<T, Status> {
@@ -436,7 +458,9 @@ impl pb::admin_server::Admin for AdminApi {
             .entry
             .ok_or_else(|| Status::invalid_argument("entry is required"))?;
         let (issuer, spec) = (Arc::clone(&self.issuer), entry_spec(e)?);
-        let created = to_completion(async move { issuer.create_entry(spec, actor).await }).await?;
+        let created = super::to_completion(async move { issuer.create_entry(spec, actor).await })
+            .await
+            .map_err(entry_status)?;
         Ok(Response::new(
             with_warnings(self.entry_pb(&created, false), created).await,
         ))
@@ -456,7 +480,9 @@ impl pb::admin_server::Admin for AdminApi {
         }
         let (issuer, id, spec) = (Arc::clone(&self.issuer), e.id.clone(), entry_spec(e)?);
         let updated =
-            to_completion(async move { issuer.update_entry(&id, spec, actor).await }).await?;
+            super::to_completion(async move { issuer.update_entry(&id, spec, actor).await })
+                .await
+                .map_err(entry_status)?;
         Ok(Response::new(
             with_warnings(self.entry_pb(&updated, false), updated).await,
         ))

@@ -128,62 +128,8 @@ impl PerUid {
     }
 }
 
-/// Subordinate uid ranges (`/etc/subuid`): first uid, one past the last, and the user they
-/// were given to. Sorted by first uid.
-type Ranges = Vec<(u32, u32, u32)>;
-
-static SUBORDINATE: std::sync::OnceLock<Ranges> = std::sync::OnceLock::new();
-
-/// Who a uid counts as for the per-uid limits: the user a subordinate range was given to, for
-/// the uids of that range, and the uid itself otherwise. A user with subordinate uids (rootless
-/// containers) appears to the kernel as thousands of users: counted apart, 16 of them reached
-/// a socket's connection total, and 256 its in-flight byte total, shutting every other caller
-/// out. Identity is still each uid's own; only the limits share.
-pub fn principal(uid: u32) -> u32 {
-    SUBORDINATE
-        .get()
-        .and_then(|r| owner_in(r, uid))
-        .unwrap_or(uid)
-}
-
-fn owner_in(ranges: &Ranges, uid: u32) -> Option<u32> {
-    let i = ranges.partition_point(|&(start, _, _)| start <= uid);
-    let &(start, end, owner) = ranges.get(i.checked_sub(1)?)?;
-    (start..end).contains(&uid).then_some(owner)
-}
-
-/// Reads `/etc/subuid`-format text: `USER:FIRST:COUNT` lines, USER a name (`lookup` gives its
-/// uid) or a uid. Lines that do not parse, or name nobody, are left out.
-pub fn parse_subordinate(text: &str, lookup: impl Fn(&str) -> Option<u32>) -> Ranges {
-    let mut v: Ranges = text
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.trim().split(':');
-            let (user, first, count) = (f.next()?, f.next()?, f.next()?);
-            let owner = user.parse::<u32>().ok().or_else(|| lookup(user))?;
-            let first: u32 = first.parse().ok()?;
-            let end = first.checked_add(count.parse().ok().filter(|&c: &u32| c > 0)?)?;
-            Some((first, end, owner))
-        })
-        .collect();
-    v.sort_unstable();
-    v
-}
-
-/// Loads the subordinate uid ranges once, at start (a missing file is no ranges). Returns how
-/// many there are.
-pub fn load_subordinate_uids(path: &std::path::Path) -> usize {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let ranges = parse_subordinate(&text, |name| {
-        nix::unistd::User::from_name(name)
-            .ok()
-            .flatten()
-            .map(|u| u.uid.as_raw())
-    });
-    let n = ranges.len();
-    let _ = SUBORDINATE.set(ranges);
-    n
-}
+/// Who a uid counts as for these limits: see [`crate::attest::principal`].
+pub use crate::attest::principal::principal;
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -452,27 +398,6 @@ mod tests {
         assert!(t.ready());
         assert!(!t.ready());
         assert!(Throttle::new(std::time::Duration::ZERO).ready());
-    }
-
-    #[test]
-    fn subordinate_uids_count_as_the_user_they_were_given_to() {
-        let ranges = parse_subordinate(
-            "alice:100000:65536\n1001:165536:65536\n# comment\nnobody-known:300000:10\n\
-             bad:x:1\nzero:400000:0\nover:4294967290:100\n",
-            |name| (name == "alice").then_some(1000),
-        );
-        assert_eq!(ranges, [(100_000, 165_536, 1000), (165_536, 231_072, 1001)]);
-        for (uid, owner) in [
-            (99_999, None),
-            (100_000, Some(1000)),
-            (165_535, Some(1000)),
-            (165_536, Some(1001)),
-            (231_071, Some(1001)),
-            (231_072, None),
-            (0, None),
-        ] {
-            assert_eq!(owner_in(&ranges, uid), owner, "uid {uid}");
-        }
     }
 
     #[test]

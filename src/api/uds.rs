@@ -242,17 +242,33 @@ pub fn check_private_dir(dir: &Path, owner: Option<u32>, what: &str) -> io::Resu
     // The directories above, as the kernel resolves them (a symlinked /var/run is fine if
     // its target passes).
     let real = std::fs::canonicalize(dir)?;
-    for up in real.ancestors().skip(1) {
+    match real.parent() {
+        Some(up) => check_above(up, owner, &format!("{what} {}", dir.display())),
+        None => Ok(()),
+    }
+}
+
+/// The rule for the directories above a private one, applied to `dir` and every directory
+/// above it, as the kernel resolves them: owned by `owner` or root, and not writable by group
+/// or others unless sticky (then only the owner of an entry can rename it). Enough for a
+/// directory about to be created in `dir`: `what` names it.
+pub fn check_above(dir: &Path, owner: Option<u32>, what: &str) -> io::Result<()> {
+    let owned_ok = |uid: u32| owner.is_none_or(|me| uid == me || uid == 0);
+    let me = owner.map_or_else(|| "the daemon's uid".to_owned(), |u| format!("uid {u}"));
+    let real = std::fs::canonicalize(dir)?;
+    for up in real.ancestors() {
         let m = std::fs::metadata(up)?;
         let sticky = m.mode() & 0o1000 != 0;
         if !owned_ok(m.uid()) || (m.mode() & 0o022 != 0 && !sticky) {
-            return Err(refuse(format!(
-                "{} (above the {what} {}) must be owned by {me} or root and not writable by group or others unless sticky (owner {}, mode {:o}): otherwise another user could replace the {what}",
-                up.display(),
-                dir.display(),
-                m.uid(),
-                m.mode() & 0o7777
-            )));
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} (above the {what}) must be owned by {me} or root and not writable by group or others unless sticky (owner {}, mode {:o}): otherwise another user could replace the {what}",
+                    up.display(),
+                    m.uid(),
+                    m.mode() & 0o7777
+                ),
+            ));
         }
     }
     Ok(())
@@ -453,6 +469,7 @@ pub fn incoming(
                             if warned.ready() {
                                 tracing::warn!(
                                     uid,
+                                    counted_as = crate::api::limits::principal(uid),
                                     held = limits.held(uid),
                                     "connection refused: too many open connections for this uid (or in all)"
                                 );

@@ -171,8 +171,8 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let caller = self.caller(&req).await?;
         let slot = self.x509_streams.take(caller.uid).ok_or_else(|| {
             limits::shed(format_args!(
-                "uid {} holds {X509_STREAMS_PER_UID} FetchX509SVID streams, the most allowed; close some (one stream per process is enough)",
-                caller.uid
+                "{} holds {X509_STREAMS_PER_UID} FetchX509SVID streams, the most allowed; close some (one stream per process is enough)",
+                crate::attest::principal::describe(caller.uid)
             ))
         })?;
         let peer = req.extensions().get::<PeerConn>().and_then(|p| p.0.clone());
@@ -633,8 +633,8 @@ impl WorkloadApi {
     ) -> Result<StreamOf<T>, Status> {
         let slot = self.bundle_streams.take(caller.uid).ok_or_else(|| {
             limits::shed(format_args!(
-                "uid {} holds {BUNDLE_STREAMS_PER_UID} bundle streams, the most allowed; close some (one per process is enough)",
-                caller.uid
+                "{} holds {BUNDLE_STREAMS_PER_UID} bundle streams, the most allowed; close some (one per process is enough)",
+                crate::attest::principal::describe(caller.uid)
             ))
         })?;
         let mut bundle_rx = self.issuer.ca().subscribe_bundle();

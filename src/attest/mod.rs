@@ -10,6 +10,7 @@
 //! process to have started before the connection was accepted and its start time to be the
 //! same before and after the reads. Anything we cannot establish is refused.
 
+pub mod principal;
 pub mod selector;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -121,10 +122,15 @@ const OBSERVE_DEADLINE: Duration = Duration::from_secs(10);
 /// How long hashing an executable may take before the attestation goes on without its
 /// `sha256` selector (entries that need it do not match: fail closed).
 const HASH_DEADLINE: Duration = Duration::from_secs(30);
-/// Full attestations of one uid whose reads are still running, past which its next ones are
-/// refused at once: reads that never return hold a blocking thread each, and the pool is
-/// shared by every caller.
+/// Full attestations of one uid ([`principal`](principal::principal): a block of subordinate
+/// uids counts as one) whose reads are still running, past which its next ones are refused at
+/// once: reads that never return hold a blocking thread each, and the pool is shared by every
+/// caller.
 pub const OBSERVING_PER_UID: usize = 32;
+/// The same for all uids together: well under tokio's 512 blocking threads, so that stalled
+/// reads of several users cannot take the threads the reaper, the store and entry changes
+/// need.
+pub const OBSERVING_TOTAL: usize = 256;
 
 impl PeerInfo {
     /// Reads the peer credentials of a connected Unix socket.
@@ -301,23 +307,39 @@ impl FileKey {
     }
 }
 
-/// A uid's place among [`OBSERVING_PER_UID`]; given back when dropped, and the uid forgotten
-/// once it holds none.
+/// Attestations whose reads are still running: per principal, and in all.
+#[derive(Debug, Default)]
+struct Observing {
+    per_uid: DashMap<u32, usize>,
+    total: std::sync::atomic::AtomicUsize,
+}
+
+/// A place among [`OBSERVING_PER_UID`] and [`OBSERVING_TOTAL`]; given back when dropped, and
+/// the principal forgotten once it holds none.
+#[derive(Debug)]
 struct ObservingTurn {
-    map: Arc<DashMap<u32, usize>>,
+    observing: Arc<Observing>,
     uid: u32,
 }
 
 impl ObservingTurn {
-    fn take(map: &Arc<DashMap<u32, usize>>, uid: u32) -> Option<Self> {
-        let mut n = map.entry(uid).or_insert(0);
+    /// `uid` is a principal. `Err` says which cap was reached.
+    fn take(observing: &Arc<Observing>, uid: u32) -> Result<Self, &'static str> {
+        use std::sync::atomic::Ordering;
+        if observing.total.fetch_add(1, Ordering::AcqRel) >= OBSERVING_TOTAL {
+            observing.total.fetch_sub(1, Ordering::AcqRel);
+            return Err("too many attestations are still waiting for their reads");
+        }
+        let mut n = observing.per_uid.entry(uid).or_insert(0);
         if *n >= OBSERVING_PER_UID {
-            return None;
+            drop(n);
+            observing.total.fetch_sub(1, Ordering::AcqRel);
+            return Err("too many attestations of this uid are still waiting for their reads");
         }
         *n += 1;
         drop(n);
-        Some(Self {
-            map: Arc::clone(map),
+        Ok(Self {
+            observing: Arc::clone(observing),
             uid,
         })
     }
@@ -325,10 +347,13 @@ impl ObservingTurn {
 
 impl Drop for ObservingTurn {
     fn drop(&mut self) {
-        if let Some(mut n) = self.map.get_mut(&self.uid) {
+        if let Some(mut n) = self.observing.per_uid.get_mut(&self.uid) {
             *n -= 1;
         }
-        self.map.remove_if(&self.uid, |_, n| *n == 0);
+        self.observing.per_uid.remove_if(&self.uid, |_, n| *n == 0);
+        self.observing
+            .total
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -365,8 +390,8 @@ pub struct Attestor {
     /// One lock per uid: a user hashes one executable at a time, so one user's churn of new
     /// binaries (or of `touch`ed large files) queues behind itself, not in front of others.
     hashing_uid: DashMap<u32, Arc<tokio::sync::Mutex<()>>>,
-    /// Full attestations' reads still running, per uid (see [`OBSERVING_PER_UID`]).
-    observing: Arc<DashMap<u32, usize>>,
+    /// Full attestations' reads still running (see [`OBSERVING_PER_UID`]).
+    observing: Arc<Observing>,
     /// Executables read and hashed in full, for the single-flight test and debugging.
     files_hashed: std::sync::atomic::AtomicU64,
     users: DashMap<u32, (Instant, Option<String>)>,
@@ -605,10 +630,8 @@ impl Attestor {
             peer.accepted_at_ticks,
             peer.pidfd.is_some(),
         );
-        let observing = ObservingTurn::take(&self.observing, uid).ok_or(AttestError::Stalled {
-            pid,
-            why: "too many attestations of this uid are still waiting for their reads",
-        })?;
+        let observing = ObservingTurn::take(&self.observing, principal::principal(uid))
+            .map_err(|why| AttestError::Stalled { pid, why })?;
         let reads = tokio::task::spawn_blocking(move || {
             // Held by the thread: ended when its reads return, whenever that is.
             let _observing = observing;
@@ -643,18 +666,17 @@ impl Attestor {
                     "executable over the hash size cap; no sha256 selector"
                 );
             } else if wants_hash(&attestation) {
+                // Out of time: refused as not attested now (`Unavailable`, nothing cached), not
+                // attested without the hash, which would read as "no such identity" for the
+                // next 30 s of this connection.
                 attestation.exe_sha256 =
                     tokio::time::timeout(HASH_DEADLINE, self.hash_exe(f, key, uid))
                         .await
-                        .unwrap_or_else(|_| {
-                            tracing::warn!(
-                                pid,
-                                uid,
-                                "hashing the caller's executable took too long (a filesystem that \
-                             does not answer?): no sha256 selector for it"
-                            );
-                            None
-                        });
+                        .map_err(|_| AttestError::Stalled {
+                            pid,
+                            why: "hashing its executable took too long (a filesystem that does \
+                                  not answer, or other users' hashes that do not finish)",
+                        })?;
             } else {
                 hash_skipped = true;
             }
@@ -787,6 +809,8 @@ impl Attestor {
     }
 
     async fn hash_exe(self: &Arc<Self>, file: File, key: FileKey, uid: u32) -> Option<String> {
+        // Turns are per principal: a block of subordinate uids hashes one file at a time too.
+        let uid = principal::principal(uid);
         if let Some(h) = self.cached_hash(&key) {
             return Some(h);
         }
@@ -820,11 +844,11 @@ impl Attestor {
             return None;
         };
         let this = Arc::clone(self);
-        // The slot is this request's, not the thread's: a read that never returns gives it
-        // back at the caller's deadline, and then holds up only its own user's hashes (the
-        // user's turn stays with the thread).
-        let _slot = slot;
+        // Held by the thread, which may run on after the request is gone (cancelled, or out of
+        // time): four hashing threads at most, whatever the requests do. A read that never
+        // returns keeps its slot; the requests waiting for one are refused at their deadline.
         tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             this.files_hashed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let h = sha256_reader(file, this.max_hash_bytes).map(Arc::<str>::from);
@@ -1345,18 +1369,33 @@ mod tests {
     }
 
     #[test]
-    fn a_uid_has_a_bounded_number_of_attestations_waiting_for_reads() {
-        let map = Arc::default();
+    fn attestations_waiting_for_reads_are_bounded_per_uid_and_in_all() {
+        let o: Arc<Observing> = Arc::default();
         let held: Vec<_> = (0..OBSERVING_PER_UID)
-            .map(|_| ObservingTurn::take(&map, 1000).unwrap())
+            .map(|_| ObservingTurn::take(&o, 1000).unwrap())
             .collect();
-        assert!(ObservingTurn::take(&map, 1000).is_none());
-        // Another uid is not held up by it.
-        let other = ObservingTurn::take(&map, 1001).unwrap();
-        drop(other);
+        assert!(
+            ObservingTurn::take(&o, 1000)
+                .unwrap_err()
+                .contains("of this uid")
+        );
+        // Other uids are not held up by it, until all together reach the total.
+        let others: Vec<_> = (1..OBSERVING_TOTAL / OBSERVING_PER_UID)
+            .flat_map(|u| (0..OBSERVING_PER_UID).map(move |_| 1000 + u as u32))
+            .map(|u| ObservingTurn::take(&o, u).unwrap())
+            .collect();
+        assert_eq!(
+            ObservingTurn::take(&o, 5000).err(),
+            Some("too many attestations are still waiting for their reads")
+        );
+        drop(others);
         drop(held);
-        assert!(map.is_empty(), "uids are forgotten once they hold none");
-        assert!(ObservingTurn::take(&map, 1000).is_some());
+        assert!(
+            o.per_uid.is_empty(),
+            "uids are forgotten once they hold none"
+        );
+        assert_eq!(o.total.load(std::sync::atomic::Ordering::Acquire), 0);
+        assert!(ObservingTurn::take(&o, 1000).is_ok());
     }
 
     #[tokio::test]

@@ -707,14 +707,19 @@ pub(super) fn audit_verify(
     // record. A rotated file given by name is checked on its own.
     let whole_chain = path.file_name().is_some_and(|n| n == "audit.jsonl");
     // The store beside the file records the chain head: that also catches a deleted tail.
-    let head = match (whole_chain && !no_store, path.parent()) {
-        (true, Some(dir)) => crate::lease::store::recorded_audit_head(dir).map_err(|e| {
-            anyhow::anyhow!(
-                "{e}: without the chain head the store recorded, a deleted tail goes unnoticed; run this as the daemon's user, or pass --no-store to check the chain alone"
-            )
-        })?,
-        _ => None,
+    let read_head = |dir: &std::path::Path| {
+        crate::lease::store::recorded_audit_head(dir)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}: without the chain head the store recorded, a deleted tail goes unnoticed; run this as the daemon's user, or pass --no-store to check the chain alone"
+                )
+            })
+            // A store that has committed no record yet has none: every record in the file
+            // is then past its head.
+            .map(|h| h.unwrap_or_else(|| (0, crate::audit::GENESIS.to_owned())))
     };
+    let store_dir = path.parent().filter(|_| whole_chain && !no_store);
+    let head = store_dir.map(read_head).transpose()?;
     let expected = head.as_ref().map(|(s, h)| (*s, h.as_str()));
     let result = if whole_chain {
         crate::audit::verify_chain(&path, expected)
@@ -739,16 +744,24 @@ pub(super) fn audit_verify(
                 "--anchor {a:?}: give RECORDS:HASH from an `audit chain head` log line (records=N head=<64 hex digits>)"
             );
         };
-        if let Err(e) = crate::audit::verify_chain(&path, Some((records, hash))) {
-            anyhow::bail!("against the logged head {records}:{hash}: {e}");
+        match crate::audit::verify_chain(&path, Some((records, hash))) {
+            Err(e) if e.missing_from.is_some() => anyhow::bail!(
+                "{}: the chain ends before record {} of the logged head {records}:{hash}: the tail was deleted",
+                e.file.display(),
+                records - 1
+            ),
+            Err(e) if e.why.contains("differs from the one the store recorded") => anyhow::bail!(
+                "{}: record {} is not the one in the logged head {records}:{hash}: records up to it were replaced",
+                e.file.display(),
+                records - 1
+            ),
+            Err(e) => anyhow::bail!("against the logged head {records}:{hash}: {e}"),
+            Ok(_) => {}
         }
     }
     // Read again after the walk: whatever the daemon appended meanwhile it committed first.
-    let past_head = match (&result, head.is_some().then(|| path.parent()).flatten()) {
-        (Ok(v), Some(dir)) => crate::lease::store::recorded_audit_head(dir)
-            .ok()
-            .flatten()
-            .and_then(|(seq, _)| v.past_head(seq)),
+    let past_head = match (&result, store_dir) {
+        (Ok(v), Some(dir)) => v.past_head(read_head(dir)?.0),
         _ => None,
     };
     if let Some((first, last)) = past_head {

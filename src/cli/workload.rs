@@ -1,6 +1,6 @@
 //! Workload-side commands: fetch SVIDs, show bundles, validate tokens.
 
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 use anyhow::Context;
@@ -87,21 +87,17 @@ fn output_dir(dir: &Path) -> anyhow::Result<()> {
             "{e}: another user could replace the files written there; choose a directory only you control"
         )
     };
-    // The nearest directory that exists is checked before anything is created in it, so a
-    // refused place is left as it was.
-    if let Some(existing) = dir
-        .ancestors()
-        .skip(1)
-        .find(|a| !a.as_os_str().is_empty() && std::fs::symlink_metadata(a).is_ok())
-        && std::fs::symlink_metadata(dir).is_err()
+    // The nearest directory that exists (as the kernel resolves it: a symlinked /var/run is
+    // fine if its target passes) is checked before anything is created in it, so a refused
+    // place is left as it was.
+    if std::fs::symlink_metadata(dir).is_err()
+        && let Some(existing) = dir
+            .ancestors()
+            .skip(1)
+            .find(|a| !a.as_os_str().is_empty() && a.exists())
     {
-        // Sticky and world-writable (/tmp) is fine for the parent of a directory we create:
-        // only its owner can then rename it.
-        let sticky = std::fs::metadata(existing).is_ok_and(|m| m.mode() & 0o1000 != 0);
-        if !sticky {
-            crate::api::uds::check_private_dir(existing, me, "output directory's parent")
-                .map_err(refused)?;
-        }
+        crate::api::uds::check_above(existing, me, &format!("output directory {}", dir.display()))
+            .map_err(refused)?;
     }
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -481,7 +477,7 @@ mod tests {
         let e = output_dir(&shared.join("out/deeper"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("output directory's parent"), "{e}");
+        assert!(e.contains("above the output directory"), "{e}");
         assert!(!shared.join("out").exists());
         std::fs::create_dir(shared.join("out")).unwrap();
         let e = output_dir(&shared.join("out")).unwrap_err().to_string();
@@ -491,6 +487,12 @@ mod tests {
         std::fs::create_dir(&sticky).unwrap();
         std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
         output_dir(&sticky.join("mine")).unwrap();
+        // Through a symbolic link to a sound directory (a symlinked /var/run or home).
+        let real = d.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, d.path().join("link")).unwrap();
+        output_dir(&d.path().join("link/new")).unwrap();
+        assert!(real.join("new").is_dir());
         output_dir(&d.path().join("new/dir")).unwrap();
         // Another user's directory (as root, which can make one).
         if nix::unistd::geteuid().is_root() {

@@ -379,14 +379,17 @@ impl Issuer {
     }
 
     fn validate_spec(&self, id: &str, spec: &EntrySpec) -> Result<Entry, IssueError> {
+        let bad = |e| match e {
+            crate::config::ConfigError::Invalid { key, message } => {
+                IssueError::InvalidArgument(format!("{key}: {message}"))
+            }
+            other => IssueError::InvalidArgument(other.to_string()),
+        };
         let entry = spec
             .validate(id, "", &self.settings.trust_domain)
-            .map_err(|e| match e {
-                crate::config::ConfigError::Invalid { key, message } => {
-                    IssueError::InvalidArgument(format!("{key}: {message}"))
-                }
-                other => IssueError::InvalidArgument(other.to_string()),
-            })?;
+            .map_err(bad)?;
+        // New input only: stored entries load with the bounds they were written under.
+        crate::config::check_task_cap("max_task_ttl", entry.max_task_ttl).map_err(bad)?;
         // Such an entry could never grant. Nor would it withdraw anything already granted:
         // that is what deleting the entry does.
         if entry
