@@ -523,6 +523,8 @@ impl AuditWriter {
     /// Writes the pending records and makes them durable (fdatasync).
     pub fn flush(&mut self) -> Result<(), AuditError> {
         self.write()?;
+        // With nothing to write too: at a stop, the store drops its copies of what is synced.
+        self.check_replaced()?;
         self.file.sync_data().map_err(|source| {
             self.sync_failed = true;
             AuditError::Io {
@@ -547,15 +549,7 @@ impl AuditWriter {
         // The live name no longer names the file written so far (`sed -i`, an editor, a
         // rotation by another tool, `rm`): records appended to it would go to a file nobody
         // can find, and the store would drop its copies once they were synced.
-        if !self.reopen && self.replaced() {
-            tracing::error!(
-                file = %self.path.display(),
-                "the audit log was replaced or removed by something other than tesserad; \
-                 whatever is there now is moved aside as it is, and the file tesserad wrote is \
-                 put back under the live name (`tessera audit verify` reports the change)"
-            );
-            self.put_back().map_err(io(&self.path))?;
-        }
+        self.check_replaced()?;
         // Someone else wrote to or cut the live file: records appended now would be glued to
         // their bytes (and the next start would refuse the file) or continue a chain whose
         // records they removed. The changed file is moved aside as it is, among the chain's
@@ -591,6 +585,9 @@ impl AuditWriter {
                 let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
                 let rotated = self.path.with_extension(format!("{stamp}.jsonl"));
                 std::fs::rename(&self.path, &rotated).map_err(io(&self.path))?;
+                if foreign {
+                    tracing::error!(file = %rotated.display(), "the changed audit log was moved aside");
+                }
                 // Renamed: from here a failure retries the open, not the rename (the live
                 // name is free now, and renaming it again would fail for good).
                 self.reopen = true;
@@ -632,34 +629,99 @@ impl AuditWriter {
     /// in it is kept, as a rotated file of the chain), and puts a copy of the file written so
     /// far, synced, under the live name in its place.
     fn put_back(&mut self) -> std::io::Result<()> {
+        // The copy is made under a name outside the chain, synced, and only then renamed
+        // into place: a failure (a full disk: the unlinked original keeps its blocks) leaves
+        // the live name as it was, and the next batch tries again.
+        let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+        let tmp = self.path.with_extension(format!("{stamp}.putback"));
+        let made = (|| {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut copy = OpenOptions::new()
+                .read(true)
+                .append(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            let mut ours = &*self.file;
+            ours.seek(SeekFrom::Start(0))?;
+            let mut copied = std::io::copy(&mut ours.take(self.size), &mut copy)?;
+            if copied < self.size {
+                // Cut before it was replaced: whole records only. The chain then breaks
+                // where they went, which `audit verify` reports.
+                let whole = last_newline_end(&copy, copied)?;
+                copy.set_len(whole)?;
+                tracing::error!(
+                    written = self.size,
+                    found = copied,
+                    "the audit log tesserad wrote had been cut before it was replaced; what \
+                     is left of it is put back"
+                );
+                copied = whole;
+            }
+            copy.sync_all()?;
+            Ok::<_, std::io::Error>((copy, copied))
+        })();
+        let (copy, copied) = match made {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        // What the live name holds now is kept, outside the chain (the chain is the file put
+        // back): `<stem>.<stamp>.foreign.jsonl`.
         if let Ok(m) = std::fs::symlink_metadata(&self.path) {
             if m.is_file() && m.len() > 0 {
-                let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
-                std::fs::rename(
-                    &self.path,
-                    self.path.with_extension(format!("{stamp}.jsonl")),
-                )?;
+                let aside = self.path.with_extension(format!("{stamp}.foreign.jsonl"));
+                std::fs::rename(&self.path, &aside)?;
+                tracing::error!(file = %aside.display(), "the file that replaced the audit log is kept");
             } else {
                 std::fs::remove_file(&self.path)?;
             }
         }
-        let mut copy = open_live(&self.path)?;
-        let mut ours = &*self.file;
-        ours.seek(SeekFrom::Start(0))?;
-        let copied = std::io::copy(&mut ours.take(self.size), &mut copy)?;
-        if copied != self.size {
-            return Err(std::io::Error::other(format!(
-                "copied {copied} of the {} bytes written",
-                self.size
-            )));
-        }
-        copy.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
         if let Some(dir) = self.path.parent() {
             File::open(dir)?.sync_all()?;
         }
         self.file = Arc::new(copy);
+        self.size = copied;
         Ok(())
     }
+
+    /// Puts the file written so far back under the live name if something else replaced or
+    /// removed it ([`Self::replaced`]).
+    fn check_replaced(&mut self) -> Result<(), AuditError> {
+        if self.reopen || !self.replaced() {
+            return Ok(());
+        }
+        tracing::error!(
+            file = %self.path.display(),
+            "the audit log was replaced or removed by something other than tesserad; the file \
+             tesserad wrote is put back under the live name"
+        );
+        self.put_back().map_err(|source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// The length of `file`'s first `len` bytes up to and including their last newline.
+fn last_newline_end(file: &File, len: u64) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut end = len;
+    let mut buf = [0u8; 4096];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.read_exact_at(chunk, start)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 /// The files [`AuditWriter::write`] rotated `path` to (`<stem>.<unix nanos>.jsonl`), oldest
@@ -709,9 +771,13 @@ fn first_seq(path: &Path) -> Option<u64> {
     parse_head(line.strip_suffix(b"\n").unwrap_or(&line)).map(|(seq, _)| seq)
 }
 
-/// The newest file [`AuditWriter::write`] rotated `path` to.
+/// The newest file [`AuditWriter::write`] rotated `path` to that holds a record: a file
+/// moved aside after someone else changed it may begin with anything.
 fn newest_rotated(path: &Path) -> Option<PathBuf> {
-    rotated_files(path).pop()
+    rotated_files(path)
+        .into_iter()
+        .rev()
+        .find(|p| first_seq(p).is_some())
 }
 
 /// The files of `current`'s chain in chain order: the rotated files, then `current`.
@@ -1471,20 +1537,57 @@ mod tests {
             "the daemon's records are back under the live name"
         );
         assert_eq!(now.lines().count(), 4);
-        let moved = newest_rotated(&p).expect("the edited file was kept");
-        assert_eq!(std::fs::read_to_string(&moved).unwrap(), edited);
-        assert!(verify(&p, None).is_ok());
-        // The whole chain holds both: verify reports the edit.
-        assert!(verify_chain(&p, Some((4, w.head().1))).is_err());
+        // The edited file is kept outside the chain, which is whole again.
+        assert!(rotated_files(&p).is_empty());
+        let kept: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|f| f.to_string_lossy().ends_with(".foreign.jsonl"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(std::fs::read_to_string(&kept[0]).unwrap(), edited);
+        verify_chain(&p, Some((4, w.head().1))).unwrap();
 
-        // Removed: put back, and nothing else kept.
-        std::fs::remove_file(&moved).unwrap();
+        // Removed, while idle: put back at the flush a stop makes, not only at the next
+        // record.
         std::fs::remove_file(&p).unwrap();
+        w.flush().unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), now);
         w.push(&Event::now("issue", Actor::Daemon).lease("4"));
         w.write().unwrap();
         assert_eq!(std::fs::read_to_string(&p).unwrap().lines().count(), 5);
-        assert!(rotated_files(&p).is_empty());
         verify_chain(&p, Some((5, w.head().1))).unwrap();
+
+        // Cut, then replaced: what is left is put back, whole records only, and the chain
+        // breaks where records went.
+        let five = std::fs::read_to_string(&p).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(five.len() as u64 - 10)
+            .unwrap();
+        std::fs::rename(&p, d.path().join("elsewhere")).unwrap();
+        w.push(&Event::now("issue", Actor::Daemon).lease("5"));
+        w.write().unwrap();
+        let after = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(
+            after.lines().count(),
+            5,
+            "4 whole records put back, then the new one"
+        );
+        assert!(verify_chain(&p, None).is_err());
+        assert!(
+            !std::fs::read_dir(d.path()).unwrap().any(|e| e
+                .unwrap()
+                .path()
+                .to_string_lossy()
+                .ends_with(".putback")),
+            "no copy left behind"
+        );
+        std::fs::write(&p, &five).unwrap();
+        drop(w);
+        let mut w = AuditWriter::open(&p, u64::MAX).unwrap();
 
         // Emptied in place (`copytruncate`): nothing moved aside, the chain goes on in it and
         // verify reports the records that went.

@@ -761,8 +761,12 @@ impl Config {
 
         let mut entries: Vec<Entry> = Vec::with_capacity(raw.entries.len());
         for (i, e) in raw.entries.into_iter().enumerate() {
+            // Before the entry's own checks, whose bounds for it are stored entries' (wider).
+            check_task_cap(
+                &format!("entries[{i}].max_task_ttl"),
+                e.max_task_ttl.as_deref(),
+            )?;
             let mut entry = e.validate("", &format!("entries[{i}]."), &trust_domain)?;
-            check_task_cap(&format!("entries[{i}].max_task_ttl"), entry.max_task_ttl)?;
             let id = config_entry_id(&entry);
             // Entries granting the same identity to the same callers (say, with other
             // hints) are told apart by their order among themselves.
@@ -903,8 +907,8 @@ fn duration_at_least(
 /// `update`) must give it: within the bounds `[tasks]` lifetimes have. Entries stored before
 /// this bound are loaded as they were (2s to 30d): their cap is only ever applied below
 /// `[tasks] max_ttl`, and refusing them would stop all their credentials, not only tasks'.
-pub fn check_task_cap(key: &str, cap: Option<Duration>) -> Result<(), ConfigError> {
-    match cap {
+pub fn check_task_cap(key: &str, cap: Option<&str>) -> Result<(), ConfigError> {
+    match cap.map(|v| parse_duration(key, v)).transpose()? {
         Some(d) if d < Duration::from_secs(10) => {
             Err(invalid(key, "must be at least 10s, as task lifetimes are"))
         }
@@ -1265,11 +1269,11 @@ mod tests {
                 "`inventory.idle_after`: must be at most 100y",
             ),
             (
-                "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/a\"\nselectors = [\"unix:uid:1\"]\nmax_task_ttl = \"5s\"",
+                "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/a\"\nselectors = [\"unix:uid:1\"]\nmax_task_ttl = \"1s\"",
                 "`entries[0].max_task_ttl`: must be at least 10s, as task lifetimes are",
             ),
             (
-                "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/a\"\nselectors = [\"unix:uid:1\"]\nmax_task_ttl = \"25d\"",
+                "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/a\"\nselectors = [\"unix:uid:1\"]\nmax_task_ttl = \"40d\"",
                 "`entries[0].max_task_ttl`: must be at most 24h",
             ),
             (

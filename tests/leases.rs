@@ -838,7 +838,7 @@ async fn admin_api_refuses_bad_input_and_changes_nothing() {
         ),
         (
             admin_pb::Entry {
-                max_task_ttl_seconds: 5,
+                max_task_ttl_seconds: 1,
                 ..Default::default()
             },
             "max_task_ttl_seconds (--max-task-ttl): must be at least 10s, as task lifetimes are",

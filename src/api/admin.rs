@@ -230,8 +230,6 @@ fn required(field: &str, id: String) -> Result<String, Status> {
     Ok(id)
 }
 
-/// Runs an operator change to its end even if the caller goes away meanwhile
-/// ([`super::to_completion`]).
 /// An entry change's error, with a lifetime named as the caller sent it: the checks are the
 /// config file's and name its keys (`x509_svid_ttl: must be at least 2s`), where this API's
 /// field is `x509_svid_ttl_seconds` and the CLI's flag `--x509-ttl`.
@@ -254,6 +252,8 @@ fn entry_status(e: crate::issuer::IssueError) -> Status {
     }
 }
 
+/// Runs an operator change to its end even if the caller goes away meanwhile
+/// ([`super::to_completion`]).
 async fn to_completion<T: Send + 'static>(
     change: impl std::future::Future<Output = Result<T, crate::issuer::IssueError>> + Send + 'static,
 ) -> Result<T, Status> {

@@ -17,7 +17,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -726,7 +726,15 @@ impl Attestor {
         };
 
         let groups = supplementary_groups(pid)?;
-        let exe = match File::open(format!("/proc/{pid}/exe")) {
+        // O_PATH: names the file without opening it, so its filesystem is not asked to open
+        // it, nor (at the close, which may run on an async worker) to flush it: a FUSE server
+        // the caller runs could leave either unanswered. Hashing opens it for reading, on
+        // the hashing thread.
+        let exe = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(format!("/proc/{pid}/exe"))
+        {
             Ok(f) => Some(f),
             // Not permitted (daemon is not root and the caller is another user) or a kernel
             // thread: no path/hash selectors, so entries that need them do not match.
@@ -851,7 +859,7 @@ impl Attestor {
             let _slot = slot;
             this.files_hashed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let h = sha256_reader(file, this.max_hash_bytes).map(Arc::<str>::from);
+            let h = sha256_of_path_fd(&file, this.max_hash_bytes).map(Arc::<str>::from);
             if let Some(h) = &h {
                 this.remember_hash(key, Arc::clone(h));
             }
@@ -925,6 +933,16 @@ fn cached_name(
     let name = lookup(id);
     cache.insert(id, (Instant::now(), name.clone()));
     name
+}
+
+/// Opens for reading the file an `O_PATH` descriptor names (the same file, whatever its path
+/// says now), and hashes it. On the hashing thread: the open and the close go to the file's
+/// filesystem.
+fn sha256_of_path_fd(file: &File, cap: u64) -> Option<String> {
+    sha256_reader(
+        File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?,
+        cap,
+    )
 }
 
 fn sha256_reader(mut file: File, cap: u64) -> Option<String> {

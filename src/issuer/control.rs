@@ -385,11 +385,12 @@ impl Issuer {
             }
             other => IssueError::InvalidArgument(other.to_string()),
         };
+        // New input only, and first: stored entries load with the wider bounds they were
+        // written under, which the entry's own checks apply.
+        crate::config::check_task_cap("max_task_ttl", spec.max_task_ttl.as_deref()).map_err(bad)?;
         let entry = spec
             .validate(id, "", &self.settings.trust_domain)
             .map_err(bad)?;
-        // New input only: stored entries load with the bounds they were written under.
-        crate::config::check_task_cap("max_task_ttl", entry.max_task_ttl).map_err(bad)?;
         // Such an entry could never grant. Nor would it withdraw anything already granted:
         // that is what deleting the entry does.
         if entry

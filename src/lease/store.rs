@@ -2510,6 +2510,22 @@ mod tests {
             .await
             .unwrap();
         drop(s);
+        // The writer's stop ends by putting back a live file replaced meanwhile, and then
+        // clears what the store held for the file: waited for, or it could undo the forgery
+        // below.
+        let pending = || {
+            Connection::open(d.path().join("tessera.db"))
+                .unwrap()
+                .query_row("SELECT count(*) FROM audit_pending", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .unwrap()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while pending() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(pending(), 0, "the writer stopped");
         let recorded = recorded_audit_head(d.path()).unwrap().unwrap();
         assert_eq!(recorded.0, 5);
         // A whole new chain, valid on its own, one record longer than the store recorded.
