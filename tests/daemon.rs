@@ -680,6 +680,31 @@ fn an_entry_granting_the_same_identity_to_the_same_selectors_is_created_once() {
         &listed_id(&d, "spiffe://tessera.internal/later"),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A high-risk agent under an operator's uid (this one's, which the daemon's own is) is
+    // stored, with a warning that it could approve its own requests.
+    let o = d.cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://tessera.internal/risky",
+        "--selector",
+        &uid,
+        "--risk",
+        "high",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning") && err.contains("approve its own requests"),
+        "{err}"
+    );
+    let o = d.cli(&[
+        "entry",
+        "delete",
+        "--",
+        &listed_id(&d, "spiffe://tessera.internal/risky"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Nor can an update make one entry the other's twin.
     let other = listed
         .as_array()

@@ -462,7 +462,7 @@ impl pb::admin_server::Admin for AdminApi {
             .await
             .map_err(entry_status)?;
         Ok(Response::new(
-            with_warnings(self.entry_pb(&created, false), created).await,
+            with_warnings(self.entry_pb(&created, false), created, &self.access).await,
         ))
     }
 
@@ -484,7 +484,7 @@ impl pb::admin_server::Admin for AdminApi {
                 .await
                 .map_err(entry_status)?;
         Ok(Response::new(
-            with_warnings(self.entry_pb(&updated, false), updated).await,
+            with_warnings(self.entry_pb(&updated, false), updated, &self.access).await,
         ))
     }
 
@@ -752,10 +752,33 @@ impl pb::admin_server::Admin for AdminApi {
 
 /// An entry as answered to its creation or update: with what about it can never match.
 /// Off the async workers: a user or group lookup may ask a directory service (LDAP, sssd).
-async fn with_warnings(mut pb: pb::Entry, e: Arc<crate::registry::Entry>) -> pb::Entry {
+async fn with_warnings(
+    mut pb: pb::Entry,
+    e: Arc<crate::registry::Entry>,
+    access: &AdminAccess,
+) -> pb::Entry {
+    let operator = operator_uid_of_high_risk(&e, access);
     pb.warnings =
         tokio::task::spawn_blocking(move || crate::registry::never_matching(std::iter::once(&*e)))
             .await
             .unwrap_or_default();
+    pb.warnings.extend(operator);
     pb
+}
+
+/// A high-risk entry that selects an operator's uid: the approval check is per process, so
+/// such an agent can approve its own requests through a `tessera approve` it starts.
+fn operator_uid_of_high_risk(e: &crate::registry::Entry, access: &AdminAccess) -> Option<String> {
+    if e.risk != Some(crate::registry::Risk::High) {
+        return None;
+    }
+    let uid = e.selectors.iter().find_map(|s| match s {
+        Selector::Uid(u) if access.uids.contains(u) => Some(*u),
+        _ => None,
+    })?;
+    Some(format!(
+        "risk is high but the entry selects uid {uid}, which may use the admin socket: the agent \
+         could approve its own requests with a `tessera approve` it starts; run it under a uid of \
+         its own that is not an operator"
+    ))
 }
