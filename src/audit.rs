@@ -243,14 +243,8 @@ pub enum AuditError {
 /// at its path would let whoever holds the other name rewrite history; a FIFO would swallow
 /// it).
 fn open_live(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-    let file = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let file = live_options().create(true).open(path)?;
     let m = file.metadata()?;
     if !m.is_file() || m.nlink() != 1 {
         return Err(std::io::Error::other(
@@ -259,6 +253,18 @@ fn open_live(path: &Path) -> std::io::Result<File> {
     }
     file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     Ok(file)
+}
+
+/// How the live file is opened: appended to, read back at start, created 0600, never through
+/// a symbolic link.
+fn live_options() -> OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = OpenOptions::new();
+    o.read(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW);
+    o
 }
 
 impl AuditWriter {
@@ -557,8 +563,8 @@ impl AuditWriter {
         // file. An emptied file holds nothing to keep: the chain goes on in it. One fstat per
         // batch.
         let found = self.file.metadata().map_or(self.size, |m| m.len());
-        let foreign = !self.reopen && found != self.size;
-        if foreign {
+        let changed = !self.reopen && found != self.size;
+        if changed {
             tracing::error!(
                 file = %self.path.display(),
                 written = self.size,
@@ -568,10 +574,10 @@ impl AuditWriter {
                  and the chain goes on in a new file"
             );
         }
-        if foreign && found == 0 {
+        if changed && found == 0 {
             self.size = 0;
         }
-        let foreign = foreign && found > 0;
+        let foreign = changed && found > 0;
         if self.reopen
             || foreign
             || (self.size > 0 && self.size + self.buf.len() as u64 > self.max_size)
@@ -612,9 +618,7 @@ impl AuditWriter {
         self.buf.clear();
         Ok(())
     }
-}
 
-impl AuditWriter {
     /// Whether the live name now names another file than the one written, or nothing.
     fn replaced(&self) -> bool {
         use std::os::unix::fs::MetadataExt;
@@ -635,14 +639,7 @@ impl AuditWriter {
         let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
         let tmp = self.path.with_extension(format!("{stamp}.putback"));
         let made = (|| {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut copy = OpenOptions::new()
-                .read(true)
-                .append(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&tmp)?;
+            let mut copy = live_options().create_new(true).open(&tmp)?;
             let mut ours = &*self.file;
             ours.seek(SeekFrom::Start(0))?;
             let mut copied = std::io::copy(&mut ours.take(self.size), &mut copy)?;
