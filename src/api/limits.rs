@@ -6,9 +6,7 @@
 //! without end (each `FetchX509SVID` stream holds leases and mints again at every rotation).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use dashmap::DashMap;
+use std::sync::atomic::Ordering;
 
 /// Connections one uid may hold open on one socket.
 pub const CONNECTIONS_PER_UID: usize = 1024;
@@ -59,83 +57,8 @@ impl Throttle {
     }
 }
 
-/// Counts held slots per uid, with a cap per uid and in total.
-#[derive(Debug)]
-pub struct PerUid {
-    per_uid: usize,
-    total_max: usize,
-    counts: DashMap<u32, usize>,
-    total: AtomicUsize,
-}
-
-/// One held slot; given back when dropped.
-#[derive(Debug)]
-pub struct Slot {
-    owner: Arc<PerUid>,
-    uid: u32,
-}
-
-impl PerUid {
-    /// At most `per_uid` slots per uid and `total` in all.
-    pub fn new(per_uid: usize, total: usize) -> Arc<Self> {
-        Arc::new(Self {
-            per_uid,
-            total_max: total,
-            counts: DashMap::new(),
-            total: AtomicUsize::new(0),
-        })
-    }
-
-    /// A slot for `uid`, or `None` when it (or everyone together) holds the most allowed.
-    pub fn take(self: &Arc<Self>, uid: u32) -> Option<Slot> {
-        self.add(uid, 1).then(|| Slot {
-            owner: Arc::clone(self),
-            uid,
-        })
-    }
-
-    /// Counts `n` more for `uid` (its [`principal`]) if that stays within both caps.
-    fn add(&self, uid: u32, n: usize) -> bool {
-        let uid = principal(uid);
-        if self.total.fetch_add(n, Ordering::AcqRel) + n > self.total_max {
-            self.total.fetch_sub(n, Ordering::AcqRel);
-            return false;
-        }
-        let mut held = self.counts.entry(uid).or_insert(0);
-        if *held + n > self.per_uid {
-            drop(held);
-            self.total.fetch_sub(n, Ordering::AcqRel);
-            return false;
-        }
-        *held += n;
-        true
-    }
-
-    /// Gives back `n` that [`Self::add`] counted for `uid`.
-    fn give(&self, uid: u32, n: usize) {
-        let uid = principal(uid);
-        self.total.fetch_sub(n, Ordering::AcqRel);
-        // Forget a uid with nothing held, so the map does not keep every uid ever seen.
-        self.counts.remove_if_mut(&uid, |_, held| {
-            *held = held.saturating_sub(n);
-            *held == 0
-        });
-    }
-
-    /// Slots held now by `uid` (with the rest of its [`principal`]'s uids).
-    pub fn held(&self, uid: u32) -> usize {
-        self.counts.get(&principal(uid)).map_or(0, |n| *n)
-    }
-}
-
-/// Who a uid counts as for these limits: see [`crate::attest::principal`].
-pub use crate::attest::principal::principal;
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.owner.give(self.uid, 1);
-    }
-}
+/// The share counter, and who a uid counts as: see [`crate::attest::principal`].
+pub use crate::attest::principal::{PerUid, Slot, principal};
 
 /// The start of the message of every refusal for load (the per-uid stream and byte limits).
 /// They are `Unavailable`: the SPIFFE Workload Endpoint (§6) has a client retry with a backoff
@@ -348,7 +271,7 @@ where
             && let Some(data) = f.data_ref()
         {
             let n = data.len();
-            if !this.budget.add(this.uid, n) {
+            if this.budget.add(this.uid, n).is_err() {
                 return Poll::Ready(Some(Err(refused(shed(
                     "too many request bytes in flight from this uid (or from all callers); \
                      retry once earlier requests are answered",
@@ -398,23 +321,6 @@ mod tests {
         assert!(t.ready());
         assert!(!t.ready());
         assert!(Throttle::new(std::time::Duration::ZERO).ready());
-    }
-
-    #[test]
-    fn caps_per_uid_and_in_total_and_gives_back_on_drop() {
-        let l = PerUid::new(2, 3);
-        let a1 = l.take(1).unwrap();
-        let a2 = l.take(1).unwrap();
-        assert!(l.take(1).is_none(), "per uid");
-        let b1 = l.take(2).unwrap();
-        assert!(l.take(3).is_none(), "in total");
-        drop(a1);
-        assert_eq!(l.held(1), 1);
-        let a3 = l.take(1).unwrap();
-        drop((a2, a3, b1));
-        assert_eq!((l.held(1), l.held(2)), (0, 0));
-        assert!(l.counts.is_empty());
-        assert_eq!(l.total.load(Ordering::Relaxed), 0);
     }
 
     /// A body yielding these byte chunks; then it ends, or, with `stall`, waits for ever.
@@ -484,8 +390,7 @@ mod tests {
         let (b, refused) = receive(&budget, 1, &[20]).await;
         assert!(!refused, "given back when the first body went");
         drop((b, c));
-        assert!(budget.counts.is_empty());
-        assert_eq!(budget.total.load(Ordering::Relaxed), 0);
+        assert_eq!((budget.total(), budget.principals()), (0, 0));
     }
 
     /// A gRPC message: the 5-byte prefix and `n` payload bytes.

@@ -464,7 +464,7 @@ pub fn incoming(
                         };
                         // Without credentials the connection counts against one shared uid.
                         let uid = peer.as_ref().map_or(u32::MAX, |p| p.uid);
-                        let Some(slot) = limits.take(uid) else {
+                        let Ok(slot) = limits.take(uid) else {
                             // Closed at once; one warning per 10 s is enough to be seen.
                             if warned.ready() {
                                 tracing::warn!(

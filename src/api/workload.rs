@@ -169,7 +169,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let t0 = std::time::Instant::now();
         let caller = self.caller(&req).await?;
-        let slot = self.x509_streams.take(caller.uid).ok_or_else(|| {
+        let slot = self.x509_streams.take(caller.uid).map_err(|_| {
             limits::shed(format_args!(
                 "{} holds {X509_STREAMS_PER_UID} FetchX509SVID streams, the most allowed; close some (one stream per process is enough)",
                 crate::attest::principal::describe(caller.uid)
@@ -631,7 +631,7 @@ impl WorkloadApi {
         caller: Arc<Attestation>,
         render: impl Fn(&TrustBundle) -> T + Send + Sync + 'static,
     ) -> Result<StreamOf<T>, Status> {
-        let slot = self.bundle_streams.take(caller.uid).ok_or_else(|| {
+        let slot = self.bundle_streams.take(caller.uid).map_err(|_| {
             limits::shed(format_args!(
                 "{} holds {BUNDLE_STREAMS_PER_UID} bundle streams, the most allowed; close some (one per process is enough)",
                 crate::attest::principal::describe(caller.uid)

@@ -307,56 +307,6 @@ impl FileKey {
     }
 }
 
-/// Attestations whose reads are still running: per principal, and in all.
-#[derive(Debug, Default)]
-struct Observing {
-    per_uid: DashMap<u32, usize>,
-    total: std::sync::atomic::AtomicUsize,
-}
-
-/// A place among [`OBSERVING_PER_UID`] and [`OBSERVING_TOTAL`]; given back when dropped, and
-/// the principal forgotten once it holds none.
-#[derive(Debug)]
-struct ObservingTurn {
-    observing: Arc<Observing>,
-    uid: u32,
-}
-
-impl ObservingTurn {
-    /// `uid` is a principal. `Err` says which cap was reached.
-    fn take(observing: &Arc<Observing>, uid: u32) -> Result<Self, &'static str> {
-        use std::sync::atomic::Ordering;
-        if observing.total.fetch_add(1, Ordering::AcqRel) >= OBSERVING_TOTAL {
-            observing.total.fetch_sub(1, Ordering::AcqRel);
-            return Err("too many attestations are still waiting for their reads");
-        }
-        let mut n = observing.per_uid.entry(uid).or_insert(0);
-        if *n >= OBSERVING_PER_UID {
-            drop(n);
-            observing.total.fetch_sub(1, Ordering::AcqRel);
-            return Err("too many attestations of this uid are still waiting for their reads");
-        }
-        *n += 1;
-        drop(n);
-        Ok(Self {
-            observing: Arc::clone(observing),
-            uid,
-        })
-    }
-}
-
-impl Drop for ObservingTurn {
-    fn drop(&mut self) {
-        if let Some(mut n) = self.observing.per_uid.get_mut(&self.uid) {
-            *n -= 1;
-        }
-        self.observing.per_uid.remove_if(&self.uid, |_, n| *n == 0);
-        self.observing
-            .total
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
 /// Bounded so that a workload spawning many distinct executables cannot grow memory without end.
 const HASH_CACHE_MAX: usize = 4096;
 /// Executables hashed at once: hashing is disk- and CPU-bound, so more at once only slows
@@ -390,8 +340,9 @@ pub struct Attestor {
     /// One lock per uid: a user hashes one executable at a time, so one user's churn of new
     /// binaries (or of `touch`ed large files) queues behind itself, not in front of others.
     hashing_uid: DashMap<u32, Arc<tokio::sync::Mutex<()>>>,
-    /// Full attestations' reads still running (see [`OBSERVING_PER_UID`]).
-    observing: Arc<Observing>,
+    /// Full attestations' reads still running, per principal ([`OBSERVING_PER_UID`]) and in
+    /// all ([`OBSERVING_TOTAL`]). A slot is held by the thread doing the reads.
+    observing: Arc<principal::PerUid>,
     /// Executables read and hashed in full, for the single-flight test and debugging.
     files_hashed: std::sync::atomic::AtomicU64,
     users: DashMap<u32, (Instant, Option<String>)>,
@@ -468,7 +419,7 @@ impl Attestor {
             hash_clock: Default::default(),
             hashing: DashMap::new(),
             hashing_uid: DashMap::new(),
-            observing: Arc::default(),
+            observing: principal::PerUid::new(OBSERVING_PER_UID, OBSERVING_TOTAL),
             files_hashed: Default::default(),
             users: DashMap::new(),
             groups: DashMap::new(),
@@ -630,8 +581,20 @@ impl Attestor {
             peer.accepted_at_ticks,
             peer.pidfd.is_some(),
         );
-        let observing = ObservingTurn::take(&self.observing, principal::principal(uid))
-            .map_err(|why| AttestError::Stalled { pid, why })?;
+        let observing = self
+            .observing
+            .take(uid)
+            .map_err(|full| AttestError::Stalled {
+                pid,
+                why: match full {
+                    principal::Full::Principal => {
+                        "too many attestations of this uid are still waiting for their reads"
+                    }
+                    principal::Full::Total => {
+                        "too many attestations are still waiting for their reads"
+                    }
+                },
+            })?;
         let reads = tokio::task::spawn_blocking(move || {
             // Held by the thread: ended when its reads return, whenever that is.
             let _observing = observing;
@@ -1386,34 +1349,37 @@ mod tests {
         drop(b);
     }
 
-    #[test]
-    fn attestations_waiting_for_reads_are_bounded_per_uid_and_in_all() {
-        let o: Arc<Observing> = Arc::default();
+    #[tokio::test]
+    async fn attestations_waiting_for_reads_are_bounded_per_uid_and_in_all() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer = PeerInfo::from_socket(a.as_raw_fd()).unwrap();
+        let attestor = Arc::new(Attestor::new(1 << 30));
+        let stalled = |r: Result<_, AttestError>| match r {
+            Err(AttestError::Stalled { why, .. }) => why,
+            other => panic!("{other:?}"),
+        };
+        // As if this uid's earlier attestations were all still waiting for their reads.
         let held: Vec<_> = (0..OBSERVING_PER_UID)
-            .map(|_| ObservingTurn::take(&o, 1000).unwrap())
+            .map(|_| attestor.observing.take(peer.uid).unwrap())
             .collect();
-        assert!(
-            ObservingTurn::take(&o, 1000)
-                .unwrap_err()
-                .contains("of this uid")
-        );
-        // Other uids are not held up by it, until all together reach the total.
-        let others: Vec<_> = (1..OBSERVING_TOTAL / OBSERVING_PER_UID)
-            .flat_map(|u| (0..OBSERVING_PER_UID).map(move |_| 1000 + u as u32))
-            .map(|u| ObservingTurn::take(&o, u).unwrap())
+        let why = stalled(attestor.attest(&peer, |_| true).await);
+        assert!(why.contains("of this uid"), "{why}");
+        drop(held);
+        // Other uids together reach the total: refused although this uid holds none.
+        let others: Vec<_> = (0..OBSERVING_TOTAL)
+            .map(|i| 1_000_000 + (i / OBSERVING_PER_UID) as u32)
+            .filter(|&u| u != peer.uid)
+            .map(|u| attestor.observing.take(u).unwrap())
             .collect();
+        let why = stalled(attestor.attest(&peer, |_| true).await);
         assert_eq!(
-            ObservingTurn::take(&o, 5000).err(),
-            Some("too many attestations are still waiting for their reads")
+            why,
+            "too many attestations are still waiting for their reads"
         );
         drop(others);
-        drop(held);
-        assert!(
-            o.per_uid.is_empty(),
-            "uids are forgotten once they hold none"
-        );
-        assert_eq!(o.total.load(std::sync::atomic::Ordering::Acquire), 0);
-        assert!(ObservingTurn::take(&o, 1000).is_ok());
+        // Given back: the next attestation runs, and its slot is given back when it is done.
+        attestor.attest(&peer, |_| true).await.unwrap();
+        assert_eq!(attestor.observing.total(), 0);
     }
 
     #[tokio::test]
