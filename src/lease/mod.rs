@@ -932,7 +932,29 @@ impl LeaseTable {
     /// [`Self::announce_change`] once it has retired everything due, so that the CRL is
     /// rebuilt once per expiry, not once per slice.
     #[must_use = "a change to the CRL must be announced"]
+    #[cfg(test)]
     pub(crate) fn expire_due(&self, now_s: i64, max: usize) -> (Vec<LeaseId>, bool) {
+        self.expire_due_after(now_s, max, None)
+    }
+
+    /// As [`Self::expire_due`], right after the wall clock jumped `step` seconds ahead to
+    /// `now_s`, when `stepped` is `Some(step)`. Active leases the jump alone made due (their
+    /// expiry after `now_s - step`) are kept, queued at their expiry plus `step`: if the clock
+    /// is wrong, their credentials are still valid for relying parties with the right time,
+    /// and only a lease in the table can be revoked or killed onto the CRL (review AR-2).
+    /// What they hold is bounded by the table at the jump, unlike a reaper that ran behind
+    /// the clock for every lease issued after it too. If the jump was right (an NTP
+    /// correction, a suspend), they leave `step` seconds late.
+    #[must_use = "a change to the CRL must be announced"]
+    pub(crate) fn expire_due_after(
+        &self,
+        now_s: i64,
+        max: usize,
+        stepped: Option<i64>,
+    ) -> (Vec<LeaseId>, bool) {
+        let held_back = |l: &Lease| {
+            stepped.filter(|&step| l.state == State::Active && l.expires_at > now_s - step)
+        };
         let mut due = Vec::with_capacity(max.min(4096));
         self.expiry
             .lock()
@@ -960,12 +982,20 @@ impl LeaseTable {
                             .as_ref()
                             .is_some_and(|k| covering_kill(k, &l.spiffe_id).is_some()))
             };
-            let Some((_, l)) = self.leases.remove_if(&id, |_, l| !kept_revoked(l)) else {
-                // Kept, or gone already.
-                let Some(exp) = self.leases.get(&id).map(|l| l.expires_at) else {
+            let Some((_, l)) = self
+                .leases
+                .remove_if(&id, |_, l| !kept_revoked(l) && held_back(l).is_none())
+            else {
+                // Kept, or gone already. A revoked certificate keeps its own schedule.
+                let Some((exp, held)) = self.leases.get(&id).map(|l| {
+                    let held = (!kept_revoked(&l)).then(|| held_back(&l)).flatten();
+                    (l.expires_at, held)
+                }) else {
                     continue;
                 };
-                if now_s < exp + CRL_RESIGN_AFTER_EXPIRY_S {
+                if let Some(step) = held {
+                    kept.push((exp + step, id));
+                } else if now_s < exp + CRL_RESIGN_AFTER_EXPIRY_S {
                     kept.push((exp + CRL_RESIGN_AFTER_EXPIRY_S, id));
                 } else if now_s < exp + CRL_KEPT_AFTER_EXPIRY_S {
                     // Its serial is unchanged on the CRL, so the publisher must be told.

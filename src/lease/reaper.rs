@@ -70,7 +70,8 @@ impl ClockWatch {
 /// again, at once rather than at the next refresh: the one served is dated by the clock that
 /// ran ahead (relying parties refuse it as not yet valid), and serials that clock took off it
 /// are listed again (their leases were kept, see [`super::REVOKED_KEPT_AFTER_EXPIRY_S`]).
-fn check_clock(table: &LeaseTable, watch: &mut ClockWatch, now: i64) {
+/// Returns the step after a jump ahead, for [`LeaseTable::expire_due_after`].
+fn check_clock(table: &LeaseTable, watch: &mut ClockWatch, now: i64) -> Option<i64> {
     let (ahead, step) = watch.observe(now);
     if step <= -CLOCK_STEP_S {
         tracing::warn!(
@@ -83,11 +84,14 @@ fn check_clock(table: &LeaseTable, watch: &mut ClockWatch, now: i64) {
     } else if step >= CLOCK_STEP_S {
         tracing::warn!(
             seconds = step,
-            "the wall clock jumped ahead (or the host was suspended): leases expire by it, \
-             and revoked certificates expired by it leave the CRL until it comes back (their \
-             leases are kept a day)"
+            "the wall clock jumped ahead (or the host was suspended): leases the jump made \
+             due are kept, still revocable, until the time they had left has passed; leases \
+             issued from now on expire by it; revoked certificates expired by it leave the \
+             CRL until it comes back (their leases are kept a day)"
         );
+        return Some(step);
     }
+    None
 }
 
 /// CPU time of the calling thread. The retirement's own cost, apart from the time it spent
@@ -134,7 +138,7 @@ pub async fn run(
             }
         }
         let now = clock();
-        check_clock(&table, &mut watch, now);
+        let stepped = check_clock(&table, &mut watch, now);
         let due = table.next_deadline();
         let started = std::time::Instant::now();
         let mut removed = Vec::new();
@@ -142,7 +146,7 @@ pub async fn run(
         let mut cpu = Duration::ZERO;
         loop {
             let on_cpu = thread_cpu();
-            let (slice, crl) = table.expire_due(now, RETIRE_SLICE);
+            let (slice, crl) = table.expire_due_after(now, RETIRE_SLICE, stepped);
             cpu += thread_cpu().saturating_sub(on_cpu);
             crl_changed |= crl;
             removed.extend(slice);
@@ -490,6 +494,52 @@ mod tests {
         tokio::time::sleep(Duration::from_secs((resign_at - 1_121 + 5) as u64)).await;
         assert!(table.take_crl_resign(), "no CRL dated after its expiry");
         assert_eq!(table.revoked_serials(1_061).len(), 1);
+        trigger.trigger();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_clock_jump_ahead_keeps_the_leases_it_made_due_revocable() {
+        let table = Arc::new(LeaseTable::new());
+        let store = Arc::new(Recorder::default());
+        let mut cert = lease(1_500);
+        cert.kind = Kind::X509;
+        cert.serial = Some(Box::new(cert.id.0));
+        let jwt = lease(1_300);
+        let due_anyway = lease(1_020);
+        for l in [&cert, &jwt, &due_anyway] {
+            table.insert(l.clone());
+        }
+        let step = Arc::new(AtomicI64::new(0));
+        let (trigger, task) = start_with(&table, &store, &step);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        // An hour ahead while the reaper sleeps towards t=1020: at its wake every lease is
+        // due by the clock.
+        step.store(3_600, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        assert_eq!(
+            store.deleted(),
+            vec![due_anyway.id],
+            "only what was due before the jump is retired"
+        );
+        assert!(table.get(&cert.id).is_some() && table.get(&jwt.id).is_some());
+        assert_eq!(
+            table.next_deadline(),
+            Some(1_300 + 3_600),
+            "kept for the time they had left"
+        );
+        // Still revocable: onto the CRL once the clock is right again.
+        let rev = Arc::new(Revocation {
+            at_ms: 0,
+            by: "op".into(),
+            reason: "leaked".into(),
+        });
+        assert_eq!(table.revoke(&[cert.id], &rev)[0], 1);
+        step.store(0, Ordering::SeqCst);
+        tokio::time::sleep(MAX_SLEEP * 2).await;
+        let listed = table.revoked_serials(1_100);
+        assert_eq!(listed.len(), 1, "the revoked certificate is not on the CRL");
+        assert!(store.deleted() == vec![due_anyway.id]);
         trigger.trigger();
         task.await.unwrap();
     }
