@@ -135,6 +135,50 @@ fn raise_open_file_limit() {
 
 /// Builds every part and starts serving.
 pub async fn build(cfg: Config) -> Result<Running, AppError> {
+    // Whatever can still refuse the start comes before the first write to data_dir (review
+    // AZ-3): a start that fails leaves it as it was, with no CA generated for a mistyped
+    // trust domain, no store created and no credential revoked. The policy and the TLS files
+    // are only read; the listeners are bound here and served once everything is built (a
+    // client that connects meanwhile waits in the backlog).
+    let policy = Arc::new(Engine::load(
+        cfg.policy_file.as_deref(),
+        cfg.policy_schema.as_deref(),
+    )?);
+    if let Some(crate::config::HttpTls::Files { cert, key }) = &cfg.http_tls {
+        http::tls::check_files(cert, key).map_err(AppError::Tls)?;
+    }
+    let tcp = bind_http(&cfg).await?;
+    // Owner-only unless other uids/gids were granted (the peer check in the service is what
+    // enforces access; the mode is defence in depth).
+    let admin_mode = if cfg.admin_uids.is_empty() && cfg.admin_gids.is_empty() {
+        0o600
+    } else {
+        0o666
+    };
+    let mut bound = Bound::default();
+    let admin_listener = bind_uds("admin socket", &cfg.admin_socket, admin_mode)?;
+    bound.0.push(cfg.admin_socket.clone());
+    // Any local uid must be able to connect: attestation, not file mode, decides identity.
+    let workload_listener = bind_uds("workload socket", &cfg.workload_socket, 0o666)?;
+    bound.0.push(cfg.workload_socket.clone());
+    // data_dir holds the CA key, the kill list and the audit chain: whoever could rename it
+    // (a writable directory above it) could have the daemon start over with a new CA and an
+    // empty kill list. The directories above get the socket directory's rule (review AZ-4).
+    let above = cfg
+        .data_dir
+        .ancestors()
+        .skip(1)
+        .find(|d| d.exists())
+        .unwrap_or(std::path::Path::new("/"));
+    uds::check_above(
+        above,
+        Some(nix::unistd::geteuid().as_raw()),
+        "data directory",
+    )
+    .map_err(|source| AppError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
     crate::fsutil::ensure_private_dir(&cfg.data_dir).map_err(|source| AppError::DataDir {
         path: cfg.data_dir.clone(),
         source,
@@ -265,10 +309,6 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         tracing::warn!("{w}");
     }
     issuer.init_activity(snapshot.entry_activity);
-    let policy = Arc::new(Engine::load(
-        cfg.policy_file.as_deref(),
-        cfg.policy_schema.as_deref(),
-    )?);
     match policy.path() {
         Some(p) => tracing::info!(file = %p.display(), policies = policy.len(), "policy loaded"),
         None => tracing::info!("no [policy] file: every token exchange is denied (default deny)"),
@@ -308,38 +348,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
             shutdown.clone(),
         )),
     ));
-    // Before the first CRL, so that it lists them.
-    match issuer.withdraw_unserved_default().await {
-        Ok(0) => {}
-        Ok(n) => tracing::warn!(
-            revoked = n,
-            "the built-in default entry is no longer served (entries are configured now, or \
-             tesserad runs as another user): the credentials it granted are revoked"
-        ),
-        Err(e) => tracing::error!(
-            error = %e,
-            "could not revoke what the built-in default entry granted; it no longer grants it"
-        ),
-    }
-    let published = publish_crl(&ca, &leases, time::OffsetDateTime::now_utc());
-    tasks.push((
-        "crl",
-        tokio::spawn(crl_publisher(
-            Arc::clone(&ca),
-            Arc::clone(&leases),
-            !published,
-            shutdown.clone(),
-        )),
-    ));
-
-    // 1. Admin socket. Owner-only unless other uids/gids were granted (the peer check in the
-    //    service is what enforces access; the mode is defence in depth).
-    let admin_mode = if cfg.admin_uids.is_empty() && cfg.admin_gids.is_empty() {
-        0o600
-    } else {
-        0o666
-    };
-    let admin_listener = bind_uds("admin socket", &cfg.admin_socket, admin_mode)?;
+    // 1. Admin socket.
     let access = AdminAccess::new(cfg.admin_uids.clone(), cfg.admin_gids.clone());
     let admin = AdminApi::new(
         Arc::clone(&issuer),
@@ -372,22 +381,6 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     ));
 
     // 2. HTTP.
-    let tcp = tokio::net::TcpListener::bind(cfg.http_listen)
-        .await
-        .map_err(|source| AppError::Bind {
-            what: "[http] listen",
-            addr: cfg.http_listen.to_string(),
-            // Every daemon on built-in defaults asks for the same port: a system one and a
-            // user's, or two users'.
-            hint: if source.kind() == std::io::ErrorKind::AddrInUse {
-                "; another program (another tesserad?) holds it: set [http] listen in a config \
-                 file to another port, or to \"127.0.0.1:0\" for any free one (the daemon logs \
-                 which)"
-            } else {
-                ""
-            },
-            source,
-        })?;
     let http_addr = tcp.local_addr().map_err(|source| AppError::Bind {
         what: "[http] listen",
         addr: cfg.http_listen.to_string(),
@@ -431,6 +424,31 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
             Some(http::tls::server_config(tls, &ca, &host).map_err(AppError::Tls)?)
         }
     };
+    // Nothing after this point refuses the start.
+    // Before the first CRL, so that it lists them.
+    match issuer.withdraw_unserved_default().await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            revoked = n,
+            "the built-in default entry is no longer served (entries are configured now, or \
+             tesserad runs as another user): the credentials it granted are revoked"
+        ),
+        Err(e) => tracing::error!(
+            error = %e,
+            "could not revoke what the built-in default entry granted; it no longer grants it"
+        ),
+    }
+    let published = publish_crl(&ca, &leases, time::OffsetDateTime::now_utc());
+    tasks.push((
+        "crl",
+        tokio::spawn(crl_publisher(
+            Arc::clone(&ca),
+            Arc::clone(&leases),
+            !published,
+            shutdown.clone(),
+        )),
+    ));
+
     tasks.push((
         if tls_cfg.is_some() { "https" } else { "http" },
         tokio::spawn(http::tls::serve(tcp, app, tls_cfg, shutdown.clone())),
@@ -493,13 +511,13 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         ))
         .add_service(health.max_decoding_message_size(limits::MAX_REQUEST_BYTES))
         .add_service(reflection.max_decoding_message_size(limits::MAX_REQUEST_BYTES));
-    // Any local uid must be able to connect: attestation, not file mode, decides identity.
-    let workload_listener = bind_uds("workload socket", &cfg.workload_socket, 0o666)?;
     tasks.push((
         "workload",
         spawn_grpc(router, workload_listener, None, shutdown.clone()),
     ));
     ready.store(true, Ordering::Release);
+    // Served from here on: the sockets stay.
+    bound.0.clear();
 
     tracing::info!(
         trust_domain = %cfg.trust_domain,
@@ -763,6 +781,39 @@ async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, failed: bool, mut s
             last = now;
         }
     }
+}
+
+/// Sockets this start bound, removed again if it fails before serving them: a failed start
+/// leaves no socket a client could mistake for a daemon.
+#[derive(Default)]
+struct Bound(Vec<PathBuf>);
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Binds `[http] listen`.
+async fn bind_http(cfg: &Config) -> Result<tokio::net::TcpListener, AppError> {
+    tokio::net::TcpListener::bind(cfg.http_listen)
+        .await
+        .map_err(|source| AppError::Bind {
+            what: "[http] listen",
+            addr: cfg.http_listen.to_string(),
+            // Every daemon on built-in defaults asks for the same port: a system one and a
+            // user's, or two users'.
+            hint: if source.kind() == std::io::ErrorKind::AddrInUse {
+                "; another program (another tesserad?) holds it: set [http] listen in a config \
+                 file to another port, or to \"127.0.0.1:0\" for any free one (the daemon logs \
+                 which)"
+            } else {
+                ""
+            },
+            source,
+        })
 }
 
 fn bind_uds(

@@ -37,8 +37,9 @@ pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Lifetime of a CA that Tessera generates itself.
 pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// Longest lifetime for a CA the daemon generates: 100 years.
-pub const MAX_CA_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// Longest lifetime for a CA the daemon generates: 100 years, as the config's `"100y"` reads
+/// them (humantime's year is 365.25 days), so that `"100y"` itself is accepted.
+pub const MAX_CA_TTL: Duration = Duration::from_secs(3_155_760_000);
 /// Shortest SVID lifetime accepted: rotation at half-life needs room for clock skew.
 pub const MIN_SVID_TTL: Duration = Duration::from_secs(2);
 
@@ -488,6 +489,32 @@ impl Config {
                 "must differ from workload_api.socket: the admin API must not be reachable by workloads",
             ));
         }
+        // tesserad makes data_dir 0700 at every start: a socket under it would be out of
+        // reach of every other uid while the daemon reported serving.
+        let data = lexical(&data_dir);
+        for (key, socket, who) in [
+            (
+                "workload_api.socket",
+                &workload_socket,
+                "workloads of other users",
+            ),
+            (
+                "admin.socket",
+                &admin_socket,
+                "operators other than the daemon's user",
+            ),
+        ] {
+            if lexical(socket).starts_with(&data) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "must not be inside data_dir ({}), which is private to the daemon: \
+                         {who} could not reach it",
+                        data_dir.display()
+                    ),
+                ));
+            }
+        }
 
         let log_format = match raw.log.format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
@@ -524,6 +551,13 @@ impl Config {
                 return Err(invalid("ca.cert", "ca.key is set, so ca.cert is required"));
             }
         };
+        if ca_files.is_some() && raw.ca.ca_ttl.is_some() {
+            return Err(invalid(
+                "ca.ca_ttl",
+                "applies only to a CA that tesserad generates; with ca.cert and ca.key set, \
+                 the certificate's own dates count. Remove ca.ca_ttl",
+            ));
+        }
         let ca_ttl = duration("ca.ca_ttl", raw.ca.ca_ttl.as_deref(), DEFAULT_CA_TTL)?;
         if ca_ttl < Duration::from_secs(3600) {
             return Err(invalid("ca.ca_ttl", "must be at least 1h"));
@@ -1121,7 +1155,7 @@ mod tests {
         let c = load(
             r#"
             trust_domain = "example.org"
-            data_dir = "/tmp/x"
+            data_dir = "/tmp/x/data"
             [workload_api]
             socket = "/tmp/x/w.sock"
             [admin]
@@ -1221,6 +1255,14 @@ mod tests {
             ),
             ("[ca]\nca_ttl = \"30m\"", "`ca.ca_ttl`: must be at least 1h"),
             ("[ca]\ncert = \"/a.pem\"", "`ca.key`"),
+            (
+                "[ca]\ncert = \"/a.pem\"\nkey = \"/a.key\"\nca_ttl = \"2y\"",
+                "`ca.ca_ttl`: applies only to a CA that tesserad generates",
+            ),
+            (
+                "data_dir = \"/srv/t\"\n[workload_api]\nsocket = \"/srv/t/w.sock\"",
+                "`workload_api.socket`: must not be inside data_dir",
+            ),
             ("[http]\nlisten = \"localhost\"", "`http.listen`"),
             (
                 "[http]\nlisten = \"0.0.0.0:8780\"",

@@ -137,10 +137,31 @@ fn flock_exclusive(f: &fs::File) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Fails unless `path` is readable by its owner only (0600 or stricter).
-pub fn check_private_mode(path: &Path) -> std::io::Result<()> {
-    let mode = fs::metadata(path)?.mode();
-    if mode & 0o077 != 0 {
+/// Largest key or certificate file read: a chain of a dozen certificates is a few KiB.
+pub const MAX_PEM_FILE: u64 = 1 << 20;
+
+/// Reads an operator-supplied key or certificate file through one descriptor: a regular file
+/// (a FIFO would block start-up for good, a device could be read without end), at most
+/// [`MAX_PEM_FILE`] bytes, and with `private`, readable by its owner only, judged on the file
+/// that is read rather than on a second lookup of the path.
+pub fn read_pem_file(path: &Path, private: bool) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking, so that opening a FIFO with no writer returns at once.
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let meta = f.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    let mode = meta.mode();
+    if private && mode & 0o077 != 0 {
         return Err(std::io::Error::other(format!(
             "{} has mode {:o}; a private key must be readable by its owner only (chmod 600 {})",
             path.display(),
@@ -148,12 +169,46 @@ pub fn check_private_mode(path: &Path) -> std::io::Result<()> {
             path.display()
         )));
     }
-    Ok(())
+    if meta.len() > MAX_PEM_FILE {
+        return Err(std::io::Error::other(format!(
+            "{} is {} bytes; a key or certificate file is at most {MAX_PEM_FILE}",
+            path.display(),
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    (&mut f).take(MAX_PEM_FILE + 1).read_to_end(&mut bytes)?;
+    String::from_utf8(bytes).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is not PEM text", path.display()),
+        )
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pem_files_are_read_only_when_regular_small_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.pem");
+        fs::write(&key, "x").unwrap();
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(read_pem_file(&key, false).is_ok());
+        let e = read_pem_file(&key, true).unwrap_err().to_string();
+        assert!(e.contains("mode 644"), "{e}");
+        // A FIFO would block a plain read until someone writes to it.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = read_pem_file(&fifo, true).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let big = dir.path().join("big.pem");
+        fs::write(&big, vec![b'a'; MAX_PEM_FILE as usize + 1]).unwrap();
+        let e = read_pem_file(&big, false).unwrap_err().to_string();
+        assert!(e.contains("at most"), "{e}");
+    }
 
     #[test]
     fn the_data_directory_stays_locked_when_its_lock_file_is_deleted() {

@@ -385,25 +385,58 @@ impl Verifier {
             None => !keys.is_empty(),
         };
         if !has_kid(&keys) {
+            let skipped = t
+                .fetch
+                .lock()
+                .await
+                .last_on_demand
+                .is_some_and(|at| at.elapsed() < MIN_REFETCH);
             let refreshed = self.refresh(t, false).await;
             keys = t.keys.load_full();
             // The key may be one the issuer rotated in: while its keys cannot be fetched the
-            // token cannot be judged (503, retry), rather than refused as unknown (400).
-            if let Err(e) = refreshed
-                && !has_kid(&keys)
-            {
-                return Err(OidcError::KeysUnavailable(e));
+            // token cannot be judged (503, retry), rather than refused as unknown (400). That
+            // includes a fetch the rate limit held back (review AY-3): any caller's token with
+            // a made-up kid would otherwise have every rotated-in key refused for good for the
+            // rest of the window.
+            if !has_kid(&keys) {
+                match refreshed {
+                    Err(e) => return Err(OidcError::KeysUnavailable(e)),
+                    Ok(_) if skipped => {
+                        return Err(OidcError::KeysUnavailable(format!(
+                            "the issuer's keys were fetched less than {}s ago and do not hold \
+                             this kid; retry shortly",
+                            MIN_REFETCH.as_secs()
+                        )));
+                    }
+                    Ok(_) => {}
+                }
             }
         }
         let input = jws.signing_input.as_bytes();
         let verified_by = match &jws.kid {
             Some(kid) => {
-                let key = keys
-                    .iter()
-                    .find(|j| &j.kid == kid)
-                    .ok_or_else(|| OidcError::UnknownKey(kid.chars().take(64).collect()))?;
-                key.verify(jws.alg, input, &jws.signature)?;
-                key.clone()
+                // RFC 7517 §4.5 lets keys of different types share a kid (an RSA and an EC
+                // key of one rotation, say): each is tried, and the first error is kept.
+                let mut first_err = None;
+                let mut found = None;
+                for key in keys.iter().filter(|j| &j.kid == kid) {
+                    match key.verify(jws.alg, input, &jws.signature) {
+                        Ok(()) => {
+                            found = Some(key.clone());
+                            break;
+                        }
+                        Err(e) => {
+                            first_err.get_or_insert(e);
+                        }
+                    }
+                }
+                match (found, first_err) {
+                    (Some(k), _) => k,
+                    (None, Some(e)) => return Err(e.into()),
+                    (None, None) => {
+                        return Err(OidcError::UnknownKey(kid.chars().take(64).collect()));
+                    }
+                }
             }
             None => {
                 // No kid: some issuers publish one key. Try each that fits the algorithm,
@@ -525,6 +558,50 @@ mod tests {
         let mut m = jwk.public_members();
         m.insert("kid".into(), jwk.kid.clone().into());
         json!({ "keys": [m] }).to_string()
+    }
+
+    #[tokio::test]
+    async fn keys_sharing_a_kid_are_all_tried_and_a_held_back_fetch_is_a_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("jwks.json");
+        let (a, b) = (es256(), es256());
+        // RFC 7517 §4.5: two keys under one kid (b's), a's first (review AY-4).
+        let member = |s: &jose::Es256Signer| {
+            let mut m = s.jwk().public_members();
+            m.insert("kid".into(), b.jwk().kid.clone().into());
+            m
+        };
+        std::fs::write(
+            &file,
+            json!({ "keys": [member(&a), member(&b)] }).to_string(),
+        )
+        .unwrap();
+        let v = Verifier::new(&[OidcIssuerConfig {
+            issuer: "https://idp.example".into(),
+            audiences: vec!["tessera".into()],
+            keys: KeySource::JwksFile(file.clone()),
+        }]);
+        assert!(v.refresh_all().await[0].1.is_ok());
+        let claims = json!({"iss": "https://idp.example", "sub": "alice", "aud": "tessera",
+                            "exp": now_s() + 600});
+        assert_eq!(
+            v.validate(&b.sign(&claims).unwrap()).await.unwrap().sub,
+            "alice"
+        );
+        // A token under a kid nobody publishes uses up the on-demand fetch (review AY-3) ...
+        let junk = es256();
+        assert!(matches!(
+            v.validate(&junk.sign(&claims).unwrap()).await,
+            Err(OidcError::UnknownKey(_))
+        ));
+        // ... so a key the issuer rotates in just after cannot be fetched yet: a retry, not a
+        // refusal.
+        let c = es256();
+        std::fs::write(&file, jwks_of(&c)).unwrap();
+        assert!(matches!(
+            v.validate(&c.sign(&claims).unwrap()).await,
+            Err(OidcError::KeysUnavailable(_))
+        ));
     }
 
     #[tokio::test]

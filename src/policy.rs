@@ -113,7 +113,13 @@ struct Loaded {
 /// The policy in force.
 pub struct Engine {
     path: Option<PathBuf>,
+    /// Policies are validated against it at load, and every request and entity at decision
+    /// time: without it, action groups have no entities (a `forbid` on `action in` a group
+    /// never applied) and a claim's type went unchecked (review AY-1).
     schema: Schema,
+    /// The subject claims the schema declares: a request's subject record holds only these
+    /// (records are closed, and tokens carry claims no schema lists).
+    claims: HashSet<String>,
     current: ArcSwap<Loaded>,
     authorizer: Authorizer,
     /// Parsed once: building Cedar names from strings on every request showed up in profiles.
@@ -147,8 +153,9 @@ fn type_name(s: &str) -> EntityTypeName {
     EntityTypeName::from_str(s).expect("static Cedar type names parse")
 }
 
-/// Parses a schema in Cedar's human-readable format.
-fn parse_schema(text: &str, origin: &str) -> Result<Schema, PolicyError> {
+/// Parses a schema in Cedar's human-readable format; returns it with the names of the
+/// subject claims it declares (what a request's `context.subject` is cut down to).
+fn parse_schema(text: &str, origin: &str) -> Result<(Schema, HashSet<String>), PolicyError> {
     let refuse = |message: String| PolicyError::Schema {
         origin: origin.into(),
         message,
@@ -159,63 +166,95 @@ fn parse_schema(text: &str, origin: &str) -> Result<Schema, PolicyError> {
     let json = cedar_policy::SchemaFragment::from_cedarschema_str(text)
         .map_err(|e| refuse(e.to_string()))
         .and_then(|(f, _)| f.to_json_value().map_err(|e| refuse(e.to_string())))?;
-    subject_claims_are_strings(&json).map_err(refuse)?;
-    Ok(schema)
+    let claims = subject_claims(&json).map_err(refuse)?;
+    Ok((schema, claims))
 }
 
-/// Subject-token claims reach policies as strings (booleans and numbers included, as
-/// `"true"`, `"42"`). A schema declaring one of them another type validates, yet a policy
-/// comparing it with a value of that type never matches: `email_verified == false` in a
-/// `forbid` would never forbid. Such a schema is refused.
-fn subject_claims_are_strings(json: &serde_json::Value) -> Result<(), String> {
-    let Some(namespaces) = json.as_object() else {
-        return Ok(());
+/// Cedar's primitive type names, which are never common types.
+const PRIMITIVES: [&str; 8] = [
+    "String",
+    "Long",
+    "Bool",
+    "Boolean",
+    "Record",
+    "Set",
+    "Entity",
+    "Extension",
+];
+
+/// The subject claims the schema declares for `Tessera::Action::"exchange"` (its context's
+/// `subject` record), each of which must be a String: claims reach policies as strings
+/// (booleans and numbers included, as `"true"`, `"42"`), so a schema typing one otherwise is
+/// refused; with it, `email_verified == false` in a `forbid` would never forbid. Common
+/// types are followed through aliases and namespaces as Cedar resolves them (a name is looked
+/// up in its own namespace, then in the empty one), so that no alias hides a type.
+fn subject_claims(json: &serde_json::Value) -> Result<HashSet<String>, String> {
+    let namespaces = json.as_object().cloned().unwrap_or_default();
+    let common = |qualified: &str| -> Option<(String, serde_json::Value)> {
+        let (ns, name) = qualified.rsplit_once("::").unwrap_or(("", qualified));
+        let t = namespaces.get(ns)?.get("commonTypes")?.get(name)?;
+        Some((ns.to_owned(), t.clone()))
     };
-    for ns in namespaces.values() {
-        let common = &ns["commonTypes"];
-        // A reference to a common type of this namespace, by its plain or qualified name.
-        let resolve = |t: &'_ serde_json::Value| -> serde_json::Value {
-            match t["name"]
-                .as_str()
-                .map(|n| n.rsplit("::").next().unwrap_or(n))
-            {
-                Some(n) if t["type"] == "EntityOrCommon" && common.get(n).is_some() => {
-                    common[n].clone()
-                }
-                _ => t.clone(),
-            }
-        };
-        let context = resolve(&ns["actions"]["exchange"]["appliesTo"]["context"]);
-        let subject = resolve(&context["attributes"]["subject"]);
-        let Some(attrs) = subject["attributes"].as_object() else {
-            continue;
-        };
-        let not_strings: Vec<String> = attrs
-            .iter()
-            .filter_map(|(name, t)| {
-                let ty = match t["type"].as_str() {
-                    Some("EntityOrCommon") => t["name"].as_str().unwrap_or("?"),
-                    other => other.unwrap_or("?"),
+    // A type with every reference to a common type replaced by what it names.
+    let resolve =
+        |mut t: serde_json::Value, mut ns: String| -> Result<(serde_json::Value, String), String> {
+            for _ in 0..32 {
+                let name = match t["type"].as_str() {
+                    Some("EntityOrCommon") => t["name"].as_str().unwrap_or_default().to_owned(),
+                    Some(n) if !PRIMITIVES.contains(&n) => n.to_owned(),
+                    _ => return Ok((t, ns)),
                 };
-                (!matches!(ty, "String" | "__cedar::String")).then(|| format!("{name} ({ty})"))
-            })
-            .collect();
-        if !not_strings.is_empty() {
-            return Err(format!(
-                "the exchange context's subject claims must all be String (claims reach policies as \
-                 strings, so a comparison with another type would never match): {}",
-                not_strings.join(", ")
-            ));
+                let found = if name.contains("::") {
+                    common(&name)
+                } else {
+                    common(&format!("{ns}::{name}")).or_else(|| common(&name))
+                };
+                match found {
+                    Some((n, next)) => (t, ns) = (next, n),
+                    // An entity type or a primitive by its qualified name (`__cedar::String`).
+                    None => return Ok((t, ns)),
+                }
+            }
+            Err("the schema's common types refer to each other in a loop".into())
+        };
+    let Some(exchange) = namespaces
+        .get("Tessera")
+        .and_then(|n| n.get("actions"))
+        .and_then(|a| a.get("exchange"))
+    else {
+        return Ok(HashSet::new());
+    };
+    let (context, ns) = resolve(exchange["appliesTo"]["context"].clone(), "Tessera".into())?;
+    let (subject, ns) = resolve(context["attributes"]["subject"].clone(), ns)?;
+    let Some(attrs) = subject["attributes"].as_object() else {
+        return Ok(HashSet::new());
+    };
+    let mut not_strings = Vec::new();
+    for (name, t) in attrs {
+        let (t, _) = resolve(t.clone(), ns.clone())?;
+        let ty = match t["type"].as_str() {
+            Some("EntityOrCommon") => t["name"].as_str().unwrap_or("?").to_owned(),
+            other => other.unwrap_or("?").to_owned(),
+        };
+        if !matches!(ty.as_str(), "String" | "__cedar::String") {
+            not_strings.push(format!("{name} ({ty})"));
         }
     }
-    Ok(())
+    if !not_strings.is_empty() {
+        return Err(format!(
+            "the exchange context's subject claims must all be String (claims reach policies as \
+             strings, so a comparison with another type would never match): {}",
+            not_strings.join(", ")
+        ));
+    }
+    Ok(attrs.keys().cloned().collect())
 }
 
 impl Engine {
     /// Loads `path` (or nothing: default deny) validated against `schema_path` (or the
     /// built-in schema).
     pub fn load(path: Option<&Path>, schema_path: Option<&Path>) -> Result<Self, PolicyError> {
-        let schema = match schema_path {
+        let (schema, claims) = match schema_path {
             None => parse_schema(BUILTIN_SCHEMA, "built-in")?,
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|source| PolicyError::Read {
@@ -234,6 +273,7 @@ impl Engine {
         let this = Self {
             path: path.map(Path::to_owned),
             schema,
+            claims,
             current: ArcSwap::from_pointee(empty),
             authorizer: Authorizer::new(),
             agent_type: type_name("Tessera::Agent"),
@@ -244,7 +284,12 @@ impl Engine {
             ),
             principals: dashmap::DashMap::new(),
         };
-        if path.is_some() {
+        if let Some(p) = path {
+            // At start a missing file is an error (a reload takes it for "no policy").
+            std::fs::metadata(p).map_err(|source| PolicyError::Read {
+                path: p.to_owned(),
+                source,
+            })?;
             this.reload()?;
         }
         Ok(this)
@@ -310,7 +355,25 @@ impl Engine {
             path: path.clone(),
             source,
         };
-        let meta = std::fs::metadata(path).map_err(read_err)?;
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            // Removed while running: nothing permits any more (review AY-7). Keeping the
+            // last file's permits would leave in force what the operator took away, which the
+            // same missing file refuses at start.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if self.is_empty() {
+                    return Ok(None);
+                }
+                self.current.store(Arc::new(Loaded {
+                    set: PolicySet::new(),
+                    names: HashMap::new(),
+                    digest: digest(b""),
+                    count: 0,
+                }));
+                return Ok(Some(0));
+            }
+            Err(e) => return Err(read_err(e)),
+        };
         if meta.len() > MAX_POLICY_BYTES {
             return Err(PolicyError::Read {
                 path: path.clone(),
@@ -370,6 +433,7 @@ impl Engine {
             input
                 .subject
                 .iter()
+                .filter(|(k, _)| self.claims.contains(k))
                 .map(|(k, v)| (k.clone(), RestrictedExpression::new_string(v.clone()))),
         );
         let subject = match subject {
@@ -395,8 +459,14 @@ impl Engine {
                     ("subject".to_owned(), subject.clone()),
                 ]);
                 let request = context.map_err(|e| e.to_string()).and_then(|c| {
-                    Request::new(principal.clone(), action.clone(), resource.clone(), c, None)
-                        .map_err(|e| e.to_string())
+                    Request::new(
+                        principal.clone(),
+                        action.clone(),
+                        resource.clone(),
+                        c,
+                        Some(&self.schema),
+                    )
+                    .map_err(|e| e.to_string())
                 });
                 match request {
                     Err(e) => Decision {
@@ -462,7 +532,10 @@ impl Engine {
         ]);
         let agent =
             Entity::new(principal.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?;
-        let entities = Entities::from_entities([agent], None).map_err(|e| e.to_string())?;
+        // With the schema: its action entities (and their groups) join the store, and the
+        // agent's attributes are checked against their declared types.
+        let entities =
+            Entities::from_entities([agent], Some(&self.schema)).map_err(|e| e.to_string())?;
         let v = Arc::new((
             input.owner.to_owned(),
             input.purpose.to_owned(),
@@ -706,6 +779,58 @@ mod tests {
         assert_ne!(inline, BUILTIN_SCHEMA);
         let e = parse_schema(&inline, "test").unwrap_err().to_string();
         assert!(e.contains("n (Long)"), "{e}");
+        // Behind an alias, or a type of another namespace (review AY-1): found all the same.
+        let alias = bool_claim
+            .replace("type Subject = {", "type Claims = {")
+            .replace(
+                "  action exchange",
+                "  type Subject = Claims;\n  action exchange",
+            );
+        let e = parse_schema(&alias, "test").unwrap_err().to_string();
+        assert!(e.contains("email_verified (Bool)"), "{e}");
+        let other = format!(
+            "namespace Other {{ type Subject = {{ iss: String, sub: String, v?: Bool }}; }}\n{}",
+            BUILTIN_SCHEMA.replace("subject: Subject,", "subject: Other::Subject,")
+        );
+        let e = parse_schema(&other, "test").unwrap_err().to_string();
+        assert!(e.contains("v (Bool)"), "{e}");
+    }
+
+    #[test]
+    fn a_forbid_on_an_action_group_applies() {
+        // Validated against a schema with an action group, then decided with it: the group
+        // exists at decision time too (review AY-1: decided without the schema, `action in`
+        // a group was always false and the forbid never applied).
+        let dir = tempfile::tempdir().unwrap();
+        let schema = dir.path().join("s.cedarschema");
+        std::fs::write(
+            &schema,
+            BUILTIN_SCHEMA.replace(
+                "  action exchange appliesTo",
+                "  action anything;\n  action exchange in [anything] appliesTo",
+            ),
+        )
+        .unwrap();
+        let p = dir.path().join("p.cedar");
+        std::fs::write(
+            &p,
+            r#"permit(principal, action, resource);
+               forbid(principal, action in Tessera::Action::"anything", resource);"#,
+        )
+        .unwrap();
+        let e = Engine::load(Some(&p), Some(&schema)).unwrap();
+        // Claims no schema declares are left out of the request, not refused.
+        let subject = vec![
+            ("iss".into(), "i".into()),
+            ("sub".into(), "u".into()),
+            ("undeclared".into(), "x".into()),
+        ];
+        let d = e.decide(&input(&subject, "low"), &["x".into()]);
+        assert!(!d[0].allowed, "{d:?}");
+        // Without the forbid, the same request is allowed.
+        std::fs::write(&p, "permit(principal, action, resource);").unwrap();
+        let e = Engine::load(Some(&p), Some(&schema)).unwrap();
+        assert!(e.decide(&input(&subject, "low"), &["x".into()])[0].allowed);
     }
 
     #[test]
@@ -758,5 +883,16 @@ mod tests {
         std::fs::write(&p, "forbid(principal, action, resource);").unwrap();
         assert_eq!(e.reload().unwrap(), Some(1));
         assert!(!e.decide(&input(&subj, "low"), &["x".into()])[0].allowed);
+        // A file removed while running leaves no permit in force (review AY-7); put back, it
+        // is loaded again.
+        std::fs::write(&p, "permit(principal, action, resource);").unwrap();
+        assert_eq!(e.reload().unwrap(), Some(1));
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!(e.reload().unwrap(), Some(0));
+        assert!(!e.decide(&input(&subj, "low"), &["x".into()])[0].allowed);
+        assert_eq!(e.reload().unwrap(), None, "still gone: nothing to report");
+        std::fs::write(&p, "permit(principal, action, resource);").unwrap();
+        assert_eq!(e.reload().unwrap(), Some(1));
+        assert!(e.decide(&input(&subj, "low"), &["x".into()])[0].allowed);
     }
 }

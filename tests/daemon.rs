@@ -243,6 +243,49 @@ fn an_http_port_in_use_is_named_with_the_way_out() {
 }
 
 #[test]
+fn a_start_that_fails_leaves_the_data_directory_as_it_was() {
+    // Review AZ-3: each of these failed after the CA was generated and the store opened
+    // (and, with entries configured, the default entry's credentials revoked).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap();
+    for (config, wanted) in [
+        (
+            "[policy]\nfile = \"/nonexistent/p.cedar\"\n".to_owned(),
+            "/nonexistent/p.cedar",
+        ),
+        (
+            "http.tls_cert = \"/nonexistent/tls.pem\"\nhttp.tls_key = \"/nonexistent/tls.key\"\n"
+                .to_owned(),
+            "/nonexistent/tls",
+        ),
+        (format!("http.listen = \"{port}\"\n"), "holds it"),
+    ] {
+        let dir = open_tempdir();
+        let (code, err) = run_to_exit(dir.path(), &config);
+        assert_ne!(code, Some(0), "{config}: {err}");
+        assert!(err.contains(wanted), "{config}: {err}");
+        assert!(
+            !dir.path().join("data").exists(),
+            "{config}: the data directory was created"
+        );
+        for s in ["w.sock", "a.sock"] {
+            assert!(!dir.path().join(s).exists(), "{config}: {s} left behind");
+        }
+    }
+    // Review AZ-4: a data directory another user could rename away (and have the daemon
+    // start over with a new CA and an empty kill list) is refused before it is made.
+    let dir = open_tempdir();
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (code, err) = run_to_exit(dir.path(), &format!("data_dir = {:?}\n", open.join("data")));
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("above the data directory"), "{err}");
+    assert!(!open.join("data").exists());
+}
+
+#[test]
 fn unreadable_operator_ca_stops_startup() {
     let dir = open_tempdir();
     let cert = dir.path().join("ca.pem");

@@ -65,6 +65,21 @@ fn daemon_with(
     )
 }
 
+/// Creates a stored entry for `agents/c` (this uid) with `extra` flags; returns its id.
+fn stored_agent_c(d: &Daemon, extra: &[&str]) -> String {
+    let uid = format!("unix:uid:{}", my_uid());
+    let mut args = vec![
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://tessera.internal/agents/c",
+        "--selector",
+        &uid,
+    ];
+    args.extend_from_slice(extra);
+    cli_json(d, &args)["id"].as_str().unwrap().to_owned()
+}
+
 /// Runs the CLI with `--json`, asserts success, parses stdout.
 fn cli_json(d: &Daemon, args: &[&str]) -> Value {
     let mut all = vec!["--json"];
@@ -365,6 +380,9 @@ async fn http_exchange_full_flow() {
     assert_eq!(code, 200);
     assert_eq!(i["active"], true, "{i}");
     assert_eq!(i["sub"], "alice");
+    // Which issuer's alice (review AY-5).
+    assert_eq!(i["sub_id"]["sub"], "alice", "{i}");
+    assert_eq!(i["sub_id"]["format"], "iss_sub", "{i}");
     assert_eq!(i["scope"], "tickets:read");
     assert_eq!(i["client_id"], "spiffe://tessera.internal/agents/a");
     assert_eq!(i["jti"], jti);
@@ -482,20 +500,7 @@ async fn task_token_lifetime_is_capped_by_the_entry_the_subject_and_expires_at()
     let idp = Idp::start().await;
     let d = daemon(&idp, POLICY, "", "");
     // A stored entry, so that its caps can be changed while it holds its actor token.
-    let created = cli_json(
-        &d,
-        &[
-            "entry",
-            "create",
-            "--spiffe-id",
-            "spiffe://tessera.internal/agents/c",
-            "--selector",
-            &format!("unix:uid:{}", my_uid()),
-            "--max-task-ttl",
-            "90s",
-        ],
-    );
-    let id = created["id"].as_str().unwrap();
+    let id = &stored_agent_c(&d, &["--max-task-ttl", "90s"]);
     let actor = actor_token(&d, "c").await;
     // Exchanges `subject` as c; asserts success and returns (exp, exp - iat).
     let lifetime = |subject: &str| {
@@ -896,20 +901,33 @@ async fn rotated_issuer_keys_are_fetched_on_first_sight_with_a_rate_limit() {
     let (code, r) = exchange(&d, &base_fields(&t, &actor, "r1", "tickets:read"));
     assert_eq!(code, 200, "new kid fetched on first sight: {r}");
     assert_eq!(idp.fetches.load(Ordering::SeqCst), before + 1);
-    // Unknown kids right after do not make the daemon hammer the issuer.
+    // Unknown kids right after do not make the daemon hammer the issuer. Their keys cannot
+    // be fetched yet, so they may be keys rotated in just now: a retry (503), not a refusal.
     for i in 0..5 {
         let t = idp.sign("RS256", Some(&format!("nope-{i}")), &idp.claims("a1"));
-        let (_, r) = exchange(&d, &base_fields(&t, &actor, "r1", "tickets:read"));
-        assert_eq!(r["error"], "invalid_request");
+        let (code, r) = exchange(&d, &base_fields(&t, &actor, "r1", "tickets:read"));
+        assert_eq!(
+            (code, r["error"].as_str()),
+            (503, Some("temporarily_unavailable")),
+            "{r}"
+        );
     }
     assert_eq!(idp.fetches.load(Ordering::SeqCst), before + 1);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_actor_token_revoked_during_the_exchange_gets_nothing() {
-    let (idp, d, actor) = daemon_after_its_key_fetch().await;
-    // The issuer rotates in a key and is slow to serve it: the exchange waits in its key
-    // fetch, after the actor token was checked.
+/// Starts an exchange as `actor` for `task_id` that waits in the subject token's key fetch:
+/// the issuer rotates in a key and is slow to serve it. Returns once the fetch has begun; the
+/// caller acts, opens the issuer (`idp.open`) and joins the exchange.
+async fn exchange_held_in_key_fetch(
+    idp: &Idp,
+    d: Daemon,
+    actor: String,
+    task_id: &'static str,
+) -> (
+    Arc<Daemon>,
+    Arc<String>,
+    std::thread::JoinHandle<(u16, Value)>,
+) {
     let mut rotated = idp.jwks.lock().unwrap()[0].clone();
     rotated["kid"] = "rsa-2".into();
     idp.jwks.lock().unwrap().push(rotated);
@@ -919,12 +937,47 @@ async fn an_actor_token_revoked_during_the_exchange_gets_nothing() {
     let (d, actor) = (Arc::new(d), Arc::new(actor));
     let pending = std::thread::spawn({
         let (d, actor) = (Arc::clone(&d), Arc::clone(&actor));
-        move || exchange(&d, &base_fields(&t, &actor, "r-revoked", "tickets:read"))
+        move || exchange(&d, &base_fields(&t, &actor, task_id, "tickets:read"))
     });
     eventually("the exchange's key fetch", || {
         idp.fetches.load(Ordering::SeqCst) > before
     })
     .await;
+    (d, actor, pending)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_entry_raised_to_high_risk_during_the_exchange_mints_nothing_unapproved() {
+    // Review AY-2: the approval rule and the policy were decided from the entry as it was
+    // before the subject token's (slow) key fetch; an edit meanwhile must not be bypassed.
+    let (idp, d, _) = daemon_after_its_key_fetch().await;
+    let id = stored_agent_c(&d, &["--owner", "platform"]);
+    let actor = actor_token(&d, "c").await;
+    let (d, actor, pending) = exchange_held_in_key_fetch(&idp, d, actor, "r-raised").await;
+    let out = d.cli(&["entry", "update", &id, "--risk", "high"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    idp.open.send_replace(true);
+    let (code, r) = pending.join().unwrap();
+    assert_eq!(code, 400, "minted under the entry as it was: {r}");
+    assert_refused(&r, "changed during the exchange");
+    let tasks = cli_json(&d, &["lease", "list", "--json", "--kind", "task-token"]);
+    assert!(tasks.as_array().unwrap().is_empty(), "{tasks}");
+    // Asked again, it is decided under the entry as it is: a high-risk agent waits for a
+    // human.
+    let t = idp.sign("RS256", Some("rsa-2"), &idp.claims("a1"));
+    let (_, r) = exchange(&d, &base_fields(&t, &actor, "r-raised", "tickets:read"));
+    assert_eq!(r["error"], "authorization_pending", "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_actor_token_revoked_during_the_exchange_gets_nothing() {
+    let (idp, d, actor) = daemon_after_its_key_fetch().await;
+    // The exchange waits in its key fetch, after the actor token was checked.
+    let (d, actor, pending) = exchange_held_in_key_fetch(&idp, d, actor, "r-revoked").await;
     // The agent's JWT-SVID leaked: the operator revokes it, and the revocation returns.
     revoke_token_lease(&d, &actor);
     idp.open.send_replace(true);

@@ -566,8 +566,10 @@ async fn introspect(
     let mut out = Map::new();
     out.insert("active".into(), true.into());
     out.insert("token_type".into(), "Bearer".into());
+    // `sub_id` too: a `sub` means something only with its issuer, and a resource server that
+    // introspects must be able to tell one issuer's "alice" from another's.
     for k in [
-        "scope", "sub", "aud", "iss", "exp", "iat", "nbf", "jti", "act", "txn",
+        "scope", "sub", "sub_id", "aud", "iss", "exp", "iat", "nbf", "jti", "act", "txn",
     ] {
         if let Some(v) = t.claims.get(k) {
             out.insert(k.into(), v.clone());

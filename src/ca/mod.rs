@@ -409,18 +409,7 @@ impl Ca {
             .map_err(|_| bad_ca(&cert_path, "CA certificate does not parse"))?;
         let (key, curve) =
             signing_key(trust_domain, &cert, &key_pkcs8, &cert_path, &key_path, &rng)?;
-        // The certificates after it go out with every X.509-SVID: each is a signing
-        // certificate, whose SPIFFE ID, if any, has no path (X509-SVID §3.2).
-        for (i, der) in chain.iter().enumerate().skip(1) {
-            if let Ok((_, c)) = parse_x509_certificate(der) {
-                check_signing_id(&c, trust_domain).map_err(|m| {
-                    bad_ca(
-                        &cert_path,
-                        format!("certificate {} of the chain: {m}", i + 1),
-                    )
-                })?;
-            }
-        }
+        check_chain_for(trust_domain, &chain, &cert_path)?;
         let aki = subject_key_id(&cert).unwrap_or_else(|| {
             ring::digest::digest(&ring::digest::SHA256, key.public_key().as_ref()).as_ref()[..20]
                 .to_vec()
@@ -541,6 +530,7 @@ impl Ca {
         (cert, key): &(PathBuf, PathBuf),
     ) -> Result<(), CaError> {
         let (chain, pkcs8, _) = read_operator_ca(cert, key, OffsetDateTime::now_utc())?;
+        check_chain_for(trust_domain, &chain, cert)?;
         let (_, signer) = parse_x509_certificate(&chain[0])
             .map_err(|_| bad_ca(cert, "CA certificate does not parse"))?;
         signing_key(
@@ -573,11 +563,21 @@ impl Ca {
         let chain = parse_pem_certs(&cert_path, &text)?;
         let (_, cert) =
             parse_x509_certificate(&chain[0]).map_err(|_| bad_ca(&cert_path, "does not parse"))?;
+        check_generated_root(&cert, trust_domain, &cert_path, &dir)?;
         let key_path = dir.join("root.key");
         if key_path.exists() {
-            read_key_file(&key_path)?;
+            // As start-up takes it: the key must be the certificate's.
+            let key = read_key_file(&key_path)?;
+            signing_key(
+                trust_domain,
+                &cert,
+                key.contents(),
+                &cert_path,
+                &key_path,
+                &SystemRandom::new(),
+            )?;
         }
-        check_generated_root(&cert, trust_domain, &cert_path, &dir)
+        Ok(())
     }
 
     /// For `--check-config`, with any CA: the files start-up reads from `data_dir` besides
@@ -1014,15 +1014,27 @@ fn check_chain(
         }
     }
     // (A trust anchor's own self-signature is not checked: path validation never uses it.)
+    check_chain_constraints(&certs, &name).map_err(|why| bad_ca(path, why))?;
     let mut earliest: Option<OffsetDateTime> = None;
     for (i, c) in certs.iter().enumerate() {
+        // Not valid yet: every SVID it signs fails path validation until then, at every
+        // relying party, while the daemon would serve as if all were well.
+        if c.validity().not_before.timestamp() > now.unix_timestamp() {
+            return Err(bad_ca(
+                path,
+                format!(
+                    "{} of the CA chain is not valid until {} (now {now}); every SVID it \
+                     signed would be refused until then. If the clock was ahead when it was \
+                     made, or is behind now, correct the clock; otherwise use a certificate \
+                     valid now",
+                    name(i),
+                    c.validity().not_before
+                ),
+            ));
+        }
         let t = OffsetDateTime::from_unix_timestamp(c.validity().not_after.timestamp())
             .map_err(|_| bad_ca(path, format!("{}: notAfter out of range", name(i))))?;
         if t <= now {
-            // The signing certificate's own expiry has its own, established message.
-            if i == 0 {
-                return Err(CaError::Expired);
-            }
             return Err(bad_ca(
                 path,
                 format!(
@@ -1035,6 +1047,126 @@ fn check_chain(
         earliest = Some(earliest.map_or(t, |e| e.min(t)));
     }
     Ok(earliest.expect("a chain has at least one certificate"))
+}
+
+/// What relying parties check of a chain beyond names and signatures, so that a chain they
+/// would refuse is refused at start rather than in every workload (review AZ-2): the SPIFFE
+/// libraries (go-, java-, rust-spiffe) require keyCertSign on every certificate that travels
+/// with an SVID; path validators apply every certificate's pathLenConstraint, extended key
+/// usage (Go, OpenSSL with a purpose) and URI name constraints (RFC 5280 §4.2.1.10), the
+/// anchor's included.
+fn check_chain_constraints(
+    certs: &[X509Certificate<'_>],
+    name: &dyn Fn(usize) -> String,
+) -> Result<(), String> {
+    use x509_parser::extensions::ExtendedKeyUsage;
+    let self_issued = |c: &X509Certificate<'_>| c.issuer().as_raw() == c.subject().as_raw();
+    let last = certs.len() - 1;
+    for (i, c) in certs.iter().enumerate() {
+        let anchor = i == last && self_issued(c);
+        // The signing certificate (0) has its own, stricter check.
+        if i > 0 && !anchor {
+            match c.key_usage() {
+                Ok(Some(ku)) if ku.value.key_cert_sign() => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "{} issues certificates but has no keyUsage with keyCertSign: the \
+                         SPIFFE libraries (go-spiffe, java-spiffe, the spiffe crate) refuse \
+                         every SVID whose chain holds it",
+                        name(i)
+                    ));
+                }
+                Err(_) => return Err(format!("{} has a malformed keyUsage", name(i))),
+            }
+        }
+        // Intermediate CA certificates between this one and the leaves it covers (the leaf
+        // itself does not count; self-issued ones do not either).
+        let below = certs[..i].iter().filter(|c| !self_issued(c)).count() as u32;
+        if let Ok(Some(bc)) = c.basic_constraints()
+            && let Some(max) = bc.value.path_len_constraint
+            && below > max
+        {
+            return Err(format!(
+                "{} allows {max} CA certificate(s) below it (pathLenConstraint) but the chain \
+                 has {below}; path validation refuses every SVID",
+                name(i)
+            ));
+        }
+        if let Ok(Some(eku)) = c.extended_key_usage() {
+            let ExtendedKeyUsage {
+                any,
+                server_auth,
+                client_auth,
+                ..
+            } = *eku.value;
+            if !(any || server_auth && client_auth) {
+                return Err(format!(
+                    "{} restricts extended key usage to purposes without both serverAuth and \
+                     clientAuth, which X.509-SVIDs carry: validators that nest key usages (Go, \
+                     OpenSSL) refuse them",
+                    name(i)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What start-up checks of a chain for the trust domain, and `--check-config` as well: every
+/// certificate after the signing one is a signing certificate too, whose SPIFFE ID, if any,
+/// has no path (X509-SVID §3.2), and no certificate's URI name constraints may exclude the
+/// trust domain's SPIFFE IDs (RFC 5280 §4.2.1.10: a URI constraint is a host, or with a
+/// leading dot any host under it), which validators that apply them (OpenSSL, Go) would
+/// refuse.
+fn check_chain_for(td: &TrustDomain, chain: &[Vec<u8>], path: &Path) -> Result<(), CaError> {
+    for (i, der) in chain.iter().enumerate() {
+        let Ok((_, c)) = parse_x509_certificate(der) else {
+            continue;
+        };
+        let who = format!("certificate {} of the chain", i + 1);
+        if i > 0 {
+            check_signing_id(&c, td).map_err(|m| bad_ca(path, format!("{who}: {m}")))?;
+        }
+        if let Ok(Some(nc)) = c.name_constraints() {
+            uri_constraints_allow(nc.value, td.as_str())
+                .map_err(|m| bad_ca(path, format!("{who} ({}): {m}", c.subject())))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether URI name constraints let SPIFFE IDs of trust domain `td` through.
+fn uri_constraints_allow(
+    nc: &x509_parser::extensions::NameConstraints<'_>,
+    td: &str,
+) -> Result<(), String> {
+    let uris = |t: &Option<Vec<x509_parser::extensions::GeneralSubtree<'_>>>| -> Vec<String> {
+        t.iter()
+            .flatten()
+            .filter_map(|s| match &s.base {
+                GeneralName::URI(u) => Some(u.to_ascii_lowercase()),
+                _ => None,
+            })
+            .collect()
+    };
+    let covers = |c: &String| match c.strip_prefix('.') {
+        Some(_) => td.ends_with(c.as_str()),
+        None => td == c,
+    };
+    let (permitted, excluded) = (uris(&nc.permitted_subtrees), uris(&nc.excluded_subtrees));
+    if !permitted.is_empty() && !permitted.iter().any(covers) {
+        return Err(format!(
+            "its URI name constraints permit only {permitted:?}, not trust domain {td}: path \
+             validation refuses every SVID"
+        ));
+    }
+    if let Some(c) = excluded.iter().find(|c| covers(c)) {
+        return Err(format!(
+            "its URI name constraints exclude {c:?}, which covers trust domain {td}: path \
+             validation refuses every SVID"
+        ));
+    }
+    Ok(())
 }
 
 /// The operator's chain (DER, signing certificate first), its key (PKCS#8) and the chain's
@@ -1065,7 +1197,8 @@ fn read_operator_ca(
     key_path: &Path,
     now: OffsetDateTime,
 ) -> Result<OperatorCa, CaError> {
-    let text = std::fs::read_to_string(cert_path).map_err(io_err(cert_path))?;
+    let text =
+        fsutil::read_pem_file(cert_path, false).map_err(|e| bad_ca(cert_path, e.to_string()))?;
     let chain = parse_pem_certs(cert_path, &text)?;
     let not_after = check_chain(&chain, cert_path, now)?;
     let key_pem = read_key_file(key_path)?;
@@ -1106,11 +1239,24 @@ fn sec1_to_pkcs8(curve_oid: &[u8], sec1: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A private key file as start-up takes it: the file 0600, its content PEM.
+/// A private key file as start-up takes it: a regular file, 0600, holding one PEM private
+/// key. Other blocks are skipped, such as the `EC PARAMETERS` that `openssl ecparam -genkey`
+/// writes before the key.
 fn read_key_file(path: &Path) -> Result<pem::Pem, CaError> {
-    fsutil::check_private_mode(path).map_err(|e| bad_ca(path, e.to_string()))?;
-    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    pem::parse(&text).map_err(|_| bad_ca(path, "not a PEM private key"))
+    let text = fsutil::read_pem_file(path, true).map_err(|e| bad_ca(path, e.to_string()))?;
+    let mut keys: Vec<pem::Pem> = pem::parse_many(&text)
+        .map_err(|_| bad_ca(path, "not a PEM private key"))?
+        .into_iter()
+        .filter(|p| p.tag() != "EC PARAMETERS")
+        .collect();
+    match keys.len() {
+        0 => Err(bad_ca(path, "not a PEM private key")),
+        1 => Ok(keys.remove(0)),
+        n => Err(bad_ca(
+            path,
+            format!("holds {n} PEM blocks; give one private key per file"),
+        )),
+    }
 }
 
 /// A generated CA directory with one of its two files.
@@ -1693,8 +1839,7 @@ mod tests {
             .map(|e| e.unwrap().path())
             .filter(|p| p.to_string_lossy().ends_with(".key.old"))
             .map(|p| {
-                fsutil::check_private_mode(&p).unwrap();
-                let text = std::fs::read_to_string(p).unwrap();
+                let text = fsutil::read_pem_file(&p, true).unwrap();
                 pem::parse(&text).unwrap().into_contents()
             })
             .collect();
@@ -1831,6 +1976,131 @@ mod tests {
         // §4.3: keyUsage is critical.
         let err = operator_chain(&td().id_string(), false).unwrap_err();
         assert!(err.to_string().contains("critical"), "{err}");
+    }
+
+    /// Loads a three-certificate operator chain (signer, intermediate, root), each
+    /// certificate's parameters changed by `edit(i, params)` (0 the signer, 2 the root).
+    fn three_chain(edit: impl Fn(usize, &mut rcgen::CertificateParams)) -> Result<Ca, CaError> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let params = |i: usize| {
+            let mut p = CertificateParams::default();
+            p.distinguished_name
+                .push(DnType::CommonName, ["signer", "intermediate", "root"][i]);
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::CrlSign,
+            ];
+            p.not_before = now - time::Duration::minutes(5);
+            p.not_after = now + time::Duration::days(2);
+            edit(i, &mut p);
+            p
+        };
+        let keys: Vec<KeyPair> = (0..3)
+            .map(|_| KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap())
+            .collect();
+        let (rp, ip, sp) = (params(2), params(1), params(0));
+        let root = rp.self_signed(&keys[2]).unwrap();
+        let int = ip
+            .signed_by(&keys[1], &Issuer::from_params(&rp, &keys[2]))
+            .unwrap();
+        let signer = sp
+            .signed_by(&keys[0], &Issuer::from_params(&ip, &keys[1]))
+            .unwrap();
+        let chain = format!("{}{}{}", signer.pem(), int.pem(), root.pem());
+        load_operator_ca(dir.path(), &chain, &keys[0].serialize_pem())
+    }
+
+    /// A nameConstraints extension permitting (or excluding) one URI host.
+    fn uri_constraint(host: &str, excluded: bool) -> rcgen::CustomExtension {
+        let mut subtree = vec![0x86, host.len() as u8];
+        subtree.extend(host.as_bytes());
+        let mut seq = vec![0x30, subtree.len() as u8];
+        seq.extend(subtree);
+        let mut tagged = vec![if excluded { 0xa1 } else { 0xa0 }, seq.len() as u8];
+        tagged.extend(seq);
+        let mut nc = vec![0x30, tagged.len() as u8];
+        nc.extend(tagged);
+        let mut ext = rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 30], nc);
+        ext.set_criticality(true);
+        ext
+    }
+
+    #[test]
+    fn chains_that_relying_parties_refuse_are_refused_at_start() {
+        use rcgen::{BasicConstraints, IsCa};
+        three_chain(|_, _| {}).unwrap();
+        let refused = |edit: &dyn Fn(usize, &mut rcgen::CertificateParams), want: &str| {
+            let err = three_chain(edit).unwrap_err().to_string();
+            assert!(err.contains(want), "{want:?} not in: {err}");
+        };
+        // The SPIFFE libraries want keyCertSign on every certificate sent with an SVID.
+        refused(
+            &|i, p| {
+                if i == 1 {
+                    p.key_usages.clear();
+                }
+            },
+            "no keyUsage with keyCertSign",
+        );
+        refused(
+            &|i, p| {
+                if i == 2 {
+                    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+                }
+            },
+            "pathLenConstraint",
+        );
+        // Below the root: the intermediate and the signer, two CA certificates.
+        three_chain(|i, p| {
+            if i == 2 {
+                p.is_ca = IsCa::Ca(BasicConstraints::Constrained(2));
+            } else if i == 1 {
+                p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+            }
+        })
+        .expect("within the path lengths");
+        refused(
+            &|i, p| {
+                if i == 1 {
+                    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning];
+                }
+            },
+            "extended key usage",
+        );
+        refused(
+            &|i, p| {
+                if i == 2 {
+                    p.custom_extensions = vec![uri_constraint("other.example", false)];
+                }
+            },
+            "permit only",
+        );
+        refused(
+            &|i, p| {
+                if i == 1 {
+                    p.custom_extensions = vec![uri_constraint(td().as_str(), true)];
+                }
+            },
+            "exclude",
+        );
+        three_chain(|i, p| {
+            if i == 2 {
+                p.custom_extensions = vec![uri_constraint(td().as_str(), false)];
+            }
+        })
+        .expect("permitted: the trust domain itself");
+        // Not valid yet (a root made while the clock ran ahead, say).
+        refused(
+            &|i, p| {
+                if i == 2 {
+                    p.not_before = OffsetDateTime::now_utc() + time::Duration::days(1);
+                }
+            },
+            "is not valid until",
+        );
     }
 
     #[test]

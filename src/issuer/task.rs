@@ -195,6 +195,19 @@ impl Issuer {
         let Some(current) = self.registry.current(entry).filter(|e| e.is_live(now)) else {
             return Err(IssueError::NoIdentity);
         };
+        // The policy decision and the approval rule were made from the entry as it was
+        // (owner, purpose, risk): an edit of those meanwhile (an agent raised to high risk,
+        // say) must not mint under the old decisions (review AY-2). Asked again, the request
+        // is decided under the entry as it is now.
+        if (&current.owner, &current.purpose, current.risk)
+            != (&entry.owner, &entry.purpose, entry.risk)
+        {
+            return Err(IssueError::FailedPrecondition(
+                "the agent's entry (owner, purpose or risk) changed during the exchange; ask \
+                 again to have the request decided under it as it is now"
+                    .into(),
+            ));
+        }
         // Past the CA's expiry every token would be expired when issued (as for JWT-SVIDs).
         if now >= self.ca.not_after() {
             return Err(crate::ca::CaError::Expired.into());

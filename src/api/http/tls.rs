@@ -140,16 +140,16 @@ fn from_files(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<rustls::ServerConfig, String> {
-    crate::fsutil::check_private_mode(key).map_err(|e| format!("{}: {e}", key.display()))?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{}: {e}", cert.display()))?
+    let key_text = crate::fsutil::read_pem_file(key, true).map_err(|e| e.to_string())?;
+    let cert_text = crate::fsutil::read_pem_file(cert, false).map_err(|e| e.to_string())?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_text.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: {e}", cert.display()))?;
     if certs.is_empty() {
         return Err(format!("{}: no certificate found", cert.display()));
     }
     // The key's bytes never reach an error message.
-    let k = PrivateKeyDer::from_pem_file(key)
+    let k = PrivateKeyDer::from_pem_slice(key_text.as_bytes())
         .map_err(|_| format!("{}: not a PEM private key", key.display()))?;
     builder
         .with_single_cert(certs, k)
