@@ -4,7 +4,10 @@
 //! the killed identity handed out in any round.
 //!
 //! Clients keep a ledger of what they received (JWT-SVID `jti`s, X.509-SVID serials) and of
-//! acknowledged revocations; nothing counts until the client has the full response.
+//! acknowledged revocations and kills; nothing counts until the client has the full response.
+//! Besides the kill made before the first round, the operator kills a fresh identity every
+//! few tens of milliseconds under the load, so kills acknowledged just before a crash are
+//! checked as well. Each lost record counts once, however many rounds find it missing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,6 +25,8 @@ struct Ledger {
     jtis: Vec<String>,
     serials: Vec<String>,
     revoked: Vec<String>,
+    /// Identities killed under load, acknowledged.
+    kills: Vec<String>,
     /// SVIDs received for the killed identity: each one is a kill not in force.
     served_killed: usize,
     /// SVIDs whose `jti` or serial could not be read: they cannot be looked up, so they
@@ -59,9 +64,15 @@ fn jti(token: &str) -> Option<String> {
     claims["jti"].as_str().map(str::to_owned)
 }
 
-/// Drives load until the daemon dies: JWT-SVIDs and X.509-SVIDs from `clients` tasks, and an
-/// operator revoking a received JWT-SVID every few milliseconds.
-async fn load_until_crash(d: &common::Daemon, clients: usize, ledger: Arc<Mutex<Ledger>>) {
+/// Drives load until the daemon dies: JWT-SVIDs and X.509-SVIDs from `clients` tasks, an
+/// operator revoking a received JWT-SVID every few milliseconds, and one killing a fresh
+/// identity (`crash/gone/ROUND-N`) every few tens of milliseconds.
+async fn load_until_crash(
+    d: &common::Daemon,
+    clients: usize,
+    round: u64,
+    ledger: Arc<Mutex<Ledger>>,
+) {
     use wpb::spiffe_workload_api_client::SpiffeWorkloadApiClient;
     let mut tasks = Vec::new();
     for i in 0..clients {
@@ -141,10 +152,34 @@ async fn load_until_crash(d: &common::Daemon, clients: usize, ledger: Arc<Mutex<
             }
         }
     }));
+    let mut admin = apb::admin_client::AdminClient::new(common::channel(&d.admin_socket).await);
+    let killer_ledger = Arc::clone(&ledger);
+    tasks.push(tokio::spawn(async move {
+        let (mut failures, mut n) = (0, 0u64);
+        while failures < 3 {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            let id = format!("{GONE}/{round}-{n}");
+            n += 1;
+            let kill = admin.kill_identity(apb::KillIdentityRequest {
+                spiffe_id: id.clone(),
+                reason: "crash test".into(),
+            });
+            match tokio::time::timeout(Duration::from_secs(2), kill).await {
+                Ok(Ok(_)) => {
+                    failures = 0;
+                    killer_ledger.lock().unwrap().kills.push(id);
+                }
+                _ => failures += 1,
+            }
+        }
+    }));
     for t in tasks {
         let _ = t.await;
     }
 }
+
+/// Where the identities killed under load live.
+const GONE: &str = "spiffe://tessera.internal/crash/gone";
 
 /// Every lease in the store, by id and serial.
 async fn store_contents(d: &common::Daemon) -> (HashMap<String, String>, HashMap<String, String>) {
@@ -183,7 +218,10 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
         let o = d.cli(&["kill", KILLED, "--reason", "crash test"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let ledger = Arc::new(Mutex::new(Ledger::default()));
-        let (mut lost_leases, mut lost_revocations, mut lost_kills) = (0usize, 0usize, 0usize);
+        // Sets, so that a record found missing after several restarts counts once.
+        let mut lost_leases = std::collections::HashSet::new();
+        let mut lost_revocations = std::collections::HashSet::new();
+        let mut lost_kills = std::collections::HashSet::new();
         let started = Instant::now();
         for round in 0..rounds {
             let pid = d.pid();
@@ -194,7 +232,7 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
                 // SAFETY: kill(2) on our child.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             });
-            load_until_crash(&d, clients, Arc::clone(&ledger)).await;
+            load_until_crash(&d, clients, round, Arc::clone(&ledger)).await;
             killer.join().unwrap();
             d.wait_exit(Duration::from_secs(10));
             let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
@@ -202,37 +240,58 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             d = common::Daemon::start_in(dir, &config());
             let (by_id, by_serial) = store_contents(&d).await;
             let l = ledger.lock().unwrap();
-            let missing_jwt = l.jtis.iter().filter(|j| !by_id.contains_key(*j)).count();
-            let missing_x509 = l
-                .serials
+            let missing: Vec<&String> = l
+                .jtis
                 .iter()
-                .filter(|s| !by_serial.contains_key(*s))
-                .count();
-            let unrevoked = l
+                .filter(|j| !by_id.contains_key(*j))
+                .chain(l.serials.iter().filter(|s| !by_serial.contains_key(*s)))
+                .collect();
+            let unrevoked: Vec<&String> = l
                 .revoked
                 .iter()
                 .filter(|r| by_id.get(*r).map(String::as_str) != Some("revoked"))
-                .count();
+                .collect();
             let killed = d.cli(&["--json", "killed"]);
-            let still_killed = String::from_utf8_lossy(&killed.stdout).contains(KILLED);
-            lost_leases += missing_jwt + missing_x509;
-            lost_revocations += unrevoked;
-            lost_kills += usize::from(!still_killed);
+            let listed: std::collections::HashSet<String> =
+                serde_json::from_slice::<serde_json::Value>(&killed.stdout)
+                    .ok()
+                    .and_then(|v| {
+                        v.as_array().map(|a| {
+                            a.iter()
+                                .filter_map(|k| k["spiffe_id"].as_str().map(str::to_owned))
+                                .collect()
+                        })
+                    })
+                    .unwrap_or_default();
+            let before_load = KILLED.to_owned();
+            let unlisted: Vec<String> = l
+                .kills
+                .iter()
+                .chain(std::iter::once(&before_load))
+                .filter(|k| !listed.contains(*k))
+                .cloned()
+                .collect();
             eprintln!(
-                "round {:>3}: {} JWT + {} X.509 received so far, {} revocations; lost {} leases, {} revocations, kill held: {}",
+                "round {:>3}: {} JWT + {} X.509 received so far, {} revocations, {} kills \
+                 under load; lost {} leases, {} revocations, {} kills",
                 round + 1,
                 l.jtis.len(),
                 l.serials.len(),
                 l.revoked.len(),
-                missing_jwt + missing_x509,
-                unrevoked,
-                still_killed
+                l.kills.len(),
+                missing.len(),
+                unrevoked.len(),
+                unlisted.len(),
             );
+            lost_leases.extend(missing.into_iter().cloned());
+            lost_revocations.extend(unrevoked.into_iter().cloned());
+            lost_kills.extend(unlisted);
         }
         let l = ledger.lock().unwrap();
         // Listed is not enough: the identity must also have got nothing.
-        lost_kills += l.served_killed;
-        lost_leases += l.unreadable;
+        let lost_kills = lost_kills.len() + l.served_killed;
+        let lost_leases = lost_leases.len() + l.unreadable;
+        let lost_revocations = lost_revocations.len();
         json!({
             "rounds": rounds,
             "clients": clients,
@@ -240,6 +299,7 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             "jwt_svids_received": l.jtis.len(),
             "x509_svids_received": l.serials.len(),
             "revocations_acknowledged": l.revoked.len(),
+            "kills_acknowledged_under_load": l.kills.len(),
             "lost_leases": lost_leases,
             "lost_revocations": lost_revocations,
             "lost_kills": lost_kills,
@@ -263,6 +323,13 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
         "crash_revocations_acknowledged",
         "  revocations acknowledged",
         report["revocations_acknowledged"].as_u64().unwrap() as f64,
+        "count",
+        Target::None,
+    );
+    r.figure(
+        "crash_kills_under_load",
+        "  kills acknowledged under load",
+        report["kills_acknowledged_under_load"].as_u64().unwrap() as f64,
         "count",
         Target::None,
     );

@@ -124,6 +124,24 @@ pub async fn run(o: &Opts, r: &mut Report) {
     let per_lease = tokio::task::spawn_blocking(move || memory_per_lease(m))
         .await
         .unwrap();
+    let config = format!(
+        "log.level = \"info,tessera::lease=debug\"\n{}",
+        common::entry_for_uid("bench", common::my_uid(), "jwt_svid_ttl = \"10m\"")
+    );
+    // What the daemon itself holds per lease is its RSS with the leases less its RSS without:
+    // an empty daemon, as it is once it has served its first SVID.
+    let rss_empty = {
+        let cfg = config.clone();
+        let d = tokio::task::spawn_blocking(move || common::Daemon::start(&cfg))
+            .await
+            .unwrap();
+        d.client()
+            .await
+            .fetch_jwt_svid(["empty"], None)
+            .await
+            .expect("a JWT-SVID from an empty daemon");
+        rss_of(d.pid()).unwrap_or(0)
+    };
 
     // A data directory holding n leases that all expire at the same second, plus `bulk`
     // long-lived X.509 leases of one identity for the kill switch.
@@ -176,10 +194,6 @@ pub async fn run(o: &Opts, r: &mut Report) {
     unsafe { libc::sync() };
 
     eprintln!("[leases] restart to serving with {} leases ...", n + bulk);
-    let config = format!(
-        "log.level = \"info,tessera::lease=debug\"\n{}",
-        common::entry_for_uid("bench", common::my_uid(), "jwt_svid_ttl = \"10m\"")
-    );
     let t = Instant::now();
     let d = tokio::task::spawn_blocking(move || common::Daemon::start_in(dir, &config))
         .await
@@ -227,13 +241,42 @@ pub async fn run(o: &Opts, r: &mut Report) {
         probe.rate
     );
     let baseline = jwt_load(&d, "baseline", c, secs, Some(pace)).await;
-    let wait = mass_expiry - time::OffsetDateTime::now_utc().unix_timestamp() - 1;
+    // From the second the leases expire in, not before it: a window begun earlier would
+    // hold baseline load as well.
+    let wait = mass_expiry as i128 * 1_000_000_000
+        - time::OffsetDateTime::now_utc().unix_timestamp_nanos();
     assert!(
         wait >= 0,
         "the restart took too long to measure a baseline before the mass expiry"
     );
-    tokio::time::sleep(Duration::from_secs(wait as u64)).await;
+    tokio::time::sleep(Duration::from_nanos(wait as u64)).await;
     let during = jwt_load(&d, "mass expiry", c, secs, Some(pace)).await;
+    // The expiry is over once the store has deleted every expired row too (the reaper does
+    // that after taking them out of memory, in small commits between issuance). Rows still
+    // there when the window ended: more windows, at the same pace, until none is left.
+    let expired_left = || {
+        rusqlite::Connection::open_with_flags(
+            data.join("tessera.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .and_then(|db| {
+            db.query_row(
+                "SELECT count(*) FROM leases WHERE expires_at <= ?1",
+                [mass_expiry],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .unwrap_or(i64::MAX)
+    };
+    let left_at_window_end = expired_left();
+    let mut after_windows: Vec<Load> = Vec::new();
+    while expired_left() > 0 && after_windows.len() < 30 {
+        after_windows.push(jwt_load(&d, "expiry, deletes", c, 2.0, Some(pace)).await);
+    }
+    let after_p99 = after_windows
+        .iter()
+        .map(|l| l.p99_ms)
+        .fold(f64::NAN, f64::max);
     // Memory once the mass expiry is reaped: what the daemon keeps after a burst is gone. The
     // reaper takes the leases out of memory (and shrinks the tables), then deletes their rows
     // from the store in chunks between issuance: wait until no expired row is left (the lease
@@ -311,6 +354,30 @@ pub async fn run(o: &Opts, r: &mut Report) {
         killed.revoked as usize, bulk,
         "the kill switch revoked every lease"
     );
+    // From the same start until `/crl` lists the killed certificates (as many as a CRL holds):
+    // when X.509 relying parties can learn of the kill. The call above covers the cut-off:
+    // the daemon refuses the identity from its return on.
+    let want = bulk.min(tessera::ca::MAX_CRL_ENTRIES);
+    let http = d.http;
+    let crl_ms = tokio::task::spawn_blocking(move || {
+        let mut last_len = 0;
+        while t.elapsed() < Duration::from_secs(30) {
+            let (code, body) = common::http_get(http, "/crl");
+            if code == 200 && body.len() != last_len {
+                last_len = body.len();
+                let listed = x509_parser::parse_x509_crl(&body)
+                    .map(|(_, c)| c.iter_revoked_certificates().count())
+                    .unwrap_or(0);
+                if listed >= want {
+                    return Some(t.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        None
+    })
+    .await
+    .unwrap();
     // The daemon's own split of the kill: finding the leases, the durable write, in memory.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let kill_log = d
@@ -361,13 +428,33 @@ pub async fn run(o: &Opts, r: &mut Report) {
     drop(d);
 
     let kill_per_100k = kill_ms * 100_000.0 / bulk.max(1) as f64;
-    let ratio = during.p99_ms / baseline.p99_ms;
+    // The worse of the window from the expiry and the windows after it until the deletes
+    // were done.
+    let ratio = during.p99_ms.max(after_p99) / baseline.p99_ms;
+    // The target is the daemon's own: what an independent generator can measure.
     r.figure(
         "memory_per_lease_bytes",
-        &format!("memory per live lease ({m} in the table)"),
-        per_lease,
+        &format!(
+            "memory per live lease, daemon RSS with {} less empty",
+            n + bulk
+        ),
+        rss_restored.saturating_sub(rss_empty) as f64 / (n + bulk).max(1) as f64,
         "bytes",
         Target::AtMost(300.0),
+    );
+    r.figure(
+        "memory_per_lease_table_bytes",
+        &format!("  the lease table alone, {m} leases in the bench's process"),
+        per_lease,
+        "bytes",
+        Target::None,
+    );
+    r.figure(
+        "rss_empty_mib",
+        "daemon RSS, empty, after its first SVID",
+        mib(rss_empty),
+        "MiB",
+        Target::None,
     );
     r.figure(
         "rss_leases_mib",
@@ -405,6 +492,17 @@ pub async fn run(o: &Opts, r: &mut Report) {
         Target::AtMost(50.0),
     );
     r.figure(
+        "kill_crl_ms",
+        &format!(
+            "  until /crl lists them ({} of {bulk}: a CRL holds {})",
+            want,
+            tessera::ca::MAX_CRL_ENTRIES
+        ),
+        crl_ms.unwrap_or(f64::NAN),
+        "ms",
+        Target::None,
+    );
+    r.figure(
         "mass_expiry_p99_ms",
         &format!("JWT p99 while {n} leases expire"),
         during.p99_ms,
@@ -412,8 +510,25 @@ pub async fn run(o: &Opts, r: &mut Report) {
         Target::None,
     );
     r.figure(
+        "mass_expiry_rows_left_at_window_end",
+        &format!(
+            "  expired rows still in the store when it ended ({} windows of 2 s more)",
+            after_windows.len()
+        ),
+        left_at_window_end as f64,
+        "",
+        Target::None,
+    );
+    r.figure(
+        "mass_expiry_after_p99_ms",
+        "  JWT p99 in those windows, the worst",
+        after_p99,
+        "ms",
+        Target::None,
+    );
+    r.figure(
         "mass_expiry_p99_ratio",
-        "  p99 ratio to baseline",
+        "  p99 ratio to baseline (the worse of the two)",
         ratio,
         "ratio",
         Target::AtMost(2.0),
@@ -456,6 +571,10 @@ pub async fn run(o: &Opts, r: &mut Report) {
             "baseline": baseline.json(), "mass_expiry": during.json(),
             "reaper_lag_seconds": lag,
             "store_deletes_done_s": deleted_s,
+            "rows_left_at_window_end": left_at_window_end,
+            "after_windows": after_windows.iter().map(Load::json).collect::<Vec<_>>(),
+            "rss_empty_bytes": rss_empty, "rss_leases_bytes": rss_restored,
+            "kill_crl_ms": crl_ms,
             "reaper_retire_ms": retired.as_ref().and_then(|f| f["ms"].as_u64()),
             "reaper_retire_cpu_ms": retire_cpu_ms,
             "reaper_shrink_cpu_ms": shrink_cpu_ms,
