@@ -138,8 +138,9 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     // Whatever can still refuse the start comes before the first write to data_dir (review
     // AZ-3): a start that fails leaves it as it was, with no CA generated for a mistyped
     // trust domain, no store created and no credential revoked. The policy and the TLS files
-    // are only read; the listeners are bound here and served once everything is built (a
-    // client that connects meanwhile waits in the backlog).
+    // are only read; the TCP listener is bound here and served once everything is built. The
+    // sockets are bound here and let go at once (see `probe_uds`), and bound for good where
+    // they are served.
     let policy = Arc::new(Engine::load(
         cfg.policy_file.as_deref(),
         cfg.policy_schema.as_deref(),
@@ -155,27 +156,13 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     } else {
         0o666
     };
-    let mut bound = Bound::default();
-    let admin_listener = bind_uds("admin socket", &cfg.admin_socket, admin_mode)?;
-    bound.0.push(cfg.admin_socket.clone());
+    probe_uds("admin socket", &cfg.admin_socket, admin_mode)?;
     // Any local uid must be able to connect: attestation, not file mode, decides identity.
-    let workload_listener = bind_uds("workload socket", &cfg.workload_socket, 0o666)?;
-    bound.0.push(cfg.workload_socket.clone());
+    probe_uds("workload socket", &cfg.workload_socket, 0o666)?;
     // data_dir holds the CA key, the kill list and the audit chain: whoever could rename it
     // (a writable directory above it) could have the daemon start over with a new CA and an
     // empty kill list. The directories above get the socket directory's rule (review AZ-4).
-    let above = cfg
-        .data_dir
-        .ancestors()
-        .skip(1)
-        .find(|d| d.exists())
-        .unwrap_or(std::path::Path::new("/"));
-    uds::check_above(
-        above,
-        Some(nix::unistd::geteuid().as_raw()),
-        "data directory",
-    )
-    .map_err(|source| AppError::DataDir {
+    check_data_dir_above(&cfg.data_dir).map_err(|source| AppError::DataDir {
         path: cfg.data_dir.clone(),
         source,
     })?;
@@ -349,6 +336,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         )),
     ));
     // 1. Admin socket.
+    let admin_listener = bind_uds("admin socket", &cfg.admin_socket, admin_mode)?;
     let access = AdminAccess::new(cfg.admin_uids.clone(), cfg.admin_gids.clone());
     let admin = AdminApi::new(
         Arc::clone(&issuer),
@@ -424,6 +412,11 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
             Some(http::tls::server_config(tls, &ca, &host).map_err(AppError::Tls)?)
         }
     };
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| AppError::Reflection(e.to_string()))?;
+    let workload_listener = bind_uds("workload socket", &cfg.workload_socket, 0o666)?;
     // Nothing after this point refuses the start.
     // Before the first CRL, so that it lists them.
     match issuer.withdraw_unserved_default().await {
@@ -478,10 +471,6 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     health_reporter
         .set_serving::<proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer<WorkloadApi>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| AppError::Reflection(e.to_string()))?;
     let workload = WorkloadApi::new(
         Arc::clone(&issuer),
         shutdown.clone(),
@@ -516,8 +505,6 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         spawn_grpc(router, workload_listener, None, shutdown.clone()),
     ));
     ready.store(true, Ordering::Release);
-    // Served from here on: the sockets stay.
-    bound.0.clear();
 
     tracing::info!(
         trust_domain = %cfg.trust_domain,
@@ -574,6 +561,7 @@ pub fn check_files(cfg: &Config) -> Result<Vec<String>, String> {
         None => Ca::check_generated(&cfg.trust_domain, &cfg.data_dir).map_err(|e| e.to_string())?,
     }
     Ca::check_data_files(&cfg.data_dir).map_err(|e| e.to_string())?;
+    check_data_dir_above(&cfg.data_dir).map_err(|e| format!("data_dir: {e}"))?;
     if let Some(crate::config::HttpTls::Files { cert, key }) = &cfg.http_tls {
         crate::api::http::tls::check_files(cert, key)?;
     }
@@ -633,6 +621,19 @@ async fn refresh_oidc(oidc: Arc<Verifier>, mut sd: Shutdown) {
 
 fn report_policy(issuer: &Issuer, r: Result<Option<usize>, &crate::policy::PolicyError>) {
     match r {
+        Ok(Some(0)) => {
+            tracing::warn!(
+                "policy file gone: no policy is in force, every token exchange is denied until \
+                 it is back (a start refuses a missing file: to deny everything for good, \
+                 leave it empty)"
+            );
+            issuer.record(
+                "policy_reload",
+                crate::audit::Actor::Daemon,
+                "",
+                vec![("policies", 0.into())],
+            );
+        }
         Ok(Some(n)) => {
             tracing::info!(policies = n, "policy reloaded");
             issuer.record(
@@ -783,17 +784,34 @@ async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, failed: bool, mut s
     }
 }
 
-/// Sockets this start bound, removed again if it fails before serving them: a failed start
-/// leaves no socket a client could mistake for a daemon.
-#[derive(Default)]
-struct Bound(Vec<PathBuf>);
-
-impl Drop for Bound {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
+/// The rule for the directories above `data_dir` ([`uds::check_above_data`]): those of the
+/// directory it resolves to when it exists (a symbolic link's target's), else of its nearest
+/// existing ancestor, where it is about to be made.
+fn check_data_dir_above(data_dir: &Path) -> std::io::Result<()> {
+    let above = match std::fs::canonicalize(data_dir) {
+        Ok(real) => real.parent().map(Path::to_owned),
+        Err(_) => data_dir
+            .ancestors()
+            .skip(1)
+            .find(|d| d.exists())
+            .map(Path::to_owned),
     }
+    .unwrap_or_else(|| PathBuf::from("/"));
+    uds::check_above_data(
+        &above,
+        Some(nix::unistd::geteuid().as_raw()),
+        "data directory",
+    )
+}
+
+/// Binds the socket at `path` as start-up will, and lets it go at once: whatever would
+/// refuse the bind (its directory, another daemon serving there) refuses the start before
+/// `data_dir` is touched, while no connection waits on a socket nobody accepts from yet
+/// (without `SO_PEERPIDFD` a connection's process is judged by when it was accepted).
+fn probe_uds(what: &'static str, path: &Path, mode: u32) -> Result<(), AppError> {
+    drop(bind_uds(what, path, mode)?);
+    let _ = std::fs::remove_file(path);
+    Ok(())
 }
 
 /// Binds `[http] listen`.

@@ -416,7 +416,8 @@ impl Verifier {
         let verified_by = match &jws.kid {
             Some(kid) => {
                 // RFC 7517 §4.5 lets keys of different types share a kid (an RSA and an EC
-                // key of one rotation, say): each is tried, and the first error is kept.
+                // key of one rotation, say): each is tried. A bad signature by a key that fits
+                // is what to report, not another key's type mismatch.
                 let mut first_err = None;
                 let mut found = None;
                 for key in keys.iter().filter(|j| &j.kid == kid) {
@@ -426,7 +427,9 @@ impl Verifier {
                             break;
                         }
                         Err(e) => {
-                            first_err.get_or_insert(e);
+                            if first_err.is_none() || matches!(e, JoseError::BadSignature) {
+                                first_err = Some(e);
+                            }
                         }
                     }
                 }

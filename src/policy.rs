@@ -284,6 +284,18 @@ impl Engine {
             ),
             principals: dashmap::DashMap::new(),
         };
+        // Every decision is checked against the schema, so one that does not fit what the
+        // daemon sends (a context without task_id, an Agent with an attribute the entry has
+        // not) would deny every exchange while loading fine. Tried once here with what a
+        // decision sends, every declared claim present, and refused with Cedar's reason.
+        this.probe().map_err(|message| PolicyError::Schema {
+            origin: schema_path.map_or_else(|| "built-in".into(), |p| p.display().to_string()),
+            message: format!(
+                "it does not fit what tesserad sends to policies (Agent owner, purpose and risk \
+                 as String; context scope and task_id as String, ttl_seconds as Long and \
+                 subject as a record of String claims): {message}"
+            ),
+        })?;
         if let Some(p) = path {
             // At start a missing file is an error (a reload takes it for "no policy").
             std::fs::metadata(p).map_err(|source| PolicyError::Read {
@@ -502,6 +514,56 @@ impl Engine {
 }
 
 impl Engine {
+    /// Builds the entities and one request as [`Engine::decide`] does, for a made-up agent
+    /// and a subject holding every declared claim.
+    fn probe(&self) -> Result<(), String> {
+        let agent = "spiffe://probe.invalid/agent";
+        let principal =
+            EntityUid::from_type_name_and_id(self.agent_type.clone(), EntityId::new(agent));
+        let input = Input {
+            agent,
+            audience: "probe",
+            owner: "",
+            purpose: "",
+            risk: "low",
+            task_id: "probe",
+            ttl_seconds: 1,
+            subject: &[],
+        };
+        self.principal_entities(&principal, &input)?;
+        self.principals.remove(agent);
+        let subject = RestrictedExpression::new_record(
+            self.claims
+                .iter()
+                .map(|k| (k.clone(), RestrictedExpression::new_string("x".into()))),
+        )
+        .map_err(|e| e.to_string())?;
+        let context = Context::from_pairs([
+            (
+                "scope".to_owned(),
+                RestrictedExpression::new_string("x".into()),
+            ),
+            (
+                "task_id".to_owned(),
+                RestrictedExpression::new_string("x".into()),
+            ),
+            ("ttl_seconds".to_owned(), RestrictedExpression::new_long(1)),
+            ("subject".to_owned(), subject),
+        ])
+        .map_err(|e| e.to_string())?;
+        let resource =
+            EntityUid::from_type_name_and_id(self.audience_type.clone(), EntityId::new("probe"));
+        Request::new(
+            principal,
+            self.action.clone(),
+            resource,
+            context,
+            Some(&self.schema),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+
     /// The agent as a Cedar entity (the audience needs none: it has no attributes), cached
     /// per agent and rebuilt when its entry's owner, purpose or risk changes.
     fn principal_entities(
@@ -794,6 +856,40 @@ mod tests {
         );
         let e = parse_schema(&other, "test").unwrap_err().to_string();
         assert!(e.contains("v (Bool)"), "{e}");
+    }
+
+    #[test]
+    fn a_schema_that_does_not_fit_what_decisions_send_is_refused_at_load() {
+        // Review BB-1: decided against the schema, these would deny every exchange.
+        let dir = tempfile::tempdir().unwrap();
+        let schema = dir.path().join("s.cedarschema");
+        for (from, to) in [
+            ("      task_id: String,\n", ""),
+            (
+                "    risk: String,\n",
+                "    risk: String,\n    team: String,\n",
+            ),
+            ("      ttl_seconds: Long,", "      ttl_seconds: String,"),
+        ] {
+            let changed = BUILTIN_SCHEMA.replace(from, to);
+            assert_ne!(changed, BUILTIN_SCHEMA, "{from:?}");
+            std::fs::write(&schema, changed).unwrap();
+            let e = Engine::load(None, Some(&schema)).unwrap_err().to_string();
+            assert!(
+                e.contains("does not fit what tesserad sends"),
+                "{from:?}: {e}"
+            );
+        }
+        // An optional attribute more is fine.
+        std::fs::write(
+            &schema,
+            BUILTIN_SCHEMA.replace(
+                "    risk: String,\n",
+                "    risk: String,\n    team?: String,\n",
+            ),
+        )
+        .unwrap();
+        Engine::load(None, Some(&schema)).unwrap();
     }
 
     #[test]

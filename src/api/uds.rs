@@ -253,17 +253,35 @@ pub fn check_private_dir(dir: &Path, owner: Option<u32>, what: &str) -> io::Resu
 /// or others unless sticky (then only the owner of an entry can rename it). Enough for a
 /// directory about to be created in `dir`: `what` names it.
 pub fn check_above(dir: &Path, owner: Option<u32>, what: &str) -> io::Result<()> {
+    check_above_rule(dir, owner, what, 0o022, "group or others")
+}
+
+/// [`check_above`] for the data directory, whose contents are private to the daemon (0700)
+/// whoever can list its parent: a parent writable by its group passes (`umask 0002` makes
+/// `~/.local` so, and a pod's volume with an `fsGroup` is so), one writable by others or
+/// owned by another user does not.
+pub fn check_above_data(dir: &Path, owner: Option<u32>, what: &str) -> io::Result<()> {
+    check_above_rule(dir, owner, what, 0o002, "others")
+}
+
+fn check_above_rule(
+    dir: &Path,
+    owner: Option<u32>,
+    what: &str,
+    write_bits: u32,
+    writers: &str,
+) -> io::Result<()> {
     let owned_ok = |uid: u32| owner.is_none_or(|me| uid == me || uid == 0);
     let me = owner.map_or_else(|| "the daemon's uid".to_owned(), |u| format!("uid {u}"));
     let real = std::fs::canonicalize(dir)?;
     for up in real.ancestors() {
         let m = std::fs::metadata(up)?;
         let sticky = m.mode() & 0o1000 != 0;
-        if !owned_ok(m.uid()) || (m.mode() & 0o022 != 0 && !sticky) {
+        if !owned_ok(m.uid()) || (m.mode() & write_bits != 0 && !sticky) {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 format!(
-                    "{} (above the {what}) must be owned by {me} or root and not writable by group or others unless sticky (owner {}, mode {:o}): otherwise another user could replace the {what}",
+                    "{} (above the {what}) must be owned by {me} or root and not writable by {writers} unless sticky (owner {}, mode {:o}): otherwise another user could replace the {what}",
                     up.display(),
                     m.uid(),
                     m.mode() & 0o7777
@@ -511,6 +529,24 @@ pub fn incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_data_directory_may_sit_under_a_group_writable_parent_not_a_world_writable_one() {
+        let d = tempfile::tempdir().unwrap();
+        let me = Some(nix::unistd::geteuid().as_raw());
+        let dir = d.path().join("p");
+        std::fs::create_dir(&dir).unwrap();
+        // `umask 0002` makes ~/.local so; a pod's fsGroup volume is 2775.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o2775)).unwrap();
+        check_above_data(&dir, me, "data directory").unwrap();
+        assert!(
+            check_above(&dir, me, "socket directory").is_err(),
+            "sockets stay strict"
+        );
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = check_above_data(&dir, me, "data directory").unwrap_err();
+        assert!(e.to_string().contains("not writable by others"), "{e}");
+    }
 
     #[tokio::test]
     async fn binds_in_a_new_directory_and_refuses_a_directory_others_can_swap() {

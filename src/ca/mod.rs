@@ -1018,19 +1018,32 @@ fn check_chain(
     let mut earliest: Option<OffsetDateTime> = None;
     for (i, c) in certs.iter().enumerate() {
         // Not valid yet: every SVID it signs fails path validation until then, at every
-        // relying party, while the daemon would serve as if all were well.
-        if c.validity().not_before.timestamp() > now.unix_timestamp() {
+        // relying party. Far ahead, it is a certificate made for the future: refused. Within
+        // a day, the clock is more likely behind (a boot before NTP): refusing would leave a
+        // supervised daemon failed after its restarts, even once NTP put the clock right, so
+        // it serves and says so, loudly.
+        let ahead = c.validity().not_before.timestamp() - now.unix_timestamp();
+        if ahead > NOT_YET_VALID_REFUSED_S {
             return Err(bad_ca(
                 path,
                 format!(
                     "{} of the CA chain is not valid until {} (now {now}); every SVID it \
-                     signed would be refused until then. If the clock was ahead when it was \
-                     made, or is behind now, correct the clock; otherwise use a certificate \
-                     valid now",
+                     signed would be refused until then: use a certificate valid now. (A CA \
+                     tesserad generated while the clock was ahead: move its directory away to \
+                     have a new one made, once the clock is right)",
                     name(i),
                     c.validity().not_before
                 ),
             ));
+        } else if ahead > 0 {
+            tracing::error!(
+                certificate = %name(i),
+                path = %path.display(),
+                seconds = ahead,
+                "a CA certificate is not valid yet: relying parties refuse every SVID until \
+                 then. The clock may be behind (it is then right once NTP has set it), or was \
+                 ahead when the certificate was made"
+            );
         }
         let t = OffsetDateTime::from_unix_timestamp(c.validity().not_after.timestamp())
             .map_err(|_| bad_ca(path, format!("{}: notAfter out of range", name(i))))?;
@@ -1048,6 +1061,10 @@ fn check_chain(
     }
     Ok(earliest.expect("a chain has at least one certificate"))
 }
+
+/// How far in the future a CA certificate's `notBefore` may be before start-up refuses it
+/// rather than warning: past a day it is not a clock behind at boot.
+const NOT_YET_VALID_REFUSED_S: i64 = 86_400;
 
 /// What relying parties check of a chain beyond names and signatures, so that a chain they
 /// would refuse is refused at start rather than in every workload (review AZ-2): the SPIFFE
@@ -1149,10 +1166,14 @@ fn uri_constraints_allow(
             })
             .collect()
     };
+    // RFC 5280 (and OpenSSL): a host matches only itself, and `.host` any host under it.
     let covers = |c: &String| match c.strip_prefix('.') {
         Some(_) => td.ends_with(c.as_str()),
         None => td == c,
     };
+    // Go (go-spiffe) also counts the hosts under a plain `host`: broader, so it decides
+    // what is excluded (and the RFC's narrower reading what is permitted).
+    let covers_go = |c: &String| covers(c) || td.ends_with(&format!(".{c}"));
     let (permitted, excluded) = (uris(&nc.permitted_subtrees), uris(&nc.excluded_subtrees));
     if !permitted.is_empty() && !permitted.iter().any(covers) {
         return Err(format!(
@@ -1160,7 +1181,7 @@ fn uri_constraints_allow(
              validation refuses every SVID"
         ));
     }
-    if let Some(c) = excluded.iter().find(|c| covers(c)) {
+    if let Some(c) = excluded.iter().find(|c| covers_go(c)) {
         return Err(format!(
             "its URI name constraints exclude {c:?}, which covers trust domain {td}: path \
              validation refuses every SVID"
@@ -1240,21 +1261,22 @@ fn sec1_to_pkcs8(curve_oid: &[u8], sec1: &[u8]) -> Vec<u8> {
 }
 
 /// A private key file as start-up takes it: a regular file, 0600, holding one PEM private
-/// key. Other blocks are skipped, such as the `EC PARAMETERS` that `openssl ecparam -genkey`
-/// writes before the key.
+/// key. Blocks that are not keys are skipped: the `EC PARAMETERS` that `openssl ecparam
+/// -genkey` writes before the key, a certificate kept in the same file. Two keys are refused:
+/// which one was meant cannot be told.
 fn read_key_file(path: &Path) -> Result<pem::Pem, CaError> {
     let text = fsutil::read_pem_file(path, true).map_err(|e| bad_ca(path, e.to_string()))?;
     let mut keys: Vec<pem::Pem> = pem::parse_many(&text)
         .map_err(|_| bad_ca(path, "not a PEM private key"))?
         .into_iter()
-        .filter(|p| p.tag() != "EC PARAMETERS")
+        .filter(|p| p.tag() != "EC PARAMETERS" && p.tag() != "CERTIFICATE")
         .collect();
     match keys.len() {
         0 => Err(bad_ca(path, "not a PEM private key")),
         1 => Ok(keys.remove(0)),
         n => Err(bad_ca(
             path,
-            format!("holds {n} PEM blocks; give one private key per file"),
+            format!("holds {n} private keys; give one per file"),
         )),
     }
 }
@@ -2092,15 +2114,22 @@ mod tests {
             }
         })
         .expect("permitted: the trust domain itself");
-        // Not valid yet (a root made while the clock ran ahead, say).
+        // Not valid for days: refused. Within a day (a clock behind at boot) it is served,
+        // with an error logged.
         refused(
             &|i, p| {
                 if i == 2 {
-                    p.not_before = OffsetDateTime::now_utc() + time::Duration::days(1);
+                    p.not_before = OffsetDateTime::now_utc() + time::Duration::days(2);
                 }
             },
             "is not valid until",
         );
+        three_chain(|i, p| {
+            if i == 2 {
+                p.not_before = OffsetDateTime::now_utc() + time::Duration::hours(1);
+            }
+        })
+        .expect("an hour ahead: served");
     }
 
     #[test]
