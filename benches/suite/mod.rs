@@ -62,8 +62,6 @@ pub struct Load {
     pub from_send: Option<(f64, f64, f64)>,
     /// Paced phases only: how the schedule was kept (see [`Paced`]).
     pub paced: Option<Paced>,
-    /// Every latency counted, sorted (µs): to take one percentile over several phases.
-    pub sorted_us: Vec<u64>,
 }
 
 /// How a paced phase kept its schedule: each loop has one request in flight, and its
@@ -137,7 +135,6 @@ impl Load {
                 (quantile_ms(&v, 0.50), quantile_ms(&v, 0.99), max_ms(&v))
             }),
             paced,
-            sorted_us: lat_us,
         }
     }
 

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use super::LeaseTable;
 use super::store::{Op, Store, commit};
-use super::{LeaseId, LeaseTable};
 use crate::shutdown::Shutdown;
 
 /// Wall-clock seconds source; tests drive it from tokio's paused clock.
@@ -30,15 +30,8 @@ const RETIRE_SLICE: usize = 512;
 /// share a second, up to ~3 ms spread over a heap of millions.
 const PROMOTE_SLICE: usize = 1024;
 
-/// Expired leases deleted per store commit (see [`delete_paced`] for why so few).
+/// Expired leases deleted per store commit (see the loop for why so few).
 const DELETE_CHUNK: usize = 256;
-
-/// Pause after each chunk of store deletes: at most ~25,600 rows a second, so a mass expiry's
-/// deletes take a tenth of the store writer's time, not most of it. Back to back, a million
-/// rows' 3,900 commits kept the writer busy for ~10 s after the expiry and tripled the p99 of
-/// the credentials issued meanwhile. Nothing waits for them: an expired row is never served,
-/// and whatever is still to delete at a stop is deleted at the next start.
-const DELETE_PACE: Duration = Duration::from_millis(10);
 
 /// How often the reaper wakes even with nothing due: bounds the effect of a wall-clock jump.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
@@ -101,46 +94,6 @@ fn check_clock(table: &LeaseTable, watch: &mut ClockWatch, now: i64) -> Option<i
     None
 }
 
-/// Deletes the retired leases' rows that the reaper hands over, in chunks of
-/// [`DELETE_CHUNK`], one commit each, [`DELETE_PACE`] apart while no later list waits, until
-/// shutdown. Small chunks: the
-/// store's single writer folds each into the batch of credentials waiting with it, so a chunk
-/// adds under a millisecond to that batch instead of stalling it (2,000-row chunks, ~5 ms each,
-/// doubled the p99 of issuance during a mass expiry), and the deletes ride on issuance's syncs.
-/// Each list comes sorted by the reaper.
-async fn delete_paced(
-    store: Arc<dyn Store>,
-    mut pending: tokio::sync::mpsc::UnboundedReceiver<Vec<LeaseId>>,
-    mut shutdown: Shutdown,
-) {
-    loop {
-        let removed = tokio::select! {
-            () = shutdown.wait() => return,
-            r = pending.recv() => match r {
-                Some(r) => r,
-                None => return,
-            },
-        };
-        for chunk in removed.chunks(DELETE_CHUNK) {
-            if shutdown.is_triggered() {
-                return;
-            }
-            if let Err(e) = commit(&*store, vec![Op::Delete(chunk.to_vec())]).await {
-                tracing::warn!(error = %e, "could not delete expired leases from the store");
-                break;
-            }
-            // Not while later expiries' lists wait: churn faster than the pace (a big box
-            // issuing short-lived credentials) would otherwise pile up rows without end.
-            if removed.len() > DELETE_CHUNK && pending.is_empty() {
-                tokio::select! {
-                    () = shutdown.wait() => return,
-                    () = tokio::time::sleep(DELETE_PACE) => {}
-                }
-            }
-        }
-    }
-}
-
 /// CPU time of the calling thread. The retirement's own cost, apart from the time it spent
 /// handing its thread to others: what the benchmark reports per expired lease, as the wall
 /// time on a busy two-core box says more about the box than about the retirement.
@@ -166,10 +119,6 @@ pub async fn run(
 ) {
     // From the start, so that a step before anything falls due is seen too.
     let mut watch = ClockWatch::new(clock());
-    // The store deletes run beside the reaper, so that a long, paced deletion does not hold
-    // up the next expiries' retirement from memory (and from the CRL).
-    let (deletes, pending) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(delete_paced(Arc::clone(&store), pending, shutdown.clone()));
     loop {
         // Checked here as well as in the sleep: a backlog of due leases never sleeps.
         if shutdown.is_triggered() {
@@ -255,7 +204,19 @@ pub async fn run(
             };
             // Forgetting expired rows is housekeeping: on failure they are found expired and
             // deleted again at the next start.
-            let _ = deletes.send(removed);
+            // In small chunks, one commit at a time: the store's single writer folds each into
+            // the batch of credentials waiting with it, so a chunk adds under a millisecond to
+            // that batch instead of stalling it (2,000-row chunks, ~5 ms each, doubled the p99
+            // of issuance during a mass expiry), and the deletes ride on issuance's fsyncs.
+            for chunk in removed.chunks(DELETE_CHUNK) {
+                if shutdown.is_triggered() {
+                    return;
+                }
+                if let Err(e) = commit(&*store, vec![Op::Delete(chunk.to_vec())]).await {
+                    tracing::warn!(error = %e, "could not delete expired leases from the store");
+                    break;
+                }
+            }
         }
         // Leases coming within the next two hours move into the expiry queue's lists, so that
         // they are not popped from its heap one by one when they expire; a slice per lock.
@@ -275,7 +236,7 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::lease::store::StoreError;
-    use crate::lease::{Kind, Lease, Revocation, State};
+    use crate::lease::{Kind, Lease, LeaseId, Revocation, State};
     use std::sync::Mutex;
     use tokio::sync::oneshot;
 
@@ -284,8 +245,6 @@ mod tests {
     #[derive(Debug, Default)]
     struct Recorder {
         deletes: Mutex<Vec<Vec<LeaseId>>>,
-        /// When each delete was submitted (tokio's clock).
-        delete_times: Mutex<Vec<tokio::time::Instant>>,
         table: Option<Arc<LeaseTable>>,
         table_len: Mutex<Vec<usize>>,
     }
@@ -301,10 +260,6 @@ mod tests {
             for op in ops {
                 if let Op::Delete(ids) = op {
                     self.deletes.lock().unwrap().push(ids);
-                    self.delete_times
-                        .lock()
-                        .unwrap()
-                        .push(tokio::time::Instant::now());
                     if let Some(t) = &self.table {
                         self.table_len.lock().unwrap().push(t.len());
                     }
@@ -492,13 +447,6 @@ mod tests {
         );
         // In the store's key order across all chunks, whatever order the queue gave.
         assert!(store.deleted().is_sorted(), "deletes not in key order");
-        // Paced, so that the writer is left to issuance (they took up to 10 s back to back).
-        let times = store.delete_times.lock().unwrap().clone();
-        assert!(times.len() > 1);
-        assert!(
-            times.windows(2).all(|w| w[1] - w[0] >= DELETE_PACE),
-            "chunks not paced"
-        );
         assert!(table.revoked_serials(1_010).is_empty(), "left the CRL");
         assert_eq!(table.revoked_serials(0).len(), revoked, "kept");
         assert_eq!(
