@@ -161,7 +161,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
     probe_uds("workload socket", &cfg.workload_socket, 0o666)?;
     // data_dir holds the CA key, the kill list and the audit chain: whoever could rename it
     // (a writable directory above it) could have the daemon start over with a new CA and an
-    // empty kill list. The directories above get the socket directory's rule (review AZ-4).
+    // empty kill list (review AZ-4). The directories above must not let another user do it.
     check_data_dir_above(&cfg.data_dir).map_err(|source| AppError::DataDir {
         path: cfg.data_dir.clone(),
         source,
@@ -623,9 +623,8 @@ fn report_policy(issuer: &Issuer, r: Result<Option<usize>, &crate::policy::Polic
     match r {
         Ok(Some(0)) => {
             tracing::warn!(
-                "policy file gone: no policy is in force, every token exchange is denied until \
-                 it is back (a start refuses a missing file: to deny everything for good, \
-                 leave it empty)"
+                "no policy in force (the policy file holds none, or is gone: a start refuses a \
+                 missing file): every token exchange is denied"
             );
             issuer.record(
                 "policy_reload",
@@ -784,24 +783,24 @@ async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, failed: bool, mut s
     }
 }
 
-/// The rule for the directories above `data_dir` ([`uds::check_above_data`]): those of the
-/// directory it resolves to when it exists (a symbolic link's target's), else of its nearest
-/// existing ancestor, where it is about to be made.
+/// The rule for the directories above `data_dir` ([`uds::check_above_data`]): those of its
+/// nearest existing ancestor (where it is about to be made, or its parent), and when it is a
+/// symbolic link, those of its target too (either could be swapped).
 fn check_data_dir_above(data_dir: &Path) -> std::io::Result<()> {
-    let above = match std::fs::canonicalize(data_dir) {
-        Ok(real) => real.parent().map(Path::to_owned),
-        Err(_) => data_dir
-            .ancestors()
-            .skip(1)
-            .find(|d| d.exists())
-            .map(Path::to_owned),
+    let me = Some(nix::unistd::geteuid().as_raw());
+    let lexical = data_dir
+        .ancestors()
+        .skip(1)
+        .find(|d| d.exists())
+        .map_or_else(|| PathBuf::from("/"), Path::to_owned);
+    uds::check_above_data(&lexical, me, "data directory")?;
+    if std::fs::symlink_metadata(data_dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        let real = std::fs::canonicalize(data_dir)?;
+        if let Some(up) = real.parent() {
+            uds::check_above_data(up, me, "data directory")?;
+        }
     }
-    .unwrap_or_else(|| PathBuf::from("/"));
-    uds::check_above_data(
-        &above,
-        Some(nix::unistd::geteuid().as_raw()),
-        "data directory",
-    )
+    Ok(())
 }
 
 /// Binds the socket at `path` as start-up will, and lets it go at once: whatever would
@@ -809,8 +808,12 @@ fn check_data_dir_above(data_dir: &Path) -> std::io::Result<()> {
 /// `data_dir` is touched, while no connection waits on a socket nobody accepts from yet
 /// (without `SO_PEERPIDFD` a connection's process is judged by when it was accepted).
 fn probe_uds(what: &'static str, path: &Path, mode: u32) -> Result<(), AppError> {
-    drop(bind_uds(what, path, mode)?);
+    let probe = bind_uds(what, path, mode)?;
+    // Removed while still listening: a daemon starting beside this one then finds it live
+    // (and stops) or finds no file, never a dead socket it would replace just before this
+    // removal took its own away.
     let _ = std::fs::remove_file(path);
+    drop(probe);
     Ok(())
 }
 

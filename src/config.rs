@@ -492,8 +492,20 @@ impl Config {
         // tesserad makes data_dir 0700 at every start: a socket under it would be out of
         // reach of every other uid while the daemon reported serving.
         let data = lexical(&data_dir);
-        // (The admin socket may be: only the daemon's own user reaches it then, which is
-        // often all that is wanted.)
+        // The admin socket may be, unless other operators are named: only the daemon's own
+        // user reaches it there.
+        if lexical(&admin_socket).starts_with(&data)
+            && !(raw.admin.allowed_uids.is_empty() && raw.admin.allowed_gids.is_empty())
+        {
+            return Err(invalid(
+                "admin.socket",
+                format!(
+                    "must not be inside data_dir ({}) when [admin] allowed_uids or allowed_gids \
+                     name other operators: the directory is private to the daemon's user",
+                    data_dir.display()
+                ),
+            ));
+        }
         if lexical(&workload_socket).starts_with(&data) {
             return Err(invalid(
                 "workload_api.socket",
@@ -1251,6 +1263,10 @@ mod tests {
             (
                 "data_dir = \"/srv/t\"\n[workload_api]\nsocket = \"/srv/t/w.sock\"",
                 "`workload_api.socket`: must not be inside data_dir",
+            ),
+            (
+                "data_dir = \"/srv/t\"\n[admin]\nsocket = \"/srv/t/a.sock\"\nallowed_uids = [1000]",
+                "`admin.socket`: must not be inside data_dir",
             ),
             ("[http]\nlisten = \"localhost\"", "`http.listen`"),
             (

@@ -253,22 +253,39 @@ pub fn check_private_dir(dir: &Path, owner: Option<u32>, what: &str) -> io::Resu
 /// or others unless sticky (then only the owner of an entry can rename it). Enough for a
 /// directory about to be created in `dir`: `what` names it.
 pub fn check_above(dir: &Path, owner: Option<u32>, what: &str) -> io::Result<()> {
-    check_above_rule(dir, owner, what, 0o022, "group or others")
+    check_above_rule(dir, owner, what, &|_| false, "group or others")
 }
 
-/// [`check_above`] for the data directory, whose contents are private to the daemon (0700)
-/// whoever can list its parent: a parent writable by its group passes (`umask 0002` makes
-/// `~/.local` so, and a pod's volume with an `fsGroup` is so), one writable by others or
-/// owned by another user does not.
+/// [`check_above`] for the data directory, except that a directory writable by its group
+/// passes when that group is the daemon's own and has no other member (a user private group:
+/// `umask 0002` makes `~/.local` so on Ubuntu). A group of several users (a shared `/srv/team`,
+/// a pod volume's `fsGroup`) could rename the data directory away, as others could.
 pub fn check_above_data(dir: &Path, owner: Option<u32>, what: &str) -> io::Result<()> {
-    check_above_rule(dir, owner, what, 0o002, "others")
+    let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    let private_group = |gid: u32| {
+        gid == nix::unistd::getegid().as_raw()
+            && nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+                .ok()
+                .flatten()
+                .is_some_and(|g| g.mem.iter().all(|m| Some(m) == me.as_ref()))
+    };
+    check_above_rule(
+        dir,
+        owner,
+        what,
+        &private_group,
+        "group (unless it is the daemon's own, with no other member) or others",
+    )
 }
 
 fn check_above_rule(
     dir: &Path,
     owner: Option<u32>,
     what: &str,
-    write_bits: u32,
+    group_may_write: &dyn Fn(u32) -> bool,
     writers: &str,
 ) -> io::Result<()> {
     let owned_ok = |uid: u32| owner.is_none_or(|me| uid == me || uid == 0);
@@ -277,6 +294,11 @@ fn check_above_rule(
     for up in real.ancestors() {
         let m = std::fs::metadata(up)?;
         let sticky = m.mode() & 0o1000 != 0;
+        let write_bits = if group_may_write(m.gid()) {
+            0o002
+        } else {
+            0o022
+        };
         if !owned_ok(m.uid()) || (m.mode() & write_bits != 0 && !sticky) {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
@@ -531,21 +553,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_data_directory_may_sit_under_a_group_writable_parent_not_a_world_writable_one() {
+    fn the_data_directory_may_sit_under_its_users_own_group_writable_parent_only() {
         let d = tempfile::tempdir().unwrap();
         let me = Some(nix::unistd::geteuid().as_raw());
         let dir = d.path().join("p");
         std::fs::create_dir(&dir).unwrap();
-        // `umask 0002` makes ~/.local so; a pod's fsGroup volume is 2775.
+        // `umask 0002` makes ~/.local so, in the user's own group (this process's, with no
+        // other member when it is root's, as here).
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o2775)).unwrap();
         check_above_data(&dir, me, "data directory").unwrap();
+        // A group shared with other users is as good as others.
+        let other_gid = nix::unistd::getegid().as_raw() + 4242;
+        if nix::unistd::chown(&dir, None, Some(nix::unistd::Gid::from_raw(other_gid))).is_ok() {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o2775)).unwrap();
+            assert!(check_above_data(&dir, me, "data directory").is_err());
+        }
         assert!(
             check_above(&dir, me, "socket directory").is_err(),
             "sockets stay strict"
         );
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         let e = check_above_data(&dir, me, "data directory").unwrap_err();
-        assert!(e.to_string().contains("not writable by others"), "{e}");
+        assert!(e.to_string().contains("or others"), "{e}");
     }
 
     #[tokio::test]

@@ -1069,9 +1069,9 @@ const NOT_YET_VALID_REFUSED_S: i64 = 86_400;
 /// What relying parties check of a chain beyond names and signatures, so that a chain they
 /// would refuse is refused at start rather than in every workload (review AZ-2): the SPIFFE
 /// libraries (go-, java-, rust-spiffe) require keyCertSign on every certificate that travels
-/// with an SVID; path validators apply every certificate's pathLenConstraint, extended key
-/// usage (Go, OpenSSL with a purpose) and URI name constraints (RFC 5280 §4.2.1.10), the
-/// anchor's included.
+/// with an SVID; path validators apply every certificate's pathLenConstraint and extended key
+/// usage (Go, OpenSSL with a purpose), the anchor's included. (Name constraints need the trust
+/// domain: [`check_chain_for`].)
 fn check_chain_constraints(
     certs: &[X509Certificate<'_>],
     name: &dyn Fn(usize) -> String,
@@ -1167,7 +1167,9 @@ fn uri_constraints_allow(
             .collect()
     };
     // RFC 5280 (and OpenSSL): a host matches only itself, and `.host` any host under it.
+    // An empty constraint covers every host.
     let covers = |c: &String| match c.strip_prefix('.') {
+        _ if c.is_empty() => true,
         Some(_) => td.ends_with(c.as_str()),
         None => td == c,
     };
@@ -1261,15 +1263,15 @@ fn sec1_to_pkcs8(curve_oid: &[u8], sec1: &[u8]) -> Vec<u8> {
 }
 
 /// A private key file as start-up takes it: a regular file, 0600, holding one PEM private
-/// key. Blocks that are not keys are skipped: the `EC PARAMETERS` that `openssl ecparam
-/// -genkey` writes before the key, a certificate kept in the same file. Two keys are refused:
-/// which one was meant cannot be told.
+/// key. Blocks that are not private keys are skipped: the `EC PARAMETERS` that `openssl
+/// ecparam -genkey` writes before the key, a certificate or public key kept in the same file.
+/// Two keys are refused: which one was meant cannot be told.
 fn read_key_file(path: &Path) -> Result<pem::Pem, CaError> {
     let text = fsutil::read_pem_file(path, true).map_err(|e| bad_ca(path, e.to_string()))?;
     let mut keys: Vec<pem::Pem> = pem::parse_many(&text)
         .map_err(|_| bad_ca(path, "not a PEM private key"))?
         .into_iter()
-        .filter(|p| p.tag() != "EC PARAMETERS" && p.tag() != "CERTIFICATE")
+        .filter(|p| p.tag().ends_with("PRIVATE KEY"))
         .collect();
     match keys.len() {
         0 => Err(bad_ca(path, "not a PEM private key")),
@@ -2114,6 +2116,24 @@ mod tests {
             }
         })
         .expect("permitted: the trust domain itself");
+        // Go reads an excluded host as covering the hosts under it, and an empty one as
+        // covering all.
+        refused(
+            &|i, p| {
+                if i == 1 {
+                    p.custom_extensions = vec![uri_constraint("org", true)];
+                }
+            },
+            "exclude",
+        );
+        refused(
+            &|i, p| {
+                if i == 1 {
+                    p.custom_extensions = vec![uri_constraint("", true)];
+                }
+            },
+            "exclude",
+        );
         // Not valid for days: refused. Within a day (a clock behind at boot) it is served,
         // with an error logged.
         refused(
@@ -2158,7 +2178,7 @@ mod tests {
             generate_root(&td(), Duration::from_secs(86400), OffsetDateTime::now_utc()).unwrap();
         let cp = dir.path().join("ca.pem");
         let kp = dir.path().join("ca.key");
-        std::fs::write(&cp, cert).unwrap();
+        std::fs::write(&cp, &cert).unwrap();
         std::fs::write(&kp, &key).unwrap();
         std::fs::set_permissions(&kp, std::fs::Permissions::from_mode(0o644)).unwrap();
         let files = (cp.clone(), kp.clone());
@@ -2169,6 +2189,17 @@ mod tests {
         let ca =
             Ca::load_or_create(&td(), dir.path(), Some(&files), Duration::from_secs(1)).unwrap();
         assert!(ca.bundle().x509_authorities[0].operator_supplied);
+        // Other blocks beside the key are skipped (`openssl ecparam -genkey` writes EC
+        // PARAMETERS first; some keep the certificate in the key's file); a second key is not.
+        let params =
+            "-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n";
+        std::fs::write(&kp, format!("{params}{key}{cert}")).unwrap();
+        Ca::load_or_create(&td(), dir.path(), Some(&files), Duration::from_secs(1)).unwrap();
+        std::fs::write(&kp, format!("{key}{key}")).unwrap();
+        let err = Ca::load_or_create(&td(), dir.path(), Some(&files), Duration::from_secs(1))
+            .unwrap_err();
+        assert!(err.to_string().contains("2 private keys"), "{err}");
+        std::fs::write(&kp, &key).unwrap();
         // A key that does not belong to the certificate is refused, and never printed.
         let (_, other_key) =
             generate_root(&td(), Duration::from_secs(86400), OffsetDateTime::now_utc()).unwrap();
