@@ -219,16 +219,18 @@ impl Verifier {
     pub async fn refresh_all(&self) -> Vec<(String, Result<usize, String>)> {
         let mut out = Vec::new();
         for t in &self.issuers {
-            let r = self.refresh(t, true).await;
+            // Forced, so never held back.
+            let r = self.refresh(t, true).await.map(|n| n.unwrap_or_default());
             out.push((t.cfg.issuer.clone(), r));
         }
         out
     }
 
-    /// Fetches `t`'s keys; on demand (`!force`) at most once per [`MIN_REFETCH`], answering
-    /// in between with the last fetch's outcome (so while the issuer is down every request
-    /// learns it is, not only the one that tried).
-    async fn refresh(&self, t: &Trusted, force: bool) -> Result<usize, String> {
+    /// Fetches `t`'s keys and returns how many; on demand (`!force`) at most once per
+    /// [`MIN_REFETCH`], answering in between with the last fetch's outcome (so while the
+    /// issuer is down every request learns it is, not only the one that tried): `Ok(None)`
+    /// when that fetch succeeded, as nothing was fetched now.
+    async fn refresh(&self, t: &Trusted, force: bool) -> Result<Option<usize>, String> {
         let mut st = t.fetch.lock().await;
         if !force {
             if st
@@ -237,7 +239,7 @@ impl Verifier {
             {
                 return match &st.failed {
                     Some(e) => Err(e.clone()),
-                    None => Ok(t.keys.load().len()),
+                    None => Ok(None),
                 };
             }
             st.last_on_demand = Some(Instant::now());
@@ -247,7 +249,7 @@ impl Verifier {
                 st.failed = None;
                 let n = keys.len();
                 t.keys.store(Arc::new(keys));
-                Ok(n)
+                Ok(Some(n))
             }
             Err(e) => {
                 st.failed = Some(e.clone());
@@ -385,12 +387,6 @@ impl Verifier {
             None => !keys.is_empty(),
         };
         if !has_kid(&keys) {
-            let skipped = t
-                .fetch
-                .lock()
-                .await
-                .last_on_demand
-                .is_some_and(|at| at.elapsed() < MIN_REFETCH);
             let refreshed = self.refresh(t, false).await;
             keys = t.keys.load_full();
             // The key may be one the issuer rotated in: while its keys cannot be fetched the
@@ -401,14 +397,14 @@ impl Verifier {
             if !has_kid(&keys) {
                 match refreshed {
                     Err(e) => return Err(OidcError::KeysUnavailable(e)),
-                    Ok(_) if skipped => {
+                    Ok(None) => {
                         return Err(OidcError::KeysUnavailable(format!(
                             "the issuer's keys were fetched less than {}s ago and do not hold \
                              this kid; retry shortly",
                             MIN_REFETCH.as_secs()
                         )));
                     }
-                    Ok(_) => {}
+                    Ok(Some(_)) => {}
                 }
             }
         }
@@ -419,22 +415,19 @@ impl Verifier {
                 // key of one rotation, say): each is tried. A bad signature by a key that fits
                 // is what to report, not another key's type mismatch.
                 let mut first_err = None;
-                let mut found = None;
-                for key in keys.iter().filter(|j| &j.kid == kid) {
+                let found = keys.iter().filter(|j| &j.kid == kid).find(|key| {
                     match key.verify(jws.alg, input, &jws.signature) {
-                        Ok(()) => {
-                            found = Some(key.clone());
-                            break;
-                        }
+                        Ok(()) => true,
                         Err(e) => {
                             if first_err.is_none() || matches!(e, JoseError::BadSignature) {
                                 first_err = Some(e);
                             }
+                            false
                         }
                     }
-                }
+                });
                 match (found, first_err) {
-                    (Some(k), _) => k,
+                    (Some(k), _) => k.clone(),
                     (None, Some(e)) => return Err(e.into()),
                     (None, None) => {
                         return Err(OidcError::UnknownKey(kid.chars().take(64).collect()));

@@ -432,7 +432,6 @@ impl Engine {
         }
         let principal =
             EntityUid::from_type_name_and_id(self.agent_type.clone(), EntityId::new(input.agent));
-        let action = &self.action;
         let resource = EntityUid::from_type_name_and_id(
             self.audience_type.clone(),
             EntityId::new(input.audience),
@@ -455,32 +454,7 @@ impl Engine {
         scopes
             .iter()
             .map(|scope| {
-                let context = Context::from_pairs([
-                    (
-                        "scope".to_owned(),
-                        RestrictedExpression::new_string(scope.clone()),
-                    ),
-                    (
-                        "task_id".to_owned(),
-                        RestrictedExpression::new_string(input.task_id.to_owned()),
-                    ),
-                    (
-                        "ttl_seconds".to_owned(),
-                        RestrictedExpression::new_long(input.ttl_seconds),
-                    ),
-                    ("subject".to_owned(), subject.clone()),
-                ]);
-                let request = context.map_err(|e| e.to_string()).and_then(|c| {
-                    Request::new(
-                        principal.clone(),
-                        action.clone(),
-                        resource.clone(),
-                        c,
-                        Some(&self.schema),
-                    )
-                    .map_err(|e| e.to_string())
-                });
-                match request {
+                match self.request(&principal, &resource, scope, input, subject.clone()) {
                     Err(e) => Decision {
                         scope: scope.clone(),
                         allowed: false,
@@ -516,6 +490,42 @@ impl Engine {
 impl Engine {
     /// Builds the entities and one request as [`Engine::decide`] does, for a made-up agent
     /// and a subject holding every declared claim.
+    /// One decision's request, validated against the schema: what [`Engine::decide`] asks
+    /// Cedar, and what [`Engine::probe`] tries at load.
+    fn request(
+        &self,
+        principal: &EntityUid,
+        resource: &EntityUid,
+        scope: &str,
+        input: &Input<'_>,
+        subject: RestrictedExpression,
+    ) -> Result<Request, String> {
+        let context = Context::from_pairs([
+            (
+                "scope".to_owned(),
+                RestrictedExpression::new_string(scope.to_owned()),
+            ),
+            (
+                "task_id".to_owned(),
+                RestrictedExpression::new_string(input.task_id.to_owned()),
+            ),
+            (
+                "ttl_seconds".to_owned(),
+                RestrictedExpression::new_long(input.ttl_seconds),
+            ),
+            ("subject".to_owned(), subject),
+        ])
+        .map_err(|e| e.to_string())?;
+        Request::new(
+            principal.clone(),
+            self.action.clone(),
+            resource.clone(),
+            context,
+            Some(&self.schema),
+        )
+        .map_err(|e| e.to_string())
+    }
+
     fn probe(&self) -> Result<(), String> {
         let agent = "spiffe://probe.invalid/agent";
         let principal =
@@ -538,30 +548,10 @@ impl Engine {
                 .map(|k| (k.clone(), RestrictedExpression::new_string("x".into()))),
         )
         .map_err(|e| e.to_string())?;
-        let context = Context::from_pairs([
-            (
-                "scope".to_owned(),
-                RestrictedExpression::new_string("x".into()),
-            ),
-            (
-                "task_id".to_owned(),
-                RestrictedExpression::new_string("x".into()),
-            ),
-            ("ttl_seconds".to_owned(), RestrictedExpression::new_long(1)),
-            ("subject".to_owned(), subject),
-        ])
-        .map_err(|e| e.to_string())?;
         let resource =
             EntityUid::from_type_name_and_id(self.audience_type.clone(), EntityId::new("probe"));
-        Request::new(
-            principal,
-            self.action.clone(),
-            resource,
-            context,
-            Some(&self.schema),
-        )
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        self.request(&principal, &resource, "x", &input, subject)
+            .map(|_| ())
     }
 
     /// The agent as a Cedar entity (the audience needs none: it has no attributes), cached
@@ -710,12 +700,21 @@ mod tests {
     }
 
     fn engine(text: &str) -> Result<Engine, PolicyError> {
+        engine_with(None, Some(text))
+    }
+
+    /// An engine loaded from files holding `schema` (else the built-in one) and `policy`.
+    fn engine_with(schema: Option<&str>, policy: Option<&str>) -> Result<Engine, PolicyError> {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("p.cedar");
-        std::fs::write(&p, text).unwrap();
-        let e = Engine::load(Some(&p), None);
-        drop(dir);
-        e
+        let write = |name: &str, text: Option<&str>| {
+            text.map(|t| {
+                let path = dir.path().join(name);
+                std::fs::write(&path, t).unwrap();
+                path
+            })
+        };
+        let (s, p) = (write("s.cedarschema", schema), write("p.cedar", policy));
+        Engine::load(p.as_deref(), s.as_deref())
     }
 
     #[test]
@@ -781,21 +780,14 @@ mod tests {
     fn a_forbid_that_errors_denies() {
         // `groups` is not in every token: the forbid errors when it is absent, and that must
         // not let the permit through.
-        let dir = tempfile::tempdir().unwrap();
-        let schema = dir.path().join("s.cedarschema");
-        std::fs::write(
-            &schema,
-            BUILTIN_SCHEMA.replace("email?: String,", "email?: String,\n    groups: String,"),
-        )
-        .unwrap();
-        let p = dir.path().join("p.cedar");
-        std::fs::write(
-            &p,
-            r#"permit(principal, action, resource);
+        let e = engine_with(
+            Some(&BUILTIN_SCHEMA.replace("email?: String,", "email?: String,\n    groups: String,")),
+            Some(
+                r#"permit(principal, action, resource);
                forbid(principal, action, resource) when { context.subject.groups == "contractors" };"#,
+            ),
         )
         .unwrap();
-        let e = Engine::load(Some(&p), Some(&schema)).unwrap();
         let without = vec![("iss".into(), "i".into()), ("sub".into(), "u".into())];
         let d = e.decide(&input(&without, "low"), &["x".into()]);
         assert!(!d[0].allowed, "{d:?}");
@@ -861,8 +853,6 @@ mod tests {
     #[test]
     fn a_schema_that_does_not_fit_what_decisions_send_is_refused_at_load() {
         // Review BB-1: decided against the schema, these would deny every exchange.
-        let dir = tempfile::tempdir().unwrap();
-        let schema = dir.path().join("s.cedarschema");
         for (from, to) in [
             ("      task_id: String,\n", ""),
             (
@@ -873,23 +863,21 @@ mod tests {
         ] {
             let changed = BUILTIN_SCHEMA.replace(from, to);
             assert_ne!(changed, BUILTIN_SCHEMA, "{from:?}");
-            std::fs::write(&schema, changed).unwrap();
-            let e = Engine::load(None, Some(&schema)).unwrap_err().to_string();
+            let e = engine_with(Some(&changed), None).unwrap_err().to_string();
             assert!(
                 e.contains("does not fit what tesserad sends"),
                 "{from:?}: {e}"
             );
         }
         // An optional attribute more is fine.
-        std::fs::write(
-            &schema,
-            BUILTIN_SCHEMA.replace(
+        engine_with(
+            Some(&BUILTIN_SCHEMA.replace(
                 "    risk: String,\n",
                 "    risk: String,\n    team?: String,\n",
-            ),
+            )),
+            None,
         )
         .unwrap();
-        Engine::load(None, Some(&schema)).unwrap();
     }
 
     #[test]
@@ -897,24 +885,18 @@ mod tests {
         // Validated against a schema with an action group, then decided with it: the group
         // exists at decision time too (review AY-1: decided without the schema, `action in`
         // a group was always false and the forbid never applied).
-        let dir = tempfile::tempdir().unwrap();
-        let schema = dir.path().join("s.cedarschema");
-        std::fs::write(
-            &schema,
-            BUILTIN_SCHEMA.replace(
-                "  action exchange appliesTo",
-                "  action anything;\n  action exchange in [anything] appliesTo",
+        let schema = BUILTIN_SCHEMA.replace(
+            "  action exchange appliesTo",
+            "  action anything;\n  action exchange in [anything] appliesTo",
+        );
+        let e = engine_with(
+            Some(&schema),
+            Some(
+                r#"permit(principal, action, resource);
+               forbid(principal, action in Tessera::Action::"anything", resource);"#,
             ),
         )
         .unwrap();
-        let p = dir.path().join("p.cedar");
-        std::fs::write(
-            &p,
-            r#"permit(principal, action, resource);
-               forbid(principal, action in Tessera::Action::"anything", resource);"#,
-        )
-        .unwrap();
-        let e = Engine::load(Some(&p), Some(&schema)).unwrap();
         // Claims no schema declares are left out of the request, not refused.
         let subject = vec![
             ("iss".into(), "i".into()),
@@ -924,8 +906,7 @@ mod tests {
         let d = e.decide(&input(&subject, "low"), &["x".into()]);
         assert!(!d[0].allowed, "{d:?}");
         // Without the forbid, the same request is allowed.
-        std::fs::write(&p, "permit(principal, action, resource);").unwrap();
-        let e = Engine::load(Some(&p), Some(&schema)).unwrap();
+        let e = engine_with(Some(&schema), Some("permit(principal, action, resource);")).unwrap();
         assert!(e.decide(&input(&subject, "low"), &["x".into()])[0].allowed);
     }
 

@@ -701,53 +701,30 @@ fn an_entry_granting_the_same_identity_to_the_same_selectors_is_created_once() {
     let o = d.cli(&["entry", "list", "--json"]);
     let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    // Creates `id` with `flags`, expects it stored with a warning holding `wanted`, deletes it.
+    let stored_with_warning = |id: &str, flags: &[&str], wanted: &str| {
+        let mut args = vec!["entry", "create", "--spiffe-id", id];
+        args.extend_from_slice(flags);
+        let o = d.cli(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("warning") && err.contains(wanted), "{err}");
+        let o = d.cli(&["entry", "delete", "--", &listed_id(&d, id)]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
     // A selector that can never match here is stored, with a warning saying so.
-    let o = d.cli(&[
-        "entry",
-        "create",
-        "--spiffe-id",
+    stored_with_warning(
         "spiffe://tessera.internal/later",
-        "--selector",
+        &["--selector", "unix:user:no-such-user-here"],
         "unix:user:no-such-user-here",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("warning") && err.contains("unix:user:no-such-user-here"),
-        "{err}"
     );
-    let o = d.cli(&[
-        "entry",
-        "delete",
-        "--",
-        &listed_id(&d, "spiffe://tessera.internal/later"),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // A high-risk agent under an operator's uid (this one's, which the daemon's own is) is
     // stored, with a warning that it could approve its own requests.
-    let o = d.cli(&[
-        "entry",
-        "create",
-        "--spiffe-id",
+    stored_with_warning(
         "spiffe://tessera.internal/risky",
-        "--selector",
-        &uid,
-        "--risk",
-        "high",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("warning") && err.contains("approve its own requests"),
-        "{err}"
+        &["--selector", &uid, "--risk", "high"],
+        "approve its own requests",
     );
-    let o = d.cli(&[
-        "entry",
-        "delete",
-        "--",
-        &listed_id(&d, "spiffe://tessera.internal/risky"),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Nor can an update make one entry the other's twin.
     let other = listed
         .as_array()

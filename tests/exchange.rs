@@ -946,6 +946,22 @@ async fn exchange_held_in_key_fetch(
     (d, actor, pending)
 }
 
+/// Lets the issuer answer an exchange of [`exchange_held_in_key_fetch`], and expects it
+/// refused for `why` with no task token minted.
+fn refused_once_the_issuer_answers(
+    idp: &Idp,
+    d: &Daemon,
+    pending: std::thread::JoinHandle<(u16, Value)>,
+    why: &str,
+) {
+    idp.open.send_replace(true);
+    let (code, r) = pending.join().unwrap();
+    assert_eq!(code, 400, "a task token minted: {r}");
+    assert_refused(&r, why);
+    let tasks = cli_json(d, &["lease", "list", "--json", "--kind", "task-token"]);
+    assert!(tasks.as_array().unwrap().is_empty(), "{tasks}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_entry_raised_to_high_risk_during_the_exchange_mints_nothing_unapproved() {
     // Review AY-2: the approval rule and the policy were decided from the entry as it was
@@ -960,12 +976,7 @@ async fn an_entry_raised_to_high_risk_during_the_exchange_mints_nothing_unapprov
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    idp.open.send_replace(true);
-    let (code, r) = pending.join().unwrap();
-    assert_eq!(code, 400, "minted under the entry as it was: {r}");
-    assert_refused(&r, "changed during the exchange");
-    let tasks = cli_json(&d, &["lease", "list", "--json", "--kind", "task-token"]);
-    assert!(tasks.as_array().unwrap().is_empty(), "{tasks}");
+    refused_once_the_issuer_answers(&idp, &d, pending, "changed during the exchange");
     // Asked again, it is decided under the entry as it is: a high-risk agent waits for a
     // human.
     let t = idp.sign("RS256", Some("rsa-2"), &idp.claims("a1"));
@@ -980,12 +991,7 @@ async fn an_actor_token_revoked_during_the_exchange_gets_nothing() {
     let (d, actor, pending) = exchange_held_in_key_fetch(&idp, d, actor, "r-revoked").await;
     // The agent's JWT-SVID leaked: the operator revokes it, and the revocation returns.
     revoke_token_lease(&d, &actor);
-    idp.open.send_replace(true);
-    let (code, r) = pending.join().unwrap();
-    assert_eq!(code, 400, "a token minted for a revoked actor token: {r}");
-    assert_refused(&r, "revoked or expired during the exchange");
-    let tasks = cli_json(&d, &["lease", "list", "--json", "--kind", "task-token"]);
-    assert!(tasks.as_array().unwrap().is_empty(), "{tasks}");
+    refused_once_the_issuer_answers(&idp, &d, pending, "revoked or expired during the exchange");
 }
 
 fn tasks_req(subject: &str, task: &str, scopes: &[&str], x509: bool) -> pb::ExchangeRequest {

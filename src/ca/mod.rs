@@ -2056,25 +2056,22 @@ mod tests {
     fn chains_that_relying_parties_refuse_are_refused_at_start() {
         use rcgen::{BasicConstraints, IsCa};
         three_chain(|_, _| {}).unwrap();
-        let refused = |edit: &dyn Fn(usize, &mut rcgen::CertificateParams), want: &str| {
-            let err = three_chain(edit).unwrap_err().to_string();
+        // Certificate `at` (0 the signer, 2 the root) changed by `edit` is refused for `want`.
+        let refused = |at: usize, edit: &dyn Fn(&mut rcgen::CertificateParams), want: &str| {
+            let err = three_chain(|i, p| {
+                if i == at {
+                    edit(p);
+                }
+            })
+            .unwrap_err()
+            .to_string();
             assert!(err.contains(want), "{want:?} not in: {err}");
         };
         // The SPIFFE libraries want keyCertSign on every certificate sent with an SVID.
+        refused(1, &|p| p.key_usages.clear(), "no keyUsage with keyCertSign");
         refused(
-            &|i, p| {
-                if i == 1 {
-                    p.key_usages.clear();
-                }
-            },
-            "no keyUsage with keyCertSign",
-        );
-        refused(
-            &|i, p| {
-                if i == 2 {
-                    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-                }
-            },
+            2,
+            &|p| p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0)),
             "pathLenConstraint",
         );
         // Below the root: the intermediate and the signer, two CA certificates.
@@ -2087,27 +2084,18 @@ mod tests {
         })
         .expect("within the path lengths");
         refused(
-            &|i, p| {
-                if i == 1 {
-                    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning];
-                }
-            },
+            1,
+            &|p| p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning],
             "extended key usage",
         );
         refused(
-            &|i, p| {
-                if i == 2 {
-                    p.custom_extensions = vec![uri_constraint("other.example", false)];
-                }
-            },
+            2,
+            &|p| p.custom_extensions = vec![uri_constraint("other.example", false)],
             "permit only",
         );
         refused(
-            &|i, p| {
-                if i == 1 {
-                    p.custom_extensions = vec![uri_constraint(td().as_str(), true)];
-                }
-            },
+            1,
+            &|p| p.custom_extensions = vec![uri_constraint(td().as_str(), true)],
             "exclude",
         );
         three_chain(|i, p| {
@@ -2119,29 +2107,20 @@ mod tests {
         // Go reads an excluded host as covering the hosts under it, and an empty one as
         // covering all.
         refused(
-            &|i, p| {
-                if i == 1 {
-                    p.custom_extensions = vec![uri_constraint("org", true)];
-                }
-            },
+            1,
+            &|p| p.custom_extensions = vec![uri_constraint("org", true)],
             "exclude",
         );
         refused(
-            &|i, p| {
-                if i == 1 {
-                    p.custom_extensions = vec![uri_constraint("", true)];
-                }
-            },
+            1,
+            &|p| p.custom_extensions = vec![uri_constraint("", true)],
             "exclude",
         );
         // Not valid for days: refused. Within a day (a clock behind at boot) it is served,
         // with an error logged.
         refused(
-            &|i, p| {
-                if i == 2 {
-                    p.not_before = OffsetDateTime::now_utc() + time::Duration::days(2);
-                }
-            },
+            2,
+            &|p| p.not_before = OffsetDateTime::now_utc() + time::Duration::days(2),
             "is not valid until",
         );
         three_chain(|i, p| {

@@ -988,7 +988,11 @@ impl LeaseTable {
             else {
                 // Kept, or gone already. A revoked certificate keeps its own schedule.
                 let Some((exp, held)) = self.leases.get(&id).map(|l| {
-                    let held = (!kept_revoked(&l)).then(|| held_back(&l)).flatten();
+                    let held = if kept_revoked(&l) {
+                        None
+                    } else {
+                        held_back(&l)
+                    };
                     (l.expires_at, held)
                 }) else {
                     continue;
