@@ -445,15 +445,27 @@ impl Defaults {
     }
 }
 
+/// Largest config file read: a few thousand registration entries fit in well under it.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
 impl Config {
-    /// Loads and validates a config file; `None` means built-in defaults only.
+    /// Loads and validates a config file; `None` means built-in defaults only. The file must
+    /// be one only the daemon's user or root can change ([`crate::fsutil::read_trusted_file`]).
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         match path {
             None => Self::from_toml("", Path::new("<defaults>")),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                let read_err = |source| ConfigError::Read {
                     path: p.to_owned(),
                     source,
+                };
+                let bytes = crate::fsutil::read_trusted_file(p, MAX_CONFIG_BYTES, "config file")
+                    .map_err(read_err)?;
+                let text = String::from_utf8(bytes).map_err(|_| {
+                    read_err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "not UTF-8 text",
+                    ))
                 })?;
                 Self::from_toml(&text, p)
             }
@@ -1241,6 +1253,26 @@ mod tests {
             .unwrap();
             assert_eq!(c.http_issuer.as_deref(), Some(issuer));
         }
+    }
+
+    #[test]
+    fn a_config_file_others_could_change_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tesserad.toml");
+        std::fs::write(&p, "trust_domain = \"example.org\"\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(
+            Config::load(Some(&p)).unwrap().trust_domain.as_str(),
+            "example.org"
+        );
+        // Whoever could write it could map their uid to any identity at the next start.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o646)).unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(
+            e.contains(&p.display().to_string()) && e.contains("not writable by"),
+            "{e}"
+        );
     }
 
     #[test]

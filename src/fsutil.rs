@@ -1,7 +1,9 @@
 //! Filesystem helpers for secrets and sockets: private directories, atomic 0600 writes.
 //!
 //! Owns: the one way Tessera writes a file that must not be read by others, so that a key is
-//! never visible with looser permissions, not even for an instant between create and chmod.
+//! never visible with looser permissions, not even for an instant between create and chmod;
+//! and the rules for who may change what the daemon trusts: the directories above its data
+//! and sockets, and the files it reads its config, policy and issuer keys from.
 
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::Write;
@@ -137,29 +139,368 @@ fn flock_exclusive(f: &fs::File) -> std::io::Result<()> {
     Ok(())
 }
 
+/// [`check_socket_dir`]'s rule for any directory whose contents others must not swap;
+/// `what` names it in the messages ("socket directory", "output directory").
+pub fn check_private_dir(dir: &Path, owner: Option<u32>, what: &str) -> std::io::Result<()> {
+    let owned_ok = |uid: u32| owner.is_none_or(|me| uid == me || uid == 0);
+    let me = owner.map_or_else(|| "the daemon's uid".to_owned(), |u| format!("uid {u}"));
+    let refuse = |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.file_type().is_symlink() {
+        return Err(refuse(format!(
+            "{what} {} is a symbolic link; give the real directory",
+            dir.display()
+        )));
+    }
+    if !meta.is_dir() {
+        return Err(refuse(format!("{} is not a directory", dir.display())));
+    }
+    if !owned_ok(meta.uid()) || meta.mode() & 0o022 != 0 {
+        return Err(refuse(format!(
+            "{what} {} must be owned by {me} or root and not writable by group or others (owner {}, mode {:o})",
+            dir.display(),
+            meta.uid(),
+            meta.mode() & 0o777
+        )));
+    }
+    // The directories above, as the kernel resolves them (a symlinked /var/run is fine if
+    // its target passes).
+    let real = std::fs::canonicalize(dir)?;
+    match real.parent() {
+        Some(up) => check_above(up, owner, &format!("{what} {}", dir.display())),
+        None => Ok(()),
+    }
+}
+
+/// The rule for the directories above a private one, applied to `dir` and every directory
+/// above it, as the kernel resolves them: owned by `owner` or root, and not writable by group
+/// or others unless sticky (then only the owner of an entry can rename it). Enough for a
+/// directory about to be created in `dir`: `what` names it.
+pub fn check_above(dir: &Path, owner: Option<u32>, what: &str) -> std::io::Result<()> {
+    check_above_rule(dir, owner, what, &|_, _| 0o022, "group or others")
+}
+
+/// [`check_above`] for the data directory, except that a directory writable by its group
+/// passes when that group is the daemon's own and has no other member (a user private group:
+/// `umask 0002` makes `~/.local` so on Ubuntu). A group of several users (a shared `/srv/team`,
+/// a pod volume's `fsGroup`) could rename the data directory away, as others could.
+pub fn check_above_data(dir: &Path, owner: Option<u32>, what: &str) -> std::io::Result<()> {
+    check_above_rule(dir, owner, what, &group_rule, DATA_WRITERS)
+}
+
+/// Who [`check_above_data`] and [`read_trusted_file`] refuse as writers.
+const DATA_WRITERS: &str = "group (unless it is the daemon's own, with no other member) or others";
+
+/// The write bits that let someone other than the owner change `p` (metadata `m`): group and
+/// others, or only others when the group is a user private group: the daemon's own, with no
+/// other member, neither listed in the group nor having it as primary group (review BD-2), and
+/// no POSIX ACL on `p` (its group bits are then the ACL's mask, which may grant other users).
+fn group_rule(p: &Path, m: &fs::Metadata) -> u32 {
+    if m.gid() == nix::unistd::getegid().as_raw() && is_private_group(m.gid()) && !has_acl(p) {
+        0o002
+    } else {
+        0o022
+    }
+}
+
+fn is_private_group(gid: u32) -> bool {
+    let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    let Some(me) = me else { return false };
+    let listed_alone = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+        .ok()
+        .flatten()
+        .is_some_and(|g| g.mem.iter().all(|n| *n == me));
+    // Primary members are not listed in the group: they are in the user database. Read from
+    // /etc/passwd; users only a directory service knows are not seen (README).
+    let primary_of_others = fs::read_to_string("/etc/passwd").map_or(true, |t| {
+        t.lines().any(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            f.len() > 3 && f[0] != me && f[3].parse() == Ok(gid)
+        })
+    });
+    listed_alone && !primary_of_others
+}
+
+/// Whether `p` (not followed if a link) carries a POSIX access ACL.
+fn has_acl(p: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return true;
+    };
+    // SAFETY: both strings are NUL-terminated; a null buffer of size 0 only asks the size.
+    let n = unsafe {
+        libc::lgetxattr(
+            c.as_ptr(),
+            c"system.posix_acl_access".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    n >= 0
+}
+
+/// Whether the directory `p` is the root of a read-only mount: its write bits then let nobody
+/// write it here (a Kubernetes ConfigMap volume, mounted read-only whatever its mode). Only a
+/// mount's own root: below it, a read-only view (systemd's `ProtectSystem=strict`, a `:ro`
+/// bind mount) may still be writable from the host (review BD-1).
+fn is_read_only_mount_root(p: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statx fills `st`, a plain struct of integers, and reads the NUL-terminated path.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            0,
+            &raw mut st,
+        )
+    };
+    let root = r == 0
+        && st.stx_attributes_mask & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0
+        && st.stx_attributes & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0;
+    root && nix::sys::statvfs::statvfs(p)
+        .is_ok_and(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+}
+
+fn check_above_rule(
+    dir: &Path,
+    owner: Option<u32>,
+    what: &str,
+    refused_bits: &dyn Fn(&Path, &fs::Metadata) -> u32,
+    writers: &str,
+) -> std::io::Result<()> {
+    let owned_ok = |uid: u32| owner.is_none_or(|me| uid == me || uid == 0);
+    let me = owner.map_or_else(|| "the daemon's uid".to_owned(), |u| format!("uid {u}"));
+    let real = std::fs::canonicalize(dir)?;
+    for up in real.ancestors() {
+        let m = std::fs::metadata(up)?;
+        let sticky = m.mode() & 0o1000 != 0;
+        let write_bits = refused_bits(up, &m);
+        if !owned_ok(m.uid()) || (m.mode() & write_bits != 0 && !sticky) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} (above the {what}) must be owned by {me} or root and not writable by {writers} unless sticky (owner {}, mode {:o}): otherwise another user could replace the {what}",
+                    up.display(),
+                    m.uid(),
+                    m.mode() & 0o7777
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Opens `path` for reading through one descriptor, non-blocking (opening a FIFO with no
+/// writer returns at once), and refuses anything but a regular file: a FIFO would block
+/// start-up for good, a device could be read without end. Errors do not name the path.
+fn open_regular(path: &Path) -> std::io::Result<(fs::File, fs::Metadata)> {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok((f, meta))
+}
+
+/// Reads what `f` holds, at most `limit` bytes (a file that grew since `meta` was taken is cut
+/// there, not read without end).
+fn read_at_most(f: fs::File, meta: &fs::Metadata, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::with_capacity(meta.len().min(limit) as usize);
+    f.take(limit).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Reads a file whose content decides who gets which credential (the config, the Cedar policy
+/// and schema, a `jwks_file`, an operator CA or TLS key pair), only if nobody but the daemon's
+/// user or root can change it: anyone who could would grant themselves any identity (review
+/// AY-6). The file must be a regular file of at most `limit` bytes, owned by the daemon's uid or
+/// root and not writable by others or by a group other than a user private group
+/// ([`check_above_data`]'s group rule), and every directory and link the path passes through
+/// must be such that nobody else can swap what follows ([`walk_trusted`]). The checks are of
+/// the file that is read: its device and inode must be those the walk arrives at. `what`
+/// names the file in the messages about the directories; the caller names its path.
+pub fn read_trusted_file(path: &Path, limit: u64, what: &str) -> std::io::Result<Vec<u8>> {
+    let (f, meta) = open_trusted(path, what)?;
+    if meta.len() > limit {
+        return Err(std::io::Error::other(format!(
+            "{} bytes; a {what} is at most {limit}",
+            meta.len()
+        )));
+    }
+    read_at_most(f, &meta, limit)
+}
+
+/// [`read_trusted_file`]'s checks, on the file opened for reading.
+fn open_trusted(path: &Path, what: &str) -> std::io::Result<(fs::File, fs::Metadata)> {
+    let (f, meta) = open_regular(path)?;
+    let me = nix::unistd::geteuid().as_raw();
+    let real = walk_trusted(path, me, what)?;
+    let writable = meta.mode() & group_rule(&real, &meta);
+    if !trusted_owner(meta.uid(), me) || writable != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "must be owned by {} and not writable by {DATA_WRITERS} (owner uid {}, group \
+                 gid {}, mode {:o}): otherwise another user could change it",
+                owners(me),
+                meta.uid(),
+                meta.gid(),
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    let at = fs::metadata(&real)?;
+    if (at.dev(), at.ino()) != (meta.dev(), meta.ino()) {
+        return Err(std::io::Error::other(format!(
+            "changed while it was being checked ({} is now another file); try again",
+            real.display()
+        )));
+    }
+    Ok((f, meta))
+}
+
+fn trusted_owner(uid: u32, me: u32) -> bool {
+    uid == me || uid == 0
+}
+
+/// "uid N or root", or "root" when the daemon runs as root.
+fn owners(me: u32) -> String {
+    if me == 0 {
+        "root".to_owned()
+    } else {
+        format!("uid {me} or root")
+    }
+}
+
+/// Most symbolic links followed in one path, as the kernel's limit.
+const MAX_LINKS: usize = 40;
+
+/// Resolves `path` one component at a time, as the kernel does, and returns where it leads.
+/// Every directory passed through must be owned by the daemon's uid (`me`) or root and not
+/// writable by others (nor by a group other than a user private group) unless it is sticky or
+/// the root of a read-only mount; an entry taken from a sticky directory others can write (a
+/// link in `/tmp`) must itself be owned by `me` or root, as only its owner can replace it
+/// there. A relative path is resolved from the working directory, whose own path is walked too.
+/// Links are followed wherever they are in the path, so a link in the middle of a chain is
+/// judged by the directory it sits in (review BD-3).
+fn walk_trusted(path: &Path, me: u32, what: &str) -> std::io::Result<std::path::PathBuf> {
+    use std::ffi::OsString;
+    use std::path::{Component, PathBuf};
+    let refuse = |at: &Path, m: &fs::Metadata, why: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} (on the way to the {what}) {why} (owner uid {}, group gid {}, mode {:o}): \
+                 otherwise another user could replace the {what}",
+                at.display(),
+                m.uid(),
+                m.gid(),
+                m.mode() & 0o7777
+            ),
+        )
+    };
+    // Components still to walk, the next one last.
+    fn push(todo: &mut Vec<OsString>, p: &Path) {
+        for c in p.components().rev() {
+            match c {
+                Component::RootDir => todo.push("/".into()),
+                Component::ParentDir => todo.push("..".into()),
+                Component::Normal(n) => todo.push(n.to_owned()),
+                Component::CurDir | Component::Prefix(_) => {}
+            }
+        }
+    }
+    let mut todo = Vec::new();
+    if path.is_absolute() {
+        push(&mut todo, path);
+    } else {
+        push(&mut todo, &std::env::current_dir()?.join(path));
+    }
+    let mut cur = PathBuf::from("/");
+    let mut links = 0;
+    while let Some(c) = todo.pop() {
+        if c == "/" {
+            cur = PathBuf::from("/");
+            continue;
+        }
+        if c == ".." {
+            cur.pop();
+            continue;
+        }
+        // `cur` is a real directory (links are resolved as they come): judge it, then the
+        // entry taken from it.
+        let dm = fs::metadata(&cur)?;
+        let sticky = dm.mode() & 0o1000 != 0;
+        let open = dm.mode() & group_rule(&cur, &dm) != 0 && !is_read_only_mount_root(&cur);
+        if !trusted_owner(dm.uid(), me) {
+            return Err(refuse(
+                &cur,
+                &dm,
+                &format!("must be owned by {}", owners(me)),
+            ));
+        }
+        if open && !sticky {
+            return Err(refuse(
+                &cur,
+                &dm,
+                &format!("must not be writable by {DATA_WRITERS} unless sticky"),
+            ));
+        }
+        let next = cur.join(&c);
+        let em = fs::symlink_metadata(&next)?;
+        if open && !trusted_owner(em.uid(), me) {
+            return Err(refuse(
+                &next,
+                &em,
+                &format!(
+                    "sits in a sticky directory others can write and must be owned by {}",
+                    owners(me)
+                ),
+            ));
+        }
+        if em.file_type().is_symlink() {
+            links += 1;
+            if links > MAX_LINKS {
+                return Err(std::io::Error::other(format!(
+                    "more than {MAX_LINKS} symbolic links on the way to the {what}"
+                )));
+            }
+            push(&mut todo, &fs::read_link(&next)?);
+        } else {
+            cur = next;
+        }
+    }
+    Ok(cur)
+}
+
 /// Largest key or certificate file read: a chain of a dozen certificates is a few KiB.
 pub const MAX_PEM_FILE: u64 = 1 << 20;
 
-/// Reads an operator-supplied key or certificate file through one descriptor: a regular file
-/// (a FIFO would block start-up for good, a device could be read without end), at most
-/// [`MAX_PEM_FILE`] bytes, and with `private`, readable by its owner only, judged on the file
-/// that is read rather than on a second lookup of the path.
+/// Reads an operator-supplied key or certificate file (an operator CA, the HTTPS listener's
+/// pair) through one descriptor: a file nobody but the daemon's user or root can change or
+/// swap, as [`read_trusted_file`] (whoever could would have the daemon sign with their CA;
+/// review BD-5), at most [`MAX_PEM_FILE`] bytes, and with `private`, readable by its owner
+/// only, judged on the file that is read rather than on a second lookup of the path.
 pub fn read_pem_file(path: &Path, private: bool) -> std::io::Result<String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    // Non-blocking, so that opening a FIFO with no writer returns at once.
-    let mut f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
+    let what = if private {
+        "key file"
+    } else {
+        "certificate file"
+    };
+    let (f, meta) = open_trusted(path, what)
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-    let meta = f.metadata()?;
-    if !meta.file_type().is_file() {
-        return Err(std::io::Error::other(format!(
-            "{} is not a regular file",
-            path.display()
-        )));
-    }
     let mode = meta.mode();
     if private && mode & 0o077 != 0 {
         return Err(std::io::Error::other(format!(
@@ -176,8 +517,7 @@ pub fn read_pem_file(path: &Path, private: bool) -> std::io::Result<String> {
             meta.len()
         )));
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    (&mut f).take(MAX_PEM_FILE + 1).read_to_end(&mut bytes)?;
+    let bytes = read_at_most(f, &meta, MAX_PEM_FILE)?;
     String::from_utf8(bytes).map_err(|_| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -208,6 +548,94 @@ mod tests {
         fs::write(&big, vec![b'a'; MAX_PEM_FILE as usize + 1]).unwrap();
         let e = read_pem_file(&big, false).unwrap_err().to_string();
         assert!(e.contains("at most"), "{e}");
+    }
+
+    #[test]
+    fn trusted_files_are_read_only_when_nobody_else_can_change_them() {
+        let d = tempfile::tempdir().unwrap();
+        let read = |p: &Path| read_trusted_file(p, 64, "policy file").map_err(|e| e.to_string());
+        let mode =
+            |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
+        let good = d.path().join("good");
+        fs::create_dir(&good).unwrap();
+        let f = good.join("p.cedar");
+        fs::write(&f, "permit").unwrap();
+        mode(&f, 0o644);
+        assert_eq!(read(&f).unwrap(), b"permit");
+        // Writable by others, or by a group the daemon's user does not have to itself.
+        mode(&f, 0o666);
+        let e = read(&f).unwrap_err();
+        assert!(
+            e.contains("not writable by") && e.contains("mode 666"),
+            "{e}"
+        );
+        // The daemon's own group with no other member: the user private group of `umask 0002`.
+        mode(&f, 0o664);
+        read(&f).unwrap();
+        let me = nix::unistd::geteuid();
+        let other_gid = nix::unistd::Gid::from_raw(nix::unistd::getegid().as_raw() + 4242);
+        if nix::unistd::chown(&f, None, Some(other_gid)).is_ok() {
+            mode(&f, 0o664);
+            assert!(read(&f).is_err(), "a shared group can change it");
+            mode(&f, 0o644);
+            read(&f).unwrap();
+            nix::unistd::chown(&f, None, Some(nix::unistd::getegid())).unwrap();
+        }
+        // Owned by another user (only root can hand a file over, as here).
+        if me.is_root() {
+            nix::unistd::chown(&f, Some(nix::unistd::Uid::from_raw(4242)), None).unwrap();
+            let e = read(&f).unwrap_err();
+            assert!(e.contains("owner uid 4242"), "{e}");
+            nix::unistd::chown(&f, Some(me), None).unwrap();
+        }
+        mode(&f, 0o644);
+        // A directory above that others can write (not sticky): the file could be swapped.
+        let open = d.path().join("open");
+        fs::create_dir(&open).unwrap();
+        let g = open.join("p.cedar");
+        fs::write(&g, "permit").unwrap();
+        mode(&open, 0o777);
+        let e = read(&g).unwrap_err();
+        assert!(e.contains("on the way to the policy file"), "{e}");
+        mode(&open, 0o1777);
+        read(&g).unwrap();
+        mode(&open, 0o777);
+        // A link is judged where it is and where it leads.
+        let to_open = good.join("link.cedar");
+        std::os::unix::fs::symlink(&g, &to_open).unwrap();
+        assert!(read(&to_open).is_err(), "the target's directory is open");
+        let in_open = open.join("link.cedar");
+        std::os::unix::fs::symlink(&f, &in_open).unwrap();
+        assert!(read(&in_open).is_err(), "the link's directory is open");
+        // A link in the middle of a chain, in a directory others can write (review BD-3):
+        // good/chain -> open/mid -> good/p.cedar.
+        let mid = open.join("mid");
+        std::os::unix::fs::symlink(&f, &mid).unwrap();
+        let chain = good.join("chain");
+        std::os::unix::fs::symlink(&mid, &chain).unwrap();
+        let e = read(&chain).unwrap_err();
+        assert!(e.contains(&open.display().to_string()), "{e}");
+        mode(&open, 0o755);
+        read(&to_open).unwrap();
+        read(&in_open).unwrap();
+        read(&chain).unwrap();
+        // `..` is walked as the kernel does: from where the path has got to.
+        assert_eq!(read(&open.join("../good/p.cedar")).unwrap(), b"permit");
+        // In a sticky directory others can write, a link must be its reader's or root's: only
+        // its owner can replace it there.
+        if me.is_root() {
+            mode(&open, 0o1777);
+            std::os::unix::fs::lchown(&in_open, Some(4242), None).unwrap();
+            let e = read(&in_open).unwrap_err();
+            assert!(e.contains("sticky"), "{e}");
+            mode(&open, 0o755);
+        }
+        // Not a regular file, or too large.
+        let fifo = good.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(read(&fifo).unwrap_err().contains("not a regular file"));
+        fs::write(&f, [b'a'; 65]).unwrap();
+        assert!(read(&f).unwrap_err().contains("at most 64"));
     }
 
     #[test]

@@ -135,9 +135,17 @@ fn jwks_file_json(p: &std::path::Path, text: &[u8]) -> Result<Value, String> {
     serde_json::from_slice(text).map_err(|e| format!("{}: not JSON ({e})", p.display()))
 }
 
+/// Reads a `jwks_file`: only one nobody but the daemon's user or root can change (whoever
+/// could would sign subject tokens the daemon accepts; review AY-6), at most 1 MiB as a
+/// fetched document.
+fn read_jwks_file(p: &std::path::Path) -> Result<Vec<u8>, String> {
+    crate::fsutil::read_trusted_file(p, MAX_DOC_BYTES as u64, "jwks_file")
+        .map_err(|e| format!("{}: {e}", p.display()))
+}
+
 /// Reads a `jwks_file` as the daemon does: what `tesserad --check-config` runs.
 pub fn check_jwks_file(p: &std::path::Path) -> Result<usize, String> {
-    let text = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let text = read_jwks_file(p)?;
     parse_jwks(&jwks_file_json(p, &text)?)
         .map(|keys| keys.len())
         .map_err(|e| format!("{}: {e}", p.display()))
@@ -291,9 +299,10 @@ impl Verifier {
     async fn fetch_keys(&self, cfg: &OidcIssuerConfig) -> Result<Vec<Jwk>, String> {
         let doc = match &cfg.keys {
             KeySource::JwksFile(p) => {
-                let text = tokio::fs::read(p)
+                let path = p.clone();
+                let text = tokio::task::spawn_blocking(move || read_jwks_file(&path))
                     .await
-                    .map_err(|e| format!("{}: {e}", p.display()))?;
+                    .map_err(|e| format!("{}: {e}", p.display()))??;
                 jwks_file_json(p, &text)?
             }
             KeySource::JwksUri(u) => self.get_json(u).await?,
@@ -612,6 +621,15 @@ mod tests {
             keys: KeySource::JwksFile(file.clone()),
         }]);
         assert!(v.refresh_all().await[0].1.is_ok());
+        // A key file others could write would let them sign any subject token (review AY-6):
+        // neither fetched nor passed by --check-config.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = v.refresh_all().await.remove(0).1.unwrap_err();
+        assert!(e.contains("not writable by"), "{e}");
+        assert!(check_jwks_file(&file).is_err());
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(check_jwks_file(&file), Ok(1));
         let token = old
             .sign(
                 &json!({"iss": "https://idp.example", "sub": "alice", "aud": "tessera",

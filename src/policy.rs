@@ -250,6 +250,14 @@ fn subject_claims(json: &serde_json::Value) -> Result<HashSet<String>, String> {
     Ok(attrs.keys().cloned().collect())
 }
 
+/// Reads a policy or schema file: only one nobody but the daemon's user or root can change
+/// ([`crate::fsutil::read_trusted_file`]), at most [`MAX_POLICY_BYTES`], as UTF-8.
+fn read_policy_text(path: &Path, what: &str) -> std::io::Result<String> {
+    let bytes = crate::fsutil::read_trusted_file(path, MAX_POLICY_BYTES, what)?;
+    String::from_utf8(bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
 impl Engine {
     /// Loads `path` (or nothing: default deny) validated against `schema_path` (or the
     /// built-in schema).
@@ -257,10 +265,11 @@ impl Engine {
         let (schema, claims) = match schema_path {
             None => parse_schema(BUILTIN_SCHEMA, "built-in")?,
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| PolicyError::Read {
-                    path: p.to_owned(),
-                    source,
-                })?;
+                let text =
+                    read_policy_text(p, "policy schema").map_err(|e| PolicyError::Schema {
+                        origin: p.display().to_string(),
+                        message: e.to_string(),
+                    })?;
                 parse_schema(&text, &p.display().to_string())?
             }
         };
@@ -367,8 +376,8 @@ impl Engine {
             path: path.clone(),
             source,
         };
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
+        let text = match read_policy_text(path, "policy file") {
+            Ok(t) => t,
             // Removed while running: nothing permits any more (review AY-7). Keeping the
             // last file's permits would leave in force what the operator took away, which the
             // same missing file refuses at start.
@@ -384,26 +393,10 @@ impl Engine {
                 }));
                 return Ok(Some(0));
             }
+            // A file others could change (review AY-6) is an error like any other: the
+            // policy in force stays.
             Err(e) => return Err(read_err(e)),
         };
-        if meta.len() > MAX_POLICY_BYTES {
-            return Err(PolicyError::Read {
-                path: path.clone(),
-                source: std::io::Error::other(format!(
-                    "larger than {} MiB",
-                    MAX_POLICY_BYTES >> 20
-                )),
-            });
-        }
-        let mut text = String::new();
-        std::io::Read::read_to_string(
-            &mut std::io::Read::take(
-                std::fs::File::open(path).map_err(read_err)?,
-                MAX_POLICY_BYTES,
-            ),
-            &mut text,
-        )
-        .map_err(read_err)?;
         if digest(text.as_bytes()) == self.current.load().digest && !self.is_empty() {
             return Ok(None);
         }
@@ -630,12 +623,22 @@ pub async fn watch(
         sd.wait().await;
         return;
     };
+    // With the change time, owner and mode: a chmod that makes a refused file acceptable
+    // changes nothing else (review BD-4).
     let stamp = |p: &Path| {
-        std::fs::metadata(p)
-            .ok()
-            .map(|m| (m.len(), m.modified().ok(), file_inode(&m)))
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).ok().map(|m| {
+            (
+                (m.len(), m.modified().ok(), m.ino()),
+                (m.ctime(), m.ctime_nsec(), m.mode(), m.uid(), m.gid()),
+            )
+        })
     };
     let mut seen = stamp(&path);
+    // The last reload's error, while it fails: tried again at every tick, since what makes the
+    // file acceptable may be a directory above it, which the stamp does not see; reported
+    // again only when the error changes.
+    let mut failing: Option<String> = None;
     let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -645,7 +648,7 @@ pub async fn watch(
             _ = tick.tick() => false,
         };
         let now = stamp(&path);
-        if !forced && now == seen {
+        if !forced && now == seen && failing.is_none() {
             continue;
         }
         // Wait until the file stops changing.
@@ -671,15 +674,19 @@ pub async fn watch(
             }
         };
         match &r {
-            Ok(n) => on_result(Ok(*n)),
-            Err(e) => on_result(Err(e)),
+            Ok(n) => {
+                failing = None;
+                on_result(Ok(*n));
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if forced || failing.as_ref() != Some(&msg) {
+                    on_result(Err(e));
+                }
+                failing = Some(msg);
+            }
         }
     }
-}
-
-fn file_inode(m: &std::fs::Metadata) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    m.ino()
 }
 
 #[cfg(test)]
@@ -971,5 +978,20 @@ mod tests {
         std::fs::write(&p, "permit(principal, action, resource);").unwrap();
         assert_eq!(e.reload().unwrap(), Some(1));
         assert!(e.decide(&input(&subj, "low"), &["x".into()])[0].allowed);
+        // A file others could write (review AY-6) is refused like a broken one: what is in
+        // force stays, and a start refuses it.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(&p, "forbid(principal, action, resource);").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = e.reload().unwrap_err().to_string();
+        assert!(
+            err.contains("not writable by") && err.contains("mode 666"),
+            "{err}"
+        );
+        assert!(e.decide(&input(&subj, "low"), &["x".into()])[0].allowed);
+        assert!(Engine::load(Some(&p), None).is_err());
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(e.reload().unwrap(), Some(1));
+        assert!(!e.decide(&input(&subj, "low"), &["x".into()])[0].allowed);
     }
 }

@@ -1418,6 +1418,25 @@ async fn policy_reloads_good_files_and_keeps_the_last_good_one() {
     })
     .await;
     assert!(scope_ok("tickets:write", "p1").0);
+    // So is a file others could write (review AY-6); once its mode is fixed it is loaded,
+    // although nothing else about it changed (review BD-4).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&policy_path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::write(
+        &policy_path,
+        r#"permit(principal, action, resource) when { context.scope like "*" };"#,
+    )
+    .unwrap();
+    eventually("the file others could write is reported", || {
+        d.log_text().contains("not writable by")
+    })
+    .await;
+    assert!(!scope_ok("admin:all", "p1").0);
+    std::fs::set_permissions(&policy_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    eventually("the file is loaded once its mode is fixed", || {
+        scope_ok("admin:all", "p1").0
+    })
+    .await;
 
     // SIGHUP reloads too.
     std::fs::write(&policy_path, "forbid(principal, action, resource);").unwrap();

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
+
+pub use crate::fsutil::{check_above, check_above_data, check_private_dir};
 use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 
@@ -213,105 +215,6 @@ impl AsyncWrite for UdsConn {
 /// not know which uid the daemon runs as) ownership is not checked, the rest is.
 pub fn check_socket_dir(dir: &Path, owner: Option<u32>) -> io::Result<()> {
     check_private_dir(dir, owner, "socket directory")
-}
-
-/// [`check_socket_dir`]'s rule for any directory whose contents others must not swap;
-/// `what` names it in the messages ("socket directory", "output directory").
-pub fn check_private_dir(dir: &Path, owner: Option<u32>, what: &str) -> io::Result<()> {
-    let owned_ok = |uid: u32| owner.is_none_or(|me| uid == me || uid == 0);
-    let me = owner.map_or_else(|| "the daemon's uid".to_owned(), |u| format!("uid {u}"));
-    let refuse = |why: String| io::Error::new(io::ErrorKind::PermissionDenied, why);
-    let meta = std::fs::symlink_metadata(dir)?;
-    if meta.file_type().is_symlink() {
-        return Err(refuse(format!(
-            "{what} {} is a symbolic link; give the real directory",
-            dir.display()
-        )));
-    }
-    if !meta.is_dir() {
-        return Err(refuse(format!("{} is not a directory", dir.display())));
-    }
-    if !owned_ok(meta.uid()) || meta.mode() & 0o022 != 0 {
-        return Err(refuse(format!(
-            "{what} {} must be owned by {me} or root and not writable by group or others (owner {}, mode {:o})",
-            dir.display(),
-            meta.uid(),
-            meta.mode() & 0o777
-        )));
-    }
-    // The directories above, as the kernel resolves them (a symlinked /var/run is fine if
-    // its target passes).
-    let real = std::fs::canonicalize(dir)?;
-    match real.parent() {
-        Some(up) => check_above(up, owner, &format!("{what} {}", dir.display())),
-        None => Ok(()),
-    }
-}
-
-/// The rule for the directories above a private one, applied to `dir` and every directory
-/// above it, as the kernel resolves them: owned by `owner` or root, and not writable by group
-/// or others unless sticky (then only the owner of an entry can rename it). Enough for a
-/// directory about to be created in `dir`: `what` names it.
-pub fn check_above(dir: &Path, owner: Option<u32>, what: &str) -> io::Result<()> {
-    check_above_rule(dir, owner, what, &|_| false, "group or others")
-}
-
-/// [`check_above`] for the data directory, except that a directory writable by its group
-/// passes when that group is the daemon's own and has no other member (a user private group:
-/// `umask 0002` makes `~/.local` so on Ubuntu). A group of several users (a shared `/srv/team`,
-/// a pod volume's `fsGroup`) could rename the data directory away, as others could.
-pub fn check_above_data(dir: &Path, owner: Option<u32>, what: &str) -> io::Result<()> {
-    let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
-        .ok()
-        .flatten()
-        .map(|u| u.name);
-    let private_group = |gid: u32| {
-        gid == nix::unistd::getegid().as_raw()
-            && nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
-                .ok()
-                .flatten()
-                .is_some_and(|g| g.mem.iter().all(|m| Some(m) == me.as_ref()))
-    };
-    check_above_rule(
-        dir,
-        owner,
-        what,
-        &private_group,
-        "group (unless it is the daemon's own, with no other member) or others",
-    )
-}
-
-fn check_above_rule(
-    dir: &Path,
-    owner: Option<u32>,
-    what: &str,
-    group_may_write: &dyn Fn(u32) -> bool,
-    writers: &str,
-) -> io::Result<()> {
-    let owned_ok = |uid: u32| owner.is_none_or(|me| uid == me || uid == 0);
-    let me = owner.map_or_else(|| "the daemon's uid".to_owned(), |u| format!("uid {u}"));
-    let real = std::fs::canonicalize(dir)?;
-    for up in real.ancestors() {
-        let m = std::fs::metadata(up)?;
-        let sticky = m.mode() & 0o1000 != 0;
-        let write_bits = if group_may_write(m.gid()) {
-            0o002
-        } else {
-            0o022
-        };
-        if !owned_ok(m.uid()) || (m.mode() & write_bits != 0 && !sticky) {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!(
-                    "{} (above the {what}) must be owned by {me} or root and not writable by {writers} unless sticky (owner {}, mode {:o}): otherwise another user could replace the {what}",
-                    up.display(),
-                    m.uid(),
-                    m.mode() & 0o7777
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Binds a Unix socket at `path` with file mode `mode`.
@@ -551,6 +454,7 @@ pub fn incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn the_data_directory_may_sit_under_its_users_own_group_writable_parent_only() {

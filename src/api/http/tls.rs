@@ -51,13 +51,50 @@ struct SvidResolver {
     id: SpiffeId,
     /// The issuer URL's host, named in the certificate too.
     host: String,
-    current: ArcSwap<(Arc<CertifiedKey>, Instant)>,
+    current: ArcSwap<Serving>,
+    /// Held by the one handshake that renews: the others meanwhile serve the current SVID
+    /// rather than each minting one (review BD-10).
+    renewing: std::sync::Mutex<()>,
+}
+
+/// The SVID being served, and when it is due for renewal.
+#[derive(Debug)]
+struct Serving {
+    key: Arc<CertifiedKey>,
+    /// Half its life from the mint, on the monotonic clock; 30 s after a failed renewal.
+    renew_at: Instant,
+    /// The wall-clock times within which it is served: from its `notBefore` to half its life.
+    /// A step of the wall clock outside them (review AZ-12) makes it due at once, where the
+    /// monotonic clock alone would serve a certificate expired, or not yet valid, by the new
+    /// time for up to half its life.
+    wall: (time::OffsetDateTime, time::OffsetDateTime),
+    /// The wall-clock rule waits until then after a failed renewal, as `renew_at` does.
+    hold_until: Instant,
+}
+
+impl Serving {
+    fn due(&self, now: Instant, wall: time::OffsetDateTime) -> bool {
+        now >= self.renew_at
+            || (now >= self.hold_until && !(self.wall.0 <= wall && wall < self.wall.1))
+    }
+
+    /// The same certificate, tried again in 30 s.
+    fn retry_later(&self, now: Instant) -> Self {
+        let later = now + Duration::from_secs(30);
+        Self {
+            key: Arc::clone(&self.key),
+            renew_at: later,
+            wall: self.wall,
+            hold_until: later,
+        }
+    }
 }
 
 impl SvidResolver {
-    fn mint(ca: &Ca, id: &SpiffeId, host: &str) -> Result<(Arc<CertifiedKey>, Instant), String> {
+    fn mint(ca: &Ca, id: &SpiffeId, host: &str) -> Result<Serving, String> {
+        let wall = time::OffsetDateTime::now_utc();
         let m = ca
-            .mint_x509_serving(id, host, SVID_TTL, time::OffsetDateTime::now_utc())
+            .mint_x509_serving(id, host, SVID_TTL, wall)
             .map_err(|e| e.to_string())?;
         let chain = split_der(&m.chain_der)?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(m.key_pkcs8.as_ref().to_vec()));
@@ -65,36 +102,49 @@ impl SvidResolver {
             .key_provider
             .load_private_key(key)
             .map_err(|e| format!("cannot use the SVID key: {e}"))?;
-        Ok((
-            Arc::new(CertifiedKey::new(chain, signing)),
-            Instant::now() + SVID_TTL / 2,
-        ))
+        let now = Instant::now();
+        Ok(Serving {
+            key: Arc::new(CertifiedKey::new(chain, signing)),
+            renew_at: now + SVID_TTL / 2,
+            // Not past the CA's own end, which caps the certificate's: the renewal then fails
+            // and says so, instead of serving an expired certificate in silence (review BD-10).
+            wall: (
+                wall - crate::ca::x509::BACKDATE,
+                (wall + SVID_TTL / 2).min(ca.not_after()),
+            ),
+            hold_until: now,
+        })
     }
 }
 
 impl ResolvesServerCert for SvidResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let cur = self.current.load();
-        if Instant::now() < cur.1 {
-            return Some(Arc::clone(&cur.0));
+        let now = Instant::now();
+        if !cur.due(now, time::OffsetDateTime::now_utc()) {
+            return Some(Arc::clone(&cur.key));
+        }
+        let Ok(_renewing) = self.renewing.try_lock() else {
+            return Some(Arc::clone(&cur.key));
+        };
+        // Another handshake may have renewed it between the load and the lock.
+        let cur = self.current.load();
+        if !cur.due(now, time::OffsetDateTime::now_utc()) {
+            return Some(Arc::clone(&cur.key));
         }
         match Self::mint(&self.ca, &self.id, &self.host) {
             Ok(next) => {
-                let key = Arc::clone(&next.0);
+                let key = Arc::clone(&next.key);
                 self.current.store(Arc::new(next));
                 Some(key)
             }
             Err(e) => {
-                // Keep serving the current one (still valid for half its life), and try
-                // again in a while, not at every handshake: remote clients would otherwise
-                // each start a mint and a log line.
+                // Keep serving the current one (still valid for half its life, unless the
+                // wall clock stepped), and try again in a while, not at every handshake:
+                // remote clients would otherwise each start a mint and a log line.
                 tracing::error!(error = %e, "cannot renew the HTTP serving SVID; retrying in 30 s");
-                let key = Arc::clone(&cur.0);
-                self.current.store(Arc::new((
-                    Arc::clone(&key),
-                    Instant::now() + Duration::from_secs(30),
-                )));
-                Some(key)
+                self.current.store(Arc::new(cur.retry_later(now)));
+                Some(Arc::clone(&cur.key))
             }
         }
     }
@@ -119,6 +169,7 @@ pub fn server_config(
                 id,
                 host: host.to_owned(),
                 current: ArcSwap::from_pointee(first),
+                renewing: std::sync::Mutex::new(()),
             }))
         }
     };
@@ -370,4 +421,37 @@ pub async fn serve(
         });
     }
     graceful.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_serving_svid_is_renewed_when_either_clock_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = crate::spiffe_id::TrustDomain::parse("example.org").unwrap();
+        let ca = Ca::load_or_create(&td, dir.path(), None, Duration::from_secs(86_400)).unwrap();
+        let id = SpiffeId::new(ca.trust_domain(), "/tesserad").unwrap();
+        let s = SvidResolver::mint(&ca, &id, "localhost").unwrap();
+        let (now, wall) = (Instant::now(), time::OffsetDateTime::now_utc());
+        assert!(!s.due(now, wall));
+        assert!(
+            s.due(now + SVID_TTL / 2, wall),
+            "half its life on the monotonic clock"
+        );
+        // The wall clock steps ahead past half its life, or back before its notBefore
+        // (review AZ-12): due although the monotonic clock has hardly moved.
+        assert!(s.due(now, wall + SVID_TTL / 2));
+        assert!(s.due(now, wall - Duration::from_secs(120)));
+        assert!(
+            !s.due(now, wall - Duration::from_secs(10)),
+            "within the backdating"
+        );
+        // After a failed renewal both rules wait 30 s, so that each handshake does not mint.
+        let held = s.retry_later(now);
+        assert!(!held.due(now, wall + SVID_TTL));
+        assert!(held.due(now + Duration::from_secs(30), wall + SVID_TTL));
+        assert!(held.due(now + Duration::from_secs(30), wall));
+    }
 }
