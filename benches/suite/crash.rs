@@ -5,9 +5,11 @@
 //!
 //! Clients keep a ledger of what they received (JWT-SVID `jti`s, X.509-SVID serials) and of
 //! acknowledged revocations and kills; nothing counts until the client has the full response.
-//! Besides the kill made before the first round, the operator kills a fresh identity every
-//! few tens of milliseconds under the load, so kills acknowledged just before a crash are
-//! checked as well. Each lost record counts once, however many rounds find it missing.
+//! Besides the kill made before the first round, the operator kills an identity every few
+//! tens of milliseconds under the load, so kills acknowledged just before a crash are checked
+//! as well: first the round's victims, each holding a JWT-SVID fetched before the load, whose
+//! leases must come back revoked; then fresh identities. Each lost record counts once, however
+//! many rounds find it missing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,6 +29,14 @@ struct Ledger {
     revoked: Vec<String>,
     /// Identities killed under load, acknowledged.
     kills: Vec<String>,
+    /// This round's victims not killed yet: identity and the `jti` of the JWT-SVID it holds.
+    victims: Vec<(String, String)>,
+    /// Leases (`jti`s) of every victim.
+    victim_jtis: Vec<String>,
+    /// Leases (`jti`s) of victims whose kill was acknowledged: each must come back revoked.
+    killed_leases: Vec<String>,
+    /// Victims whose acknowledged kill said it revoked nothing although they held a lease.
+    kills_revoking_nothing: usize,
     /// SVIDs received for the killed identity: each one is a kill not in force.
     served_killed: usize,
     /// SVIDs whose `jti` or serial could not be read: they cannot be looked up, so they
@@ -158,16 +168,29 @@ async fn load_until_crash(
         let (mut failures, mut n) = (0, 0u64);
         while failures < 3 {
             tokio::time::sleep(Duration::from_millis(40)).await;
-            let id = format!("{GONE}/{round}-{n}");
-            n += 1;
+            // The round's victims first (they hold leases), then fresh identities.
+            let victim = killer_ledger.lock().unwrap().victims.last().cloned();
+            let id = match &victim {
+                Some((id, _)) => id.clone(),
+                None => {
+                    n += 1;
+                    format!("{GONE}/{round}-{}", n - 1)
+                }
+            };
             let kill = admin.kill_identity(apb::KillIdentityRequest {
                 spiffe_id: id.clone(),
                 reason: "crash test".into(),
             });
             match tokio::time::timeout(Duration::from_secs(2), kill).await {
-                Ok(Ok(_)) => {
+                Ok(Ok(r)) => {
                     failures = 0;
-                    killer_ledger.lock().unwrap().kills.push(id);
+                    let mut l = killer_ledger.lock().unwrap();
+                    l.kills.push(id);
+                    if let Some((_, jti)) = victim {
+                        l.victims.pop();
+                        l.kills_revoking_nothing += usize::from(r.into_inner().revoked == 0);
+                        l.killed_leases.push(jti);
+                    }
                 }
                 _ => failures += 1,
             }
@@ -193,13 +216,52 @@ async fn store_contents(d: &common::Daemon) -> (HashMap<String, String>, HashMap
     (by_id, by_serial)
 }
 
-fn config() -> String {
+/// Victims per round: identities that hold a lease when they are killed under load.
+const VICTIMS_PER_ROUND: u64 = 4;
+
+fn victim(round: u64, k: u64) -> String {
+    format!("spiffe://tessera.internal/crash/victim/{round}-{k}")
+}
+
+/// The load's identities, and `rounds` rounds of victims. A victim's entry also selects the
+/// `tessera` CLI's path, so the load (this binary) is never served its SVIDs: only the CLI
+/// fetch before each round gives a victim its lease.
+fn config(rounds: u64) -> String {
     let uid = common::my_uid();
-    format!(
+    let cli = common::tessera_bin();
+    let mut c = format!(
         "log.level = \"info\"\n{}{}",
         common::entry_for_uid("crash/agent", uid, ""),
         common::entry_for_uid("crash/killed", uid, "")
-    )
+    );
+    for round in 0..rounds {
+        for k in 0..VICTIMS_PER_ROUND {
+            c.push_str(&format!(
+                "[[entries]]\nspiffe_id = \"{}\"\nselectors = [\"unix:uid:{uid}\", \"unix:path:{}\"]\n",
+                victim(round, k),
+                cli.display()
+            ));
+        }
+    }
+    c
+}
+
+/// Gives each of `round`'s victims a JWT-SVID through the CLI; returns identity and `jti`.
+fn arm_victims(d: &common::Daemon, round: u64) -> Vec<(String, String)> {
+    (0..VICTIMS_PER_ROUND)
+        .map(|k| {
+            let id = victim(round, k);
+            let o = d.cli(&["svid", "jwt", "--audience", "crash", "--spiffe-id", &id]);
+            assert!(
+                o.status.success(),
+                "the CLI fetched no JWT-SVID for {id}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let token = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+            let jti = jti(&token).unwrap_or_else(|| panic!("no jti in {token:?}"));
+            (id, jti)
+        })
+        .collect()
 }
 
 /// Fewest credentials per round, and revocations in all, for the crash test to show
@@ -213,7 +275,7 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
     let clients = o.clients.min(16);
     eprintln!("[crash] {rounds} rounds of load + kill -9, {clients} clients ...");
     let report = async {
-        let mut d = common::Daemon::start(&config());
+        let mut d = common::Daemon::start(&config(rounds));
         // A kill before the first crash must hold through every restart.
         let o = d.cli(&["kill", KILLED, "--reason", "crash test"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -223,7 +285,16 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
         let mut lost_revocations = std::collections::HashSet::new();
         let mut lost_kills = std::collections::HashSet::new();
         let started = Instant::now();
+        let mut lost_kill_revocations = std::collections::HashSet::new();
         for round in 0..rounds {
+            let armed = arm_victims(&d, round);
+            {
+                let mut l = ledger.lock().unwrap();
+                l.victims = armed;
+                // Their leases must survive like any other received credential.
+                let jtis: Vec<String> = l.victims.iter().map(|v| v.1.clone()).collect();
+                l.victim_jtis.extend(jtis);
+            }
             let pid = d.pid();
             // Crash after a random 200–700 ms of load.
             let delay = 200 + (rand_u64() % 500);
@@ -237,7 +308,7 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             d.wait_exit(Duration::from_secs(10));
             let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
             drop(d);
-            d = common::Daemon::start_in(dir, &config());
+            d = common::Daemon::start_in(dir, &config(rounds));
             let (by_id, by_serial) = store_contents(&d).await;
             let l = ledger.lock().unwrap();
             let missing: Vec<&String> = l
@@ -245,6 +316,13 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
                 .iter()
                 .filter(|j| !by_id.contains_key(*j))
                 .chain(l.serials.iter().filter(|s| !by_serial.contains_key(*s)))
+                .chain(l.victim_jtis.iter().filter(|j| !by_id.contains_key(*j)))
+                .collect();
+            // A killed victim's lease, present but not revoked: the kill lost its effect.
+            let unkilled: Vec<&String> = l
+                .killed_leases
+                .iter()
+                .filter(|j| by_id.get(*j).is_some_and(|s| s != "revoked"))
                 .collect();
             let unrevoked: Vec<&String> = l
                 .revoked
@@ -273,23 +351,30 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
                 .collect();
             eprintln!(
                 "round {:>3}: {} JWT + {} X.509 received so far, {} revocations, {} kills \
-                 under load; lost {} leases, {} revocations, {} kills",
+                 under load ({} of them holding a lease); lost {} leases, {} revocations, {} \
+                 kills, {} killed leases",
                 round + 1,
                 l.jtis.len(),
                 l.serials.len(),
                 l.revoked.len(),
                 l.kills.len(),
+                l.killed_leases.len(),
                 missing.len(),
                 unrevoked.len(),
                 unlisted.len(),
+                unkilled.len(),
             );
+            lost_kill_revocations.extend(unkilled.into_iter().cloned());
             lost_leases.extend(missing.into_iter().cloned());
             lost_revocations.extend(unrevoked.into_iter().cloned());
             lost_kills.extend(unlisted);
         }
         let l = ledger.lock().unwrap();
         // Listed is not enough: the identity must also have got nothing.
-        let lost_kills = lost_kills.len() + l.served_killed;
+        let lost_kills = lost_kills.len()
+            + l.served_killed
+            + lost_kill_revocations.len()
+            + l.kills_revoking_nothing;
         let lost_leases = lost_leases.len() + l.unreadable;
         let lost_revocations = lost_revocations.len();
         json!({
@@ -300,6 +385,9 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             "x509_svids_received": l.serials.len(),
             "revocations_acknowledged": l.revoked.len(),
             "kills_acknowledged_under_load": l.kills.len(),
+            "kills_of_lease_holders_under_load": l.killed_leases.len(),
+            "killed_leases_not_revoked_after_restart": lost_kill_revocations.len(),
+            "kills_that_revoked_nothing": l.kills_revoking_nothing,
             "lost_leases": lost_leases,
             "lost_revocations": lost_revocations,
             "lost_kills": lost_kills,
@@ -330,6 +418,15 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
         "crash_kills_under_load",
         "  kills acknowledged under load",
         report["kills_acknowledged_under_load"].as_u64().unwrap() as f64,
+        "count",
+        Target::None,
+    );
+    r.figure(
+        "crash_kills_of_lease_holders",
+        "    of them, of identities holding a lease",
+        report["kills_of_lease_holders_under_load"]
+            .as_u64()
+            .unwrap() as f64,
         "count",
         Target::None,
     );
