@@ -196,14 +196,19 @@ const DATA_WRITERS: &str = "group (unless it is the daemon's own, with no other 
 /// other member, neither listed in the group nor having it as primary group (review BD-2), and
 /// no POSIX ACL on `p` (its group bits are then the ACL's mask, which may grant other users).
 fn group_rule(p: &Path, m: &fs::Metadata) -> u32 {
-    if m.gid() == nix::unistd::getegid().as_raw() && is_private_group(m.gid()) && !has_acl(p) {
+    // Without group write there is nothing to relax: no user database to read (review BE-6).
+    if m.mode() & 0o020 != 0
+        && m.gid() == nix::unistd::getegid().as_raw()
+        && is_private_group(m.gid())
+        && !has_acl(p)
+    {
         0o002
     } else {
         0o022
     }
 }
 
-fn is_private_group(gid: u32) -> bool {
+pub(crate) fn is_private_group(gid: u32) -> bool {
     let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
         .ok()
         .flatten()
@@ -242,11 +247,24 @@ fn has_acl(p: &Path) -> bool {
     n >= 0
 }
 
-/// Whether the directory `p` is the root of a read-only mount: its write bits then let nobody
-/// write it here (a Kubernetes ConfigMap volume, mounted read-only whatever its mode). Only a
-/// mount's own root: below it, a read-only view (systemd's `ProtectSystem=strict`, a `:ro`
-/// bind mount) may still be writable from the host (review BD-1).
-fn is_read_only_mount_root(p: &Path) -> bool {
+/// Whether the directory `p` is a Kubernetes ConfigMap, Secret or projected volume as the
+/// kubelet mounts it: the root of a read-only mount (mode 0777 whatever the volume's
+/// `defaultMode`) holding the kubelet's `..data` link. Its write bits then let nobody write
+/// it. Only that layout: a read-only view of a directory the host can write (systemd's
+/// `ProtectSystem=strict`, `docker -v dir:ro`, a read-only `hostPath`) is judged by its modes
+/// (reviews BD-1, BE-1).
+fn is_kubelet_volume(p: &Path) -> bool {
+    let read_only = nix::sys::statvfs::statvfs(p)
+        .is_ok_and(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
+    read_only
+        && is_mount_root(p)
+        && fs::symlink_metadata(p.join("..data")).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+/// Whether the directory `p` is the root of a mount: by `statx` where the kernel says (Linux
+/// 5.8 and later), else by its device differing from its parent's (review BE-2; the kubelet's
+/// volumes are file systems of their own).
+fn is_mount_root(p: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
     let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
         return false;
@@ -262,11 +280,14 @@ fn is_read_only_mount_root(p: &Path) -> bool {
             &raw mut st,
         )
     };
-    let root = r == 0
-        && st.stx_attributes_mask & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0
-        && st.stx_attributes & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0;
-    root && nix::sys::statvfs::statvfs(p)
-        .is_ok_and(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+    let flag = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    if r == 0 && st.stx_attributes_mask & flag != 0 {
+        return st.stx_attributes & flag != 0;
+    }
+    match (fs::metadata(p), fs::metadata(p.join(".."))) {
+        (Ok(a), Ok(b)) => a.dev() != b.dev(),
+        _ => false,
+    }
 }
 
 fn check_above_rule(
@@ -390,7 +411,7 @@ const MAX_LINKS: usize = 40;
 /// Resolves `path` one component at a time, as the kernel does, and returns where it leads.
 /// Every directory passed through must be owned by the daemon's uid (`me`) or root and not
 /// writable by others (nor by a group other than a user private group) unless it is sticky or
-/// the root of a read-only mount; an entry taken from a sticky directory others can write (a
+/// a Kubernetes volume mounted read-only ([`is_kubelet_volume`]); an entry taken from a sticky directory others can write (a
 /// link in `/tmp`) must itself be owned by `me` or root, as only its owner can replace it
 /// there. A relative path is resolved from the working directory, whose own path is walked too.
 /// Links are followed wherever they are in the path, so a link in the middle of a chain is
@@ -443,7 +464,7 @@ fn walk_trusted(path: &Path, me: u32, what: &str) -> std::io::Result<std::path::
         // entry taken from it.
         let dm = fs::metadata(&cur)?;
         let sticky = dm.mode() & 0o1000 != 0;
-        let open = dm.mode() & group_rule(&cur, &dm) != 0 && !is_read_only_mount_root(&cur);
+        let open = dm.mode() & group_rule(&cur, &dm) != 0 && !is_kubelet_volume(&cur);
         if !trusted_owner(dm.uid(), me) {
             return Err(refuse(
                 &cur,
@@ -455,7 +476,10 @@ fn walk_trusted(path: &Path, me: u32, what: &str) -> std::io::Result<std::path::
             return Err(refuse(
                 &cur,
                 &dm,
-                &format!("must not be writable by {DATA_WRITERS} unless sticky"),
+                &format!(
+                    "must not be writable by {DATA_WRITERS} unless sticky (or a Kubernetes \
+                     volume the kubelet mounted read-only)"
+                ),
             ));
         }
         let next = cur.join(&c);
@@ -569,9 +593,11 @@ mod tests {
             e.contains("not writable by") && e.contains("mode 666"),
             "{e}"
         );
-        // The daemon's own group with no other member: the user private group of `umask 0002`.
+        // The daemon's own group with no other member: the user private group of `umask 0002`
+        // (root's group has other members on some systems: then it is as good as others).
         mode(&f, 0o664);
-        read(&f).unwrap();
+        let own = nix::unistd::getegid().as_raw();
+        assert_eq!(read(&f).is_ok(), is_private_group(own));
         let me = nix::unistd::geteuid();
         let other_gid = nix::unistd::Gid::from_raw(nix::unistd::getegid().as_raw() + 4242);
         if nix::unistd::chown(&f, None, Some(other_gid)).is_ok() {

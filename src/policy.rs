@@ -381,6 +381,11 @@ impl Engine {
             // Removed while running: nothing permits any more (review AY-7). Keeping the
             // last file's permits would leave in force what the operator took away, which the
             // same missing file refuses at start.
+            // Gone for the walk, yet there now: replaced while being read (the kubelet swaps
+            // a ConfigMap's `..data` link): an error, tried again, not "removed" (review BE-4).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.exists() => {
+                return Err(read_err(e));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if self.is_empty() {
                     return Ok(None);
@@ -607,9 +612,10 @@ fn miette_free(e: &cedar_policy::ParseErrors) -> String {
 
 /// Reloads the policy when its file changes or on demand (SIGHUP).
 ///
-/// Changes are debounced: the file must stay the same (size, mtime) for `settle` before it is
-/// read, so an editor's half-written save is not loaded. A file that fails to load is
-/// reported once per change and the previous policy stays in force.
+/// Changes are debounced: the file must stay the same (size, times, owner, mode) for `settle`
+/// before it is read, so an editor's half-written save is not loaded. A file that fails to load
+/// is reported once per change and the previous policy stays in force; one that cannot be read
+/// (others could write it) is tried again at every `poll` until it can.
 pub async fn watch(
     engine: Arc<Engine>,
     mut hup: tokio::sync::mpsc::Receiver<()>,
@@ -635,10 +641,12 @@ pub async fn watch(
         })
     };
     let mut seen = stamp(&path);
-    // The last reload's error, while it fails: tried again at every tick, since what makes the
-    // file acceptable may be a directory above it, which the stamp does not see; reported
-    // again only when the error changes.
-    let mut failing: Option<String> = None;
+    // The last reload's error while it fails. One of reading (a mode others could write, a
+    // file replaced while read) is tried again at every tick, since what fixes it may be a
+    // directory above the file, which the stamp does not see; a policy that does not compile
+    // only when the file changes (review BE-5). Either is reported again only when the file
+    // or the error changes.
+    let mut failing: Option<(String, bool)> = None;
     let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -648,7 +656,8 @@ pub async fn watch(
             _ = tick.tick() => false,
         };
         let now = stamp(&path);
-        if !forced && now == seen && failing.is_none() {
+        let retry = failing.as_ref().is_some_and(|f| f.1);
+        if !forced && now == seen && !retry {
             continue;
         }
         // Wait until the file stops changing.
@@ -664,6 +673,7 @@ pub async fn watch(
             }
             last = again;
         }
+        let changed = last != seen;
         seen = last;
         let engine = Arc::clone(&engine);
         let r = match tokio::task::spawn_blocking(move || engine.reload()).await {
@@ -680,10 +690,10 @@ pub async fn watch(
             }
             Err(e) => {
                 let msg = e.to_string();
-                if forced || failing.as_ref() != Some(&msg) {
+                if forced || changed || failing.as_ref().is_none_or(|f| f.0 != msg) {
                     on_result(Err(e));
                 }
-                failing = Some(msg);
+                failing = Some((msg, matches!(e, PolicyError::Read { .. })));
             }
         }
     }

@@ -465,7 +465,12 @@ mod tests {
         // `umask 0002` makes ~/.local so, in the user's own group (this process's, with no
         // other member when it is root's, as here).
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o2775)).unwrap();
-        check_above_data(&dir, me, "data directory").unwrap();
+        let own = nix::unistd::getegid().as_raw();
+        assert_eq!(
+            check_above_data(&dir, me, "data directory").is_ok(),
+            crate::fsutil::is_private_group(own),
+            "passes only if this user's group has no other member"
+        );
         // A group shared with other users is as good as others.
         let other_gid = nix::unistd::getegid().as_raw() + 4242;
         if nix::unistd::chown(&dir, None, Some(nix::unistd::Gid::from_raw(other_gid))).is_ok() {

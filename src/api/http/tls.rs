@@ -124,8 +124,12 @@ impl ResolvesServerCert for SvidResolver {
         if !cur.due(now, time::OffsetDateTime::now_utc()) {
             return Some(Arc::clone(&cur.key));
         }
-        let Ok(_renewing) = self.renewing.try_lock() else {
-            return Some(Arc::clone(&cur.key));
+        // A mint that panicked (poisoning the lock) must not stop renewals for good (review
+        // BE-8): the lock guards no data.
+        let _renewing = match self.renewing.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Some(Arc::clone(&cur.key)),
         };
         // Another handshake may have renewed it between the load and the lock.
         let cur = self.current.load();
