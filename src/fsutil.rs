@@ -325,7 +325,7 @@ fn check_above_rule(
 fn open_regular(path: &Path) -> std::io::Result<(fs::File, fs::Metadata)> {
     let f = fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(path)?;
     let meta = f.metadata()?;
     if !meta.file_type().is_file() {
@@ -365,9 +365,20 @@ pub fn read_trusted_file(path: &Path, limit: u64, what: &str) -> std::io::Result
 
 /// [`read_trusted_file`]'s checks, on the file opened for reading.
 fn open_trusted(path: &Path, what: &str) -> std::io::Result<(fs::File, fs::Metadata)> {
-    let (f, meta) = open_regular(path)?;
     let me = nix::unistd::geteuid().as_raw();
-    let real = walk_trusted(path, me, what)?;
+    // Walked first and opened where the walk arrived, not following a link there: nothing is
+    // opened (a device, say) before it is judged (review BE-10).
+    let (real, seen) = walk_trusted(path, me, what)?;
+    if !seen.file_type().is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let (f, meta) = open_regular(&real)?;
+    if (seen.dev(), seen.ino()) != (meta.dev(), meta.ino()) {
+        return Err(std::io::Error::other(format!(
+            "changed while it was being checked ({} is now another file); try again",
+            real.display()
+        )));
+    }
     let writable = meta.mode() & group_rule(&real, &meta);
     if !trusted_owner(meta.uid(), me) || writable != 0 {
         return Err(std::io::Error::new(
@@ -381,13 +392,6 @@ fn open_trusted(path: &Path, what: &str) -> std::io::Result<(fs::File, fs::Metad
                 meta.mode() & 0o7777
             ),
         ));
-    }
-    let at = fs::metadata(&real)?;
-    if (at.dev(), at.ino()) != (meta.dev(), meta.ino()) {
-        return Err(std::io::Error::other(format!(
-            "changed while it was being checked ({} is now another file); try again",
-            real.display()
-        )));
     }
     Ok((f, meta))
 }
@@ -416,7 +420,11 @@ const MAX_LINKS: usize = 40;
 /// there. A relative path is resolved from the working directory, whose own path is walked too.
 /// Links are followed wherever they are in the path, so a link in the middle of a chain is
 /// judged by the directory it sits in (review BD-3).
-fn walk_trusted(path: &Path, me: u32, what: &str) -> std::io::Result<std::path::PathBuf> {
+fn walk_trusted(
+    path: &Path,
+    me: u32,
+    what: &str,
+) -> std::io::Result<(std::path::PathBuf, fs::Metadata)> {
     use std::ffi::OsString;
     use std::path::{Component, PathBuf};
     let refuse = |at: &Path, m: &fs::Metadata, why: &str| {
@@ -450,14 +458,17 @@ fn walk_trusted(path: &Path, me: u32, what: &str) -> std::io::Result<std::path::
         push(&mut todo, &std::env::current_dir()?.join(path));
     }
     let mut cur = PathBuf::from("/");
+    let mut last = fs::symlink_metadata(&cur)?;
     let mut links = 0;
     while let Some(c) = todo.pop() {
         if c == "/" {
             cur = PathBuf::from("/");
+            last = fs::symlink_metadata(&cur)?;
             continue;
         }
         if c == ".." {
             cur.pop();
+            last = fs::symlink_metadata(&cur)?;
             continue;
         }
         // `cur` is a real directory (links are resolved as they come): judge it, then the
@@ -494,6 +505,17 @@ fn walk_trusted(path: &Path, me: u32, what: &str) -> std::io::Result<std::path::
                 ),
             ));
         }
+        // There an owner can also be borrowed: a hard link to someone else's file (where
+        // `fs.protected_hardlinks` is off), or a mount (FUSE) that reports any owner (review
+        // BE-9).
+        if open && (em.dev() != dm.dev() || (em.file_type().is_file() && em.nlink() != 1)) {
+            return Err(refuse(
+                &next,
+                &em,
+                "sits in a sticky directory others can write and is a mount point or has other \
+                 hard links",
+            ));
+        }
         if em.file_type().is_symlink() {
             links += 1;
             if links > MAX_LINKS {
@@ -504,9 +526,10 @@ fn walk_trusted(path: &Path, me: u32, what: &str) -> std::io::Result<std::path::
             push(&mut todo, &fs::read_link(&next)?);
         } else {
             cur = next;
+            last = em;
         }
     }
-    Ok(cur)
+    Ok((cur, last))
 }
 
 /// Largest key or certificate file read: a chain of a dozen certificates is a few KiB.
@@ -516,38 +539,32 @@ pub const MAX_PEM_FILE: u64 = 1 << 20;
 /// pair) through one descriptor: a file nobody but the daemon's user or root can change or
 /// swap, as [`read_trusted_file`] (whoever could would have the daemon sign with their CA;
 /// review BD-5), at most [`MAX_PEM_FILE`] bytes, and with `private`, readable by its owner
-/// only, judged on the file that is read rather than on a second lookup of the path.
+/// only, judged on the file that is read rather than on a second lookup of the path. Errors do
+/// not name the path: the caller does.
 pub fn read_pem_file(path: &Path, private: bool) -> std::io::Result<String> {
     let what = if private {
         "key file"
     } else {
         "certificate file"
     };
-    let (f, meta) = open_trusted(path, what)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let (f, meta) = open_trusted(path, what)?;
     let mode = meta.mode();
     if private && mode & 0o077 != 0 {
         return Err(std::io::Error::other(format!(
-            "{} has mode {:o}; a private key must be readable by its owner only (chmod 600 {})",
-            path.display(),
+            "mode {:o}; a private key must be readable by its owner only (chmod 600 {})",
             mode & 0o777,
             path.display()
         )));
     }
     if meta.len() > MAX_PEM_FILE {
         return Err(std::io::Error::other(format!(
-            "{} is {} bytes; a key or certificate file is at most {MAX_PEM_FILE}",
-            path.display(),
+            "{} bytes; a key or certificate file is at most {MAX_PEM_FILE}",
             meta.len()
         )));
     }
     let bytes = read_at_most(f, &meta, MAX_PEM_FILE)?;
-    String::from_utf8(bytes).map_err(|_| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{} is not PEM text", path.display()),
-        )
-    })
+    String::from_utf8(bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not PEM text"))
 }
 
 #[cfg(test)]
@@ -647,6 +664,15 @@ mod tests {
         read(&chain).unwrap();
         // `..` is walked as the kernel does: from where the path has got to.
         assert_eq!(read(&open.join("../good/p.cedar")).unwrap(), b"permit");
+        // In a sticky directory others can write, a hard link lends any file's owner (review
+        // BE-9): a file there must have no other link.
+        mode(&open, 0o1777);
+        let hard = open.join("hard.cedar");
+        fs::hard_link(&f, &hard).unwrap();
+        let e = read(&hard).unwrap_err();
+        assert!(e.contains("hard links"), "{e}");
+        fs::remove_file(&hard).unwrap();
+        mode(&open, 0o755);
         // In a sticky directory others can write, a link must be its reader's or root's: only
         // its owner can replace it there.
         if me.is_root() {

@@ -52,6 +52,12 @@ fn daemon_with(
     let dir = open_tempdir();
     let policy_path = dir.path().join("policy.cedar");
     std::fs::write(&policy_path, policy).unwrap();
+    // Whatever the umask: tesserad refuses a policy others (a shared group) could change.
+    std::fs::set_permissions(
+        &policy_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     let uid = my_uid();
     Daemon::start_in(
         dir,

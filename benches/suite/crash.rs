@@ -7,8 +7,8 @@
 //! acknowledged revocations and kills; nothing counts until the client has the full response.
 //! Besides the kill made before the first round, the operator kills an identity every few
 //! tens of milliseconds under the load, so kills acknowledged just before a crash are checked
-//! as well: first the round's victims, each holding a JWT-SVID fetched before the load, whose
-//! leases must come back revoked; then fresh identities. Each lost record counts once, however
+//! as well: every other kill is of one of the round's victims, each holding a JWT-SVID fetched
+//! before the load, whose leases must come back revoked; the others of fresh identities. Each lost record counts once, however
 //! many rounds find it missing.
 
 use std::collections::HashMap;
@@ -168,14 +168,18 @@ async fn load_until_crash(
         let (mut failures, mut n) = (0, 0u64);
         while failures < 3 {
             tokio::time::sleep(Duration::from_millis(40)).await;
-            // The round's victims first (they hold leases), then fresh identities.
-            let victim = killer_ledger.lock().unwrap().victims.last().cloned();
+            // Every other kill is of one of the round's victims (they hold leases) while any
+            // is left, so that some are acknowledged just before the crash; the rest are of
+            // fresh identities.
+            let victim = if n % 2 == 0 {
+                killer_ledger.lock().unwrap().victims.last().cloned()
+            } else {
+                None
+            };
+            n += 1;
             let id = match &victim {
                 Some((id, _)) => id.clone(),
-                None => {
-                    n += 1;
-                    format!("{GONE}/{round}-{}", n - 1)
-                }
+                None => format!("{GONE}/{round}-{}", n - 1),
             };
             let kill = admin.kill_identity(apb::KillIdentityRequest {
                 spiffe_id: id.clone(),
@@ -223,8 +227,9 @@ async fn store_contents(d: &common::Daemon) -> (HashMap<String, String>, HashMap
     (by_id, by_serial)
 }
 
-/// Victims per round: identities that hold a lease when they are killed under load.
-const VICTIMS_PER_ROUND: u64 = 4;
+/// Victims per round: identities that hold a lease when they are killed under load. Killed
+/// every other 40 ms, eight last 640 ms, about as long as the longest round.
+const VICTIMS_PER_ROUND: u64 = 8;
 
 fn victim(round: u64, k: u64) -> String {
     format!("spiffe://tessera.internal/crash/victim/{round}-{k}")

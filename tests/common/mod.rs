@@ -109,6 +109,11 @@ impl Daemon {
             .map(|l| format!("{l}\n"))
             .collect();
         std::fs::write(&config_path, merge_toml(&base, extra)).unwrap();
+        // Whatever the umask: tesserad refuses a config others (a shared group) could change.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
         let mut child = Command::new(tesserad_bin())
             .arg("--config")
             .arg(&config_path)

@@ -195,8 +195,10 @@ fn from_files(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<rustls::ServerConfig, String> {
-    let key_text = crate::fsutil::read_pem_file(key, true).map_err(|e| e.to_string())?;
-    let cert_text = crate::fsutil::read_pem_file(cert, false).map_err(|e| e.to_string())?;
+    let key_text =
+        crate::fsutil::read_pem_file(key, true).map_err(|e| format!("{}: {e}", key.display()))?;
+    let cert_text = crate::fsutil::read_pem_file(cert, false)
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_text.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: {e}", cert.display()))?;
