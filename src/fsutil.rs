@@ -373,9 +373,17 @@ fn open_trusted(path: &Path, what: &str) -> std::io::Result<(fs::File, fs::Metad
         return Err(std::io::Error::other("not a regular file"));
     }
     let (f, meta) = open_regular(&real)?;
-    if (seen.dev(), seen.ino()) != (meta.dev(), meta.ino()) {
+    // The kernel must agree with the walk: a `/proc/PID/root` or `/proc/PID/fd/N` link is
+    // followed by the kernel into another process's view, where the walk read its text
+    // (review BF-1).
+    let kernel = fs::metadata(path)?;
+    if (seen.dev(), seen.ino()) != (meta.dev(), meta.ino())
+        || (kernel.dev(), kernel.ino()) != (meta.dev(), meta.ino())
+    {
         return Err(std::io::Error::other(format!(
-            "changed while it was being checked ({} is now another file); try again",
+            "is not the file {} its path leads to component by component: it changed while \
+             being checked (try again), or the path goes through a /proc link (give the file's \
+             own path)",
             real.display()
         )));
     }
@@ -508,12 +516,19 @@ fn walk_trusted(
         // There an owner can also be borrowed: a hard link to someone else's file (where
         // `fs.protected_hardlinks` is off), or a mount (FUSE) that reports any owner (review
         // BE-9).
-        if open && (em.dev() != dm.dev() || (em.file_type().is_file() && em.nlink() != 1)) {
+        if open && em.dev() != dm.dev() {
             return Err(refuse(
                 &next,
                 &em,
-                "sits in a sticky directory others can write and is a mount point or has other \
-                 hard links",
+                "sits in a sticky directory others can write and is on another file system (a \
+                 mount point)",
+            ));
+        }
+        if open && !em.is_dir() && em.nlink() != 1 {
+            return Err(refuse(
+                &next,
+                &em,
+                "sits in a sticky directory others can write and has other hard links",
             ));
         }
         if em.file_type().is_symlink() {
@@ -672,6 +687,18 @@ mod tests {
         let e = read(&hard).unwrap_err();
         assert!(e.contains("hard links"), "{e}");
         fs::remove_file(&hard).unwrap();
+        // A symbolic link too: a hard link to root's link lends root's ownership (review BF-3).
+        let hard_link_to_link = open.join("hard-link.cedar");
+        fs::hard_link(&to_open, &hard_link_to_link).unwrap();
+        if fs::symlink_metadata(&hard_link_to_link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+        {
+            let e = read(&hard_link_to_link).unwrap_err();
+            assert!(e.contains("hard links"), "{e}");
+        }
+        fs::remove_file(&hard_link_to_link).unwrap();
         mode(&open, 0o755);
         // In a sticky directory others can write, a link must be its reader's or root's: only
         // its owner can replace it there.
