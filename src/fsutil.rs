@@ -192,59 +192,111 @@ pub fn check_above_data(dir: &Path, owner: Option<u32>, what: &str) -> std::io::
 const DATA_WRITERS: &str = "group (unless it is the daemon's own, with no other member) or others";
 
 /// The write bits that let someone other than the owner change `p` (metadata `m`): group and
-/// others, or only others when the group is a user private group: the daemon's own, with no
-/// other member, neither listed in the group nor having it as primary group (review BD-2), and
-/// no POSIX ACL on `p` (its group bits are then the ACL's mask, which may grant other users).
+/// others, or only others when the group is a user private group ([`shared_group`]).
 fn group_rule(p: &Path, m: &fs::Metadata) -> u32 {
     // Without group write there is nothing to relax: no user database to read (review BE-6).
-    if m.mode() & 0o020 != 0
-        && m.gid() == nix::unistd::getegid().as_raw()
-        && is_private_group(m.gid())
-        && !has_acl(p)
-    {
+    if m.mode() & 0o020 != 0 && shared_group(p, m).is_none() {
         0o002
     } else {
         0o022
     }
 }
 
+/// Why users other than the daemon's may write `p` (metadata `m`) through its group, or `None`
+/// when that group is a user private group: the daemon's own, with no other member, neither
+/// listed in the group nor having it as primary group (review BD-2), and no POSIX ACL on `p`
+/// naming other users or groups (its group bits are then the ACL's mask).
+fn shared_group(p: &Path, m: &fs::Metadata) -> Option<String> {
+    let gid = m.gid();
+    if gid != nix::unistd::getegid().as_raw() {
+        return Some(format!("its group, gid {gid}, is not the daemon's"));
+    }
+    if let Some(who) = other_member(gid) {
+        return Some(who);
+    }
+    has_named_acl(p).then(|| "a POSIX ACL on it names other users or groups".to_owned())
+}
+
+/// Whether `gid` is a user private group: no member but the daemon's user.
+#[cfg(test)]
 pub(crate) fn is_private_group(gid: u32) -> bool {
+    other_member(gid).is_none()
+}
+
+/// A member of `gid` other than the daemon's user, as a reason to give, or `None`.
+fn other_member(gid: u32) -> Option<String> {
     let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
         .ok()
         .flatten()
         .map(|u| u.name);
-    let Some(me) = me else { return false };
-    let listed_alone = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
-        .ok()
-        .flatten()
-        .is_some_and(|g| g.mem.iter().all(|n| *n == me));
+    let Some(me) = me else {
+        return Some("the daemon's uid has no user name to tell its group's members by".into());
+    };
+    match nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid)) {
+        Ok(Some(g)) => {
+            if let Some(n) = g.mem.iter().find(|n| **n != me) {
+                return Some(format!("user {n} is a member of its group, gid {gid}"));
+            }
+        }
+        _ => {
+            return Some(format!(
+                "its group, gid {gid}, has no entry to tell its members by"
+            ));
+        }
+    }
     // Primary members are not listed in the group: they are in the user database. Read from
     // /etc/passwd; users only a directory service knows are not seen (README).
-    let primary_of_others = fs::read_to_string("/etc/passwd").map_or(true, |t| {
-        t.lines().any(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            f.len() > 3 && f[0] != me && f[3].parse() == Ok(gid)
+    let Ok(passwd) = fs::read_to_string("/etc/passwd") else {
+        return Some("/etc/passwd cannot be read to tell its group's members by".into());
+    };
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 3 && f[0] != me && f[3].parse() == Ok(gid)).then(|| {
+            format!(
+                "its group, gid {gid}, is the primary group of user {}",
+                f[0]
+            )
         })
-    });
-    listed_alone && !primary_of_others
+    })
 }
 
-/// Whether `p` (not followed if a link) carries a POSIX access ACL.
-fn has_acl(p: &Path) -> bool {
+/// Whether `p` (not followed if a link) carries a POSIX access ACL with entries for named
+/// users or groups. A minimal ACL (owner, group, others: what `cp -a` can leave) says no more
+/// than the mode (review BE-7).
+fn has_named_acl(p: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
     let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
         return true;
     };
+    let name = c"system.posix_acl_access";
     // SAFETY: both strings are NUL-terminated; a null buffer of size 0 only asks the size.
+    let n = unsafe { libc::lgetxattr(c.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+    if n < 0 {
+        return false;
+    }
+    let mut buf = vec![0u8; n as usize];
+    // SAFETY: `buf` is writable for its length, which is passed.
     let n = unsafe {
         libc::lgetxattr(
             c.as_ptr(),
-            c"system.posix_acl_access".as_ptr(),
-            std::ptr::null_mut(),
-            0,
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
         )
     };
-    n >= 0
+    // Grown or gone meanwhile, or not the kernel's format (a u32 version, then entries of a
+    // u16 tag, a u16 permission set and a u32 id): counted as naming someone.
+    let Ok(n) = usize::try_from(n) else {
+        return true;
+    };
+    buf.truncate(n);
+    if buf.len() < 4 || !(buf.len() - 4).is_multiple_of(8) {
+        return true;
+    }
+    // ACL_USER_OBJ, ACL_GROUP_OBJ and ACL_OTHER are the mode's; any other tag names someone.
+    buf[4..]
+        .chunks_exact(8)
+        .any(|e| !matches!(u16::from_le_bytes([e[0], e[1]]), 0x01 | 0x04 | 0x20))
 }
 
 /// Whether the directory `p` is a Kubernetes ConfigMap, Secret or projected volume as the
@@ -387,13 +439,21 @@ fn open_trusted(path: &Path, what: &str) -> std::io::Result<(fs::File, fs::Metad
             real.display()
         )));
     }
-    let writable = meta.mode() & group_rule(&real, &meta);
-    if !trusted_owner(meta.uid(), me) || writable != 0 {
+    let why = if !trusted_owner(meta.uid(), me) {
+        Some(format!("it is owned by uid {}", meta.uid()))
+    } else if meta.mode() & 0o002 != 0 {
+        Some("others can write it".to_owned())
+    } else if meta.mode() & 0o020 != 0 {
+        shared_group(&real, &meta).map(|g| format!("its group can write it and {g}"))
+    } else {
+        None
+    };
+    if let Some(why) = why {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
             format!(
-                "must be owned by {} and not writable by {DATA_WRITERS} (owner uid {}, group \
-                 gid {}, mode {:o}): otherwise another user could change it",
+                "must be owned by {} and not writable by {DATA_WRITERS}, but {why} (owner uid {}, \
+                 group gid {}, mode {:o}): otherwise another user could change it",
                 owners(me),
                 meta.uid(),
                 meta.gid(),
@@ -634,10 +694,63 @@ mod tests {
         let other_gid = nix::unistd::Gid::from_raw(nix::unistd::getegid().as_raw() + 4242);
         if nix::unistd::chown(&f, None, Some(other_gid)).is_ok() {
             mode(&f, 0o664);
-            assert!(read(&f).is_err(), "a shared group can change it");
+            let e = read(&f).unwrap_err();
+            assert!(
+                e.contains("is not the daemon's"),
+                "the reason is given: {e}"
+            );
             mode(&f, 0o644);
             read(&f).unwrap();
             nix::unistd::chown(&f, None, Some(nix::unistd::getegid())).unwrap();
+        }
+        // A POSIX ACL naming another user makes the group bits its mask: refused. One with
+        // only the owner, group and others entries (`cp -a` can leave it) says no more than the
+        // mode (review BE-7).
+        if is_private_group(own) {
+            let acl = |entries: &[(u16, u16, u32)]| {
+                let mut v = 2u32.to_le_bytes().to_vec();
+                for (tag, perm, id) in entries {
+                    v.extend(tag.to_le_bytes());
+                    v.extend(perm.to_le_bytes());
+                    v.extend(id.to_le_bytes());
+                }
+                v
+            };
+            let set = |v: &[u8]| {
+                use std::os::unix::ffi::OsStrExt;
+                let c = std::ffi::CString::new(f.as_os_str().as_bytes()).unwrap();
+                // SAFETY: NUL-terminated strings and a buffer of the length passed.
+                unsafe {
+                    libc::lsetxattr(
+                        c.as_ptr(),
+                        c"system.posix_acl_access".as_ptr(),
+                        v.as_ptr().cast(),
+                        v.len(),
+                        0,
+                    ) == 0
+                }
+            };
+            let minimal = acl(&[
+                (0x01, 6, u32::MAX),
+                (0x04, 6, u32::MAX),
+                (0x20, 4, u32::MAX),
+            ]);
+            if set(&minimal) {
+                mode(&f, 0o664);
+                read(&f).unwrap();
+                let named = acl(&[
+                    (0x01, 6, u32::MAX),
+                    (0x02, 6, 4242),
+                    (0x04, 4, u32::MAX),
+                    (0x10, 6, u32::MAX),
+                    (0x20, 4, u32::MAX),
+                ]);
+                assert!(set(&named));
+                let e = read(&f).unwrap_err();
+                assert!(e.contains("POSIX ACL"), "{e}");
+                mode(&f, 0o644);
+                assert!(set(&minimal));
+            }
         }
         // Owned by another user (only root can hand a file over, as here).
         if me.is_root() {

@@ -6,7 +6,9 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Daemon, entry_for_uid, my_uid, open_tempdir, tessera_bin, tesserad_bin};
+use common::{
+    Daemon, entry_for_uid, my_uid, open_tempdir, tessera_bin, tesserad_bin, write_fixture,
+};
 
 /// Writes `config` after keys that put every path in `dir`; returns the file.
 fn config_in(dir: &tempfile::TempDir, config: &str) -> std::path::PathBuf {
@@ -17,7 +19,7 @@ fn config_in(dir: &tempfile::TempDir, config: &str) -> std::path::PathBuf {
         dir.path().join("w.sock"),
         dir.path().join("a.sock")
     );
-    std::fs::write(&path, full).unwrap();
+    write_fixture(&path, full);
     path
 }
 
@@ -203,7 +205,7 @@ fn run_to_exit(dir: &std::path::Path, config: &str) -> (Option<i32>, String) {
         .filter(|l| !config.contains(l.split('=').next().unwrap().trim()))
         .map(|l| format!("{l}\n"))
         .collect();
-    std::fs::write(&path, format!("{base}{config}")).unwrap();
+    write_fixture(&path, format!("{base}{config}"));
     let mut child = Command::new(tesserad_bin())
         .arg("--config")
         .arg(&path)
@@ -890,7 +892,7 @@ fn operator_ca_chains_out_of_order_or_from_another_ca_stop_startup() {
     let pem = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
     let refused = |chain: String, wanted: &str| {
         let path = dir.path().join("chain.pem");
-        std::fs::write(&path, chain).unwrap();
+        write_fixture(&path, chain);
         let data = open_tempdir();
         let (code, err) = run_to_exit(
             data.path(),
@@ -927,7 +929,7 @@ fn operator_ca_chain_is_served_with_intermediates() {
         std::fs::read_to_string(dir.path().join("inter.pem")).unwrap(),
         std::fs::read_to_string(dir.path().join("root.pem")).unwrap()
     );
-    std::fs::write(dir.path().join("chain.pem"), chain).unwrap();
+    write_fixture(dir.path().join("chain.pem"), chain);
     let d = Daemon::start(&format!(
         "[ca]\ncert = {:?}\nkey = {:?}\n{}",
         dir.path().join("chain.pem"),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use common::idp::{Idp, now};
-use common::{Daemon, Secret, form, http_get, http_post, my_uid, open_tempdir};
+use common::{Daemon, Secret, form, http_get, http_post, my_uid, open_tempdir, write_fixture};
 use serde_json::{Value, json};
 use tessera::proto::tessera::v1 as pb;
 
@@ -51,13 +51,8 @@ fn daemon_with(
 ) -> Daemon {
     let dir = open_tempdir();
     let policy_path = dir.path().join("policy.cedar");
-    std::fs::write(&policy_path, policy).unwrap();
     // Whatever the umask: tesserad refuses a policy others (a shared group) could change.
-    std::fs::set_permissions(
-        &policy_path,
-        std::os::unix::fs::PermissionsExt::from_mode(0o644),
-    )
-    .unwrap();
+    write_fixture(&policy_path, policy);
     let uid = my_uid();
     Daemon::start_in(
         dir,
@@ -1793,7 +1788,7 @@ fn tls_key_readable_by_others_is_refused_at_start() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let cfg = dir.path().join("t.toml");
-    std::fs::write(
+    write_fixture(
         &cfg,
         format!(
             "data_dir = {:?}\nworkload_api.socket = {:?}\nadmin.socket = {:?}\nhttp.listen = \"127.0.0.1:0\"\nhttp.tls_cert = {cert:?}\nhttp.tls_key = {key:?}\n",
@@ -1801,8 +1796,7 @@ fn tls_key_readable_by_others_is_refused_at_start() {
             dir.path().join("w.sock"),
             dir.path().join("a.sock")
         ),
-    )
-    .unwrap();
+    );
     let out = std::process::Command::new(common::tesserad_bin())
         .arg("--config")
         .arg(&cfg)

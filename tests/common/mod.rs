@@ -67,6 +67,14 @@ pub struct Daemon {
 }
 
 /// A temp directory that other uids can traverse (so that tests can connect as them).
+/// Writes a file tesserad will read as config, policy or certificate: 0644 whatever the umask,
+/// since it refuses one a shared group could change.
+#[allow(dead_code)]
+pub fn write_fixture(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) {
+    std::fs::write(&path, contents).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+}
+
 pub fn open_tempdir() -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
         .prefix("tessera-test")
@@ -108,12 +116,7 @@ impl Daemon {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        std::fs::write(&config_path, merge_toml(&base, extra)).unwrap();
-        // Whatever the umask: tesserad refuses a config others (a shared group) could change.
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        }
+        write_fixture(&config_path, merge_toml(&base, extra));
         let mut child = Command::new(tesserad_bin())
             .arg("--config")
             .arg(&config_path)
