@@ -36,6 +36,8 @@ pub const DEFAULT_TASK_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Lifetime of a CA that Tessera generates itself.
 pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Longest registration entry `hint` (Workload API §8).
+pub const MAX_HINT_BYTES: usize = 1024;
 
 /// Longest lifetime for a CA the daemon generates: 100 years, as the config's `"100y"` reads
 /// them (humantime's year is 365.25 days), so that `"100y"` itself is accepted.
@@ -1118,6 +1120,14 @@ fn validate_entry(
         })
         .transpose()?;
     let hint = non_empty(k("hint"), e.hint)?;
+    // Workload API §8: implementations SHOULD NOT support hints over 1024 bytes; SPIRE refuses
+    // them (review BG-5).
+    if hint.as_ref().is_some_and(|h| h.len() > MAX_HINT_BYTES) {
+        return Err(invalid(
+            k("hint"),
+            format!("is longer than {MAX_HINT_BYTES} bytes, the Workload API's bound for hints"),
+        ));
+    }
     let max_task_ttl = e
         .max_task_ttl
         .as_deref()
@@ -1273,6 +1283,21 @@ mod tests {
             e.contains(&p.display().to_string()) && e.contains("not writable by"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_hint_longer_than_the_workload_api_allows_is_refused() {
+        let entry = |hint: &str| {
+            format!(
+                "[[entries]]\nspiffe_id = \"spiffe://tessera.internal/a\"\nselectors = \
+                 [\"unix:uid:1\"]\nhint = \"{hint}\"\n"
+            )
+        };
+        load(&entry(&"h".repeat(MAX_HINT_BYTES))).unwrap();
+        let e = load(&entry(&"h".repeat(MAX_HINT_BYTES + 1)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`entries[0].hint`") && e.contains("1024"), "{e}");
     }
 
     #[test]

@@ -168,9 +168,11 @@ pub struct IssuerSettings {
 /// idle period measured in days, without a write per credential.
 const ACTIVITY_RESOLUTION_MS: i64 = 3600 * 1000;
 
-/// Maximum audiences per JWT request, and maximum length of one: bounds token size.
+/// Maximum audiences per JWT request, and maximum length of one: bounds token size. An
+/// audience may be a SPIFFE ID (the JWT-SVID standard suggests one), which implementations
+/// must support up to 2048 bytes (review BG-4).
 const MAX_AUDIENCES: usize = 16;
-const MAX_AUDIENCE_LEN: usize = 512;
+const MAX_AUDIENCE_LEN: usize = 2048;
 
 /// The parameters of a JWT-SVID request alone: audiences present, bounded and printable; the
 /// requested SPIFFE ID, if any, well-formed. Pure, so it is fuzzed directly.
@@ -748,6 +750,18 @@ mod tests {
     use super::*;
     use crate::lease::store::Held;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn an_audience_may_be_a_spiffe_id_of_the_longest_length() {
+        // SPIFFE IDs are supported up to 2048 bytes, and the JWT-SVID standard suggests them as
+        // audiences (review BG-4).
+        let id = |len: usize| {
+            let head = "spiffe://td.test/";
+            format!("{head}{}", "a".repeat(len - head.len()))
+        };
+        check_jwt_request(&[id(2048)], None).unwrap();
+        assert!(check_jwt_request(&[id(2049)], None).is_err());
+    }
 
     fn issuer(dir: &std::path::Path, store: Arc<dyn Store>, config: Vec<Entry>) -> Arc<Issuer> {
         let td = TrustDomain::parse("td.test").unwrap();
