@@ -457,18 +457,11 @@ impl Config {
         match path {
             None => Self::from_toml("", Path::new("<defaults>")),
             Some(p) => {
-                let read_err = |source| ConfigError::Read {
-                    path: p.to_owned(),
-                    source,
-                };
-                let bytes = crate::fsutil::read_trusted_file(p, MAX_CONFIG_BYTES, "config file")
-                    .map_err(read_err)?;
-                let text = String::from_utf8(bytes).map_err(|_| {
-                    read_err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "not UTF-8 text",
-                    ))
-                })?;
+                let text = crate::fsutil::read_trusted_text(p, MAX_CONFIG_BYTES, "config file")
+                    .map_err(|source| ConfigError::Read {
+                        path: p.to_owned(),
+                        source,
+                    })?;
                 Self::from_toml(&text, p)
             }
         }

@@ -177,7 +177,13 @@ pub fn check_private_dir(dir: &Path, owner: Option<u32>, what: &str) -> std::io:
 /// or others unless sticky (then only the owner of an entry can rename it). Enough for a
 /// directory about to be created in `dir`: `what` names it.
 pub fn check_above(dir: &Path, owner: Option<u32>, what: &str) -> std::io::Result<()> {
-    check_above_rule(dir, owner, what, &|_, _| 0o022, "group or others")
+    check_above_rule(
+        dir,
+        owner,
+        what,
+        &|_, m| m.mode() & 0o022 != 0,
+        "group or others",
+    )
 }
 
 /// [`check_above`] for the data directory, except that a directory writable by its group
@@ -185,21 +191,36 @@ pub fn check_above(dir: &Path, owner: Option<u32>, what: &str) -> std::io::Resul
 /// `umask 0002` makes `~/.local` so on Ubuntu). A group of several users (a shared `/srv/team`,
 /// a pod volume's `fsGroup`) could rename the data directory away, as others could.
 pub fn check_above_data(dir: &Path, owner: Option<u32>, what: &str) -> std::io::Result<()> {
-    check_above_rule(dir, owner, what, &group_rule, DATA_WRITERS)
+    check_above_rule(
+        dir,
+        owner,
+        what,
+        &|p, m| others_can_write(p, m).is_some(),
+        DATA_WRITERS,
+    )
 }
 
 /// Who [`check_above_data`] and [`read_trusted_file`] refuse as writers.
 const DATA_WRITERS: &str = "group (unless it is the daemon's own, with no other member) or others";
 
-/// The write bits that let someone other than the owner change `p` (metadata `m`): group and
-/// others, or only others when the group is a user private group ([`shared_group`]).
-fn group_rule(p: &Path, m: &fs::Metadata) -> u32 {
-    // Without group write there is nothing to relax: no user database to read (review BE-6).
-    if m.mode() & 0o020 != 0 && shared_group(p, m).is_none() {
-        0o002
-    } else {
-        0o022
+/// Why someone other than the owner can change `p` (metadata `m`) through its mode, or `None`:
+/// others' write bit, or the group's unless the group is a user private group
+/// ([`shared_group`]). The one rule for the data directory's parents and for trusted files.
+fn others_can_write(p: &Path, m: &fs::Metadata) -> Option<String> {
+    if m.mode() & 0o002 != 0 {
+        return Some("others can write it".to_owned());
     }
+    // Without group write there is nothing to ask: no user database to read (review BE-6).
+    if m.mode() & 0o020 == 0 {
+        return None;
+    }
+    shared_group(p, m).map(|g| format!("its group can write it and {g}"))
+}
+
+/// `p` as a C string for the system calls that take a path (`None` if it holds a NUL).
+fn c_path(p: &Path) -> Option<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).ok()
 }
 
 /// Why users other than the daemon's may write `p` (metadata `m`) through its group, or `None`
@@ -264,8 +285,7 @@ fn other_member(gid: u32) -> Option<String> {
 /// users or groups. A minimal ACL (owner, group, others: what `cp -a` can leave) says no more
 /// than the mode (review BE-7).
 fn has_named_acl(p: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+    let Some(c) = c_path(p) else {
         return true;
     };
     let name = c"system.posix_acl_access";
@@ -317,8 +337,7 @@ fn is_kubelet_volume(p: &Path) -> bool {
 /// 5.8 and later), else by its device differing from its parent's (review BE-2; the kubelet's
 /// volumes are file systems of their own).
 fn is_mount_root(p: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+    let Some(c) = c_path(p) else {
         return false;
     };
     // SAFETY: statx fills `st`, a plain struct of integers, and reads the NUL-terminated path.
@@ -346,7 +365,7 @@ fn check_above_rule(
     dir: &Path,
     owner: Option<u32>,
     what: &str,
-    refused_bits: &dyn Fn(&Path, &fs::Metadata) -> u32,
+    writable: &dyn Fn(&Path, &fs::Metadata) -> bool,
     writers: &str,
 ) -> std::io::Result<()> {
     let owned_ok = |uid: u32| owner.is_none_or(|me| uid == me || uid == 0);
@@ -355,8 +374,7 @@ fn check_above_rule(
     for up in real.ancestors() {
         let m = std::fs::metadata(up)?;
         let sticky = m.mode() & 0o1000 != 0;
-        let write_bits = refused_bits(up, &m);
-        if !owned_ok(m.uid()) || (m.mode() & write_bits != 0 && !sticky) {
+        if !owned_ok(m.uid()) || (writable(up, &m) && !sticky) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
                 format!(
@@ -400,7 +418,7 @@ fn read_at_most(f: fs::File, meta: &fs::Metadata, limit: u64) -> std::io::Result
 /// user or root can change it: anyone who could would grant themselves any identity (review
 /// AY-6). The file must be a regular file of at most `limit` bytes, owned by the daemon's uid or
 /// root and not writable by others or by a group other than a user private group
-/// ([`check_above_data`]'s group rule), and every directory and link the path passes through
+/// ([`others_can_write`]), and every directory and link the path passes through
 /// must be such that nobody else can swap what follows ([`walk_trusted`]). The checks are of
 /// the file that is read: its device and inode must be those the walk arrives at. `what`
 /// names the file in the messages about the directories; the caller names its path.
@@ -413,6 +431,12 @@ pub fn read_trusted_file(path: &Path, limit: u64, what: &str) -> std::io::Result
         )));
     }
     read_at_most(f, &meta, limit)
+}
+
+/// [`read_trusted_file`] for a text file: UTF-8, or an `InvalidData` error.
+pub fn read_trusted_text(path: &Path, limit: u64, what: &str) -> std::io::Result<String> {
+    String::from_utf8(read_trusted_file(path, limit, what)?)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
 /// [`read_trusted_file`]'s checks, on the file opened for reading.
@@ -439,14 +463,10 @@ fn open_trusted(path: &Path, what: &str) -> std::io::Result<(fs::File, fs::Metad
             real.display()
         )));
     }
-    let why = if !trusted_owner(meta.uid(), me) {
-        Some(format!("it is owned by uid {}", meta.uid()))
-    } else if meta.mode() & 0o002 != 0 {
-        Some("others can write it".to_owned())
-    } else if meta.mode() & 0o020 != 0 {
-        shared_group(&real, &meta).map(|g| format!("its group can write it and {g}"))
+    let why = if trusted_owner(meta.uid(), me) {
+        others_can_write(&real, &meta)
     } else {
-        None
+        Some(format!("it is owned by uid {}", meta.uid()))
     };
     if let Some(why) = why {
         return Err(std::io::Error::new(
@@ -539,22 +559,22 @@ fn walk_trusted(
             last = fs::symlink_metadata(&cur)?;
             continue;
         }
-        // `cur` is a real directory (links are resolved as they come): judge it, then the
-        // entry taken from it.
-        let dm = fs::metadata(&cur)?;
+        // `cur` is a real directory (links are resolved as they come) and `last` its metadata:
+        // judge it, then the entry taken from it.
+        let dm = &last;
         let sticky = dm.mode() & 0o1000 != 0;
-        let open = dm.mode() & group_rule(&cur, &dm) != 0 && !is_kubelet_volume(&cur);
+        let open = others_can_write(&cur, dm).is_some() && !is_kubelet_volume(&cur);
         if !trusted_owner(dm.uid(), me) {
             return Err(refuse(
                 &cur,
-                &dm,
+                dm,
                 &format!("must be owned by {}", owners(me)),
             ));
         }
         if open && !sticky {
             return Err(refuse(
                 &cur,
-                &dm,
+                dm,
                 &format!(
                     "must not be writable by {DATA_WRITERS} unless sticky (or a Kubernetes \
                      volume the kubelet mounted read-only)"

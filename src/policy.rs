@@ -250,14 +250,6 @@ fn subject_claims(json: &serde_json::Value) -> Result<HashSet<String>, String> {
     Ok(attrs.keys().cloned().collect())
 }
 
-/// Reads a policy or schema file: only one nobody but the daemon's user or root can change
-/// ([`crate::fsutil::read_trusted_file`]), at most [`MAX_POLICY_BYTES`], as UTF-8.
-fn read_policy_text(path: &Path, what: &str) -> std::io::Result<String> {
-    let bytes = crate::fsutil::read_trusted_file(path, MAX_POLICY_BYTES, what)?;
-    String::from_utf8(bytes)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
-}
-
 impl Engine {
     /// Loads `path` (or nothing: default deny) validated against `schema_path` (or the
     /// built-in schema).
@@ -265,11 +257,11 @@ impl Engine {
         let (schema, claims) = match schema_path {
             None => parse_schema(BUILTIN_SCHEMA, "built-in")?,
             Some(p) => {
-                let text =
-                    read_policy_text(p, "policy schema").map_err(|e| PolicyError::Schema {
-                        origin: p.display().to_string(),
-                        message: e.to_string(),
-                    })?;
+                let text = crate::fsutil::read_trusted_text(p, MAX_POLICY_BYTES, "policy schema")
+                    .map_err(|e| PolicyError::Schema {
+                    origin: p.display().to_string(),
+                    message: e.to_string(),
+                })?;
                 parse_schema(&text, &p.display().to_string())?
             }
         };
@@ -376,7 +368,7 @@ impl Engine {
             path: path.clone(),
             source,
         };
-        let text = match read_policy_text(path, "policy file") {
+        let text = match crate::fsutil::read_trusted_text(path, MAX_POLICY_BYTES, "policy file") {
             Ok(t) => t,
             // Removed while running: nothing permits any more (review AY-7). Keeping the
             // last file's permits would leave in force what the operator took away, which the
@@ -612,7 +604,7 @@ fn miette_free(e: &cedar_policy::ParseErrors) -> String {
 
 /// Reloads the policy when its file changes or on demand (SIGHUP).
 ///
-/// Changes are debounced: the file must stay the same (size, times, owner, mode) for `settle`
+/// Changes are debounced: the file must stay the same (inode, change time) for `settle`
 /// before it is read, so an editor's half-written save is not loaded. A file that fails to load
 /// is reported once per change and the previous policy stays in force; one that cannot be read
 /// (others could write it) is tried again at every `poll` until it can.
@@ -629,16 +621,13 @@ pub async fn watch(
         sd.wait().await;
         return;
     };
-    // With the change time, owner and mode: a chmod that makes a refused file acceptable
-    // changes nothing else (review BD-4).
+    // The inode and its change time: a write, a chmod or chown (which make a refused file
+    // acceptable and change nothing else, review BD-4) and a rename over it each change one.
     let stamp = |p: &Path| {
         use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(p).ok().map(|m| {
-            (
-                (m.len(), m.modified().ok(), m.ino()),
-                (m.ctime(), m.ctime_nsec(), m.mode(), m.uid(), m.gid()),
-            )
-        })
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
     };
     let mut seen = stamp(&path);
     // The last reload's error while it fails. One of reading (a mode others could write, a

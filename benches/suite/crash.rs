@@ -8,8 +8,8 @@
 //! Besides the kill made before the first round, the operator kills an identity every few
 //! tens of milliseconds under the load, so kills acknowledged just before a crash are checked
 //! as well: every other kill is of one of the round's victims, each holding a JWT-SVID fetched
-//! before the load, whose leases must come back revoked; the others of fresh identities. Each lost record counts once, however
-//! many rounds find it missing.
+//! before the load, whose leases must come back revoked; the others of fresh identities. Each
+//! lost record counts once, however many rounds find it missing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -302,14 +302,13 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
         let mut rounds_without_victims = 0u64;
         for round in 0..rounds {
             let armed = arm_victims(&d, round);
-            {
+            let victims_before = {
                 let mut l = ledger.lock().unwrap();
-                l.victims = armed;
                 // Their leases must survive like any other received credential.
-                let jtis: Vec<String> = l.victims.iter().map(|v| v.1.clone()).collect();
-                l.victim_jtis.extend(jtis);
-            }
-            let victims_before = ledger.lock().unwrap().killed_leases.len();
+                l.victim_jtis.extend(armed.iter().map(|v| v.1.clone()));
+                l.victims = armed;
+                l.killed_leases.len()
+            };
             let pid = d.pid();
             // Crash after a random 200–700 ms of load.
             let delay = 200 + (rand_u64() % 500);
