@@ -475,6 +475,7 @@ pub async fn build(cfg: Config) -> Result<Running, AppError> {
         Arc::clone(&issuer),
         shutdown.clone(),
         cfg.allow_unauthenticated_verifiers,
+        cfg.crl_update_splay,
     );
     let router = Server::builder()
         .max_concurrent_streams(Some(limits::STREAMS_PER_CONNECTION))

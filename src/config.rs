@@ -36,6 +36,11 @@ pub const DEFAULT_TASK_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Lifetime of a CA that Tessera generates itself.
 pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Default `[workload_api] crl_update_splay`.
+pub const DEFAULT_CRL_UPDATE_SPLAY: Duration = Duration::from_secs(5);
+/// Longest `[workload_api] crl_update_splay`: a CRL is re-signed at least every 20 minutes and
+/// valid for an hour, and a revocation should reach relying parties well within either.
+pub const MAX_CRL_UPDATE_SPLAY: Duration = Duration::from_secs(5 * 60);
 /// Longest registration entry `hint` (Workload API §8).
 pub const MAX_HINT_BYTES: usize = 1024;
 
@@ -160,6 +165,7 @@ struct RawLog {
 struct RawWorkloadApi {
     socket: Option<PathBuf>,
     allow_unauthenticated_verifiers: Option<bool>,
+    crl_update_splay: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -268,6 +274,10 @@ pub struct Config {
     pub workload_socket: PathBuf,
     /// Serve bundles and validation to callers with no identity.
     pub allow_unauthenticated_verifiers: bool,
+    /// Streams send a change that is only a re-signed CRL after a random delay up to this, each
+    /// its own, so the workloads that reload on every message do not all reload at once
+    /// (Workload API §4.3). Zero sends at once.
+    pub crl_update_splay: Duration,
     /// Admin socket path.
     pub admin_socket: PathBuf,
     /// Extra uids allowed on the admin socket (root and the daemon's uid always are).
@@ -347,7 +357,8 @@ pub enum KeySource {
 pub struct OidcIssuerConfig {
     /// Exact `iss` value.
     pub issuer: String,
-    /// Accepted `aud` values (one must be in the token).
+    /// Accepted `aud` values: every `aud` of a token must be one of them (OIDC Core
+    /// §3.1.3.7: a token also meant for parties Tessera does not trust is refused).
     pub audiences: Vec<String>,
     /// Key source.
     pub keys: KeySource,
@@ -801,6 +812,19 @@ impl Config {
             ));
         }
 
+        let crl_update_splay = duration(
+            "workload_api.crl_update_splay",
+            raw.workload_api.crl_update_splay.as_deref(),
+            DEFAULT_CRL_UPDATE_SPLAY,
+        )?;
+        if crl_update_splay > MAX_CRL_UPDATE_SPLAY {
+            return Err(invalid(
+                "workload_api.crl_update_splay",
+                "must be at most 5m (a revocation should reach relying parties within minutes; \
+                 CRLs are re-signed every 20m)",
+            ));
+        }
+
         let mut entries: Vec<Entry> = Vec::with_capacity(raw.entries.len());
         for (i, e) in raw.entries.into_iter().enumerate() {
             // Before the entry's own checks, whose bounds for it are stored entries' (wider).
@@ -833,6 +857,7 @@ impl Config {
                 .workload_api
                 .allow_unauthenticated_verifiers
                 .unwrap_or(false),
+            crl_update_splay,
             admin_socket,
             admin_uids: raw.admin.allowed_uids,
             admin_gids: raw.admin.allowed_gids,
@@ -1163,6 +1188,7 @@ mod tests {
         assert_eq!(d.selectors, vec![Selector::Uid(uid)]);
         assert!(d.spiffe_id.as_str().ends_with(&format!("/unix/uid/{uid}")));
         assert_eq!(c.x509_svid_ttl, DEFAULT_X509_SVID_TTL);
+        assert_eq!(c.crl_update_splay, DEFAULT_CRL_UPDATE_SPLAY);
         assert!(c.workload_socket.is_absolute() && c.data_dir.is_absolute());
     }
 
@@ -1174,6 +1200,7 @@ mod tests {
             data_dir = "/tmp/x/data"
             [workload_api]
             socket = "/tmp/x/w.sock"
+            crl_update_splay = "0s"
             [admin]
             socket = "/tmp/x/a.sock"
             allowed_uids = [1000]
@@ -1226,6 +1253,7 @@ mod tests {
         .unwrap();
         assert_eq!(*twice.entries[1].id, format!("{}.2", twice.entries[0].id));
         assert_eq!(c.jwt_svid_ttl, Duration::from_secs(30));
+        assert_eq!(c.crl_update_splay, Duration::ZERO);
         let e = &c.entries[0];
         assert_eq!(e.x509_svid_ttl, Some(Duration::from_secs(60)));
         assert_eq!(e.risk, Some(Risk::High));
@@ -1361,6 +1389,14 @@ mod tests {
                 "`tasks.max_ttl`: task lifetimes",
             ),
             ("[log]\nformat = \"xml\"", "`log.format`"),
+            (
+                "[workload_api]\ncrl_update_splay = \"6m\"",
+                "`workload_api.crl_update_splay`: must be at most 5m",
+            ),
+            (
+                "[workload_api]\ncrl_update_splay = \"soon\"",
+                "`workload_api.crl_update_splay`: \"soon\" is not a duration",
+            ),
             (
                 "[inventory]\nidle_after = \"300000000y\"",
                 "`inventory.idle_after`: must be at most 100y",

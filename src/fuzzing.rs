@@ -18,36 +18,126 @@ use crate::proto::tessera::v1 as tpb;
 use crate::proto::workload as wpb;
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
-/// SPIFFE IDs, trust domains and selectors: accepted values re-parse to themselves.
+/// SPIFFE IDs, trust domains and selectors. Acceptance is compared with the SPIFFE-ID
+/// standard's grammar written out apart from the parser ([`is_spiffe_id`]); an accepted ID's
+/// parts rebuild it; `within` is compared with its meaning (the same trust domain, and the
+/// other's path segments a prefix of this one's) on the input split at its first newline; an
+/// accepted selector is already in the form it prints as (hashes in lower case).
 pub fn spiffe_id(data: &[u8]) {
     let Ok(s) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(id) = SpiffeId::parse(s) {
-        let again = SpiffeId::parse(id.as_str()).expect("a parsed SPIFFE ID re-parses");
-        assert_eq!(again, id);
-        assert!(
-            id.as_str().len() <= 2048,
-            "SPIFFE IDs are at most 2048 bytes"
+    let parsed = SpiffeId::parse(s);
+    assert_eq!(
+        parsed.is_ok(),
+        is_spiffe_id(s.as_bytes()),
+        "{s:?}: {parsed:?}"
+    );
+    if let Ok(id) = parsed {
+        assert_eq!(id.as_str(), s);
+        assert_eq!(
+            format!("spiffe://{}{}", id.trust_domain_name(), id.path()),
+            s
         );
-        assert!(id.as_str().starts_with("spiffe://"));
+        assert!(id.path().is_empty() || id.path().starts_with('/'));
+        assert_eq!(
+            SpiffeId::new(&id.trust_domain(), id.path()).as_ref(),
+            Ok(&id)
+        );
+        let own = SpiffeId::parse(&id.trust_domain().id_string()).expect("a trust domain's ID");
+        assert!(id.is_within(&id) && id.is_within(&own));
     }
-    if let Ok(td) = TrustDomain::parse(s) {
-        assert_eq!(TrustDomain::parse(td.as_str()).expect("re-parses"), td);
+    let name = s.strip_prefix("spiffe://").unwrap_or(s);
+    let td = TrustDomain::parse(s);
+    assert_eq!(td.is_ok(), is_trust_domain_name(name.as_bytes()), "{s:?}");
+    if let Ok(td) = td {
+        assert_eq!(td.as_str(), name);
+    }
+    if let Some((a, b)) = s.split_once('\n')
+        && let (Ok(a), Ok(b)) = (SpiffeId::parse(a), SpiffeId::parse(b))
+    {
+        let segments = |id: &SpiffeId| {
+            id.path()
+                .split('/')
+                .skip(1)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let meant = a.trust_domain_name() == b.trust_domain_name()
+            && segments(&a).starts_with(&segments(&b));
+        assert_eq!(a.is_within(&b), meant, "{a} within {b}");
+        assert_eq!(crate::spiffe_id::within(a.as_str(), b.as_str()), meant);
     }
     if let Ok(sel) = Selector::parse(s) {
-        let again = Selector::parse(&sel.to_string()).expect("a parsed selector re-parses");
+        let printed = sel.to_string();
+        match sel {
+            Selector::Sha256(_) => assert_eq!(printed, s.to_ascii_lowercase()),
+            _ => assert_eq!(
+                printed, s,
+                "a selector is accepted only in its printed form"
+            ),
+        }
+        let again = Selector::parse(&printed).expect("a parsed selector re-parses");
         assert_eq!(again, sel);
     }
 }
 
-/// The config file: any text gives a config or an error naming the problem.
+/// The SPIFFE-ID standard's grammar (§2.1, §2.2, §2.3), written apart from [`SpiffeId::parse`]
+/// to check it: `spiffe://`, a trust domain name, then segments of `/` and one or more of
+/// `[A-Za-z0-9._-]`, none `.` or `..`; at most 2048 bytes in all.
+fn is_spiffe_id(s: &[u8]) -> bool {
+    let Some(rest) = s.strip_prefix(b"spiffe://") else {
+        return false;
+    };
+    let mut segments = rest.split(|&b| b == b'/');
+    let name = segments.next().unwrap_or_default();
+    s.len() <= 2048
+        && is_trust_domain_name(name)
+        && segments.all(|seg| {
+            !seg.is_empty()
+                && seg != b"."
+                && seg != b".."
+                && seg
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(b))
+        })
+}
+
+/// A trust domain name: 1 to 255 bytes of `[a-z0-9._-]`.
+fn is_trust_domain_name(s: &[u8]) -> bool {
+    (1..=255).contains(&s.len())
+        && s.iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(b))
+}
+
+/// The config file: any text gives a config or an error naming the problem, and a config
+/// accepted holds to the rules its checks promise.
 pub fn config(data: &[u8]) {
+    use crate::config as c;
     let Ok(s) = std::str::from_utf8(data) else {
         return;
     };
-    if let Err(e) = Config::from_toml(s, Path::new("fuzz.toml")) {
-        assert!(!e.to_string().is_empty());
+    let cfg = match Config::from_toml(s, Path::new("fuzz.toml")) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            assert!(!e.to_string().is_empty());
+            return;
+        }
+    };
+    assert_ne!(cfg.workload_socket, cfg.admin_socket);
+    let svid_ttls = c::MIN_SVID_TTL..=std::time::Duration::from_secs(30 * 24 * 3600);
+    assert!(svid_ttls.contains(&cfg.x509_svid_ttl) && svid_ttls.contains(&cfg.jwt_svid_ttl));
+    assert!(cfg.crl_update_splay <= c::MAX_CRL_UPDATE_SPLAY);
+    for e in &cfg.entries {
+        assert_eq!(e.spiffe_id.trust_domain_name(), cfg.trust_domain.as_str());
+        assert!(!e.selectors.is_empty(), "an entry selecting every caller");
+        assert!(e.hint.as_ref().is_none_or(|h| h.len() <= c::MAX_HINT_BYTES));
+        for ttl in [e.x509_svid_ttl, e.jwt_svid_ttl].into_iter().flatten() {
+            assert!(svid_ttls.contains(&ttl));
+        }
+    }
+    for i in &cfg.oidc_issuers {
+        assert!(!i.audiences.is_empty() && i.audiences.iter().all(|a| !a.is_empty()));
     }
 }
 
@@ -106,18 +196,35 @@ pub fn token_exchange_form(data: &[u8]) {
     let Ok(form) = crate::api::http::parse_form_body(data) else {
         return;
     };
-    let f = |k: &str| form.get(k).and_then(Value::as_str).map(str::to_owned);
-    let req = Request {
-        subject_token: f("subject_token"),
-        subject_token_type: f("subject_token_type"),
-        audience: f("audience"),
-        scope: f("scope"),
-        task_id: f("task_id"),
-        expires_in: f("expires_in"),
-        requested_token_type: f("requested_token_type"),
-        x509: false,
-    };
-    check_exchange(req);
+    // What the parser keeps: no empty value (RFC 6749 §3.2), and written out again as a form
+    // it reads back the same.
+    assert!(
+        form.values()
+            .all(|v| v.as_str().is_some_and(|s| !s.is_empty()))
+    );
+    let mut again = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in &form {
+        again.append_pair(k, v.as_str().unwrap_or_default());
+    }
+    assert_eq!(
+        crate::api::http::parse_form_body(again.finish().as_bytes()).as_ref(),
+        Ok(&form)
+    );
+    match crate::api::http::exchange_from_form(&form) {
+        Ok((req, actor, _)) => {
+            assert_eq!(
+                form.get("grant_type").and_then(Value::as_str),
+                Some(exchange::GRANT_TYPE)
+            );
+            assert!(!form.contains_key("resource"));
+            // Tokens lose only the whitespace around them.
+            for t in req.subject_token.iter().chain([&actor]) {
+                assert_eq!(t.trim_matches(|c: char| c.is_ascii_whitespace()), t);
+            }
+            check_exchange(req);
+        }
+        Err(r) => assert!(!r.description.is_empty()),
+    }
 }
 
 fn check_exchange(req: Request) {
@@ -147,8 +254,21 @@ pub fn workload_request(data: &[u8]) {
             assert_eq!(id.as_str(), r.spiffe_id);
         }
     }
-    if let Ok(r) = wpb::ValidateJwtsvidRequest::decode(data) {
-        let _ = jose::decode(&r.svid);
+    if let Ok(r) = wpb::ValidateJwtsvidRequest::decode(data)
+        && crate::api::workload::check_validate_request(&r).is_ok()
+    {
+        // The handler's checks past its own fields, up to the signature (no fuzzed token
+        // carries one by these keys: `jwt_validate` signs its own to go further).
+        let keys = fuzz_keys();
+        let now = time::OffsetDateTime::from_unix_timestamp(FUZZ_NOW).expect("a fixed time");
+        let r = crate::ca::validate_jwt_svid(
+            &keys.trust_domain,
+            &keys.svid_keys,
+            &r.svid,
+            &r.audience,
+            now,
+        );
+        assert!(r.is_err(), "a token no key here signed is accepted");
     }
     if let Ok(r) = tpb::ExchangeRequest::decode(data)
         && let Ok(req) = crate::api::tasks::request_from_pb(r)
@@ -194,4 +314,322 @@ pub fn http2_authority(data: &[u8]) {
     if whole.2 {
         assert_eq!(whole.0, input, "a connection let through is changed");
     }
+}
+
+/// `now` of [`jwt_validate`] before the input's offset: tokens in the corpus are dated
+/// around it.
+pub const FUZZ_NOW: i64 = 1_800_000_000;
+
+/// Keys the [`jwt_validate`] harness signs with, and the key sets it validates against.
+struct FuzzKeys {
+    rng: ring::rand::SystemRandom,
+    p256: ring::signature::EcdsaKeyPair,
+    p384: ring::signature::EcdsaKeyPair,
+    rsa: ring::signature::RsaKeyPair,
+    /// In no key set.
+    stranger: ring::signature::EcdsaKeyPair,
+    /// Public keys of the four, in that order.
+    public: [jose::PublicKey; 4],
+    trust_domain: TrustDomain,
+    /// JWT-SVID authorities: P-256 `a`, P-384 `b`, RSA `r` (for RS256 only).
+    svid_keys: Vec<Jwk>,
+    issuer: crate::config::OidcIssuerConfig,
+    /// The OIDC issuer's JWKS: the P-256 and the RSA key share `k1` (RFC 7517 §4.5), the P-384
+    /// key is `k2` for ES384 only, and `k3` is the P-256 key published for RS256, which no
+    /// token can satisfy.
+    oidc_keys: Vec<Jwk>,
+}
+
+fn fuzz_keys() -> &'static FuzzKeys {
+    use ring::signature::{
+        ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, KeyPair,
+        RsaKeyPair,
+    };
+    static KEYS: std::sync::OnceLock<FuzzKeys> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let rng = ring::rand::SystemRandom::new();
+        let ec = |alg| {
+            let doc = EcdsaKeyPair::generate_pkcs8(alg, &rng).expect("key generation");
+            EcdsaKeyPair::from_pkcs8(alg, doc.as_ref(), &rng).expect("a key just made")
+        };
+        let p256 = ec(&ECDSA_P256_SHA256_FIXED_SIGNING);
+        let p384 = ec(&ECDSA_P384_SHA384_FIXED_SIGNING);
+        let stranger = ec(&ECDSA_P256_SHA256_FIXED_SIGNING);
+        // ring makes no RSA keys: a fixed one, made for the fuzzer with openssl (not a secret).
+        let rsa = RsaKeyPair::from_der(include_bytes!("../fuzz/keys/rsa-2048.der"))
+            .expect("the fuzzer's RSA key");
+        let rsa_public: ring::rsa::PublicKeyComponents<Vec<u8>> = rsa.public().into();
+        let public = [
+            jose::PublicKey::P256(p256.public_key().as_ref().to_vec()),
+            jose::PublicKey::P384(p384.public_key().as_ref().to_vec()),
+            jose::PublicKey::Rsa {
+                n: rsa_public.n,
+                e: rsa_public.e,
+            },
+            jose::PublicKey::P256(stranger.public_key().as_ref().to_vec()),
+        ];
+        let jwk = |kid: &str, i: usize, alg: Option<jose::Alg>| Jwk {
+            kid: kid.into(),
+            key: public[i].clone(),
+            alg,
+        };
+        let svid_keys = vec![
+            jwk("a", 0, None),
+            jwk("b", 1, None),
+            jwk("r", 2, Some(jose::Alg::Rs256)),
+        ];
+        let oidc_keys = vec![
+            jwk("k1", 0, None),
+            jwk("k1", 2, None),
+            jwk("k2", 1, Some(jose::Alg::Es384)),
+            jwk("k3", 0, Some(jose::Alg::Rs256)),
+        ];
+        FuzzKeys {
+            rng,
+            p256,
+            p384,
+            rsa,
+            stranger,
+            public,
+            trust_domain: TrustDomain::parse("fuzz.example").expect("static"),
+            svid_keys,
+            issuer: crate::config::OidcIssuerConfig {
+                issuer: "https://idp.fuzz.example".into(),
+                audiences: vec!["tessera".into(), "other".into()],
+                keys: crate::config::KeySource::Discovery,
+            },
+            oidc_keys,
+        }
+    })
+}
+
+impl FuzzKeys {
+    /// A signature of `input` by key `signer` (0 to 3); an RSA key pads as `alg` says (the
+    /// header's, whatever it is).
+    fn sign(&self, signer: u8, alg: Option<&str>, input: &[u8]) -> Vec<u8> {
+        use ring::signature as sig;
+        let ec = |k: &sig::EcdsaKeyPair| {
+            k.sign(&self.rng, input)
+                .expect("ECDSA signing")
+                .as_ref()
+                .to_vec()
+        };
+        match signer {
+            0 => ec(&self.p256),
+            1 => ec(&self.p384),
+            2 => {
+                let pad: &'static dyn sig::RsaEncoding = match alg {
+                    Some("RS384") => &sig::RSA_PKCS1_SHA384,
+                    Some("RS512") => &sig::RSA_PKCS1_SHA512,
+                    Some("PS256") => &sig::RSA_PSS_SHA256,
+                    Some("PS384") => &sig::RSA_PSS_SHA384,
+                    Some("PS512") => &sig::RSA_PSS_SHA512,
+                    _ => &sig::RSA_PKCS1_SHA256,
+                };
+                let mut out = vec![0; self.rsa.public().modulus_len()];
+                self.rsa
+                    .sign(pad, &self.rng, input, &mut out)
+                    .expect("RSA signing");
+                out
+            }
+            _ => ec(&self.stranger),
+        }
+    }
+}
+
+/// Whether a signature by key `signer` can be a valid one under the header's `alg`.
+fn alg_fits(signer: u8, alg: &str) -> bool {
+    match signer {
+        0 => alg == "ES256",
+        1 => alg == "ES384",
+        2 => matches!(
+            alg,
+            "RS256" | "RS384" | "RS512" | "PS256" | "PS384" | "PS512"
+        ),
+        _ => false,
+    }
+}
+
+/// JWT validation as `ValidateJWTSVID` (and actor tokens) and token exchange's subject tokens
+/// run it, on tokens the harness signs: the input chooses the header, the claims, the
+/// audience asked for, the clock, the signing key (one of the key set's, or a stranger's) and
+/// whether the signature is kept, has a bit flipped or is replaced by input bytes. So the
+/// checks past the signature are reached, and whatever is accepted is checked against the
+/// standards' rules, read here from the input itself:
+/// - only a genuine signature by a key of the set, under the `kid` the token names and an
+///   `alg` that key allows, is accepted;
+/// - a JWT-SVID: `sub` a SPIFFE ID of the trust domain, `aud` the audience or a non-empty list
+///   of strings holding it, `exp` after now, `nbf` (if any) at most 30 s ahead;
+/// - a subject token: its issuer's `iss`, every `aud` one of the issuer's audiences, `exp` no
+///   more than 30 s past, `nbf` and `iat` no more than 30 s ahead, a `sub` of 1 to 1024
+///   characters with no control character.
+///
+/// Input: mode byte (signature kept / bit flipped / replaced), signer byte, 4 bytes of clock
+/// offset (i32, little-endian, from [`FUZZ_NOW`]), then UTF-8: header JSON, claims JSON,
+/// audience and the replacement signature, separated by newlines.
+pub fn jwt_validate(data: &[u8]) -> Accepted {
+    let mut accepted = Accepted::default();
+    let [mode, signer, a, b, c, d, rest @ ..] = data else {
+        return accepted;
+    };
+    let (mode, signer) = (mode % 3, signer % 4);
+    let now = FUZZ_NOW + i64::from(i32::from_le_bytes([*a, *b, *c, *d]));
+    let Ok(text) = std::str::from_utf8(rest) else {
+        return accepted;
+    };
+    let mut parts = text.splitn(4, '\n');
+    let mut part = || parts.next().unwrap_or("");
+    let (header, claims, audience, replacement) = (part(), part(), part(), part());
+    let header_json: Option<serde_json::Map<String, Value>> = serde_json::from_str(header).ok();
+    let alg = header_json
+        .as_ref()
+        .and_then(|h| h.get("alg"))
+        .and_then(Value::as_str);
+    let keys = fuzz_keys();
+    let input = format!(
+        "{}.{}",
+        jose::b64_encode(header.as_bytes()),
+        jose::b64_encode(claims.as_bytes())
+    );
+    let mut signature = match mode {
+        2 => replacement.as_bytes().to_vec(),
+        _ => keys.sign(signer, alg, input.as_bytes()),
+    };
+    if mode == 1 {
+        let bit = usize::from(data[0] / 3) % (signature.len() * 8);
+        signature[bit / 8] ^= 1 << (bit % 8);
+    }
+    let token = format!("{input}.{}", jose::b64_encode(&signature));
+    let genuine = mode == 0 && signer < 3;
+
+    // `decode_own` takes all `decode` does, and beyond it only access tokens' `typ`.
+    let plain = jose::decode(&token).is_ok();
+    let own = jose::decode_own(&token).is_ok();
+    assert!(!plain || own, "decode accepts what decode_own refuses");
+    if own && !plain {
+        let typ = header_json
+            .as_ref()
+            .and_then(|h| h.get("typ"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        assert!(
+            typ.eq_ignore_ascii_case("at+jwt") || typ.eq_ignore_ascii_case("application/at+jwt"),
+            "only an access token's typ tells the two apart, not {typ:?}"
+        );
+    }
+
+    // Whatever is accepted was signed by a key of `set` under the kid and alg it claims.
+    let signed_as_claimed = |set: &[Jwk]| {
+        let h = header_json.as_ref().expect("an accepted header is JSON");
+        let alg = h
+            .get("alg")
+            .and_then(Value::as_str)
+            .expect("alg is a string");
+        let kid = h.get("kid").map(|k| k.as_str().expect("kid is a string"));
+        assert!(genuine, "accepted with a signature that is not the key's");
+        assert!(alg_fits(signer, alg), "accepted {alg} from key {signer}");
+        assert!(
+            set.iter().any(|j| kid.is_none_or(|k| j.kid == k)
+                && j.key == keys.public[usize::from(signer)]
+                && j.alg.is_none_or(|a| a.as_str() == alg)),
+            "accepted under kid {kid:?} and {alg} from a key the set does not have so"
+        );
+    };
+    let claims_json = || -> serde_json::Map<String, Value> {
+        serde_json::from_str(claims).expect("accepted claims are a JSON object")
+    };
+
+    let at = time::OffsetDateTime::from_unix_timestamp(now).expect("a time near 2027");
+    if let Ok((id, out)) =
+        crate::ca::validate_jwt_svid(&keys.trust_domain, &keys.svid_keys, &token, audience, at)
+    {
+        accepted.jwt_svid = true;
+        signed_as_claimed(&keys.svid_keys);
+        assert!(
+            header_json.as_ref().is_some_and(|h| h.contains_key("kid")),
+            "a JWT-SVID needs a kid"
+        );
+        let c = claims_json();
+        assert_eq!(out, c);
+        assert_eq!(c.get("sub").and_then(Value::as_str), Some(id.as_str()));
+        assert_eq!(id.trust_domain_name(), keys.trust_domain.as_str());
+        let exp = c
+            .get("exp")
+            .and_then(Value::as_i64)
+            .expect("exp is an integer");
+        assert!(now < exp, "accepted at {now}, expired at {exp}");
+        if let Some(nbf) = c.get("nbf") {
+            let nbf = nbf.as_i64().expect("nbf is an integer");
+            assert!(
+                nbf <= now + crate::ca::NBF_LEEWAY_SECS,
+                "nbf {nbf} at {now}"
+            );
+        }
+        match c.get("aud") {
+            Some(Value::String(a)) => assert_eq!(a, audience),
+            Some(Value::Array(list)) => {
+                assert!(!list.is_empty() && list.iter().all(Value::is_string));
+                assert!(list.iter().any(|a| a.as_str() == Some(audience)));
+            }
+            other => panic!("accepted with aud {other:?}"),
+        }
+    }
+
+    if let Ok(subject) = crate::oidc::validate_with_keys(&token, &keys.issuer, &keys.oidc_keys, now)
+    {
+        accepted.subject_token = true;
+        signed_as_claimed(&keys.oidc_keys);
+        let c = claims_json();
+        assert_eq!(
+            c.get("iss").and_then(Value::as_str),
+            Some(keys.issuer.issuer.as_str())
+        );
+        let time = |k: &str| {
+            c.get(k).map(|v| {
+                v.as_i64()
+                    .or_else(|| v.as_f64().map(|f| f as i64))
+                    .unwrap_or_else(|| panic!("{k} is a number"))
+            })
+        };
+        let leeway = crate::oidc::LEEWAY_S;
+        let exp = time("exp").expect("exp is required");
+        assert_eq!(subject.exp, exp);
+        assert!(
+            now <= exp.saturating_add(leeway),
+            "expired at {exp}, now {now}"
+        );
+        for k in ["nbf", "iat"] {
+            assert!(
+                time(k).is_none_or(|t| t <= now + leeway),
+                "{k} ahead of {now}"
+            );
+        }
+        let trusted = |a: &Value| {
+            a.as_str()
+                .is_some_and(|a| keys.issuer.audiences.iter().any(|x| x == a))
+        };
+        match c.get("aud") {
+            Some(a @ Value::String(_)) => assert!(trusted(a)),
+            Some(Value::Array(list)) => assert!(!list.is_empty() && list.iter().all(trusted)),
+            other => panic!("accepted with aud {other:?}"),
+        }
+        let sub = c
+            .get("sub")
+            .and_then(Value::as_str)
+            .expect("sub is a string");
+        assert_eq!(subject.sub, sub);
+        assert!(!sub.is_empty() && sub.len() <= crate::oidc::MAX_SUB_LEN);
+        assert!(!sub.chars().any(char::is_control));
+    }
+    accepted
+}
+
+/// What [`jwt_validate`] saw accepted: the replay test checks that its corpus reaches past
+/// the signature.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Accepted {
+    /// As a JWT-SVID.
+    pub jwt_svid: bool,
+    /// As a subject token.
+    pub subject_token: bool,
 }

@@ -25,7 +25,7 @@ const MIN_REFETCH: Duration = Duration::from_secs(30);
 /// Largest JWKS or discovery document accepted.
 const MAX_DOC_BYTES: usize = 1 << 20;
 /// Longest subject (`sub`) accepted in a subject token.
-const MAX_SUB_LEN: usize = 1024;
+pub const MAX_SUB_LEN: usize = 1024;
 
 /// Characters that change how the text around them is shown without showing themselves:
 /// bidirectional controls (which can reorder what an approving operator reads), zero-width
@@ -378,10 +378,7 @@ impl Verifier {
         // ID tokens, other JWTs, and RFC 9068 JWT access tokens (`typ` at+jwt) alike: the
         // subject token is whatever the issuer signed for this user.
         let jws = jose::decode_own(token)?;
-        let iss = match jws.claims.get("iss") {
-            Some(Value::String(s)) => s.clone(),
-            _ => return Err(OidcError::Claim("iss")),
-        };
+        let iss = issuer_claim(&jws)?;
         let (issuer, t) = self
             .issuers
             .iter()
@@ -417,89 +414,132 @@ impl Verifier {
                 }
             }
         }
-        let input = jws.signing_input.as_bytes();
         let verified_by = match &jws.kid {
-            Some(kid) => {
-                // RFC 7517 §4.5 lets keys of different types share a kid (an RSA and an EC
-                // key of one rotation, say): each is tried. A bad signature by a key that fits
-                // is what to report, not another key's type mismatch.
-                let mut first_err = None;
-                let found = keys.iter().filter(|j| &j.kid == kid).find(|key| {
-                    match key.verify(jws.alg, input, &jws.signature) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            if first_err.is_none() || matches!(e, JoseError::BadSignature) {
-                                first_err = Some(e);
-                            }
-                            false
-                        }
-                    }
-                });
-                match (found, first_err) {
-                    (Some(k), _) => k.clone(),
-                    (None, Some(e)) => return Err(e.into()),
-                    (None, None) => {
-                        return Err(OidcError::UnknownKey(kid.chars().take(64).collect()));
-                    }
-                }
-            }
+            Some(kid) => verify_by_kid(&jws, &keys, kid)?,
             None => {
                 // No kid: some issuers publish one key. Try each that fits the algorithm,
                 // and on no match the issuer's current set (it may have rotated); while
                 // that cannot be fetched the token cannot be judged (503, as with a kid).
-                let find = |keys: &[Jwk]| {
-                    keys.iter()
-                        .find(|k| k.verify(jws.alg, input, &jws.signature).is_ok())
-                        .cloned()
-                };
-                match find(&keys) {
+                match verify_by_any(&jws, &keys) {
                     Some(k) => k,
                     None => {
                         if let Err(e) = self.refresh(t, false).await {
                             return Err(OidcError::KeysUnavailable(e));
                         }
-                        find(&t.keys.load_full()).ok_or(JoseError::BadSignature)?
+                        verify_by_any(&jws, &t.keys.load_full()).ok_or(JoseError::BadSignature)?
                     }
                 }
             }
         };
-        let exp = check_claims(&jws.claims, &t.cfg.audiences, now)?;
-        // Shown to approving operators and written to the audit log: no control characters
-        // (a crafted sub could redraw the approval prompt), and a bounded length.
-        let sub = match jws.claims.get("sub") {
-            Some(Value::String(s))
-                if !s.is_empty()
-                    && s.len() <= MAX_SUB_LEN
-                    && !s.chars().any(|c| c.is_control() || is_invisible_format(c)) =>
-            {
-                s.clone()
-            }
-            _ => return Err(OidcError::Claim("sub")),
-        };
-        let mut string_claims: Vec<(String, String)> = jws
-            .claims
-            .iter()
-            .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
-            .filter(|(k, _)| k != "aud")
-            .collect();
-        // Booleans such as email_verified and numbers such as auth_time are useful in policy;
-        // they reach it as strings ("true", "1700000000"), as the schema check requires.
-        for (k, v) in &jws.claims {
-            match v {
-                Value::Bool(b) => string_claims.push((k.clone(), b.to_string())),
-                Value::Number(n) => string_claims.push((k.clone(), n.to_string())),
-                _ => {}
-            }
-        }
-        let subject = Subject {
-            iss,
-            sub,
-            exp,
-            string_claims,
-            act: jws.claims.get("act").cloned(),
-        };
+        let subject = subject_of(&jws, iss, &t.cfg.audiences, now)?;
         Ok((subject, issuer, verified_by))
     }
+}
+
+/// Validates a subject token of the issuer `cfg` against its keys `keys` as they are, with
+/// no fetch: the checks [`Verifier::validate`] makes once it has the keys (signature by the
+/// key the `kid` names, or by any when there is none; times, audiences, `sub`). For offline
+/// checks and the fuzzer.
+pub fn validate_with_keys(
+    token: &str,
+    cfg: &OidcIssuerConfig,
+    keys: &[Jwk],
+    now: i64,
+) -> Result<Subject, OidcError> {
+    let jws = jose::decode_own(token)?;
+    let iss = issuer_claim(&jws)?;
+    if iss != cfg.issuer {
+        return Err(OidcError::UnknownIssuer(iss.chars().take(200).collect()));
+    }
+    match &jws.kid {
+        Some(kid) => verify_by_kid(&jws, keys, kid)?,
+        None => verify_by_any(&jws, keys).ok_or(JoseError::BadSignature)?,
+    };
+    subject_of(&jws, iss, &cfg.audiences, now)
+}
+
+/// The `iss` claim, which must be a string.
+fn issuer_claim(jws: &jose::Jws<'_>) -> Result<String, OidcError> {
+    match jws.claims.get("iss") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        _ => Err(OidcError::Claim("iss")),
+    }
+}
+
+/// The key named `kid` that verifies the token. RFC 7517 §4.5 lets keys of different types
+/// share a kid (an RSA and an EC key of one rotation, say): each is tried. A bad signature by
+/// a key that fits is what to report, not another key's type mismatch.
+fn verify_by_kid(jws: &jose::Jws<'_>, keys: &[Jwk], kid: &str) -> Result<Jwk, OidcError> {
+    let input = jws.signing_input.as_bytes();
+    let mut first_err = None;
+    let found = keys.iter().filter(|j| j.kid == kid).find(|key| {
+        match key.verify(jws.alg, input, &jws.signature) {
+            Ok(()) => true,
+            Err(e) => {
+                if first_err.is_none() || matches!(e, JoseError::BadSignature) {
+                    first_err = Some(e);
+                }
+                false
+            }
+        }
+    });
+    match (found, first_err) {
+        (Some(k), _) => Ok(k.clone()),
+        (None, Some(e)) => Err(e.into()),
+        (None, None) => Err(OidcError::UnknownKey(kid.chars().take(64).collect())),
+    }
+}
+
+/// Any key that verifies a token with no `kid`.
+fn verify_by_any(jws: &jose::Jws<'_>, keys: &[Jwk]) -> Option<Jwk> {
+    let input = jws.signing_input.as_bytes();
+    keys.iter()
+        .find(|k| k.verify(jws.alg, input, &jws.signature).is_ok())
+        .cloned()
+}
+
+/// The checks after the signature (times, audiences, `sub`), and the subject they leave.
+fn subject_of(
+    jws: &jose::Jws<'_>,
+    iss: String,
+    audiences: &[String],
+    now: i64,
+) -> Result<Subject, OidcError> {
+    let exp = check_claims(&jws.claims, audiences, now)?;
+    // Shown to approving operators and written to the audit log: no control characters
+    // (a crafted sub could redraw the approval prompt), and a bounded length.
+    let sub = match jws.claims.get("sub") {
+        Some(Value::String(s))
+            if !s.is_empty()
+                && s.len() <= MAX_SUB_LEN
+                && !s.chars().any(|c| c.is_control() || is_invisible_format(c)) =>
+        {
+            s.clone()
+        }
+        _ => return Err(OidcError::Claim("sub")),
+    };
+    let mut string_claims: Vec<(String, String)> = jws
+        .claims
+        .iter()
+        .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
+        .filter(|(k, _)| k != "aud")
+        .collect();
+    // Booleans such as email_verified and numbers such as auth_time are useful in policy;
+    // they reach it as strings ("true", "1700000000"), as the schema check requires.
+    for (k, v) in &jws.claims {
+        match v {
+            Value::Bool(b) => string_claims.push((k.clone(), b.to_string())),
+            Value::Number(n) => string_claims.push((k.clone(), n.to_string())),
+            _ => {}
+        }
+    }
+    Ok(Subject {
+        iss,
+        sub,
+        exp,
+        string_claims,
+        act: jws.claims.get("act").cloned(),
+    })
 }
 
 /// Time and audience checks (RFC 7519 §4.1, OIDC Core §3.1.3.7). Returns `exp`.

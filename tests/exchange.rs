@@ -423,6 +423,18 @@ async fn http_exchange_full_flow() {
         .expect("exchange audited");
     assert_eq!(ev["detail"]["policies"], json!(["read-tickets"]), "{ev}");
     assert_no_secret(&d, &secrets, &[]);
+
+    // Tokens read from files keep their final newline through `curl --data-urlencode
+    // subject_token@FILE`: whitespace around a token is no part of it, and is ignored.
+    let (subject_nl, actor_nl) = (format!("{subject}\n"), format!("{actor}\r\n"));
+    let (code, r) = exchange(
+        &d,
+        &base_fields(&subject_nl, &actor_nl, "task-nl", "tickets:read"),
+    );
+    assert_eq!(code, 200, "{r}");
+    let nl = format!("{}\n", r["access_token"].as_str().unwrap());
+    let (_, i) = post_auth(&d, "/introspect", Some(&relying_party), &nl);
+    assert_eq!(i["active"], true, "{i}");
 }
 
 /// Asserts that neither the daemon's log nor its audit files hold any of `tokens` or `keys`

@@ -382,6 +382,96 @@ async fn killing_one_identity_updates_a_stream_that_has_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_change_reaches_each_stream_after_its_own_delay() {
+    // Workload API §4.3: widespread updates may be splayed, as workloads that reload on every
+    // message would otherwise reload together. A re-signed CRL, certificates unchanged, goes
+    // out on each stream at its own moment within `crl_update_splay`.
+    const SPLAY: Duration = Duration::from_secs(3);
+    let d = Daemon::start(&format!(
+        "workload_api.crl_update_splay = \"3s\"\n{}",
+        entry_for_uid("agent", my_uid(), "")
+    ));
+    let mut raw =
+        tessera::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+            common::channel(&d.socket).await,
+        );
+    let header = |r: &mut tonic::metadata::MetadataMap| {
+        r.insert("workload.spiffe.io", "true".parse().unwrap());
+    };
+    let mut svid_streams = Vec::new();
+    for _ in 0..9 {
+        let mut req = tonic::Request::new(pb::X509svidRequest {});
+        header(req.metadata_mut());
+        let mut s = raw.fetch_x509svid(req).await.unwrap().into_inner();
+        let first = s.message().await.unwrap().unwrap();
+        svid_streams.push((serial_hex(&first.svids[0].x509_svid), s));
+    }
+    let mut bundle_streams = Vec::new();
+    for _ in 0..4 {
+        let mut req = tonic::Request::new(pb::X509BundlesRequest {});
+        header(req.metadata_mut());
+        let mut s = raw.fetch_x509_bundles(req).await.unwrap().into_inner();
+        s.message().await.unwrap().unwrap();
+        bundle_streams.push(s);
+    }
+    // The last stream's SVID, its stream closed, is revoked: nothing the others hold changes
+    // but the CRL.
+    let (gone, closed) = svid_streams.pop().unwrap();
+    drop(closed);
+    let lease = lease_list(&d, &["--kind", "x509-svid"])
+        .into_iter()
+        .find(|l| l["serial"] == gone.as_str())
+        .unwrap();
+    let o = d.cli(&["lease", "revoke", lease["id"].as_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t0 = std::time::Instant::now();
+    let wait = Duration::from_secs(6);
+    let svids = svid_streams.into_iter().map(|(serial, mut s)| {
+        let gone = gone.clone();
+        async move {
+            let m = tokio::time::timeout(wait, s.message())
+                .await
+                .expect("a stream hears of the CRL within its splay")
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                serial_hex(&m.svids[0].x509_svid),
+                serial,
+                "a CRL change re-minted nothing"
+            );
+            assert!(listed(&m.crl[0], &gone), "the revoked serial is listed");
+            t0.elapsed()
+        }
+    });
+    let bundles = bundle_streams.into_iter().map(|mut s| {
+        let gone = gone.clone();
+        async move {
+            let m = tokio::time::timeout(wait, s.message())
+                .await
+                .expect("a bundle stream hears of the CRL within its splay")
+                .unwrap()
+                .unwrap();
+            assert!(listed(&m.crl[0], &gone), "the revoked serial is listed");
+            t0.elapsed()
+        }
+    });
+    let (mut at, b) = futures_util::future::join(
+        futures_util::future::join_all(svids),
+        futures_util::future::join_all(bundles),
+    )
+    .await;
+    at.extend(b);
+    at.sort();
+    let (first, last) = (at[0], at[at.len() - 1]);
+    // Twelve moments drawn in 3 s all within 300 ms of each other: about 1 in 10^10.
+    assert!(
+        last - first > Duration::from_millis(300),
+        "the streams heard of the CRL together: {at:?}"
+    );
+    assert!(last < SPLAY + Duration::from_millis(1500), "{at:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_svid_is_replaced_at_once_and_listed_in_the_crl() {
     let d = Daemon::start(&entry_for_uid("agent", my_uid(), ""));
     let mut raw =
@@ -417,32 +507,36 @@ async fn revoked_svid_is_replaced_at_once_and_listed_in_the_crl() {
         "key leaked",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    // The stream gets a fresh SVID; a following message (or the same) carries the CRL.
-    let mut crl = Vec::new();
-    let mut replaced = false;
-    for _ in 0..3 {
-        let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_secs(2), stream.message()).await
-        else {
-            break;
-        };
-        replaced |= serial_hex(&m.svids[0].x509_svid) != serial;
+    // The stream gets a fresh SVID at once. The CRL listing the old one comes in that message
+    // or, if it was signed after, after the stream's CRL splay (5 s by default).
+    let m = tokio::time::timeout(Duration::from_secs(2), stream.message())
+        .await
+        .expect("the revoked SVID is replaced at once")
+        .unwrap()
+        .unwrap();
+    assert_ne!(
+        serial_hex(&m.svids[0].x509_svid),
+        serial,
+        "the stream received a fresh SVID"
+    );
+    let fresh = serial_hex(&m.svids[0].x509_svid);
+    let mut crl = m.crl.first().cloned().unwrap_or_default();
+    while !listed(&crl, &serial) {
+        let m = tokio::time::timeout(Duration::from_secs(8), stream.message())
+            .await
+            .expect("the revoked serial is in a CRL sent on the stream within the splay")
+            .unwrap()
+            .unwrap();
+        assert_eq!(serial_hex(&m.svids[0].x509_svid), fresh);
         if let Some(c) = m.crl.first() {
             crl = c.clone();
         }
-        if replaced && !crl.is_empty() && listed(&crl, &serial) {
-            break;
-        }
     }
-    assert!(replaced, "the stream received a fresh SVID");
-    assert!(
-        listed(&crl, &serial),
-        "the revoked serial is in the CRL sent on the stream"
-    );
     // The X.509 bundle stream carries the new CRL; the JWT bundle, unchanged, is not sent
     // again (Workload API §4.3: messages follow changes).
     let mut heard = false;
     while !heard {
-        let m = tokio::time::timeout(Duration::from_secs(2), x509_bundles.message())
+        let m = tokio::time::timeout(Duration::from_secs(8), x509_bundles.message())
             .await
             .expect("the X.509 bundle stream hears of the CRL")
             .unwrap()

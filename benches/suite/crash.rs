@@ -8,8 +8,10 @@
 //! Besides the kill made before the first round, the operator kills an identity every few
 //! tens of milliseconds under the load, so kills acknowledged just before a crash are checked
 //! as well: every other kill is of one of the round's victims, each holding a JWT-SVID fetched
-//! before the load, whose leases must come back revoked; the others of fresh identities. Each
-//! lost record counts once, however many rounds find it missing.
+//! before the load, whose leases must come back revoked; the others of fresh identities. Every
+//! other operator revocation is of an X.509-SVID (of identities given one through the CLI
+//! before each round): it must come back revoked and on the CRL `/crl` serves. Each lost
+//! record counts once, however many rounds find it missing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,6 +29,10 @@ struct Ledger {
     jtis: Vec<String>,
     serials: Vec<String>,
     revoked: Vec<String>,
+    /// This round's X.509-SVID leases not revoked yet, as lease id and serial.
+    x509_targets: Vec<(String, String)>,
+    /// X.509-SVID leases whose revocation was acknowledged: lease id and serial.
+    revoked_x509: Vec<(String, String)>,
     /// Identities killed under load, acknowledged.
     kills: Vec<String>,
     /// This round's victims not killed yet: identity and the `jti` of the JWT-SVID it holds.
@@ -140,24 +146,40 @@ async fn load_until_crash(
     let mut admin = apb::admin_client::AdminClient::new(common::channel(&d.admin_socket).await);
     let revoker_ledger = Arc::clone(&ledger);
     tasks.push(tokio::spawn(async move {
-        let mut failures = 0;
+        let (mut failures, mut n) = (0, 0u64);
         while failures < 3 {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            let pick = {
+            // Every other revocation is of one of the round's X.509-SVIDs while any is left.
+            let (pick, serial) = {
                 let l = revoker_ledger.lock().unwrap();
-                l.jtis.get(l.jtis.len().saturating_sub(3)).cloned()
+                match l.x509_targets.last() {
+                    Some((id, serial)) if n % 2 == 0 => (Some(id.clone()), Some(serial.clone())),
+                    _ => (l.jtis.get(l.jtis.len().saturating_sub(3)).cloned(), None),
+                }
             };
+            n += 1;
             let Some(id) = pick else { continue };
             let revoke = admin.revoke_lease(apb::RevokeLeaseRequest {
                 id: id.clone(),
                 reason: "crash test".into(),
             });
-            match tokio::time::timeout(Duration::from_secs(2), revoke).await {
-                Ok(Ok(_)) => {
+            let outcome = tokio::time::timeout(Duration::from_secs(2), revoke).await;
+            let mut l = revoker_ledger.lock().unwrap();
+            if serial.is_some() {
+                // Not asked again whatever the outcome: a revocation that timed out may have
+                // committed, and asked again it would be refused as already revoked.
+                l.x509_targets.pop();
+            }
+            match (outcome, serial) {
+                (Ok(Ok(_)), Some(serial)) => {
                     failures = 0;
-                    revoker_ledger.lock().unwrap().revoked.push(id);
+                    l.revoked_x509.push((id, serial));
                 }
-                Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition => {}
+                (Ok(Ok(_)), None) => {
+                    failures = 0;
+                    l.revoked.push(id);
+                }
+                (Ok(Err(s)), _) if s.code() == tonic::Code::FailedPrecondition => {}
                 _ => failures += 1,
             }
         }
@@ -235,6 +257,14 @@ fn victim(round: u64, k: u64) -> String {
     format!("spiffe://tessera.internal/crash/victim/{round}-{k}")
 }
 
+/// X.509-SVIDs revoked under load per round, each of its own identity.
+const X509_REVOCATIONS_PER_ROUND: u64 = 4;
+
+/// Where a round's X.509-SVIDs to revoke live (`/<k>` beneath).
+fn x509_target_root(round: u64) -> String {
+    format!("spiffe://tessera.internal/crash/x509/{round}")
+}
+
 /// The load's identities, and `rounds` rounds of victims. A victim's entry also selects the
 /// `tessera` CLI's path, so the load (this binary) is never served its SVIDs: only the CLI
 /// fetch before each round gives a victim its lease.
@@ -247,15 +277,80 @@ fn config(rounds: u64) -> String {
         common::entry_for_uid("crash/killed", uid, "")
     );
     for round in 0..rounds {
-        for k in 0..VICTIMS_PER_ROUND {
+        let targets =
+            (0..X509_REVOCATIONS_PER_ROUND).map(|k| format!("{}/{k}", x509_target_root(round)));
+        for id in (0..VICTIMS_PER_ROUND)
+            .map(|k| victim(round, k))
+            .chain(targets)
+        {
             c.push_str(&format!(
-                "[[entries]]\nspiffe_id = \"{}\"\nselectors = [\"unix:uid:{uid}\", \"unix:path:{}\"]\n",
-                victim(round, k),
+                "[[entries]]\nspiffe_id = \"{id}\"\nselectors = [\"unix:uid:{uid}\", \"unix:path:{}\"]\n",
                 cli.display()
             ));
         }
     }
     c
+}
+
+/// X.509-SVIDs for `round`'s identities to revoke, fetched through the CLI (which is served
+/// every identity its entries give it: every round's, and the victims, whose kills revoke
+/// them); returns their leases, as lease id and serial.
+fn arm_x509_targets(d: &common::Daemon, round: u64) -> Vec<(String, String)> {
+    let o = d.cli(&["svid", "x509", "--json"]);
+    assert!(
+        o.status.success(),
+        "the CLI fetched no X.509-SVIDs: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let root = x509_target_root(round);
+    let o = d.cli(&[
+        "--json",
+        "lease",
+        "list",
+        "--spiffe-id",
+        &root,
+        "--prefix",
+        "--kind",
+        "x509-svid",
+        "--state",
+        "active",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let leases: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    // Each earlier round's fetch minted one for these identities as well: the latest of each
+    // (leases are listed by issue time) is this round's.
+    let latest: HashMap<&str, (String, String)> = leases
+        .iter()
+        .map(|l| {
+            (
+                l["spiffe_id"].as_str().unwrap(),
+                (
+                    l["id"].as_str().unwrap().to_owned(),
+                    l["serial"].as_str().unwrap().to_owned(),
+                ),
+            )
+        })
+        .collect();
+    let targets: Vec<(String, String)> = latest.into_values().collect();
+    assert_eq!(
+        targets.len() as u64,
+        X509_REVOCATIONS_PER_ROUND,
+        "one X.509-SVID for each of {root}'s identities: {leases:?}"
+    );
+    targets
+}
+
+/// The serials `/crl` lists.
+fn crl_serials(d: &common::Daemon) -> std::collections::HashSet<String> {
+    let (code, body) = common::http_get(d.http, "/crl");
+    assert_eq!(code, 200, "/crl");
+    let (_, crl) = x509_parser::parse_x509_crl(&body).expect("/crl is a DER CRL");
+    crl.iter_revoked_certificates()
+        .map(|r| {
+            let raw = r.raw_serial();
+            hex::encode(&raw[raw.len().saturating_sub(16)..])
+        })
+        .collect()
 }
 
 /// Gives each of `round`'s victims a JWT-SVID through the CLI; returns identity and `jti`.
@@ -302,8 +397,10 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
         let mut rounds_without_victims = 0u64;
         for round in 0..rounds {
             let armed = arm_victims(&d, round);
+            let x509_targets = arm_x509_targets(&d, round);
             let victims_before = {
                 let mut l = ledger.lock().unwrap();
+                l.x509_targets = x509_targets;
                 // Their leases must survive like any other received credential.
                 l.victim_jtis.extend(armed.iter().map(|v| v.1.clone()));
                 l.victims = armed;
@@ -324,6 +421,19 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             drop(d);
             d = common::Daemon::start_in(dir, &config(rounds));
             let (by_id, by_serial) = store_contents(&d).await;
+            // An X.509-SVID's revocation holds only if relying parties learn of it: its lease
+            // revoked, and its serial on the CRL (signed at start from the store; polled
+            // briefly in case the first is still being signed).
+            let revoked_serials: Vec<String> = {
+                let l = ledger.lock().unwrap();
+                l.revoked_x509.iter().map(|(_, s)| s.clone()).collect()
+            };
+            let mut crl = crl_serials(&d);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while revoked_serials.iter().any(|s| !crl.contains(s)) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                crl = crl_serials(&d);
+            }
             let l = ledger.lock().unwrap();
             let missing: Vec<&String> = l
                 .jtis
@@ -341,7 +451,14 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             let unrevoked: Vec<&String> = l
                 .revoked
                 .iter()
+                .chain(l.revoked_x509.iter().map(|(id, _)| id))
                 .filter(|r| by_id.get(*r).map(String::as_str) != Some("revoked"))
+                .chain(
+                    l.revoked_x509
+                        .iter()
+                        .filter(|(_, s)| !crl.contains(s))
+                        .map(|(_, s)| s),
+                )
                 .collect();
             let killed = d.cli(&["--json", "killed"]);
             let listed: std::collections::HashSet<String> =
@@ -364,13 +481,14 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
                 .cloned()
                 .collect();
             eprintln!(
-                "round {:>3}: {} JWT + {} X.509 received so far, {} revocations, {} kills \
-                 under load ({} of them holding a lease); lost {} leases, {} revocations, {} \
-                 kills, {} killed leases",
+                "round {:>3}: {} JWT + {} X.509 received so far, {} revocations ({} of \
+                 X.509-SVIDs), {} kills under load ({} of them holding a lease); lost {} \
+                 leases, {} revocations, {} kills, {} killed leases",
                 round + 1,
                 l.jtis.len(),
                 l.serials.len(),
-                l.revoked.len(),
+                l.revoked.len() + l.revoked_x509.len(),
+                l.revoked_x509.len(),
                 l.kills.len(),
                 l.killed_leases.len(),
                 missing.len(),
@@ -398,7 +516,8 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             "seconds": started.elapsed().as_secs_f64(),
             "jwt_svids_received": l.jtis.len(),
             "x509_svids_received": l.serials.len(),
-            "revocations_acknowledged": l.revoked.len(),
+            "revocations_acknowledged": l.revoked.len() + l.revoked_x509.len(),
+            "x509_revocations_acknowledged": l.revoked_x509.len(),
             "kills_acknowledged_under_load": l.kills.len(),
             "kills_of_lease_holders_under_load": l.killed_leases.len(),
             "killed_leases_not_revoked_after_restart": lost_kill_revocations.len(),
@@ -427,6 +546,13 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
         "crash_revocations_acknowledged",
         "  revocations acknowledged",
         report["revocations_acknowledged"].as_u64().unwrap() as f64,
+        "count",
+        Target::None,
+    );
+    r.figure(
+        "crash_x509_revocations",
+        "    of them, of X.509-SVIDs (revoked and on the CRL after restart)",
+        report["x509_revocations_acknowledged"].as_u64().unwrap() as f64,
         "count",
         Target::None,
     );
@@ -464,13 +590,18 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
     let bare = report["rounds_without_kills_of_lease_holders"]
         .as_u64()
         .unwrap();
-    if received < MIN_CREDENTIALS_PER_ROUND * rounds || revocations == 0 || bare > 0 {
+    let x509_revocations = report["x509_revocations_acknowledged"].as_u64().unwrap();
+    if received < MIN_CREDENTIALS_PER_ROUND * rounds
+        || revocations == 0
+        || x509_revocations == 0
+        || bare > 0
+    {
         return Err(format!(
-            "the crash test received {received} credentials, {revocations} revocations and \
-             {kills} kills ({victims} of lease holders, none in {bare} rounds) over {rounds} \
-             rounds: too few to show that nothing is lost (at least \
-             {MIN_CREDENTIALS_PER_ROUND} credentials and one kill of a lease holder per round, \
-             and one revocation, are needed)"
+            "the crash test received {received} credentials, {revocations} revocations \
+             ({x509_revocations} of X.509-SVIDs) and {kills} kills ({victims} of lease \
+             holders, none in {bare} rounds) over {rounds} rounds: too few to show that nothing is lost \
+             (at least {MIN_CREDENTIALS_PER_ROUND} credentials and one kill of a lease holder \
+             per round, and one revocation of an X.509-SVID, are needed)"
         ));
     }
     Ok(lost)

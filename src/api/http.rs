@@ -329,6 +329,67 @@ fn field(m: &Map<String, Value>, k: &str) -> Option<String> {
     m.get(k).and_then(Value::as_str).map(str::to_owned)
 }
 
+/// A token parameter, without the whitespace around it that no compact JWS holds: a file
+/// written by `tessera svid jwt > FILE` or `echo` ends with a newline, which `curl
+/// --data-urlencode token@FILE` sends along.
+fn token_field(m: &Map<String, Value>, k: &str) -> Option<String> {
+    m.get(k)
+        .and_then(Value::as_str)
+        .map(|t| t.trim_matches(|c: char| c.is_ascii_whitespace()).to_owned())
+}
+
+/// A token-exchange form refused before any token is looked at: the OAuth error code and
+/// what to fix.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FormRefusal {
+    /// RFC 6749 §5.2 / RFC 8693 §2.2.2 error code.
+    pub error: &'static str,
+    /// `error_description`.
+    pub description: String,
+}
+
+/// An RFC 8693 §2.1 form as `/token` reads it: the grant type and `resource` checked, the
+/// rest mapped to the exchange request, the actor token and its type. Pure, so the fuzzer
+/// drives the handler's own mapping.
+pub fn exchange_from_form(
+    form: &Map<String, Value>,
+) -> Result<(exchange::Request, String, Option<String>), FormRefusal> {
+    let refuse = |error, description: String| Err(FormRefusal { error, description });
+    match field(form, "grant_type").as_deref() {
+        Some(exchange::GRANT_TYPE) => {}
+        None | Some("") => {
+            return refuse(
+                "invalid_request",
+                format!("grant_type is required ({})", exchange::GRANT_TYPE),
+            );
+        }
+        Some(_) => {
+            return refuse(
+                "unsupported_grant_type",
+                format!("only {} is supported", exchange::GRANT_TYPE),
+            );
+        }
+    }
+    if form.contains_key("resource") {
+        return refuse(
+            "invalid_target",
+            "resource is not supported; name the tool or API with audience".into(),
+        );
+    }
+    let req = exchange::Request {
+        subject_token: token_field(form, "subject_token"),
+        subject_token_type: field(form, "subject_token_type"),
+        audience: field(form, "audience"),
+        scope: field(form, "scope"),
+        task_id: field(form, "task_id"),
+        expires_in: field(form, "expires_in"),
+        requested_token_type: field(form, "requested_token_type"),
+        x509: false,
+    };
+    let actor_token = token_field(form, "actor_token").unwrap_or_default();
+    Ok((req, actor_token, field(form, "actor_token_type")))
+}
+
 async fn token(
     State(s): State<HttpState>,
     headers: HeaderMap,
@@ -347,41 +408,9 @@ async fn token(
         }
         Err(e) => return form_error(&e),
     };
-    match field(&form, "grant_type").as_deref() {
-        Some(exchange::GRANT_TYPE) => {}
-        None | Some("") => {
-            return oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                &format!("grant_type is required ({})", exchange::GRANT_TYPE),
-            );
-        }
-        Some(_) => {
-            return oauth_error(
-                StatusCode::BAD_REQUEST,
-                "unsupported_grant_type",
-                &format!("only {} is supported", exchange::GRANT_TYPE),
-            );
-        }
-    }
-    if form.contains_key("resource") {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_target",
-            "resource is not supported; name the tool or API with audience",
-        );
-    }
-    let actor_token = field(&form, "actor_token").unwrap_or_default();
-    let actor_token_type = field(&form, "actor_token_type");
-    let req = exchange::Request {
-        subject_token: field(&form, "subject_token"),
-        subject_token_type: field(&form, "subject_token_type"),
-        audience: field(&form, "audience"),
-        scope: field(&form, "scope"),
-        task_id: field(&form, "task_id"),
-        expires_in: field(&form, "expires_in"),
-        requested_token_type: field(&form, "requested_token_type"),
-        x509: false,
+    let (req, actor_token, actor_token_type) = match exchange_from_form(&form) {
+        Ok(r) => r,
+        Err(r) => return oauth_error(StatusCode::BAD_REQUEST, r.error, &r.description),
     };
     let actor = ActorRef::Token {
         token: &actor_token,
@@ -545,7 +574,7 @@ async fn introspect(
         Ok(f) => f,
         Err(e) => return form_error(&e),
     };
-    let Some(token) = field(&form, "token").filter(|t| !t.is_empty()) else {
+    let Some(token) = token_field(&form, "token").filter(|t| !t.is_empty()) else {
         return oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
@@ -600,7 +629,7 @@ async fn revoke(
         Ok(f) => f,
         Err(e) => return form_error(&e),
     };
-    let Some(token) = field(&form, "token").filter(|t| !t.is_empty()) else {
+    let Some(token) = token_field(&form, "token").filter(|t| !t.is_empty()) else {
         return oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_request",

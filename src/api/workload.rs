@@ -2,8 +2,11 @@
 //!
 //! Streams send their first message at once and then the full state whenever it changes:
 //! SVID rotation at about half-life (with jitter, so a fleet does not rotate in lockstep),
-//! entry changes, revocations and kills, bundle or CRL changes. A stream whose caller has no
-//! identity left ends with `PermissionDenied`; every stream ends promptly on shutdown.
+//! entry changes, revocations and kills, bundle or CRL changes. A change that is only a
+//! re-signed CRL goes out on each stream after its own random delay (`[workload_api]
+//! crl_update_splay`), so workloads that reload on every message do not all reload at once. A
+//! stream whose caller has no identity left ends with `PermissionDenied`; every stream ends
+//! promptly on shutdown.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -35,6 +38,8 @@ pub struct WorkloadApi {
     issuer: Arc<Issuer>,
     shutdown: Shutdown,
     allow_unauthenticated_verifiers: bool,
+    /// Longest delay of a CRL-only change on a stream.
+    crl_update_splay: Duration,
     /// Open `FetchX509SVID` streams per uid.
     x509_streams: Arc<PerUid>,
     /// Open bundle streams (X.509 and JWT together) per uid.
@@ -42,16 +47,19 @@ pub struct WorkloadApi {
 }
 
 impl WorkloadApi {
-    /// A service over `issuer`; streams end when `shutdown` fires.
+    /// A service over `issuer`; streams end when `shutdown` fires, and send a change that is
+    /// only a re-signed CRL after a random delay up to `crl_update_splay`.
     pub fn new(
         issuer: Arc<Issuer>,
         shutdown: Shutdown,
         allow_unauthenticated_verifiers: bool,
+        crl_update_splay: Duration,
     ) -> Self {
         Self {
             issuer,
             shutdown,
             allow_unauthenticated_verifiers,
+            crl_update_splay,
             x509_streams: PerUid::new(X509_STREAMS_PER_UID, usize::MAX),
             bundle_streams: PerUid::new(BUNDLE_STREAMS_PER_UID, usize::MAX),
         }
@@ -111,6 +119,22 @@ pub fn tasks_client(channel: tonic::transport::Channel) -> TasksClient {
         channel,
         with_security_header as fn(Request<()>) -> Result<Request<()>, Status>,
     )
+}
+
+/// When one stream sends a change that is only a re-signed CRL: a moment drawn for it alone
+/// within `splay` from now. Workload API §4.3 asks for splay on widespread updates: every
+/// stream gets each CRL (re-signed every 20 minutes and on revocations), and a workload that
+/// reloads on every message (spiffe-helper, say) would otherwise reload with all the others.
+fn crl_send_at(splay: Duration) -> Instant {
+    let mut b = [0u8; 4];
+    let _ = crate::entropy::fill(&mut b);
+    let frac = f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX); // 0..=1
+    Instant::now() + splay.mul_f64(frac)
+}
+
+/// True when `new` differs from `old` in nothing a stream sends but the CRL.
+fn only_crl_changed(old: &TrustBundle, new: &TrustBundle) -> bool {
+    old.x509_der == new.x509_der && old.jwt_jwks == new.jwt_jwks
 }
 
 /// When to renew an SVID: half its remaining lifetime, ±10% jitter.
@@ -211,6 +235,8 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             _slot: slot,
             kills_seen,
             sent: Sent::default(),
+            crl_splay: self.crl_update_splay,
+            crl_due: None,
         };
         if rematch {
             w.reconcile().await?;
@@ -297,16 +323,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let t0 = std::time::Instant::now();
         let caller = self.caller(&req).await?;
         let r = req.into_inner();
-        if r.audience.is_empty() {
-            return Err(Status::invalid_argument(
-                "audience is required: the audience of the validating party",
-            ));
-        }
-        if r.svid.is_empty() {
-            return Err(Status::invalid_argument(
-                "svid is required: the JWT-SVID to validate",
-            ));
-        }
+        check_validate_request(&r)?;
         self.check_verifier(&caller, Kind::Jwt)?;
         let (id, claims) = self
             .issuer
@@ -368,6 +385,11 @@ struct X509Watch {
     /// What the last message held. A change that leaves it as it was sends nothing (Workload
     /// API §4.3: messages follow changes to the response, and some clients reload on each).
     sent: Sent,
+    /// Longest delay of a CRL-only change.
+    crl_splay: Duration,
+    /// When a CRL-only change is due on this stream, if one waits. Any message sent before
+    /// carries the newest CRL, and clears it.
+    crl_due: Option<Instant>,
 }
 
 /// What an X.509-SVID message held: its SVIDs' leases and the bundle it carried (the same
@@ -425,14 +447,32 @@ impl X509Watch {
                     changed.ok()?;
                     // A bundle re-signed after the wall clock went back (see the reaper):
                     // SVIDs minted while it was ahead are not valid yet for anyone, so they
-                    // are replaced at once rather than at their rotation.
+                    // are replaced at once rather than at their rotation, in the message
+                    // that carries the new bundle.
                     let now = OffsetDateTime::now_utc();
+                    let mut replace = false;
                     for (s, at) in &mut self.svids {
                         if s.not_before > now {
                             *at = Instant::now();
+                            replace = true;
                         }
                     }
+                    if replace {
+                        continue;
+                    }
+                    let crl_only = self
+                        .sent
+                        .bundle
+                        .as_ref()
+                        .is_some_and(|b| only_crl_changed(b, &self.bundle_rx.borrow()));
+                    if crl_only && !self.crl_splay.is_zero() {
+                        // Further re-signs before it is due go out with it.
+                        let splay = self.crl_splay;
+                        self.crl_due.get_or_insert_with(|| crl_send_at(splay));
+                        continue;
+                    }
                 }
+                () = tokio::time::sleep_until(self.crl_due.unwrap_or(next)), if self.crl_due.is_some() => {}
                 () = tokio::time::sleep_until(next) => {
                     // Attested again first: an exited, replaced or re-exec'd caller gets no
                     // fresh key, and identities it no longer has are dropped.
@@ -498,6 +538,7 @@ impl X509Watch {
     /// The message for the current state, noted as sent.
     fn response(&mut self) -> pb::X509svidResponse {
         let bundle = Arc::clone(&self.bundle_rx.borrow_and_update());
+        self.crl_due = None;
         let msg = x509_response(&self.svids, &bundle);
         self.sent = Sent {
             leases: self.svids.iter().map(|(s, _)| s.lease_id).collect(),
@@ -566,6 +607,12 @@ struct BundleWatch<T, F> {
     /// bundle when only the CRL was re-signed) sends nothing (Workload API §4.3: messages
     /// follow changes to the response).
     last: T,
+    /// The bundle `last` was made from.
+    from: Arc<TrustBundle>,
+    /// Longest delay of a CRL-only change.
+    crl_splay: Duration,
+    /// When a CRL-only change is due on this stream, if one waits.
+    crl_due: Option<Instant>,
     /// The connection's peer, attested again when entries change: the attestation
     /// keeps only the supplementary groups entries named when it was made, so after an edit
     /// naming a group the caller holds, the old one would find no identity.
@@ -607,10 +654,23 @@ impl<T: Clone + PartialEq, F: Fn(&TrustBundle) -> T> BundleWatch<T, F> {
                 }
                 changed = self.bundle_rx.changed() => {
                     changed.ok()?;
-                    let msg = (self.render)(&self.bundle_rx.borrow_and_update());
+                    let b = Arc::clone(&self.bundle_rx.borrow_and_update());
+                    let msg = (self.render)(&b);
                     if msg != self.last {
-                        self.last = msg.clone();
-                        return Some((Ok(msg), Some(self)));
+                        if only_crl_changed(&self.from, &b) && !self.crl_splay.is_zero() {
+                            let splay = self.crl_splay;
+                            self.crl_due.get_or_insert_with(|| crl_send_at(splay));
+                        } else {
+                            return self.send(msg, b);
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(self.crl_due.unwrap_or_else(Instant::now)), if self.crl_due.is_some() => {
+                    self.crl_due = None;
+                    let b = Arc::clone(&self.bundle_rx.borrow_and_update());
+                    let msg = (self.render)(&b);
+                    if msg != self.last {
+                        return self.send(msg, b);
                     }
                 }
             }
@@ -619,10 +679,19 @@ impl<T: Clone + PartialEq, F: Fn(&TrustBundle) -> T> BundleWatch<T, F> {
             }
         }
     }
+
+    /// `msg`, made from `from`, as the next message; any CRL change waiting goes with it.
+    fn send(mut self, msg: T, from: Arc<TrustBundle>) -> Step<T, Self> {
+        self.crl_due = None;
+        self.from = from;
+        self.last = msg.clone();
+        Some((Ok(msg), Some(self)))
+    }
 }
 
 impl WorkloadApi {
-    /// A bundle stream: first message now, then one per bundle or CRL change; ends with
+    /// A bundle stream: first message now, then one per bundle or CRL change (a CRL-only one
+    /// after this stream's splay); ends with
     /// `PermissionDenied` if the caller loses its last identity (unless unauthenticated
     /// verifiers are allowed), and on shutdown.
     fn bundle_stream<T: Clone + PartialEq + Send + Sync + 'static>(
@@ -638,10 +707,14 @@ impl WorkloadApi {
             ))
         })?;
         let mut bundle_rx = self.issuer.ca().subscribe_bundle();
-        let first = render(&bundle_rx.borrow_and_update());
+        let from = Arc::clone(&bundle_rx.borrow_and_update());
+        let first = render(&from);
         let mut w = BundleWatch {
             issuer: Arc::clone(&self.issuer),
             last: first.clone(),
+            from,
+            crl_splay: self.crl_update_splay,
+            crl_due: None,
             peer,
             caller,
             allow_unauthenticated: self.allow_unauthenticated_verifiers,
@@ -657,6 +730,21 @@ impl WorkloadApi {
         let updates = stream::unfold(Some(w), |w| async move { w?.next().await });
         Ok(stream::once(async { Ok(first) }).chain(updates).boxed())
     }
+}
+
+/// A `ValidateJWTSVID` request's own fields (Workload API §6.2.3: both required).
+pub fn check_validate_request(r: &pb::ValidateJwtsvidRequest) -> Result<(), Status> {
+    if r.audience.is_empty() {
+        return Err(Status::invalid_argument(
+            "audience is required: the audience of the validating party",
+        ));
+    }
+    if r.svid.is_empty() {
+        return Err(Status::invalid_argument(
+            "svid is required: the JWT-SVID to validate",
+        ));
+    }
+    Ok(())
 }
 
 /// JSON claims to `google.protobuf.Struct`.

@@ -325,7 +325,7 @@ pub const CRL_VALIDITY: time::Duration = time::Duration::hours(1);
 pub const CRL_BACKDATE: time::Duration = time::Duration::seconds(30);
 
 /// Small allowance for `nbf`/`iat` of tokens signed on another host whose clock runs ahead.
-const NBF_LEEWAY_SECS: i64 = 30;
+pub const NBF_LEEWAY_SECS: i64 = 30;
 
 /// The CA: X.509 leaf signer, JWT signer and the published trust bundle.
 #[derive(Debug)]
@@ -749,64 +749,81 @@ impl Ca {
         Ok(jose::b64_encode(&b))
     }
 
-    /// Validates a JWT-SVID per the JWT-SVID standard: allowed algorithm, signature by a key
-    /// of the subject's trust domain bundle, `aud` containing `audience`, not expired.
-    /// Returns the subject and all claims.
+    /// Validates a JWT-SVID against the current bundle: see [`validate_jwt_svid`].
     pub fn validate_jwt(
         &self,
         token: &str,
         audience: &str,
         now: OffsetDateTime,
     ) -> Result<(SpiffeId, Map<String, Value>), JwtSvidError> {
-        let jws = jose::decode(token)?;
-        let sub = match jws.claims.get("sub") {
-            Some(Value::String(s)) => SpiffeId::parse(s).map_err(JwtSvidError::BadSubject)?,
-            _ => return Err(JwtSvidError::MissingSubject),
-        };
         let bundle = self.bundle();
-        if sub.trust_domain_name() != bundle.trust_domain.as_str() {
-            return Err(JwtSvidError::UnknownTrustDomain(
-                sub.trust_domain_name().to_owned(),
-            ));
-        }
-        let kid = jws.kid.as_deref().ok_or(JwtSvidError::MissingKeyId)?;
-        let key = bundle
-            .jwt_authorities
-            .iter()
-            .find(|k| k.kid == kid)
-            .ok_or_else(|| JoseError::UnknownKey(kid.chars().take(64).collect()))?;
-        key.verify(jws.alg, jws.signing_input.as_bytes(), &jws.signature)?;
-
-        let claims = jws.claims;
-        let aud_ok = match claims.get("aud") {
-            Some(Value::String(a)) => a == audience,
-            Some(Value::Array(list)) if !list.is_empty() => {
-                if !list.iter().all(Value::is_string) {
-                    return Err(JwtSvidError::MissingAudience);
-                }
-                list.iter().any(|a| a.as_str() == Some(audience))
-            }
-            _ => return Err(JwtSvidError::MissingAudience),
-        };
-        if !aud_ok {
-            return Err(JwtSvidError::AudienceMismatch(
-                audience.chars().take(128).collect(),
-            ));
-        }
-        let now_s = now.unix_timestamp();
-        match claims.get("exp").and_then(Value::as_i64) {
-            Some(exp) if now_s < exp => {}
-            Some(_) => return Err(JwtSvidError::Expired),
-            None => return Err(JwtSvidError::MissingExpiry),
-        }
-        if let Some(nbf) = claims.get("nbf") {
-            match nbf.as_i64() {
-                Some(nbf) if nbf <= now_s + NBF_LEEWAY_SECS => {}
-                _ => return Err(JwtSvidError::NotYetValid),
-            }
-        }
-        Ok((sub, claims))
+        validate_jwt_svid(
+            &bundle.trust_domain,
+            &bundle.jwt_authorities,
+            token,
+            audience,
+            now,
+        )
     }
+}
+
+/// Validates a JWT-SVID per the JWT-SVID standard: allowed algorithm, signature by one of
+/// `keys` (the JWT authorities of `trust_domain`, the subject's), `aud` containing
+/// `audience`, not expired. Returns the subject and all claims. A plain function of its inputs,
+/// so the fuzzer drives the very checks `ValidateJWTSVID` runs.
+pub fn validate_jwt_svid(
+    trust_domain: &TrustDomain,
+    keys: &[Jwk],
+    token: &str,
+    audience: &str,
+    now: OffsetDateTime,
+) -> Result<(SpiffeId, Map<String, Value>), JwtSvidError> {
+    let jws = jose::decode(token)?;
+    let sub = match jws.claims.get("sub") {
+        Some(Value::String(s)) => SpiffeId::parse(s).map_err(JwtSvidError::BadSubject)?,
+        _ => return Err(JwtSvidError::MissingSubject),
+    };
+    if sub.trust_domain_name() != trust_domain.as_str() {
+        return Err(JwtSvidError::UnknownTrustDomain(
+            sub.trust_domain_name().to_owned(),
+        ));
+    }
+    let kid = jws.kid.as_deref().ok_or(JwtSvidError::MissingKeyId)?;
+    let key = keys
+        .iter()
+        .find(|k| k.kid == kid)
+        .ok_or_else(|| JoseError::UnknownKey(kid.chars().take(64).collect()))?;
+    key.verify(jws.alg, jws.signing_input.as_bytes(), &jws.signature)?;
+
+    let claims = jws.claims;
+    let aud_ok = match claims.get("aud") {
+        Some(Value::String(a)) => a == audience,
+        Some(Value::Array(list)) if !list.is_empty() => {
+            if !list.iter().all(Value::is_string) {
+                return Err(JwtSvidError::MissingAudience);
+            }
+            list.iter().any(|a| a.as_str() == Some(audience))
+        }
+        _ => return Err(JwtSvidError::MissingAudience),
+    };
+    if !aud_ok {
+        return Err(JwtSvidError::AudienceMismatch(
+            audience.chars().take(128).collect(),
+        ));
+    }
+    let now_s = now.unix_timestamp();
+    match claims.get("exp").and_then(Value::as_i64) {
+        Some(exp) if now_s < exp => {}
+        Some(_) => return Err(JwtSvidError::Expired),
+        None => return Err(JwtSvidError::MissingExpiry),
+    }
+    if let Some(nbf) = claims.get("nbf") {
+        match nbf.as_i64() {
+            Some(nbf) if nbf <= now_s + NBF_LEEWAY_SECS => {}
+            _ => return Err(JwtSvidError::NotYetValid),
+        }
+    }
+    Ok((sub, claims))
 }
 
 fn authority_info(der: &[u8], operator_supplied: bool) -> Option<X509Authority> {
