@@ -217,10 +217,14 @@ pub fn token_exchange_form(data: &[u8]) {
                 Some(exchange::GRANT_TYPE)
             );
             assert!(!form.contains_key("resource"));
-            // Tokens lose only the whitespace around them.
-            for t in req.subject_token.iter().chain([&actor]) {
-                assert_eq!(t.trim_matches(|c: char| c.is_ascii_whitespace()), t);
-            }
+            // Tokens lose the whitespace around them, and nothing else.
+            let trimmed = |k: &str| {
+                form.get(k)
+                    .and_then(Value::as_str)
+                    .map(|v| v.trim_matches(|c: char| c.is_ascii_whitespace()).to_owned())
+            };
+            assert_eq!(req.subject_token, trimmed("subject_token"));
+            assert_eq!(actor, trimmed("actor_token").unwrap_or_default());
             check_exchange(req);
         }
         Err(r) => assert!(!r.description.is_empty()),
@@ -464,15 +468,16 @@ fn alg_fits(signer: u8, alg: &str) -> bool {
 ///   more than 30 s past, `nbf` and `iat` no more than 30 s ahead, a `sub` of 1 to 1024
 ///   characters with no control character.
 ///
-/// Input: mode byte (signature kept / bit flipped / replaced), signer byte, 4 bytes of clock
-/// offset (i32, little-endian, from [`FUZZ_NOW`]), then UTF-8: header JSON, claims JSON,
-/// audience and the replacement signature, separated by newlines.
+/// Input: mode byte (signature kept / a bit flipped, chosen by the fourth text part / replaced
+/// by the fourth text part / a byte appended / its last byte cut), signer byte, 4 bytes of
+/// clock offset (i32, little-endian, from [`FUZZ_NOW`]), then UTF-8: header JSON, claims
+/// JSON, audience and a fourth part, separated by newlines.
 pub fn jwt_validate(data: &[u8]) -> Accepted {
     let mut accepted = Accepted::default();
     let [mode, signer, a, b, c, d, rest @ ..] = data else {
         return accepted;
     };
-    let (mode, signer) = (mode % 3, signer % 4);
+    let (mode, signer) = (mode % 5, signer % 4);
     let now = FUZZ_NOW + i64::from(i32::from_le_bytes([*a, *b, *c, *d]));
     let Ok(text) = std::str::from_utf8(rest) else {
         return accepted;
@@ -495,28 +500,48 @@ pub fn jwt_validate(data: &[u8]) -> Accepted {
         2 => replacement.as_bytes().to_vec(),
         _ => keys.sign(signer, alg, input.as_bytes()),
     };
-    if mode == 1 {
-        let bit = usize::from(data[0] / 3) % (signature.len() * 8);
-        signature[bit / 8] ^= 1 << (bit % 8);
+    match mode {
+        1 => {
+            let pick = replacement.bytes().fold(0usize, |a, b| {
+                a.wrapping_mul(257).wrapping_add(usize::from(b))
+            });
+            let bit = pick % (signature.len() * 8);
+            signature[bit / 8] ^= 1 << (bit % 8);
+        }
+        3 => signature.push(0),
+        4 => {
+            signature.pop();
+        }
+        _ => {}
     }
     let token = format!("{input}.{}", jose::b64_encode(&signature));
     let genuine = mode == 0 && signer < 3;
 
-    // `decode_own` takes all `decode` does, and beyond it only access tokens' `typ`.
+    // Explicit typing (RFC 8725 §3.11) keeps Tessera's task tokens, signed by the same key,
+    // from passing as JWT-SVIDs: `decode` takes `typ` JWT or JOSE only, `decode_own` also
+    // access tokens', and neither a `crit` header.
     let plain = jose::decode(&token).is_ok();
     let own = jose::decode_own(&token).is_ok();
+    let typ = header_json.as_ref().and_then(|h| h.get("typ"));
+    let typ_str = typ.and_then(Value::as_str);
+    let svid_typ = typ.is_none() || matches!(typ_str, Some("JWT" | "JOSE"));
+    let access_typ = typ_str.is_some_and(|t| {
+        t.eq_ignore_ascii_case("at+jwt") || t.eq_ignore_ascii_case("application/at+jwt")
+    });
+    let crit = header_json.as_ref().is_some_and(|h| h.contains_key("crit"));
     assert!(!plain || own, "decode accepts what decode_own refuses");
-    if own && !plain {
-        let typ = header_json
-            .as_ref()
-            .and_then(|h| h.get("typ"))
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        assert!(
-            typ.eq_ignore_ascii_case("at+jwt") || typ.eq_ignore_ascii_case("application/at+jwt"),
-            "only an access token's typ tells the two apart, not {typ:?}"
-        );
-    }
+    assert!(
+        !plain || (svid_typ && !crit),
+        "decode took typ {typ:?} or crit"
+    );
+    assert!(
+        !own || ((svid_typ || access_typ) && !crit),
+        "decode_own took typ {typ:?} or crit"
+    );
+    assert!(
+        !own || plain || access_typ,
+        "only an access token's typ tells the two apart"
+    );
 
     // Whatever is accepted was signed by a key of `set` under the kid and alg it claims.
     let signed_as_claimed = |set: &[Jwk]| {
@@ -549,21 +574,21 @@ pub fn jwt_validate(data: &[u8]) -> Accepted {
             header_json.as_ref().is_some_and(|h| h.contains_key("kid")),
             "a JWT-SVID needs a kid"
         );
+        assert!(svid_typ && !crit, "a JWT-SVID with typ {typ:?} or crit");
         let c = claims_json();
         assert_eq!(out, c);
         assert_eq!(c.get("sub").and_then(Value::as_str), Some(id.as_str()));
         assert_eq!(id.trust_domain_name(), keys.trust_domain.as_str());
+        // NumericDate (RFC 7519 §2): any JSON number, fractions included.
         let exp = c
             .get("exp")
-            .and_then(Value::as_i64)
-            .expect("exp is an integer");
-        assert!(now < exp, "accepted at {now}, expired at {exp}");
+            .and_then(Value::as_f64)
+            .expect("exp is a number");
+        assert!((now as f64) < exp, "accepted at {now}, expired at {exp}");
         if let Some(nbf) = c.get("nbf") {
-            let nbf = nbf.as_i64().expect("nbf is an integer");
-            assert!(
-                nbf <= now + crate::ca::NBF_LEEWAY_SECS,
-                "nbf {nbf} at {now}"
-            );
+            let nbf = nbf.as_f64().expect("nbf is a number");
+            let latest = (now + crate::ca::NBF_LEEWAY_SECS) as f64;
+            assert!(nbf <= latest, "nbf {nbf} at {now}");
         }
         match c.get("aud") {
             Some(Value::String(a)) => assert_eq!(a, audience),
@@ -584,23 +609,24 @@ pub fn jwt_validate(data: &[u8]) -> Accepted {
             c.get("iss").and_then(Value::as_str),
             Some(keys.issuer.issuer.as_str())
         );
+        assert!(!crit, "a subject token with crit");
+        // NumericDate (RFC 7519 §2): any JSON number, fractions included.
         let time = |k: &str| {
-            c.get(k).map(|v| {
-                v.as_i64()
-                    .or_else(|| v.as_f64().map(|f| f as i64))
-                    .unwrap_or_else(|| panic!("{k} is a number"))
-            })
+            c.get(k)
+                .map(|v| v.as_f64().unwrap_or_else(|| panic!("{k} is a number")))
         };
-        let leeway = crate::oidc::LEEWAY_S;
+        let (now_f, leeway) = (now as f64, crate::oidc::LEEWAY_S as f64);
         let exp = time("exp").expect("exp is required");
-        assert_eq!(subject.exp, exp);
+        assert!(now_f <= exp + leeway, "expired at {exp}, now {now}");
+        // The lifetime the token lends a task credential is never longer than its own.
         assert!(
-            now <= exp.saturating_add(leeway),
-            "expired at {exp}, now {now}"
+            subject.exp as f64 <= exp,
+            "exp {exp} taken as {}",
+            subject.exp
         );
         for k in ["nbf", "iat"] {
             assert!(
-                time(k).is_none_or(|t| t <= now + leeway),
+                time(k).is_none_or(|t| t <= now_f + leeway),
                 "{k} ahead of {now}"
             );
         }

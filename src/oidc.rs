@@ -548,26 +548,28 @@ fn check_claims(
     audiences: &[String],
     now: i64,
 ) -> Result<i64, OidcError> {
-    let num = |k: &'static str| -> Result<Option<i64>, OidcError> {
+    // NumericDate (RFC 7519 §2) is any JSON number: compared as one, so that a fractional
+    // `nbf` of now + 30.9 is not taken as now + 30. Timestamps are far below 2^53, where f64
+    // holds every integer exactly.
+    let num = |k: &'static str| -> Result<Option<f64>, OidcError> {
         match claims.get(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_i64()
-                .or_else(|| v.as_f64().map(|f| f as i64))
-                .map(Some)
-                .ok_or(OidcError::Claim(k)),
+            Some(v) => v.as_f64().map(Some).ok_or(OidcError::Claim(k)),
         }
     };
+    let (now_f, leeway) = (now as f64, LEEWAY_S as f64);
     let exp = num("exp")?.ok_or(OidcError::Claim("exp"))?;
-    if now > exp.saturating_add(LEEWAY_S) {
+    if now_f > exp + leeway {
         return Err(OidcError::Expired);
     }
-    if num("nbf")?.is_some_and(|nbf| nbf > now + LEEWAY_S) {
+    if num("nbf")?.is_some_and(|nbf| nbf > now_f + leeway) {
         return Err(OidcError::NotYetValid);
     }
-    if num("iat")?.is_some_and(|iat| iat > now + LEEWAY_S) {
+    if num("iat")?.is_some_and(|iat| iat > now_f + leeway) {
         return Err(OidcError::NotYetValid);
     }
+    // Whole seconds, rounded down: a task credential never outlives the token.
+    let exp = exp.floor() as i64;
     // OIDC Core §3.1.3.7 (3): Tessera must be an audience, and a token that also names
     // audiences Tessera does not trust is rejected.
     let ok = match claims.get("aud") {

@@ -8,10 +8,10 @@
 //! Besides the kill made before the first round, the operator kills an identity every few
 //! tens of milliseconds under the load, so kills acknowledged just before a crash are checked
 //! as well: every other kill is of one of the round's victims, each holding a JWT-SVID fetched
-//! before the load, whose leases must come back revoked; the others of fresh identities. Every
-//! other operator revocation is of an X.509-SVID (of identities given one through the CLI
-//! before each round): it must come back revoked and on the CRL `/crl` serves. Each lost
-//! record counts once, however many rounds find it missing.
+//! before the load, whose leases must come back revoked; the others of fresh identities. One
+//! operator revocation in twelve, up to four a round, is of an X.509-SVID (of identities given
+//! one through a copy of the CLI before each round): it must come back revoked and on the CRL
+//! `/crl` serves. Each lost record counts once, however many rounds find it missing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,6 +28,7 @@ use crate::common;
 struct Ledger {
     jtis: Vec<String>,
     serials: Vec<String>,
+    /// JWT-SVID leases whose revocation was acknowledged.
     revoked: Vec<String>,
     /// This round's X.509-SVID leases not revoked yet, as lease id and serial.
     x509_targets: Vec<(String, String)>,
@@ -149,11 +150,12 @@ async fn load_until_crash(
         let (mut failures, mut n) = (0, 0u64);
         while failures < 3 {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            // Every other revocation is of one of the round's X.509-SVIDs while any is left.
+            // One revocation in twelve (about one every 100 ms) is of one of the round's
+            // X.509-SVIDs while any is left, so that some land close to the crash.
             let (pick, serial) = {
                 let l = revoker_ledger.lock().unwrap();
                 match l.x509_targets.last() {
-                    Some((id, serial)) if n % 2 == 0 => (Some(id.clone()), Some(serial.clone())),
+                    Some((id, serial)) if n % 12 == 0 => (Some(id.clone()), Some(serial.clone())),
                     _ => (l.jtis.get(l.jtis.len().saturating_sub(3)).cloned(), None),
                 }
             };
@@ -265,10 +267,13 @@ fn x509_target_root(round: u64) -> String {
     format!("spiffe://tessera.internal/crash/x509/{round}")
 }
 
-/// The load's identities, and `rounds` rounds of victims. A victim's entry also selects the
-/// `tessera` CLI's path, so the load (this binary) is never served its SVIDs: only the CLI
-/// fetch before each round gives a victim its lease.
-fn config(rounds: u64) -> String {
+/// The load's identities, and `rounds` rounds of victims and of X.509-SVIDs to revoke. A
+/// victim's entry also selects the `tessera` CLI's path, so the load (this binary) is never
+/// served its SVIDs: only the CLI fetch before each round gives a victim its lease. The X.509
+/// identities select a copy of the CLI at `x509_cli` instead, so that a victim holds only the
+/// JWT-SVID its kill must revoke; they live a day, so that their serials stay on the CRL
+/// through the longest run (15 minutes would take round 0's off it after about 16).
+fn config(rounds: u64, x509_cli: &std::path::Path) -> String {
     let uid = common::my_uid();
     let cli = common::tessera_bin();
     let mut c = format!(
@@ -276,27 +281,45 @@ fn config(rounds: u64) -> String {
         common::entry_for_uid("crash/agent", uid, ""),
         common::entry_for_uid("crash/killed", uid, "")
     );
+    let entry = |id: &str, path: &std::path::Path, extra: &str| {
+        format!(
+            "[[entries]]\nspiffe_id = \"{id}\"\nselectors = [\"unix:uid:{uid}\", \"unix:path:{}\"]\n{extra}",
+            path.display()
+        )
+    };
     for round in 0..rounds {
-        let targets =
-            (0..X509_REVOCATIONS_PER_ROUND).map(|k| format!("{}/{k}", x509_target_root(round)));
-        for id in (0..VICTIMS_PER_ROUND)
-            .map(|k| victim(round, k))
-            .chain(targets)
-        {
-            c.push_str(&format!(
-                "[[entries]]\nspiffe_id = \"{id}\"\nselectors = [\"unix:uid:{uid}\", \"unix:path:{}\"]\n",
-                cli.display()
-            ));
+        for k in 0..VICTIMS_PER_ROUND {
+            c.push_str(&entry(&victim(round, k), &cli, ""));
+        }
+        for k in 0..X509_REVOCATIONS_PER_ROUND {
+            let id = format!("{}/{k}", x509_target_root(round));
+            c.push_str(&entry(&id, x509_cli, "x509_svid_ttl = \"24h\"\n"));
         }
     }
     c
 }
 
-/// X.509-SVIDs for `round`'s identities to revoke, fetched through the CLI (which is served
-/// every identity its entries give it: every round's, and the victims, whose kills revoke
-/// them); returns their leases, as lease id and serial.
-fn arm_x509_targets(d: &common::Daemon, round: u64) -> Vec<(String, String)> {
-    let o = d.cli(&["svid", "x509", "--json"]);
+/// A copy of the `tessera` CLI in `dir`, for the X.509 identities' entries to select.
+fn copy_cli(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("tessera-x509");
+    std::fs::copy(common::tessera_bin(), &path).expect("a copy of the CLI");
+    // Canonical, as the attestor reports an executable's path.
+    std::fs::canonicalize(&path).unwrap()
+}
+
+/// X.509-SVIDs for `round`'s identities to revoke, fetched through the copy of the CLI (which
+/// is served every round's: those of earlier rounds again, and later rounds' early); returns
+/// this round's leases, as lease id and serial.
+fn arm_x509_targets(
+    d: &common::Daemon,
+    x509_cli: &std::path::Path,
+    round: u64,
+) -> Vec<(String, String)> {
+    let o = std::process::Command::new(x509_cli)
+        .args(["svid", "x509", "--json"])
+        .env("SPIFFE_ENDPOINT_SOCKET", d.endpoint())
+        .output()
+        .unwrap();
     assert!(
         o.status.success(),
         "the CLI fetched no X.509-SVIDs: {}",
@@ -382,7 +405,9 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
     let clients = o.clients.min(16);
     eprintln!("[crash] {rounds} rounds of load + kill -9, {clients} clients ...");
     let report = async {
-        let mut d = common::Daemon::start(&config(rounds));
+        let cli_dir = tempfile::tempdir().unwrap();
+        let x509_cli = copy_cli(cli_dir.path());
+        let mut d = common::Daemon::start(&config(rounds, &x509_cli));
         // A kill before the first crash must hold through every restart.
         let o = d.cli(&["kill", KILLED, "--reason", "crash test"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -397,7 +422,7 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
         let mut rounds_without_victims = 0u64;
         for round in 0..rounds {
             let armed = arm_victims(&d, round);
-            let x509_targets = arm_x509_targets(&d, round);
+            let x509_targets = arm_x509_targets(&d, &x509_cli, round);
             let victims_before = {
                 let mut l = ledger.lock().unwrap();
                 l.x509_targets = x509_targets;
@@ -419,7 +444,7 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             d.wait_exit(Duration::from_secs(10));
             let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
             drop(d);
-            d = common::Daemon::start_in(dir, &config(rounds));
+            d = common::Daemon::start_in(dir, &config(rounds, &x509_cli));
             let (by_id, by_serial) = store_contents(&d).await;
             // An X.509-SVID's revocation holds only if relying parties learn of it: its lease
             // revoked, and its serial on the CRL (signed at start from the store; polled
@@ -448,16 +473,17 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
                 .iter()
                 .filter(|j| by_id.get(*j).is_some_and(|s| s != "revoked"))
                 .collect();
+            let revoked = |id: &String| by_id.get(id).map(String::as_str) == Some("revoked");
+            // One count per revocation: an X.509-SVID's is lost if either half is.
             let unrevoked: Vec<&String> = l
                 .revoked
                 .iter()
-                .chain(l.revoked_x509.iter().map(|(id, _)| id))
-                .filter(|r| by_id.get(*r).map(String::as_str) != Some("revoked"))
+                .filter(|id| !revoked(id))
                 .chain(
                     l.revoked_x509
                         .iter()
-                        .filter(|(_, s)| !crl.contains(s))
-                        .map(|(_, s)| s),
+                        .filter(|(id, s)| !revoked(id) || !crl.contains(s))
+                        .map(|(id, _)| id),
                 )
                 .collect();
             let killed = d.cli(&["--json", "killed"]);
@@ -518,6 +544,7 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             "x509_svids_received": l.serials.len(),
             "revocations_acknowledged": l.revoked.len() + l.revoked_x509.len(),
             "x509_revocations_acknowledged": l.revoked_x509.len(),
+            "jwt_revocations_acknowledged": l.revoked.len(),
             "kills_acknowledged_under_load": l.kills.len(),
             "kills_of_lease_holders_under_load": l.killed_leases.len(),
             "killed_leases_not_revoked_after_restart": lost_kill_revocations.len(),
@@ -591,8 +618,9 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
         .as_u64()
         .unwrap();
     let x509_revocations = report["x509_revocations_acknowledged"].as_u64().unwrap();
+    let jwt_revocations = report["jwt_revocations_acknowledged"].as_u64().unwrap();
     if received < MIN_CREDENTIALS_PER_ROUND * rounds
-        || revocations == 0
+        || jwt_revocations == 0
         || x509_revocations == 0
         || bare > 0
     {
@@ -601,7 +629,7 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
              ({x509_revocations} of X.509-SVIDs) and {kills} kills ({victims} of lease \
              holders, none in {bare} rounds) over {rounds} rounds: too few to show that nothing is lost \
              (at least {MIN_CREDENTIALS_PER_ROUND} credentials and one kill of a lease holder \
-             per round, and one revocation of an X.509-SVID, are needed)"
+             per round, and one revocation of each kind of SVID, are needed)"
         ));
     }
     Ok(lost)

@@ -132,9 +132,14 @@ fn crl_send_at(splay: Duration) -> Instant {
     Instant::now() + splay.mul_f64(frac)
 }
 
-/// True when `new` differs from `old` in nothing a stream sends but the CRL.
-fn only_crl_changed(old: &TrustBundle, new: &TrustBundle) -> bool {
-    old.x509_der == new.x509_der && old.jwt_jwks == new.jwt_jwks
+/// True when `new` differs from `old`, the bundle a stream last sent, in nothing but a CRL
+/// that can wait: the one `old` carried is still in force. A CRL replacing one dated ahead of
+/// the clock (after it stepped back) or past its `nextUpdate` (after signing failed for long)
+/// goes out at once, since relying parties that check CRLs refuse every peer meanwhile.
+fn crl_can_wait(old: &TrustBundle, new: &TrustBundle) -> bool {
+    old.x509_der == new.x509_der
+        && old.jwt_jwks == new.jwt_jwks
+        && old.crl_in_force(OffsetDateTime::now_utc())
 }
 
 /// When to renew an SVID: half its remaining lifetime, ±10% jitter.
@@ -460,12 +465,18 @@ impl X509Watch {
                     if replace {
                         continue;
                     }
-                    let crl_only = self
-                        .sent
-                        .bundle
-                        .as_ref()
-                        .is_some_and(|b| only_crl_changed(b, &self.bundle_rx.borrow()));
-                    if crl_only && !self.crl_splay.is_zero() {
+                    let (same, wait) = match &self.sent.bundle {
+                        Some(b) => {
+                            let new = self.bundle_rx.borrow();
+                            (b.x509_der == new.x509_der && b.crl == new.crl, crl_can_wait(b, &new))
+                        }
+                        None => (false, false),
+                    };
+                    // Nothing this stream sends changed (a JWT key alone, say).
+                    if same {
+                        continue;
+                    }
+                    if wait && !self.crl_splay.is_zero() {
                         // Further re-signs before it is due go out with it.
                         let splay = self.crl_splay;
                         self.crl_due.get_or_insert_with(|| crl_send_at(splay));
@@ -657,7 +668,7 @@ impl<T: Clone + PartialEq, F: Fn(&TrustBundle) -> T> BundleWatch<T, F> {
                     let b = Arc::clone(&self.bundle_rx.borrow_and_update());
                     let msg = (self.render)(&b);
                     if msg != self.last {
-                        if only_crl_changed(&self.from, &b) && !self.crl_splay.is_zero() {
+                        if crl_can_wait(&self.from, &b) && !self.crl_splay.is_zero() {
                             let splay = self.crl_splay;
                             self.crl_due.get_or_insert_with(|| crl_send_at(splay));
                         } else {
@@ -768,4 +779,56 @@ fn json_to_value(v: serde_json::Value) -> prost_types::Value {
         J::Object(o) => Kind::StructValue(json_to_struct(o)),
     };
     prost_types::Value { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(roots: &[u8], crl: &[u8], window: Option<(i64, i64)>) -> TrustBundle {
+        TrustBundle {
+            trust_domain: crate::spiffe_id::TrustDomain::parse("example.org").unwrap(),
+            x509_authorities: Vec::new(),
+            jwt_authorities: Vec::new(),
+            sequence: 1,
+            x509_der: roots.to_vec(),
+            jwt_jwks: b"{\"keys\":[]}".to_vec(),
+            crl: crl.to_vec(),
+            crl_window: window,
+        }
+    }
+
+    #[test]
+    fn a_new_crl_waits_only_while_the_one_sent_is_in_force() {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let fresh = Some((now - 30, now + 3600));
+        let next = bundle(b"root", b"new", fresh);
+        let sent = |window| bundle(b"root", b"old", window);
+        assert!(crl_can_wait(&sent(fresh), &next));
+        // Relying parties refuse the one sent: dated ahead (the clock went back), expired
+        // (signing failed for an hour), or none yet.
+        let ahead = Some((now + 60, now + 3600));
+        let expired = Some((now - 7200, now - 1));
+        assert!(!crl_can_wait(&sent(ahead), &next));
+        assert!(!crl_can_wait(&sent(expired), &next));
+        assert!(!crl_can_wait(&bundle(b"root", b"", None), &next));
+        // New roots never wait.
+        assert!(!crl_can_wait(
+            &sent(fresh),
+            &bundle(b"root2", b"new", fresh)
+        ));
+    }
+
+    #[test]
+    fn each_stream_draws_its_own_moment_within_the_splay() {
+        let splay = Duration::from_secs(5);
+        let start = Instant::now();
+        let at: Vec<Instant> = (0..64).map(|_| crl_send_at(splay)).collect();
+        let end = Instant::now() + splay;
+        assert!(at.iter().all(|t| (start..=end).contains(t)));
+        let spread = *at.iter().max().unwrap() - *at.iter().min().unwrap();
+        // 64 draws over 5 s within 1 s of each other: about 1 in 10^40.
+        assert!(spread > Duration::from_secs(1), "{spread:?}");
+        assert!(crl_send_at(Duration::ZERO) <= Instant::now());
+    }
 }

@@ -118,6 +118,8 @@ pub struct TrustBundle {
     pub jwt_jwks: Vec<u8>,
     /// The current CRL (DER), signed by the CA; empty before the first publication.
     pub crl: Vec<u8>,
+    /// The CRL's `thisUpdate` and `nextUpdate`, Unix seconds.
+    pub crl_window: Option<(i64, i64)>,
 }
 
 /// The bundle sequence after `previous`: the wall clock in milliseconds, or `previous + 1` if
@@ -151,7 +153,15 @@ impl TrustBundle {
             x509_der,
             jwt_jwks,
             crl: Vec::new(),
+            crl_window: None,
         }
+    }
+
+    /// Whether relying parties take its CRL at `now` (`thisUpdate` ≤ now < `nextUpdate`).
+    pub fn crl_in_force(&self, now: OffsetDateTime) -> bool {
+        let t = now.unix_timestamp();
+        self.crl_window
+            .is_some_and(|(this, next)| this <= t && t < next)
     }
 
     /// The SPIFFE trust bundle document (federation format, served over HTTP): X.509
@@ -635,9 +645,10 @@ impl Ca {
         let current = self.bundle();
         let sequence = next_sequence(current.sequence, now);
         self.reserve(&mut reserved, sequence)?;
+        let (this_update, next_update) = (now - CRL_BACKDATE, now + CRL_VALIDITY);
         let crl = self
             .leaf
-            .sign_crl(&listed, now - CRL_BACKDATE, now + CRL_VALIDITY, sequence)?;
+            .sign_crl(&listed, this_update, next_update, sequence)?;
         let mut next = TrustBundle::new(
             current.trust_domain.clone(),
             current.x509_authorities.clone(),
@@ -645,6 +656,7 @@ impl Ca {
             sequence,
         );
         next.crl = crl;
+        next.crl_window = Some((this_update.unix_timestamp(), next_update.unix_timestamp()));
         self.bundle.send_replace(Arc::new(next));
         Ok(left_out)
     }
