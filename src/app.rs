@@ -717,6 +717,10 @@ async fn prune_tasks(issuer: Arc<Issuer>, retention: Duration, mut sd: Shutdown)
 /// Re-publishes the CRL when the set of revoked serials changes (coalescing bursts such as a
 /// kill), when the lease table asks for one (a revoked certificate's CRL dated after its
 /// expiry), and at least every 20 minutes, well before its one-hour `nextUpdate`.
+/// Wall-clock age at which the CRL in service is signed again whatever the refresh timer
+/// says: half its validity.
+const CRL_STALE_AFTER: time::Duration = time::Duration::minutes(30);
+
 async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, failed: bool, mut sd: Shutdown) {
     let fingerprint = |l: &LeaseTable| {
         let s = l.revoked_serials(time::OffsetDateTime::now_utc().unix_timestamp());
@@ -753,13 +757,19 @@ async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, failed: bool, mut s
                 let now = time::OffsetDateTime::now_utc();
                 let (_, step) = watch.observe(now.unix_timestamp());
                 let went_back = step <= -reaper::CLOCK_STEP_S;
-                if signed_at - crate::ca::CRL_BACKDATE <= now && !went_back {
+                // A clock that jumped ahead (a suspended VM, an RTC on local time) would leave
+                // the CRL in service past its `nextUpdate` until the next refresh on the
+                // monotonic clock, up to 20 minutes of relying parties refusing every peer
+                // (review BK-1). Half its validity is the mark: the refresh keeps it well
+                // under that otherwise. A failing signer is left to its backoff.
+                let stale = !failed && now - signed_at >= CRL_STALE_AFTER;
+                if signed_at - crate::ca::CRL_BACKDATE <= now && !went_back && !stale {
                     continue;
                 }
                 tracing::info!(
                     signed_at = %signed_at,
-                    "the wall clock went back, or the CRL in service was signed by a clock \
-                     ahead of it; signing it again"
+                    "the wall clock went back or jumped ahead, or the CRL in service was \
+                     signed by a clock ahead of it; signing it again"
                 );
                 true
             }

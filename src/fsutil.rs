@@ -618,7 +618,26 @@ fn walk_trusted(
                     "more than {MAX_LINKS} symbolic links on the way to the {what}"
                 )));
             }
-            push(&mut todo, &fs::read_link(&next)?);
+            let target = fs::read_link(&next)?;
+            // A descriptor's link under /proc (`/dev/stdin` from a pipe, process
+            // substitution) names no path but `pipe:[…]`, `socket:[…]` or `anon_inode:…`:
+            // say so rather than "No such file or directory" from walking that text.
+            if next.starts_with("/proc") && !target.is_absolute() && {
+                let t = target.as_os_str().as_encoded_bytes();
+                t.starts_with(b"pipe:")
+                    || t.starts_with(b"socket:")
+                    || t.starts_with(b"anon_inode:")
+            } {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} is {}, not a regular file: the {what} must be a file",
+                        path.display(),
+                        target.display()
+                    ),
+                ));
+            }
+            push(&mut todo, &target);
         } else {
             cur = next;
             last = em;
@@ -680,6 +699,17 @@ mod tests {
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let e = read_pem_file(&fifo, true).unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
+        // A pipe's descriptor (`--config /dev/stdin` from a pipe) names no file.
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&r);
+        let via_fd = std::path::PathBuf::from(format!("/proc/self/fd/{fd}"));
+        let e = read_trusted_file(&via_fd, 1024, "config file")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("is pipe:[") && e.contains("not a regular file"),
+            "{e}"
+        );
         let big = dir.path().join("big.pem");
         fs::write(&big, vec![b'a'; MAX_PEM_FILE as usize + 1]).unwrap();
         let e = read_pem_file(&big, false).unwrap_err().to_string();

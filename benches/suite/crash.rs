@@ -405,7 +405,8 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
     let clients = o.clients.min(16);
     eprintln!("[crash] {rounds} rounds of load + kill -9, {clients} clients ...");
     let report = async {
-        let cli_dir = tempfile::tempdir().unwrap();
+        // Under the build's own scratch directory: `/tmp` may be mounted noexec.
+        let cli_dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let x509_cli = copy_cli(cli_dir.path());
         let mut d = common::Daemon::start(&config(rounds, &x509_cli));
         // A kill before the first crash must hold through every restart.

@@ -122,14 +122,19 @@ pub fn tasks_client(channel: tonic::transport::Channel) -> TasksClient {
 }
 
 /// When one stream sends a change that is only a re-signed CRL: a moment drawn for it alone
-/// within `splay` from now. Workload API §4.3 asks for splay on widespread updates: every
+/// within `splay` from now, and before the CRL it last sent (`sent`) reaches its
+/// `nextUpdate` (review BK-2). Workload API §4.3 asks for splay on widespread updates: every
 /// stream gets each CRL (re-signed every 20 minutes and on revocations), and a workload that
 /// reloads on every message (spiffe-helper, say) would otherwise reload with all the others.
-fn crl_send_at(splay: Duration) -> Instant {
+fn crl_send_at(splay: Duration, sent: &TrustBundle) -> Instant {
     let mut b = [0u8; 4];
     let _ = crate::entropy::fill(&mut b);
     let frac = f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX); // 0..=1
-    Instant::now() + splay.mul_f64(frac)
+    let left = sent.crl_window.map_or(0, |(_, next)| {
+        next.saturating_sub(OffsetDateTime::now_utc().unix_timestamp())
+    });
+    let left = Duration::from_secs(u64::try_from(left).unwrap_or(0));
+    Instant::now() + splay.mul_f64(frac).min(left)
 }
 
 /// True when `new` differs from `old`, the bundle a stream last sent, in nothing but a CRL
@@ -465,21 +470,25 @@ impl X509Watch {
                     if replace {
                         continue;
                     }
-                    let (same, wait) = match &self.sent.bundle {
+                    // What this stream last sent is the bundle to compare with.
+                    let (same, due) = match &self.sent.bundle {
                         Some(b) => {
                             let new = self.bundle_rx.borrow();
-                            (b.x509_der == new.x509_der && b.crl == new.crl, crl_can_wait(b, &new))
+                            let wait = crl_can_wait(b, &new) && !self.crl_splay.is_zero();
+                            (
+                                b.x509_der == new.x509_der && b.crl == new.crl,
+                                wait.then(|| crl_send_at(self.crl_splay, b)),
+                            )
                         }
-                        None => (false, false),
+                        None => (false, None),
                     };
                     // Nothing this stream sends changed (a JWT key alone, say).
                     if same {
                         continue;
                     }
-                    if wait && !self.crl_splay.is_zero() {
+                    if let Some(due) = due {
                         // Further re-signs before it is due go out with it.
-                        let splay = self.crl_splay;
-                        self.crl_due.get_or_insert_with(|| crl_send_at(splay));
+                        self.crl_due.get_or_insert(due);
                         continue;
                     }
                 }
@@ -669,8 +678,8 @@ impl<T: Clone + PartialEq, F: Fn(&TrustBundle) -> T> BundleWatch<T, F> {
                     let msg = (self.render)(&b);
                     if msg != self.last {
                         if crl_can_wait(&self.from, &b) && !self.crl_splay.is_zero() {
-                            let splay = self.crl_splay;
-                            self.crl_due.get_or_insert_with(|| crl_send_at(splay));
+                            let (splay, from) = (self.crl_splay, &self.from);
+                            self.crl_due.get_or_insert_with(|| crl_send_at(splay, from));
                         } else {
                             return self.send(msg, b);
                         }
@@ -823,12 +832,19 @@ mod tests {
     fn each_stream_draws_its_own_moment_within_the_splay() {
         let splay = Duration::from_secs(5);
         let start = Instant::now();
-        let at: Vec<Instant> = (0..64).map(|_| crl_send_at(splay)).collect();
+        let now_s = OffsetDateTime::now_utc().unix_timestamp();
+        let sent = bundle(b"root", b"old", Some((now_s - 30, now_s + 3600)));
+        let at: Vec<Instant> = (0..64).map(|_| crl_send_at(splay, &sent)).collect();
         let end = Instant::now() + splay;
         assert!(at.iter().all(|t| (start..=end).contains(t)));
         let spread = *at.iter().max().unwrap() - *at.iter().min().unwrap();
         // 64 draws over 5 s within 1 s of each other: about 1 in 10^40.
         assert!(spread > Duration::from_secs(1), "{spread:?}");
-        assert!(crl_send_at(Duration::ZERO) <= Instant::now());
+        assert!(crl_send_at(Duration::ZERO, &sent) <= Instant::now());
+        // Never after the CRL sent expires: 2 s left caps a 5-s splay.
+        let ending = bundle(b"root", b"old", Some((now_s - 3598, now_s + 2)));
+        let at: Vec<Instant> = (0..64).map(|_| crl_send_at(splay, &ending)).collect();
+        let cap = Instant::now() + Duration::from_secs(2);
+        assert!(at.iter().all(|t| *t <= cap));
     }
 }
