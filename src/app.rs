@@ -714,13 +714,14 @@ async fn prune_tasks(issuer: Arc<Issuer>, retention: Duration, mut sd: Shutdown)
     }
 }
 
-/// Re-publishes the CRL when the set of revoked serials changes (coalescing bursts such as a
-/// kill), when the lease table asks for one (a revoked certificate's CRL dated after its
-/// expiry), and at least every 20 minutes, well before its one-hour `nextUpdate`.
 /// Wall-clock age at which the CRL in service is signed again whatever the refresh timer
 /// says: half its validity.
 const CRL_STALE_AFTER: time::Duration = time::Duration::minutes(30);
 
+/// Re-publishes the CRL when the set of revoked serials changes (coalescing bursts such as a
+/// kill), when the lease table asks for one (a revoked certificate's CRL dated after its
+/// expiry), at least every 20 minutes, well before its one-hour `nextUpdate`, and when the
+/// wall clock steps back or ahead of the CRL in service.
 async fn crl_publisher(ca: Arc<Ca>, leases: Arc<LeaseTable>, failed: bool, mut sd: Shutdown) {
     let fingerprint = |l: &LeaseTable| {
         let s = l.revoked_serials(time::OffsetDateTime::now_utc().unix_timestamp());
