@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Daemon, Secret, entry_for_uid, my_uid};
+use common::{Daemon, Secret, entry_for_uid, my_uid, with_header};
 use spiffe::WorkloadApiError;
 use tessera::proto::tessera::v1 as admin_pb;
 use tessera::proto::tessera::v1::admin_client::AdminClient;
@@ -395,21 +395,16 @@ async fn a_crl_change_reaches_each_stream_after_its_own_delay() {
         tessera::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
             common::channel(&d.socket).await,
         );
-    let header = |r: &mut tonic::metadata::MetadataMap| {
-        r.insert("workload.spiffe.io", "true".parse().unwrap());
-    };
     let mut svid_streams = Vec::new();
     for _ in 0..9 {
-        let mut req = tonic::Request::new(pb::X509svidRequest {});
-        header(req.metadata_mut());
+        let req = with_header(pb::X509svidRequest {});
         let mut s = raw.fetch_x509svid(req).await.unwrap().into_inner();
         let first = s.message().await.unwrap().unwrap();
         svid_streams.push((serial_hex(&first.svids[0].x509_svid), s));
     }
     let mut bundle_streams = Vec::new();
     for _ in 0..4 {
-        let mut req = tonic::Request::new(pb::X509BundlesRequest {});
-        header(req.metadata_mut());
+        let req = with_header(pb::X509BundlesRequest {});
         let mut s = raw.fetch_x509_bundles(req).await.unwrap().into_inner();
         s.message().await.unwrap().unwrap();
         bundle_streams.push(s);
@@ -478,21 +473,15 @@ async fn revoked_svid_is_replaced_at_once_and_listed_in_the_crl() {
         tessera::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
             common::channel(&d.socket).await,
         );
-    let mut req = tonic::Request::new(pb::X509svidRequest {});
-    req.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let req = with_header(pb::X509svidRequest {});
     let mut stream = raw.fetch_x509svid(req).await.unwrap().into_inner();
     let first = stream.message().await.unwrap().unwrap();
     let serial = serial_hex(&first.svids[0].x509_svid);
     // Bundle streams of both kinds, open before the revocation.
-    let mut req = tonic::Request::new(pb::X509BundlesRequest {});
-    req.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let req = with_header(pb::X509BundlesRequest {});
     let mut x509_bundles = raw.fetch_x509_bundles(req).await.unwrap().into_inner();
     x509_bundles.message().await.unwrap().unwrap();
-    let mut req = tonic::Request::new(pb::JwtBundlesRequest {});
-    req.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let req = with_header(pb::JwtBundlesRequest {});
     let mut jwt_bundles = raw.fetch_jwt_bundles(req).await.unwrap().into_inner();
     jwt_bundles.message().await.unwrap().unwrap();
     let lease = lease_list(&d, &["--kind", "x509-svid"])

@@ -6,7 +6,7 @@ mod common;
 use std::io::Write;
 use std::time::Duration;
 
-use common::{Daemon, Secret, entry_for_uid, my_uid};
+use common::{Daemon, Secret, entry_for_uid, my_uid, with_header};
 use ring::signature::KeyPair;
 use spiffe::{JwtSvid, SpiffeId, TrustDomain, WorkloadApiError};
 use tessera::proto::workload as pb;
@@ -35,13 +35,6 @@ fn py_spiffe() -> Option<std::ffi::OsString> {
 /// A raw tonic client over the daemon's socket, for requests the spiffe crate will not send.
 async fn raw_client(d: &Daemon) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
     SpiffeWorkloadApiClient::new(common::channel(&d.socket).await)
-}
-
-fn with_header<T>(m: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(m);
-    r.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
-    r
 }
 
 /// An entry for the `tessera` CLI run as this uid, and for no other program: the test itself

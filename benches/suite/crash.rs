@@ -315,11 +315,7 @@ fn arm_x509_targets(
     x509_cli: &std::path::Path,
     round: u64,
 ) -> Vec<(String, String)> {
-    let o = std::process::Command::new(x509_cli)
-        .args(["svid", "x509", "--json"])
-        .env("SPIFFE_ENDPOINT_SOCKET", d.endpoint())
-        .output()
-        .unwrap();
+    let o = d.cli_as(x509_cli, &["svid", "x509", "--json"]);
     assert!(
         o.status.success(),
         "the CLI fetched no X.509-SVIDs: {}",

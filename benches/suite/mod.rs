@@ -675,12 +675,7 @@ pub fn rss_of(pid: i32) -> Option<u64> {
 }
 
 /// The gRPC metadata the Workload API requires on every request.
-pub fn workload_req<T>(m: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(m);
-    r.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().expect("static header"));
-    r
-}
+pub use crate::common::with_header as workload_req;
 
 /// A gRPC status mapped to an outcome. Only the daemon's deliberate refusals are shedding:
 /// `Unavailable` from its per-uid limits (streams, request bytes in flight), whose message says

@@ -147,6 +147,12 @@ fn crl_can_wait(old: &TrustBundle, new: &TrustBundle) -> bool {
         && old.crl_in_force(OffsetDateTime::now_utc())
 }
 
+/// When a stream that last sent `old` sends `new`: at a moment of its own within `splay`
+/// ([`crl_send_at`]) if only a CRL that can wait changed, else `None`, at once.
+fn crl_wait_until(splay: Duration, old: &TrustBundle, new: &TrustBundle) -> Option<Instant> {
+    (!splay.is_zero() && crl_can_wait(old, new)).then(|| crl_send_at(splay, old))
+}
+
 /// When to renew an SVID: half its remaining lifetime, ±10% jitter.
 fn refresh_at(svid: &X509Svid, now: Instant) -> Instant {
     let left = (svid.expires_at - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
@@ -471,21 +477,9 @@ impl X509Watch {
                         continue;
                     }
                     // What this stream last sent is the bundle to compare with.
-                    let (same, due) = match &self.sent.bundle {
-                        Some(b) => {
-                            let new = self.bundle_rx.borrow();
-                            let wait = crl_can_wait(b, &new) && !self.crl_splay.is_zero();
-                            (
-                                b.x509_der == new.x509_der && b.crl == new.crl,
-                                wait.then(|| crl_send_at(self.crl_splay, b)),
-                            )
-                        }
-                        None => (false, None),
-                    };
-                    // Nothing this stream sends changed (a JWT key alone, say).
-                    if same {
-                        continue;
-                    }
+                    let due = self.sent.bundle.as_ref().and_then(|b| {
+                        crl_wait_until(self.crl_splay, b, &self.bundle_rx.borrow())
+                    });
                     if let Some(due) = due {
                         // Further re-signs before it is due go out with it.
                         self.crl_due.get_or_insert(due);
@@ -677,11 +671,11 @@ impl<T: Clone + PartialEq, F: Fn(&TrustBundle) -> T> BundleWatch<T, F> {
                     let b = Arc::clone(&self.bundle_rx.borrow_and_update());
                     let msg = (self.render)(&b);
                     if msg != self.last {
-                        if crl_can_wait(&self.from, &b) && !self.crl_splay.is_zero() {
-                            let (splay, from) = (self.crl_splay, &self.from);
-                            self.crl_due.get_or_insert_with(|| crl_send_at(splay, from));
-                        } else {
-                            return self.send(msg, b);
+                        match crl_wait_until(self.crl_splay, &self.from, &b) {
+                            Some(due) => {
+                                self.crl_due.get_or_insert(due);
+                            }
+                            None => return self.send(msg, b),
                         }
                     }
                 }

@@ -11,6 +11,14 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+/// `m` with the metadata every Workload API request must carry (`workload.spiffe.io: true`).
+pub fn with_header<T>(m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().expect("static header"));
+    r
+}
+
 /// A numeric knob for benchmarks, e.g. `TESSERA_BENCH_SECS`.
 pub fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -216,7 +224,13 @@ impl Daemon {
 
     /// Runs the CLI against this daemon.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(tessera_bin())
+        self.cli_as(&tessera_bin(), args)
+    }
+
+    /// Runs `bin`, a copy of the CLI (which entries can tell apart by path), against this
+    /// daemon.
+    pub fn cli_as(&self, bin: &Path, args: &[&str]) -> std::process::Output {
+        Command::new(bin)
             .args(args)
             .env("SPIFFE_ENDPOINT_SOCKET", self.endpoint())
             .env("TESSERA_ADMIN_SOCKET", &self.admin_socket)
