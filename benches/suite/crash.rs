@@ -1,17 +1,22 @@
 //! Crash test: under load, `kill -9` the daemon again and again; after each restart every
 //! credential a client received must be in the lease store, every revocation the operator saw
-//! acknowledged must still be revoked, and the kill must still hold: listed, and no SVID of
-//! the killed identity handed out in any round.
+//! acknowledged must still be revoked, the kill must still hold (listed, and no SVID of the
+//! killed identity handed out in any round), and every acknowledged task completion too.
 //!
-//! Clients keep a ledger of what they received (JWT-SVID `jti`s, X.509-SVID serials) and of
-//! acknowledged revocations and kills; nothing counts until the client has the full response.
-//! Besides the kill made before the first round, the operator kills an identity every few
-//! tens of milliseconds under the load, so kills acknowledged just before a crash are checked
-//! as well: every other kill is of one of the round's victims, each holding a JWT-SVID fetched
-//! before the load, whose leases must come back revoked; the others of fresh identities. One
-//! operator revocation in twelve, up to four a round, is of an X.509-SVID (of identities given
-//! one through a copy of the CLI before each round): it must come back revoked and on the CRL
-//! `/crl` serves. Each lost record counts once, however many rounds find it missing.
+//! Clients keep a ledger of what they received (JWT-SVID `jti`s, X.509-SVID serials, task
+//! lease ids) and of acknowledged revocations, kills and completions; nothing counts until
+//! the client has the full response. Besides the kill made before the first round, the
+//! operator kills an identity every few tens of milliseconds under the load, so kills
+//! acknowledged just before a crash are checked as well: every other kill is of one of the
+//! round's victims, each holding a JWT-SVID fetched before the load, whose leases must come
+//! back revoked; the others of fresh identities. One operator revocation in twelve, up to four
+//! a round, is of an X.509-SVID (of identities given one through a copy of the CLI before each
+//! round): it must come back revoked and on the CRL `/crl` serves. Four more clients run tasks
+//! over `tessera.v1.Tasks`: three RFC 8693 exchanges each (the first also for a task
+//! X.509-SVID), then `Complete`. A completed task's leases must come back revoked, its X.509-SVID
+//! on the CRL after the next restart, and the task refused another credential after the next
+//! restart and, for the last task of each round, after every later one. Each lost record counts
+//! once, however many rounds find it missing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -46,12 +51,47 @@ struct Ledger {
     kills_revoking_nothing: usize,
     /// SVIDs received for the killed identity: each one is a kill not in force.
     served_killed: usize,
-    /// SVIDs whose `jti` or serial could not be read: they cannot be looked up, so they
-    /// count as lost rather than drop out of the check.
+    /// Credentials whose `jti`, serial or lease id could not be read, and task X.509-SVIDs
+    /// asked for and not given: they cannot be looked up, so they count as lost rather than
+    /// drop out of the check.
     unreadable: usize,
+    /// Task credentials received (task tokens and task X.509-SVIDs), by lease id.
+    task_leases: Vec<String>,
+    /// Tasks whose completion was acknowledged: each lease must come back revoked, the task
+    /// X.509-SVID listed on the CRL, and the task refused another credential.
+    completed: Vec<Completed>,
+    /// What the acknowledged completions said they revoked, summed.
+    revoked_by_completions: u64,
+    /// The first answer of the daemon to a task client that was neither a credential nor
+    /// the daemon going away: the reason when a round completes no task.
+    task_error: Option<String>,
+}
+
+/// A task whose completion was acknowledged.
+struct Completed {
+    task: String,
+    /// The leases the client received for it.
+    leases: Vec<String>,
+    /// Its task X.509-SVID's serial.
+    serial: String,
+    /// How many leases the completion said it revoked.
+    revoked: u32,
 }
 
 const KILLED: &str = "spiffe://tessera.internal/crash/killed";
+/// The identity the load runs as, and whose tasks it exchanges tokens for.
+const AGENT: &str = "spiffe://tessera.internal/crash/agent";
+/// What the task clients ask for, and the only thing the policy permits.
+const TASK_AUDIENCE: &str = "https://tickets.example";
+const TASK_SCOPE: &str = "tickets:read";
+/// Clients exchanging tokens for tasks, beside the SVID clients.
+const TASK_CLIENTS: usize = 4;
+/// Exchanges per task before it is completed; the first also mints a task X.509-SVID.
+const EXCHANGES_PER_TASK: u64 = 3;
+/// Each task client's pause before a task. A completion holds the issuance barrier for a
+/// commit of its own and has the CRL signed again: unpaced, four clients completed several
+/// hundred tasks a second, far more often than the operator revokes (every 5 ms).
+const TASK_PAUSE: Duration = Duration::from_millis(20);
 
 impl Ledger {
     fn received(&mut self, spiffe_id: &str, id: Option<String>, x509: bool) {
@@ -81,11 +121,12 @@ fn jti(token: &str) -> Option<String> {
     claims["jti"].as_str().map(str::to_owned)
 }
 
-/// Drives load until the daemon dies: JWT-SVIDs and X.509-SVIDs from `clients` tasks, an
-/// operator revoking a received JWT-SVID every few milliseconds, and one killing a fresh
-/// identity (`crash/gone/ROUND-N`) every few tens of milliseconds.
+/// Drives load until the daemon dies: JWT-SVIDs and X.509-SVIDs from `clients` tasks, task
+/// credentials from `TASK_CLIENTS` more, an operator revoking a received SVID every few
+/// milliseconds, and one killing an identity every few tens of milliseconds.
 async fn load_until_crash(
     d: &common::Daemon,
+    idp: &Arc<common::idp::Idp>,
     clients: usize,
     round: u64,
     ledger: Arc<Mutex<Ledger>>,
@@ -143,6 +184,15 @@ async fn load_until_crash(
                 }
             }
         }));
+    }
+    for i in 0..TASK_CLIENTS {
+        let c = tessera::api::workload::tasks_client(common::channel(&d.socket).await);
+        tasks.push(tokio::spawn(run_tasks(
+            c,
+            Arc::clone(idp),
+            format!("r{round}-c{i}"),
+            Arc::clone(&ledger),
+        )));
     }
     let mut admin = apb::admin_client::AdminClient::new(common::channel(&d.admin_socket).await);
     let revoker_ledger = Arc::clone(&ledger);
@@ -236,6 +286,144 @@ async fn load_until_crash(
     }
 }
 
+/// An exchange for `task` (a token, and a task X.509-SVID if `x509`), with a fresh subject
+/// token of a user of the task's own.
+fn task_exchange(idp: &common::idp::Idp, task: &str, x509: bool) -> apb::ExchangeRequest {
+    apb::ExchangeRequest {
+        subject_token: idp.sign(
+            "ES256",
+            Some("ec-1"),
+            &idp.claims(&format!("crash-user-{task}")),
+        ),
+        subject_token_type: tessera::exchange::TOKEN_TYPE_ID_TOKEN.into(),
+        audience: TASK_AUDIENCE.into(),
+        scopes: vec![TASK_SCOPE.into()],
+        task_id: task.to_owned(),
+        x509_svid: x509,
+        spiffe_id: AGENT.into(),
+        ..Default::default()
+    }
+}
+
+/// Notes the first answer to a task client that is neither a credential nor the daemon
+/// going away (`Unavailable`, a timeout): a misconfigured task load says why it did nothing.
+fn note_task_error(ledger: &Mutex<Ledger>, what: &str, s: &tonic::Status) {
+    if s.code() != tonic::Code::Unavailable {
+        let mut l = ledger.lock().unwrap();
+        l.task_error
+            .get_or_insert_with(|| format!("{what}: {:?}: {}", s.code(), s.message()));
+    }
+}
+
+/// One agent's tasks until the daemon dies: for each, `EXCHANGES_PER_TASK` exchanges with a
+/// subject token of the task's own (the first also for a task X.509-SVID), then
+/// `Tasks.Complete`. A task whose exchange failed is not completed: the failure almost always
+/// means the daemon has died, and the round is ending.
+async fn run_tasks(
+    mut c: tessera::api::workload::TasksClient,
+    idp: Arc<common::idp::Idp>,
+    prefix: String,
+    ledger: Arc<Mutex<Ledger>>,
+) {
+    let (mut failures, mut n) = (0, 0u64);
+    'tasks: while failures < 3 {
+        tokio::time::sleep(TASK_PAUSE).await;
+        let task = format!("{prefix}-t{n}");
+        n += 1;
+        let first = task_exchange(&idp, &task, true);
+        let (mut leases, mut serial) = (Vec::new(), None);
+        for k in 0..EXCHANGES_PER_TASK {
+            let req = apb::ExchangeRequest {
+                x509_svid: k == 0,
+                ..first.clone()
+            };
+            let r = match tokio::time::timeout(Duration::from_secs(2), c.exchange(req)).await {
+                Ok(Ok(r)) => r.into_inner(),
+                outcome => {
+                    if let Ok(Err(s)) = &outcome {
+                        note_task_error(&ledger, "task exchange", s);
+                    }
+                    failures += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue 'tasks;
+                }
+            };
+            failures = 0;
+            let mut l = ledger.lock().unwrap();
+            if k == 0 {
+                serial = r.x509_svid.as_ref().and_then(|x| serial_hex(&x.x509_svid));
+                // Asked for and not given, or unreadable: it cannot be checked.
+                l.unreadable += usize::from(serial.is_none());
+            }
+            for id in std::iter::once(r.lease_id).chain(r.x509_svid.map(|x| x.lease_id)) {
+                if id.is_empty() {
+                    l.unreadable += 1;
+                } else {
+                    l.task_leases.push(id.clone());
+                    leases.push(id);
+                }
+            }
+        }
+        let complete = c.complete(apb::CompleteRequest {
+            task_id: task.clone(),
+            spiffe_id: AGENT.into(),
+        });
+        match tokio::time::timeout(Duration::from_secs(2), complete).await {
+            Ok(Ok(r)) => {
+                failures = 0;
+                let revoked = r.into_inner().revoked;
+                let mut l = ledger.lock().unwrap();
+                l.revoked_by_completions += u64::from(revoked);
+                l.completed.push(Completed {
+                    task,
+                    leases,
+                    serial: serial.unwrap_or_default(),
+                    revoked,
+                });
+            }
+            outcome => {
+                if let Ok(Err(s)) = &outcome {
+                    note_task_error(&ledger, "task completion", s);
+                }
+                failures += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Whether the daemon still refuses `task` another credential, as a completed task must be.
+/// `Unavailable` (the restarted daemon still fetching the issuer's keys, say) is asked again.
+async fn refuses_completed(
+    c: &mut tessera::api::workload::TasksClient,
+    idp: &common::idp::Idp,
+    task: &str,
+) -> Result<bool, String> {
+    let mut last = String::new();
+    for _ in 0..10 {
+        let exchange = c.exchange(task_exchange(idp, task, false));
+        match tokio::time::timeout(Duration::from_secs(2), exchange).await {
+            Ok(Ok(_)) => return Ok(false),
+            Ok(Err(s))
+                if s.code() == tonic::Code::InvalidArgument
+                    && s.message().contains("is complete") =>
+            {
+                return Ok(true);
+            }
+            Ok(Err(s)) if s.code() != tonic::Code::Unavailable => {
+                // Any other refusal tells nothing of the completion: the check failed.
+                return Err(format!("exchange for completed task {task}: {s:?}"));
+            }
+            Ok(Err(s)) => last = format!("{s:?}"),
+            Err(_) => last = "no answer in 2 s".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!(
+        "exchange for completed task {task}: still failing after 10 tries: {last}"
+    ))
+}
+
 /// Where the identities killed under load live.
 const GONE: &str = "spiffe://tessera.internal/crash/gone";
 
@@ -272,12 +460,19 @@ fn x509_target_root(round: u64) -> String {
 /// served its SVIDs: only the CLI fetch before each round gives a victim its lease. The X.509
 /// identities select a copy of the CLI at `x509_cli` instead, so that a victim holds only the
 /// JWT-SVID its kill must revoke; they live a day, so that their serials stay on the CRL
-/// through the longest run (15 minutes would take round 0's off it after about 16).
-fn config(rounds: u64, x509_cli: &std::path::Path) -> String {
+/// through the longest run (15 minutes would take round 0's off it after about 16). The
+/// policy at `policy` lets the agent exchange tokens of `issuer`'s users for its tasks.
+fn config(
+    rounds: u64,
+    x509_cli: &std::path::Path,
+    issuer: &str,
+    policy: &std::path::Path,
+) -> String {
     let uid = common::my_uid();
     let cli = common::tessera_bin();
     let mut c = format!(
-        "log.level = \"info\"\n{}{}",
+        "log.level = \"info\"\npolicy.file = {policy:?}\n[[oidc_issuers]]\nissuer = {issuer:?}\n\
+         audiences = [\"tessera\"]\n{}{}",
         common::entry_for_uid("crash/agent", uid, ""),
         common::entry_for_uid("crash/killed", uid, "")
     );
@@ -390,12 +585,12 @@ fn arm_victims(d: &common::Daemon, round: u64) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Fewest credentials per round, and revocations in all, for the crash test to show
-/// anything: with nothing received, nothing can be found lost.
-const MIN_CREDENTIALS_PER_ROUND: u64 = 100;
+/// Fewest SVIDs per round for the crash test to show anything: with nothing received,
+/// nothing can be found lost.
+const MIN_SVIDS_PER_ROUND: u64 = 100;
 
-/// Returns the number of lost records (leases, revocations and kills), or an error when the
-/// test saw too little to show anything.
+/// Returns the number of lost records (leases, revocations, kills and completions), or an
+/// error when the test saw too little to show anything.
 pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
     let rounds = o.crash_rounds;
     let clients = o.clients.min(16);
@@ -404,7 +599,20 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
         // Under the build's own scratch directory: `/tmp` may be mounted noexec.
         let cli_dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let x509_cli = copy_cli(cli_dir.path());
-        let mut d = common::Daemon::start(&config(rounds, &x509_cli));
+        let idp = Arc::new(common::idp::Idp::start().await);
+        // A file the daemon trusts whatever the umask.
+        let policy_dir = common::open_tempdir();
+        let policy = policy_dir.path().join("policy.cedar");
+        common::write_fixture(
+            &policy,
+            format!(
+                "permit(principal, action == Tessera::Action::\"exchange\", \
+                 resource == Tessera::Audience::\"{TASK_AUDIENCE}\")\n\
+                 when {{ context.scope == \"{TASK_SCOPE}\" }};"
+            ),
+        );
+        let cfg = config(rounds, &x509_cli, &idp.issuer, &policy);
+        let mut d = common::Daemon::start(&cfg);
         // A kill before the first crash must hold through every restart.
         let o = d.cli(&["kill", KILLED, "--reason", "crash test"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -417,6 +625,14 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
         let mut lost_kill_revocations = std::collections::HashSet::new();
         // Rounds in which no lease holder's kill was acknowledged: they test nothing of it.
         let mut rounds_without_victims = 0u64;
+        // Tasks whose completion lost any of its effects, counted once each.
+        let mut lost_completions = std::collections::HashSet::new();
+        // Rounds in which no task's completion was acknowledged.
+        let mut rounds_without_completions = 0u64;
+        // Completions of earlier rounds, already checked after their own restart.
+        let mut completions_checked = 0;
+        // The last completed task of each earlier round: asked again after every restart.
+        let mut sentinels: Vec<String> = Vec::new();
         for round in 0..rounds {
             let armed = arm_victims(&d, round);
             let x509_targets = arm_x509_targets(&d, &x509_cli, round);
@@ -436,19 +652,29 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
                 // SAFETY: kill(2) on our child.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             });
-            load_until_crash(&d, clients, round, Arc::clone(&ledger)).await;
+            load_until_crash(&d, &idp, clients, round, Arc::clone(&ledger)).await;
             killer.join().unwrap();
             d.wait_exit(Duration::from_secs(10));
             let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
             drop(d);
-            d = common::Daemon::start_in(dir, &config(rounds, &x509_cli));
+            d = common::Daemon::start_in(dir, &cfg);
             let (by_id, by_serial) = store_contents(&d).await;
             // An X.509-SVID's revocation holds only if relying parties learn of it: its lease
             // revoked, and its serial on the CRL (signed at start from the store; polled
             // briefly in case the first is still being signed).
+            // So must this round's completed tasks' X.509-SVIDs (earlier rounds' may have left
+            // the CRL: they live 5 minutes).
             let revoked_serials: Vec<String> = {
                 let l = ledger.lock().unwrap();
-                l.revoked_x509.iter().map(|(_, s)| s.clone()).collect()
+                l.revoked_x509
+                    .iter()
+                    .map(|(_, s)| s.clone())
+                    .chain(
+                        l.completed[completions_checked..]
+                            .iter()
+                            .map(|c| c.serial.clone()),
+                    )
+                    .collect()
             };
             let mut crl = crl_serials(&d);
             let deadline = Instant::now() + Duration::from_secs(3);
@@ -456,6 +682,25 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 crl = crl_serials(&d);
             }
+            // This round's completed tasks, and one of each earlier round, must still be
+            // refused credentials. Asked before the ledger is locked: each is an exchange.
+            let (this_round, last): (Vec<String>, Option<String>) = {
+                let l = ledger.lock().unwrap();
+                let new = &l.completed[completions_checked..];
+                (
+                    new.iter().map(|c| c.task.clone()).collect(),
+                    new.last().map(|c| c.task.clone()),
+                )
+            };
+            let mut tasks_client =
+                tessera::api::workload::tasks_client(common::channel(&d.socket).await);
+            for task in this_round.iter().chain(&sentinels) {
+                if !refuses_completed(&mut tasks_client, &idp, task).await? {
+                    lost_completions.insert(task.clone());
+                }
+            }
+            rounds_without_completions += u64::from(last.is_none());
+            sentinels.extend(last);
             let l = ledger.lock().unwrap();
             let missing: Vec<&String> = l
                 .jtis
@@ -463,6 +708,7 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
                 .filter(|j| !by_id.contains_key(*j))
                 .chain(l.serials.iter().filter(|s| !by_serial.contains_key(*s)))
                 .chain(l.victim_jtis.iter().filter(|j| !by_id.contains_key(*j)))
+                .chain(l.task_leases.iter().filter(|j| !by_id.contains_key(*j)))
                 .collect();
             // A killed victim's lease, present but not revoked: the kill lost its effect.
             let unkilled: Vec<&String> = l
@@ -483,6 +729,27 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
                         .map(|(id, _)| id),
                 )
                 .collect();
+            // A completion lost its effect if a lease it revoked is back (one missing is a
+            // lost lease already), its count fell short of the leases received, or this
+            // round's task X.509-SVID is off the CRL.
+            let new_completions = completions_checked;
+            let undone: Vec<&String> = l
+                .completed
+                .iter()
+                .enumerate()
+                .filter(|(i, c)| {
+                    c.leases
+                        .iter()
+                        .any(|id| by_id.get(id).is_some_and(|s| s != "revoked"))
+                        || (c.revoked as usize) < c.leases.len()
+                        // (An X.509-SVID not received counts as unreadable.)
+                        || (*i >= new_completions
+                            && !c.serial.is_empty()
+                            && !crl.contains(&c.serial))
+                })
+                .map(|(_, c)| &c.task)
+                .collect();
+            completions_checked = l.completed.len();
             let killed = d.cli(&["--json", "killed"]);
             let listed: std::collections::HashSet<String> =
                 serde_json::from_slice::<serde_json::Value>(&killed.stdout)
@@ -503,13 +770,17 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
                 .filter(|k| !listed.contains(*k))
                 .cloned()
                 .collect();
+            lost_completions.extend(undone.into_iter().cloned());
             eprintln!(
-                "round {:>3}: {} JWT + {} X.509 received so far, {} revocations ({} of \
-                 X.509-SVIDs), {} kills under load ({} of them holding a lease); lost {} \
-                 leases, {} revocations, {} kills, {} killed leases",
+                "round {:>3}: {} JWT + {} X.509 + {} task credentials received so far, {} \
+                 tasks completed, {} revocations ({} of X.509-SVIDs), {} kills under load ({} \
+                 of them holding a lease); lost {} leases, {} revocations, {} kills, {} killed \
+                 leases, {} completions (so far)",
                 round + 1,
                 l.jtis.len(),
                 l.serials.len(),
+                l.task_leases.len(),
+                l.completed.len(),
                 l.revoked.len() + l.revoked_x509.len(),
                 l.revoked_x509.len(),
                 l.kills.len(),
@@ -518,6 +789,7 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
                 unrevoked.len(),
                 unlisted.len(),
                 unkilled.len(),
+                lost_completions.len(),
             );
             lost_kill_revocations.extend(unkilled.into_iter().cloned());
             rounds_without_victims += u64::from(l.killed_leases.len() == victims_before);
@@ -533,12 +805,20 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             + l.kills_revoking_nothing;
         let lost_leases = lost_leases.len() + l.unreadable;
         let lost_revocations = lost_revocations.len();
-        json!({
+        Ok::<_, String>(json!({
             "rounds": rounds,
             "clients": clients,
             "seconds": started.elapsed().as_secs_f64(),
             "jwt_svids_received": l.jtis.len(),
             "x509_svids_received": l.serials.len(),
+            "task_credentials_received": l.task_leases.len(),
+            "task_completions_acknowledged": l.completed.len(),
+            "task_credentials_of_completed_tasks":
+                l.completed.iter().map(|c| c.leases.len()).sum::<usize>(),
+            "task_leases_revoked_by_completions": l.revoked_by_completions,
+            "rounds_without_completions": rounds_without_completions,
+            "task_client_error": l.task_error,
+            "lost_completions": lost_completions.len(),
             "revocations_acknowledged": l.revoked.len() + l.revoked_x509.len(),
             "x509_revocations_acknowledged": l.revoked_x509.len(),
             "jwt_revocations_acknowledged": l.revoked.len(),
@@ -551,18 +831,34 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             "lost_revocations": lost_revocations,
             "lost_kills": lost_kills,
             "svids_served_to_killed_identity": l.served_killed,
-            "unreadable_svids": l.unreadable,
-        })
+            "unreadable_credentials": l.unreadable,
+        }))
     }
-    .await;
+    .await?;
     let lost = report["lost_leases"].as_u64().unwrap()
         + report["lost_revocations"].as_u64().unwrap()
-        + report["lost_kills"].as_u64().unwrap();
+        + report["lost_kills"].as_u64().unwrap()
+        + report["lost_completions"].as_u64().unwrap();
+    // SVIDs alone, as before task credentials were added, so that runs compare.
     r.figure(
         "crash_credentials_received",
-        &format!("crash: credentials received over {rounds} kill -9 rounds"),
+        &format!("crash: SVIDs received over {rounds} kill -9 rounds"),
         (report["jwt_svids_received"].as_u64().unwrap()
             + report["x509_svids_received"].as_u64().unwrap()) as f64,
+        "count",
+        Target::None,
+    );
+    r.figure(
+        "crash_task_credentials",
+        "  task credentials received (tokens, task X.509-SVIDs)",
+        report["task_credentials_received"].as_u64().unwrap() as f64,
+        "count",
+        Target::None,
+    );
+    r.figure(
+        "crash_task_completions",
+        "  tasks completed (revoked, refused, on the CRL)",
+        report["task_completions_acknowledged"].as_u64().unwrap() as f64,
         "count",
         Target::None,
     );
@@ -598,7 +894,7 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
     );
     r.figure(
         "crash_lost_records",
-        "  lost leases, revocations and kills",
+        "  lost leases, revocations, kills and completions",
         lost as f64,
         "count",
         Target::AtMost(0.0),
@@ -606,6 +902,12 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
     r.detail("crash", report.clone());
     let received = report["jwt_svids_received"].as_u64().unwrap()
         + report["x509_svids_received"].as_u64().unwrap();
+    let completions = report["task_completions_acknowledged"].as_u64().unwrap();
+    let no_completion = report["rounds_without_completions"].as_u64().unwrap();
+    let task_error = report["task_client_error"]
+        .as_str()
+        .map(|e| format!(" (the task clients were answered {e})"))
+        .unwrap_or_default();
     let revocations = report["revocations_acknowledged"].as_u64().unwrap();
     let kills = report["kills_acknowledged_under_load"].as_u64().unwrap();
     let victims = report["kills_of_lease_holders_under_load"]
@@ -616,17 +918,19 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
         .unwrap();
     let x509_revocations = report["x509_revocations_acknowledged"].as_u64().unwrap();
     let jwt_revocations = report["jwt_revocations_acknowledged"].as_u64().unwrap();
-    if received < MIN_CREDENTIALS_PER_ROUND * rounds
+    if received < MIN_SVIDS_PER_ROUND * rounds
         || jwt_revocations == 0
         || x509_revocations == 0
+        || no_completion > 0
         || bare > 0
     {
         return Err(format!(
-            "the crash test received {received} credentials, {revocations} revocations \
-             ({x509_revocations} of X.509-SVIDs) and {kills} kills ({victims} of lease \
-             holders, none in {bare} rounds) over {rounds} rounds: too few to show that nothing is lost \
-             (at least {MIN_CREDENTIALS_PER_ROUND} credentials and one kill of a lease holder \
-             per round, and one revocation of each kind of SVID, are needed)"
+            "the crash test received {received} SVIDs, {revocations} revocations \
+             ({x509_revocations} of X.509-SVIDs), {completions} task completions (none in \
+             {no_completion} rounds){task_error} and {kills} kills ({victims} of lease holders, \
+             none in {bare} rounds) over {rounds} rounds: too few to show that nothing is lost \
+             (at least {MIN_SVIDS_PER_ROUND} SVIDs, one task completion and one kill of \
+             a lease holder per round, and one revocation of each kind of SVID, are needed)"
         ));
     }
     Ok(lost)

@@ -211,15 +211,15 @@ pub async fn run(o: &Opts, r: &mut Report) {
     let idp = Arc::new(common::idp::Idp::start().await);
     let dir = common::open_tempdir();
     let policy = dir.path().join("policy.cedar");
-    std::fs::write(
+    // Read as a trusted file: its mode must not depend on the umask.
+    common::write_fixture(
         &policy,
         r#"@id("bench")
 permit(principal, action == Tessera::Action::"exchange", resource == Tessera::Audience::"https://tickets.example")
 when { context.scope == "tickets:read" && context.subject has email && context.subject.email like "*@example.com" };
 @id("never-delete")
 forbid(principal, action, resource) when { context.scope == "tickets:delete" };"#,
-    )
-    .unwrap();
+    );
     let d = common::Daemon::start_in(
         dir,
         &format!(
