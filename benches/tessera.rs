@@ -50,6 +50,10 @@ struct Args {
     /// Rounds of load + kill -9 in the crash test.
     #[arg(long, env = "TESSERA_CRASH_ROUNDS")]
     crash_rounds: Option<u64>,
+    /// Clients running tasks (exchanges and completions) in the crash test, beside the SVID
+    /// clients; 0 leaves tasks out.
+    #[arg(long, default_value_t = 4)]
+    crash_task_clients: usize,
     /// Soak: steady load for this long (e.g. 10m, 1h), sampling memory and latency.
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
@@ -102,6 +106,7 @@ fn main() {
         leases: a.leases.unwrap_or(if q { 20_000 } else { 1_000_000 }),
         kill_leases: a.kill_leases.unwrap_or(if q { 20_000 } else { 100_000 }),
         crash_rounds: a.crash_rounds.unwrap_or(if q { 3 } else { 20 }),
+        crash_task_clients: a.crash_task_clients,
     };
     let mut phases: Vec<&str> = if a.only.is_empty() {
         PHASES.to_vec()
@@ -181,6 +186,7 @@ fn main() {
         "leases": o.leases,
         "kill_leases": o.kill_leases,
         "crash_rounds": o.crash_rounds,
+        "crash_task_clients": o.crash_task_clients,
         "quick": q,
         // Where the daemons kept their stores: figures from memory are not durable ones.
         "data_parent": data_dir,

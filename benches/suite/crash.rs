@@ -11,12 +11,13 @@
 //! round's victims, each holding a JWT-SVID fetched before the load, whose leases must come
 //! back revoked; the others of fresh identities. One operator revocation in twelve, up to four
 //! a round, is of an X.509-SVID (of identities given one through a copy of the CLI before each
-//! round): it must come back revoked and on the CRL `/crl` serves. Four more clients run tasks
-//! over `tessera.v1.Tasks`: three RFC 8693 exchanges each (the first also for a task
-//! X.509-SVID), then `Complete`. A completed task's leases must come back revoked, its X.509-SVID
-//! on the CRL after the next restart, and the task refused another credential after the next
-//! restart and, for the last task of each round, after every later one. Each lost record counts
-//! once, however many rounds find it missing.
+//! round): it must come back revoked and on the CRL `/crl` serves. More clients (4 unless
+//! `--crash-task-clients` says otherwise) run tasks over `tessera.v1.Tasks`: three RFC 8693
+//! exchanges each (the first also for a task X.509-SVID), then `Complete`. A completed task's
+//! leases must come back revoked; after the next restart its X.509-SVID must be on the CRL
+//! and the task refused another credential, and the last task of each round is asked again
+//! after every later restart. Each lost record counts once, however many rounds find it
+//! missing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -62,8 +63,8 @@ struct Ledger {
     completed: Vec<Completed>,
     /// What the acknowledged completions said they revoked, summed.
     revoked_by_completions: u64,
-    /// The first answer of the daemon to a task client that was neither a credential nor
-    /// the daemon going away: the reason when a round completes no task.
+    /// This round's first answer to a task client that was neither a credential nor the
+    /// daemon going away: the reason when a round completes no task.
     task_error: Option<String>,
 }
 
@@ -84,8 +85,6 @@ const AGENT: &str = "spiffe://tessera.internal/crash/agent";
 /// What the task clients ask for, and the only thing the policy permits.
 const TASK_AUDIENCE: &str = "https://tickets.example";
 const TASK_SCOPE: &str = "tickets:read";
-/// Clients exchanging tokens for tasks, beside the SVID clients.
-const TASK_CLIENTS: usize = 4;
 /// Exchanges per task before it is completed; the first also mints a task X.509-SVID.
 const EXCHANGES_PER_TASK: u64 = 3;
 /// Each task client's pause before a task. A completion holds the issuance barrier for a
@@ -122,12 +121,12 @@ fn jti(token: &str) -> Option<String> {
 }
 
 /// Drives load until the daemon dies: JWT-SVIDs and X.509-SVIDs from `clients` tasks, task
-/// credentials from `TASK_CLIENTS` more, an operator revoking a received SVID every few
+/// credentials from `task_clients` more, an operator revoking a received SVID every few
 /// milliseconds, and one killing an identity every few tens of milliseconds.
 async fn load_until_crash(
     d: &common::Daemon,
     idp: &Arc<common::idp::Idp>,
-    clients: usize,
+    (clients, task_clients): (usize, usize),
     round: u64,
     ledger: Arc<Mutex<Ledger>>,
 ) {
@@ -185,7 +184,7 @@ async fn load_until_crash(
             }
         }));
     }
-    for i in 0..TASK_CLIENTS {
+    for i in 0..task_clients {
         let c = tessera::api::workload::tasks_client(common::channel(&d.socket).await);
         tasks.push(tokio::spawn(run_tasks(
             c,
@@ -305,10 +304,14 @@ fn task_exchange(idp: &common::idp::Idp, task: &str, x509: bool) -> apb::Exchang
     }
 }
 
-/// Notes the first answer to a task client that is neither a credential nor the daemon
-/// going away (`Unavailable`, a timeout): a misconfigured task load says why it did nothing.
+/// Notes the round's first answer to a task client that is neither a credential nor the
+/// daemon going away, so that a misconfigured task load says why it did nothing. The crash
+/// cuts requests off as `Unavailable`, `Cancelled` or `Unknown` "transport error", and a
+/// timeout is no answer at all.
 fn note_task_error(ledger: &Mutex<Ledger>, what: &str, s: &tonic::Status) {
-    if s.code() != tonic::Code::Unavailable {
+    let cut_off = matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
+        || (s.code() == tonic::Code::Unknown && s.message().contains("transport error"));
+    if !cut_off {
         let mut l = ledger.lock().unwrap();
         l.task_error
             .get_or_insert_with(|| format!("{what}: {:?}: {}", s.code(), s.message()));
@@ -392,37 +395,53 @@ async fn run_tasks(
     }
 }
 
-/// Whether the daemon still refuses `task` another credential, as a completed task must be.
-/// `Unavailable` (the restarted daemon still fetching the issuer's keys, say) is asked again.
-async fn refuses_completed(
+/// What the daemon answered an exchange for a task whose completion was acknowledged.
+enum AfterCompletion {
+    /// Refused as complete, as it must be.
+    Refused,
+    /// Served, or refused for another reason: either way the check of the completion failed.
+    Wrong(String),
+}
+
+/// Asks the daemon for another credential of completed `task`. `Unavailable` and silence
+/// (the restarted daemon still fetching the issuer's keys, which it retries after 30 s at
+/// most) are asked again until `deadline`, shared by the round's checks so that a wedged
+/// daemon ends the test instead of stalling it task by task.
+async fn after_completion(
     c: &mut tessera::api::workload::TasksClient,
     idp: &common::idp::Idp,
     task: &str,
-) -> Result<bool, String> {
-    let mut last = String::new();
-    for _ in 0..10 {
+    deadline: Instant,
+) -> Result<AfterCompletion, String> {
+    loop {
         let exchange = c.exchange(task_exchange(idp, task, false));
-        match tokio::time::timeout(Duration::from_secs(2), exchange).await {
-            Ok(Ok(_)) => return Ok(false),
+        let last = match tokio::time::timeout(Duration::from_secs(2), exchange).await {
+            Ok(Ok(_)) => return Ok(AfterCompletion::Wrong("served".into())),
             Ok(Err(s))
                 if s.code() == tonic::Code::InvalidArgument
                     && s.message().contains("is complete") =>
             {
-                return Ok(true);
+                return Ok(AfterCompletion::Refused);
             }
             Ok(Err(s)) if s.code() != tonic::Code::Unavailable => {
-                // Any other refusal tells nothing of the completion: the check failed.
-                return Err(format!("exchange for completed task {task}: {s:?}"));
+                return Ok(AfterCompletion::Wrong(format!("{s:?}")));
             }
-            Ok(Err(s)) => last = format!("{s:?}"),
-            Err(_) => last = "no answer in 2 s".into(),
+            Ok(Err(s)) => format!("{s:?}"),
+            Err(_) => "no answer in 2 s".into(),
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "exchange for completed task {task}: the daemon did not answer it within the \
+                 round's {}s of checks: {last}",
+                CHECK_BUDGET.as_secs()
+            ));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(format!(
-        "exchange for completed task {task}: still failing after 10 tries: {last}"
-    ))
 }
+
+/// How long one round's completion checks may take in all.
+const CHECK_BUDGET: Duration = Duration::from_secs(60);
 
 /// Where the identities killed under load live.
 const GONE: &str = "spiffe://tessera.internal/crash/gone";
@@ -594,6 +613,7 @@ const MIN_SVIDS_PER_ROUND: u64 = 100;
 pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
     let rounds = o.crash_rounds;
     let clients = o.clients.min(16);
+    let task_clients = o.crash_task_clients;
     eprintln!("[crash] {rounds} rounds of load + kill -9, {clients} clients ...");
     let report = async {
         // Under the build's own scratch directory: `/tmp` may be mounted noexec.
@@ -627,8 +647,15 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
         let mut rounds_without_victims = 0u64;
         // Tasks whose completion lost any of its effects, counted once each.
         let mut lost_completions = std::collections::HashSet::new();
-        // Rounds in which no task's completion was acknowledged.
+        // Rounds in which no task's completion was acknowledged, and the task clients' first
+        // unexpected answer in the first of them.
         let mut rounds_without_completions = 0u64;
+        let mut bare_round_error: Option<String> = None;
+        // Rounds with fewer than `MIN_SVIDS_PER_ROUND` SVIDs received.
+        let mut thin_rounds = 0u64;
+        // Completion checks answered with neither a credential nor the refusal, and the
+        // first such answer.
+        let (mut wrong_refusals, mut first_wrong) = (0u64, None::<String>);
         // Completions of earlier rounds, already checked after their own restart.
         let mut completions_checked = 0;
         // The last completed task of each earlier round: asked again after every restart.
@@ -636,13 +663,14 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
         for round in 0..rounds {
             let armed = arm_victims(&d, round);
             let x509_targets = arm_x509_targets(&d, &x509_cli, round);
-            let victims_before = {
+            let (victims_before, svids_before) = {
                 let mut l = ledger.lock().unwrap();
+                l.task_error = None;
                 l.x509_targets = x509_targets;
                 // Their leases must survive like any other received credential.
                 l.victim_jtis.extend(armed.iter().map(|v| v.1.clone()));
                 l.victims = armed;
-                l.killed_leases.len()
+                (l.killed_leases.len(), l.jtis.len() + l.serials.len())
             };
             let pid = d.pid();
             // Crash after a random 200–700 ms of load.
@@ -652,7 +680,14 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
                 // SAFETY: kill(2) on our child.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             });
-            load_until_crash(&d, &idp, clients, round, Arc::clone(&ledger)).await;
+            load_until_crash(
+                &d,
+                &idp,
+                (clients, task_clients),
+                round,
+                Arc::clone(&ledger),
+            )
+            .await;
             killer.join().unwrap();
             d.wait_exit(Duration::from_secs(10));
             let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
@@ -674,6 +709,8 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
                             .iter()
                             .map(|c| c.serial.clone()),
                     )
+                    // An X.509-SVID not received is counted as unreadable, not polled for.
+                    .filter(|s| !s.is_empty())
                     .collect()
             };
             let mut crl = crl_serials(&d);
@@ -694,12 +731,22 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             };
             let mut tasks_client =
                 tessera::api::workload::tasks_client(common::channel(&d.socket).await);
+            let deadline = Instant::now() + CHECK_BUDGET;
             for task in this_round.iter().chain(&sentinels) {
-                if !refuses_completed(&mut tasks_client, &idp, task).await? {
+                if let AfterCompletion::Wrong(answer) =
+                    after_completion(&mut tasks_client, &idp, task, deadline).await?
+                {
                     lost_completions.insert(task.clone());
+                    wrong_refusals += 1;
+                    first_wrong.get_or_insert(format!("{task}: {answer}"));
                 }
             }
-            rounds_without_completions += u64::from(last.is_none());
+            if last.is_none() && task_clients > 0 {
+                rounds_without_completions += 1;
+                if bare_round_error.is_none() {
+                    bare_round_error = ledger.lock().unwrap().task_error.clone();
+                }
+            }
             sentinels.extend(last);
             let l = ledger.lock().unwrap();
             let missing: Vec<&String> = l
@@ -793,6 +840,9 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             );
             lost_kill_revocations.extend(unkilled.into_iter().cloned());
             rounds_without_victims += u64::from(l.killed_leases.len() == victims_before);
+            thin_rounds += u64::from(
+                ((l.jtis.len() + l.serials.len() - svids_before) as u64) < MIN_SVIDS_PER_ROUND,
+            );
             lost_leases.extend(missing.into_iter().cloned());
             lost_revocations.extend(unrevoked.into_iter().cloned());
             lost_kills.extend(unlisted);
@@ -816,8 +866,12 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             "task_credentials_of_completed_tasks":
                 l.completed.iter().map(|c| c.leases.len()).sum::<usize>(),
             "task_leases_revoked_by_completions": l.revoked_by_completions,
+            "task_clients": task_clients,
             "rounds_without_completions": rounds_without_completions,
-            "task_client_error": l.task_error,
+            "task_client_error_in_a_round_without_completions": bare_round_error,
+            "completion_checks_answered_otherwise": wrong_refusals,
+            "first_completion_check_answered_otherwise": first_wrong,
+            "rounds_with_too_few_svids": thin_rounds,
             "lost_completions": lost_completions.len(),
             "revocations_acknowledged": l.revoked.len() + l.revoked_x509.len(),
             "x509_revocations_acknowledged": l.revoked_x509.len(),
@@ -904,10 +958,11 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
         + report["x509_svids_received"].as_u64().unwrap();
     let completions = report["task_completions_acknowledged"].as_u64().unwrap();
     let no_completion = report["rounds_without_completions"].as_u64().unwrap();
-    let task_error = report["task_client_error"]
+    let task_error = report["task_client_error_in_a_round_without_completions"]
         .as_str()
-        .map(|e| format!(" (the task clients were answered {e})"))
+        .map(|e| format!(" (in the first such round the task clients were answered {e})"))
         .unwrap_or_default();
+    let thin = report["rounds_with_too_few_svids"].as_u64().unwrap();
     let revocations = report["revocations_acknowledged"].as_u64().unwrap();
     let kills = report["kills_acknowledged_under_load"].as_u64().unwrap();
     let victims = report["kills_of_lease_holders_under_load"]
@@ -918,19 +973,15 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
         .unwrap();
     let x509_revocations = report["x509_revocations_acknowledged"].as_u64().unwrap();
     let jwt_revocations = report["jwt_revocations_acknowledged"].as_u64().unwrap();
-    if received < MIN_SVIDS_PER_ROUND * rounds
-        || jwt_revocations == 0
-        || x509_revocations == 0
-        || no_completion > 0
-        || bare > 0
-    {
+    if thin > 0 || jwt_revocations == 0 || x509_revocations == 0 || no_completion > 0 || bare > 0 {
         return Err(format!(
-            "the crash test received {received} SVIDs, {revocations} revocations \
-             ({x509_revocations} of X.509-SVIDs), {completions} task completions (none in \
-             {no_completion} rounds){task_error} and {kills} kills ({victims} of lease holders, \
-             none in {bare} rounds) over {rounds} rounds: too few to show that nothing is lost \
-             (at least {MIN_SVIDS_PER_ROUND} SVIDs, one task completion and one kill of \
-             a lease holder per round, and one revocation of each kind of SVID, are needed)"
+            "the crash test received {received} SVIDs (fewer than {MIN_SVIDS_PER_ROUND} in \
+             {thin} rounds), {revocations} revocations ({x509_revocations} of X.509-SVIDs), \
+             {completions} task completions (none in {no_completion} rounds){task_error} and \
+             {kills} kills ({victims} of lease holders, none in {bare} rounds) over {rounds} \
+             rounds: too few to show that nothing is lost (at least {MIN_SVIDS_PER_ROUND} \
+             SVIDs, one kill of a lease holder and, with task clients, one task completion per \
+             round, and one revocation of each kind of SVID, are needed)"
         ));
     }
     Ok(lost)

@@ -29,6 +29,8 @@ pub struct Opts {
     /// Leases held by the identity the kill switch cuts off.
     pub kill_leases: usize,
     pub crash_rounds: u64,
+    /// Clients running tasks in the crash test.
+    pub crash_task_clients: usize,
 }
 
 /// What one request came to. `Shed` is the daemon refusing load on purpose (gRPC
