@@ -25,9 +25,7 @@ async fn admin(d: &Daemon) -> AdminClient<tonic::transport::Channel> {
 
 fn serial_hex(cert_der: &[u8]) -> String {
     let (_, c) = x509_parser::parse_x509_certificate(cert_der).unwrap();
-    let raw = c.raw_serial();
-    // Our serials are 16 bytes, positive, with no leading zero byte to strip.
-    hex::encode(&raw[raw.len() - 16..])
+    common::serial_key(c.raw_serial())
 }
 
 fn jti(token: &str) -> String {
@@ -678,10 +676,8 @@ fn listed(crl: &[u8], serial: &str) -> bool {
     let Ok((_, c)) = x509_parser::parse_x509_crl(crl) else {
         return false;
     };
-    c.iter_revoked_certificates().any(|r| {
-        let raw = r.raw_serial();
-        hex::encode(&raw[raw.len().saturating_sub(16)..]) == serial
-    })
+    c.iter_revoked_certificates()
+        .any(|r| common::serial_key(r.raw_serial()) == serial)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,8 +61,6 @@ struct Ledger {
     /// Tasks whose completion was acknowledged: each lease must come back revoked, the task
     /// X.509-SVID listed on the CRL, and the task refused another credential.
     completed: Vec<Completed>,
-    /// What the acknowledged completions said they revoked, summed.
-    revoked_by_completions: u64,
     /// This round's first answer to a task client that was neither a credential nor the
     /// daemon going away: the reason when a round completes no task.
     task_error: Option<String>,
@@ -105,8 +103,7 @@ impl Ledger {
 
 fn serial_hex(cert_der: &[u8]) -> Option<String> {
     let (_, c) = x509_parser::parse_x509_certificate(cert_der).ok()?;
-    let raw = c.raw_serial();
-    Some(hex::encode(&raw[raw.len().saturating_sub(16)..]))
+    Some(common::serial_key(c.raw_serial()))
 }
 
 fn jti(token: &str) -> Option<String> {
@@ -285,20 +282,14 @@ async fn load_until_crash(
     }
 }
 
-/// An exchange for `task` (a token, and a task X.509-SVID if `x509`), with a fresh subject
-/// token of a user of the task's own.
-fn task_exchange(idp: &common::idp::Idp, task: &str, x509: bool) -> apb::ExchangeRequest {
+/// An exchange for a token of `task`, with a fresh subject token of a user of the task's own.
+fn task_exchange(idp: &common::idp::Idp, task: &str) -> apb::ExchangeRequest {
     apb::ExchangeRequest {
-        subject_token: idp.sign(
-            "ES256",
-            Some("ec-1"),
-            &idp.claims(&format!("crash-user-{task}")),
-        ),
+        subject_token: idp.ec_token(&format!("crash-user-{task}")),
         subject_token_type: tessera::exchange::TOKEN_TYPE_ID_TOKEN.into(),
         audience: TASK_AUDIENCE.into(),
         scopes: vec![TASK_SCOPE.into()],
         task_id: task.to_owned(),
-        x509_svid: x509,
         spiffe_id: AGENT.into(),
         ..Default::default()
     }
@@ -333,7 +324,7 @@ async fn run_tasks(
         tokio::time::sleep(TASK_PAUSE).await;
         let task = format!("{prefix}-t{n}");
         n += 1;
-        let first = task_exchange(&idp, &task, true);
+        let first = task_exchange(&idp, &task);
         let (mut leases, mut serial) = (Vec::new(), None);
         for k in 0..EXCHANGES_PER_TASK {
             let req = apb::ExchangeRequest {
@@ -376,7 +367,6 @@ async fn run_tasks(
                 failures = 0;
                 let revoked = r.into_inner().revoked;
                 let mut l = ledger.lock().unwrap();
-                l.revoked_by_completions += u64::from(revoked);
                 l.completed.push(Completed {
                     task,
                     leases,
@@ -413,8 +403,10 @@ async fn after_completion(
     task: &str,
     deadline: Instant,
 ) -> Result<AfterCompletion, String> {
+    // One subject token for every try: signing it is the generator's work, not the check's.
+    let req = task_exchange(idp, task);
     loop {
-        let exchange = c.exchange(task_exchange(idp, task, false));
+        let exchange = c.exchange(req.clone());
         let last = match tokio::time::timeout(Duration::from_secs(2), exchange).await {
             Ok(Ok(_)) => return Ok(AfterCompletion::Wrong("served".into())),
             Ok(Err(s))
@@ -579,10 +571,7 @@ fn crl_serials(d: &common::Daemon) -> std::collections::HashSet<String> {
     assert_eq!(code, 200, "/crl");
     let (_, crl) = x509_parser::parse_x509_crl(&body).expect("/crl is a DER CRL");
     crl.iter_revoked_certificates()
-        .map(|r| {
-            let raw = r.raw_serial();
-            hex::encode(&raw[raw.len().saturating_sub(16)..])
-        })
+        .map(|r| common::serial_key(r.raw_serial()))
         .collect()
 }
 
@@ -779,7 +768,6 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             // A completion lost its effect if a lease it revoked is back (one missing is a
             // lost lease already), its count fell short of the leases received, or this
             // round's task X.509-SVID is off the CRL.
-            let new_completions = completions_checked;
             let undone: Vec<&String> = l
                 .completed
                 .iter()
@@ -790,7 +778,7 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
                         .any(|id| by_id.get(id).is_some_and(|s| s != "revoked"))
                         || (c.revoked as usize) < c.leases.len()
                         // (An X.509-SVID not received counts as unreadable.)
-                        || (*i >= new_completions
+                        || (*i >= completions_checked
                             && !c.serial.is_empty()
                             && !crl.contains(&c.serial))
                 })
@@ -865,7 +853,8 @@ pub async fn run(o: &super::Opts, r: &mut Report) -> Result<u64, String> {
             "task_completions_acknowledged": l.completed.len(),
             "task_credentials_of_completed_tasks":
                 l.completed.iter().map(|c| c.leases.len()).sum::<usize>(),
-            "task_leases_revoked_by_completions": l.revoked_by_completions,
+            "task_leases_revoked_by_completions":
+                l.completed.iter().map(|c| u64::from(c.revoked)).sum::<u64>(),
             "task_clients": task_clients,
             "rounds_without_completions": rounds_without_completions,
             "task_client_error_in_a_round_without_completions": bare_round_error,

@@ -83,11 +83,7 @@ struct HttpClient {
 
 /// A fresh ID token of a user of its own for client `c`'s task `task`.
 fn subject_token(idp: &Idp, tag: &str, c: usize, task: u64) -> String {
-    idp.sign(
-        "ES256",
-        Some("ec-1"),
-        &idp.claims(&format!("{tag}-user-{c}-{task}")),
-    )
+    idp.ec_token(&format!("{tag}-user-{c}-{task}"))
 }
 
 type Idp = common::idp::Idp;

@@ -11,6 +11,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+/// A certificate serial as lease listings show it: its last 16 bytes in hex (Tessera's are
+/// 16 bytes, positive, with no leading zero byte to strip).
+pub fn serial_key(raw_serial: &[u8]) -> String {
+    hex::encode(&raw_serial[raw_serial.len().saturating_sub(16)..])
+}
+
 /// `m` with the metadata every Workload API request must carry (`workload.spiffe.io: true`).
 pub fn with_header<T>(m: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(m);
